@@ -1,0 +1,215 @@
+"""ModelConfig: the one place Hugging Face config names are translated into ours.
+
+Each family module supplies a `config_from_hf(hf: dict) -> ModelConfig`; everything downstream
+(layers, loader, topology, placement) reads only this frozen dataclass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from tilemem.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary position embedding parameters (default, linear or yarn)."""
+
+    theta: float = 10000.0
+    """Base frequency."""
+    kind: str = "default"
+    """One of `default`, `linear`, `yarn`."""
+    factor: float = 1.0
+    """Context extension factor (linear, yarn)."""
+    original_max_position: int = 0
+    """Pre-extension context length (yarn)."""
+    beta_fast: float = 32.0
+    """YaRN high-frequency boundary, in rotations."""
+    beta_slow: float = 1.0
+    """YaRN low-frequency boundary, in rotations."""
+    mscale: float = 0.0
+    """YaRN magnitude scale of cos/sin (0: not given)."""
+    mscale_all_dim: float = 0.0
+    """YaRN magnitude scale also applied to the softmax scale (DeepSeek)."""
+    interleave: bool = False
+    """Rotate interleaved pairs (DeepSeek-V3 `rope_interleave`) instead of halves."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one MoE causal LM, in TileMEM's vocabulary."""
+
+    family: str
+    """Registry key of the model family, e.g. `olmoe`."""
+    architecture: str
+    """Hugging Face architecture name, e.g. `OlmoeForCausalLM`."""
+    vocab_size: int
+    """Rows of the embedding and LM head."""
+    hidden_size: int
+    """Residual stream width D."""
+    num_layers: int
+    """Decoder layers."""
+    num_heads: int
+    """Query heads."""
+    num_kv_heads: int
+    """Key/value heads (GQA when smaller than num_heads)."""
+    head_dim: int
+    """Per-head width of q/k/v (non-MLA attention)."""
+    intermediate_size: int
+    """Width of dense FFN layers."""
+    moe_intermediate_size: int
+    """Width I of one routed expert."""
+    num_experts: int
+    """Routed experts E per MoE layer."""
+    top_k: int
+    """Experts per token K."""
+    rms_norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    """Rotary embedding parameters."""
+    max_position_embeddings: int = 4096
+    """Longest context the model supports."""
+    tie_word_embeddings: bool = False
+    """LM head shares the embedding matrix."""
+    hidden_act: str = "silu"
+    """FFN activation."""
+    attention_bias: bool = False
+    """q/k/v projections carry a bias."""
+    o_bias: bool = False
+    """Output projection carries a bias."""
+    qk_norm: str = "none"
+    """`none`, `full` (RMSNorm over all heads, OLMoE) or `head` (per head, Qwen3)."""
+    clip_qkv: float | None = None
+    """Clamp q/k/v to [-clip, clip] (OLMoE)."""
+    norm_topk_prob: bool = False
+    """Renormalize the top-k routing weights to sum to one."""
+    scoring_func: str = "softmax"
+    """Router score function: `softmax` or `sigmoid`."""
+    topk_method: str = "greedy"
+    """`greedy`, `group_limited_greedy` (DeepSeek-V2) or `noaux_tc` (DeepSeek-V3)."""
+    n_group: int = 1
+    """Expert groups for group-limited routing."""
+    topk_group: int = 1
+    """Groups a token may route to."""
+    routed_scaling_factor: float = 1.0
+    """Multiplier on routed expert weights."""
+    router_bias: bool = False
+    """Router carries `e_score_correction_bias` (DeepSeek-V3)."""
+    num_shared_experts: int = 0
+    """Shared experts fused into one FFN of width num_shared_experts * shared_intermediate_size."""
+    shared_intermediate_size: int = 0
+    """Width of one shared expert."""
+    shared_expert_gate: bool = False
+    """Shared expert output is scaled by sigmoid(gate(x)) (Qwen2-MoE)."""
+    dense_layers: tuple[int, ...] = ()
+    """Layers with a dense FFN instead of MoE."""
+    # MLA (DeepSeek) attention; zero when absent.
+    q_lora_rank: int = 0
+    """Query low-rank width (0: direct q projection)."""
+    kv_lora_rank: int = 0
+    """Compressed KV width; > 0 selects MLA attention."""
+    qk_nope_head_dim: int = 0
+    """Per-head q/k width without rotary embedding (MLA)."""
+    qk_rope_head_dim: int = 0
+    """Per-head q/k width with rotary embedding (MLA)."""
+    v_head_dim: int = 0
+    """Per-head value width (MLA)."""
+    torch_dtype: str = "bfloat16"
+    """Dtype the checkpoint is stored in."""
+    bos_token_id: int | None = None
+    """Beginning-of-sequence token."""
+    eos_token_ids: tuple[int, ...] = ()
+    """End-of-sequence tokens."""
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    """Family-specific settings that do not change the computation graph."""
+
+    @property
+    def is_mla(self) -> bool:
+        """Whether attention is multi-head latent attention."""
+        return self.kv_lora_rank > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether `layer` routes tokens to experts."""
+        return self.num_experts > 0 and layer not in self.dense_layers
+
+    def with_(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed."""
+        return replace(self, **changes)
+
+
+class HFConfig:
+    """Read access to a Hugging Face config dict that names missing fields clearly."""
+
+    def __init__(self, data: dict[str, Any], source: str = "config.json") -> None:
+        self.data = data
+        self.source = source
+
+    def req(self, *names: str) -> Any:
+        """The first present key among `names`, or a ConfigError naming it."""
+        for name in names:
+            if self.data.get(name) is not None:
+                return self.data[name]
+        raise ConfigError(
+            f"{self.source} has no field '{names[0]}', which the "
+            f"{self.data.get('architectures', ['?'])[0]} architecture needs; "
+            "add it (see the model's original config.json on the hub)."
+        )
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """`name` if present and not null, else `default`."""
+        value = self.data.get(name)
+        return default if value is None else value
+
+    def rope(self, interleave: bool = False) -> RopeConfig:
+        """Rope parameters from either `rope_theta` + `rope_scaling` or v5 `rope_parameters`."""
+        params = dict(self.data.get("rope_parameters") or {})
+        scaling = dict(self.data.get("rope_scaling") or {})
+        params = {**scaling, **params}
+        theta = params.get("rope_theta", self.get("rope_theta", 10000.0))
+        kind = params.get("rope_type", params.get("type", "default")) or "default"
+        if kind not in ("default", "linear", "yarn"):
+            raise ConfigError(
+                f"{self.source}: rope type '{kind}' is not supported; supported: default, linear, yarn."
+            )
+        return RopeConfig(
+            theta=float(theta),
+            kind=kind,
+            factor=float(params.get("factor", 1.0)),
+            original_max_position=int(
+                params.get("original_max_position_embeddings", self.get("max_position_embeddings", 4096))
+            ),
+            beta_fast=float(params.get("beta_fast", 32.0)),
+            beta_slow=float(params.get("beta_slow", 1.0)),
+            mscale=float(params.get("mscale") or 0.0),
+            mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
+            interleave=interleave,
+        )
+
+    def eos_ids(self) -> tuple[int, ...]:
+        """`eos_token_id` as a tuple (it may be an int or a list)."""
+        eos = self.data.get("eos_token_id")
+        if eos is None:
+            return ()
+        return tuple(eos) if isinstance(eos, list) else (int(eos),)
+
+    def common(self) -> dict[str, Any]:
+        """Fields that every family names the same way."""
+        hidden = int(self.req("hidden_size"))
+        heads = int(self.req("num_attention_heads"))
+        return dict(
+            architecture=self.req("architectures")[0],
+            vocab_size=int(self.req("vocab_size")),
+            hidden_size=hidden,
+            num_layers=int(self.req("num_hidden_layers")),
+            num_heads=heads,
+            num_kv_heads=int(self.get("num_key_value_heads", heads)),
+            head_dim=int(self.get("head_dim", hidden // heads)),
+            rms_norm_eps=float(self.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(self.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(self.get("tie_word_embeddings", False)),
+            hidden_act=str(self.get("hidden_act", "silu")),
+            torch_dtype=str(self.get("torch_dtype", self.get("dtype", "bfloat16"))),
+            bos_token_id=self.get("bos_token_id"),
+            eos_token_ids=self.eos_ids(),
+        )

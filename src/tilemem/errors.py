@@ -1,0 +1,25 @@
+"""Errors a user can act on. Each message says what was wrong, where, and what to do."""
+
+
+class TileMemError(Exception):
+    """Base class of every error TileMEM raises for bad input."""
+
+
+class ConfigError(TileMemError):
+    """A config file or field is missing, malformed or unsupported."""
+
+
+class UnsupportedArchitectureError(ConfigError):
+    """The checkpoint's architecture has no registered family."""
+
+
+class CheckpointError(TileMemError):
+    """A checkpoint directory or weight file is missing, truncated, corrupt or mismatched."""
+
+
+class WeightError(CheckpointError):
+    """A tensor is missing, unexpected or mis-shaped."""
+
+
+class RequestError(TileMemError):
+    """A generation request is invalid (bad sampling parameters, prompt too long, ...)."""

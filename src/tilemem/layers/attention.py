@@ -1,0 +1,59 @@
+"""Grouped-query attention with the per-family options (qkv bias, q/k norm, clip) and MLA's cousin
+in `mla.py`. Both read and write the KV cache through a ForwardContext."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tilemem.config import ModelConfig
+from tilemem.layers.kv_cache import ForwardContext
+from tilemem.layers.norm import RMSNorm
+from tilemem.layers.rope import RotaryEmbedding
+
+
+class Attention(nn.Module):
+    """Multi-head attention with H query heads and Hkv key/value heads of width hd."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.h, self.hkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        d = cfg.hidden_size
+        kw = dict(bias=cfg.attention_bias, device="meta")
+        self.q_proj = nn.Linear(d, self.h * self.hd, **kw)
+        self.k_proj = nn.Linear(d, self.hkv * self.hd, **kw)
+        self.v_proj = nn.Linear(d, self.hkv * self.hd, **kw)
+        self.o_proj = nn.Linear(self.h * self.hd, d, bias=cfg.o_bias, device="meta")
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm == "full":  # OLMoE: over all heads at once
+            self.q_norm = RMSNorm(self.h * self.hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.hkv * self.hd, cfg.rms_norm_eps)
+        elif cfg.qk_norm == "head":  # Qwen3: per head
+            self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+        self.clip = cfg.clip_qkv
+        self.scale = self.hd**-0.5
+
+    def forward(
+        self, x: torch.Tensor, ctx: ForwardContext, rope: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H*hd], [B, T, Hkv*hd] x2
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (z.clamp(-self.clip, self.clip) for z in (q, k, v))
+        q = q.view(b, t, self.h, self.hd)
+        k = k.view(b, t, self.hkv, self.hd)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, hd], [B, Hkv, T, hd]
+        v = v.view(b, t, self.hkv, self.hd).transpose(1, 2)
+        q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+        keys, values = ctx.store(self.layer, k, v)  # [B, Hkv, L, hd]
+        o = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=ctx.mask, scale=self.scale, enable_gqa=self.h != self.hkv
+        )  # [B, H, T, hd]
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, self.h * self.hd))

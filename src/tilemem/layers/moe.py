@@ -1,0 +1,105 @@
+"""Sparse MoE block: route, run the chosen experts, add shared experts.
+
+Shape legend: T tokens, E experts, K experts per token, D hidden, I expert intermediate.
+Who computes the experts is pluggable (`ExpertExecutor`): the resident executor below runs every
+expert from memory; the tiered runtime (`tilemem.runtime`) swaps in one that follows a plan.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tilemem.config import ModelConfig
+from tilemem.layers.mlp import GatedMLP, activation
+from tilemem.layers.router import Router
+
+
+class ExpertExecutor(Protocol):
+    """Computes sum_k w[t, k] * expert[ids[t, k]](x[t]) for every token, in fp32."""
+
+    def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [T, D], weights [T, K] fp32, ids [T, K] -> [T, D] fp32."""
+        ...
+
+
+def group_by_expert(ids: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """For each routed expert: (expert id, token indices, top-k slot indices)."""
+    t, k = ids.shape
+    if t == 1:  # decode fast path: no sort
+        return [(int(e), torch.zeros(1, dtype=torch.long), torch.tensor([j])) for j, e in enumerate(ids[0])]
+    flat = ids.reshape(-1)  # [T*K]
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=1).tolist()
+    groups = []
+    start = 0
+    for expert, n in enumerate(counts):
+        if n:
+            sel = order[start : start + n]
+            groups.append((expert, sel // k, sel % k))
+            start += n
+    return groups
+
+
+def expert_ffn(
+    x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act
+) -> torch.Tensor:
+    """Partial or whole expert FFN: x [N, D], gate/up [i, D], down [D, i] -> [N, D]."""
+    return F.linear(act(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+class ResidentExperts:
+    """Runs every routed expert from resident weights (the all-resident engine)."""
+
+    def __init__(self, blocks: dict[int, MoEBlock]) -> None:
+        self.blocks = blocks
+
+    def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        block = self.blocks[layer]
+        out = torch.zeros(x.shape, dtype=torch.float32)  # [T, D]
+        for expert, tok, slot in group_by_expert(ids):
+            e = block.experts[expert]
+            xs = x[tok]  # [N, D]
+            y = expert_ffn(xs, e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight, block.act)
+            out.index_add_(0, tok, y.float() * weights[tok, slot, None])
+        return out
+
+
+class MoEBlock(nn.Module):
+    """Router + routed experts + optional shared experts (with an optional sigmoid gate)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.gate = Router(cfg)
+        self.experts = nn.ModuleList(
+            GatedMLP(cfg.hidden_size, cfg.moe_intermediate_size, cfg.hidden_act) for _ in range(cfg.num_experts)
+        )
+        self.act = activation(cfg.hidden_act)
+        self.shared_experts = (
+            GatedMLP(cfg.hidden_size, cfg.shared_intermediate_size * cfg.num_shared_experts, cfg.hidden_act)
+            if cfg.num_shared_experts
+            else None
+        )
+        self.shared_expert_gate = (
+            nn.Linear(cfg.hidden_size, 1, bias=False, device="meta") if cfg.shared_expert_gate else None
+        )
+        self.executor: ExpertExecutor | None = None
+        self.on_route = None  # optional observer (profiling): called with (layer, ids [T, K])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [T, D]
+        weights, ids = self.gate(x)  # [T, K], [T, K]
+        if self.on_route is not None:
+            self.on_route(self.layer, ids)
+        out = self.executor(self.layer, x, weights, ids)  # [T, D] fp32
+        if self.shared_experts is not None:
+            shared = self.shared_experts(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared.float()
+        return out.to(x.dtype).reshape(shape)

@@ -1,0 +1,62 @@
+"""Top-k routers: softmax or sigmoid scores, greedy or group-limited choice (DeepSeek)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tilemem.config import ModelConfig
+
+
+class Router(nn.Module):
+    """Maps hidden states [T, D] to (weights [T, K], expert ids [T, K])."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size, device="meta"))
+        if cfg.router_bias:
+            self.register_buffer("e_score_correction_bias", torch.empty(cfg.num_experts, device="meta"))
+        # DeepSeek computes router logits in fp32; the others in the model dtype.
+        self.fp32_logits = cfg.topk_method != "greedy" or cfg.scoring_func == "sigmoid"
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Router logits [T, E] (also used by prefetch to predict the next layer's experts)."""
+        if self.fp32_logits:
+            return F.linear(x.float(), self.weight.float())
+        return F.linear(x, self.weight)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        logits = self.logits(x)  # [T, E]
+        if cfg.scoring_func == "sigmoid":
+            scores = logits.sigmoid()
+        else:
+            scores = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        if cfg.topk_method == "greedy":
+            weights, ids = torch.topk(scores, cfg.top_k, dim=-1)
+        else:
+            weights, ids = self._group_limited(scores)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + (1e-20 if cfg.router_bias else 0.0))
+        if cfg.routed_scaling_factor != 1.0:
+            weights = weights * cfg.routed_scaling_factor
+        return weights, ids  # [T, K] fp32, [T, K]
+
+    def _group_limited(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        t, e, g = scores.shape[0], cfg.num_experts, cfg.n_group
+        choice = scores + self.e_score_correction_bias if cfg.router_bias else scores
+        grouped = choice.view(t, g, e // g)  # [T, G, E/G]
+        if cfg.topk_method == "noaux_tc":
+            group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)  # [T, G]
+        else:
+            group_scores = grouped.max(dim=-1).values
+        group_idx = torch.topk(group_scores, k=cfg.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        keep = group_mask.unsqueeze(-1).expand(t, g, e // g).reshape(t, e).bool()
+        if cfg.topk_method == "noaux_tc":
+            ids = torch.topk(choice.masked_fill(~keep, float("-inf")), cfg.top_k, dim=-1, sorted=False)[1]
+            return scores.gather(1, ids), ids
+        return torch.topk(scores.masked_fill(~keep, 0.0), cfg.top_k, dim=-1, sorted=False)

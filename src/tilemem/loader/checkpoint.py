@@ -1,0 +1,186 @@
+"""Checkpoint directories: config.json + single or sharded safetensors (hub layout).
+
+`load_model` builds the model on `meta`, streams tensors from memory-mapped files, renames them by
+the family's table, checks names and shapes, and assigns them (no second copy when dtypes match).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tilemem.config import ModelConfig
+from tilemem.errors import CheckpointError, ConfigError, WeightError
+from tilemem.loader.safetensors_file import SafetensorsFile
+from tilemem.models.registry import Family, config_from_hf, family_for_architecture
+
+DTYPE_NAMES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+}
+
+
+def parse_dtype(name: str | torch.dtype | None, default: str = "bfloat16") -> torch.dtype:
+    """A torch dtype from `bf16`, `fp16`, `fp32` (or their long names)."""
+    if isinstance(name, torch.dtype):
+        return name
+    key = (name or default).lower()
+    if key not in DTYPE_NAMES:
+        raise ConfigError(f"unknown dtype '{name}'; use one of bf16, fp16, fp32.")
+    return DTYPE_NAMES[key]
+
+
+@dataclass
+class Checkpoint:
+    """An opened (validated, not yet loaded) Hugging Face checkpoint directory."""
+
+    path: Path
+    hf_config: dict
+    family: Family
+    config: ModelConfig
+    files: dict[str, SafetensorsFile] = field(default_factory=dict)
+    weight_map: dict[str, str] = field(default_factory=dict)
+    """Hub tensor name -> file name."""
+
+    @classmethod
+    def open(cls, path: str | Path) -> Checkpoint:
+        """Validate `path` as a checkpoint directory and index its tensors."""
+        path = Path(path)
+        if not path.exists():
+            raise CheckpointError(f"checkpoint path '{path}' does not exist; pass a checkpoint directory.")
+        if not path.is_dir():
+            raise CheckpointError(
+                f"'{path}' is a file, not a checkpoint directory; pass the folder that holds config.json "
+                "and *.safetensors."
+            )
+        cfg_path = path / "config.json"
+        if not cfg_path.exists():
+            raise CheckpointError(
+                f"'{path}' is not a checkpoint: it has no config.json (create one with `tilemem synth`, "
+                "or pass a Hugging Face model folder)."
+            )
+        try:
+            hf = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{cfg_path} is not valid JSON: {exc}.") from None
+        config = config_from_hf(hf, str(cfg_path))
+        family = family_for_architecture(config.architecture)
+        ckpt = cls(path=path, hf_config=hf, family=family, config=config)
+        ckpt._index()
+        return ckpt
+
+    def _index(self) -> None:
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise CheckpointError(f"{index} is malformed ({exc}); it needs a 'weight_map'.") from None
+            for fname in sorted(set(weight_map.values())):
+                fpath = self.path / fname
+                if not fpath.exists():
+                    raise CheckpointError(
+                        f"{index} lists shard '{fname}' but it is missing from {self.path}; "
+                        "re-download the checkpoint."
+                    )
+                self.files[fname] = SafetensorsFile(fpath)
+            for name, fname in weight_map.items():
+                if name not in self.files[fname].entries:
+                    raise CheckpointError(f"{index} says '{name}' is in {fname}, but that shard lacks it.")
+            self.weight_map = dict(weight_map)
+        else:
+            shards = sorted(self.path.glob("*.safetensors"))
+            if not shards:
+                raise CheckpointError(
+                    f"'{self.path}' has config.json but no *.safetensors weights; only safetensors "
+                    "checkpoints are supported."
+                )
+            for fpath in shards:
+                f = SafetensorsFile(fpath)
+                self.files[fpath.name] = f
+                for name in f.names():
+                    self.weight_map[name] = fpath.name
+
+    def tensor(self, hub_name: str) -> torch.Tensor:
+        """The memory-mapped tensor stored under `hub_name`."""
+        return self.files[self.weight_map[hub_name]].tensor(hub_name)
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(hub name, tensor) for every tensor, in file order."""
+        for fname, f in self.files.items():
+            for name in f.names():
+                if self.weight_map.get(name) == fname:
+                    yield name, f.tensor(name)
+
+    def nbytes(self) -> int:
+        """Total bytes of all weight files."""
+        return sum(f.size for f in self.files.values())
+
+
+FP32_BUFFERS = ("e_score_correction_bias",)
+
+
+def load_model(
+    path: str | Path | Checkpoint,
+    dtype: str | torch.dtype | None = None,
+    max_positions: int | None = None,
+    skip: callable | None = None,
+):
+    """Build the model on meta and assign checkpoint weights. Returns (model, checkpoint).
+
+    `skip(our_name) -> bool` leaves some tensors unassigned (the tiered runtime loads experts from
+    the tile store instead); they stay on `meta`.
+    """
+    from tilemem.models.model import MoECausalLM
+
+    ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
+    cfg = ckpt.config
+    target = parse_dtype(dtype, cfg.torch_dtype if cfg.torch_dtype in DTYPE_NAMES else "bfloat16")
+    model = MoECausalLM(cfg).requires_grad_(False)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    state: dict[str, torch.Tensor] = {}
+    unexpected = []
+    for hub_name, tensor in ckpt.tensors():
+        ours = ckpt.family.to_ours(hub_name)
+        if ours not in expected:
+            unexpected.append(hub_name)
+            continue
+        if tuple(tensor.shape) != expected[ours]:
+            raise WeightError(
+                f"tensor '{hub_name}' in {ckpt.path} has shape {list(tensor.shape)}, but config.json implies "
+                f"{list(expected[ours])}; the weights do not match the config (check hidden_size, "
+                "intermediate sizes and expert counts)."
+            )
+        if skip is not None and skip(ours):
+            continue
+        want = torch.float32 if ours.endswith(FP32_BUFFERS) else target
+        state[ours] = tensor if tensor.dtype == want else tensor.to(want)
+    if unexpected:
+        shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
+        raise WeightError(
+            f"{ckpt.path} has tensors the {cfg.architecture} model does not use: {shown}; the checkpoint "
+            "does not match its config.json (wrong architecture or layer count?)."
+        )
+    if cfg.tie_word_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    missing = [k for k in expected if k not in state and not (skip is not None and skip(k))]
+    if missing:
+        shown = ", ".join(ckpt.family.to_hub(m) for m in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise WeightError(
+            f"{ckpt.path} is missing tensors: {shown}{more}; the checkpoint is incomplete or does not "
+            "match config.json."
+        )
+    model.load_state_dict(state, strict=False, assign=True)
+    model.finish_loading(max_positions or cfg.max_position_embeddings)
+    return model, ckpt

@@ -1,0 +1,140 @@
+"""Topology: what a placement policy needs to know about a model, without any tensors.
+
+Per layer: dense or MoE, routed experts with their width, shared experts, dense FFN width; the
+bytes of every expert FFN; and the non-expert weights (attention, norms, router, embeddings, LM
+head) with their bytes, which are always placed first in the fastest tier.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from tilemem.config import ModelConfig
+
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class LayerTopology:
+    """One decoder layer's FFN structure."""
+
+    index: int
+    """Layer number."""
+    is_moe: bool
+    """Routes tokens to experts (else a dense FFN)."""
+    num_experts: int
+    """Routed experts (0 for dense layers)."""
+    top_k: int
+    """Experts per token (0 for dense layers)."""
+    expert_intermediate: int
+    """Width I of one routed expert."""
+    shared_intermediate: int
+    """Total width of the (fused) shared experts; 0 if none."""
+    dense_intermediate: int
+    """Width of the dense FFN (dense layers only; else 0)."""
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A model's layers, widths, dtype and non-expert weights."""
+
+    family: str
+    """Model family."""
+    hidden_size: int
+    """Residual width D."""
+    dtype: str
+    """Weight dtype name, e.g. `bfloat16`."""
+    dtype_bytes: int
+    """Bytes per weight element."""
+    layers: tuple[LayerTopology, ...]
+    """Per-layer FFN structure."""
+    non_expert: tuple[tuple[str, int], ...]
+    """(checkpoint-style module name, bytes) of every weight that is not an FFN tile."""
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, dtype: str | None = None) -> Topology:
+        """Topology of `cfg` stored in `dtype` (default: the checkpoint's dtype)."""
+        from tilemem.models.model import MoECausalLM
+
+        dtype = dtype or cfg.torch_dtype
+        nbytes = DTYPE_BYTES.get(dtype, 2)
+        layers = tuple(
+            LayerTopology(
+                index=i,
+                is_moe=cfg.is_moe_layer(i),
+                num_experts=cfg.num_experts if cfg.is_moe_layer(i) else 0,
+                top_k=cfg.top_k if cfg.is_moe_layer(i) else 0,
+                expert_intermediate=cfg.moe_intermediate_size if cfg.is_moe_layer(i) else 0,
+                shared_intermediate=(
+                    cfg.num_shared_experts * cfg.shared_intermediate_size if cfg.is_moe_layer(i) else 0
+                ),
+                dense_intermediate=0 if cfg.is_moe_layer(i) else cfg.intermediate_size,
+            )
+            for i in range(cfg.num_layers)
+        )
+        non_expert = []
+        for name, t in MoECausalLM(cfg).state_dict(keep_vars=True).items():
+            if is_ffn_weight(name) or (cfg.tie_word_embeddings and name == "lm_head.weight"):
+                continue
+            size = 4 if name.endswith("e_score_correction_bias") else nbytes
+            non_expert.append((name, math.prod(t.shape) * size))
+        return cls(cfg.family, cfg.hidden_size, dtype, nbytes, layers, tuple(non_expert))
+
+    def expert_bytes(self, layer: int) -> int:
+        """Bytes of one routed expert (gate, up, down) in `layer`."""
+        return 3 * self.hidden_size * self.layers[layer].expert_intermediate * self.dtype_bytes
+
+    def ffn_bytes(self, intermediate: int) -> int:
+        """Bytes of a gated FFN of width `intermediate`."""
+        return 3 * self.hidden_size * intermediate * self.dtype_bytes
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """Indices of MoE layers."""
+        return [lt.index for lt in self.layers if lt.is_moe]
+
+    @property
+    def routed_expert_bytes(self) -> int:
+        """All routed experts, all layers."""
+        return sum(lt.num_experts * self.expert_bytes(lt.index) for lt in self.layers)
+
+    @property
+    def shared_and_dense_bytes(self) -> int:
+        """Shared experts plus dense FFN layers."""
+        return sum(self.ffn_bytes(lt.shared_intermediate + lt.dense_intermediate) for lt in self.layers)
+
+    @property
+    def non_expert_bytes(self) -> int:
+        """Attention, norms, routers, embeddings, LM head."""
+        return sum(b for _, b in self.non_expert)
+
+    @property
+    def total_bytes(self) -> int:
+        """Every weight."""
+        return self.routed_expert_bytes + self.shared_and_dense_bytes + self.non_expert_bytes
+
+    @property
+    def total_params(self) -> int:
+        """Parameter count (e_score_correction_bias counted as parameters)."""
+        fp32 = sum(b for n, b in self.non_expert if n.endswith("e_score_correction_bias"))
+        return (self.total_bytes - fp32) // self.dtype_bytes + fp32 // 4
+
+    @property
+    def active_params(self) -> int:
+        """Parameters touched per token (top-k routed experts; embedding counted once, like the hub)."""
+        routed_active = sum(lt.top_k * self.expert_bytes(lt.index) for lt in self.layers)
+        routed_all = self.routed_expert_bytes
+        return self.total_params - (routed_all - routed_active) // self.dtype_bytes
+
+
+def is_ffn_weight(name: str) -> bool:
+    """Whether an (our-name) weight belongs to a routed/shared expert or a dense FFN (i.e. is tiled)."""
+    return ".mlp." in name and name.endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight"))
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    """Element size of a torch dtype."""
+    return torch.empty(0, dtype=dtype).element_size()
