@@ -6,3 +6,8 @@ from tilemem.sdk import *  # noqa: E402,F403
 from tilemem.sdk import __all__ as _sdk_all  # noqa: E402
 
 __all__ = list(_sdk_all)
+
+from tilemem.engine.llm import LLM, RequestOutput  # noqa: E402
+from tilemem.engine.sampling import SamplingParams  # noqa: E402
+
+__all__ += ["LLM", "RequestOutput", "SamplingParams"]

@@ -33,7 +33,7 @@ class RopeConfig:
     mscale_all_dim: float = 0.0
     """YaRN magnitude scale also applied to the softmax scale (DeepSeek)."""
     interleave: bool = False
-    """Rotate interleaved pairs (DeepSeek-V3 `rope_interleave`) instead of halves."""
+    """Rotate interleaved pairs (DeepSeek-V2; V3 `rope_interleave`) instead of halves."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,8 @@ class ModelConfig:
     """Expert groups for group-limited routing."""
     topk_group: int = 1
     """Groups a token may route to."""
+    router_weights_in_model_dtype: bool = False
+    """Round top-k weights to the model dtype before scaling expert outputs (OLMoE, Qwen)."""
     routed_scaling_factor: float = 1.0
     """Multiplier on routed expert weights."""
     router_bias: bool = False

@@ -19,10 +19,10 @@ from tilemem.layers.router import Router
 
 
 class ExpertExecutor(Protocol):
-    """Computes sum_k w[t, k] * expert[ids[t, k]](x[t]) for every token, in fp32."""
+    """Computes sum_k w[t, k] * expert[ids[t, k]](x[t]) for every token, summed in fp32."""
 
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """x [T, D], weights [T, K] fp32, ids [T, K] -> [T, D] fp32."""
+        """x [T, D], weights [T, K] (fp32 or model dtype, see Router), ids [T, K] -> [T, D] fp32."""
         ...
 
 
@@ -64,7 +64,7 @@ class ResidentExperts:
             e = block.experts[expert]
             xs = x[tok]  # [N, D]
             y = expert_ffn(xs, e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight, block.act)
-            out.index_add_(0, tok, y.float() * weights[tok, slot, None])
+            out.index_add_(0, tok, (y * weights[tok, slot, None]).float())
         return out
 
 

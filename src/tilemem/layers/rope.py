@@ -19,8 +19,10 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 
 def yarn_softmax_scale(rope: RopeConfig, scale: float) -> float:
-    """DeepSeek multiplies the attention softmax scale by mscale(factor, mscale_all_dim)^2."""
-    if rope.kind == "yarn" and rope.mscale_all_dim:
+    """DeepSeek multiplies the attention softmax scale by mscale(factor, mscale_all_dim)^2.
+
+    Like transformers' `yarn_apply_mscale`, any scaled rope (not only YaRN) with mscale_all_dim does."""
+    if rope.kind != "default" and rope.mscale_all_dim:
         m = _yarn_mscale(rope.factor, rope.mscale_all_dim)
         return scale * m * m
     return scale
@@ -77,7 +79,8 @@ class RotaryEmbedding(nn.Module):
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate x [B, H, T, dim]."""
         if self.interleave:
-            # Pairs (0,1), (2,3), ... are de-interleaved to halves first (DeepSeek-V3 weights).
+            # Pairs (0,1), (2,3), ... are de-interleaved to halves first (DeepSeek-V2, V3 weights). The
+            # output stays in halves layout: q and k are permuted alike, so q.k is unchanged.
             b, h, t, d = x.shape
             x = x.view(b, h, t, d // 2, 2).transpose(4, 3).reshape(b, h, t, d)
         half = x.shape[-1] // 2

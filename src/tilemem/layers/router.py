@@ -42,7 +42,9 @@ class Router(nn.Module):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + (1e-20 if cfg.router_bias else 0.0))
         if cfg.routed_scaling_factor != 1.0:
             weights = weights * cfg.routed_scaling_factor
-        return weights, ids  # [T, K] fp32, [T, K]
+        if cfg.router_weights_in_model_dtype:
+            weights = weights.to(x.dtype)
+        return weights, ids  # [T, K] fp32 or model dtype, [T, K]
 
     def _group_limited(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg

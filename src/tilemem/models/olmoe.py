@@ -19,6 +19,7 @@ def config_from_hf(hf: HFConfig) -> ModelConfig:
         o_bias=bool(hf.get("attention_bias", False)),
         qk_norm="full",
         clip_qkv=hf.get("clip_qkv"),
+        router_weights_in_model_dtype=True,
         norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
     )
 

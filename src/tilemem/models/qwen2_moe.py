@@ -34,6 +34,7 @@ def config_from_hf(hf: HFConfig) -> ModelConfig:
         top_k=int(hf.req("num_experts_per_tok")),
         rope=hf.rope(),
         attention_bias=bool(hf.get("qkv_bias", True)),
+        router_weights_in_model_dtype=True,
         norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
         num_shared_experts=1 if int(hf.get("shared_expert_intermediate_size", 0)) else 0,
         shared_intermediate_size=int(hf.get("shared_expert_intermediate_size", 0)),

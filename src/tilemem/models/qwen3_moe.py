@@ -19,6 +19,7 @@ def config_from_hf(hf: HFConfig) -> ModelConfig:
         attention_bias=bool(hf.get("attention_bias", False)),
         o_bias=bool(hf.get("attention_bias", False)),
         qk_norm="head",
+        router_weights_in_model_dtype=True,
         norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
         dense_layers=dense_layers(hf),
     )

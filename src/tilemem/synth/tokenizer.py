@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from pathlib import Path
@@ -17,6 +18,12 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 MAX_TRAINED_VOCAB = 8192
+
+
+@functools.lru_cache(maxsize=4)
+def trained_json(vocab_size: int) -> str:
+    """Serialized tokenizer for `vocab_size` (training is deterministic, so it is cached per process)."""
+    return train_tokenizer(vocab_size).to_str()
 
 
 def train_tokenizer(vocab_size: int) -> Tokenizer:
@@ -42,7 +49,7 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
 
 def write_tokenizer(out: Path, vocab_size: int) -> dict[str, int]:
     """Write tokenizer.json and tokenizer_config.json; return the special token ids."""
-    tok = train_tokenizer(vocab_size)
+    tok = Tokenizer.from_str(trained_json(vocab_size))
     tok.save(str(out / "tokenizer.json"))
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     cfg = {

@@ -1,0 +1,43 @@
+"""`tilemem` command line: synth, inspect, generate, demo, and the planning commands.
+
+Errors from bad input (TileMemError) print one clear line and exit 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tilemem.errors import TileMemError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser with every sub-command registered."""
+    from tilemem.cli import model_commands
+
+    parser = argparse.ArgumentParser(prog="tilemem", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    model_commands.register(sub)
+    try:
+        from tilemem.cli import plan_commands
+    except ImportError:  # planning commands not installed in this build
+        plan_commands = None
+    if plan_commands is not None:
+        plan_commands.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `tilemem` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except TileMemError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Sub-commands that work on one checkpoint: synth, inspect, generate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tilemem.engine.sampling import SamplingParams
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add synth, inspect, generate and demo to `sub`."""
+    p = sub.add_parser("synth", help="write a synthetic Hugging Face checkpoint with random weights")
+    p.add_argument("family", nargs="?", help="model family (implied by real-shape presets)")
+    p.add_argument("--preset", default="tiny", help="tiny, small, olmoe-1b-7b, mixtral-8x7b, qwen3-30b-a3b, ...")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--routing-skew", type=float, default=0.0, help="0 = balanced routing; 1-2 = realistic skew")
+    p.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32")
+    p.add_argument("--layers", type=int, default=None, help="override the number of layers")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("inspect", help="print a checkpoint's MoE topology")
+    p.add_argument("model")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("generate", help="generate text, streaming to the terminal")
+    p.add_argument("model")
+    add_generation_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="synthesize the demo model (if needed), generate, print stats")
+    p.add_argument("--dir", default="checkpoints/demo-small", help="where the demo checkpoint lives")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_demo)
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    """Prompt, sampling and engine options shared by generate-like commands."""
+    p.add_argument("--prompt", default="def fibonacci(n):", help="prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: the checkpoint's)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--stats", action="store_true", help="print throughput and memory after generating")
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from tilemem.synth.writer import synthesize
+
+    overrides = {"num_hidden_layers": args.layers} if args.layers else None
+    out = synthesize(
+        args.family, args.preset, args.out, args.seed, args.routing_skew, args.dtype, overrides=overrides
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from tilemem.loader.checkpoint import Checkpoint
+    from tilemem.models.topology import Topology
+
+    ckpt = Checkpoint.open(args.model)
+    print(describe(ckpt.config, Topology.from_config(ckpt.config)))
+    return 0
+
+
+def describe(cfg, topo) -> str:
+    """Human-readable topology summary."""
+    moe = topo.moe_layers
+    dense = [lt.index for lt in topo.layers if not lt.is_moe]
+    shared = cfg.num_shared_experts
+    rows = [
+        ("family", f"{cfg.family} ({cfg.architecture})"),
+        ("layers", f"{cfg.num_layers} ({len(moe)} MoE, {len(dense)} dense{': ' + str(dense) if dense else ''})"),
+        ("experts", f"{cfg.num_experts} routed per MoE layer, top-{cfg.top_k}"),
+        ("shared experts", f"{shared} x width {cfg.shared_intermediate_size}" if shared else "none"),
+        ("hidden / expert width", f"{cfg.hidden_size} / {cfg.moe_intermediate_size}"),
+        ("attention", "MLA" if cfg.is_mla else f"{cfg.num_heads} heads, {cfg.num_kv_heads} kv heads"),
+        ("dtype", topo.dtype),
+        ("bytes per expert", fmt_bytes(topo.expert_bytes(moe[0])) if moe else "-"),
+        ("routed expert bytes", fmt_bytes(topo.routed_expert_bytes)),
+        ("shared + dense FFN bytes", fmt_bytes(topo.shared_and_dense_bytes)),
+        ("non-expert bytes", fmt_bytes(topo.non_expert_bytes)),
+        ("total parameters", fmt_count(topo.total_params)),
+        ("active parameters", fmt_count(topo.active_params) + " per token"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def fmt_bytes(n: int) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit} ({n:,} B)"
+    return f"{n} B"
+
+
+def fmt_count(n: int) -> str:
+    """A parameter count in B or M."""
+    return f"{n / 1e9:.3f} B" if n >= 1e9 else f"{n / 1e6:.3f} M"
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    """SamplingParams from generate-like CLI options."""
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+
+
+def stream_to_terminal(llm, prompt: str, params: SamplingParams, chat: bool = False) -> None:
+    """Print the prompt, then each generated delta as it arrives."""
+    if chat:
+        prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    for delta in llm.stream(prompt, params):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tilemem.engine.llm import LLM
+
+    llm = LLM(args.model, dtype=args.dtype, threads=args.threads)
+    stream_to_terminal(llm, args.prompt, sampling_from_args(args), args.chat)
+    if args.stats:
+        print(llm.stats().line(), file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tilemem.engine.llm import LLM
+    from tilemem.models.topology import Topology
+    from tilemem.synth.writer import synthesize
+
+    path = Path(args.dir)
+    if not (path / "config.json").exists():
+        print(f"synthesizing the demo checkpoint (olmoe small, routing skew 1.0) into {path} ...")
+        synthesize("olmoe", "small", path, seed=0, routing_skew=1.0, dtype="bf16")
+    llm = LLM(path, dtype="bf16", threads=args.threads)
+    print(describe(llm.config, Topology.from_config(llm.config)))
+    print("\n--- generating (random weights: the text is noise, the speed is real) ---")
+    params = SamplingParams(max_tokens=64, temperature=0.0)
+    stream_to_terminal(llm, "def fibonacci(n):\n    ", params)
+    print(llm.stats().line())
+    return 0

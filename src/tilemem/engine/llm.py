@@ -1,0 +1,204 @@
+"""`LLM`: load a checkpoint and generate, batched or streaming.
+
+    llm = LLM("ckpt/", dtype="bf16", threads=2)
+    out = llm.generate(["Hello"], SamplingParams(max_tokens=32))
+    for delta in llm.stream("Hello", SamplingParams(max_tokens=32)): print(delta, end="")
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tilemem.engine.engine import Engine
+from tilemem.engine.sampling import SamplingParams, make_generator
+from tilemem.engine.sequence import Sequence
+from tilemem.engine.tokenizer import TextTokenizer
+from tilemem.errors import RequestError
+from tilemem.loader.checkpoint import Checkpoint, load_model
+
+Prompt = str | list[int]
+
+
+@dataclass
+class RequestOutput:
+    """The result of one prompt."""
+
+    prompt: Prompt
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    ttft_s: float = 0.0
+    """Seconds from submission to the first token."""
+    total_s: float = 0.0
+    """Seconds from submission to the last token."""
+    error: str | None = None
+
+    @classmethod
+    def from_seq(cls, prompt: Prompt, seq: Sequence) -> RequestOutput:
+        """Snapshot a finished sequence."""
+        return cls(
+            prompt=prompt,
+            prompt_token_ids=seq.prompt_ids,
+            token_ids=list(seq.output_ids),
+            text=seq.text,
+            finish_reason=seq.finish_reason,
+            logprobs=list(seq.logprobs),
+            top_logprobs=list(seq.top_logprobs),
+            ttft_s=(seq.first_token_time or seq.arrival) - seq.arrival,
+            total_s=(seq.finish_time or seq.arrival) - seq.arrival,
+            error=seq.error,
+        )
+
+
+@dataclass
+class GenerationStats:
+    """Throughput of the last generate()/stream() call."""
+
+    prefill_tokens: int
+    prefill_tok_s: float
+    decode_tokens: int
+    decode_tok_s: float
+    peak_rss_bytes: int
+
+    def line(self) -> str:
+        """One human-readable line."""
+        return (
+            f"prefill {self.prefill_tokens} tok @ {self.prefill_tok_s:.1f} tok/s | "
+            f"decode {self.decode_tokens} tok @ {self.decode_tok_s:.1f} tok/s | "
+            f"peak RSS {self.peak_rss_bytes / 2**30:.2f} GiB"
+        )
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class LLM:
+    """A loaded model with its tokenizer, ready to generate."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        dtype: str | torch.dtype | None = None,
+        threads: int | None = None,
+        max_batch: int = 8,
+        max_model_len: int | None = None,
+    ) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.path = Path(path)
+        self.checkpoint = Checkpoint.open(self.path)
+        self.config = self.checkpoint.config
+        self.max_model_len = min(max_model_len or 4096, self.config.max_position_embeddings)
+        self.model, _ = load_model(self.checkpoint, dtype, max_positions=self.max_model_len)
+        self.tokenizer = TextTokenizer(self.path) if (self.path / "tokenizer.json").exists() else None
+        gen_file = self.path / "generation_config.json"
+        self.generation_config = json.loads(gen_file.read_text()) if gen_file.exists() else {}
+        eos = self.generation_config.get("eos_token_id", list(self.config.eos_token_ids))
+        self.eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
+        self.max_batch = max_batch
+        self._engine: Engine | None = None
+        self._last_stats: GenerationStats | None = None
+
+    # -- engine --------------------------------------------------------------------------------
+    def engine(self, slots: int | None = None, length: int | None = None) -> Engine:
+        """The engine, (re)allocating its KV cache when it is smaller than asked."""
+        slots = slots or self.max_batch
+        length = length or self.max_model_len
+        eng = self._engine
+        if eng is None or eng.cache.slots < slots or eng.cache.length < length:
+            self._engine = None  # free the old cache first
+            eng = self._engine = Engine(self.model, self.tokenizer, self.eos_ids, slots, length)
+        return eng
+
+    def _sequence(self, prompt: Prompt, params: SamplingParams) -> Sequence:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("this checkpoint has no tokenizer.json; pass prompts as lists of token ids.")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(i) for i in prompt]
+        if not ids:
+            raise RequestError("the prompt is empty; give at least one token.")
+        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1}).")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(
+                f"the prompt has {len(ids)} tokens but the context is {self.max_model_len}; shorten it or "
+                "raise max_model_len."
+            )
+        params = params.with_defaults(self.generation_config)
+        return Sequence(ids, params, make_generator(params.seed))
+
+    # -- public API ------------------------------------------------------------------------------
+    def generate(
+        self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (batched); outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        seqs = [self._sequence(p, sp) for p, sp in zip(prompts, params_list, strict=True)]
+        need = max(min(s.length + s.params.max_tokens, self.max_model_len) for s in seqs)
+        eng = self.engine(min(len(seqs), self.max_batch), need)
+        self._run(eng, seqs, lambda events: None)
+        return [RequestOutput.from_seq(p, s) for p, s in zip(prompts, seqs, strict=True)]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield text deltas of one prompt as tokens are generated."""
+        seq = self._sequence(prompt, params or SamplingParams())
+        eng = self.engine(1, min(seq.length + seq.params.max_tokens, self.max_model_len))
+        start = self._start(eng)
+        eng.add(seq)
+        while eng.has_work():
+            for ev in eng.step():
+                if ev.text:
+                    yield ev.text
+        self._finish_stats(eng, start)
+        if seq.error:
+            raise RuntimeError(seq.error)
+
+    def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None) -> RequestOutput:
+        """Generate a reply to `messages` using the checkpoint's chat template."""
+        if self.tokenizer is None:
+            raise RequestError("this checkpoint has no tokenizer; chat needs one.")
+        return self.generate([self.tokenizer.apply_chat_template(messages)], params)[0]
+
+    def stats(self) -> GenerationStats | None:
+        """Throughput of the last generate()/stream() call."""
+        return self._last_stats
+
+    def _start(self, eng: Engine) -> tuple[int, float, int, float]:
+        c = eng.counters
+        return (c.prefill_tokens, c.prefill_seconds, c.decode_tokens, c.decode_seconds)
+
+    def _finish_stats(self, eng: Engine, start: tuple[int, float, int, float]) -> None:
+        c = eng.counters
+        pt, ps = c.prefill_tokens - start[0], c.prefill_seconds - start[1]
+        dt, ds = c.decode_tokens - start[2], c.decode_seconds - start[3]
+        self._last_stats = GenerationStats(
+            pt, pt / ps if ps else 0.0, dt, dt / ds if ds else 0.0, peak_rss_bytes()
+        )
+
+    def _run(self, eng: Engine, seqs: list[Sequence], on_events) -> None:
+        start = self._start(eng)
+        t0 = time.perf_counter()
+        for s in seqs:
+            s.arrival = t0
+            eng.add(s)
+        while eng.has_work():
+            on_events(eng.step())
+        self._finish_stats(eng, start)

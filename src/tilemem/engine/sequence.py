@@ -1,0 +1,66 @@
+"""One request's state as it moves through the engine."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from tilemem.engine.sampling import SamplingParams
+
+_ids = itertools.count()
+
+
+class Status(Enum):
+    """Where a sequence is in its lifecycle."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    """Prompt, generated tokens, sampling state and timings of one request."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    request_id: str = field(default_factory=lambda: f"seq-{next(_ids)}")
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    slot: int = -1
+    cached: int = 0
+    """Tokens whose keys/values are in the KV cache."""
+    text: str = ""
+    """Detokenized output so far (after stop-string truncation)."""
+    error: str | None = None
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        """Prompt followed by output."""
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def length(self) -> int:
+        """Tokens so far."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def pending(self) -> list[int]:
+        """Tokens not yet in the KV cache (the whole prompt, or the last sampled token)."""
+        return self.tokens[self.cached :]
+
+    @property
+    def finished(self) -> bool:
+        """Whether generation has ended."""
+        return self.status is Status.FINISHED

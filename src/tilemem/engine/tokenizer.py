@@ -1,0 +1,72 @@
+"""Tokenizer from the checkpoint's tokenizer.json (tokenizers) and chat template (jinja2)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jinja2
+from tokenizers import Tokenizer
+
+from tilemem.errors import CheckpointError, RequestError
+
+
+class TextTokenizer:
+    """Encodes prompts, decodes ids, applies the chat template, and detokenizes incrementally."""
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        tok_file = path / "tokenizer.json"
+        if not tok_file.exists():
+            raise CheckpointError(
+                f"{path} has no tokenizer.json; pass prompts as lists of token ids, or add the tokenizer."
+            )
+        self.tok = Tokenizer.from_file(str(tok_file))
+        cfg_file = path / "tokenizer_config.json"
+        self.config = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+        template = self.config.get("chat_template")
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+        self.template = env.from_string(template) if isinstance(template, str) else None
+        eos = self.config.get("eos_token")
+        if isinstance(eos, dict):
+            eos = eos.get("content")
+        self.eos_token = eos
+        self.eos_id = self.tok.token_to_id(eos) if eos else None
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` (no special tokens added)."""
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of `ids`, special tokens skipped."""
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The prompt text for a chat, from the checkpoint's template."""
+        if self.template is None:
+            raise RequestError("this checkpoint's tokenizer_config.json has no chat_template; use a plain prompt.")
+        return self.template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.config.get("bos_token") or "",
+            eos_token=self.eos_token or "",
+        )
+
+
+class IncrementalDecoder:
+    """Turns a growing list of ids into text deltas without splitting multi-byte characters."""
+
+    def __init__(self, tokenizer: TextTokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the newly completed text (may be empty)."""
+        self.ids.append(token_id)
+        full = self.tokenizer.decode(self.ids)
+        if full.endswith("\ufffd"):  # an unfinished UTF-8 sequence: wait for more bytes
+            return ""
+        delta = full[len(self.text) :]
+        self.text = full
+        return delta
