@@ -171,9 +171,7 @@ class HFConfig:
         theta = params.get("rope_theta", self.get("rope_theta", 10000.0))
         kind = params.get("rope_type", params.get("type", "default")) or "default"
         if kind not in ("default", "linear", "yarn"):
-            raise ConfigError(
-                f"{self.source}: rope type '{kind}' is not supported; supported: default, linear, yarn."
-            )
+            raise ConfigError(f"{self.source}: rope type '{kind}' is not supported; supported: default, linear, yarn.")
         return RopeConfig(
             theta=float(theta),
             kind=kind,

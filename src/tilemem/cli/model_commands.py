@@ -55,9 +55,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from tilemem.synth.writer import synthesize
 
     overrides = {"num_hidden_layers": args.layers} if args.layers else None
-    out = synthesize(
-        args.family, args.preset, args.out, args.seed, args.routing_skew, args.dtype, overrides=overrides
-    )
+    out = synthesize(args.family, args.preset, args.out, args.seed, args.routing_skew, args.dtype, overrides=overrides)
     print(f"wrote {out}")
     return 0
 

@@ -1,8 +1,8 @@
 """`LLM`: load a checkpoint and generate, batched or streaming.
 
-    llm = LLM("ckpt/", dtype="bf16", threads=2)
-    out = llm.generate(["Hello"], SamplingParams(max_tokens=32))
-    for delta in llm.stream("Hello", SamplingParams(max_tokens=32)): print(delta, end="")
+llm = LLM("ckpt/", dtype="bf16", threads=2)
+out = llm.generate(["Hello"], SamplingParams(max_tokens=32))
+for delta in llm.stream("Hello", SamplingParams(max_tokens=32)): print(delta, end="")
 """
 
 from __future__ import annotations
@@ -79,7 +79,13 @@ class GenerationStats:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process."""
+    """Peak resident set size of this process (VmHWM; ru_maxrss would inherit a parent's peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -189,9 +195,7 @@ class LLM:
         c = eng.counters
         pt, ps = c.prefill_tokens - start[0], c.prefill_seconds - start[1]
         dt, ds = c.decode_tokens - start[2], c.decode_seconds - start[3]
-        self._last_stats = GenerationStats(
-            pt, pt / ps if ps else 0.0, dt, dt / ds if ds else 0.0, peak_rss_bytes()
-        )
+        self._last_stats = GenerationStats(pt, pt / ps if ps else 0.0, dt, dt / ds if ds else 0.0, peak_rss_bytes())
 
     def _run(self, eng: Engine, seqs: list[Sequence], on_events) -> None:
         start = self._start(eng)

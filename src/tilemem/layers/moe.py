@@ -44,9 +44,7 @@ def group_by_expert(ids: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Te
     return groups
 
 
-def expert_ffn(
-    x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act
-) -> torch.Tensor:
+def expert_ffn(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act) -> torch.Tensor:
     """Partial or whole expert FFN: x [N, D], gate/up [i, D], down [D, i] -> [N, D]."""
     return F.linear(act(F.linear(x, gate)) * F.linear(x, up), down)
 

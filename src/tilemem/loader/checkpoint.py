@@ -90,8 +90,7 @@ class Checkpoint:
                 fpath = self.path / fname
                 if not fpath.exists():
                     raise CheckpointError(
-                        f"{index} lists shard '{fname}' but it is missing from {self.path}; "
-                        "re-download the checkpoint."
+                        f"{index} lists shard '{fname}' but it is missing from {self.path}; re-download the checkpoint."
                     )
                 self.files[fname] = SafetensorsFile(fpath)
             for name, fname in weight_map.items():

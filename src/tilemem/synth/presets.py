@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from tilemem.errors import ConfigError
-from tilemem.models.registry import family_by_name, families
+from tilemem.models.registry import families, family_by_name
 
 REAL_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
     "olmoe-1b-7b": (

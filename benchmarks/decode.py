@@ -1,0 +1,174 @@
+"""Decode/prefill benchmark: TileMEM vs Hugging Face transformers on a synthetic OLMoE-1B-7B.
+
+Runs each engine in its own subprocess (both models do not fit in RAM together), alternating
+tilemem / transformers / tilemem / ... so the machine's drifting memory bandwidth hits both alike,
+and prints medians, ratios, and decode speed against the read-bandwidth bound
+(bytes touched per token / measured DRAM read bandwidth).
+
+    .venv/bin/python benchmarks/decode.py                      # olmoe-1b-7b, bf16, 2 threads
+    .venv/bin/python benchmarks/decode.py --preset small --family olmoe --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tilemem.engine.llm import peak_rss_bytes
+
+
+def dram_read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 7) -> float:
+    """Best-of-N bytes/s of a multi-threaded sum over a buffer far larger than the caches."""
+    torch.set_num_threads(threads)
+    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = max(best, x.numel() * 4 / (time.perf_counter() - t0))
+    return best
+
+
+def bytes_per_token(path: Path) -> int:
+    """Weight bytes one decode token reads at batch 1 (embedding: one row)."""
+    from tilemem.loader.checkpoint import Checkpoint
+    from tilemem.models.topology import Topology
+
+    cfg = Checkpoint.open(path).config
+    topo = Topology.from_config(cfg)
+    embed = cfg.vocab_size * cfg.hidden_size * topo.dtype_bytes
+    routed = sum(lt.top_k * topo.expert_bytes(lt.index) for lt in topo.layers)
+    return topo.non_expert_bytes - embed + routed + topo.shared_and_dense_bytes
+
+
+def prompt_batch(vocab: int, batch: int, length: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(10, vocab - 1, (length,), generator=gen).tolist() for _ in range(batch)]
+
+
+def run_tilemem(path: Path, batch: int, prompt_len: int, decode: int, threads: int) -> dict:
+    from tilemem.engine.llm import LLM
+    from tilemem.engine.sampling import SamplingParams
+
+    llm = LLM(path, dtype="bf16", threads=threads, max_batch=batch)
+    prompts = prompt_batch(llm.config.vocab_size, batch, prompt_len)
+    params = SamplingParams(max_tokens=decode, temperature=0, ignore_eos=True)
+    llm.generate(prompt_batch(llm.config.vocab_size, batch, 16), SamplingParams(max_tokens=4, temperature=0))
+    llm.generate(prompts, params)
+    s = llm.stats()
+    return {"prefill_tok_s": s.prefill_tok_s, "decode_tok_s": s.decode_tok_s}
+
+
+def run_transformers(path: Path, batch: int, prompt_len: int, decode: int, threads: int) -> dict:
+    import transformers
+
+    torch.set_num_threads(threads)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    prompts = torch.tensor(prompt_batch(model.config.vocab_size, batch, prompt_len))
+    with torch.inference_mode():
+        model(prompts[:, :16])  # warm-up
+        t0 = time.perf_counter()
+        out = model(prompts, use_cache=True)
+        prefill_s = time.perf_counter() - t0
+        cache = out.past_key_values
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        t0 = time.perf_counter()
+        for _ in range(decode - 1):
+            out = model(tok, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        decode_s = time.perf_counter() - t0
+    return {"prefill_tok_s": batch * prompt_len / prefill_s, "decode_tok_s": batch * (decode - 1) / decode_s}
+
+
+def worker(args: argparse.Namespace) -> None:
+    fn = run_tilemem if args.worker == "tilemem" else run_transformers
+    result = fn(Path(args.dir), args.batch, args.prompt_len, args.decode, args.threads)
+    result["peak_rss"] = peak_rss_bytes()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def spawn(args: argparse.Namespace, engine: str, batch: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", engine, "--dir", args.dir, "--batch", str(batch)]
+    cmd += ["--prompt-len", str(args.prompt_len), "--decode", str(args.decode), "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"{engine} worker failed:\n{proc.stderr[-3000:]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="olmoe-1b-7b")
+    ap.add_argument("--family", default=None)
+    ap.add_argument("--dir", default=None, help="checkpoint dir (built if missing)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--engines", default="tilemem,transformers")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.dir = args.dir or f"checkpoints/{args.preset}"
+    if args.worker:
+        worker(args)
+        return
+    path = Path(args.dir)
+    if not (path / "config.json").exists():
+        from tilemem.synth.writer import synthesize
+
+        synthesize(args.family, args.preset, path, seed=0, routing_skew=1.0, dtype="bf16")
+    ckpt_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    engines = args.engines.split(",")
+    batches = [int(b) for b in args.batches.split(",")]
+    runs: dict[tuple[str, int], list[dict]] = {(e, b): [] for e in engines for b in batches}
+    bandwidths = []
+    for r in range(args.repeats):
+        bandwidths.append(dram_read_bandwidth(args.threads))
+        for b in batches:
+            for e in engines:  # interleaved: every engine once per round
+                res = spawn(args, e, b)
+                runs[(e, b)].append(res)
+                print(f"round {r} {e:12s} batch {b}: " + json.dumps({k: round(v, 2) for k, v in res.items()}))
+    bw = statistics.median(bandwidths)
+    bpt = bytes_per_token(path)
+    bound = bw / bpt
+    med = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in runs.items()}
+    print(f"\ncheckpoint {path} ({ckpt_bytes / 2**30:.2f} GiB), threads {args.threads}, repeats {args.repeats}")
+    print(f"DRAM read bandwidth (median of rounds): {bw / 1e9:.1f} GB/s; bytes per decode token {bpt / 1e9:.3f} GB")
+    print(f"read-bandwidth bound at batch 1: {bound:.2f} tok/s\n")
+    print("| engine | batch | prefill tok/s | decode tok/s | peak RSS GiB | RSS / ckpt |")
+    print("|---|---|---|---|---|---|")
+    for (e, b), m in med.items():
+        print(
+            f"| {e} | {b} | {m['prefill_tok_s']:.1f} | {m['decode_tok_s']:.2f} | "
+            f"{m['peak_rss'] / 2**30:.2f} | {m['peak_rss'] / ckpt_bytes:.2f} |"
+        )
+    if "tilemem" in engines:
+        print()
+        for b in batches:
+            t = med[("tilemem", b)]
+            line = f"batch {b}: "
+            if "transformers" in engines:
+                h = med[("transformers", b)]
+                line += (
+                    f"decode {t['decode_tok_s'] / h['decode_tok_s']:.2f}x transformers, "
+                    f"prefill {t['prefill_tok_s'] / h['prefill_tok_s']:.2f}x transformers"
+                )
+            if b == 1:
+                line += f"; decode at {100 * t['decode_tok_s'] / bound:.0f}% of the read-bandwidth bound"
+            print(line)
+
+
+if __name__ == "__main__":
+    main()
