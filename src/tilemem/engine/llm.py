@@ -101,14 +101,31 @@ class LLM:
         threads: int | None = None,
         max_batch: int = 8,
         max_model_len: int | None = None,
+        plan=None,
+        budget: str | None = None,
+        policy: str = "tilepo_fine",
+        profile=None,
+        store: str | Path | None = None,
+        tile: int = 128,
+        runtime=None,
     ) -> None:
+        """Load `path`. With `plan` (a Plan or plan directory) or `budget` (+ `policy`, `profile`), routed
+        experts follow the plan through the tiered runtime (`runtime`: a TieredConfig); else all resident."""
         if threads:
             torch.set_num_threads(threads)
         self.path = Path(path)
         self.checkpoint = Checkpoint.open(self.path)
         self.config = self.checkpoint.config
         self.max_model_len = min(max_model_len or 4096, self.config.max_position_embeddings)
-        self.model, _ = load_model(self.checkpoint, dtype, max_positions=self.max_model_len)
+        self.plan = self._resolve_plan(plan, budget, policy, profile, tile, dtype)
+        skip = (lambda name: ".mlp.experts." in name) if self.plan is not None else None
+        self.model, _ = load_model(self.checkpoint, dtype, max_positions=self.max_model_len, skip=skip)
+        self.tiered = None
+        if self.plan is not None:
+            from tilemem.runtime.setup import attach_tiered, load_profile
+
+            prof = load_profile(profile, self.plan.topology) if profile is not None else None
+            self.tiered = attach_tiered(self.model, self.checkpoint, self.plan, store, runtime, prof)
         self.tokenizer = TextTokenizer(self.path) if (self.path / "tokenizer.json").exists() else None
         gen_file = self.path / "generation_config.json"
         self.generation_config = json.loads(gen_file.read_text()) if gen_file.exists() else {}
@@ -117,6 +134,17 @@ class LLM:
         self.max_batch = max_batch
         self._engine: Engine | None = None
         self._last_stats: GenerationStats | None = None
+
+    def _resolve_plan(self, plan, budget, policy, profile, tile, dtype):
+        if plan is None and budget is None:
+            return None
+        from tilemem.placement.plan import Plan
+        from tilemem.runtime.setup import make_plan
+
+        if plan is not None:
+            return plan if isinstance(plan, Plan) else Plan.load(plan)
+        dtype_name = None if dtype is None else str(dtype).replace("torch.", "")
+        return make_plan(self.checkpoint, budget, policy, profile, tile, dtype=dtype_name)
 
     # -- engine --------------------------------------------------------------------------------
     def engine(self, slots: int | None = None, length: int | None = None) -> Engine:
@@ -156,7 +184,14 @@ class LLM:
         """Generate for every prompt (batched); outputs in prompt order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        if not prompts:
+            return []
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise RequestError(
+                f"got {len(prompts)} prompts but {len(params_list)} SamplingParams; pass one per prompt, "
+                "or a single SamplingParams for all."
+            )
         seqs = [self._sequence(p, sp) for p, sp in zip(prompts, params_list, strict=True)]
         need = max(min(s.length + s.params.max_tokens, self.max_model_len) for s in seqs)
         eng = self.engine(min(len(seqs), self.max_batch), need)
@@ -169,10 +204,18 @@ class LLM:
         eng = self.engine(1, min(seq.length + seq.params.max_tokens, self.max_model_len))
         start = self._start(eng)
         eng.add(seq)
-        while eng.has_work():
-            for ev in eng.step():
-                if ev.text:
-                    yield ev.text
+        shown = 0
+        try:
+            # Follow this sequence's released text rather than step events: another stream may
+            # advance the shared engine (and so this sequence) between our steps.
+            while not seq.finished:
+                eng.step()
+                text = eng.released_text(seq)
+                if len(text) > shown:
+                    yield text[shown:]
+                    shown = len(text)
+        finally:  # the caller may stop iterating early: free the slot rather than decode on
+            eng.abort(seq)
         self._finish_stats(eng, start)
         if seq.error:
             raise RuntimeError(seq.error)
@@ -203,6 +246,10 @@ class LLM:
         for s in seqs:
             s.arrival = t0
             eng.add(s)
-        while eng.has_work():
-            on_events(eng.step())
+        try:
+            while eng.has_work():
+                on_events(eng.step())
+        finally:  # on an exception (or Ctrl-C) do not leave these requests queued for the next call
+            for s in seqs:
+                eng.abort(s)
         self._finish_stats(eng, start)

@@ -1,0 +1,289 @@
+"""Tiered expert execution: a plan decides where every tile lives and where it is computed.
+
+Per MoE layer: route (done by the block), then tile tasks. Tiles resident in DRAM run in place,
+contiguous resident ranges of an expert as one GEMM; tiles on disk are read with O_DIRECT by an I/O
+thread pool into the fixed-size tile cache, and each tile's partial FFN runs as soon as its read
+lands, while later reads are still in flight. Partial outputs are summed in fp32. At the end of a
+layer, the next MoE layer's router applied to this layer's hidden state predicts which experts to
+prefetch, so their reads overlap the next attention block.
+
+Shape legend: T tokens, N tokens routed to one expert, n tile neurons, D hidden.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from tilemem.errors import TileMemError
+from tilemem.layers.moe import MoEBlock, group_by_expert
+from tilemem.runtime.direct_io import AlignedSlab, DirectReader
+from tilemem.runtime.tile_cache import TileCache, TileId
+from tilemem.runtime.tile_store import StoredTile, TileStore
+
+Ranges = dict[str, list[tuple[int, int]]]
+"""tier -> merged neuron ranges of one expert."""
+
+
+class TileReadError(TileMemError):
+    """A tile could not be read from the store, or its checksum does not match."""
+
+
+@dataclass
+class RuntimeCounters:
+    """What the tiered runtime did (per step or cumulative)."""
+
+    disk_bytes: int = 0
+    dram_bytes: int = 0
+    hits: int = 0
+    misses: int = 0
+    stall_s: float = 0.0
+    prefetch_issued: int = 0
+    prefetch_used: int = 0
+    predicted: int = 0
+    actual: int = 0
+    correct: int = 0
+    tiles_computed: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        """Plain numbers, with derived hit rate and prefetch precision / recall."""
+        d = dict(self.__dict__)
+        d["hit_rate"] = self.hits / (self.hits + self.misses) if self.hits + self.misses else 0.0
+        d["prefetch_precision"] = self.correct / self.predicted if self.predicted else 0.0
+        d["prefetch_recall"] = self.correct / self.actual if self.actual else 0.0
+        return d
+
+    def minus(self, other: RuntimeCounters) -> RuntimeCounters:
+        """Difference of two snapshots."""
+        return RuntimeCounters(**{k: v - getattr(other, k) for k, v in self.__dict__.items()})
+
+
+@dataclass
+class TieredConfig:
+    """Runtime settings a plan carries (or the user overrides)."""
+
+    cache_bytes: int = 64 << 20
+    """DRAM tile cache budget, staging slots for reads in flight included."""
+    io_depth: int = 4
+    """Reads in flight (thread pool size)."""
+    cache_policy: str = "lfu"
+    """Eviction: lru, lfu or profile."""
+    prefetch: bool = True
+    """Predict and prefetch the next layer's experts."""
+    verify_reads: bool = True
+    """Check each read's crc32."""
+    tile_weights: dict[TileId, float] = field(default_factory=dict)
+    """Profile routing probability per store tile (profile-weighted eviction)."""
+
+
+def partial_ffn(x: torch.Tensor, block: torch.Tensor, act) -> torch.Tensor:
+    """FFN over one tile or merged range: x [N, D], block [3, n, D] (gate, up, down^T) -> [N, D]."""
+    h = act(F.linear(x, block[0])) * F.linear(x, block[1])  # [N, n]
+    return h @ block[2]  # [N, D]
+
+
+class TieredExperts:
+    """ExpertExecutor that follows per-expert tier ranges; see the module docstring."""
+
+    def __init__(
+        self,
+        blocks: dict[int, MoEBlock],
+        store: TileStore,
+        residency: dict[tuple[int, int], Ranges],
+        config: TieredConfig,
+        dtype: torch.dtype,
+    ) -> None:
+        self.blocks = blocks
+        self.store = store
+        self.config = config
+        self.dtype = dtype
+        self.act = next(iter(blocks.values())).act
+        self.next_layer = dict(zip(sorted(blocks), sorted(blocks)[1:], strict=False))
+        self.resident: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self.on_disk: dict[tuple[int, int], list[StoredTile]] = {}
+        self.resident_bytes = 0
+        self.set_residency(residency)
+        slot_bytes = max(t.padded for t in store.tiles.values())
+        slots = max(config.cache_bytes // slot_bytes, config.io_depth)
+        self.cache = TileCache(AlignedSlab(slots, slot_bytes), config.cache_policy, staging=config.io_depth)
+        self.cache.weights = config.tile_weights
+        self.reader = DirectReader(store.data_path)
+        self.pool = cf.ThreadPoolExecutor(max_workers=config.io_depth, thread_name_prefix="tile-io")
+        self.prefetching: dict[TileId, tuple[cf.Future, int, StoredTile]] = {}
+        self.predictions: dict[int, set[int]] = {}
+        self.counters = RuntimeCounters()
+
+    # -- residency -------------------------------------------------------------------------------
+    def set_residency(self, residency: dict[tuple[int, int], Ranges]) -> None:
+        """Load DRAM-resident ranges from the store and index disk tiles (also used by migration)."""
+        for key, ranges in residency.items():
+            self.set_expert(key, ranges)
+
+    def set_expert(self, key: tuple[int, int], ranges: Ranges) -> None:
+        """(Re)place one expert: resident merged ranges become tensors, the rest stays on disk."""
+        layer, expert = key
+        old = self.resident.pop(key, [])
+        self.resident_bytes -= sum(t.numel() * t.element_size() for t in old)
+        blocks = []
+        for tier, spans in ranges.items():
+            if tier == "disk":
+                continue
+            for a, b in spans:
+                blocks.append(self._load_range(layer, expert, a, b))
+        self.resident[key] = blocks
+        self.resident_bytes += sum(t.numel() * t.element_size() for t in blocks)
+        self.on_disk[key] = [t for a, b in ranges.get("disk", []) for t in self.store.covering(layer, expert, a, b)]
+
+    def _load_range(self, layer: int, expert: int, a: int, b: int) -> torch.Tensor:
+        tiles = self.store.covering(layer, expert, a, b)
+        out = torch.empty(3, b - a, self.store.hidden, dtype=self.store.dtype)  # [3, n, D]
+        for t in tiles:
+            raw = self.store.read_block(t)
+            if self.config.verify_reads and zlib.crc32(raw) != t.crc32:
+                raise TileReadError(f"tile {t.key} in {self.store.path} fails its checksum; re-run `tilemem convert`.")
+            block = torch.frombuffer(bytearray(raw), dtype=self.store.dtype).view(3, t.end - t.start, -1)
+            out[:, t.start - a : t.end - a] = block
+        return out.to(self.dtype)
+
+    # -- I/O ---------------------------------------------------------------------------------------
+    def _read(self, tile: StoredTile, slot: int) -> None:
+        buf = self.cache.slab.buffer(slot)
+        try:
+            self.reader.read_into(buf, tile.offset, tile.nbytes)
+        except OSError as exc:
+            raise TileReadError(f"reading tile {tile.key} from {self.store.data_path} failed: {exc}") from exc
+        if self.config.verify_reads and zlib.crc32(buf[: tile.nbytes]) != tile.crc32:
+            raise TileReadError(
+                f"tile {tile.key} in {self.store.data_path} fails its checksum (corrupt store); "
+                "run `tilemem verify` and re-convert."
+            )
+
+    def _block(self, slot: int, tile: StoredTile) -> torch.Tensor:
+        t = self.cache.slab.tensor(slot, tile.nbytes, self.store.dtype).view(3, tile.end - tile.start, -1)
+        return t if t.dtype == self.dtype else t.to(self.dtype)
+
+    def _harvest_prefetches(self) -> None:
+        for tid, (fut, slot, _) in list(self.prefetching.items()):
+            if fut.done():
+                del self.prefetching[tid]
+                if fut.exception() is None:
+                    self.cache.admit(tid, slot)
+                else:
+                    self.cache.slab.free.append(slot)
+
+    # -- execution ---------------------------------------------------------------------------------
+    def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        c = self.counters
+        self._harvest_prefetches()
+        out = torch.zeros(x.shape, dtype=torch.float32)  # [T, D]
+        groups = group_by_expert(ids)
+        self._score_prediction(layer, {e for e, _, _ in groups})
+        pending: list[tuple[TileId, StoredTile, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        ready = []
+        for expert, tok, kslot in groups:
+            xs, scale = x[tok], weights[tok, kslot, None]  # [N, D], [N, 1]
+            for block in self.resident.get((layer, expert), []):
+                ready.append((xs, tok, scale, block))
+                c.dram_bytes += block.numel() * block.element_size()
+            for tile in self.on_disk.get((layer, expert), []):
+                tid = (layer, expert, tile.start)
+                slot = self.cache.lookup(tid)
+                if slot is not None:
+                    c.hits += 1
+                    c.dram_bytes += tile.nbytes
+                    ready.append((xs, tok, scale, (tid, slot, tile)))
+                else:
+                    c.misses += 1
+                    pending.append((tid, tile, xs, tok, scale))
+        in_flight: dict[cf.Future, tuple] = {}
+        pending.reverse()
+        self._submit(pending, in_flight)
+        for xs, tok, scale, item in ready:  # compute in DRAM while the first reads are in flight
+            if isinstance(item, tuple):
+                tid, slot, tile = item
+                y = partial_ffn(xs, self._block(slot, tile), self.act)
+                self.cache.release(tid)
+            else:
+                y = partial_ffn(xs, item, self.act)
+            out.index_add_(0, tok, (y * scale).float())
+            c.tiles_computed += 1
+        while in_flight:
+            t0 = time.perf_counter()
+            done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
+            c.stall_s += time.perf_counter() - t0
+            for fut in done:
+                tid, tile, xs, tok, scale, slot = in_flight.pop(fut)
+                if fut.exception() is not None:
+                    self._abort(in_flight, slot)
+                    raise fut.exception()
+                y = partial_ffn(xs, self._block(slot, tile), self.act)
+                out.index_add_(0, tok, (y * scale).float())
+                c.tiles_computed += 1
+                self.cache.admit(tid, slot)
+            self._submit(pending, in_flight)
+        if self.config.prefetch:
+            self._prefetch(layer, x)
+        return out
+
+    def _submit(self, pending: list, in_flight: dict) -> None:
+        """Start reads (or adopt prefetches in flight) while slots and queue depth allow."""
+        while pending and len(in_flight) < self.config.io_depth:
+            tid, tile, xs, tok, scale = pending[-1]
+            if tid in self.prefetching:
+                fut, slot, _ = self.prefetching.pop(tid)
+                self.counters.prefetch_used += 1
+            else:
+                slot = self.cache.take_slot()
+                if slot is None:
+                    if in_flight:
+                        return
+                    raise TileReadError("tile cache has no free slot for a read; raise the cache budget.")
+                fut = self.pool.submit(self._read, tile, slot)
+                self.counters.disk_bytes += tile.padded
+            pending.pop()
+            in_flight[fut] = (tid, tile, xs, tok, scale, slot)
+
+    def _abort(self, in_flight: dict, slot: int) -> None:
+        """After a failed read: let the other reads finish, then give every slot back."""
+        self.cache.slab.free.append(slot)
+        cf.wait(in_flight)
+        for item in in_flight.values():
+            self.cache.slab.free.append(item[-1])
+        in_flight.clear()
+
+    def _prefetch(self, layer: int, x: torch.Tensor) -> None:
+        nxt = self.next_layer.get(layer)
+        if nxt is None:
+            return
+        gate = self.blocks[nxt].gate
+        _, ids = torch.topk(gate.logits(x), gate.cfg.top_k, dim=-1)  # [T, K]
+        experts = set(ids.unique().tolist())
+        self.predictions[nxt] = experts
+        for expert in sorted(experts):
+            for tile in self.on_disk.get((nxt, expert), []):
+                tid = (nxt, expert, tile.start)
+                if self.cache.contains(tid) or tid in self.prefetching:
+                    continue
+                if len(self.cache.slab.free) <= self.config.io_depth // 2:
+                    return  # keep staging slots for demand reads
+                slot = self.cache.take_slot()
+                self.prefetching[tid] = (self.pool.submit(self._read, tile, slot), slot, tile)
+                self.counters.prefetch_issued += 1
+                self.counters.disk_bytes += tile.padded
+
+    def _score_prediction(self, layer: int, actual: set[int]) -> None:
+        pred = self.predictions.pop(layer, None)
+        if pred is not None:
+            self.counters.predicted += len(pred)
+            self.counters.actual += len(actual)
+            self.counters.correct += len(pred & actual)
+
+    def close(self) -> None:
+        """Stop the I/O threads and close the store."""
+        self.pool.shutdown(wait=True)
+        self.reader.close()

@@ -1,0 +1,252 @@
+"""The tile store (weight converter output): routed-expert weights packed tile by tile.
+
+One block per (layer, expert, neuron range [a, b)), 4 KiB aligned, dtype kept:
+gate rows [n, D], up rows [n, D], then down columns stored transposed as [n, D], so a tile is one
+contiguous [3, n, D] array readable with a single O_DIRECT request and usable without a copy.
+Blocks are ordered (layer, expert, a): a whole expert is one contiguous run.
+
+`store.json` holds the layout, per-tile sha256 and a fingerprint of the source checkpoint.
+Conversion writes `tiles.bin.partial` + a progress journal, then renames; a re-run resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tilemem.errors import CheckpointError, TileMemError
+from tilemem.loader.checkpoint import Checkpoint
+from tilemem.loader.safetensors_file import DTYPES
+
+ALIGN = 4096
+SCHEMA = "tilemem_store_v1"
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class StoreError(TileMemError):
+    """A tile store is missing, incomplete, corrupt or belongs to another checkpoint."""
+
+
+@dataclass(frozen=True)
+class StoredTile:
+    """Where one tile's [3, n, D] block lives in tiles.bin."""
+
+    layer: int
+    expert: int
+    start: int
+    end: int
+    offset: int
+    nbytes: int
+    """Payload bytes (3 * n * D * itemsize)."""
+    sha256: str
+    crc32: int
+    """zlib.crc32 of the payload, checked on every runtime read (sha256 by `tilemem verify`)."""
+
+    @property
+    def padded(self) -> int:
+        """Bytes read with O_DIRECT (payload rounded up to the alignment)."""
+        return _align(self.nbytes)
+
+    @property
+    def key(self) -> str:
+        """Stable key of the tile's FFN range, e.g. `L3:E17:N0-128`."""
+        return f"L{self.layer}:E{self.expert}:N{self.start}-{self.end}"
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def checkpoint_fingerprint(ckpt: Checkpoint) -> str:
+    """sha256 over config.json, the tensor index and a 64 KiB sample of every weight file."""
+    h = hashlib.sha256((ckpt.path / "config.json").read_bytes())
+    h.update(json.dumps(sorted(ckpt.weight_map.items())).encode())
+    for name, f in sorted(ckpt.files.items()):
+        with open(f.path, "rb") as fh:
+            fh.seek(max(f.data_start, f.size - 65536))
+            h.update(name.encode() + fh.read(65536))
+    return h.hexdigest()
+
+
+def expert_tensors(ckpt: Checkpoint, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """gate [I, D], up [I, D], down [D, I] of one routed expert, memory-mapped."""
+    prefix = f"model.layers.{layer}.mlp.experts.{expert}."
+    return tuple(ckpt.tensor(ckpt.family.to_hub(prefix + p + ".weight")) for p in ("gate_proj", "up_proj", "down_proj"))
+
+
+def tile_ranges(width: int, tile: int) -> list[tuple[int, int]]:
+    """[a, b) ranges of `tile` neurons covering `width` (the last one shorter when it does not divide)."""
+    return [(a, min(a + tile, width)) for a in range(0, width, tile)]
+
+
+def pack_tile(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """The [3, n, D] block of neurons [a, b)."""
+    return torch.stack([gate[a:b], up[a:b], down[:, a:b].t()]).contiguous()
+
+
+def convert(model: str | Path, out: str | Path, tile_size: int = 128, progress: bool = True) -> Path:
+    """Pack a checkpoint's routed experts into a tile store at `out`; resumable and atomic."""
+    ckpt = Checkpoint.open(model)
+    cfg = ckpt.config
+    out = Path(out)
+    if tile_size < 1:
+        raise StoreError(f"tile size must be >= 1 neuron, got {tile_size}.")
+    fingerprint = checkpoint_fingerprint(ckpt)
+    if (out / "store.json").exists():
+        meta = json.loads((out / "store.json").read_text())
+        if meta.get("fingerprint") == fingerprint and meta.get("tile_size") == tile_size:
+            return out  # already complete
+        raise StoreError(
+            f"{out} already holds a tile store of another checkpoint or tile size; remove it or choose another --out."
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    data_tmp, journal = out / "tiles.bin.partial", out / "convert.journal"
+    done: dict[str, dict] = {}
+    if journal.exists() and data_tmp.exists():
+        for line in journal.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a torn last line from a crash: redo that tile
+            if rec.get("fingerprint", fingerprint) != fingerprint:
+                raise StoreError(f"{out} holds a partial conversion of another checkpoint; delete {out}.")
+            done[rec["key"]] = rec
+    else:
+        journal.write_text(json.dumps({"key": "_header", "fingerprint": fingerprint}) + "\n")
+    layers = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
+    ranges = tile_ranges(cfg.moe_intermediate_size, tile_size)
+    first = expert_tensors(ckpt, layers[0], 0)[0]
+    itemsize = first.element_size()
+    dtype = None
+    tiles: list[StoredTile] = []
+    offset = 0
+    total = len(layers) * cfg.num_experts * 3 * cfg.moe_intermediate_size * cfg.hidden_size * itemsize
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress)
+    with open(data_tmp, "r+b" if data_tmp.exists() else "w+b") as data, open(journal, "a") as jr:
+        for layer in layers:
+            for expert in range(cfg.num_experts):
+                gate, up, down = expert_tensors(ckpt, layer, expert)
+                dtype = gate.dtype
+                for a, b in ranges:
+                    nbytes = 3 * (b - a) * cfg.hidden_size * itemsize
+                    key = f"L{layer}:E{expert}:N{a}-{b}"
+                    rec = done.get(key)
+                    if rec is None:
+                        block = pack_tile(gate, up, down, a, b)
+                        raw = block.view(torch.uint8).numpy().tobytes()
+                        data.seek(offset)
+                        data.write(raw + b"\0" * (_align(nbytes) - nbytes))
+                        rec = {"key": key, "sha256": hashlib.sha256(raw).hexdigest(), "crc32": zlib.crc32(raw)}
+                        data.flush()
+                        jr.write(json.dumps(rec) + "\n")
+                        jr.flush()
+                    tiles.append(StoredTile(layer, expert, a, b, offset, nbytes, rec["sha256"], rec["crc32"]))
+                    offset += _align(nbytes)
+                    bar.update(nbytes)
+        data.truncate(offset)
+        os.fsync(data.fileno())
+    bar.close()
+    meta = {
+        "schema_version": SCHEMA,
+        "checkpoint": str(ckpt.path.resolve()),
+        "fingerprint": fingerprint,
+        "family": cfg.family,
+        "dtype": DTYPE_NAMES[dtype],
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.moe_intermediate_size,
+        "num_experts": cfg.num_experts,
+        "layers": layers,
+        "tile_size": tile_size,
+        "alignment": ALIGN,
+        "bytes": offset,
+        "tiles": [[t.layer, t.expert, t.start, t.end, t.offset, t.nbytes, t.sha256, t.crc32] for t in tiles],
+    }
+    os.replace(data_tmp, out / "tiles.bin")
+    tmp = out / "store.json.tmp"
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, out / "store.json")
+    journal.unlink()
+    return out
+
+
+class TileStore:
+    """An opened tile store: layout lookup, O_DIRECT-capable path, checksum verification."""
+
+    def __init__(self, path: str | Path, checkpoint: Checkpoint | None = None) -> None:
+        self.path = Path(path)
+        meta_file = self.path / "store.json"
+        if not meta_file.exists():
+            partial = (self.path / "tiles.bin.partial").exists()
+            hint = " (a conversion was interrupted; re-run `tilemem convert` to resume)" if partial else ""
+            raise StoreError(f"{self.path} is not a tile store: no store.json{hint}; create it with `tilemem convert`.")
+        try:
+            meta = json.loads(meta_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise StoreError(f"{meta_file} is corrupt ({exc}); re-run `tilemem convert`.") from None
+        if meta.get("schema_version") != SCHEMA:
+            raise StoreError(f"{meta_file} has schema {meta.get('schema_version')!r}, expected {SCHEMA}.")
+        self.meta = meta
+        self.data_path = self.path / "tiles.bin"
+        size = self.data_path.stat().st_size if self.data_path.exists() else -1
+        if size != meta["bytes"]:
+            raise StoreError(
+                f"{self.data_path} is missing or truncated ({max(size, 0)} of {meta['bytes']} bytes); "
+                "re-run `tilemem convert`."
+            )
+        if checkpoint is not None and checkpoint_fingerprint(checkpoint) != meta["fingerprint"]:
+            raise StoreError(
+                f"tile store {self.path} was converted from another checkpoint ({meta['checkpoint']}), not "
+                f"{checkpoint.path}; convert this checkpoint with `tilemem convert`."
+            )
+        self.dtype = DTYPES[meta["dtype"]]
+        self.hidden = int(meta["hidden_size"])
+        self.tile_size = int(meta["tile_size"])
+        self.tiles = {(t[0], t[1], t[2]): StoredTile(*t) for t in meta["tiles"]}
+
+    def tiles_of(self, layer: int, expert: int) -> list[StoredTile]:
+        """Store tiles of one expert, in neuron order."""
+        out, a = [], 0
+        while (layer, expert, a) in self.tiles:
+            t = self.tiles[(layer, expert, a)]
+            out.append(t)
+            a = t.end
+        return out
+
+    def covering(self, layer: int, expert: int, start: int, end: int) -> list[StoredTile]:
+        """Store tiles exactly covering neurons [start, end) (boundaries must be store-tile boundaries)."""
+        tiles = [t for t in self.tiles_of(layer, expert) if t.start >= start and t.end <= end]
+        if not tiles or tiles[0].start != start or tiles[-1].end != end:
+            raise StoreError(
+                f"range N{start}-{end} of L{layer}:E{expert} does not fall on tile boundaries of the store "
+                f"(tile size {self.tile_size}); plan with a tile size that is a multiple of it."
+            )
+        return tiles
+
+    def read_block(self, tile: StoredTile) -> bytes:
+        """The payload of one tile through the page cache (verification, resident loading)."""
+        with open(self.data_path, "rb") as f:
+            f.seek(tile.offset)
+            return f.read(tile.nbytes)
+
+    def verify(self, progress: bool = True) -> list[str]:
+        """Keys of tiles whose sha256 does not match (empty: the store is intact)."""
+        bad = []
+        for t in tqdm(self.tiles.values(), desc="verify", disable=not progress):
+            if hashlib.sha256(self.read_block(t)).hexdigest() != t.sha256:
+                bad.append(t.key)
+        return bad
+
+
+def open_store_for(path: str | Path, ckpt: Checkpoint) -> TileStore:
+    """Open a store and check that it was converted from `ckpt`."""
+    try:
+        return TileStore(path, ckpt)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"tile store {path} is incomplete: {exc}") from None
