@@ -34,6 +34,8 @@ class RopeConfig:
     """YaRN magnitude scale also applied to the softmax scale (DeepSeek)."""
     interleave: bool = False
     """Rotate interleaved pairs (DeepSeek-V2; V3 `rope_interleave`) instead of halves."""
+    fp32_rotate: bool = False
+    """Rotate in fp32 and cast back (DeepSeek-V2's complex rotation); else in the model dtype."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,8 @@ class ModelConfig:
     """Multiplier on routed expert weights."""
     router_bias: bool = False
     """Router carries `e_score_correction_bias` (DeepSeek-V3)."""
+    router_fp32: bool = False
+    """Router logits are computed in fp32 whatever the model dtype (DeepSeek); else in the model dtype."""
     num_shared_experts: int = 0
     """Shared experts fused into one FFN of width num_shared_experts * shared_intermediate_size."""
     shared_intermediate_size: int = 0

@@ -94,10 +94,11 @@ class MoEBlock(nn.Module):
         weights, ids = self.gate(x)  # [T, K], [T, K]
         if self.on_route is not None:
             self.on_route(self.layer, ids)
-        out = self.executor(self.layer, x, weights, ids)  # [T, D] fp32
+        out = self.executor(self.layer, x, weights, ids).to(x.dtype)  # [T, D]
         if self.shared_experts is not None:
+            # Like transformers: round the routed sum to the model dtype, then add the shared output.
             shared = self.shared_experts(x)
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
-            out = out + shared.float()
-        return out.to(x.dtype).reshape(shape)
+            out = out + shared
+        return out.reshape(shape)

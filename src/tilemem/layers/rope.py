@@ -41,9 +41,7 @@ def inv_freq_and_scale(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]
     interpolated = base / factor
 
     def correction_dim(rotations: float) -> float:
-        return (dim * math.log(rope.original_max_position / (rotations * 2 * math.pi))) / (
-            2 * math.log(rope.theta)
-        )
+        return (dim * math.log(rope.original_max_position / (rotations * 2 * math.pi))) / (2 * math.log(rope.theta))
 
     low = max(math.floor(correction_dim(rope.beta_fast)), 0)
     high = min(math.ceil(correction_dim(rope.beta_slow)), dim - 1)
@@ -65,6 +63,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, rope: RopeConfig, dim: int, max_positions: int) -> None:
         super().__init__()
         self.interleave = rope.interleave
+        self.fp32_rotate = rope.fp32_rotate
         inv_freq, scale = inv_freq_and_scale(rope, dim)
         pos = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(pos, inv_freq)  # [P, dim/2]
@@ -73,11 +72,16 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin() * scale, persistent=False)
 
     def table(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [B, 1, T, dim] for positions [B, T]."""
+        """cos, sin of shape [B, 1, T, dim] for positions [B, T] (fp32 when rotating in fp32)."""
+        if self.fp32_rotate:
+            dtype = torch.float32
         return self.cos[positions].to(dtype).unsqueeze(1), self.sin[positions].to(dtype).unsqueeze(1)
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate x [B, H, T, dim]."""
+        dtype = x.dtype
+        if self.fp32_rotate:
+            x = x.float()
         if self.interleave:
             # Pairs (0,1), (2,3), ... are de-interleaved to halves first (DeepSeek-V2, V3 weights). The
             # output stays in halves layout: q and k are permuted alike, so q.k is unchanged.
@@ -85,4 +89,4 @@ class RotaryEmbedding(nn.Module):
             x = x.view(b, h, t, d // 2, 2).transpose(4, 3).reshape(b, h, t, d)
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+        return (x * cos + rotated * sin).to(dtype)

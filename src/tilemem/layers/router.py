@@ -18,8 +18,7 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size, device="meta"))
         if cfg.router_bias:
             self.register_buffer("e_score_correction_bias", torch.empty(cfg.num_experts, device="meta"))
-        # DeepSeek computes router logits in fp32; the others in the model dtype.
-        self.fp32_logits = cfg.topk_method != "greedy" or cfg.scoring_func == "sigmoid"
+        self.fp32_logits = cfg.router_fp32
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Router logits [T, E] (also used by prefetch to predict the next layer's experts)."""

@@ -3,7 +3,11 @@ YaRN rope, `first_k_dense_replace` dense layers, fused shared experts, softmax r
 greedy or group-limited, scaled by `routed_scaling_factor`.
 
 Only diff with the original DeepSeek code: transformers' router never renormalizes top-k weights
-for V2, and it is our oracle, so neither do we."""
+for V2 (it ignores `norm_topk_prob`), and it is our oracle, so neither do we. Rope always rotates
+interleaved pairs (as complex numbers); unlike V3 there is no `rope_interleave` switch.
+"""
+
+from dataclasses import replace
 
 from tilemem.config import HFConfig, ModelConfig
 from tilemem.models.registry import Family
@@ -30,6 +34,7 @@ def mla_fields(hf: HFConfig) -> dict:
         qk_rope_head_dim=int(hf.req("qk_rope_head_dim")),
         v_head_dim=int(hf.req("v_head_dim")),
         attention_bias=bool(hf.get("attention_bias", False)),
+        router_fp32=True,  # transformers upcasts hidden states and router weight for V2 and V3 alike
     )
 
 
@@ -42,7 +47,9 @@ def config_from_hf(hf: HFConfig) -> ModelConfig:
         family="deepseek_v2",
         **common,
         **mla_fields(hf),
-        rope=hf.rope(),
+        # transformers rotates (x0, x1), (x2, x3), ... as fp32 complex numbers (`apply_rotary_emb`):
+        # our interleave path (its halves output layout permutes q and k alike), in fp32.
+        rope=replace(hf.rope(interleave=True), fp32_rotate=True),
         scoring_func="softmax",
         topk_method=method,
         norm_topk_prob=False,
@@ -63,7 +70,8 @@ FAMILY = Family(
         num_key_value_heads=4,
         n_routed_experts=8,
         n_shared_experts=2,
-        num_experts_per_tok=2,
+        # top_k > topk_group, else group-limited greedy always picks what plain greedy picks.
+        num_experts_per_tok=3,
         first_k_dense_replace=1,
         n_group=4,
         topk_group=2,

@@ -124,7 +124,8 @@ class Topology:
 
     @property
     def active_params(self) -> int:
-        """Parameters touched per token (top-k routed experts; embedding counted once, like the hub)."""
+        """Parameters of one token's forward: top-k routed experts, embedding and LM head both counted
+        (DeepSeek's published figures leave the embedding out)."""
         routed_active = sum(lt.top_k * self.expert_bytes(lt.index) for lt in self.layers)
         routed_all = self.routed_expert_bytes
         return self.total_params - (routed_all - routed_active) // self.dtype_bytes
