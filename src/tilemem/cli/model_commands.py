@@ -30,6 +30,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_generation_args(p)
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("convert", help="pack a checkpoint's experts into a tile store (resumable)")
+    p.add_argument("model")
+    p.add_argument("--out", required=True, help="tile store directory")
+    p.add_argument("--tile-size", type=int, default=128, help="neurons per tile")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("verify", help="check every tile's sha256 in a tile store")
+    p.add_argument("store")
+    p.set_defaults(func=cmd_verify)
+
     p = sub.add_parser("demo", help="synthesize the demo model (if needed), generate, print stats")
     p.add_argument("--dir", default="checkpoints/demo-small", help="where the demo checkpoint lives")
     p.add_argument("--threads", type=int, default=None)
@@ -48,7 +58,15 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: the checkpoint's)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--stats", action="store_true", help="print throughput and memory after generating")
+    p.add_argument("--stats", action="store_true", help="print throughput, memory and tier counters")
+    p.add_argument("--plan", default=None, help="plan directory from `tilemem plan`")
+    p.add_argument("--budget", default=None, help="tier budgets, e.g. cpu=4GiB (rest on disk)")
+    p.add_argument("--policy", default="tilepo_fine", help="placement policy used with --budget")
+    p.add_argument("--profile", default=None, help="profile.json guiding the plan")
+    p.add_argument("--store", default=None, help="tile store (default: beside the checkpoint, built if missing)")
+    p.add_argument("--tile-size", type=int, default=128, help="tile size for --budget plans")
+    p.add_argument("--cache-policy", default="lfu", help="lru, lfu or profile")
+    p.add_argument("--no-prefetch", action="store_true", help="disable next-layer prefetch")
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -130,10 +148,48 @@ def stream_to_terminal(llm, prompt: str, params: SamplingParams, chat: bool = Fa
     sys.stdout.write("\n")
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from tilemem.engine.llm import LLM
+def cmd_convert(args: argparse.Namespace) -> int:
+    from tilemem.runtime.tile_store import convert
 
-    llm = LLM(args.model, dtype=args.dtype, threads=args.threads)
+    out = convert(args.model, args.out, args.tile_size)
+    print(f"wrote tile store {out}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from tilemem.runtime.tile_store import TileStore
+
+    store = TileStore(args.store)
+    bad = store.verify()
+    if bad:
+        print(f"{len(bad)} of {len(store.tiles)} tiles fail their sha256: {', '.join(bad[:10])}", file=sys.stderr)
+        return 1
+    print(f"all {len(store.tiles)} tiles of {args.store} match their sha256")
+    return 0
+
+
+def llm_from_args(args: argparse.Namespace):
+    """An LLM for generate-like commands: all resident, or tiered with --plan / --budget."""
+    from tilemem.engine.llm import LLM
+    from tilemem.runtime.tiered import TieredConfig
+
+    runtime = TieredConfig(cache_policy=args.cache_policy, prefetch=not args.no_prefetch)
+    return LLM(
+        args.model,
+        dtype=args.dtype,
+        threads=args.threads,
+        plan=args.plan,
+        budget=args.budget,
+        policy=args.policy,
+        profile=args.profile,
+        store=args.store,
+        tile=args.tile_size,
+        runtime=runtime,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    llm = llm_from_args(args)
     stream_to_terminal(llm, args.prompt, sampling_from_args(args), args.chat)
     if args.stats:
         print(llm.stats().line(), file=sys.stderr)

@@ -6,6 +6,7 @@ LLM facade and the server both drive it.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,14 @@ class StepStats:
     batch: int
     tokens: int
     seconds: float
+    runtime: dict[str, float] | None = None
+    """Tiered-runtime counters of this step (bytes per tier, hits, misses, stall, prefetch)."""
+
+    def as_dict(self) -> dict[str, float]:
+        """Plain numbers, tok/s included."""
+        d = {"prefill": self.is_prefill, "batch": self.batch, "tokens": self.tokens, "seconds": self.seconds}
+        d["tok_s"] = self.tokens / self.seconds if self.seconds else 0.0
+        return {**d, **(self.runtime or {})}
 
 
 @dataclass
@@ -63,8 +72,10 @@ class Engine:
         max_batch: int = 8,
         max_model_len: int = 2048,
         prefill_chunk: int = 512,
+        runtime=None,
     ) -> None:
         self.model = model
+        self.runtime = runtime
         self.tokenizer = tokenizer
         self.eos_ids = set(eos_ids)
         self.max_model_len = max_model_len
@@ -86,16 +97,23 @@ class Engine:
         if not seq.finished:
             self._finish(seq, reason)
 
+    def released_text(self, seq: Sequence) -> str:
+        """The part of `seq.text` given out so far (text that may begin a stop string is held back)."""
+        return seq.text[: self.emitted.get(seq.request_id, 0)]
+
     def has_work(self) -> bool:
         """Whether any request is waiting or running."""
         return self.scheduler.has_work()
 
     def step(self) -> list[StepEvent]:
         """Run one iteration."""
+        if self.runtime is not None:
+            self.runtime.between_steps()  # async planning migrates tiles here, never mid-step
         batch = self.scheduler.schedule()
         if batch is None:
             return []
         t0 = time.perf_counter()
+        before = copy.copy(self.runtime.counters) if self.runtime is not None else None
         try:
             logits = self._forward(batch)  # [B, V]
         except Exception as exc:  # one failing batch must not take the engine down
@@ -109,7 +127,8 @@ class Engine:
         events = self._postprocess(batch, logits)
         dt = time.perf_counter() - t0
         n = sum(len(c) for c in batch.chunks)
-        self.counters.steps.append(StepStats(batch.is_prefill, len(batch.seqs), n, dt))
+        rt = self.runtime.counters.minus(before).as_dict() if before is not None else None
+        self.counters.steps.append(StepStats(batch.is_prefill, len(batch.seqs), n, dt, rt))
         if batch.is_prefill:
             self.counters.prefill_tokens += n
             self.counters.prefill_seconds += dt
@@ -141,6 +160,8 @@ class Engine:
             text = self._detokenize(seq, token)
             reason = self._stop_reason(seq, token)
             if reason:
+                if seq.finish_reason != "stop":  # not cut at a stop string: nothing more will come, so
+                    seq.text += self._held_back(seq)  # show bytes held for an unfinished character
                 self._finish(seq, reason)
                 text += self._flush(seq)
             events.append(StepEvent(seq, token, text, seq.finished))
@@ -149,7 +170,7 @@ class Engine:
     def _record_logprobs(self, seq: Sequence, logits: torch.Tensor, token: int) -> None:
         lp = torch.log_softmax(logits, dim=-1)
         seq.logprobs.append(float(lp[token]))
-        k = seq.params.logprobs or 0
+        k = min(seq.params.logprobs or 0, lp.shape[-1])
         if k:
             vals, idx = torch.topk(lp, k)
             seq.top_logprobs.append({int(j): float(v) for v, j in zip(vals, idx, strict=True)})
@@ -172,6 +193,10 @@ class Engine:
         if seq.finish_reason == "stop":
             safe = len(seq.text)
         return self._emit(seq, safe)
+
+    def _held_back(self, seq: Sequence) -> str:
+        dec = self.decoders.get(seq.request_id)
+        return dec.flush() if dec is not None else ""
 
     def _emit(self, seq: Sequence, upto: int) -> str:
         start = self.emitted[seq.request_id]

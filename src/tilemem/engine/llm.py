@@ -7,6 +7,7 @@ for delta in llm.stream("Hello", SamplingParams(max_tokens=32)): print(delta, en
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Iterator
@@ -68,14 +69,28 @@ class GenerationStats:
     decode_tokens: int
     decode_tok_s: float
     peak_rss_bytes: int
+    steps: list[dict[str, float]] = field(default_factory=list)
+    """Per engine step: tokens, seconds, tok/s and (tiered runtime) bytes per tier, hits, misses,
+    fetch stall, prefetch precision/recall."""
+    runtime: dict[str, float] | None = None
+    """Tiered-runtime totals over the call."""
 
     def line(self) -> str:
         """One human-readable line."""
-        return (
+        text = (
             f"prefill {self.prefill_tokens} tok @ {self.prefill_tok_s:.1f} tok/s | "
             f"decode {self.decode_tokens} tok @ {self.decode_tok_s:.1f} tok/s | "
             f"peak RSS {self.peak_rss_bytes / 2**30:.2f} GiB"
         )
+        if self.runtime:
+            r = self.runtime
+            text += (
+                f"\ntiers: disk read {r['disk_bytes'] / 2**20:.1f} MiB, DRAM {r['dram_bytes'] / 2**20:.1f} MiB | "
+                f"cache hit rate {100 * r['hit_rate']:.1f}% ({r['hits']} hits, {r['misses']} misses) | "
+                f"fetch stall {r['stall_s'] * 1e3:.0f} ms | prefetch precision {100 * r['prefetch_precision']:.0f}% "
+                f"recall {100 * r['prefetch_recall']:.0f}%"
+            )
+        return text
 
 
 def peak_rss_bytes() -> int:
@@ -154,7 +169,7 @@ class LLM:
         eng = self._engine
         if eng is None or eng.cache.slots < slots or eng.cache.length < length:
             self._engine = None  # free the old cache first
-            eng = self._engine = Engine(self.model, self.tokenizer, self.eos_ids, slots, length)
+            eng = self._engine = Engine(self.model, self.tokenizer, self.eos_ids, slots, length, runtime=self.tiered)
         return eng
 
     def _sequence(self, prompt: Prompt, params: SamplingParams) -> Sequence:
@@ -208,12 +223,15 @@ class LLM:
         try:
             # Follow this sequence's released text rather than step events: another stream may
             # advance the shared engine (and so this sequence) between our steps.
-            while not seq.finished:
-                eng.step()
+            while True:
+                done = seq.finished  # read before the text: both may change while we yield
                 text = eng.released_text(seq)
                 if len(text) > shown:
                     yield text[shown:]
                     shown = len(text)
+                if done:
+                    break
+                eng.step()
         finally:  # the caller may stop iterating early: free the slot rather than decode on
             eng.abort(seq)
         self._finish_stats(eng, start)
@@ -230,15 +248,20 @@ class LLM:
         """Throughput of the last generate()/stream() call."""
         return self._last_stats
 
-    def _start(self, eng: Engine) -> tuple[int, float, int, float]:
+    def _start(self, eng: Engine) -> tuple:
         c = eng.counters
-        return (c.prefill_tokens, c.prefill_seconds, c.decode_tokens, c.decode_seconds)
+        rt = copy.copy(self.tiered.counters) if self.tiered is not None else None
+        return (c.prefill_tokens, c.prefill_seconds, c.decode_tokens, c.decode_seconds, len(c.steps), rt)
 
-    def _finish_stats(self, eng: Engine, start: tuple[int, float, int, float]) -> None:
+    def _finish_stats(self, eng: Engine, start: tuple) -> None:
         c = eng.counters
         pt, ps = c.prefill_tokens - start[0], c.prefill_seconds - start[1]
         dt, ds = c.decode_tokens - start[2], c.decode_seconds - start[3]
-        self._last_stats = GenerationStats(pt, pt / ps if ps else 0.0, dt, dt / ds if ds else 0.0, peak_rss_bytes())
+        steps = [s.as_dict() for s in c.steps[start[4] :]]
+        rt = self.tiered.counters.minus(start[5]).as_dict() if self.tiered is not None else None
+        self._last_stats = GenerationStats(
+            pt, pt / ps if ps else 0.0, dt, dt / ds if ds else 0.0, peak_rss_bytes(), steps, rt
+        )
 
     def _run(self, eng: Engine, seqs: list[Sequence], on_events) -> None:
         start = self._start(eng)

@@ -106,7 +106,9 @@ class TieredExperts:
         self.next_layer = dict(zip(sorted(blocks), sorted(blocks)[1:], strict=False))
         self.resident: dict[tuple[int, int], list[torch.Tensor]] = {}
         self.on_disk: dict[tuple[int, int], list[StoredTile]] = {}
+        self.ranges: dict[tuple[int, int], Ranges] = {}
         self.resident_bytes = 0
+        self.step_hook = None  # called between engine steps (async planning applies migrations here)
         self.set_residency(residency)
         slot_bytes = max(t.padded for t in store.tiles.values())
         slots = max(config.cache_bytes // slot_bytes, config.io_depth)
@@ -124,20 +126,39 @@ class TieredExperts:
         for key, ranges in residency.items():
             self.set_expert(key, ranges)
 
-    def set_expert(self, key: tuple[int, int], ranges: Ranges) -> None:
-        """(Re)place one expert: resident merged ranges become tensors, the rest stays on disk."""
+    def set_expert(self, key: tuple[int, int], ranges: Ranges, blocks: list[torch.Tensor] | None = None) -> None:
+        """(Re)place one expert: DRAM ranges become tensors (`blocks` if preloaded), the rest stays on disk."""
         layer, expert = key
         old = self.resident.pop(key, [])
         self.resident_bytes -= sum(t.numel() * t.element_size() for t in old)
-        blocks = []
-        for tier, spans in ranges.items():
-            if tier == "disk":
-                continue
-            for a, b in spans:
-                blocks.append(self._load_range(layer, expert, a, b))
+        del old
+        if blocks is None:
+            blocks = self.load_blocks(key, ranges)
         self.resident[key] = blocks
         self.resident_bytes += sum(t.numel() * t.element_size() for t in blocks)
+        self.ranges[key] = ranges
         self.on_disk[key] = [t for a, b in ranges.get("disk", []) for t in self.store.covering(layer, expert, a, b)]
+        for tier, spans in ranges.items():
+            if tier != "disk":
+                for a, b in spans:
+                    for t in self.store.covering(layer, expert, a, b):
+                        if hasattr(self, "cache"):
+                            self.cache.drop((layer, expert, t.start))
+
+    def load_blocks(self, key: tuple[int, int], ranges: Ranges) -> list[torch.Tensor]:
+        """[3, n, D] tensors of an expert's DRAM ranges, read from the store."""
+        return [self._load_range(*key, a, b) for tier, spans in ranges.items() if tier != "disk" for a, b in spans]
+
+    def bytes_of(self, ranges: Ranges) -> int:
+        """DRAM bytes `ranges` would take."""
+        itemsize = torch.empty(0, dtype=self.dtype).element_size()
+        n = sum(b - a for tier, spans in ranges.items() if tier != "disk" for a, b in spans)
+        return 3 * n * self.store.hidden * itemsize
+
+    def between_steps(self) -> None:
+        """Engine hook between steps: apply pending migrations."""
+        if self.step_hook is not None:
+            self.step_hook()
 
     def _load_range(self, layer: int, expert: int, a: int, b: int) -> torch.Tensor:
         tiles = self.store.covering(layer, expert, a, b)
