@@ -123,6 +123,8 @@ class LLM:
         store: str | Path | None = None,
         tile: int = 128,
         runtime=None,
+        async_planning: bool = False,
+        replan_interval_s: float = 2.0,
     ) -> None:
         """Load `path`. With `plan` (a Plan or plan directory) or `budget` (+ `policy`, `profile`), routed
         experts follow the plan through the tiered runtime (`runtime`: a TieredConfig); else all resident."""
@@ -141,6 +143,11 @@ class LLM:
 
             prof = load_profile(profile, self.plan.topology) if profile is not None else None
             self.tiered = attach_tiered(self.model, self.checkpoint, self.plan, store, runtime, prof)
+        self.replanner = None
+        if async_planning and self.tiered is not None:
+            from tilemem.runtime.setup import start_async_planning
+
+            self.replanner = start_async_planning(self.tiered, self.plan, replan_interval_s)
         self.tokenizer = TextTokenizer(self.path) if (self.path / "tokenizer.json").exists() else None
         gen_file = self.path / "generation_config.json"
         self.generation_config = json.loads(gen_file.read_text()) if gen_file.exists() else {}

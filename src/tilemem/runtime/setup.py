@@ -102,3 +102,21 @@ def attach_tiered(
     executor = TieredExperts(model.moe_blocks(), opened, residency_of(plan, topo), config, model.dtype)
     model.set_executor(executor)
     return executor
+
+
+def start_async_planning(executor: TieredExperts, plan: Plan, interval_s: float = 2.0):
+    """Re-solve `plan` in the background from live routing and migrate tiles within its DRAM budget."""
+    from tilemem.runtime.replanner import AsyncReplanner
+
+    topo = plan.topology
+    budgets = Budgets.parse(plan.budget_source) if "=" in plan.budget_source else None
+    if budgets is None:
+        raise ConfigError("async planning needs a plan made from a tier budget (e.g. cpu=4GiB).")
+    cpu = plan.usage("cpu")
+    resident_budget = (cpu.capacity or 0) - cpu.non_expert - cpu.cache
+
+    def solve(profile: Profile) -> Plan:
+        problem = PlacementProblem(topo, profile, budgets, plan.fmt, tile=plan.tile)
+        return build_plan(problem, plan.policy, name=plan.name)
+
+    return AsyncReplanner(executor, plan, solve, lambda p: residency_of(p, topo), resident_budget, interval_s).start()
