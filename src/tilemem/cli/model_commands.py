@@ -40,6 +40,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("store")
     p.set_defaults(func=cmd_verify)
 
+    p = sub.add_parser("bench", help="run the ablation matrix; write evidence, report, plots and the gate")
+    p.add_argument("model")
+    p.add_argument("--out", default="bench_out")
+    p.add_argument("--workloads", default="mixed", help="comma-separated workloads")
+    p.add_argument("--budgets", default="20%,35%,50%", help="DRAM budgets: % of routed-expert bytes or cpu=SIZE")
+    p.add_argument("--policies", default="uniform,kt_expert,tilepo_coarse,tilepo_fine,tilepo_hybrid,tilepo_adaptive")
+    p.add_argument("--async", dest="async_modes", default="off", help="off, on, or off,on")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tile-size", type=int, default=128)
+    p.add_argument("--store", default=None)
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("demo", help="synthesize the demo model (if needed), generate, print stats")
     p.add_argument("--dir", default="checkpoints/demo-small", help="where the demo checkpoint lives")
     p.add_argument("--threads", type=int, default=None)
@@ -165,6 +180,37 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"{len(bad)} of {len(store.tiles)} tiles fail their sha256: {', '.join(bad[:10])}", file=sys.stderr)
         return 1
     print(f"all {len(store.tiles)} tiles of {args.store} match their sha256")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tilemem.bench.runner import BenchSpec, run_bench
+
+    def split(text: str) -> tuple[str, ...]:
+        return tuple(x.strip() for x in text.split(",") if x.strip())
+
+    spec = BenchSpec(
+        model=args.model,
+        out=args.out,
+        workloads=split(args.workloads),
+        budgets=split(args.budgets),
+        policies=split(args.policies),
+        async_modes=tuple(m == "on" for m in split(args.async_modes)),
+        repeats=args.repeats,
+        prompt_tokens=args.prompt_tokens,
+        decode_tokens=args.decode_tokens,
+        threads=args.threads,
+        tile=args.tile_size,
+        store=args.store,
+    )
+    evidence = run_bench(spec)
+    gate = evidence["gate"]
+    for c in gate["comparisons"]:
+        print(
+            f"{c['workload']} budget {c['budget']}: kt_expert {c['kt_expert']:.2f} tok/s, best TilePO "
+            f"{c['best_policy']} {c['best']:.2f} tok/s ({c['gain']:.2f}x, beyond spread: {c['beyond_spread']})"
+        )
+    print(f"gate: {gate['result']} {gate['checks']}; report: {Path(args.out) / 'report.md'}")
     return 0
 
 

@@ -49,6 +49,14 @@ def expert_ffn(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torc
     return F.linear(act(F.linear(x, gate)) * F.linear(x, up), down)
 
 
+def accumulate(out: torch.Tensor, tok: torch.Tensor, y: torch.Tensor) -> None:
+    """out[tok] += y in fp32 (a plain add for a single token: index_add_ pays a thread fork per call)."""
+    if out.shape[0] == 1:
+        out.add_(y.float())
+    else:
+        out.index_add_(0, tok, y.float())
+
+
 class ResidentExperts:
     """Runs every routed expert from resident weights (the all-resident engine)."""
 
@@ -62,7 +70,7 @@ class ResidentExperts:
             e = block.experts[expert]
             xs = x[tok]  # [N, D]
             y = expert_ffn(xs, e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight, block.act)
-            out.index_add_(0, tok, (y * weights[tok, slot, None]).float())
+            accumulate(out, tok, y * weights[tok, slot, None])
         return out
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from tilemem.errors import TileMemError
-from tilemem.layers.moe import MoEBlock, group_by_expert
+from tilemem.layers.moe import MoEBlock, accumulate, group_by_expert
 from tilemem.runtime.direct_io import AlignedSlab, DirectReader
 from tilemem.runtime.tile_cache import TileCache, TileId
 from tilemem.runtime.tile_store import StoredTile, TileStore
@@ -231,7 +231,7 @@ class TieredExperts:
                 self.cache.release(tid)
             else:
                 y = partial_ffn(xs, item, self.act)
-            out.index_add_(0, tok, (y * scale).float())
+            accumulate(out, tok, y * scale)
             c.tiles_computed += 1
         while in_flight:
             t0 = time.perf_counter()
@@ -243,7 +243,7 @@ class TieredExperts:
                     self._abort(in_flight, slot)
                     raise fut.exception()
                 y = partial_ffn(xs, self._block(slot, tile), self.act)
-                out.index_add_(0, tok, (y * scale).float())
+                accumulate(out, tok, y * scale)
                 c.tiles_computed += 1
                 self.cache.admit(tid, slot)
             self._submit(pending, in_flight)
