@@ -76,6 +76,7 @@ class Engine:
     ) -> None:
         self.model = model
         self.runtime = runtime
+        self.speculator = None  # tilemem.spec.Speculator: decode steps verify drafts instead
         self.tokenizer = tokenizer
         self.eos_ids = set(eos_ids)
         self.max_model_len = max_model_len
@@ -112,6 +113,10 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
+        if self.speculator is not None and all(
+            len(c) == 1 and s.cached >= len(s.prompt_ids) for s, c in zip(batch.seqs, batch.chunks, strict=True)
+        ):
+            return self.speculator.step(self, batch.seqs)
         t0 = time.perf_counter()
         before = copy.copy(self.runtime.counters) if self.runtime is not None else None
         try:
@@ -152,20 +157,25 @@ class Engine:
             if seq.cached < len(seq.prompt_ids) or seq.finished:
                 continue  # mid-prompt chunk, or aborted meanwhile
             token = sample(logits[i], seq.params, seq.generator)
-            if seq.first_token_time is None:
-                seq.first_token_time = time.perf_counter()
-            seq.output_ids.append(token)
-            if seq.params.logprobs is not None:
-                self._record_logprobs(seq, logits[i], token)
-            text = self._detokenize(seq, token)
-            reason = self._stop_reason(seq, token)
-            if reason:
-                if seq.finish_reason != "stop":  # not cut at a stop string: nothing more will come, so
-                    seq.text += self._held_back(seq)  # show bytes held for an unfinished character
-                self._finish(seq, reason)
-                text += self._flush(seq)
+            text = self.append_token(seq, token, logits[i])
             events.append(StepEvent(seq, token, text, seq.finished))
         return events
+
+    def append_token(self, seq: Sequence, token: int, logits: torch.Tensor | None = None) -> str:
+        """Add a sampled token to `seq`: logprobs, detokenization, stop conditions. Returns the text delta."""
+        if seq.first_token_time is None:
+            seq.first_token_time = time.perf_counter()
+        seq.output_ids.append(token)
+        if seq.params.logprobs is not None and logits is not None:
+            self._record_logprobs(seq, logits, token)
+        text = self._detokenize(seq, token)
+        reason = self._stop_reason(seq, token)
+        if reason:
+            if seq.finish_reason != "stop":  # not cut at a stop string: nothing more will come, so
+                seq.text += self._held_back(seq)  # show bytes held for an unfinished character
+            self._finish(seq, reason)
+            text += self._flush(seq)
+        return text
 
     def _record_logprobs(self, seq: Sequence, logits: torch.Tensor, token: int) -> None:
         lp = torch.log_softmax(logits, dim=-1)

@@ -125,6 +125,8 @@ class LLM:
         runtime=None,
         async_planning: bool = False,
         replan_interval_s: float = 2.0,
+        speculative: str | None = None,
+        num_draft: int = 4,
     ) -> None:
         """Load `path`. With `plan` (a Plan or plan directory) or `budget` (+ `policy`, `profile`), routed
         experts follow the plan through the tiered runtime (`runtime`: a TieredConfig); else all resident."""
@@ -154,6 +156,10 @@ class LLM:
         eos = self.generation_config.get("eos_token_id", list(self.config.eos_token_ids))
         self.eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
         self.max_batch = max_batch
+        self.speculative = speculative
+        self.num_draft = num_draft
+        self.speculator = None
+        self._dtype = dtype
         self._engine: Engine | None = None
         self._last_stats: GenerationStats | None = None
 
@@ -173,10 +179,18 @@ class LLM:
         """The engine, (re)allocating its KV cache when it is smaller than asked."""
         slots = slots or self.max_batch
         length = length or self.max_model_len
+        if self.speculative:
+            length = min(length + self.num_draft + 1, self.max_model_len)  # room for drafts being verified
         eng = self._engine
         if eng is None or eng.cache.slots < slots or eng.cache.length < length:
             self._engine = None  # free the old cache first
             eng = self._engine = Engine(self.model, self.tokenizer, self.eos_ids, slots, length, runtime=self.tiered)
+            if self.speculative:
+                from tilemem.spec.drafters import make_drafter
+                from tilemem.spec.speculator import Speculator
+
+                drafter = make_drafter(self.speculative, self.model, slots, length, self._dtype)
+                self.speculator = eng.speculator = Speculator(drafter, self.num_draft)
         return eng
 
     def _sequence(self, prompt: Prompt, params: SamplingParams) -> Sequence:

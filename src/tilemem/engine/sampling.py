@@ -48,6 +48,10 @@ class SamplingParams:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p}.")
         if self.top_k is not None and self.top_k < -1:
             raise RequestError(f"top_k must be -1, 0 or positive, got {self.top_k}.")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise RequestError(f"logprobs must be >= 0 (alternatives per token), got {self.logprobs}.")
+        if any(not s for s in self.stop):
+            raise RequestError("stop strings must be non-empty; an empty one would end generation at once.")
 
     def with_defaults(self, generation_config: dict[str, Any]) -> SamplingParams:
         """Fill unset fields from a generation_config.json dict."""
@@ -73,10 +77,8 @@ def make_generator(seed: int | None) -> torch.Generator:
     return gen
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
-    """One token id from logits [V] (fp32) under `params` (defaults already applied)."""
-    if not params.temperature:
-        return int(torch.argmax(logits))
+def token_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution [V] `params` samples from (temperature, top-k, top-p applied); temperature > 0."""
     logits = logits / params.temperature
     if params.top_k and params.top_k > 0 and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
@@ -88,4 +90,12 @@ def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -
         drop = cum - sorted_probs >= params.top_p  # keep tokens until the mass reaches top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=gen))
+        probs = probs / probs.sum()
+    return probs
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
+    """One token id from logits [V] (fp32) under `params` (defaults already applied)."""
+    if not params.temperature:
+        return int(torch.argmax(logits))
+    return int(torch.multinomial(token_probs(logits, params), 1, generator=gen))
