@@ -70,3 +70,10 @@ class IncrementalDecoder:
         delta = full[len(self.text) :]
         self.text = full
         return delta
+
+    def flush(self) -> str:
+        """At the end of generation: the held-back tail of an unfinished character, as U+FFFD."""
+        full = self.tokenizer.decode(self.ids)
+        delta = full[len(self.text) :]
+        self.text = full
+        return delta

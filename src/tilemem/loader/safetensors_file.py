@@ -53,6 +53,9 @@ class SafetensorsFile:
             header = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{self.path} has a corrupt safetensors header ({exc}); {fix}.") from None
+        if not isinstance(header, dict):
+            kind = type(header).__name__
+            raise CheckpointError(f"{self.path} has a corrupt safetensors header (JSON {kind}, not object); {fix}.")
         self.metadata = header.pop("__metadata__", {}) or {}
         self.data_start = 8 + header_len
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}

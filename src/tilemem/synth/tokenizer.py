@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from tilemem.errors import ConfigError
 from tilemem.synth.corpus import docstrings, stdlib_sources
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -50,6 +51,11 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
 def write_tokenizer(out: Path, vocab_size: int) -> dict[str, int]:
     """Write tokenizer.json and tokenizer_config.json; return the special token ids."""
     tok = Tokenizer.from_str(trained_json(vocab_size))
+    if tok.get_vocab_size() != vocab_size:  # byte alphabet + special tokens do not fit
+        raise ConfigError(
+            f"vocab_size {vocab_size} is too small for the byte-level tokenizer, which needs at least "
+            f"{tok.get_vocab_size()} ids; raise vocab_size."
+        )
     tok.save(str(out / "tokenizer.json"))
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     cfg = {

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from tilemem.config import HFConfig
 from tilemem.loader.checkpoint import parse_dtype
 from tilemem.models.model import MoECausalLM
+from tilemem.models.mtp import ours_to_hub
 from tilemem.models.registry import family_by_name
 from tilemem.synth.presets import resolve_preset
 from tilemem.synth.tokenizer import EOS, write_tokenizer
@@ -47,11 +48,20 @@ def hf_config(family: str, fields: dict[str, Any], dtype: torch.dtype, eos_id: i
     }
 
 
-def _init(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+EMBED_STD = 1.0
+"""Embeddings dominate the residual stream, so tokens stay distinct and routing depends on the token
+(with 0.02 embeddings, near-uniform random attention makes every hidden state alike)."""
+
+
+def _init(name: str, shape: tuple[int, ...], gen: torch.Generator, layers: int = 1) -> torch.Tensor:
     if name.endswith("norm.weight") or "layernorm" in name:
         return torch.ones(shape)
     if name.endswith(".bias") or name.endswith("e_score_correction_bias"):
         return torch.randn(shape, generator=gen) * 0.01
+    if name == "model.embed_tokens.weight":
+        return torch.randn(shape, generator=gen) * EMBED_STD
+    if name.endswith(("o_proj.weight", "down_proj.weight")):  # residual writers, GPT-2 style scaling
+        return torch.randn(shape, generator=gen) * (INIT_STD / math.sqrt(2 * layers))
     return torch.randn(shape, generator=gen) * INIT_STD
 
 
@@ -65,11 +75,13 @@ class SkewInjector:
         self.u = u / u.norm()
         self.hidden = hidden
 
+    SHARED = 0.25
+    """Norm of the shared embedding component relative to the token-specific part."""
+
     def embedding(self, w: torch.Tensor) -> torch.Tensor:
         if self.skew <= 0:
             return w
-        # Shared component as large as the random part (norm INIT_STD * sqrt(D)).
-        return w + self.u * INIT_STD * math.sqrt(self.hidden)
+        return w + self.u * self.SHARED * EMBED_STD * math.sqrt(self.hidden)
 
     def router(self, w: torch.Tensor) -> torch.Tensor:
         if self.skew <= 0:
@@ -77,8 +89,12 @@ class SkewInjector:
         experts = w.shape[0]
         layer_scale = 0.5 + torch.rand(1, generator=self.gen).item()
         strengths = torch.randn(experts, generator=self.gen)[torch.randperm(experts, generator=self.gen)]
-        # x_norm . u ~ sqrt(D / 2), so this adds about skew * layer_scale * z_e to the logits.
-        return w + (self.skew * layer_scale * strengths).unsqueeze(1) * self.u / math.sqrt(self.hidden / 2)
+        f = self.SHARED
+        sigma = INIT_STD * math.sqrt(self.hidden) / math.sqrt(1 + f * f)  # token-dependent logit spread
+        along_u = math.sqrt(self.hidden) * f / math.sqrt(1 + f * f)  # x_norm . u
+        bias = 0.5 * self.skew * layer_scale * strengths * sigma  # logit offsets, std skew * sigma / 2
+        w = w - torch.outer(w @ self.u, self.u)  # rows see the shared direction only through `bias`
+        return w + torch.outer(bias / along_u, self.u)
 
 
 def synthesize(
@@ -91,20 +107,53 @@ def synthesize(
     shard_bytes: int = 1 << 30,
     overrides: dict[str, Any] | None = None,
     progress: bool = True,
+    mtp: bool = False,
 ) -> Path:
-    """Write a synthetic checkpoint to `out` (atomically: a temp folder renamed at the end)."""
+    """Write a synthetic checkpoint to `out` (atomically: a temp folder renamed at the end).
+
+    With `mtp`, also `num_nextn_predict_layers` (the preset's, at least 1) multi-token-prediction
+    layers under their hub names `model.layers.{num_hidden_layers + i}.*` (DeepSeek-V3 layout, with
+    their own `embed_tokens` and `shared_head.head`); without it, none (whatever the preset declares)."""
     fam_name, fields = resolve_preset(family, preset)
     fields.update(overrides or {})
+    if mtp:
+        fields["num_nextn_predict_layers"] = max(1, int(fields.get("num_nextn_predict_layers") or 0))
     torch_dtype = parse_dtype(dtype)
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        _write(tmp, fam_name, preset, fields, torch_dtype, seed, routing_skew, shard_bytes, progress, mtp)
+    except BaseException:  # failed or interrupted: leave neither a half-written OUT nor OUT.partial
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def _write(
+    tmp: Path,
+    fam_name: str,
+    preset: str,
+    fields: dict[str, Any],
+    torch_dtype: torch.dtype,
+    seed: int,
+    routing_skew: float,
+    shard_bytes: int,
+    progress: bool,
+    mtp: bool = False,
+) -> None:
+    """Write every file of the checkpoint into `tmp`."""
     special = write_tokenizer(tmp, int(fields["vocab_size"]))
     eos = special[EOS]
     config = hf_config(fam_name, fields, torch_dtype, eos)
     fam = family_by_name(fam_name)
     cfg = fam.config_from_hf(HFConfig(config))
+    if not mtp:
+        cfg = cfg.with_(num_mtp_layers=0)
     shapes = {k: tuple(v.shape) for k, v in MoECausalLM(cfg).state_dict(keep_vars=True).items()}
     if cfg.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
@@ -122,32 +171,31 @@ def synthesize(
     skew = SkewInjector(cfg.hidden_size, routing_skew, seed)
     weight_map: dict[str, str] = {}
     total = sum(math.prod(s) * itemsize for s in shapes.values())
+    written = 0
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"synth {preset}", disable=not progress)
     for i, names in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         tensors = {}
         for name in names:
-            t = _init(name, shapes[name], gen)
+            t = _init(name, shapes[name], gen, cfg.num_layers)
             if name == "model.embed_tokens.weight":
                 t = skew.embedding(t)
             elif name.endswith("mlp.gate.weight"):
                 t = skew.router(t)
             keep_fp32 = name.endswith("e_score_correction_bias")
-            tensors[fam.to_hub(name)] = t.to(torch.float32 if keep_fp32 else torch_dtype).contiguous()
+            t = t.to(torch.float32 if keep_fp32 else torch_dtype).contiguous()
+            tensors[fam.to_hub(ours_to_hub(name, cfg))] = t
+            written += t.numel() * t.element_size()
             bar.update(math.prod(shapes[name]) * itemsize)
         save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
         weight_map.update({n: fname for n in tensors})
         del tensors
     bar.close()
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    index = {"metadata": {"total_size": written}, "weight_map": weight_map}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     gen_cfg = {"eos_token_id": eos, "pad_token_id": eos, "do_sample": False}
     (tmp / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
     (tmp / "tilemem_synth.json").write_text(
-        json.dumps({"family": fam_name, "preset": preset, "seed": seed, "routing_skew": routing_skew})
+        json.dumps({"family": fam_name, "preset": preset, "seed": seed, "routing_skew": routing_skew, "mtp": mtp})
     )
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
