@@ -121,6 +121,24 @@ class ModelConfig:
     """Per-head q/k width with rotary embedding (MLA)."""
     v_head_dim: int = 0
     """Per-head value width (MLA)."""
+    # DeepSeek sparse attention (DSA, DeepSeek-V3.2 / GLM-5): a lightning indexer picks the keys.
+    index_topk: int = 0
+    """Keys each query may attend under DSA (`index_topk`); 0 selects dense attention."""
+    index_n_heads: int = 0
+    """Indexer query heads (`index_n_heads`)."""
+    index_head_dim: int = 0
+    """Indexer q/k width; its first qk_rope_head_dim dims carry rotary embeddings (`index_head_dim`)."""
+    index_rope_interleave: bool = False
+    """Indexer rotates interleaved pairs (GLM-MoE-DSA) instead of halves (DeepSeek-V3.2)."""
+    index_shared_layers: tuple[int, ...] = ()
+    """Layers that reuse the previous indexer's top-k instead of running their own (GLM `indexer_types`)."""
+    # Multi-token prediction (DeepSeek-V3 style), loaded beside the main model as `model.mtp`.
+    num_mtp_layers: int = 0
+    """MTP layers after the last decoder layer (`num_nextn_predict_layers`); 0 if the checkpoint has none."""
+    mtp_own_embed: bool = True
+    """Each MTP layer stores its own `embed_tokens` (DeepSeek layout); else it uses the main embedding."""
+    mtp_own_head: bool = True
+    """Each MTP layer stores `shared_head.head`; else it uses the main LM head."""
     torch_dtype: str = "bfloat16"
     """Dtype the checkpoint is stored in."""
     bos_token_id: int | None = None
@@ -134,6 +152,15 @@ class ModelConfig:
     def is_mla(self) -> bool:
         """Whether attention is multi-head latent attention."""
         return self.kv_lora_rank > 0
+
+    @property
+    def is_dsa(self) -> bool:
+        """Whether attention is DeepSeek sparse attention (MLA plus a top-k indexer)."""
+        return self.is_mla and self.index_topk > 0
+
+    def has_indexer(self, layer: int) -> bool:
+        """Whether `layer` (an MTP layer too) runs its own DSA indexer."""
+        return self.is_dsa and layer not in self.index_shared_layers
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether `layer` routes tokens to experts."""
@@ -216,4 +243,5 @@ class HFConfig:
             torch_dtype=str(self.get("torch_dtype", self.get("dtype", "bfloat16"))),
             bos_token_id=self.get("bos_token_id"),
             eos_token_ids=self.eos_ids(),
+            num_mtp_layers=int(self.get("num_nextn_predict_layers", 0)),
         )

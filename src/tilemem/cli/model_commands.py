@@ -16,9 +16,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="tiny", help="tiny, small, olmoe-1b-7b, mixtral-8x7b, qwen3-30b-a3b, ...")
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--routing-skew", type=float, default=0.0, help="0 = balanced routing; 1-2 = realistic skew")
+    p.add_argument(
+        "--routing-skew",
+        type=float,
+        default=0.0,
+        help="0 = even routing; 1 = realistic (top quarter of experts gets ~0.53 of the mass)",
+    )
     p.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32")
     p.add_argument("--layers", type=int, default=None, help="override the number of layers")
+    p.add_argument("--mtp", action="store_true", help="also write multi-token-prediction layers (DeepSeek/GLM)")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("inspect", help="print a checkpoint's MoE topology")
@@ -82,6 +88,9 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile-size", type=int, default=128, help="tile size for --budget plans")
     p.add_argument("--cache-policy", default="lfu", help="lru, lfu or profile")
     p.add_argument("--no-prefetch", action="store_true", help="disable next-layer prefetch")
+    p.add_argument("--spec", default=None, help="speculative decoding: ngram, mtp or draft:PATH")
+    p.add_argument("--num-draft", type=int, default=4, help="draft tokens per speculative step (k)")
+    p.add_argument("--async-planning", action="store_true", help="re-plan from live routing in the background")
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -231,6 +240,9 @@ def llm_from_args(args: argparse.Namespace):
         store=args.store,
         tile=args.tile_size,
         runtime=runtime,
+        speculative=args.spec,
+        num_draft=args.num_draft,
+        async_planning=args.async_planning,
     )
 
 
@@ -239,6 +251,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     stream_to_terminal(llm, args.prompt, sampling_from_args(args), args.chat)
     if args.stats:
         print(llm.stats().line(), file=sys.stderr)
+    if llm.speculator is not None:
+        print(llm.speculator.stats.line(), file=sys.stderr)
     return 0
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, field
 
 import torch
 
@@ -13,15 +14,33 @@ class KVCache:
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    index_keys: list[torch.Tensor | None] = field(default_factory=list)
+    """DSA indexer keys [S, 1, L, Di] per layer (None where a layer has no indexer); empty without DSA."""
 
     @classmethod
     def allocate(
-        cls, layers: int, slots: int, length: int, heads: int, k_dim: int, v_dim: int, dtype: torch.dtype
+        cls,
+        layers: int,
+        slots: int,
+        length: int,
+        heads: int,
+        k_dim: int,
+        v_dim: int,
+        dtype: torch.dtype,
+        index_dim: int = 0,
+        index_layers: Collection[int] = (),
     ) -> KVCache:
-        """Zeroed cache for `slots` sequences of up to `length` tokens."""
+        """Zeroed cache for `slots` sequences of up to `length` tokens (plus indexer keys of width
+        `index_dim` for `index_layers`)."""
         return cls(
             keys=[torch.zeros(slots, heads, length, k_dim, dtype=dtype) for _ in range(layers)],
             values=[torch.zeros(slots, heads, length, v_dim, dtype=dtype) for _ in range(layers)],
+            index_keys=[
+                torch.zeros(slots, 1, length, index_dim, dtype=dtype) if i in index_layers else None
+                for i in range(layers)
+            ]
+            if index_dim
+            else [],
         )
 
     @property
@@ -36,7 +55,8 @@ class KVCache:
 
     def nbytes(self) -> int:
         """Bytes held by the cache."""
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        tensors = self.keys + self.values + [t for t in self.index_keys if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass
@@ -56,6 +76,8 @@ class ForwardContext:
     """[B, 1, T, kv_len] True where a query may attend a key."""
     contiguous: bool
     """Slots are 0..B-1, so cache rows can be sliced instead of gathered."""
+    sparse_mask: torch.Tensor | None = None
+    """[B, 1, T, kv_len] mask of the last DSA indexer run in this pass; layers sharing its top-k read it."""
 
     @classmethod
     def build(cls, cache: KVCache, slots: list[int], starts: list[int], lengths: list[int]) -> ForwardContext:
@@ -85,16 +107,25 @@ class ForwardContext:
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write new k [B, H, T, Dk], v [B, H, T, Dv]; return cached k, v [B, H, kv_len, D*]."""
-        kc, vc = self.cache.keys[layer], self.cache.values[layer]
-        b, _, t, _ = k.shape
+        return self._write_read(self.cache.keys[layer], k), self._write_read(self.cache.values[layer], v)
+
+    def store_index(self, layer: int, k: torch.Tensor) -> torch.Tensor:
+        """Write new DSA indexer keys k [B, T, Di]; return the cached ones [B, kv_len, Di]."""
+        cached = self.cache.index_keys[layer] if layer < len(self.cache.index_keys) else None
+        if cached is None:
+            raise ValueError(
+                f"the KV cache has no indexer keys for layer {layer}; allocate it with model.allocate_cache"
+            )
+        return self._write_read(cached, k.unsqueeze(1))[:, 0]
+
+    def _write_read(self, c: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """Write new [B, H, T, D] into cache rows c [S, H, L, D]; return c's rows [B, H, kv_len, D]."""
+        b, _, t, _ = new.shape
         if t == 1 and self.contiguous:  # decode fast path: one position per row
-            rows = torch.arange(b)
-            kc[rows, :, self.positions[:, 0]] = k[:, :, 0]
-            vc[rows, :, self.positions[:, 0]] = v[:, :, 0]
+            c[torch.arange(b), :, self.positions[:, 0]] = new[:, :, 0]
         else:
             bi, ti = self.valid.nonzero(as_tuple=True)  # [N], [N]
-            kc[self.slots[bi], :, self.positions[bi, ti]] = k.permute(0, 2, 1, 3)[bi, ti]
-            vc[self.slots[bi], :, self.positions[bi, ti]] = v.permute(0, 2, 1, 3)[bi, ti]
+            c[self.slots[bi], :, self.positions[bi, ti]] = new.permute(0, 2, 1, 3)[bi, ti]
         if self.contiguous:
-            return kc[:b, :, : self.kv_len], vc[:b, :, : self.kv_len]
-        return kc[self.slots, :, : self.kv_len], vc[self.slots, :, : self.kv_len]
+            return c[:b, :, : self.kv_len]
+        return c[self.slots, :, : self.kv_len]

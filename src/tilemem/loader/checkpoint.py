@@ -77,7 +77,38 @@ class Checkpoint:
         family = family_for_architecture(config.architecture)
         ckpt = cls(path=path, hf_config=hf, family=family, config=config)
         ckpt._index()
+        ckpt._find_mtp()
         return ckpt
+
+    def _find_mtp(self) -> None:
+        """Keep the config's MTP layers only if the checkpoint stores them, and note which optional
+        MTP tensors (own embedding, own LM head) it has."""
+        from tilemem.models.mtp import OUR_PREFIX
+
+        cfg = self.config
+        if not cfg.num_mtp_layers:
+            return
+        ours = {self.to_ours(n) for n in self.weight_map}
+        mtp = {n for n in ours if n.startswith(OUR_PREFIX)}
+        if not mtp:  # e.g. a checkpoint converted without them: the model runs without an MTP head
+            self.config = cfg.with_(num_mtp_layers=0)
+            return
+        self.config = cfg.with_(
+            mtp_own_embed=any(n.endswith(".embed_tokens.weight") for n in mtp),
+            mtp_own_head=any(n.endswith(".shared_head.head.weight") for n in mtp),
+        )
+
+    def to_ours(self, hub_name: str) -> str:
+        """Our module name for a hub tensor name (family renames, then MTP layers to `mtp.layers.*`)."""
+        from tilemem.models.mtp import hub_to_ours
+
+        return hub_to_ours(self.family.to_ours(hub_name), self.config)
+
+    def to_hub(self, our_name: str) -> str:
+        """The hub tensor name for one of our module names."""
+        from tilemem.models.mtp import ours_to_hub
+
+        return self.family.to_hub(ours_to_hub(our_name, self.config))
 
     def _index(self) -> None:
         index = self.path / "model.safetensors.index.json"
@@ -141,6 +172,7 @@ def load_model(
     the tile store instead); they stay on `meta`.
     """
     from tilemem.models.model import MoECausalLM
+    from tilemem.models.mtp import is_mtp_name
 
     ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
     cfg = ckpt.config
@@ -150,17 +182,23 @@ def load_model(
     state: dict[str, torch.Tensor] = {}
     unexpected = []
     for hub_name, tensor in ckpt.tensors():
-        ours = ckpt.family.to_ours(hub_name)
+        ours = ckpt.to_ours(hub_name)
         if ours not in expected:
+            if is_mtp_name(ours):
+                raise _mtp_error(ckpt, hub_name, ours, "is not a tensor of an MTP layer")
             unexpected.append(hub_name)
             continue
         if tuple(tensor.shape) != expected[ours]:
+            if is_mtp_name(ours):
+                raise _mtp_error(
+                    ckpt, hub_name, ours, f"has shape {list(tensor.shape)}, expected {list(expected[ours])}"
+                )
             raise WeightError(
                 f"tensor '{hub_name}' in {ckpt.path} has shape {list(tensor.shape)}, but config.json implies "
                 f"{list(expected[ours])}; the weights do not match the config (check hidden_size, "
                 "intermediate sizes and expert counts)."
             )
-        if skip is not None and skip(ours):
+        if skip is not None and skip(ours) and not is_mtp_name(ours):  # MTP weights always stay resident
             continue
         want = torch.float32 if ours.endswith(FP32_BUFFERS) else target
         state[ours] = tensor if tensor.dtype == want else tensor.to(want)
@@ -172,9 +210,9 @@ def load_model(
         )
     if cfg.tie_word_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    missing = [k for k in expected if k not in state and not (skip is not None and skip(k))]
+    missing = [k for k in expected if k not in state and not (skip is not None and skip(k) and not is_mtp_name(k))]
     if missing:
-        shown = ", ".join(ckpt.family.to_hub(m) for m in missing[:5])
+        shown = ", ".join(ckpt.to_hub(m) for m in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise WeightError(
             f"{ckpt.path} is missing tensors: {shown}{more}; the checkpoint is incomplete or does not "
@@ -183,3 +221,19 @@ def load_model(
     model.load_state_dict(state, strict=False, assign=True)
     model.finish_loading(max_positions or cfg.max_position_embeddings)
     return model, ckpt
+
+
+def _mtp_error(ckpt: Checkpoint, hub_name: str, ours: str, problem: str) -> WeightError:
+    """A WeightError for a misnamed or mis-shaped multi-token-prediction tensor."""
+    from tilemem.models.mtp import MTP_OWN_NAMES
+
+    cfg = ckpt.config
+    layer = ours.split(".")[2]
+    first = cfg.num_layers
+    return WeightError(
+        f"MTP tensor '{hub_name}' in {ckpt.path} {problem}. config.json declares num_nextn_predict_layers="
+        f"{cfg.num_mtp_layers}, so model.layers.{first}..{first + cfg.num_mtp_layers - 1} are MTP layers (this "
+        f"is MTP layer {layer}); each holds {', '.join(MTP_OWN_NAMES)}, optionally embed_tokens.weight and "
+        f"shared_head.head.weight, and a decoder block shaped like model.layers.{first - 1}. Fix or remove the "
+        "tensor, or set num_nextn_predict_layers to the MTP layers the checkpoint really has."
+    )

@@ -6,6 +6,8 @@ Shape legend: B batch rows, T new tokens per row, D hidden, V vocab.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -17,9 +19,17 @@ from tilemem.layers.moe import MoEBlock, ResidentExperts
 from tilemem.layers.norm import RMSNorm
 from tilemem.layers.rope import RotaryEmbedding
 
+if TYPE_CHECKING:
+    from tilemem.models.mtp import MTPHead
+
 
 def make_attention(cfg: ModelConfig, layer: int) -> nn.Module:
-    """GQA attention, or multi-head latent attention for DeepSeek-style configs."""
+    """GQA attention, multi-head latent attention for DeepSeek-style configs, or MLA with a top-k
+    indexer (DeepSeek sparse attention) for DeepSeek-V3.2 / GLM-5."""
+    if cfg.is_dsa:
+        from tilemem.layers.dsa import DSAttention
+
+        return DSAttention(cfg, layer)
     if cfg.is_mla:
         from tilemem.layers.mla import MLAttention
 
@@ -56,13 +66,21 @@ class Backbone(nn.Module):
 
 
 class MoECausalLM(nn.Module):
-    """A MoE causal LM. Build on `meta`, then `tilemem.loader` assigns memory-mapped weights."""
+    """A MoE causal LM. Build on `meta`, then `tilemem.loader` assigns memory-mapped weights.
+
+    With `cfg.num_mtp_layers`, `mtp` holds the multi-token-prediction head (`tilemem.models.mtp`);
+    else it is None."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.model = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
+        self.mtp: MTPHead | None = None
+        if cfg.num_mtp_layers:
+            from tilemem.models.mtp import MTPHead
+
+            self.mtp = MTPHead(cfg)
         self.rope: RotaryEmbedding | None = None
 
     @property
@@ -80,6 +98,8 @@ class MoECausalLM(nn.Module):
         rope_dim = cfg.qk_rope_head_dim if cfg.is_mla else cfg.head_dim
         self.rope = RotaryEmbedding(cfg.rope, rope_dim, max_positions)
         self.set_executor(ResidentExperts(self.moe_blocks()))
+        if self.mtp is not None:
+            self.mtp.finish_loading(self.model.embed_tokens, self.lm_head, self.rope)
 
     def set_executor(self, executor) -> None:
         """Route every MoE block's expert computation through `executor`."""
@@ -94,19 +114,33 @@ class MoECausalLM(nn.Module):
         return cfg.num_kv_heads, cfg.head_dim, cfg.head_dim
 
     def allocate_cache(self, slots: int, length: int) -> KVCache:
-        """A KV cache for `slots` sequences of up to `length` tokens."""
+        """A KV cache for `slots` sequences of up to `length` tokens: one layer per decoder layer, then
+        one per MTP layer (when loaded), plus indexer keys for DSA layers."""
+        cfg = self.cfg
         heads, kd, vd = self.kv_shape()
-        return KVCache.allocate(self.cfg.num_layers, slots, length, heads, kd, vd, self.dtype)
+        layers = cfg.num_layers + (len(self.mtp.layers) if self.mtp is not None else 0)
+        index_dim = cfg.index_head_dim if cfg.is_dsa else 0
+        index_layers = [i for i in range(layers) if cfg.has_indexer(i)]
+        return KVCache.allocate(layers, slots, length, heads, kd, vd, self.dtype, index_dim, index_layers)
 
     @torch.inference_mode()
     def forward(
-        self, input_ids: torch.Tensor, ctx: ForwardContext, logits_at: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, V] (or [B, V] at `logits_at` [B] token offsets)."""
+        self,
+        input_ids: torch.Tensor,
+        ctx: ForwardContext,
+        logits_at: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """input_ids [B, T] -> logits [B, T, V] (or [B, V] at `logits_at` [B] token offsets).
+
+        With `return_hidden`, also the final-normed hidden states [B, T, D] of every token (what the
+        MTP head reads): (logits, hidden)."""
         x = self.model.embed_tokens(input_ids)  # [B, T, D]
         cos, sin = self.rope.table(ctx.positions, x.dtype)
         for layer in self.model.layers:
             x = layer(x, ctx, self.rope, cos, sin)
+        hidden = self.model.norm(x) if return_hidden else None  # [B, T, D]
         if logits_at is not None:
             x = x[torch.arange(x.shape[0]), logits_at]  # [B, D]
-        return self.lm_head(self.model.norm(x)).float()
+        logits = self.lm_head(self.model.norm(x)).float()
+        return (logits, hidden) if return_hidden else logits

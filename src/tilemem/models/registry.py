@@ -41,7 +41,7 @@ class Family:
 
 
 def _families() -> dict[str, Family]:
-    from tilemem.models import deepseek_v2, deepseek_v3, mixtral, olmoe, qwen2_moe, qwen3_moe
+    from tilemem.models import deepseek_v2, deepseek_v3, deepseek_v32, glm_moe_dsa, mixtral, olmoe, qwen2_moe, qwen3_moe
 
     fams = [
         olmoe.FAMILY,
@@ -50,6 +50,8 @@ def _families() -> dict[str, Family]:
         qwen3_moe.FAMILY,
         deepseek_v2.FAMILY,
         deepseek_v3.FAMILY,
+        deepseek_v32.FAMILY,
+        glm_moe_dsa.FAMILY,
     ]
     return {f.name: f for f in fams}
 

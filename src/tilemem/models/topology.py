@@ -77,7 +77,10 @@ class Topology:
         )
         non_expert = []
         for name, t in MoECausalLM(cfg).state_dict(keep_vars=True).items():
-            if is_ffn_weight(name) or (cfg.tie_word_embeddings and name == "lm_head.weight"):
+            # MTP layers (`mtp.*`, experts included) are non-expert weights: the model keeps them resident.
+            if (is_ffn_weight(name) and not name.startswith("mtp.")) or (
+                cfg.tie_word_embeddings and name == "lm_head.weight"
+            ):
                 continue
             size = 4 if name.endswith("e_score_correction_bias") else nbytes
             non_expert.append((name, math.prod(t.shape) * size))

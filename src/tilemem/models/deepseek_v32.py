@@ -1,0 +1,115 @@
+"""DeepSeek-V3.2 (DeepseekV32ForCausalLM). Only diff with deepseek_v3: DeepSeek sparse attention
+(`tilemem.layers.dsa`): a lightning indexer per layer keeps each query's top `index_topk` keys, its
+rope rotating halves; q LoRA is mandatory and MLA's rope always interleaved (no `rope_interleave`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tilemem.config import HFConfig, ModelConfig
+from tilemem.errors import ConfigError
+from tilemem.models.deepseek_v2 import mla_fields
+from tilemem.models.registry import Family
+
+HF_DEFAULTS: dict[str, Any] = dict(
+    first_k_dense_replace=3,
+    n_group=8,
+    topk_group=4,
+    n_shared_experts=1,
+    routed_scaling_factor=2.5,
+    norm_topk_prob=True,
+    index_topk=2048,
+    index_head_dim=128,
+    index_n_heads=64,
+)
+"""transformers' DeepseekV32Config defaults for fields a config.json may leave out."""
+
+
+def dense_layers(hf: HFConfig) -> tuple[int, ...]:
+    """Layers with a dense FFN: `mlp_layer_types` if given, else the first `first_k_dense_replace`."""
+    n = int(hf.req("num_hidden_layers"))
+    types = hf.get("mlp_layer_types")
+    if types is not None:
+        return tuple(i for i, kind in enumerate(types) if kind == "dense")
+    return tuple(range(min(int(hf.get("first_k_dense_replace", 0)), n)))
+
+
+def dsa_config(hf: HFConfig, family: str, defaults: dict[str, Any], **changes: Any) -> ModelConfig:
+    """DeepSeek-V3 routing + MLA + DSA indexer fields, for DeepSeek-V3.2 and GLM-MoE-DSA."""
+    hf = HFConfig({**defaults, **{k: v for k, v in hf.data.items() if v is not None}}, hf.source)
+    if not hf.get("q_lora_rank"):
+        raise ConfigError(f"{hf.source}: {family} needs q_lora_rank > 0 (the DSA indexer reads the query latent).")
+    index_head_dim = int(hf.req("index_head_dim"))
+    if index_head_dim < int(hf.req("qk_rope_head_dim")):
+        raise ConfigError(f"{hf.source}: index_head_dim ({index_head_dim}) is smaller than qk_rope_head_dim.")
+    common = hf.common()
+    common["num_kv_heads"] = common["num_heads"]
+    fields = {**mla_fields(hf), "dense_layers": dense_layers(hf)}
+    cfg = ModelConfig(
+        family=family,
+        **common,
+        **fields,
+        rope=hf.rope(interleave=True),
+        scoring_func="sigmoid",
+        topk_method="noaux_tc",
+        router_bias=True,
+        norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+        index_topk=int(hf.req("index_topk")),
+        index_n_heads=int(hf.req("index_n_heads")),
+        index_head_dim=index_head_dim,
+    )
+    return cfg.with_(**changes)
+
+
+def config_from_hf(hf: HFConfig) -> ModelConfig:
+    """Every layer runs its own indexer with half-split rope."""
+    return dsa_config(hf, "deepseek_v32", HF_DEFAULTS)
+
+
+FAMILY = Family(
+    name="deepseek_v32",
+    architecture="DeepseekV32ForCausalLM",
+    model_type="deepseek_v32",
+    config_from_hf=config_from_hf,
+    tiny=dict(
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        q_lora_rank=48,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        # Top-k below the test sequences (4..43 tokens) so the indexer really drops keys; 16 heads keep
+        # exact score ties (all heads' relu at zero) negligible.
+        index_topk=6,
+        index_n_heads=16,
+        index_head_dim=16,
+        vocab_size=512,
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+        rope_scaling=dict(
+            type="yarn",
+            factor=4.0,
+            original_max_position_embeddings=256,
+            beta_fast=32,
+            beta_slow=1,
+            mscale=1.0,
+            mscale_all_dim=1.0,
+        ),
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    ),
+)
