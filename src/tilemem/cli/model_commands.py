@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--routing-skew",
         type=float,
         default=0.0,
-        help="0 = even routing; 1 = realistic (top quarter of experts gets ~0.53 of the mass)",
+        help="0 = even; 1 = realistic (top quarter of experts: ~53%% of routing)",
     )
     p.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32")
     p.add_argument("--layers", type=int, default=None, help="override the number of layers")

@@ -1,0 +1,175 @@
+"""Planning sub-commands: profile, plan, compile.
+
+tilemem profile MODEL --workload mixed --tokens 2048 --out profile.json
+tilemem plan MODEL --profile profile.json --budget cuda=20GiB,cpu=8GiB --policy tilepo_fine --out plan/
+tilemem plan MODEL --profile profile.json --experts-per-layer 8 --policy kt_expert --out plan_kt/
+tilemem compile --model-spec spec.json|plan.tmem --out-dir build/plan
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tilemem.errors import ConfigError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add profile, plan and compile to `sub`."""
+    from tilemem.placement.policies import policy_names
+
+    p = sub.add_parser("profile", help="record which experts a workload routes to (profile JSON)")
+    p.add_argument("model", help="checkpoint directory")
+    p.add_argument("--workload", default="mixed", help="mixed, long_context, code, chat, or a .jsonl file")
+    p.add_argument("--tokens", type=int, default=2048, help="tokens to route, prefill + decode (default 2048)")
+    p.add_argument("--max-prompt-tokens", type=int, default=512, help="truncate prompts to this many tokens")
+    p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: the checkpoint's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the built-in workload's prompt choice")
+    p.add_argument("--merge", action="append", default=[], metavar="PROFILE", help="add an existing profile")
+    p.add_argument("--out", required=True, help="profile JSON to write")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("plan", help="place tiles across tiers for a budget (MIR + manifest + heatmap)")
+    p.add_argument("model", help="checkpoint directory, config.json, or a real-shape preset (e.g. olmoe-1b-7b)")
+    p.add_argument("--profile", action="append", default=[], help="profile JSON (repeat to merge; default uniform)")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--budget", help="per-tier bytes, e.g. cuda=20GiB,cpu=8GiB (rest on disk)")
+    budget.add_argument("--experts-per-layer", type=int, help="cuda holds this many experts per layer, rest cpu")
+    p.add_argument("--policy", default="tilepo_fine", help=f"one of {', '.join(policy_names())}")
+    p.add_argument("--tile-size", type=int, default=128, help="fine tile size in neurons (default 128)")
+    p.add_argument("--shard-count", type=int, default=1, help="tensor-parallel shards (default 1)")
+    p.add_argument("--adaptive-mode", default="balanced", help="tilepo_adaptive: throughput, balanced, tail_latency")
+    p.add_argument("--cache", default=None, help="dynamic tile cache reserve, e.g. cuda=10%%,cpu=1GiB")
+    p.add_argument("--phase", default="all", help="routing counts to plan for: all, prefill, decode")
+    p.add_argument("--dtype", default=None, help="weight dtype to plan for (default: the checkpoint's)")
+    p.add_argument("--name", default=None, help="plan name (default: the model's)")
+    p.add_argument("--no-heatmap", action="store_true", help="skip heatmap.png")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("compile", help="compile a JSON model spec or .tmem plan config (no checkpoint needed)")
+    p.add_argument("--model-spec", required=True, help="spec.json or plan.tmem")
+    p.add_argument("--profile", action="append", default=[], help="profile JSON (repeat to merge)")
+    p.add_argument("--policy", default=None, help="override schedule.policy")
+    p.add_argument("--no-heatmap", action="store_true", help="skip heatmap.png")
+    p.add_argument("--out-dir", required=True, help="output directory")
+    p.set_defaults(func=cmd_compile)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    """Run the workload on the checkpoint and write the profile."""
+    from tilemem.placement.profile import Profile, merge_profiles
+    from tilemem.placement.profiler import profile_checkpoint
+    from tilemem.placement.report import profile_table
+    from tilemem.workloads import load_workload
+
+    workload = load_workload(args.workload, seed=args.seed)
+    profile = profile_checkpoint(args.model, workload, args.tokens, args.max_prompt_tokens, args.dtype)
+    if args.merge:
+        profile = merge_profiles([profile, *(Profile.load(p) for p in args.merge)])
+    out = profile.save(args.out)
+    print(profile_table(profile))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Plan a checkpoint (or config / preset) for a budget and write the artifacts."""
+    from tilemem.models.topology import Topology
+    from tilemem.placement.budgets import Budgets
+    from tilemem.placement.formats import tile_format
+    from tilemem.placement.planner import build_plan
+    from tilemem.placement.policies import PlacementProblem
+
+    config, name = resolve_model(args.model)
+    dtype = _dtype_name(args.dtype) if args.dtype else None
+    topology = Topology.from_config(config, dtype)
+    fmt = tile_format(topology.dtype)
+    if args.budget is not None:
+        budgets = Budgets.parse(args.budget)
+    else:
+        budgets = Budgets.from_experts_per_layer(topology, args.experts_per_layer, fmt, shard_count=args.shard_count)
+    if args.cache:
+        budgets = budgets.with_cache(args.cache)
+    problem = PlacementProblem(
+        topology=topology,
+        profile=load_profiles(args.profile, topology),
+        budgets=budgets,
+        fmt=fmt,
+        tile=args.tile_size,
+        shard_count=args.shard_count,
+        phase=args.phase,
+        adaptive_mode=args.adaptive_mode,
+    )
+    plan = build_plan(problem, args.policy, args.name or name, {"workload": ",".join(problem.profile.workloads)})
+    return _write(plan, Path(args.out), not args.no_heatmap)
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    """Compile a model spec (.json) or plan config (.tmem) and write the artifacts."""
+    from tilemem.placement.compiler import compile_spec
+    from tilemem.placement.jsonio import read_json, write_json_atomic
+    from tilemem.placement.spec import spec_from_dict
+    from tilemem.placement.tmem import load_tmem
+
+    path = Path(args.model_spec)
+    if path.suffix == ".tmem":
+        spec = load_tmem(path)
+    elif path.suffix == ".json":
+        spec = spec_from_dict(read_json(path, "model spec"), str(path))
+    else:
+        raise ConfigError(f"--model-spec '{path}' must be a .json model spec or a .tmem plan config.")
+    topology = spec.topology()
+    profile = load_profiles(args.profile, topology) if args.profile else None
+    plan = compile_spec(spec, profile, args.policy)
+    code = _write(plan, Path(args.out_dir), not args.no_heatmap)
+    spec_path = write_json_atomic(Path(args.out_dir) / "model_spec.json", spec.to_dict())
+    print(f"wrote {spec_path}")
+    return code
+
+
+def resolve_model(arg: str):
+    """(ModelConfig, name) of a checkpoint directory, a config.json, or a real-shape preset name."""
+    from tilemem.placement.spec import preset_config, read_hf_config
+    from tilemem.synth.presets import REAL_SHAPES
+
+    path = Path(arg)
+    if path.exists():
+        return read_hf_config(path)
+    if arg in REAL_SHAPES:
+        return preset_config(arg), arg
+    raise ConfigError(
+        f"model '{arg}' is not a checkpoint directory, a config.json, or a preset "
+        f"({', '.join(REAL_SHAPES)}); create one with `tilemem synth`."
+    )
+
+
+def load_profiles(paths: list[str], topology):
+    """The merged profiles at `paths`, checked against `topology` (uniform routing when none)."""
+    from tilemem.placement.profile import Profile, merge_profiles
+
+    if not paths:
+        print("note: no --profile given; planning for uniform routing.")
+        return Profile.uniform(topology)
+    return merge_profiles([Profile.load(p, topology) for p in paths])
+
+
+def _dtype_name(name: str) -> str:
+    from tilemem.placement.formats import DTYPE_ALIASES, FORMATS
+
+    short = DTYPE_ALIASES.get(name, name)
+    long = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    if short not in long or not FORMATS[short].plain:
+        raise ConfigError(f"--dtype '{name}' is not one of bf16, fp16, fp32.")
+    return long[short]
+
+
+def _write(plan, out: Path, heatmap: bool) -> int:
+    from tilemem.placement.report import plan_table
+
+    paths = plan.save(out, heatmap=heatmap)
+    print(plan_table(plan))
+    print(f"checksum {plan.checksum}")
+    for kind, path in paths.items():
+        print(f"wrote {kind}: {path}")
+    return 0

@@ -1,0 +1,74 @@
+"""Tile storage formats: element width and scale metadata. The plan's byte counts come from here.
+
+Plain dtypes (bf16, fp16, fp32) carry no scales and run on the built-in backend. Block-scaled
+low-precision formats are integration contracts for external kernels (see `backends.py`); their
+scales sit right after the weights of the same tile, one fp32 per `scale_block` neurons per hidden
+column.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from tilemem.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TileFormat:
+    """How one tile's weights are stored."""
+
+    name: str
+    """Registry key, written into the manifest (`bf16`, `fp8_e4m3`, ...)."""
+    element_bits: int
+    """Bits per weight element."""
+    layout: str = "row_major"
+    """Physical layout of one projection: gate/up rows [n, D], down columns transposed to [n, D]."""
+    scale_layout: str = "none"
+    """Scale metadata layout name (`none` for plain dtypes)."""
+    scale_granularity: str = "none"
+    """`none`, `block` (one scale per block of neurons) or `tensor`."""
+    scale_block: int = 0
+    """Neurons per scale block (0: no scales)."""
+    scale_bytes_each: int = 0
+    """Bytes of one scale value."""
+    plain: bool = True
+    """A plain dtype the built-in backend computes with directly."""
+
+    def weight_bytes(self, neurons: int, hidden: int) -> int:
+        """Bytes of one projection restricted to `neurons` neurons."""
+        return neurons * hidden * self.element_bits // 8
+
+    def scale_bytes(self, neurons: int, hidden: int) -> int:
+        """Bytes of that projection's scales."""
+        if not self.scale_block:
+            return 0
+        return math.ceil(neurons / self.scale_block) * hidden * self.scale_bytes_each
+
+
+FORMATS: dict[str, TileFormat] = {
+    f.name: f
+    for f in (
+        TileFormat("bf16", 16),
+        TileFormat("fp16", 16),
+        TileFormat("fp32", 32),
+        TileFormat(
+            "fp8_e4m3",
+            8,
+            scale_layout="block_n32_fp32",
+            scale_granularity="block",
+            scale_block=32,
+            scale_bytes_each=4,
+            plain=False,
+        ),
+    )
+}
+DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+
+
+def tile_format(name: str) -> TileFormat:
+    """The format called `name` (torch-style dtype names such as `bfloat16` are accepted)."""
+    key = DTYPE_ALIASES.get(name, name)
+    if key not in FORMATS:
+        raise ConfigError(f"unknown tile format '{name}'; formats: {', '.join(FORMATS)}.")
+    return FORMATS[key]

@@ -1,0 +1,148 @@
+"""Tiles: one FFN restricted to a neuron range [a, b) of its intermediate dimension.
+
+A *unit* is the placement unit: one neuron range of one FFN with both projection groups, because a
+partial FFN needs gate, up and down rows of the same neurons. Each unit is two *tiles* with stable
+keys, `L{layer}:E{expert}:{group}:S{shard}:N{a}-{b}`:
+
+- routed expert 17 of layer 3: `L3:E17:gate_up:S0:N0-128` and `L3:E17:down:S0:N0-128`;
+- the (fused) shared experts of layer 3: `L3:Eshared:gate_up:S0:N0-128`;
+- the dense FFN of a dense layer 0: `L0:Edense:down:S0:N0-128`.
+
+`S{shard}` is the tensor-parallel shard the range falls in: the intermediate dimension is cut into
+`shard_count` contiguous parts and no tile crosses a cut (one device: always `S0`). Ranges cover
+the whole dimension exactly once; the last tile of a shard is shorter when the size does not divide.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from tilemem.models.topology import Topology
+from tilemem.placement.errors import PlanError
+from tilemem.placement.formats import TileFormat
+
+SHARED = -1
+"""Expert index standing for a layer's fused shared experts."""
+DENSE = -2
+"""Expert index standing for a dense layer's FFN."""
+GROUPS: tuple[str, ...] = ("gate_up", "down")
+"""Projection groups: gate and up rows together, down columns."""
+_LABELS = {SHARED: "shared", DENSE: "dense"}
+_KEY = re.compile(r"^L(\d+):E(\d+|shared|dense):(gate_up|down):S(\d+):N(\d+)-(\d+)$")
+
+
+def expert_label(expert: int) -> str:
+    """`17`, `shared` or `dense`, as written after `E` in a key."""
+    return _LABELS.get(expert, str(expert))
+
+
+def expert_from_label(label: str) -> int:
+    """Inverse of `expert_label`."""
+    if label.isdigit():
+        return int(label)
+    return {"shared": SHARED, "dense": DENSE}[label]
+
+
+@dataclass(frozen=True, order=True)
+class Unit:
+    """A neuron range of one FFN, both projection groups (the unit a policy places)."""
+
+    layer: int
+    """Decoder layer."""
+    expert: int
+    """Routed expert index, or SHARED / DENSE."""
+    shard: int
+    """Tensor-parallel shard the range lies in."""
+    start: int
+    """First neuron (inclusive)."""
+    end: int
+    """Last neuron (exclusive)."""
+
+    @property
+    def neurons(self) -> int:
+        """b - a."""
+        return self.end - self.start
+
+    @property
+    def ffn(self) -> tuple[int, int]:
+        """(layer, expert) of the FFN this range belongs to."""
+        return self.layer, self.expert
+
+    def key(self, group: str) -> str:
+        """Stable key of this unit's tile in `group`."""
+        return tile_key(self.layer, self.expert, group, self.shard, self.start, self.end)
+
+
+def tile_key(layer: int, expert: int, group: str, shard: int, start: int, end: int) -> str:
+    """`L3:E17:gate_up:S0:N0-128`."""
+    return f"L{layer}:E{expert_label(expert)}:{group}:S{shard}:N{start}-{end}"
+
+
+def parse_tile_key(key: str) -> tuple[Unit, str]:
+    """(unit, group) of a tile key, or a PlanError showing the expected form."""
+    m = _KEY.match(key)
+    if not m:
+        raise PlanError(
+            f"'{key}' is not a tile key; keys look like L3:E17:gate_up:S0:N0-128 "
+            "(expert may be a number, 'shared' or 'dense'; group gate_up or down)."
+        )
+    layer, label, group, shard, a, b = m.groups()
+    return Unit(int(layer), expert_from_label(label), int(shard), int(a), int(b)), group
+
+
+def shard_bounds(width: int, shard_count: int) -> list[tuple[int, int]]:
+    """Contiguous, near-equal [a, b) cuts of `width` neurons into `shard_count` shards."""
+    cuts = [width * s // shard_count for s in range(shard_count + 1)]
+    return [(cuts[s], cuts[s + 1]) for s in range(shard_count)]
+
+
+def split_ranges(width: int, tile: int, shard_count: int = 1) -> list[tuple[int, int, int]]:
+    """(shard, a, b) tiles of `tile` neurons covering [0, width) once; the last of a shard may be shorter."""
+    out = []
+    for shard, (lo, hi) in enumerate(shard_bounds(width, shard_count)):
+        out.extend((shard, a, min(a + tile, hi)) for a in range(lo, hi, tile))
+    return out
+
+
+def ffn_width(topology: Topology, layer: int, expert: int) -> int:
+    """Intermediate width of a routed expert, the shared experts or the dense FFN of `layer`."""
+    lt = topology.layers[layer]
+    if expert == SHARED:
+        return lt.shared_intermediate
+    if expert == DENSE:
+        return lt.dense_intermediate
+    return lt.expert_intermediate
+
+
+def always_active_ffns(topology: Topology) -> list[tuple[int, int]]:
+    """(layer, SHARED | DENSE) of every FFN that runs for every token."""
+    out = []
+    for lt in topology.layers:
+        if lt.dense_intermediate:
+            out.append((lt.index, DENSE))
+        if lt.shared_intermediate:
+            out.append((lt.index, SHARED))
+    return out
+
+
+def routed_ffns(topology: Topology) -> list[tuple[int, int]]:
+    """(layer, expert) of every routed expert."""
+    return [(lt.index, e) for lt in topology.layers if lt.is_moe for e in range(lt.num_experts)]
+
+
+def units_of(topology: Topology, layer: int, expert: int, tile: int, shard_count: int = 1) -> list[Unit]:
+    """The units of one FFN cut into tiles of `tile` neurons (tile >= width: one unit per shard)."""
+    width = ffn_width(topology, layer, expert)
+    return [Unit(layer, expert, s, a, b) for s, a, b in split_ranges(width, max(1, tile), shard_count)]
+
+
+def group_bytes(group: str, neurons: int, hidden: int, fmt: TileFormat) -> tuple[int, int]:
+    """(weight bytes, scale bytes) of one tile: gate_up holds two projections, down one."""
+    n_proj = 2 if group == "gate_up" else 1
+    return n_proj * fmt.weight_bytes(neurons, hidden), n_proj * fmt.scale_bytes(neurons, hidden)
+
+
+def unit_bytes(neurons: int, hidden: int, fmt: TileFormat) -> int:
+    """Bytes of a unit: both groups' weights and scales."""
+    return sum(sum(group_bytes(g, neurons, hidden, fmt)) for g in GROUPS)
