@@ -111,9 +111,17 @@ class DraftModelDrafter(Drafter):
 
 
 class MTPDrafter(Drafter):
-    """The checkpoint's own multi-token-prediction layers, applied recursively (DeepSeek-V3 style)."""
+    """The checkpoint's own multi-token-prediction layers, applied recursively (DeepSeek-V3 style).
+
+    The MTP block needs the main model's final hidden states: the speculator hands over those of every
+    verified position (`observe`), the MTP layer writes its own KV rows for them and drafts k tokens
+    from the last one. A new sequence is primed once by re-running the main model over its prompt
+    (same slot, same positions, so the main KV rows are rewritten identically): one extra prefill.
+    Greedy drafting; with sampling the drafts count as deterministic proposals.
+    """
 
     name = "mtp"
+    needs_hidden = True
 
     def __init__(self, model) -> None:
         if getattr(model, "mtp", None) is None:
@@ -122,10 +130,34 @@ class MTPDrafter(Drafter):
                 "use --spec ngram or --spec draft:PATH."
             )
         self.model = model
+        self.next: dict[str, list[int]] = {}
+
+    def _draft(self, seq: Sequence, hidden: torch.Tensor, next_ids: list[int], start: int, cache, k: int) -> None:
+        from tilemem.layers.kv_cache import ForwardContext
+
+        ctx = ForwardContext.build(cache, [seq.slot], [start], [len(next_ids)])
+        with torch.inference_mode():
+            drafts = self.model.mtp.draft(hidden.unsqueeze(0), torch.tensor([next_ids]), ctx, max(k, 1))
+        self.next[seq.request_id] = drafts[0].tolist()
+
+    def prime(self, seq: Sequence, cache, k: int) -> None:
+        """Main-model hidden states of the prompt, then MTP rows and the first drafts."""
+        from tilemem.layers.kv_cache import ForwardContext
+
+        n = seq.cached
+        ctx = ForwardContext.build(cache, [seq.slot], [0], [n])
+        _, hidden = self.model(torch.tensor([seq.tokens[:n]]), ctx, return_hidden=True)  # [1, n, D]
+        self._draft(seq, hidden[0], seq.tokens[1 : n + 1], 0, cache, k)
+
+    def observe(self, seq: Sequence, hidden: torch.Tensor, next_ids: list[int], start: int, cache, k: int) -> None:
+        """Hidden states [T, D] of verified positions start.. and the token following each."""
+        self._draft(seq, hidden, next_ids, start, cache, k)
 
     def propose(self, seq: Sequence, k: int) -> Draft:
-        tokens = self.model.mtp.draft(seq, k)
-        return Draft(tokens)
+        return Draft(self.next.get(seq.request_id, [])[:k])
+
+    def release(self, seq: Sequence) -> None:
+        self.next.pop(seq.request_id, None)
 
 
 def make_drafter(spec: str, model, slots: int, length: int, dtype=None) -> Drafter:

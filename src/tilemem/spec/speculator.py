@@ -61,6 +61,11 @@ class Speculator:
     def step(self, engine, seqs: list[Sequence]) -> list[StepEvent]:
         """One speculative decode step for `seqs` (all decoding)."""
         t0 = time.perf_counter()
+        hidden_wanted = getattr(self.drafter, "needs_hidden", False)
+        if hidden_wanted:
+            for seq in seqs:
+                if seq.request_id not in self.drafter.next:
+                    self.drafter.prime(seq, engine.cache, self.k)
         drafts: list[Draft] = []
         for seq in seqs:
             room = engine.cache.length - seq.cached - 1
@@ -77,7 +82,8 @@ class Speculator:
         ctx = ForwardContext.build(engine.cache, [s.slot for s in seqs], [s.cached for s in seqs], lengths)
         before = copy.copy(engine.runtime.counters) if engine.runtime is not None else None
         try:
-            logits = engine.model(ids, ctx)  # [B, T, V]
+            out = engine.model(ids, ctx, return_hidden=hidden_wanted)
+            logits, hidden = out if hidden_wanted else (out, None)  # [B, T, V], [B, T, D]
         except Exception as exc:
             events = []
             for seq in seqs:
@@ -91,6 +97,8 @@ class Speculator:
             d = drafts[i]
             n, nxt = verify(logits[i, : lengths[i]], d, seq.params, seq.generator)
             self.drafter.accepted(seq, n, len(d.tokens))
+            if hidden is not None:  # verified positions: the last token and the n accepted drafts
+                self.drafter.observe(seq, hidden[i, : n + 1], d.tokens[:n] + [nxt], seq.cached, engine.cache, self.k)
             seq.cached += 1 + n
             self.stats.accepted.append(n + 1)
             for j, tok in enumerate(d.tokens[:n] + [nxt]):
