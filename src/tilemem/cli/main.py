@@ -6,6 +6,7 @@ Errors from bad input (TileMemError) print one clear line and exit 2, never a tr
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from tilemem.errors import TileMemError
@@ -18,12 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tilemem", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     model_commands.register(sub)
-    try:
-        from tilemem.cli import plan_commands
-    except ImportError:  # planning commands not installed in this build
-        plan_commands = None
-    if plan_commands is not None:
-        plan_commands.register(sub)
+    for name in ("plan_commands", "serve_command", "tmap_commands"):
+        module = importlib.import_module(f"tilemem.cli.{name}")
+        module.register(sub)
     return parser
 
 
