@@ -9,7 +9,7 @@ import torch
 
 from tilemem.synth.writer import synthesize
 
-torch.set_num_threads(int(os.environ.get("TILEMEM_TEST_THREADS", "2")))
+torch.set_num_threads(int(os.environ.get("TILEMEM_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")

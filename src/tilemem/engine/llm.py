@@ -265,6 +265,20 @@ class LLM:
             raise RequestError("this checkpoint has no tokenizer; chat needs one.")
         return self.generate([self.tokenizer.apply_chat_template(messages)], params)[0]
 
+    def close(self) -> None:
+        """Stop async planning and the tile I/O threads, close the tile store."""
+        if self.replanner is not None:
+            self.replanner.stop()
+            self.replanner = None
+        if self.tiered is not None:
+            self.tiered.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def stats(self) -> GenerationStats | None:
         """Throughput of the last generate()/stream() call."""
         return self._last_stats

@@ -42,13 +42,17 @@ class DirectReader:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = str(path)
         self.direct = True
+        fd = -1
         try:
-            self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
-            probe = mmap.mmap(-1, 4096)
-            os.preadv(self.fd, [probe], 0)
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+            with mmap.mmap(-1, 4096) as probe:
+                os.preadv(fd, [probe], 0)
         except OSError:
+            if fd >= 0:
+                os.close(fd)  # the filesystem opened it but refuses direct reads: do not leak it
             self.direct = False
-            self.fd = os.open(self.path, os.O_RDONLY)
+            fd = os.open(self.path, os.O_RDONLY)
+        self.fd = fd
 
     def read_into(self, buf: memoryview, offset: int, nbytes: int) -> int:
         """Read `nbytes` (rounded up to 4 KiB when direct) at `offset` into `buf`; returns bytes read."""

@@ -60,6 +60,8 @@ class AsyncReplanner:
         experts = max(lt.num_experts for lt in sig.layers)
         self.hist = {layer: torch.zeros(experts, dtype=torch.float64) for layer in self.moe_layers}
         self.tokens = {layer: 0.0 for layer in self.moe_layers}
+        self.fresh = 0
+        """Routing observations since the last re-plan (none: the histogram only decayed, skip)."""
         self.lock = threading.Lock()
         self.pending: list[tuple[tuple[int, int], Ranges, list[torch.Tensor] | None]] = []
         self.applied = threading.Event()
@@ -82,6 +84,7 @@ class AsyncReplanner:
         with self.lock:
             self.hist[layer] += counts
             self.tokens[layer] += ids.shape[0]
+            self.fresh += 1
 
     def profile(self) -> Profile:
         """The rolling histogram as a Profile."""
@@ -131,8 +134,9 @@ class AsyncReplanner:
     def replan_once(self) -> None:
         """One re-plan + migration (planner thread; tests may call it with the engine idle)."""
         with self.lock:
-            if not any(self.tokens.values()):
+            if not self.fresh:  # nothing routed since the last re-plan (idle engine): nothing to learn
                 return
+            self.fresh = 0
         new_plan = self.solve(self.profile())
         target = self.residency_of(new_plan)
         with self.lock:  # decay: recent routing counts most
@@ -147,15 +151,15 @@ class AsyncReplanner:
                 continue
             # Demote the whole expert, then load its new ranges: slicing the old block would keep its
             # storage alive, and cloning it would briefly hold both copies.
-            demote.append((key, {"disk": [(0, _width(ranges))]}))
+            if _dram(old):
+                demote.append((key, {"disk": [(0, _width(ranges))]}))
             if _dram(ranges):
                 promote.append((key, ranges))
-        if not demote:
-            return
         # 1) shrink every changed expert to what it keeps (frees memory), applied by the engine.
-        if not self._queue_and_wait([(k, r, None) for k, r in demote]):
-            return
-        self.stats.demoted += len(demote)
+        if demote:
+            if not self._queue_and_wait([(k, r, None) for k, r in demote]):
+                return
+            self.stats.demoted += len(demote)
         # 2) grow each expert to its new ranges, only while the budget has room.
         for key, ranges in promote:
             need = self.executor.bytes_of(ranges) - self.executor.bytes_of(self.executor_ranges(key))

@@ -14,7 +14,7 @@ import torch
 from tilemem.errors import ConfigError
 from tilemem.loader.checkpoint import Checkpoint
 from tilemem.models.topology import Topology
-from tilemem.placement.budgets import Budgets
+from tilemem.placement.budgets import Budgets, CacheReserve, TierBudget
 from tilemem.placement.formats import tile_format
 from tilemem.placement.plan import Plan
 from tilemem.placement.planner import build_plan
@@ -86,10 +86,12 @@ def attach_tiered(
         convert(ckpt.path, store, tile_size=plan.tile, progress=progress)
     opened = TileStore(store, ckpt)
     config = config or TieredConfig()
-    if "cpu" in {u.tier for u in plan.tiers}:
-        reserved = plan.usage("cpu").cache
-        if reserved:
-            config = replace(config, cache_bytes=reserved)
+    cpu = plan.usage("cpu") if "cpu" in {u.tier for u in plan.tiers} else None
+    if cpu is not None and cpu.capacity is not None:
+        # The tile cache gets what the plan leaves free in DRAM (its cache reserve plus bytes no tile
+        # took), never more: the budget covers the cache too (only the staging slots may exceed it).
+        room = cpu.capacity - cpu.non_expert - cpu.tiles
+        config = replace(config, cache_bytes=room if config.cache_bytes is None else min(config.cache_bytes, room))
     if profile is not None:
         probs = {}
         for lt in topo.layers:
@@ -109,14 +111,29 @@ def start_async_planning(executor: TieredExperts, plan: Plan, interval_s: float 
     from tilemem.runtime.replanner import AsyncReplanner
 
     topo = plan.topology
-    budgets = Budgets.parse(plan.budget_source) if "=" in plan.budget_source else None
-    if budgets is None:
-        raise ConfigError("async planning needs a plan made from a tier budget (e.g. cpu=4GiB).")
-    cpu = plan.usage("cpu")
-    resident_budget = (cpu.capacity or 0) - cpu.non_expert - cpu.cache
+    cpu = next((u for u in plan.tiers if u.tier == "cpu"), None)
+    if cpu is None or cpu.capacity is None:
+        raise ConfigError("async planning needs a plan made from a bounded DRAM budget (e.g. cpu=4GiB).")
+    # Re-solve under exactly the plan's tier capacities and cache reserves (the budget text alone
+    # would drop a reserve given apart, and new plans would then count on the cache's bytes).
+    budgets = Budgets(
+        tuple(TierBudget(u.tier, u.capacity) for u in plan.tiers),
+        tuple(CacheReserve(u.tier, nbytes=u.cache) for u in plan.tiers if u.cache),
+        plan.budget_source,
+    )
+    # Routed tiles may use the DRAM budget less the non-expert weights, the tile cache as allocated
+    # and the shared-expert / dense FFNs, which the model keeps resident whatever the plan says.
+    cache = executor.config.cache_bytes if executor.config.cache_bytes is not None else cpu.cache
+    resident_budget = cpu.capacity - cpu.non_expert - cache - topo.shared_and_dense_bytes
+    options = dict(
+        tile=plan.tile,
+        shard_count=plan.shard_count,
+        phase=plan.profile.get("phase", "all"),
+        adaptive_mode=plan.policy_params.get("mode", "balanced"),
+    )
 
     def solve(profile: Profile) -> Plan:
-        problem = PlacementProblem(topo, profile, budgets, plan.fmt, tile=plan.tile)
+        problem = PlacementProblem(topo, profile, budgets, plan.fmt, **options)
         return build_plan(problem, plan.policy, name=plan.name)
 
     return AsyncReplanner(executor, plan, solve, lambda p: residency_of(p, topo), resident_budget, interval_s).start()

@@ -30,6 +30,10 @@ Ranges = dict[str, list[tuple[int, int]]]
 """tier -> merged neuron ranges of one expert."""
 
 
+DEFAULT_CACHE_BYTES = 64 << 20
+"""Tile cache size when neither the config nor a bounded DRAM budget sets one."""
+
+
 class TileReadError(TileMemError):
     """A tile could not be read from the store, or its checksum does not match."""
 
@@ -67,8 +71,9 @@ class RuntimeCounters:
 class TieredConfig:
     """Runtime settings a plan carries (or the user overrides)."""
 
-    cache_bytes: int = 64 << 20
-    """DRAM tile cache budget, staging slots for reads in flight included."""
+    cache_bytes: int | None = None
+    """DRAM tile cache budget, staging slots for reads in flight included (at least `io_depth` slots).
+    None: what the plan leaves free in DRAM (`attach_tiered`), else DEFAULT_CACHE_BYTES."""
     io_depth: int = 4
     """Reads in flight (thread pool size)."""
     cache_policy: str = "lfu"
@@ -111,7 +116,8 @@ class TieredExperts:
         self.step_hook = None  # called between engine steps (async planning applies migrations here)
         self.set_residency(residency)
         slot_bytes = max(t.padded for t in store.tiles.values())
-        slots = max(config.cache_bytes // slot_bytes, config.io_depth)
+        cache_bytes = DEFAULT_CACHE_BYTES if config.cache_bytes is None else config.cache_bytes
+        slots = max(cache_bytes // slot_bytes, config.io_depth)
         self.cache = TileCache(AlignedSlab(slots, slot_bytes), config.cache_policy, staging=config.io_depth)
         self.cache.weights = config.tile_weights
         self.reader = DirectReader(store.data_path)
@@ -223,16 +229,16 @@ class TieredExperts:
                     pending.append((tid, tile, xs, tok, scale))
         in_flight: dict[cf.Future, tuple] = {}
         pending.reverse()
-        self._submit(pending, in_flight)
-        for xs, tok, scale, item in ready:  # compute in DRAM while the first reads are in flight
-            if isinstance(item, tuple):
-                tid, slot, tile = item
-                y = partial_ffn(xs, self._block(slot, tile), self.act)
-                self.cache.release(tid)
-            else:
-                y = partial_ffn(xs, item, self.act)
-            accumulate(out, tok, y * scale)
-            c.tiles_computed += 1
+        try:
+            self._submit(pending, in_flight)
+            for xs, tok, scale, item in ready:  # compute in DRAM while the first reads are in flight
+                block = self._block(item[1], item[2]) if isinstance(item, tuple) else item
+                accumulate(out, tok, partial_ffn(xs, block, self.act) * scale)
+                c.tiles_computed += 1
+        finally:  # unpin cached tiles also on failure, or they could never be evicted again
+            for *_, item in ready:
+                if isinstance(item, tuple):
+                    self.cache.release(item[0])
         while in_flight:
             t0 = time.perf_counter()
             done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
@@ -260,6 +266,11 @@ class TieredExperts:
                 self.counters.prefetch_used += 1
             else:
                 slot = self.cache.take_slot()
+                while slot is None and not in_flight and self.prefetching:
+                    # Prefetches hold every free slot: wait for one to land, keep or drop it, retry.
+                    cf.wait([f for f, _, _ in self.prefetching.values()], return_when=cf.FIRST_COMPLETED)
+                    self._harvest_prefetches()
+                    slot = self.cache.take_slot()
                 if slot is None:
                     if in_flight:
                         return
@@ -290,7 +301,7 @@ class TieredExperts:
                 tid = (nxt, expert, tile.start)
                 if self.cache.contains(tid) or tid in self.prefetching:
                     continue
-                if len(self.cache.slab.free) <= self.config.io_depth // 2:
+                if len(self.cache.slab.free) <= max(1, self.config.io_depth // 2):
                     return  # keep staging slots for demand reads
                 slot = self.cache.take_slot()
                 self.prefetching[tid] = (self.pool.submit(self._read, tile, slot), slot, tile)

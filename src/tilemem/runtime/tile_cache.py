@@ -110,6 +110,9 @@ class TileCache:
 
     def admit(self, tid: TileId, slot: int) -> bool:
         """Keep a freshly read tile, or free its slot when it should not displace what is cached."""
+        if tid in self.entries:  # read twice (e.g. a prefetch landed meanwhile): keep the cached copy
+            self.slab.free.append(slot)
+            return False
         keep = True
         if len(self.entries) >= self.capacity:
             victim = self._victim()

@@ -100,7 +100,10 @@ def convert(model: str | Path, out: str | Path, tile_size: int = 128, progress: 
         raise StoreError(f"tile size must be >= 1 neuron, got {tile_size}.")
     fingerprint = checkpoint_fingerprint(ckpt)
     if (out / "store.json").exists():
-        meta = json.loads((out / "store.json").read_text())
+        try:
+            meta = json.loads((out / "store.json").read_text())
+        except json.JSONDecodeError:
+            raise StoreError(f"{out / 'store.json'} is corrupt; delete {out} and convert again.") from None
         if meta.get("fingerprint") == fingerprint and meta.get("tile_size") == tile_size:
             return out  # already complete
         raise StoreError(
@@ -117,9 +120,16 @@ def convert(model: str | Path, out: str | Path, tile_size: int = 128, progress: 
                 break  # a torn last line from a crash: redo that tile
             if rec.get("fingerprint", fingerprint) != fingerprint:
                 raise StoreError(f"{out} holds a partial conversion of another checkpoint; delete {out}.")
+            if rec.get("tile_size", tile_size) != tile_size:
+                # Same keys can sit at other offsets under another tile size: never mix the two.
+                raise StoreError(
+                    f"{out} holds a partial conversion with tile size {rec['tile_size']}, not {tile_size}; "
+                    f"re-run with tile size {rec['tile_size']} to resume it, or delete {out}."
+                )
             done[rec["key"]] = rec
     else:
-        journal.write_text(json.dumps({"key": "_header", "fingerprint": fingerprint}) + "\n")
+        header = {"key": "_header", "fingerprint": fingerprint, "tile_size": tile_size}
+        journal.write_text(json.dumps(header) + "\n")
     layers = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
     ranges = tile_ranges(cfg.moe_intermediate_size, tile_size)
     first = expert_tensors(ckpt, layers[0], 0)[0]
@@ -138,12 +148,13 @@ def convert(model: str | Path, out: str | Path, tile_size: int = 128, progress: 
                     nbytes = 3 * (b - a) * cfg.hidden_size * itemsize
                     key = f"L{layer}:E{expert}:N{a}-{b}"
                     rec = done.get(key)
-                    if rec is None:
+                    if rec is None or rec.get("offset", offset) != offset:
                         block = pack_tile(gate, up, down, a, b)
                         raw = block.view(torch.uint8).numpy().tobytes()
                         data.seek(offset)
                         data.write(raw + b"\0" * (_align(nbytes) - nbytes))
-                        rec = {"key": key, "sha256": hashlib.sha256(raw).hexdigest(), "crc32": zlib.crc32(raw)}
+                        sha = hashlib.sha256(raw).hexdigest()
+                        rec = {"key": key, "offset": offset, "sha256": sha, "crc32": zlib.crc32(raw)}
                         data.flush()
                         jr.write(json.dumps(rec) + "\n")
                         jr.flush()
