@@ -42,6 +42,10 @@ class StepStats:
     seconds: float
     runtime: dict[str, float] | None = None
     """Tiered-runtime counters of this step (bytes per tier, hits, misses, stall, prefetch)."""
+    prefill_tokens: int = 0
+    """Prompt tokens of this step."""
+    decode_tokens: int = 0
+    """Decode tokens of this step (a step may carry both)."""
 
     def as_dict(self) -> dict[str, float]:
         """Plain numbers, tok/s included."""
@@ -98,6 +102,12 @@ class Engine:
         if not seq.finished:
             self._finish(seq, reason)
 
+    def forget(self, seq: Sequence) -> None:
+        """Drop the per-request state kept after `seq` finished (a long-running server calls this)."""
+        if seq.finished:
+            self.emitted.pop(seq.request_id, None)
+            self.decoders.pop(seq.request_id, None)
+
     def released_text(self, seq: Sequence) -> str:
         """The part of `seq.text` given out so far (text that may begin a stop string is held back)."""
         return seq.text[: self.emitted.get(seq.request_id, 0)]
@@ -113,53 +123,99 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        if self.speculator is not None and all(
-            len(c) == 1 and s.cached >= len(s.prompt_ids) for s, c in zip(batch.seqs, batch.chunks, strict=True)
-        ):
+        if self.speculator is not None and not batch.is_prefill:
             return self.speculator.step(self, batch.seqs)
         t0 = time.perf_counter()
         before = copy.copy(self.runtime.counters) if self.runtime is not None else None
-        try:
-            logits = self._forward(batch)  # [B, V]
-        except Exception as exc:  # one failing batch must not take the engine down
-            log.exception("forward pass failed")
-            events = []
-            for seq in batch.seqs:
-                seq.error = f"{type(exc).__name__}: {exc}"
-                self._finish(seq, "error")
-                events.append(StepEvent(seq, None, "", True))
-            return events
-        events = self._postprocess(batch, logits)
+        logits, seconds, failed = self._forward(batch)  # [B, V], (prefill s, decode s), row -> error
+        events = [self._fail(batch.seqs[i], error) for i, error in failed.items()]
+        events += self._postprocess(batch, logits, skip=failed.keys())
         dt = time.perf_counter() - t0
-        n = sum(len(c) for c in batch.chunks)
         rt = self.runtime.counters.minus(before).as_dict() if before is not None else None
-        self.counters.steps.append(StepStats(batch.is_prefill, len(batch.seqs), n, dt, rt))
-        if batch.is_prefill:
-            self.counters.prefill_tokens += n
-            self.counters.prefill_seconds += dt
-        else:
-            self.counters.decode_tokens += n
-            self.counters.decode_seconds += dt
+        pt, dtok = batch.prefill_tokens, batch.decode_tokens
+        self.counters.steps.append(StepStats(batch.is_prefill, len(batch.seqs), pt + dtok, dt, rt, pt, dtok))
+        self.counters.prefill_tokens += pt
+        self.counters.prefill_seconds += seconds[0]
+        self.counters.decode_tokens += dtok
+        self.counters.decode_seconds += seconds[1]
         return events
 
-    def _forward(self, batch: ScheduledBatch) -> torch.Tensor:
-        lengths = [len(c) for c in batch.chunks]
-        ids = torch.zeros(len(batch.seqs), max(lengths), dtype=torch.long)
-        for i, chunk in enumerate(batch.chunks):
+    def _forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, tuple[float, float], dict[int, str]]:
+        """Logits [B, V] at each row's last new token, seconds spent on (prefill, decode) rows, and the
+        rows whose forward failed (row -> error message).
+
+        Prompt chunks and decode rows (one token each) run as separate passes: in one padded pass every
+        decode row would cost as much as the longest chunk."""
+        logits: torch.Tensor | None = None
+        seconds = {True: 0.0, False: 0.0}
+        failed: dict[int, str] = {}
+        for phase in (True, False):
+            rows = [i for i, p in enumerate(batch.prefill) if p is phase]
+            if not rows:
+                continue
+            t0 = time.perf_counter()
+            for idx, out in self._run_isolated(batch, rows, failed):
+                if logits is None:
+                    logits = out.new_zeros(len(batch.seqs), out.shape[-1])
+                logits[idx] = out  # [len(idx), V]
+            seconds[phase] += time.perf_counter() - t0
+        if logits is None:
+            logits = torch.zeros(len(batch.seqs), 1)
+        return logits, (seconds[True], seconds[False]), failed
+
+    def _run_isolated(self, batch: ScheduledBatch, rows: list[int], failed: dict[int, str]) -> list[tuple]:
+        """Run `rows` in one pass; if it fails, row by row, so one bad request fails alone rather than
+        taking its batch-mates down (a failed row's error goes to `failed`). Returns (rows, logits) pairs."""
+        try:
+            return [(rows, self._run_rows(batch, rows))]
+        except Exception as exc:  # a failing forward must not take the engine down
+            if len(rows) == 1:
+                log.exception("forward pass failed")
+                failed[rows[0]] = f"{type(exc).__name__}: {exc}"
+                return []
+            log.warning("forward pass of %d rows failed (%s); retrying row by row", len(rows), exc)
+        parts = []
+        for i in rows:
+            parts += self._run_isolated(batch, [i], failed)
+        return parts
+
+    def _run_rows(self, batch: ScheduledBatch, rows: list[int]) -> torch.Tensor:
+        """One model pass over the given rows of `batch`: logits [len(rows), V]."""
+        seqs = [batch.seqs[i] for i in rows]
+        chunks = [batch.chunks[i] for i in rows]
+        lengths = [len(c) for c in chunks]
+        ids = torch.zeros(len(rows), max(lengths), dtype=torch.long)
+        for i, chunk in enumerate(chunks):
             ids[i, : len(chunk)] = torch.tensor(chunk)
-        ctx = ForwardContext.build(self.cache, [s.slot for s in batch.seqs], [s.cached for s in batch.seqs], lengths)
+        ctx = ForwardContext.build(self.cache, [s.slot for s in seqs], [s.cached for s in seqs], lengths)
         return self.model(ids, ctx, logits_at=torch.tensor(lengths) - 1)
 
-    def _postprocess(self, batch: ScheduledBatch, logits: torch.Tensor) -> list[StepEvent]:
+    def _fail(self, seq: Sequence, error: str) -> StepEvent:
+        """End `seq` with finish reason "error"."""
+        seq.error = error
+        self._finish(seq, "error")
+        return StepEvent(seq, None, "", True)
+
+    def _postprocess(self, batch: ScheduledBatch, logits: torch.Tensor, skip=()) -> list[StepEvent]:
         events = []
         for i, seq in enumerate(batch.seqs):
+            if i in skip:
+                continue
             seq.cached += len(batch.chunks[i])
             if seq.cached < len(seq.prompt_ids) or seq.finished:
                 continue  # mid-prompt chunk, or aborted meanwhile
-            token = sample(logits[i], seq.params, seq.generator)
-            text = self.append_token(seq, token, logits[i])
-            events.append(StepEvent(seq, token, text, seq.finished))
+            try:
+                events.append(self._emit_token(seq, logits[i]))
+            except Exception as exc:  # e.g. a sampler error: fail this request only
+                log.exception("post-processing %s failed", seq.request_id)
+                events.append(self._fail(seq, f"{type(exc).__name__}: {exc}"))
         return events
+
+    def _emit_token(self, seq: Sequence, logits: torch.Tensor) -> StepEvent:
+        """Sample from one row's logits [V] and add the token to `seq`."""
+        token = sample(logits, seq.params, seq.generator)
+        text = self.append_token(seq, token, logits)
+        return StepEvent(seq, token, text, seq.finished)
 
     def append_token(self, seq: Sequence, token: int, logits: torch.Tensor | None = None) -> str:
         """Add a sampled token to `seq`: logprobs, detokenization, stop conditions. Returns the text delta."""

@@ -158,6 +158,10 @@ class LLM:
         self.max_batch = max_batch
         self.speculative = speculative
         self.num_draft = num_draft
+        if speculative == "mtp" and getattr(self.model, "mtp", None) is None:
+            from tilemem.spec.drafters import MTPDrafter
+
+            MTPDrafter(self.model)  # raises the clear "no MTP layers" error now, not at the first request
         self.speculator = None
         self._dtype = dtype
         self._engine: Engine | None = None

@@ -1,7 +1,9 @@
-"""Iteration-level scheduler: admit waiting sequences into free KV-cache slots, then decode.
+"""Iteration-level scheduler: admit waiting sequences into free KV-cache slots, then run one step.
 
-Each step is either a prefill of newly admitted sequences (their prompts, possibly chunked) or one
-decode token for every running sequence; finished sequences free their slot at once.
+A step carries one decode token for every running sequence that has finished its prompt, plus
+prompt chunks of sequences still prefilling, at most `prefill_chunk` prompt tokens in all. A long
+prompt is so spread over several steps and never stalls the running decodes; finished sequences
+free their slot at once, and waiting ones take it at the next step.
 """
 
 from __future__ import annotations
@@ -20,8 +22,23 @@ class ScheduledBatch:
     """Rows of the batch."""
     chunks: list[list[int]]
     """New tokens of each row (a prompt chunk, or the last sampled token)."""
-    is_prefill: bool
-    """Whether this step processes prompt tokens."""
+    prefill: list[bool]
+    """Per row: whether its chunk is prompt tokens (else one decode token)."""
+
+    @property
+    def is_prefill(self) -> bool:
+        """Whether this step processes any prompt tokens."""
+        return any(self.prefill)
+
+    @property
+    def prefill_tokens(self) -> int:
+        """Prompt tokens in this step."""
+        return sum(len(c) for c, p in zip(self.chunks, self.prefill, strict=True) if p)
+
+    @property
+    def decode_tokens(self) -> int:
+        """Decode tokens in this step (one per decoding row)."""
+        return sum(len(c) for c, p in zip(self.chunks, self.prefill, strict=True) if not p)
 
 
 class Scheduler:
@@ -32,6 +49,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.prefill_chunk = prefill_chunk
+        """Most prompt tokens one step processes (over all prefilling rows)."""
 
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence."""
@@ -42,19 +60,27 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch | None:
-        """The next batch: prompts still being prefilled first, else one decode step for all."""
+        """The next batch: a decode token for every decoding row plus prompt chunks within the budget."""
         while self.waiting and self.free_slots:
             seq = self.waiting.popleft()
             seq.slot = self.free_slots.pop()
             seq.status = Status.RUNNING
             self.running.append(seq)
-        prefilling = [s for s in self.running if s.cached < len(s.prompt_ids)]
-        if prefilling:
-            chunks = [s.prompt_ids[s.cached : s.cached + self.prefill_chunk] for s in prefilling]
-            return ScheduledBatch(prefilling, chunks, True)
-        if self.running:
-            return ScheduledBatch(list(self.running), [s.pending for s in self.running], False)
-        return None
+        seqs, chunks, prefill = [], [], []
+        budget = self.prefill_chunk
+        for seq in self.running:  # arrival order: the oldest prompt gets the budget first
+            left = len(seq.prompt_ids) - seq.cached
+            if left <= 0:
+                seqs.append(seq)
+                chunks.append(seq.pending)
+                prefill.append(False)
+            elif budget > 0:
+                n = min(left, budget)
+                budget -= n
+                seqs.append(seq)
+                chunks.append(seq.prompt_ids[seq.cached : seq.cached + n])
+                prefill.append(True)
+        return ScheduledBatch(seqs, chunks, prefill) if seqs else None
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End `seq` and free its slot."""

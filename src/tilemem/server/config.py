@@ -1,0 +1,29 @@
+"""Settings of one server instance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How `tilemem serve` listens, authenticates, batches and shuts down."""
+
+    host: str = "127.0.0.1"
+    """Interface to listen on (loopback by default: nothing outside this machine can connect)."""
+    port: int = 8000
+    """TCP port."""
+    api_key: str | None = None
+    """If set, every endpoint but /health needs `Authorization: Bearer <api_key>`."""
+    model_name: str | None = None
+    """Name clients pass as `model` (default: the checkpoint directory's name)."""
+    max_batch: int = 8
+    """Sequences decoded together (KV-cache slots)."""
+    max_queue: int = 64
+    """Sequences that may wait for a slot; beyond that, requests get 429."""
+    prefill_chunk: int = 512
+    """Most prompt tokens per engine step, so a long prompt never stalls running decodes for long."""
+    shutdown_grace_s: float = 30.0
+    """On SIGTERM: how long in-flight requests may run on before they are ended (finish_reason abort)."""
+    log_level: str = "info"
+    """uvicorn log level."""
