@@ -49,8 +49,36 @@ def expert_ffn(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torc
     return F.linear(act(F.linear(x, gate)) * F.linear(x, up), down)
 
 
+class PartialSums:
+    """Sum of per-expert (or per-tile) outputs scattered to their tokens, in fp32.
+
+    Parts are collected and scattered with one index_add_ per layer: a per-expert index_add_ pays a
+    thread fork and join each time, which dominates small batches.
+    """
+
+    def __init__(self, shape: torch.Size) -> None:
+        self.out = torch.zeros(shape, dtype=torch.float32)  # [T, D]
+        self.toks: list[torch.Tensor] = []
+        self.parts: list[torch.Tensor] = []
+
+    def add(self, tok: torch.Tensor, y: torch.Tensor) -> None:
+        """out[tok] += y."""
+        if self.out.shape[0] == 1:
+            self.out.add_(y.float())
+        else:
+            self.toks.append(tok)
+            self.parts.append(y.float())
+
+    def result(self) -> torch.Tensor:
+        """The [T, D] fp32 sum."""
+        if self.parts:
+            self.out.index_add_(0, torch.cat(self.toks), torch.cat(self.parts))
+            self.toks, self.parts = [], []
+        return self.out
+
+
 def accumulate(out: torch.Tensor, tok: torch.Tensor, y: torch.Tensor) -> None:
-    """out[tok] += y in fp32 (a plain add for a single token: index_add_ pays a thread fork per call)."""
+    """out[tok] += y in fp32, at once (PartialSums batches many of these into one scatter)."""
     if out.shape[0] == 1:
         out.add_(y.float())
     else:
@@ -65,13 +93,13 @@ class ResidentExperts:
 
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         block = self.blocks[layer]
-        out = torch.zeros(x.shape, dtype=torch.float32)  # [T, D]
+        out = PartialSums(x.shape)
         for expert, tok, slot in group_by_expert(ids):
             e = block.experts[expert]
             xs = x[tok]  # [N, D]
             y = expert_ffn(xs, e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight, block.act)
-            accumulate(out, tok, y * weights[tok, slot, None])
-        return out
+            out.add(tok, y * weights[tok, slot, None])
+        return out.result()
 
 
 class MoEBlock(nn.Module):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from tilemem.errors import TileMemError
-from tilemem.layers.moe import MoEBlock, accumulate, group_by_expert
+from tilemem.layers.moe import MoEBlock, PartialSums, group_by_expert
 from tilemem.runtime.direct_io import AlignedSlab, DirectReader
 from tilemem.runtime.tile_cache import TileCache, TileId
 from tilemem.runtime.tile_store import StoredTile, TileStore
@@ -207,7 +207,7 @@ class TieredExperts:
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         c = self.counters
         self._harvest_prefetches()
-        out = torch.zeros(x.shape, dtype=torch.float32)  # [T, D]
+        out = PartialSums(x.shape)  # [T, D] fp32
         groups = group_by_expert(ids)
         self._score_prediction(layer, {e for e, _, _ in groups})
         pending: list[tuple[TileId, StoredTile, torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -233,7 +233,7 @@ class TieredExperts:
             self._submit(pending, in_flight)
             for xs, tok, scale, item in ready:  # compute in DRAM while the first reads are in flight
                 block = self._block(item[1], item[2]) if isinstance(item, tuple) else item
-                accumulate(out, tok, partial_ffn(xs, block, self.act) * scale)
+                out.add(tok, partial_ffn(xs, block, self.act) * scale)
                 c.tiles_computed += 1
         finally:  # unpin cached tiles also on failure, or they could never be evicted again
             for *_, item in ready:
@@ -249,13 +249,13 @@ class TieredExperts:
                     self._abort(in_flight, slot)
                     raise fut.exception()
                 y = partial_ffn(xs, self._block(slot, tile), self.act)
-                accumulate(out, tok, y * scale)
+                out.add(tok, y * scale)
                 c.tiles_computed += 1
                 self.cache.admit(tid, slot)
             self._submit(pending, in_flight)
         if self.config.prefetch:
             self._prefetch(layer, x)
-        return out
+        return out.result()
 
     def _submit(self, pending: list, in_flight: dict) -> None:
         """Start reads (or adopt prefetches in flight) while slots and queue depth allow."""
