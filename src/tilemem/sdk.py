@@ -480,7 +480,8 @@ class PolicyPrediction:
         for d in self.decisions:
             if d.workload == workload and d.budget == _budget_label(budget):
                 return d
-        raise KeyError(f"no decision for ({workload!r}, {budget!r}); targets: {[(d.workload, d.budget) for d in self.decisions]}")
+        targets = [(d.workload, d.budget) for d in self.decisions]
+        raise KeyError(f"no decision for ({workload!r}, {budget!r}); targets: {targets}")
 
 
 def _budget_label(budget: int | str) -> str:
@@ -531,8 +532,14 @@ def predict_policy(
         pick = rec.recommended.policy
         decisions.append(
             PolicyDecision(
-                workload, _budget_label(budget), pick, "KT" if pick == "kt_expert" else "TilePO",
-                round(100 * rec.gain_over_baseline, 3), round(rec.confidence, 4), rec.extrapolated, rec.probe_hint,
-            )  # fmt: skip
+                workload,
+                _budget_label(budget),
+                pick,
+                "KT" if pick == "kt_expert" else "TilePO",
+                round(100 * rec.gain_over_baseline, 3),
+                round(rec.confidence, 4),
+                rec.extrapolated,
+                rec.probe_hint,
+            )
         )
     return PolicyPrediction(tuple(decisions))

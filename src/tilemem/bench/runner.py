@@ -64,6 +64,11 @@ class BenchSpec:
 
 def budget_text(budget: str, topo: Topology) -> tuple[str, int]:
     """`35%` -> (`cpu=<bytes>B`, bytes): non-expert + shared/dense + 35% of routed-expert bytes."""
+    if budget == "auto":
+        from tilemem.tmap.auto import auto_budget
+
+        ab = auto_budget(topo)
+        return ab.text, ab.cpu_bytes
     if budget.endswith("%"):
         frac = float(budget[:-1]) / 100
         n = topo.non_expert_bytes + topo.shared_and_dense_bytes + int(frac * topo.routed_expert_bytes)

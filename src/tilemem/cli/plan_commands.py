@@ -33,9 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="checkpoint directory, config.json, or a real-shape preset (e.g. olmoe-1b-7b)")
     p.add_argument("--profile", action="append", default=[], help="profile JSON (repeat to merge; default uniform)")
     budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--budget", help="per-tier bytes, e.g. cuda=20GiB,cpu=8GiB (rest on disk)")
+    budget.add_argument("--budget", help="per-tier bytes, e.g. cuda=20GiB,cpu=8GiB (rest on disk), or auto")
     budget.add_argument("--experts-per-layer", type=int, help="cuda holds this many experts per layer, rest cpu")
-    p.add_argument("--policy", default="tilepo_fine", help=f"one of {', '.join(policy_names())}")
+    p.add_argument("--policy", default="tilepo_fine", help=f"one of {', '.join(policy_names())}, or auto")
+    p.add_argument("--hardware", default=None, help="hardware profile JSON for --policy/--budget auto")
     p.add_argument("--tile-size", type=int, default=128, help="fine tile size in neurons (default 128)")
     p.add_argument("--shard-count", type=int, default=1, help="tensor-parallel shards (default 1)")
     p.add_argument("--adaptive-mode", default="balanced", help="tilepo_adaptive: throughput, balanced, tail_latency")
@@ -85,6 +86,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     dtype = _dtype_name(args.dtype) if args.dtype else None
     topology = Topology.from_config(config, dtype)
     fmt = tile_format(topology.dtype)
+    profile = load_profiles(args.profile, topology)
+    if args.budget == "auto" or args.policy == "auto":  # the cost model picks (tilemem.tmap)
+        from tilemem.tmap.auto import resolve_auto
+
+        args.budget, args.policy, args.tile_size = resolve_auto(
+            topology, args.budget or "auto", args.policy, profile, args.tile_size, args.hardware, name
+        )
     if args.budget is not None:
         budgets = Budgets.parse(args.budget)
     else:
@@ -93,7 +101,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         budgets = budgets.with_cache(args.cache)
     problem = PlacementProblem(
         topology=topology,
-        profile=load_profiles(args.profile, topology),
+        profile=profile,
         budgets=budgets,
         fmt=fmt,
         tile=args.tile_size,

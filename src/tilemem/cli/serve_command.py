@@ -33,6 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", default=None, help="tile store (default: beside the checkpoint, built if missing)")
     p.add_argument("--tile-size", type=int, default=128, help="tile size for --budget plans")
     p.add_argument("--async-planning", action="store_true", help="re-plan from live routing and migrate tiles")
+    p.add_argument("--spec", default=None, help="speculative decoding: ngram, mtp or draft:PATH")
+    p.add_argument("--num-draft", type=int, default=4, help="draft tokens per speculative step")
     p.add_argument("--log-level", default="info", help="uvicorn log level")
     p.set_defaults(func=cmd_serve)
 
@@ -61,6 +63,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         store=args.store,
         tile=args.tile_size,
         async_planning=args.async_planning,
+        speculative=args.spec,
+        num_draft=args.num_draft,
     )
     config = ServerConfig(
         host=args.host,

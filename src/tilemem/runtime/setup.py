@@ -45,6 +45,12 @@ def make_plan(
 ) -> Plan:
     """Plan `ckpt` under `budget` (e.g. `cpu=4GiB`) with `policy`."""
     topo = Topology.from_config(ckpt.config, dtype)
+    if budget == "auto" or policy == "auto":  # the cost model picks (tilemem.tmap)
+        from tilemem.tmap.auto import resolve_auto
+
+        budget, policy, tile = resolve_auto(
+            topo, budget, policy, load_profile(profile, topo), tile, model=ckpt.path.name
+        )
     budgets = Budgets.parse(budget, cache)
     problem = PlacementProblem(topo, load_profile(profile, topo), budgets, tile_format(topo.dtype), tile=tile)
     return build_plan(problem, policy, name=ckpt.path.name)

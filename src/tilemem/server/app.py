@@ -57,6 +57,12 @@ class ServerState:
             prefill_chunk=config.prefill_chunk,
             runtime=llm.tiered,
         )
+        if llm.speculative:  # speculative decode steps in the server's engine too
+            from tilemem.spec.drafters import make_drafter
+            from tilemem.spec.speculator import Speculator
+
+            drafter = make_drafter(llm.speculative, llm.model, config.max_batch, llm.max_model_len)
+            engine.speculator = Speculator(drafter, llm.num_draft)
         self.engine = engine
         self.view = PlacementView(llm, self.model_name)
         self.metrics = ServerMetrics(lambda: self.worker.queue_depth(), llm.tiered)

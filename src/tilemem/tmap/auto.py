@@ -1,0 +1,139 @@
+"""`--budget auto` and `--policy auto`.
+
+`--budget auto`: the largest plan that fits what this machine has free, with a stated safety margin:
+cpu = (available DRAM - KV cache reserve) x (1 - margin), capped at what the whole model needs; with a
+GPU, cuda = free VRAM x (1 - margin) the same way. It never exceeds the free memory it was given
+(`TILEMEM_FAKE_RAM` fakes a smaller machine), and refuses when even the non-expert weights do not fit.
+`--policy auto`: the plan the cost model recommends (see `recommend`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from tilemem.models.topology import Topology
+from tilemem.placement.errors import BudgetError
+from tilemem.placement.profile import Profile
+from tilemem.placement.units import format_bytes
+from tilemem.tmap import sysinfo
+from tilemem.tmap.hardware import HardwareProfile
+
+SAFETY_MARGIN = 0.15
+"""Share of free memory `--budget auto` leaves alone (allocator slack, other processes, page cache)."""
+DEFAULT_HARDWARE = Path.home() / ".cache" / "tilemem" / "hardware.json"
+"""Where `tilemem doctor --probe` keeps this machine's profile when no --out is given."""
+
+
+@dataclass(frozen=True)
+class AutoBudget:
+    """A budget chosen from free memory, and why."""
+
+    text: str
+    """Budget string, e.g. `cpu=1234B`."""
+    cpu_bytes: int
+    """DRAM budget."""
+    cuda_bytes: int
+    """VRAM budget (0: none)."""
+    explanation: str
+    """How it was computed."""
+
+
+def kv_reserve(topology: Topology, context: int, batch: int) -> int:
+    """Bytes of KV cache for `batch` sequences of `context` tokens."""
+    per_token = 0
+    for name, nbytes in topology.non_expert:
+        if name.endswith(("k_proj.weight", "v_proj.weight", "kv_a_proj_with_mqa.weight")):
+            per_token += nbytes // topology.hidden_size
+    return per_token * context * batch
+
+
+def auto_budget(
+    topology: Topology,
+    margin: float = SAFETY_MARGIN,
+    context: int = 4096,
+    batch: int = 1,
+    available_ram: int | None = None,
+    free_vram: int | None = None,
+) -> AutoBudget:
+    """The largest budget that fits free memory less `margin` (module docstring)."""
+    if not 0 <= margin < 1:
+        raise BudgetError(f"safety margin must be in [0, 1), got {margin}.")
+    avail = sysinfo.memory().available if available_ram is None else available_ram
+    kv = kv_reserve(topology, context, batch)
+    room = int((avail - kv) * (1 - margin))
+    need = topology.total_bytes
+    cpu = max(0, min(room, need))
+    if free_vram is None:
+        g = sysinfo.gpu() if os.environ.get("TILEMEM_FAKE_RAM") is None else None
+        free_vram = g.free_bytes if g is not None else 0
+    cuda = int(free_vram * (1 - margin))
+    fast = cuda if cuda > 0 else cpu
+    if fast < topology.non_expert_bytes:
+        raise BudgetError(
+            f"--budget auto: {format_bytes(avail)} free ({format_bytes(kv)} kept for the KV cache, "
+            f"{margin:.0%} margin) leaves {format_bytes(fast)}, less than the "
+            f"{format_bytes(topology.non_expert_bytes)} of non-expert weights; free memory or give an explicit "
+            "--budget."
+        )
+    if cuda > 0:
+        cuda = min(cuda, need)
+        cpu = max(0, min(cpu, need - cuda))
+        text = f"cuda={cuda}B,cpu={cpu}B" if cpu else f"cuda={cuda}B"
+    else:
+        text = f"cpu={cpu}B"
+    explanation = (
+        f"{format_bytes(avail)} DRAM available - {format_bytes(kv)} KV cache ({context} tokens x {batch}), "
+        f"x (1 - {margin:.0%} margin) = {format_bytes(room)}; model needs {format_bytes(need)}"
+        + (f"; GPU {format_bytes(free_vram)} free -> cuda {format_bytes(cuda)}" if cuda else "")
+        + f" -> --budget {text}"
+    )
+    return AutoBudget(text, cpu, cuda, explanation)
+
+
+def default_hardware(path: str | Path | None = None, log=print) -> HardwareProfile:
+    """The hardware profile `auto` uses: `path`, $TILEMEM_HARDWARE, the cached probe, else a quick probe
+    (written to the cache for next time)."""
+    for p in (path, os.environ.get("TILEMEM_HARDWARE"), DEFAULT_HARDWARE):
+        if p and Path(p).exists():
+            return HardwareProfile.load(p)
+    if path:
+        return HardwareProfile.load(path)  # raises with the fix
+    from tilemem.tmap.probe import ProbeConfig, probe
+
+    log(f"no hardware profile yet: running a quick probe (saved to {DEFAULT_HARDWARE})")
+    hw = probe(ProbeConfig(dtypes=("bfloat16",), request_sizes=(4096, 393216, 1048576), queue_depths=(1, 4),
+                           disk_file_bytes=64 << 20, seconds_per_point=0.2), log=lambda s: None)  # fmt: skip
+    hw.save(DEFAULT_HARDWARE)
+    return hw
+
+
+def resolve_auto(
+    topology: Topology,
+    budget: str,
+    policy: str,
+    profile: Profile,
+    tile: int = 128,
+    hardware: HardwareProfile | str | Path | None = None,
+    model: str = "",
+    log=print,
+) -> tuple[str, str, int]:
+    """(budget, policy, tile) with `auto` resolved: the budget from free memory, the policy (and tile)
+    from the cost model's recommendation for that budget. Logs what it chose and why."""
+    if budget == "auto":
+        ab = auto_budget(topology)
+        budget = ab.text
+        log(f"--budget auto: {ab.explanation}")
+    if policy == "auto":
+        from tilemem.tmap.recommend import recommend
+
+        hw = hardware if isinstance(hardware, HardwareProfile) else default_hardware(hardware, log)
+        rec = recommend(topology, profile, hw, budget, allow_extrapolation=True, model=model, tiles=(tile,))
+        policy, tile = rec.recommended.policy, rec.recommended.tile
+        tag = " (quick-planning estimate)" if rec.extrapolated else ""
+        log(
+            f"--policy auto: {policy} (tile {tile}), predicted {rec.recommended.prediction.decode_tok_s:.2f} "
+            f"decode tok/s; {rec.reason}; confidence {rec.confidence:.0%}{tag}"
+        )
+    return budget, policy, tile

@@ -1,0 +1,394 @@
+"""The TMAP cost model: predicted prefill/decode speed of a plan on a hardware profile for a workload.
+
+A step (prefill of P prompt tokens, or decode of B sequences) costs:
+
+- overhead: the engine's per-step cost plus a per-layer dispatch cost (measured by the probe);
+- non-expert work: attention, norm, router and LM head weights streamed at the kernel bandwidth of
+  the batch, the KV cache read at DRAM bandwidth, and the always-active FFNs (shared experts, dense
+  layers), which the model keeps resident;
+- per MoE layer, routed experts: an expert with per-token routing probability p runs in the step with
+  probability q = 1 - (1 - p)^B, on N = B p / q tokens. Each resident block (merged range) is one task:
+  task overhead + bytes x seconds-per-byte at batch N. Its disk tiles are hits when they are among the
+  hottest disk tiles that fit the DRAM tile cache (the LFU cache converges to those; prefill starts
+  cold), else O_DIRECT reads by `io_depth` threads (read + crc32 per thread) computed as they land.
+  Layer time = max(CPU compute of what is ready + of the missed tiles, exposed reads + last tile),
+  in parallel with any GPU-resident blocks. Reads the router prefetches for the next layer overlap
+  that layer's attention, up to the staging slots the runtime leaves to prefetch, while the cache has
+  room; once it is full of hotter tiles, a prefetched tile that lands early is dropped by admission
+  and read again, so prefetch only adds reads. The I/O threads' crc32 adds to the CPU side when the
+  compute threads leave no core idle.
+
+Decode tok/s = B / E[step]; p50 ~ E[step] and p95 = E[step] + 1.645 sd, the spread coming from which
+experts are routed (independent Bernoulli experts). Every figure comes from the hardware profile;
+lookups outside what was measured are listed in `Prediction.notes`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from tilemem.placement.plan import Plan
+from tilemem.placement.profile import Profile
+from tilemem.tmap.hardware import HardwareProfile
+from tilemem.tmap.shape import LayerShape, PlanShape
+
+Z95 = 1.645
+"""One-sided 95% point of the normal distribution."""
+
+
+@dataclass(frozen=True)
+class ServingWorkload:
+    """What is served: the routing profile and the shape of the requests."""
+
+    profile: Profile
+    """Routing probabilities per MoE layer and expert."""
+    batch: int = 1
+    """Sequences decoding together."""
+    prompt_tokens: int = 64
+    """Prompt length (prefill tokens per sequence)."""
+    decode_tokens: int = 32
+    """Tokens generated per sequence (sets the mean context of decode steps)."""
+    name: str = ""
+    """Workload name for reports."""
+    phase: str = "all"
+    """Routing counts to use: all, prefill or decode."""
+
+    @property
+    def context(self) -> float:
+        """Mean context length of a decode step."""
+        return self.prompt_tokens + self.decode_tokens / 2
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """The runtime knobs the model needs (defaults are the runtime's)."""
+
+    io_depth: int = 4
+    """Reads in flight (I/O threads)."""
+    prefetch: bool = True
+    """Router-based prefetch of the next layer's disk tiles."""
+    verify_reads: bool = True
+    """crc32 of every read."""
+    cache_bytes: int | None = None
+    """DRAM tile cache (None: what the plan leaves free in DRAM, else the runtime default)."""
+    store_tile: int | None = None
+    """Neurons per store tile (None: the plan's tile size)."""
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds of one engine step, by part."""
+
+    overhead_s: float
+    """Per-step and per-layer dispatch overhead."""
+    non_expert_s: float
+    """Non-expert weights, KV cache and always-active FFNs."""
+    cpu_experts_s: float
+    """Routed-expert tasks computed on the CPU (resident blocks, cache hits, fetched tiles)."""
+    gpu_experts_s: float
+    """Routed-expert tasks computed on the GPU."""
+    disk_s: float
+    """O_DIRECT read time (before overlap)."""
+    exposed_disk_s: float
+    """Read time not hidden behind compute or prefetch."""
+    total_s: float
+    """Expected step time."""
+    std_s: float
+    """Standard deviation from routing."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted speed of one plan."""
+
+    plan: str
+    """Plan name."""
+    policy: str
+    """Policy."""
+    tile: int
+    """Tile size (neurons)."""
+    budget: str
+    """Budget as written."""
+    batch: int
+    """Decode batch."""
+    prefill_tok_s: float
+    """Prompt tokens per second of one sequence's prefill."""
+    decode_tok_s: float
+    """Generated tokens per second (all sequences)."""
+    p50_ms: float
+    """Median per-step decode latency."""
+    p95_ms: float
+    """95th percentile per-step decode latency."""
+    decode: StepTime
+    """Decode step breakdown."""
+    prefill: StepTime
+    """Prefill step breakdown."""
+    bytes_per_token: dict[str, float]
+    """Decode bytes read per generated token from dram, vram and disk."""
+    hit_rate: float
+    """Predicted share of disk-tile accesses served by the DRAM tile cache (decode)."""
+    notes: tuple[str, ...] = field(default_factory=tuple)
+    """Figures looked up outside what the hardware profile measured."""
+
+    @property
+    def extrapolated(self) -> bool:
+        """Whether any figure was extrapolated."""
+        return bool(self.notes)
+
+
+class _Ctx:
+    """Lookups with their notes collected."""
+
+    def __init__(self, hw: HardwareProfile, dtype: str, settings: RuntimeSettings) -> None:
+        self.hw, self.dtype, self.settings = hw, dtype, settings
+        self.notes: list[str] = []
+        self.prefetch_hides = True
+        cores = int(hw.meta.get("cores", 0) or hw.cpu_threads)
+        # I/O threads' CPU work (crc32) takes compute time when no core is left idle for it
+        self.io_steals_cpu = hw.cpu_threads >= cores
+        if not hw.measured:
+            self.notes.append(f"hardware profile '{hw.name}' is not measured")
+
+    def _note(self, notes: list[str]) -> None:
+        for n in notes:
+            if n not in self.notes:
+                self.notes.append(n)
+
+    def kernel(self, device: str, batch: float) -> tuple[float, float]:
+        if device == "cuda" and not self.hw.has_gpu:
+            self._note([f"the plan uses 'cuda' but hardware profile '{self.hw.name}' has no GPU"])
+        spb, ovh, notes = self.hw.kernel(device, self.dtype, batch)
+        self._note(notes)
+        return spb, ovh
+
+    def fetch(self, tile_bytes: float, misses: float) -> float | None:
+        """Seconds of the measured read-and-compute pipeline for `misses` tiles, None if not measured."""
+        got = self.hw.fetch_time(int(tile_bytes), self.settings.io_depth, misses)
+        if got is None:
+            return None
+        seconds, notes = got
+        self._note(notes)
+        return seconds
+
+    def read_cycle(self, nbytes: int) -> tuple[float, float]:
+        """(seconds one I/O thread spends per tile: the read at the runtime's depth then its crc32,
+        CPU seconds of that crc32)."""
+        _, per, notes = self.hw.disk_read(nbytes, self.settings.io_depth)
+        self._note(notes)
+        crc = self.hw.checksum_bandwidth_gbps
+        cpu = nbytes / (crc * 1e9) if self.settings.verify_reads and crc > 0 else 0.0
+        return per + cpu, cpu
+
+
+def predict(
+    plan: Plan,
+    hardware: HardwareProfile,
+    workload: ServingWorkload | Profile | None = None,
+    settings: RuntimeSettings | None = None,
+) -> Prediction:
+    """Predict `plan`'s prefill and decode speed on `hardware` for `workload` (see the module docstring).
+
+    `workload` may be a ServingWorkload, a bare Profile (batch 1, 64-token prompts, 32 decoded tokens)
+    or None (uniform routing)."""
+    if workload is None:
+        workload = Profile.uniform(plan.topology)
+    if isinstance(workload, Profile):
+        workload = ServingWorkload(workload)
+    workload.profile.check_matches(plan.topology, "the workload's profile")
+    settings = settings or RuntimeSettings()
+    shape = PlanShape.of(plan, settings.store_tile)
+    ctx = _Ctx(hardware, shape.dtype, settings)
+    probs = {lay.index: workload.profile.probabilities(lay.index, workload.phase) for lay in shape.moe_layers}
+    b = max(1, workload.batch)
+    hot, capacity, n_disk = _hot_tiles(shape, probs, b, settings)
+    full = n_disk > capacity
+    free_slots = settings.io_depth if full else capacity - n_disk + settings.io_depth
+    prefetch_slots = max(0, free_slots - max(1, settings.io_depth // 2)) if settings.prefetch else 0
+    # A full LFU cache drops a prefetched cold tile that lands before its layer runs (admission loses to
+    # the hotter resident ones) and reads it again on demand: prefetch then hides nothing and costs reads.
+    ctx.prefetch_hides = not full
+    dec, dec_bytes, hit = _step(shape, probs, b, b * workload.context, hot, prefetch_slots, ctx)
+    p = max(1, workload.prompt_tokens)
+    pre, _, _ = _step(shape, probs, p, p, set(), 0, ctx)  # prefill starts with a cold tile cache
+    return Prediction(
+        plan=plan.name,
+        policy=plan.policy,
+        tile=plan.tile,
+        budget=plan.budget_source,
+        batch=b,
+        prefill_tok_s=p / pre.total_s,
+        decode_tok_s=b / dec.total_s,
+        p50_ms=dec.total_s * 1e3,
+        p95_ms=(dec.total_s + Z95 * dec.std_s) * 1e3,
+        decode=dec,
+        prefill=pre,
+        bytes_per_token={k: v / b for k, v in dec_bytes.items()},
+        hit_rate=hit,
+        notes=tuple(ctx.notes),
+    )
+
+
+def _hot_tiles(
+    shape: PlanShape, probs: dict[int, list[float]], batch: int, settings: RuntimeSettings
+) -> tuple[set[tuple[int, int, int]], int, int]:
+    """The disk tiles an LFU cache keeps at steady state (the most often accessed that fit), its capacity
+    in tiles, and the number of disk tiles."""
+    from tilemem.runtime.tiered import DEFAULT_CACHE_BYTES
+
+    cache = settings.cache_bytes if settings.cache_bytes is not None else shape.cache_bytes
+    cache = DEFAULT_CACHE_BYTES if cache is None else cache
+    slots = max(cache // shape.slot_bytes, settings.io_depth)
+    capacity = slots - settings.io_depth
+    tiles = [
+        (1 - (1 - probs[lay.index][ex.expert]) ** batch, lay.index, ex.expert, j)
+        for lay in shape.moe_layers
+        for ex in lay.experts
+        for j in range(len(ex.disk_tiles))
+    ]
+    tiles.sort(key=lambda t: -t[0])  # stable: ties keep layer/expert order
+    return {(lay, e, j) for _, lay, e, j in tiles[:capacity]}, capacity, len(tiles)
+
+
+def _step(
+    shape: PlanShape,
+    probs: dict[int, list[float]],
+    tokens: int,
+    kv_tokens: float,
+    hot: set[tuple[int, int, int]],
+    prefetch_slots: int,
+    ctx: _Ctx,
+) -> tuple[StepTime, dict[str, float], float]:
+    """One step over `tokens` tokens (decode: one per sequence; prefill: the prompt), reading
+    `kv_tokens` cached tokens' K/V per layer."""
+    hw = ctx.hw
+    ne_dev = "cuda" if shape.fastest == "cuda" else "cpu"
+    spb_ne, ovh_ne = ctx.kernel(ne_dev, tokens)
+    kv_spb = 1 / (hw.dram_bandwidth_gbps * 1e9) if hw.dram_bandwidth_gbps > 0 else spb_ne
+    overhead = hw.step_overhead_us * 1e-6 + len(shape.layers) * hw.layer_overhead_us * 1e-6
+    non_expert = shape.head_bytes * spb_ne
+    dram = float(shape.head_bytes)
+    vram = 0.0
+    cpu_s = gpu_s = disk_s = exposed_s = var = disk_bytes = hits = accesses = 0.0
+    total = overhead + non_expert
+    seen_moe = False
+    for lay in shape.layers:
+        layer_ne = lay.non_expert_bytes * spb_ne + lay.kv_bytes_per_token * kv_tokens * kv_spb
+        if lay.always_bytes:
+            spb_cpu, ovh_cpu = ctx.kernel("cpu", tokens)
+            layer_ne += ovh_cpu + lay.always_bytes * spb_cpu
+        dram += lay.non_expert_bytes + lay.always_bytes + lay.kv_bytes_per_token * kv_tokens
+        non_expert += layer_ne
+        total += layer_ne
+        if not lay.experts:
+            continue
+        # the router prefetches this layer's tiles at the end of the previous MoE layer, so they
+        # overlap this layer's attention; the first MoE layer has no such window
+        window = layer_ne + hw.layer_overhead_us * 1e-6 if seen_moe else 0.0
+        seen_moe = True
+        r = _moe_layer(lay, probs[lay.index], tokens, hot, prefetch_slots, window, ctx)
+        total += r["time"]
+        cpu_s += r["cpu"]
+        gpu_s += r["gpu"]
+        disk_s += r["io"]
+        exposed_s += r["exposed"]
+        var += r["var"]
+        dram += r["dram"]
+        vram += r["vram"]
+        disk_bytes += r["disk_bytes"]
+        hits += r["hits"]
+        accesses += r["accesses"]
+    if ne_dev == "cuda":
+        vram += shape.head_bytes + sum(lay.non_expert_bytes for lay in shape.layers)
+        dram -= shape.head_bytes + sum(lay.non_expert_bytes for lay in shape.layers)
+    step = StepTime(overhead, non_expert, cpu_s, gpu_s, disk_s, exposed_s, total, math.sqrt(var))
+    return step, {"dram": dram, "vram": vram, "disk": disk_bytes}, (hits / accesses if accesses else 0.0)
+
+
+def _moe_layer(
+    lay: LayerShape,
+    probs: list[float],
+    tokens: int,
+    hot: set[tuple[int, int, int]],
+    prefetch_slots: int,
+    window: float,
+    ctx: _Ctx,
+) -> dict[str, float]:
+    """Expected time and traffic of one MoE layer's routed experts."""
+    extra = ctx.hw.cached_task_extra_us * 1e-6
+    ready = gpu = miss_compute = misses = io_serial = io_cpu = var = 0.0
+    dram = vram = disk_bytes = hits = accesses = 0.0
+    for ex in lay.experts:
+        p = probs[ex.expert]
+        q = 1 - (1 - p) ** tokens
+        if q <= 0:
+            continue
+        n = tokens * p / q  # tokens routed to the expert when it runs
+        spb, ovh = ctx.kernel("cpu", n)
+        c_ready = sum(ovh + nb * spb for nb in ex.blocks.get("cpu", ()))
+        dram_e = sum(ex.blocks.get("cpu", ()))
+        c_gpu = 0.0
+        if ex.blocks.get("cuda"):
+            spb_g, ovh_g = ctx.kernel("cuda", n)
+            c_gpu = sum(ovh_g + nb * spb_g for nb in ex.blocks["cuda"])
+            vram += q * sum(ex.blocks["cuda"])
+        c_miss = c_io = c_cpu = 0.0
+        m = 0
+        for j, nb in enumerate(ex.disk_tiles):
+            task = ovh + extra + nb * spb
+            accesses += q
+            if (lay.index, ex.expert, j) in hot:
+                c_ready += task
+                dram_e += nb
+                hits += q
+            else:
+                c_miss += task
+                cycle, crc = ctx.read_cycle(nb)
+                c_io += cycle
+                c_cpu += crc
+                disk_bytes += q * nb
+                m += 1
+        ready += q * c_ready
+        gpu += q * c_gpu
+        miss_compute += q * c_miss
+        misses += q * m
+        io_serial += q * c_io
+        io_cpu += q * c_cpu
+        dram += q * dram_e
+        cost = c_ready + c_gpu + c_miss + c_io / ctx.settings.io_depth
+        var += q * (1 - q) * cost * cost
+    io = io_serial / min(ctx.settings.io_depth, max(1.0, misses)) if misses else 0.0
+    pipeline = ctx.fetch(disk_bytes / misses, misses) if misses else None
+    hidden = 0.0
+    read_bytes = disk_bytes
+    if misses and prefetch_slots and window > 0:
+        issued = min(float(prefetch_slots), misses)
+        if ctx.prefetch_hides:
+            hidden = min(window, io * issued / misses)
+        else:  # landed early, dropped, read again: only the extra traffic and crc remain
+            disk_bytes += issued * disk_bytes / misses
+            io_cpu += issued * io_cpu / misses
+    # reads slow the engine thread down while it computes (measured per MiB by the probe)
+    interference = disk_bytes / 2**20 * ctx.hw.read_interference_us_per_mib * 1e-6
+    if pipeline is not None:  # measured miss path: reads, crc32 and the tiles' compute, overlapped
+        # the pipeline figure carries its own reads' interference, not that of the extra prefetch reads
+        extra = interference * (disk_bytes - read_bytes) / disk_bytes if disk_bytes else 0.0
+        cpu_side = max(ready + miss_compute + interference, pipeline - hidden + extra)
+    else:
+        last = miss_compute / max(1.0, misses)  # expected compute of the last tile to land
+        steal = io_cpu if ctx.io_steals_cpu else 0.0
+        cpu_side = max(ready + miss_compute + steal + interference, io - hidden + last)
+    time = max(cpu_side, gpu)
+    return {
+        "time": time,
+        "cpu": ready + miss_compute,
+        "gpu": gpu,
+        "io": io,
+        "exposed": max(0.0, time - max(ready + miss_compute, gpu)),
+        "var": var,
+        "dram": dram,
+        "vram": vram,
+        "disk_bytes": disk_bytes,
+        "hits": hits,
+        "accesses": accesses,
+    }

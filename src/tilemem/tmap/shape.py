@@ -1,0 +1,144 @@
+"""What a plan asks of the machine per MoE layer, reduced to what the cost model needs (no tensors).
+
+Per routed expert: its resident blocks per compute tier (contiguous ranges run as one task each, as
+the runtime merges them) and its disk tiles (store tiles, read one request each, 4 KiB aligned).
+Per layer: the non-expert bytes read every step (attention, norms, router) and the always-active FFNs
+(shared experts, dense layers), which the model keeps resident. Per step: the LM head and final norm.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from tilemem.placement.plan import Plan
+
+ALIGN = 4096
+"""Tile store alignment: reads and cache slots are whole 4 KiB pages."""
+
+_LAYER = re.compile(r"\blayers\.(\d+)\.")
+
+
+def padded(nbytes: int) -> int:
+    """`nbytes` rounded up to the store's 4 KiB alignment."""
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+@dataclass(frozen=True)
+class ExpertShape:
+    """One routed expert as placed."""
+
+    expert: int
+    """Expert index."""
+    blocks: dict[str, tuple[int, ...]]
+    """Compute tier -> bytes of each resident block (merged contiguous range)."""
+    disk_tiles: tuple[int, ...]
+    """Bytes of each store tile read from disk when the expert runs."""
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One decoder layer."""
+
+    index: int
+    """Layer number."""
+    non_expert_bytes: int
+    """Attention, norms and router weights read every step."""
+    kv_bytes_per_token: int
+    """KV-cache bytes read per cached token per sequence."""
+    always_bytes: int
+    """Shared-expert / dense FFN bytes (always run, resident)."""
+    experts: tuple[ExpertShape, ...]
+    """Routed experts (empty for dense layers)."""
+
+
+@dataclass(frozen=True)
+class PlanShape:
+    """A plan reduced to bytes, blocks and tiles."""
+
+    layers: tuple[LayerShape, ...]
+    """Every decoder layer."""
+    head_bytes: int
+    """LM head and final norm, read every step."""
+    fastest: str
+    """Tier of the non-expert weights."""
+    cache_bytes: int | None
+    """DRAM left to the runtime's tile cache (None: the runtime's default)."""
+    slot_bytes: int
+    """Bytes of one tile-cache slot (the largest store tile)."""
+    dtype: str
+    """Weight dtype."""
+
+    @classmethod
+    def of(cls, plan: Plan, store_tile: int | None = None) -> PlanShape:
+        """Reduce `plan`; disk ranges are read in store tiles of `store_tile` neurons (default the plan's)."""
+        topo = plan.topology
+        store_tile = store_tile or plan.tile
+        row = 3 * topo.hidden_size * topo.dtype_bytes  # bytes per neuron of a gated FFN (gate, up, down)
+        per_layer: dict[int, int] = {}
+        kv: dict[int, int] = {}
+        head = 0
+        names = [n for n, _ in topo.non_expert]
+        tied = not any(n.startswith("lm_head") for n in names)
+        for name, nbytes in topo.non_expert:
+            m = _LAYER.search(name)
+            if m:
+                layer = int(m.group(1))
+                per_layer[layer] = per_layer.get(layer, 0) + nbytes
+                if name.endswith(("k_proj.weight", "v_proj.weight", "kv_a_proj_with_mqa.weight")):
+                    kv[layer] = kv.get(layer, 0) + nbytes // topo.hidden_size  # out width x dtype bytes
+            elif "embed_tokens" in name:
+                head += nbytes if tied else 0  # a tied embedding is the LM head; else one row is read
+            else:
+                head += nbytes
+        ranges: dict[tuple[int, int], dict[str, list[tuple[int, int]]]] = {}
+        always: dict[int, int] = {}
+        for t in plan.tiles:
+            if t.group != "gate_up":
+                continue
+            if t.expert < 0:
+                always[t.layer] = always.get(t.layer, 0) + (t.end - t.start) * row
+                continue
+            spans = ranges.setdefault((t.layer, t.expert), {}).setdefault(t.tier, [])
+            spans.append((t.start, t.end))
+        layers = []
+        for lt in topo.layers:
+            experts = []
+            for e in range(lt.num_experts):
+                blocks: dict[str, tuple[int, ...]] = {}
+                disk: list[int] = []
+                for tier, spans in ranges.get((lt.index, e), {}).items():
+                    merged = _merge(spans)
+                    if tier == "disk":  # the runtime reads every whole store tile a disk range touches
+                        starts = sorted({s for a, b in merged for s in range(a - a % store_tile, b, store_tile)})
+                        disk += [padded((min(s + store_tile, lt.expert_intermediate) - s) * row) for s in starts]
+                    else:
+                        blocks[tier] = tuple((b - a) * row for a, b in merged)
+                experts.append(ExpertShape(e, blocks, tuple(disk)))
+            layers.append(
+                LayerShape(
+                    lt.index, per_layer.get(lt.index, 0), kv.get(lt.index, 0), always.get(lt.index, 0), tuple(experts)
+                )  # fmt: skip
+            )
+        cpu = next((u for u in plan.tiers if u.tier == "cpu"), None)
+        cache = None
+        if cpu is not None and cpu.capacity is not None:
+            cache = cpu.capacity - cpu.non_expert - cpu.tiles
+        widest = max((lt.expert_intermediate for lt in topo.layers if lt.is_moe), default=0)
+        slot = padded(min(store_tile, widest) * row) if widest else ALIGN
+        return cls(tuple(layers), head, plan.tiers[0].tier, cache, slot, topo.dtype)
+
+    @property
+    def moe_layers(self) -> list[LayerShape]:
+        """Layers with routed experts."""
+        return [lay for lay in self.layers if lay.experts]
+
+
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out

@@ -1,0 +1,69 @@
+"""`tilemem doctor` checks and a small `doctor --probe` run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from tilemem.tmap.doctor import Check, check_o_direct, format_checks, run_checks
+from tilemem.tmap.hardware import HardwareProfile
+from tilemem.tmap.probe import MiB, ProbeConfig, _fit, probe
+
+
+def _cli(argv):
+    from tilemem.cli import tmap_commands
+
+    parser = argparse.ArgumentParser(prog="tilemem")
+    tmap_commands.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_checks_report_status_and_fix(tmp_path):
+    checks = run_checks(tmp_path)
+    names = {c.name for c in checks}
+    assert {"python", "torch", "threads", "cpu kernels", "gpu", "dram", "disk space", "o_direct"} <= names
+    assert all(c.status in ("PASS", "WARN", "FAIL") for c in checks)
+    assert all(c.fix for c in checks if c.status == "FAIL")
+    text = format_checks(checks + [Check("WARN", "demo", "something", "do this")])
+    assert "WARN  demo" in text and "fix: do this" in text
+    assert text.splitlines()[-1].startswith("doctor: ")
+
+
+def test_o_direct_check_on_a_real_directory(tmp_path):
+    c = check_o_direct(tmp_path)
+    assert c.status in ("PASS", "WARN")
+    assert not list(tmp_path.iterdir())  # its probe file is gone
+
+
+def test_doctor_cli_exit_code(tmp_path, capsys):
+    code = _cli(["doctor", "--dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code in (0, 1)
+    assert any(line.startswith("FAIL") for line in out.splitlines()) == (code == 1)
+    assert "PASS" in out
+
+
+def test_fit_recovers_overhead_and_bandwidth():
+    a, b = _fit([(1000, 10e-6 + 1000e-9), (4000, 10e-6 + 4000e-9), (16000, 10e-6 + 16000e-9)])
+    assert abs(a - 10e-6) < 1e-12 and abs(b - 1e-9) < 1e-15
+    a, b = _fit([(1000, 3e-6), (2000, 2e-6)])  # noise: never a negative slope
+    assert a == 0 and b > 0
+
+
+def test_small_probe_writes_a_measured_profile(tmp_path):
+    cfg = ProbeConfig(
+        name="t", threads=1, disk_dir=str(tmp_path), hidden=128, dtypes=("float32",), batches=(1, 4),
+        request_sizes=(4096, 65536), queue_depths=(1, 2), disk_file_bytes=8 * MiB, engine=False,
+        seconds_per_point=0.05, dram_bytes=32 * MiB, kernel_working_set=4 * MiB,
+    )  # fmt: skip
+    lines = []
+    hw = probe(cfg, log=lines.append)
+    assert hw.measured and hw.dram_bandwidth_gbps > 0 and hw.disk_bandwidth_gbps > 0
+    assert len(hw.kernels) == 2 and all(k.bandwidth_gbps > 0 for k in hw.kernels)
+    assert {(d.request_bytes, d.queue_depth) for d in hw.disk} == {(4096, 1), (65536, 1), (4096, 2), (65536, 2)}
+    assert all(("GB/s" in s) or (" us" in s) or (" ns" in s) for s in lines)  # every figure has units
+    path = hw.save(tmp_path / "hw.json")
+    assert HardwareProfile.load(path) == hw
+    assert json.loads(path.read_text())["measured"] is True
+    assert not list(tmp_path.glob(".tilemem-probe-*"))  # the probe file is removed
