@@ -66,15 +66,15 @@ def main() -> None:
     plain_runs = []
     for spec in drafters:
         for k in range(1, 5):
-            llm = LLM(target, threads=args.threads, max_batch=1, speculative=spec, num_draft=k)
             res = []
             for _ in range(args.rounds):  # interleave plain and speculative runs
                 plain = run(plain_llm, args.decode)
                 plain_runs.append(plain)
-                llm.speculator.stats.__init__()
+                llm = LLM(target, threads=args.threads, max_batch=1, speculative=spec, num_draft=k)
                 sp = run(llm, args.decode)
                 assert sp[2] == plain[2], "speculative greedy output differs from plain decoding"
                 res.append((plain, sp, statistics.mean(llm.speculator.stats.accepted)))
+                llm.close()
             plain_tps = statistics.median(r[0][0] for r in res)
             plain_step = statistics.median(r[0][1] for r in res)
             spec_tps = statistics.median(r[1][0] for r in res)
@@ -84,7 +84,6 @@ def main() -> None:
             ratio = verify_step / plain_step
             name = spec.split(":")[0]
             print(f"{name} k={k}: accepted {acc:.2f}, verify/plain {ratio:.2f}x, {spec_tps:.1f} vs {plain_tps:.1f}")
-            del llm
     print(
         f"\nsmall synthetic OLMoE, batch 1, {args.threads} threads, {args.decode} tokens x {len(PROMPTS)} prompts, "
         f"{args.rounds} rounds; greedy outputs identical to plain decoding in every run\n"

@@ -99,14 +99,18 @@ def test_generator_and_convert_alias(make_ckpt, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("batch", [1, 4])
-def test_greedy_mtp_speculative_equals_plain(batch, tmp_path):
+@pytest.mark.parametrize("tiered", [False, True])
+def test_greedy_mtp_speculative_equals_plain(batch, tiered, tmp_path):
     from tilemem.synth.writer import synthesize
 
     path = synthesize("deepseek_v3", "tiny", tmp_path / "ck", dtype="fp32", mtp=True, progress=False)
     prompts = PROMPTS[:batch]
     plain = LLM(path, dtype="fp32").generate(prompts, GREEDY)
-    llm = LLM(path, dtype="fp32", speculative="mtp", num_draft=2)
+    kw = dict(budget=disk_budget(path), policy="tilepo_fine", tile=16, store=tmp_path / "store") if tiered else {}
+    llm = LLM(path, dtype="fp32", speculative="mtp", num_draft=2, **kw)
     assert llm.model.mtp is not None
     out = llm.generate(prompts, GREEDY)
     assert [o.token_ids for o in out] == [o.token_ids for o in plain]
     assert llm.speculator.stats.accepted
+    if tiered:
+        assert llm.stats().runtime["disk_bytes"] > 0

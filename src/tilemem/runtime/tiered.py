@@ -87,9 +87,12 @@ class TieredConfig:
 
 
 def partial_ffn(x: torch.Tensor, block: torch.Tensor, act) -> torch.Tensor:
-    """FFN over one tile or merged range: x [N, D], block [3, n, D] (gate, up, down^T) -> [N, D]."""
-    h = act(F.linear(x, block[0])) * F.linear(x, block[1])  # [N, n]
-    return h @ block[2]  # [N, D]
+    """FFN over one tile or merged range: x [N, D], block [3, n, D] (gate, up, down^T) -> [N, D].
+
+    Gate and up rows are adjacent in the block, so they run as one GEMM."""
+    n = block.shape[1]
+    gu = F.linear(x, block[:2].reshape(2 * n, -1))  # [N, 2n]
+    return (act(gu[:, :n]) * gu[:, n:]) @ block[2]  # [N, D]
 
 
 class TieredExperts:
