@@ -74,6 +74,8 @@ class GenerationStats:
     fetch stall, prefetch precision/recall."""
     runtime: dict[str, float] | None = None
     """Tiered-runtime totals over the call."""
+    speculative: str | None = None
+    """`Accepted length: mean=..., min=..., max=...` and timings, when decoding speculatively."""
 
     def line(self) -> str:
         """One human-readable line."""
@@ -90,6 +92,8 @@ class GenerationStats:
                 f"fetch stall {r['stall_s'] * 1e3:.0f} ms | prefetch precision {100 * r['prefetch_precision']:.0f}% "
                 f"recall {100 * r['prefetch_recall']:.0f}%"
             )
+        if self.speculative:
+            text += "\n" + self.speculative
         return text
 
 
@@ -299,7 +303,14 @@ class LLM:
         steps = [s.as_dict() for s in c.steps[start[4] :]]
         rt = self.tiered.counters.minus(start[5]).as_dict() if self.tiered is not None else None
         self._last_stats = GenerationStats(
-            pt, pt / ps if ps else 0.0, dt, dt / ds if ds else 0.0, peak_rss_bytes(), steps, rt
+            pt,
+            pt / ps if ps else 0.0,
+            dt,
+            dt / ds if ds else 0.0,
+            peak_rss_bytes(),
+            steps,
+            rt,
+            self.speculator.stats.line() if self.speculator is not None else None,
         )
 
     def _run(self, eng: Engine, seqs: list[Sequence], on_events) -> None:
