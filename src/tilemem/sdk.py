@@ -439,7 +439,15 @@ def recommend(
     profile: Profile | None = None,
     **options: Any,
 ) -> Recommendation:
-    """Every policy and tile size predicted under `budget`, and the recommended one (see tilemem.tmap.recommend)."""
+    """Every policy and tile size predicted under `budget`, and the recommended one (see tilemem.tmap.recommend).
+
+    >>> import tilemem as TM
+    >>> spec = TM.model_spec(name="m", layers=2, experts_per_layer=4, hidden_size=64, intermediate_size=64)
+    >>> hw = TM.load_hardware_profile("rtx5090_ddr")  # a reference profile: not measured
+    >>> rec = TM.recommend(spec, hw, "cuda=1MiB,cpu=inf", allow_extrapolation=True)
+    >>> rec.recommended.policy in {"kt_expert", "tilepo_coarse", "tilepo_fine", "tilepo_hybrid", "tilepo_adaptive"}
+    True
+    """
     from tilemem.tmap.recommend import recommend as _recommend
 
     topology = spec.topology() if isinstance(spec, ModelSpec) else spec

@@ -397,5 +397,9 @@ def hardware_profile(name: str, measured: bool = False, **figures: Any) -> Hardw
 
 
 def reference_profiles() -> dict[str, Path]:
-    """Shipped reference profiles (not measured; for planning ahead), by name."""
+    """Shipped reference profiles (not measured; for planning ahead), by name.
+
+    >>> "cpu_laptop_nvme" in reference_profiles()
+    True
+    """
     return {p.stem: p for p in sorted(REFERENCE_DIR.glob("*.json"))}
