@@ -7,6 +7,8 @@ go first, whole, into the fastest tier with room.
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 from tilemem.placement.policies.base import Assignment, PlacementProblem, Policy, PolicyResult
 from tilemem.placement.policies.common import (
     always_active,
@@ -22,9 +24,9 @@ from tilemem.placement.policies.common import (
 class SameCountPerLayer(Policy):
     """k whole experts of every MoE layer per tier, k as large as the tier allows."""
 
+    @abstractmethod
     def expert_order(self, probs: list[float]) -> list[int]:
         """Experts of one layer, the ones to keep fastest first."""
-        raise NotImplementedError
 
     def assign(self, problem: PlacementProblem, free: dict[str, int | None]) -> PolicyResult:
         space = dict(free)
