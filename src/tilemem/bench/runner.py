@@ -168,9 +168,7 @@ def run_bench(spec: BenchSpec, progress: bool = True) -> dict:
                     max_batch=1,
                 )
                 m = run_once(llm, prompts[wl], spec.decode_tokens)
-                if llm.replanner is not None:
-                    llm.replanner.stop()
-                llm.tiered.close()
+                llm.close()
                 text, nbytes = budget_text(b, topo)
                 rows.append(
                     row_dict(

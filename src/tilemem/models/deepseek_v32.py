@@ -9,6 +9,7 @@ from typing import Any
 
 from tilemem.config import HFConfig, ModelConfig
 from tilemem.errors import ConfigError
+from tilemem.models import deepseek_v3
 from tilemem.models.deepseek_v2 import mla_fields
 from tilemem.models.registry import Family
 
@@ -72,44 +73,13 @@ FAMILY = Family(
     architecture="DeepseekV32ForCausalLM",
     model_type="deepseek_v32",
     config_from_hf=config_from_hf,
-    tiny=dict(
-        hidden_size=64,
-        intermediate_size=96,
-        moe_intermediate_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        n_routed_experts=8,
-        n_shared_experts=1,
-        num_experts_per_tok=2,
-        first_k_dense_replace=1,
-        n_group=4,
-        topk_group=2,
-        routed_scaling_factor=2.5,
-        norm_topk_prob=True,
-        q_lora_rank=48,
-        kv_lora_rank=32,
-        qk_nope_head_dim=16,
-        qk_rope_head_dim=8,
-        v_head_dim=16,
-        # Top-k below the test sequences (4..43 tokens) so the indexer really drops keys; 16 heads keep
-        # exact score ties (all heads' relu at zero) negligible.
-        index_topk=6,
-        index_n_heads=16,
-        index_head_dim=16,
-        vocab_size=512,
-        max_position_embeddings=1024,
-        rope_theta=10000.0,
-        rope_scaling=dict(
-            type="yarn",
-            factor=4.0,
-            original_max_position_embeddings=256,
-            beta_fast=32,
-            beta_slow=1,
-            mscale=1.0,
-            mscale_all_dim=1.0,
-        ),
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-    ),
+    # V3's tiny preset (without rope_interleave: V3.2 uses half-split rope) plus the indexer. Top-k below
+    # the test sequences (4..43 tokens) so the indexer really drops keys; 16 heads keep exact score ties
+    # (all heads' relu at zero) negligible.
+    tiny={
+        **{k: v for k, v in deepseek_v3.FAMILY.tiny.items() if k != "rope_interleave"},
+        "index_topk": 6,
+        "index_n_heads": 16,
+        "index_head_dim": 16,
+    },
 )
