@@ -9,6 +9,7 @@ from torch import nn
 
 from tilemem.config import ModelConfig
 from tilemem.layers.kv_cache import ForwardContext
+from tilemem.layers.linear import Linear
 from tilemem.layers.norm import RMSNorm
 from tilemem.layers.rope import RotaryEmbedding
 
@@ -21,11 +22,11 @@ class Attention(nn.Module):
         self.layer = layer
         self.h, self.hkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         d = cfg.hidden_size
-        kw = dict(bias=cfg.attention_bias, device="meta")
-        self.q_proj = nn.Linear(d, self.h * self.hd, **kw)
-        self.k_proj = nn.Linear(d, self.hkv * self.hd, **kw)
-        self.v_proj = nn.Linear(d, self.hkv * self.hd, **kw)
-        self.o_proj = nn.Linear(self.h * self.hd, d, bias=cfg.o_bias, device="meta")
+        bias = cfg.attention_bias
+        self.q_proj = Linear(d, self.h * self.hd, bias)
+        self.k_proj = Linear(d, self.hkv * self.hd, bias)
+        self.v_proj = Linear(d, self.hkv * self.hd, bias)
+        self.o_proj = Linear(self.h * self.hd, d, cfg.o_bias)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm == "full":  # OLMoE: over all heads at once
             self.q_norm = RMSNorm(self.h * self.hd, cfg.rms_norm_eps)

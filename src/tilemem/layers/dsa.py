@@ -24,6 +24,7 @@ from torch import nn
 from tilemem.config import ModelConfig
 from tilemem.errors import ConfigError
 from tilemem.layers.kv_cache import ForwardContext
+from tilemem.layers.linear import Linear
 from tilemem.layers.mla import MLAttention
 from tilemem.layers.rope import RotaryEmbedding
 
@@ -50,10 +51,10 @@ class Indexer(nn.Module):
         self.h, self.d, self.dr = cfg.index_n_heads, cfg.index_head_dim, cfg.qk_rope_head_dim
         self.topk = cfg.index_topk
         self.interleave = cfg.index_rope_interleave
-        self.wq_b = nn.Linear(cfg.q_lora_rank, self.h * self.d, bias=False, device="meta")
-        self.wk = nn.Linear(cfg.hidden_size, self.d, bias=False, device="meta")
+        self.wq_b = Linear(cfg.q_lora_rank, self.h * self.d, False)
+        self.wk = Linear(cfg.hidden_size, self.d, False)
         self.k_norm = nn.LayerNorm(self.d, eps=INDEXER_NORM_EPS, device="meta")
-        self.weights_proj = nn.Linear(cfg.hidden_size, self.h, bias=False, device="meta")
+        self.weights_proj = Linear(cfg.hidden_size, self.h, False)
         self.scale = self.d**-0.5
 
     def forward(

@@ -20,6 +20,7 @@ from torch import nn
 
 from tilemem.config import ModelConfig
 from tilemem.layers.kv_cache import ForwardContext
+from tilemem.layers.linear import Linear
 from tilemem.layers.norm import RMSNorm
 from tilemem.layers.rope import RotaryEmbedding, yarn_softmax_scale
 
@@ -40,15 +41,15 @@ class MLAttention(nn.Module):
         d, dqk = cfg.hidden_size, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         self.q_lora = cfg.q_lora_rank > 0
         if self.q_lora:
-            self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=cfg.attention_bias, device="meta")
+            self.q_a_proj = Linear(d, cfg.q_lora_rank, cfg.attention_bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.h * dqk, bias=False, device="meta")
+            self.q_b_proj = Linear(cfg.q_lora_rank, self.h * dqk, False)
         else:
-            self.q_proj = nn.Linear(d, self.h * dqk, bias=False, device="meta")
-        self.kv_a_proj_with_mqa = nn.Linear(d, self.rank + self.dr, bias=cfg.attention_bias, device="meta")
+            self.q_proj = Linear(d, self.h * dqk, False)
+        self.kv_a_proj_with_mqa = Linear(d, self.rank + self.dr, cfg.attention_bias)
         self.kv_a_layernorm = RMSNorm(self.rank, LATENT_NORM_EPS)
-        self.kv_b_proj = nn.Linear(self.rank, self.h * (self.dn + self.dv), bias=False, device="meta")
-        self.o_proj = nn.Linear(self.h * self.dv, d, bias=cfg.attention_bias, device="meta")
+        self.kv_b_proj = Linear(self.rank, self.h * (self.dn + self.dv))
+        self.o_proj = Linear(self.h * self.dv, d, cfg.attention_bias)
         # Softmax scale over the full q/k width, times mscale(factor, mscale_all_dim)^2 under YaRN.
         self.scale = yarn_softmax_scale(cfg.rope, dqk**-0.5)
 

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tilemem.layers.linear import Linear
+
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
 
@@ -15,18 +17,14 @@ def activation(name: str):
     return ACTIVATIONS[name]
 
 
-def _empty_linear(in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
-    return nn.Linear(in_features, out_features, bias=bias, device="meta")
-
-
 class GatedMLP(nn.Module):
     """One expert (or shared / dense FFN) with hub names gate_proj, up_proj, down_proj."""
 
     def __init__(self, hidden: int, intermediate: int, act: str) -> None:
         super().__init__()
-        self.gate_proj = _empty_linear(hidden, intermediate)
-        self.up_proj = _empty_linear(hidden, intermediate)
-        self.down_proj = _empty_linear(intermediate, hidden)
+        self.gate_proj = Linear(hidden, intermediate)
+        self.up_proj = Linear(hidden, intermediate)
+        self.down_proj = Linear(intermediate, hidden)
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

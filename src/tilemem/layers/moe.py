@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tilemem import kernels
 from tilemem.config import ModelConfig
+from tilemem.layers.linear import Linear
 from tilemem.layers.mlp import GatedMLP, activation
 from tilemem.layers.router import Router
 
@@ -90,9 +92,22 @@ class ResidentExperts:
 
     def __init__(self, blocks: dict[int, MoEBlock]) -> None:
         self.blocks = blocks
+        self.tables: dict[int, kernels.ExpertTable | None] = {}
+        self.workspace = kernels.Workspace()
+
+    def _table(self, layer: int) -> kernels.ExpertTable | None:
+        """The layer's expert pointer table for the native kernel, or None where it cannot run."""
+        if layer not in self.tables:
+            block = self.blocks[layer]
+            w = [[getattr(e, name).weight for e in block.experts] for name in ("gate_proj", "up_proj", "down_proj")]
+            ok = block.act_name in kernels.ACTS and all(t.dtype == torch.bfloat16 and t.is_contiguous() for t in w[0])
+            self.tables[layer] = kernels.ExpertTable(*w) if ok else None
+        return self.tables[layer]
 
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         block = self.blocks[layer]
+        if kernels.usable(x) and (table := self._table(layer)) is not None:
+            return kernels.moe(x, weights, ids, table, block.act_name, self.workspace)
         out = PartialSums(x.shape)
         for expert, tok, slot in group_by_expert(ids):
             e = block.experts[expert]
@@ -113,14 +128,13 @@ class MoEBlock(nn.Module):
             GatedMLP(cfg.hidden_size, cfg.moe_intermediate_size, cfg.hidden_act) for _ in range(cfg.num_experts)
         )
         self.act = activation(cfg.hidden_act)
+        self.act_name = cfg.hidden_act
         self.shared_experts = (
             GatedMLP(cfg.hidden_size, cfg.shared_intermediate_size * cfg.num_shared_experts, cfg.hidden_act)
             if cfg.num_shared_experts
             else None
         )
-        self.shared_expert_gate = (
-            nn.Linear(cfg.hidden_size, 1, bias=False, device="meta") if cfg.shared_expert_gate else None
-        )
+        self.shared_expert_gate = Linear(cfg.hidden_size, 1, False) if cfg.shared_expert_gate else None
         self.executor: ExpertExecutor | None = None
         self.on_route = None  # optional observer (profiling): called with (layer, ids [T, K])
 

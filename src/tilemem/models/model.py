@@ -14,6 +14,7 @@ from torch import nn
 from tilemem.config import ModelConfig
 from tilemem.layers.attention import Attention
 from tilemem.layers.kv_cache import ForwardContext, KVCache
+from tilemem.layers.linear import Linear
 from tilemem.layers.mlp import GatedMLP
 from tilemem.layers.moe import MoEBlock, ResidentExperts
 from tilemem.layers.norm import RMSNorm
@@ -75,7 +76,7 @@ class MoECausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta")
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False)
         self.mtp: MTPHead | None = None
         if cfg.num_mtp_layers:
             from tilemem.models.mtp import MTPHead

@@ -26,6 +26,7 @@ from torch import nn
 
 from tilemem.config import ModelConfig
 from tilemem.layers.kv_cache import ForwardContext
+from tilemem.layers.linear import Linear
 from tilemem.layers.moe import MoEBlock, ResidentExperts
 from tilemem.layers.norm import RMSNorm
 from tilemem.layers.rope import RotaryEmbedding
@@ -68,7 +69,7 @@ class SharedHead(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, device="meta") if cfg.mtp_own_head else None
+        self.head = Linear(cfg.hidden_size, cfg.vocab_size, False) if cfg.mtp_own_head else None
 
 
 class MTPLayer(DecoderLayer):
@@ -79,7 +80,7 @@ class MTPLayer(DecoderLayer):
         d = cfg.hidden_size
         self.enorm = RMSNorm(d, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(d, cfg.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * d, d, bias=False, device="meta")
+        self.eh_proj = Linear(2 * d, d, False)
         self.shared_head = SharedHead(cfg)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, d, device="meta") if cfg.mtp_own_embed else None
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from tilemem import kernels
 from tilemem.errors import TileMemError
 from tilemem.layers.moe import MoEBlock, PartialSums, group_by_expert
 from tilemem.runtime.direct_io import AlignedSlab, DirectReader
@@ -95,6 +96,35 @@ def partial_ffn(x: torch.Tensor, block: torch.Tensor, act) -> torch.Tensor:
     return (act(gu[:, :n]) * gu[:, n:]) @ block[2]  # [N, D]
 
 
+class Accumulator:
+    """Sum of tile FFN outputs over their tokens, in fp32: through the native kernel (tasks queued
+    until `flush`, so a batch of DRAM tiles runs as one threaded call) or with torch."""
+
+    def __init__(self, x: torch.Tensor, act, native_act: str | None, ws: kernels.Workspace) -> None:
+        self.x = x  # [T, D]
+        self.act, self.native_act, self.ws = act, native_act, ws
+        self.sums = PartialSums(x.shape)
+        self.tasks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def add(self, block: torch.Tensor, tok: torch.Tensor, scale: torch.Tensor) -> None:
+        """out[tok] += scale * tile FFN of x[tok]; block [3, n, D], tok [N], scale [N]."""
+        if self.native_act is None:
+            self.sums.add(tok, partial_ffn(self.x[tok], block, self.act) * scale[:, None])
+        else:
+            self.tasks.append((block, tok.to(torch.int32), scale.to(torch.float32)))
+
+    def flush(self) -> None:
+        """Run the queued tasks."""
+        if self.tasks:
+            kernels.ffn_tasks(self.x, self.tasks, self.native_act, self.ws, self.sums.out)
+            self.tasks = []
+
+    def result(self) -> torch.Tensor:
+        """The [T, D] fp32 sum."""
+        self.flush()
+        return self.sums.result()
+
+
 class TieredExperts:
     """ExpertExecutor that follows per-expert tier ranges; see the module docstring."""
 
@@ -111,6 +141,8 @@ class TieredExperts:
         self.config = config
         self.dtype = dtype
         self.act = next(iter(blocks.values())).act
+        self.act_name = next(iter(blocks.values())).act_name
+        self.workspace = kernels.Workspace()
         self.next_layer = dict(zip(sorted(blocks), sorted(blocks)[1:], strict=False))
         self.resident: dict[tuple[int, int], list[torch.Tensor]] = {}
         self.on_disk: dict[tuple[int, int], list[StoredTile]] = {}
@@ -210,15 +242,16 @@ class TieredExperts:
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         c = self.counters
         self._harvest_prefetches()
-        out = PartialSums(x.shape)  # [T, D] fp32
+        native = self.act_name in kernels.ACTS and kernels.usable(x)
+        out = Accumulator(x, self.act, self.act_name if native else None, self.workspace)  # [T, D] fp32
         groups = group_by_expert(ids)
         self._score_prediction(layer, {e for e, _, _ in groups})
-        pending: list[tuple[TileId, StoredTile, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        pending: list[tuple[TileId, StoredTile, torch.Tensor, torch.Tensor]] = []
         ready = []
         for expert, tok, kslot in groups:
-            xs, scale = x[tok], weights[tok, kslot, None]  # [N, D], [N, 1]
+            scale = weights[tok, kslot]  # [N]
             for block in self.resident.get((layer, expert), []):
-                ready.append((xs, tok, scale, block))
+                ready.append((tok, scale, block))
                 c.dram_bytes += block.numel() * block.element_size()
             for tile in self.on_disk.get((layer, expert), []):
                 tid = (layer, expert, tile.start)
@@ -226,18 +259,19 @@ class TieredExperts:
                 if slot is not None:
                     c.hits += 1
                     c.dram_bytes += tile.nbytes
-                    ready.append((xs, tok, scale, (tid, slot, tile)))
+                    ready.append((tok, scale, (tid, slot, tile)))
                 else:
                     c.misses += 1
-                    pending.append((tid, tile, xs, tok, scale))
+                    pending.append((tid, tile, tok, scale))
         in_flight: dict[cf.Future, tuple] = {}
         pending.reverse()
         try:
             self._submit(pending, in_flight)
-            for xs, tok, scale, item in ready:  # compute in DRAM while the first reads are in flight
+            for tok, scale, item in ready:  # compute in DRAM while the first reads are in flight
                 block = self._block(item[1], item[2]) if isinstance(item, tuple) else item
-                out.add(tok, partial_ffn(xs, block, self.act) * scale)
+                out.add(block, tok, scale)
                 c.tiles_computed += 1
+            out.flush()
         finally:  # unpin cached tiles also on failure, or they could never be evicted again
             for *_, item in ready:
                 if isinstance(item, tuple):
@@ -246,13 +280,17 @@ class TieredExperts:
             t0 = time.perf_counter()
             done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
             c.stall_s += time.perf_counter() - t0
+            landed = []
             for fut in done:
-                tid, tile, xs, tok, scale, slot = in_flight.pop(fut)
+                tid, tile, tok, scale, slot = in_flight.pop(fut)
                 if fut.exception() is not None:
                     self._abort(in_flight, slot)
+                    self.cache.slab.free.extend(slot_ for _, slot_ in landed)
                     raise fut.exception()
-                y = partial_ffn(xs, self._block(slot, tile), self.act)
-                out.add(tok, y * scale)
+                out.add(self._block(slot, tile), tok, scale)
+                landed.append((tid, slot))
+            out.flush()  # the tiles that landed together run as one call
+            for tid, slot in landed:
                 c.tiles_computed += 1
                 self.cache.admit(tid, slot)
             self._submit(pending, in_flight)
@@ -263,7 +301,7 @@ class TieredExperts:
     def _submit(self, pending: list, in_flight: dict) -> None:
         """Start reads (or adopt prefetches in flight) while slots and queue depth allow."""
         while pending and len(in_flight) < self.config.io_depth:
-            tid, tile, xs, tok, scale = pending[-1]
+            tid, tile, tok, scale = pending[-1]
             if tid in self.prefetching:
                 fut, slot, _ = self.prefetching.pop(tid)
                 self.counters.prefetch_used += 1
@@ -281,7 +319,7 @@ class TieredExperts:
                 fut = self.pool.submit(self._read, tile, slot)
                 self.counters.disk_bytes += tile.padded
             pending.pop()
-            in_flight[fut] = (tid, tile, xs, tok, scale, slot)
+            in_flight[fut] = (tid, tile, tok, scale, slot)
 
     def _abort(self, in_flight: dict, slot: int) -> None:
         """After a failed read: let the other reads finish, then give every slot back."""

@@ -1,0 +1,204 @@
+"""Native CPU kernels (AVX512-BF16): fused expert FFNs and small-batch linears for bf16 decode.
+
+The C source ships with the package and is compiled on first use with the system C compiler into
+a per-user cache (`$TILEMEM_CACHE`, default `~/.cache/tilemem`), keyed by the source and flags;
+the shared library is written to a temp file and renamed, so a crash never leaves half a library.
+Where the CPU lacks AVX512-BF16, no compiler is found, or `TILEMEM_KERNELS=0`, `available()` is
+False and callers keep their torch path (same results up to bf16 rounding order).
+
+Shape legend: T tokens, K experts per token, E experts, D hidden, I expert intermediate.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_bf16.c")
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp", "-fPIC", "-shared"]
+ABI_VERSION = 1
+ACTS = {"silu": 0, "gelu": 1, "relu": 2}
+MAX_ROWS = 16
+"""Largest token count the dense linear kernel takes; bigger batches are compute-bound GEMMs (oneDNN)."""
+
+_vp, _i64, _int, _fp = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.POINTER(ctypes.c_float)
+
+
+class FfnTask(ctypes.Structure):
+    """One gated-FFN task (mirrors `tm_ffn_task` in cpu_bf16.c)."""
+
+    _fields_ = [
+        ("gate", _vp),
+        ("up", _vp),
+        ("down", _vp),
+        ("n", _i64),
+        ("ld_gu", _i64),
+        ("ld_down", _i64),
+        ("down_t", ctypes.c_int32),
+        ("ntok", ctypes.c_int32),
+        ("tok", _vp),
+        ("scale", _vp),
+    ]
+
+
+def cpu_supported() -> bool:
+    """Whether this CPU reports the instruction sets the kernels use."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"))
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept."""
+    return Path(os.environ.get("TILEMEM_CACHE", Path.home() / ".cache" / "tilemem")) / "kernels"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+
+
+def build(force: bool = False) -> Path:
+    """Compile the kernels (once per source and flags); returns the shared library's path."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (install gcc or set CC)")
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
+    out = cache_dir() / f"cpu_bf16-{key}.so"
+    if out.exists() and not force:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
+        os.replace(tmp, out)
+    except subprocess.CalledProcessError as exc:
+        raise RuntimeError(f"compiling {SOURCE.name} failed:\n{exc.stderr}") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL | None:
+    if os.environ.get("TILEMEM_KERNELS", "1") == "0" or not cpu_supported():
+        return None
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except (RuntimeError, OSError) as exc:
+        log.warning("native kernels unavailable, using torch: %s", exc)
+        return None
+    if lib.tm_abi_version() != ABI_VERSION:
+        log.warning("native kernel ABI mismatch; using torch")
+        return None
+    lib.tm_linear_bf16.argtypes = [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _i64, _int, _int]
+    lib.tm_ffn_tasks_bf16.argtypes = [_vp, _vp, _i64, _i64, ctypes.POINTER(FfnTask), _i64, _int, _int, _vp, _vp]
+    lib.tm_moe_bf16.argtypes = [_vp, _vp, _i64, _i64, _i64, _vp, _vp, _i64, _i64, _vp, _vp, _vp, _int, _int, _vp, _vp]
+    return lib
+
+
+def available() -> bool:
+    """Whether the native kernels can run here (CPU, compiler, not disabled)."""
+    return _lib() is not None
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether `x` (an activation) can go through the kernels: bf16 on the CPU."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and available()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ weight[N, K]^T -> [M, N] bf16 (fp32 accumulation); M <= MAX_ROWS, bf16 inputs."""
+    x = x.contiguous()
+    m, k = x.shape
+    n = weight.shape[0]
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    _lib().tm_linear_bf16(x.data_ptr(), m, k, k, weight.data_ptr(), n, weight.stride(0), y.data_ptr(), n, 0, _threads())
+    return y
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+class Workspace:
+    """Reusable scratch buffers of one executor (per-thread partial sums, activations)."""
+
+    def __init__(self) -> None:
+        self.scratch = torch.empty(0, dtype=torch.float32)
+        self.h = torch.empty(0, dtype=torch.bfloat16)
+
+    def get(self, scratch: int, h: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Buffers of at least `scratch` fp32 and `h` bf16 elements."""
+        if self.scratch.numel() < scratch:
+            self.scratch = torch.empty(scratch, dtype=torch.float32)
+        if self.h.numel() < h:
+            self.h = torch.empty(h, dtype=torch.bfloat16)
+        return self.scratch, self.h
+
+
+class ExpertTable:
+    """Data pointers of one MoE layer's experts in checkpoint layout, for `moe`."""
+
+    def __init__(self, gate: list[torch.Tensor], up: list[torch.Tensor], down: list[torch.Tensor]) -> None:
+        for t in (*gate, *up, *down):
+            if not t.is_contiguous() or t.dtype != torch.bfloat16:
+                raise ValueError("expert weights must be contiguous bf16 for the native kernels")
+        self.intermediate, self.hidden = gate[0].shape
+        self.tensors = (gate, up, down)  # keep the storages alive
+        ptrs = (torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64) for ts in self.tensors)
+        self.gate, self.up, self.down = ptrs
+
+
+def moe(
+    x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, table: ExpertTable, act: str, ws: Workspace
+) -> torch.Tensor:
+    """sum_k weights[t, k] * expert[ids[t, k]](x[t]) -> [T, D] fp32; x [T, D] bf16, ids/weights [T, K]."""
+    x = x.contiguous()
+    t, d = x.shape
+    ids = ids.to(torch.int64).contiguous()
+    w = weights.to(torch.float32).contiguous()
+    threads = _threads()
+    scratch, h = ws.get(0, ids.numel() * table.intermediate)
+    out = torch.zeros(t, d, dtype=torch.float32)
+    _lib().tm_moe_bf16(
+        x.data_ptr(), out.data_ptr(), t, d, table.intermediate, ids.data_ptr(), w.data_ptr(), ids.shape[1],
+        table.gate.numel(), table.gate.data_ptr(), table.up.data_ptr(), table.down.data_ptr(), ACTS[act], threads,
+        scratch.data_ptr(), h.data_ptr(),
+    )  # fmt: skip
+    return out
+
+
+def ffn_tasks(x: torch.Tensor, tasks: list[tuple], act: str, ws: Workspace, out: torch.Tensor) -> None:
+    """out [T, D] fp32 += each task's partial FFN. A task: (block [3, n, D] bf16 with gate, up and
+    transposed down rows, token indices [N] int32, scales [N] fp32)."""
+    x = x.contiguous()
+    t, d = x.shape
+    arr = (FfnTask * len(tasks))()
+    total = 0
+    for q, (block, tok, scale) in enumerate(tasks):
+        n = block.shape[1]
+        arr[q] = FfnTask(block[0].data_ptr(), block[1].data_ptr(), block[2].data_ptr(), n, d, d, 1, tok.numel(),
+                         tok.data_ptr(), scale.data_ptr())  # fmt: skip
+        total += n * tok.numel()
+    threads = _threads()
+    scratch, h = ws.get((threads - 1) * t * d, total)
+    _lib().tm_ffn_tasks_bf16(
+        x.data_ptr(), out.data_ptr(), t, d, arr, len(tasks), ACTS[act], threads, scratch.data_ptr(), h.data_ptr()
+    )

@@ -1,0 +1,280 @@
+/* Fused bf16 CPU kernels for small-batch MoE inference (AVX512-BF16).
+ *
+ * Decode reads every weight byte once per token, so speed is memory bandwidth. These kernels
+ * stream each weight row once for all the tokens that need it (up to TB at a time), in one
+ * sequential pass per row, accumulate in fp32 with vdpbf16ps, and fuse a gated expert FFN
+ * (gate, up, act, down, routing weight) into one pass with one thread barrier.
+ *
+ * Threads: OpenMP (the same libgomp that torch loaded). An expert FFN is split across threads
+ * by neuron range for gate/up (each thread its contiguous rows), then by hidden rows for down
+ * (checkpoint layout [D, I]: each thread a contiguous block of rows) or by neuron range with
+ * per-thread partial sums (tile layout, down stored transposed [n, D]).
+ *
+ * Shape legend: T tokens, D hidden, n neurons of a task, K reduction length, N output rows.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TB 4 /* tokens per register block */
+
+int tm_abi_version(void) { return 1; }
+
+static inline float bf2f(uint16_t v) {
+  union { uint32_t u; float f; } c;
+  c.u = ((uint32_t)v) << 16;
+  return c.f;
+}
+
+static inline uint16_t f2bf(float f) { /* round to nearest even, like torch */
+  union { uint32_t u; float f; } c;
+  c.f = f;
+  uint32_t u = c.u;
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+/* 32 bf16 values from p, zero past `rem` */
+static inline __m512bh ld32(const uint16_t *p, int64_t rem) {
+  if (rem >= 32) return (__m512bh)_mm512_loadu_si512((const void *)p);
+  return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1u << rem) - 1u), p);
+}
+
+/* out[r][j] = dot(w + r*ld, x[j]) over K, for R rows (R <= 4) and nt tokens (nt <= TB).
+ * Rows are read one after another, each in one sequential pass (the hardware prefetcher streams
+ * it; interleaving rows that sit 4 KiB apart stalls it at every page), with U independent
+ * accumulators per token along K to hide the dot-product latency. */
+static inline void dot_block(const uint16_t *w, int64_t ld, int R, const uint16_t *const *x, int nt, int U,
+                             int64_t K, float out[4][TB]) {
+  for (int r = 0; r < R; r++) {
+    const uint16_t *wr = w + r * ld;
+    __m512 acc[TB][4];
+    for (int j = 0; j < TB; j++)
+      for (int u = 0; u < 4; u++) acc[j][u] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 * U <= K; k += 32 * U)
+      for (int u = 0; u < U; u++) {
+        __m512bh wv = ld32(wr + k + 32 * u, 32);
+        for (int j = 0; j < nt; j++) acc[j][u] = _mm512_dpbf16_ps(acc[j][u], wv, ld32(x[j] + k + 32 * u, 32));
+      }
+    for (; k < K; k += 32) {
+      __m512bh wv = ld32(wr + k, K - k);
+      for (int j = 0; j < nt; j++) acc[j][0] = _mm512_dpbf16_ps(acc[j][0], wv, ld32(x[j] + k, K - k));
+    }
+    for (int j = 0; j < nt; j++) {
+      __m512 s = acc[j][0];
+      for (int u = 1; u < U; u++) s = _mm512_add_ps(s, acc[j][u]);
+      out[r][j] = _mm512_reduce_add_ps(s);
+    }
+  }
+}
+
+/* Specialize per token count so the compiler fully unrolls the register block. */
+#define DOT_SPEC(NT_, U_)                                                                                    \
+  static void dot_##NT_(const uint16_t *w, int64_t ld, int R, const uint16_t *const *x, int64_t K,          \
+                        float out[4][TB]) {                                                                  \
+    dot_block(w, ld, R, x, NT_, U_, K, out);                                                                \
+  }
+DOT_SPEC(1, 4)
+DOT_SPEC(2, 2)
+DOT_SPEC(3, 2)
+DOT_SPEC(4, 2)
+
+static void dot_rows(const uint16_t *w, int64_t ld, int R, const uint16_t *const *x, int nt, int64_t K,
+                     float out[4][TB]) {
+  switch (nt) {
+    case 1: dot_1(w, ld, R, x, K, out); return;
+    case 2: dot_2(w, ld, R, x, K, out); return;
+    case 3: dot_3(w, ld, R, x, K, out); return;
+    default: dot_4(w, ld, R, x, K, out); return;
+  }
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Dense linear: y[M, N] = x[M, K] @ w[N, K]^T, rows of w split across threads.                     */
+
+void tm_linear_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *w, int64_t N,
+                    int64_t ldw, void *y, int64_t ldy, int y_fp32, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+  {
+    int nt = omp_get_num_threads(), t = omp_get_thread_num();
+    int64_t per = ((N + nt - 1) / nt + 3) / 4 * 4;
+    int64_t n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
+    float res[4][TB];
+    for (int64_t m0 = 0; m0 < M; m0 += TB) {
+      int mt = M - m0 < TB ? (int)(M - m0) : TB;
+      const uint16_t *xs[TB];
+      for (int j = 0; j < mt; j++) xs[j] = x + (m0 + j) * ldx;
+      for (int64_t n = n0; n < n1; n += 4) {
+        int R = n1 - n < 4 ? (int)(n1 - n) : 4;
+        dot_rows(w + n * ldw, ldw, R, xs, mt, K, res);
+        for (int j = 0; j < mt; j++)
+          for (int r = 0; r < R; r++) {
+            if (y_fp32)
+              ((float *)y)[(m0 + j) * ldy + n + r] = res[r][j];
+            else
+              ((uint16_t *)y)[(m0 + j) * ldy + n + r] = f2bf(res[r][j]);
+          }
+      }
+    }
+  }
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Gated FFN tasks: out[tok] += scale * down(act(gate x) * up x) over a neuron range.               */
+
+typedef struct {
+  const uint16_t *gate; /* [n, ld_gu] rows */
+  const uint16_t *up;   /* [n, ld_gu] rows */
+  const uint16_t *down; /* down_t ? [n, ld_down] (transposed rows) : [D, ld_down] starting at column 0 */
+  int64_t n, ld_gu, ld_down;
+  int32_t down_t, ntok;
+  const int32_t *tok;  /* [ntok] token rows of x / out */
+  const float *scale;  /* [ntok] routing weights */
+} tm_ffn_task;
+
+enum { ACT_SILU = 0, ACT_GELU = 1, ACT_RELU = 2 };
+
+static inline float act_fn(int act, float g) {
+  if (act == ACT_SILU) return g / (1.f + expf(-g));
+  if (act == ACT_GELU) return 0.5f * g * (1.f + erff(g * 0.70710678118654752f));
+  return g > 0.f ? g : 0.f;
+}
+
+/* Split [0, n) into nt parts, 32-aligned: part t is [*a, *b). */
+static inline void split(int64_t n, int nt, int t, int64_t align, int64_t *a, int64_t *b) {
+  int64_t per = ((n + nt - 1) / nt + align - 1) / align * align;
+  *a = t * per < n ? t * per : n;
+  *b = *a + per < n ? *a + per : n;
+}
+
+/* h: per task, ntok x n bf16 activations (the caller sizes it: sum of n * ntok). scratch: (threads-1) x T x D
+ * fp32 per-thread partial sums for transposed-down tasks. out [T, D] fp32 is accumulated into. */
+void tm_ffn_tasks_bf16(const uint16_t *x, float *out, int64_t T, int64_t D, const tm_ffn_task *tasks,
+                       int64_t ntasks, int act, int nthreads, float *scratch, uint16_t *h) {
+  int64_t *offs = (int64_t *)malloc(sizeof(int64_t) * (ntasks + 1));
+  int any_t = 0;
+  offs[0] = 0;
+  for (int64_t q = 0; q < ntasks; q++) {
+    offs[q + 1] = offs[q] + tasks[q].n * tasks[q].ntok;
+    any_t |= tasks[q].down_t;
+  }
+#pragma omp parallel num_threads(nthreads)
+  {
+    int nt = omp_get_num_threads(), t = omp_get_thread_num();
+    float *yp = t == 0 ? out : scratch + (int64_t)(t - 1) * T * D; /* partial sums (transposed down) */
+    if (t && any_t) memset(yp, 0, sizeof(float) * T * D);
+    float res[4][TB], res2[4][TB];
+    /* phase 1: gate/up rows of this thread's neuron range, activation, and transposed downs */
+    for (int64_t q = 0; q < ntasks; q++) {
+      const tm_ffn_task *tk = &tasks[q];
+      int64_t i0, i1;
+      split(tk->n, nt, t, 32, &i0, &i1);
+      for (int64_t j0 = 0; j0 < tk->ntok; j0 += TB) {
+        int mt = tk->ntok - j0 < TB ? (int)(tk->ntok - j0) : TB;
+        const uint16_t *xs[TB];
+        for (int j = 0; j < mt; j++) xs[j] = x + (int64_t)tk->tok[j0 + j] * D;
+        for (int64_t i = i0; i < i1; i += 4) {
+          int R = i1 - i < 4 ? (int)(i1 - i) : 4;
+          dot_rows(tk->gate + i * tk->ld_gu, tk->ld_gu, R, xs, mt, D, res);
+          dot_rows(tk->up + i * tk->ld_gu, tk->ld_gu, R, xs, mt, D, res2);
+          for (int j = 0; j < mt; j++)
+            for (int r = 0; r < R; r++)
+              h[offs[q] + (j0 + j) * tk->n + i + r] = f2bf(act_fn(act, res[r][j]) * res2[r][j]);
+        }
+      }
+      if (!tk->down_t) continue;
+      for (int64_t j = 0; j < tk->ntok; j++) { /* yp[tok] += scale * sum_i h[i] * down_t[i, :] */
+        float *yj = yp + (int64_t)tk->tok[j] * D;
+        const uint16_t *hj = h + offs[q] + j * tk->n;
+        float s = tk->scale[j];
+        for (int64_t i = i0; i < i1; i += 2) {
+          int two = i + 1 < i1;
+          __m512 h0 = _mm512_set1_ps(bf2f(hj[i]) * s), h1 = _mm512_set1_ps(two ? bf2f(hj[i + 1]) * s : 0.f);
+          const uint16_t *w0 = tk->down + i * tk->ld_down, *w1 = two ? w0 + tk->ld_down : w0;
+          int64_t d = 0;
+          for (; d + 16 <= D; d += 16) {
+            __m512 v0 = _mm512_castsi512_ps(
+                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w0 + d))), 16));
+            __m512 v1 = _mm512_castsi512_ps(
+                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w1 + d))), 16));
+            __m512 yv = _mm512_loadu_ps(yj + d);
+            yv = _mm512_fmadd_ps(h0, v0, yv);
+            yv = _mm512_fmadd_ps(h1, v1, yv);
+            _mm512_storeu_ps(yj + d, yv);
+          }
+          for (; d < D; d++) yj[d] += bf2f(hj[i]) * s * bf2f(w0[d]) + (two ? bf2f(hj[i + 1]) * s * bf2f(w1[d]) : 0.f);
+        }
+      }
+    }
+#pragma omp barrier
+    /* phase 2: checkpoint-layout downs, this thread's block of hidden rows, straight into out */
+    int64_t d0, d1;
+    split(D, nt, t, 16, &d0, &d1);
+    for (int64_t q = 0; q < ntasks; q++) {
+      const tm_ffn_task *tk = &tasks[q];
+      if (tk->down_t) continue;
+      for (int64_t j0 = 0; j0 < tk->ntok; j0 += TB) {
+        int mt = tk->ntok - j0 < TB ? (int)(tk->ntok - j0) : TB;
+        const uint16_t *hs[TB];
+        for (int j = 0; j < mt; j++) hs[j] = h + offs[q] + (j0 + j) * tk->n;
+        for (int64_t d = d0; d < d1; d += 4) {
+          int R = d1 - d < 4 ? (int)(d1 - d) : 4;
+          dot_rows(tk->down + d * tk->ld_down, tk->ld_down, R, hs, mt, tk->n, res);
+          for (int j = 0; j < mt; j++) {
+            float *yj = out + (int64_t)tk->tok[j0 + j] * D;
+            for (int r = 0; r < R; r++) yj[d + r] += tk->scale[j0 + j] * res[r][j];
+          }
+        }
+      }
+    }
+    if (nt > 1 && any_t) {
+#pragma omp barrier
+#pragma omp for
+      for (int64_t e = 0; e < T * D; e++) {
+        float a = 0.f;
+        for (int k = 0; k < nt - 1; k++) a += scratch[(int64_t)k * T * D + e];
+        out[e] += a;
+      }
+    }
+  }
+  free(offs);
+}
+
+/* Routed experts of one MoE layer, checkpoint layout: group tokens by expert, then run the tasks.
+ * ids/w [T, K]; gate/up/down: per-expert data pointers ([I, D], [I, D], [D, I]). */
+void tm_moe_bf16(const uint16_t *x, float *out, int64_t T, int64_t D, int64_t I, const int64_t *ids,
+                 const float *w, int64_t K, int64_t E, const int64_t *gate, const int64_t *up, const int64_t *down,
+                 int act, int nthreads, float *scratch, uint16_t *h) {
+  int32_t *count = (int32_t *)calloc(E + 1, sizeof(int32_t));
+  int32_t *tok = (int32_t *)malloc(sizeof(int32_t) * T * K);
+  float *scale = (float *)malloc(sizeof(float) * T * K);
+  tm_ffn_task *tasks = (tm_ffn_task *)malloc(sizeof(tm_ffn_task) * (T * K < E ? T * K : E));
+  for (int64_t p = 0; p < T * K; p++) count[ids[p] + 1]++;
+  for (int64_t e = 0; e < E; e++) count[e + 1] += count[e]; /* exclusive prefix: start of expert e */
+  int32_t *fill = (int32_t *)malloc(sizeof(int32_t) * E);
+  memcpy(fill, count, sizeof(int32_t) * E);
+  for (int64_t p = 0; p < T * K; p++) { /* token order kept within an expert */
+    int64_t e = ids[p];
+    tok[fill[e]] = (int32_t)(p / K);
+    scale[fill[e]++] = w[p];
+  }
+  int64_t nt = 0;
+  for (int64_t e = 0; e < E; e++) {
+    int32_t c = count[e + 1] - count[e];
+    if (!c) continue;
+    tm_ffn_task tk = {(const uint16_t *)gate[e], (const uint16_t *)up[e], (const uint16_t *)down[e], I, D, I, 0, c,
+                      tok + count[e], scale + count[e]};
+    tasks[nt++] = tk;
+  }
+  tm_ffn_tasks_bf16(x, out, T, D, tasks, nt, act, nthreads, scratch, h);
+  free(tasks);
+  free(fill);
+  free(scale);
+  free(tok);
+  free(count);
+}

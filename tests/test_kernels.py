@@ -1,0 +1,124 @@
+"""Native bf16 kernels against fp32 torch references (bf16 rounding tolerance), and their wiring."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tilemem import kernels
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="needs AVX512-BF16 and a C compiler")
+
+TOL = 1e-2  # relative (Frobenius) error allowed: bf16 inputs, fp32 accumulation, bf16 activations
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def experts(e: int, i: int, d: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: (torch.randn(*s, generator=g) * 0.1).to(torch.bfloat16)  # noqa: E731
+    return [mk(i, d) for _ in range(e)], [mk(i, d) for _ in range(e)], [mk(d, i) for _ in range(e)]
+
+
+def reference(x, weights, ids, gate, up, down, act=F.silu):
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    for t in range(x.shape[0]):
+        for k in range(ids.shape[1]):
+            e, xt = ids[t, k], x[t : t + 1].float()
+            y = F.linear(act(F.linear(xt, gate[e].float())) * F.linear(xt, up[e].float()), down[e].float())
+            out[t] += weights[t, k] * y[0]
+    return out
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 4, 5, 9, 33])
+@pytest.mark.parametrize("d,i", [(256, 96), (200, 70)])  # the second: neither a multiple of 32
+def test_moe_matches_fp32_reference(t, d, i):
+    e, k = 8, 2
+    gate, up, down = experts(e, i, d)
+    gen = torch.Generator().manual_seed(t)
+    x = torch.randn(t, d, generator=gen).to(torch.bfloat16)
+    ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)])
+    w = torch.rand(t, k, generator=gen)
+    out = kernels.moe(x, w, ids, kernels.ExpertTable(gate, up, down), "silu", kernels.Workspace())
+    assert out.dtype == torch.float32 and out.shape == (t, d)
+    assert rel(out, reference(x, w, ids, gate, up, down)) < TOL
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu", "relu"])
+def test_ffn_tasks_over_neuron_ranges_sum_to_the_whole_expert(act):
+    """Tiles in the store layout ([3, n, D], down transposed) over uneven ranges add up to the expert."""
+    d, i, t = 192, 100, 6
+    gate, up, down = experts(2, i, d, seed=1)
+    x = torch.randn(t, d, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    tok = torch.tensor([0, 2, 5], dtype=torch.int32)
+    scale = torch.tensor([0.5, 1.0, 2.0])
+    tasks = []
+    for a, b in [(0, 16), (16, 57), (57, 100)]:
+        block = torch.stack([gate[0][a:b], up[0][a:b], down[0][:, a:b].t()]).contiguous()
+        tasks.append((block, tok, scale))
+    out = torch.zeros(t, d)
+    kernels.ffn_tasks(x, tasks, act, kernels.Workspace(), out)
+    ids = torch.zeros(t, 1, dtype=torch.long)
+    w = torch.zeros(t, 1)
+    w[tok.long(), 0] = scale
+    fn = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}[act]
+    assert out[[1, 3, 4]].abs().max() == 0  # untouched tokens stay zero
+    assert rel(out, reference(x, w, ids, gate, up, down, fn)) < TOL
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 7, 16])
+@pytest.mark.parametrize("n,k", [(70, 256), (33, 100)])
+def test_linear_matches_fp32_reference(m, n, k):
+    gen = torch.Generator().manual_seed(m * n)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+    y = kernels.linear(x, w)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    assert rel(y, F.linear(x.float(), w.float())) < TOL
+
+
+def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
+    monkeypatch.setenv("TILEMEM_CACHE", str(tmp_path))
+    lib = kernels.build()
+    assert lib.parent == tmp_path / "kernels" and lib.exists()
+    mtime = lib.stat().st_mtime_ns
+    assert kernels.build() == lib and lib.stat().st_mtime_ns == mtime  # reused, not rebuilt
+    assert [p.name for p in lib.parent.iterdir()] == [lib.name]  # no temp files left behind
+
+
+def test_kernels_can_be_switched_off():
+    code = "from tilemem import kernels; print(kernels.available())"
+    env = dict(os.environ, TILEMEM_KERNELS="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_bf16_engine_runs_experts_and_linears_natively(make_ckpt):
+    """The bf16 parity tests against transformers go through the kernels, not around them."""
+    from tilemem.engine.llm import LLM
+    from tilemem.engine.sampling import SamplingParams
+
+    llm = LLM(make_ckpt("olmoe", "bf16"), dtype="bf16")
+    calls = {"moe": 0, "linear": 0}
+    orig_moe, orig_linear = kernels.moe, kernels.linear
+
+    def count(name, fn):
+        def wrapped(*a, **kw):
+            calls[name] += 1
+            return fn(*a, **kw)
+
+        return wrapped
+
+    try:
+        kernels.moe, kernels.linear = count("moe", orig_moe), count("linear", orig_linear)
+        llm.generate(["hello"], SamplingParams(max_tokens=3, temperature=0))
+    finally:
+        kernels.moe, kernels.linear = orig_moe, orig_linear
+    assert calls["moe"] > 0 and calls["linear"] > 0
