@@ -105,12 +105,12 @@ void tm_linear_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const 
     int64_t per = ((N + nt - 1) / nt + 3) / 4 * 4;
     int64_t n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
     float res[4][TB];
-    for (int64_t m0 = 0; m0 < M; m0 += TB) {
-      int mt = M - m0 < TB ? (int)(M - m0) : TB;
-      const uint16_t *xs[TB];
-      for (int j = 0; j < mt; j++) xs[j] = x + (m0 + j) * ldx;
-      for (int64_t n = n0; n < n1; n += 4) {
-        int R = n1 - n < 4 ? (int)(n1 - n) : 4;
+    for (int64_t n = n0; n < n1; n += 4) { /* rows outer: a 4-row block stays in L1 for every token block */
+      int R = n1 - n < 4 ? (int)(n1 - n) : 4;
+      for (int64_t m0 = 0; m0 < M; m0 += TB) {
+        int mt = M - m0 < TB ? (int)(M - m0) : TB;
+        const uint16_t *xs[TB];
+        for (int j = 0; j < mt; j++) xs[j] = x + (m0 + j) * ldx;
         dot_rows(w + n * ldw, ldw, R, xs, mt, K, res);
         for (int j = 0; j < mt; j++)
           for (int r = 0; r < R; r++) {
@@ -174,12 +174,12 @@ void tm_ffn_tasks_bf16(const uint16_t *x, float *out, int64_t T, int64_t D, cons
       const tm_ffn_task *tk = &tasks[q];
       int64_t i0, i1;
       split(tk->n, nt, t, 32, &i0, &i1);
-      for (int64_t j0 = 0; j0 < tk->ntok; j0 += TB) {
-        int mt = tk->ntok - j0 < TB ? (int)(tk->ntok - j0) : TB;
-        const uint16_t *xs[TB];
-        for (int j = 0; j < mt; j++) xs[j] = x + (int64_t)tk->tok[j0 + j] * D;
-        for (int64_t i = i0; i < i1; i += 4) {
-          int R = i1 - i < 4 ? (int)(i1 - i) : 4;
+      for (int64_t i = i0; i < i1; i += 4) { /* rows outer: a 4-row block stays in L1 for every token block */
+        int R = i1 - i < 4 ? (int)(i1 - i) : 4;
+        for (int64_t j0 = 0; j0 < tk->ntok; j0 += TB) {
+          int mt = tk->ntok - j0 < TB ? (int)(tk->ntok - j0) : TB;
+          const uint16_t *xs[TB];
+          for (int j = 0; j < mt; j++) xs[j] = x + (int64_t)tk->tok[j0 + j] * D;
           dot_rows(tk->gate + i * tk->ld_gu, tk->ld_gu, R, xs, mt, D, res);
           dot_rows(tk->up + i * tk->ld_gu, tk->ld_gu, R, xs, mt, D, res2);
           for (int j = 0; j < mt; j++)
@@ -218,12 +218,12 @@ void tm_ffn_tasks_bf16(const uint16_t *x, float *out, int64_t T, int64_t D, cons
     for (int64_t q = 0; q < ntasks; q++) {
       const tm_ffn_task *tk = &tasks[q];
       if (tk->down_t) continue;
-      for (int64_t j0 = 0; j0 < tk->ntok; j0 += TB) {
-        int mt = tk->ntok - j0 < TB ? (int)(tk->ntok - j0) : TB;
-        const uint16_t *hs[TB];
-        for (int j = 0; j < mt; j++) hs[j] = h + offs[q] + (j0 + j) * tk->n;
-        for (int64_t d = d0; d < d1; d += 4) {
-          int R = d1 - d < 4 ? (int)(d1 - d) : 4;
+      for (int64_t d = d0; d < d1; d += 4) {
+        int R = d1 - d < 4 ? (int)(d1 - d) : 4;
+        for (int64_t j0 = 0; j0 < tk->ntok; j0 += TB) {
+          int mt = tk->ntok - j0 < TB ? (int)(tk->ntok - j0) : TB;
+          const uint16_t *hs[TB];
+          for (int j = 0; j < mt; j++) hs[j] = h + offs[q] + (j0 + j) * tk->n;
           dot_rows(tk->down + d * tk->ld_down, tk->ld_down, R, hs, mt, tk->n, res);
           for (int j = 0; j < mt; j++) {
             float *yj = out + (int64_t)tk->tok[j0 + j] * D;
