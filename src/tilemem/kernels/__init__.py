@@ -107,6 +107,7 @@ def _lib() -> ctypes.CDLL | None:
         return None
     lib.tm_linear_bf16.argtypes = [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _i64, _int, _int]
     lib.tm_ffn_tasks_bf16.argtypes = [_vp, _vp, _i64, _i64, ctypes.POINTER(FfnTask), _i64, _int, _int, _vp, _vp]
+    lib.tm_rmsnorm_bf16.argtypes = [_vp, _i64, _i64, _vp, ctypes.c_float, _vp]
     lib.tm_moe_bf16.argtypes = [_vp, _vp, _i64, _i64, _i64, _vp, _vp, _i64, _i64, _vp, _vp, _vp, _int, _int, _vp, _vp]
     return lib
 
@@ -130,6 +131,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         weight = weight.contiguous()
     y = torch.empty(m, n, dtype=torch.bfloat16)
     _lib().tm_linear_bf16(x.data_ptr(), m, k, k, weight.data_ptr(), n, weight.stride(0), y.data_ptr(), n, 0, _threads())
+    return y
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension of bf16 `x` with a bf16 weight (single-threaded: decode rows)."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    d = x.shape[-1]
+    _lib().tm_rmsnorm_bf16(x.data_ptr(), x.numel() // d, d, weight.data_ptr(), eps, y.data_ptr())
     return y
 
 

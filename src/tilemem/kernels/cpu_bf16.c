@@ -278,3 +278,21 @@ void tm_moe_bf16(const uint16_t *x, float *out, int64_t T, int64_t D, int64_t I,
   free(tok);
   free(count);
 }
+
+/* RMSNorm rows of x [M, D] into y: bf16(w * bf16(x * rsqrt(mean(x^2) + eps))), the same roundings as
+ * the torch module (fp32 statistics, cast back, then the weight product in the model dtype). */
+void tm_rmsnorm_bf16(const uint16_t *x, int64_t M, int64_t D, const uint16_t *w, float eps, uint16_t *y) {
+  for (int64_t m = 0; m < M; m++) {
+    const uint16_t *xm = x + m * D;
+    __m512 acc = _mm512_setzero_ps();
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16) {
+      __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(xm + d))), 16));
+      acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    float ss = _mm512_reduce_add_ps(acc);
+    for (; d < D; d++) ss += bf2f(xm[d]) * bf2f(xm[d]);
+    float r = 1.f / sqrtf(ss / (float)D + eps);
+    for (d = 0; d < D; d++) y[m * D + d] = f2bf(bf2f(w[d]) * bf2f(f2bf(bf2f(xm[d]) * r)));
+  }
+}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tilemem import kernels
+
 
 class RMSNorm(nn.Module):
     """y = w * x / sqrt(mean(x^2) + eps), normalizing over the last dimension."""
@@ -15,6 +17,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= kernels.MAX_ROWS * x.shape[-1] and self.weight.dtype == torch.bfloat16 and kernels.usable(x):
+            return kernels.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
