@@ -15,7 +15,7 @@ import torch
 
 from tilemem.config import ModelConfig
 from tilemem.errors import CheckpointError, ConfigError, WeightError
-from tilemem.loader.safetensors_file import SafetensorsFile
+from tilemem.loader.safetensors_file import SafetensorsFile, populate
 from tilemem.models.registry import Family, config_from_hf, family_for_architecture
 
 DTYPE_NAMES = {
@@ -219,6 +219,7 @@ def load_model(
             "match config.json."
         )
     model.load_state_dict(state, strict=False, assign=True)
+    populate(t for t in state.values() if t.device.type == "cpu")
     model.finish_loading(max_positions or cfg.max_position_embeddings)
     return model, ckpt
 
