@@ -137,3 +137,17 @@ def test_rms_norm_matches_the_torch_module(d):
     assert y.shape == x.shape and y.dtype == torch.bfloat16
     assert (y.float() - ref.float()).abs().max() <= 2 ** -7 * ref.float().abs().max()  # one bf16 ulp at most
     assert torch.equal(norm(x), y)  # the module takes the kernel for small bf16 batches
+
+
+def test_prefill_sized_batches_match_the_reference():
+    """Many tokens per expert take the 4-row x 4-token path; the leftovers take the row path."""
+    d, i, e, t = 128, 96, 2, 37
+    gate, up, down = experts(e, i, d, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(t, d, generator=gen).to(torch.bfloat16)
+    ids = torch.stack([torch.randperm(e, generator=gen) for _ in range(t)])
+    w = torch.rand(t, e, generator=gen)
+    out = kernels.moe(x, w, ids, kernels.ExpertTable(gate, up, down), "silu", kernels.Workspace())
+    assert rel(out, reference(x, w, ids, gate, up, down)) < TOL
+    wl = torch.randn(50, d, generator=gen).to(torch.bfloat16)
+    assert rel(kernels.linear(x[:16], wl), F.linear(x[:16].float(), wl.float())) < TOL

@@ -84,8 +84,33 @@ DOT_SPEC(2, 2)
 DOT_SPEC(3, 2)
 DOT_SPEC(4, 2)
 
+/* Many tokens per row (prefill, compute-bound): 4 rows x 4 tokens interleaved, so each vector
+ * loaded feeds 4 dot products (loads are the limit there, not bandwidth). K a multiple of 32. */
+static void dot_quads_4(const uint16_t *w, int64_t ld, const uint16_t *const *x, int64_t K, float out[4][TB]) {
+  __m512 a[4][TB];
+  for (int r = 0; r < 4; r++)
+    for (int j = 0; j < TB; j++) a[r][j] = _mm512_setzero_ps();
+  const uint16_t *w0 = w, *w1 = w + ld, *w2 = w + 2 * ld, *w3 = w + 3 * ld;
+  for (int64_t k = 0; k + 32 <= K; k += 32) {
+    __m512bh v0 = ld32(w0 + k, 32), v1 = ld32(w1 + k, 32), v2 = ld32(w2 + k, 32), v3 = ld32(w3 + k, 32);
+    for (int j = 0; j < TB; j++) {
+      __m512bh xv = ld32(x[j] + k, 32);
+      a[0][j] = _mm512_dpbf16_ps(a[0][j], v0, xv);
+      a[1][j] = _mm512_dpbf16_ps(a[1][j], v1, xv);
+      a[2][j] = _mm512_dpbf16_ps(a[2][j], v2, xv);
+      a[3][j] = _mm512_dpbf16_ps(a[3][j], v3, xv);
+    }
+  }
+  for (int r = 0; r < 4; r++)
+    for (int j = 0; j < TB; j++) out[r][j] = _mm512_reduce_add_ps(a[r][j]);
+}
+
 static void dot_rows(const uint16_t *w, int64_t ld, int R, const uint16_t *const *x, int nt, int64_t K,
-                     float out[4][TB]) {
+                     float out[4][TB], int wide) {
+  if (wide && nt == TB && R == 4 && K % 32 == 0) {
+    dot_quads_4(w, ld, x, K, out);
+    return;
+  }
   switch (nt) {
     case 1: dot_1(w, ld, R, x, K, out); return;
     case 2: dot_2(w, ld, R, x, K, out); return;
@@ -111,7 +136,7 @@ void tm_linear_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const 
         int mt = M - m0 < TB ? (int)(M - m0) : TB;
         const uint16_t *xs[TB];
         for (int j = 0; j < mt; j++) xs[j] = x + (m0 + j) * ldx;
-        dot_rows(w + n * ldw, ldw, R, xs, mt, K, res);
+        dot_rows(w + n * ldw, ldw, R, xs, mt, K, res, M >= 2 * TB);
         for (int j = 0; j < mt; j++)
           for (int r = 0; r < R; r++) {
             if (y_fp32)
@@ -174,14 +199,15 @@ void tm_ffn_tasks_bf16(const uint16_t *x, float *out, int64_t T, int64_t D, cons
       const tm_ffn_task *tk = &tasks[q];
       int64_t i0, i1;
       split(tk->n, nt, t, 32, &i0, &i1);
+      int wide = tk->ntok >= 2 * TB;
       for (int64_t i = i0; i < i1; i += 4) { /* rows outer: a 4-row block stays in L1 for every token block */
         int R = i1 - i < 4 ? (int)(i1 - i) : 4;
         for (int64_t j0 = 0; j0 < tk->ntok; j0 += TB) {
           int mt = tk->ntok - j0 < TB ? (int)(tk->ntok - j0) : TB;
           const uint16_t *xs[TB];
           for (int j = 0; j < mt; j++) xs[j] = x + (int64_t)tk->tok[j0 + j] * D;
-          dot_rows(tk->gate + i * tk->ld_gu, tk->ld_gu, R, xs, mt, D, res);
-          dot_rows(tk->up + i * tk->ld_gu, tk->ld_gu, R, xs, mt, D, res2);
+          dot_rows(tk->gate + i * tk->ld_gu, tk->ld_gu, R, xs, mt, D, res, wide);
+          dot_rows(tk->up + i * tk->ld_gu, tk->ld_gu, R, xs, mt, D, res2, wide);
           for (int j = 0; j < mt; j++)
             for (int r = 0; r < R; r++)
               h[offs[q] + (j0 + j) * tk->n + i + r] = f2bf(act_fn(act, res[r][j]) * res2[r][j]);
@@ -218,13 +244,14 @@ void tm_ffn_tasks_bf16(const uint16_t *x, float *out, int64_t T, int64_t D, cons
     for (int64_t q = 0; q < ntasks; q++) {
       const tm_ffn_task *tk = &tasks[q];
       if (tk->down_t) continue;
+      int wide = tk->ntok >= 2 * TB;
       for (int64_t d = d0; d < d1; d += 4) {
         int R = d1 - d < 4 ? (int)(d1 - d) : 4;
         for (int64_t j0 = 0; j0 < tk->ntok; j0 += TB) {
           int mt = tk->ntok - j0 < TB ? (int)(tk->ntok - j0) : TB;
           const uint16_t *hs[TB];
           for (int j = 0; j < mt; j++) hs[j] = h + offs[q] + (j0 + j) * tk->n;
-          dot_rows(tk->down + d * tk->ld_down, tk->ld_down, R, hs, mt, tk->n, res);
+          dot_rows(tk->down + d * tk->ld_down, tk->ld_down, R, hs, mt, tk->n, res, wide);
           for (int j = 0; j < mt; j++) {
             float *yj = out + (int64_t)tk->tok[j0 + j] * D;
             for (int r = 0; r < R; r++) yj[d + r] += tk->scale[j0 + j] * res[r][j];
