@@ -61,13 +61,13 @@ def run_tilemem(path: Path, batch: int, prompt_len: int, decode: int, threads: i
     prompts = prompt_batch(llm.config.vocab_size, batch, prompt_len)
     params = SamplingParams(max_tokens=decode, temperature=0, ignore_eos=True)
     llm.generate(prompt_batch(llm.config.vocab_size, batch, 16), SamplingParams(max_tokens=4, temperature=0))
-    before = dram_read_bandwidth(threads, repeats=3)
     llm.generate(prompts, params)
-    after = dram_read_bandwidth(threads, repeats=3)
     s = llm.stats()
+    rss = peak_rss_bytes()  # before the bandwidth probe's buffer
     # The bandwidth drifts by tens of percent over minutes: judge each run by what the memory
-    # gave right around it, in the same process.
-    return {"prefill_tok_s": s.prefill_tok_s, "decode_tok_s": s.decode_tok_s, "bw": (before + after) / 2}
+    # gives right after it, in the same process.
+    bw = dram_read_bandwidth(threads, gib=0.25, repeats=5)
+    return {"prefill_tok_s": s.prefill_tok_s, "decode_tok_s": s.decode_tok_s, "bw": bw, "peak_rss": rss}
 
 
 def run_transformers(path: Path, batch: int, prompt_len: int, decode: int, threads: int) -> dict:
@@ -95,7 +95,7 @@ def run_transformers(path: Path, batch: int, prompt_len: int, decode: int, threa
 def worker(args: argparse.Namespace) -> None:
     fn = run_tilemem if args.worker == "tilemem" else run_transformers
     result = fn(Path(args.dir), args.batch, args.prompt_len, args.decode, args.threads)
-    result["peak_rss"] = peak_rss_bytes()
+    result.setdefault("peak_rss", peak_rss_bytes())
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -177,7 +177,7 @@ def main() -> None:
                 line += f"; decode at {100 * t['decode_tok_s'] / bound:.0f}% of the read-bandwidth bound"
                 own = [x["decode_tok_s"] * bpt / x["bw"] for x in runs[("tilemem", 1)]]
                 line += (
-                    f" ({100 * statistics.median(own):.0f}% against the bandwidth measured around each run: "
+                    f" ({100 * statistics.median(own):.0f}% against the bandwidth measured right after each run: "
                     + ", ".join(f"{100 * f:.0f}%" for f in own)
                     + ")"
                 )
