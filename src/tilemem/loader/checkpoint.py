@@ -219,7 +219,8 @@ def load_model(
             "match config.json."
         )
     model.load_state_dict(state, strict=False, assign=True)
-    populate(t for t in state.values() if t.device.type == "cpu")
+    # The embedding table is a gather: only the rows used are touched (a tied lm_head is populated as lm_head).
+    populate(t for name, t in state.items() if t.device.type == "cpu" and not name.endswith("embed_tokens.weight"))
     model.finish_loading(max_positions or cfg.max_position_embeddings)
     return model, ckpt
 
