@@ -3,7 +3,7 @@
 What it measures (medians of interleaved rounds, so a burst of other work does not bias one figure):
 - DRAM: read bandwidth (a torch reduction over 256 MiB, all threads) and latency (a pointer chase
   over 256 MiB minus the same chase in cache);
-- the engine's own tile kernel (`runtime.tiered.partial_ffn` + fp32 accumulate) per dtype and batch:
+- the engine's own tile kernel (the native fused kernel, else `partial_ffn` + fp32 sums) per dtype and batch:
   time = task overhead + weight bytes / bandwidth, fitted over three block sizes streamed from a
   working set larger than the last-level cache; plus the extra cost of a tile computed from the
   DRAM tile cache (a view made per call);
@@ -148,6 +148,31 @@ class _Sums:
         return self.sums.result() if self.sums is not None else self.out
 
 
+class _TileTask:
+    """Computes one tile at batch 1 the way the runtime does: the native fused kernel where it runs
+    (`runtime.tiered.Accumulator`), else `partial_ffn` + fp32 accumulation."""
+
+    def __init__(self, hidden: int, dtype) -> None:
+        import torch
+
+        from tilemem import kernels
+        from tilemem.runtime.tiered import Accumulator
+
+        self.x = torch.randn(1, hidden, dtype=dtype)
+        self.tok, self.scale = torch.zeros(1, dtype=torch.long), torch.rand(1)
+        self.act = torch.nn.functional.silu
+        native = "silu" if kernels.usable(self.x) else None
+        self.acc = lambda: Accumulator(self.x, self.act, native, self.ws)
+        self.ws = kernels.Workspace()
+
+    def __call__(self, *blocks) -> None:
+        """Each [3, n, D] block's partial FFN, summed in one call (as tiles that land together)."""
+        acc = self.acc()
+        for block in blocks:
+            acc.add(block, self.tok, self.scale)
+        acc.result()
+
+
 def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
     """Least squares t = a + b * x over (x, t): (a clamped at 0, b)."""
     n = len(points)
@@ -237,32 +262,16 @@ def cached_task_extra(hidden: int, dtype: str = "bfloat16", rows: int = 32, repe
     runtime does) over the same tile resident as a tensor."""
     import torch
 
-    from tilemem import kernels
     from tilemem.runtime.direct_io import AlignedSlab
-    from tilemem.runtime.tiered import Accumulator, partial_ffn
 
     tdt = getattr(torch, dtype)
-    act = torch.nn.functional.silu
     nbytes = 3 * rows * hidden * tdt.itemsize
     count = 64
     slab = AlignedSlab(count, -(-nbytes // 4096) * 4096)
     resident = [torch.randn(3, rows, hidden).to(tdt) for _ in range(count)]
     for i, t in enumerate(resident):
         slab.tensor(i, nbytes, tdt).copy_(t.reshape(-1))
-    x = torch.randn(1, hidden, dtype=tdt)
-    tok, scale = torch.zeros(1, dtype=torch.long), torch.rand(1, 1)
-    sums = _Sums((1, hidden))
-
-    native = kernels.usable(x)
-    ws = kernels.Workspace()
-
-    def task(block) -> None:  # one tile as the runtime computes a tile that lands on its own
-        if native:
-            acc = Accumulator(x, act, "silu", ws)
-            acc.add(block, tok, scale[:, 0])
-            acc.result()
-        else:
-            sums.add(tok, partial_ffn(x, block, act) * scale)
+    task = _TileTask(hidden, tdt)
 
     def res() -> None:
         for t in resident:
@@ -398,7 +407,6 @@ def fetch_pipeline(
     import torch
 
     from tilemem.runtime.direct_io import AlignedSlab, DirectReader
-    from tilemem.runtime.tiered import partial_ffn
 
     tdt = getattr(torch, dtype)
     nbytes = 3 * rows * hidden * tdt.itemsize
@@ -407,9 +415,7 @@ def fetch_pipeline(
     reader = DirectReader(path)
     positions = os.path.getsize(path) // slot
     rng = random.Random(0)
-    x, tok, scale = torch.randn(1, hidden, dtype=tdt), torch.zeros(1, dtype=torch.long), torch.rand(1, 1)
-    sums = _Sums((1, hidden))
-    act = torch.nn.functional.silu
+    task = _TileTask(hidden, tdt)
     for i in range(io_depth + 1):  # finite values: random bytes can be NaN/inf bf16
         slab.tensor(i, nbytes, tdt).copy_(torch.randn(nbytes // tdt.itemsize).to(tdt))
 
@@ -430,8 +436,7 @@ def fetch_pipeline(
             for fut in done:
                 s = in_flight.pop(fut)
                 fut.result()
-                block = slab.tensor(s, nbytes, tdt).view(3, rows, -1)
-                sums.add(tok, partial_ffn(x, block, act) * scale)
+                task(slab.tensor(s, nbytes, tdt).view(3, rows, -1))
                 free.append(s)
 
     firsts, pers = [], []
@@ -458,21 +463,18 @@ def read_interference(path: Path, rows: int, hidden: int, io_depth: int = 4, dty
     import torch
 
     from tilemem.runtime.direct_io import DirectReader
-    from tilemem.runtime.tiered import partial_ffn
 
     tdt = getattr(torch, dtype)
     nbytes = 3 * rows * hidden * tdt.itemsize
     request = -(-nbytes // 4096) * 4096
     blocks = torch.randn(max(2, (32 * MiB) // nbytes), 3, rows, hidden).to(tdt)  # [C, 3, n, D]
-    x, tok, scale = torch.randn(1, hidden, dtype=tdt), torch.zeros(1, dtype=torch.long), torch.rand(1, 1)
-    act = torch.nn.functional.silu
+    task = _TileTask(hidden, tdt)
 
     def loop() -> float:
-        sums = _Sums((1, hidden))
         t0 = time.perf_counter()
         for _ in range(3):
             for i in range(blocks.shape[0]):
-                sums.add(tok, partial_ffn(x, blocks[i], act) * scale)
+                task(blocks[i])
         return time.perf_counter() - t0
 
     reader = DirectReader(path)
