@@ -135,7 +135,7 @@ def test_rms_norm_matches_the_torch_module(d):
     ref = norm.weight * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
     y = kernels.rms_norm(x, norm.weight, 1e-6)
     assert y.shape == x.shape and y.dtype == torch.bfloat16
-    assert (y.float() - ref.float()).abs().max() <= 2 ** -7 * ref.float().abs().max()  # one bf16 ulp at most
+    assert (y.float() - ref.float()).abs().max() <= 2**-7 * ref.float().abs().max()  # one bf16 ulp at most
     assert torch.equal(norm(x), y)  # the module takes the kernel for small bf16 batches
 
 
