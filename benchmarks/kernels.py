@@ -1,0 +1,107 @@
+"""Native kernels vs torch on OLMoE-1B-7B shapes, interleaved in one process.
+
+For each shape, alternates the torch path and the native kernel over rounds (cold weights: a working
+set of several layers, far beyond the last-level cache) and prints GB/s of weights read, GFLOP/s and
+the ratio kernel / torch; a plain 2-thread reduction gives the machine's read bandwidth at the time.
+
+    .venv/bin/python benchmarks/kernels.py [--rounds 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from tilemem import kernels
+
+D, I, E, K = 2048, 1024, 64, 8  # OLMoE-1B-7B: hidden, expert intermediate, experts, top-k
+
+
+def torch_moe(x, w, ids, weights) -> torch.Tensor:
+    gate, up, down = weights
+    out = torch.zeros(x.shape[0], D)
+    for e in ids.unique().tolist():
+        t, s = (ids == e).nonzero(as_tuple=True)
+        xs = x[t]
+        y = F.linear(F.silu(F.linear(xs, gate[e])) * F.linear(xs, up[e]), down[e])
+        out.index_add_(0, t, (y * w[t, s, None]).float())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=3, help="working set: this many layers of experts")
+    args = ap.parse_args()
+    if not kernels.available():
+        raise SystemExit("native kernels unavailable here (needs AVX512-BF16 and gcc)")
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    mk = lambda *s: (torch.randn(*s) * 0.02).to(torch.bfloat16)  # noqa: E731
+    layers = [  # per layer: gate [I, D], up [I, D], down [D, I] of every expert
+        ([mk(I, D) for _ in range(E)], [mk(I, D) for _ in range(E)], [mk(D, I) for _ in range(E)])
+        for _ in range(args.layers)
+    ]
+    tables = [kernels.ExpertTable(*ws) for ws in layers]
+    ws = kernels.Workspace()
+    dense = [mk(D, D) for _ in range(64)]  # 512 MiB of attention-sized matrices
+    big = torch.ones(2**28)  # 1 GiB fp32 for the read-bandwidth reference
+    cases = []
+    for t in (1, 4, 256):
+        x = torch.randn(t, D).to(torch.bfloat16)
+        w = torch.rand(t, K)
+        ids = torch.stack([torch.randperm(E)[:K] for _ in range(t)])
+        nbytes = len(ids.unique()) * 3 * I * D * 2
+        flops = 2 * t * K * 3 * I * D
+        reps = 2 if t > 16 else 12
+
+        def run_t(x=x, w=w, ids=ids, reps=reps):
+            for r in range(reps):
+                torch_moe(x, w, ids, layers[r % len(layers)])
+
+        def run_k(x=x, w=w, ids=ids, reps=reps):
+            for r in range(reps):
+                kernels.moe(x, w, ids, tables[r % len(tables)], "silu", ws)
+
+        cases.append((f"moe T={t}", run_t, run_k, reps, nbytes, flops))
+    for m in (1, 4):
+        x = torch.randn(m, D).to(torch.bfloat16)
+        cases.append(
+            (
+                f"linear M={m}",
+                lambda x=x: [F.linear(x, wd) for wd in dense],
+                lambda x=x: [kernels.linear(x, wd) for wd in dense],
+                len(dense),
+                D * D * 2,
+                2 * m * D * D,
+            )
+        )
+    times = {(name, p): [] for name, *_ in cases for p in ("torch", "kernel")}
+    bws = []
+    for _ in range(args.rounds):
+        t0 = time.perf_counter()
+        big.sum()
+        bws.append(big.numel() * 4 / (time.perf_counter() - t0))
+        for name, run_t, run_k, *_ in cases:
+            for path, fn in (("torch", run_t), ("kernel", run_k)):
+                t0 = time.perf_counter()
+                fn()
+                times[(name, path)].append(time.perf_counter() - t0)
+    print(f"read bandwidth (2-thread fp32 sum, median): {statistics.median(bws) / 1e9:.1f} GB/s")
+    print(f"{'case':12s} {'torch GB/s':>10s} {'kernel GB/s':>11s} {'torch GFLOP/s':>13s} {'kernel GFLOP/s':>14s} ratio")
+    for name, _, _, reps, nbytes, flops in cases:
+        tt = statistics.median(times[(name, "torch")]) / reps
+        tk = statistics.median(times[(name, "kernel")]) / reps
+        print(
+            f"{name:12s} {nbytes / tt / 1e9:10.1f} {nbytes / tk / 1e9:11.1f} {flops / tt / 1e9:13.0f} "
+            f"{flops / tk / 1e9:14.0f} {tt / tk:5.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
