@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--budgets", default="10%,35%,70%")
     v.add_argument("--policies", default="kt_expert,tilepo_coarse,tilepo_fine")
     v.add_argument("--workloads", default="mixed")
-    v.add_argument("--repeats", type=int, default=1)
+    v.add_argument("--repeats", type=int, default=3, help="runs per cell; spreads need >= 3")
     v.add_argument("--decode-tokens", type=int, default=16)
     v.add_argument("--prompt-tokens", type=int, default=64)
     v.add_argument("--threads", type=int, default=2)

@@ -257,12 +257,12 @@ class EngineWorker:
             return
         handle, index = entry
         self.engine.forget(seq)
+        if self.on_finish is not None:  # metrics first: once `outstanding` drops, the request is fully accounted
+            self.on_finish(seq)
         with self.lock:
             self.outstanding -= 1
         if notify:
             handle.push([TokenDelta(index, None, "", finish_reason=seq.finish_reason or "abort", error=seq.error)])
-        if self.on_finish is not None:
-            self.on_finish(seq)
 
     def _end_all(self, reason: str, error: str | None) -> None:
         """End every request in flight with `reason`."""
