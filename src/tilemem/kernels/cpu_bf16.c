@@ -44,6 +44,18 @@ static inline __m512bh ld32(const uint16_t *p, int64_t rem) {
   return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1u << rem) - 1u), p);
 }
 
+/* 16 bf16 values from p as fp32 */
+static inline __m512 ld16f(const uint16_t *p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* Split [0, n) into nt parts, `align`-aligned: part t is [*a, *b). */
+static inline void split(int64_t n, int nt, int t, int64_t align, int64_t *a, int64_t *b) {
+  int64_t per = ((n + nt - 1) / nt + align - 1) / align * align;
+  *a = t * per < n ? t * per : n;
+  *b = *a + per < n ? *a + per : n;
+}
+
 /* out[r][j] = dot(w + r*ld, x[j]) over K, for R rows (R <= 4) and nt tokens (nt <= TB).
  * Rows are read one after another, each in one sequential pass (the hardware prefetcher streams
  * it; interleaving rows that sit 4 KiB apart stalls it at every page), with U independent
@@ -152,8 +164,8 @@ void tm_linear_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const 
 #pragma omp parallel num_threads(nthreads)
   {
     int nt = omp_get_num_threads(), t = omp_get_thread_num();
-    int64_t per = ((N + nt - 1) / nt + 3) / 4 * 4;
-    int64_t n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
+    int64_t n0, n1;
+    split(N, nt, t, 4, &n0, &n1);
     float res[4][TB];
     for (int64_t n = n0; n < n1; n += 4) { /* rows outer: a 4-row block stays in L1 for every token block */
       int R = n1 - n < 4 ? (int)(n1 - n) : 4;
@@ -195,11 +207,19 @@ static inline float act_fn(int act, float g) {
   return g > 0.f ? g : 0.f;
 }
 
-/* Split [0, n) into nt parts, 32-aligned: part t is [*a, *b). */
-static inline void split(int64_t n, int nt, int t, int64_t align, int64_t *a, int64_t *b) {
-  int64_t per = ((n + nt - 1) / nt + align - 1) / align * align;
-  *a = t * per < n ? t * per : n;
-  *b = *a + per < n ? *a + per : n;
+/* y[0:D] += s * sum_{i in [i0, i1)} h[i] * w[i, :] (transposed down rows), two rows per pass over y */
+static void down_t_rows(const uint16_t *w, int64_t ld, const uint16_t *h, float s, int64_t i0, int64_t i1, int64_t D,
+                        float *y) {
+  for (int64_t i = i0; i < i1; i += 2) {
+    int two = i + 1 < i1;
+    float s0 = bf2f(h[i]) * s, s1 = two ? bf2f(h[i + 1]) * s : 0.f;
+    const uint16_t *w0 = w + i * ld, *w1 = two ? w0 + ld : w0;
+    __m512 h0 = _mm512_set1_ps(s0), h1 = _mm512_set1_ps(s1);
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16)
+      _mm512_storeu_ps(y + d, _mm512_fmadd_ps(h1, ld16f(w1 + d), _mm512_fmadd_ps(h0, ld16f(w0 + d), _mm512_loadu_ps(y + d))));
+    for (; d < D; d++) y[d] += s0 * bf2f(w0[d]) + s1 * bf2f(w1[d]);
+  }
 }
 
 /* h: per task, ntok x n bf16 activations (the caller sizes it: sum of n * ntok). scratch: (threads-1) x T x D
@@ -243,28 +263,8 @@ void tm_ffn_tasks_bf16(const uint16_t *x, float *out, int64_t T, int64_t D, cons
         }
       }
       if (!tk->down_t) continue;
-      for (int64_t j = 0; j < tk->ntok; j++) { /* yp[tok] += scale * sum_i h[i] * down_t[i, :] */
-        float *yj = yp + (int64_t)tk->tok[j] * D;
-        const uint16_t *hj = h + offs[q] + j * tk->n;
-        float s = tk->scale[j];
-        for (int64_t i = i0; i < i1; i += 2) {
-          int two = i + 1 < i1;
-          __m512 h0 = _mm512_set1_ps(bf2f(hj[i]) * s), h1 = _mm512_set1_ps(two ? bf2f(hj[i + 1]) * s : 0.f);
-          const uint16_t *w0 = tk->down + i * tk->ld_down, *w1 = two ? w0 + tk->ld_down : w0;
-          int64_t d = 0;
-          for (; d + 16 <= D; d += 16) {
-            __m512 v0 = _mm512_castsi512_ps(
-                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w0 + d))), 16));
-            __m512 v1 = _mm512_castsi512_ps(
-                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w1 + d))), 16));
-            __m512 yv = _mm512_loadu_ps(yj + d);
-            yv = _mm512_fmadd_ps(h0, v0, yv);
-            yv = _mm512_fmadd_ps(h1, v1, yv);
-            _mm512_storeu_ps(yj + d, yv);
-          }
-          for (; d < D; d++) yj[d] += bf2f(hj[i]) * s * bf2f(w0[d]) + (two ? bf2f(hj[i + 1]) * s * bf2f(w1[d]) : 0.f);
-        }
-      }
+      for (int64_t j = 0; j < tk->ntok; j++)
+        down_t_rows(tk->down, tk->ld_down, h + offs[q] + j * tk->n, tk->scale[j], i0, i1, D, yp + (int64_t)tk->tok[j] * D);
     }
 #pragma omp barrier
     /* phase 2: checkpoint-layout downs, this thread's block of hidden rows, straight into out */
@@ -343,7 +343,7 @@ void tm_rmsnorm_bf16(const uint16_t *x, int64_t M, int64_t D, const uint16_t *w,
     __m512 acc = _mm512_setzero_ps();
     int64_t d = 0;
     for (; d + 16 <= D; d += 16) {
-      __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(xm + d))), 16));
+      __m512 v = ld16f(xm + d);
       acc = _mm512_fmadd_ps(v, v, acc);
     }
     float ss = _mm512_reduce_add_ps(acc);

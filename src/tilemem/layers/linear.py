@@ -21,11 +21,15 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device="meta")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        w = self.weight
-        if rows <= kernels.MAX_ROWS and w.dtype == torch.bfloat16 and w.stride(1) == 1 and kernels.usable(x):
-            y = kernels.linear(x.reshape(rows, x.shape[-1]), w)
-            if self.bias is not None:
-                y = y + self.bias
-            return y.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, w, self.bias)
+        return linear(x, self.weight, self.bias)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`, through the native kernel for a few bf16 rows."""
+    rows = x.numel() // x.shape[-1]
+    if rows <= kernels.MAX_ROWS and weight.dtype == torch.bfloat16 and weight.stride(1) == 1 and kernels.usable(x):
+        y = kernels.linear(x.reshape(rows, x.shape[-1]), weight)
+        if bias is not None:
+            y = y + bias
+        return y.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)

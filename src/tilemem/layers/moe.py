@@ -100,8 +100,10 @@ class ResidentExperts:
         if layer not in self.tables:
             block = self.blocks[layer]
             w = [[getattr(e, name).weight for e in block.experts] for name in ("gate_proj", "up_proj", "down_proj")]
-            ok = block.act_name in kernels.ACTS and all(t.dtype == torch.bfloat16 and t.is_contiguous() for t in w[0])
-            self.tables[layer] = kernels.ExpertTable(*w) if ok else None
+            try:
+                self.tables[layer] = kernels.ExpertTable(*w) if block.act_name in kernels.ACTS else None
+            except ValueError:  # not contiguous bf16: the torch path
+                self.tables[layer] = None
         return self.tables[layer]
 
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tilemem import kernels
 from tilemem.config import ModelConfig
+from tilemem.layers.linear import linear
 
 
 class Router(nn.Module):
@@ -25,9 +25,7 @@ class Router(nn.Module):
         """Router logits [T, E] (also used by prefetch to predict the next layer's experts)."""
         if self.fp32_logits:
             return F.linear(x.float(), self.weight.float())
-        if x.shape[0] <= kernels.MAX_ROWS and self.weight.dtype == torch.bfloat16 and kernels.usable(x):
-            return kernels.linear(x, self.weight)
-        return F.linear(x, self.weight)
+        return linear(x, self.weight)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg

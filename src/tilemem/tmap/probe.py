@@ -20,6 +20,7 @@ What it measures (medians of interleaved rounds, so a burst of other work does n
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import platform
@@ -119,51 +120,22 @@ def dram_latency(nbytes: int = 256 * MiB, steps: int = 200_000) -> float:
 # ----- kernels --------------------------------------------------------------------------------------
 
 
-class _Sums:
-    """The runtime's fp32 output accumulation (`PartialSums` where it exists, else `accumulate`)."""
-
-    def __init__(self, shape) -> None:
-        import torch
-
-        try:
-            from tilemem.layers.moe import PartialSums
-        except ImportError:
-            PartialSums = None
-        if PartialSums is not None:
-            self.sums = PartialSums(shape)
-        else:
-            from tilemem.layers.moe import accumulate
-
-            self.out = torch.zeros(shape, dtype=torch.float32)
-            self.sums = None
-            self._acc = accumulate
-
-    def add(self, tok, y) -> None:
-        if self.sums is not None:
-            self.sums.add(tok, y)
-        else:
-            self._acc(self.out, tok, y)
-
-    def result(self):
-        return self.sums.result() if self.sums is not None else self.out
-
-
 class _TileTask:
-    """Computes one tile at batch 1 the way the runtime does: the native fused kernel where it runs
-    (`runtime.tiered.Accumulator`), else `partial_ffn` + fp32 accumulation."""
+    """Computes tiles the way the runtime does on the CPU: the native fused kernel where it runs
+    (`runtime.tiered.Accumulator`), else `partial_ffn` + fp32 accumulation. `batch` token rows."""
 
-    def __init__(self, hidden: int, dtype) -> None:
+    def __init__(self, hidden: int, dtype, batch: int = 1) -> None:
         import torch
 
         from tilemem import kernels
         from tilemem.runtime.tiered import Accumulator
 
-        self.x = torch.randn(1, hidden, dtype=dtype)
-        self.tok, self.scale = torch.zeros(1, dtype=torch.long), torch.rand(1)
-        self.act = torch.nn.functional.silu
-        native = "silu" if kernels.usable(self.x) else None
-        self.acc = lambda: Accumulator(self.x, self.act, native, self.ws)
-        self.ws = kernels.Workspace()
+        x = torch.randn(batch, hidden, dtype=dtype)  # [N, D]
+        tok, scale = torch.arange(batch), torch.rand(batch)  # scale: fp32, as the router's weights
+        native = "silu" if kernels.usable(x) else None
+        ws = kernels.Workspace()
+        self.acc = lambda: Accumulator(x, torch.nn.functional.silu, native, ws)
+        self.tok, self.scale = tok, scale
 
     def __call__(self, *blocks) -> None:
         """Each [3, n, D] block's partial FFN, summed in one call (as tiles that land together)."""
@@ -199,12 +171,9 @@ def kernel_sweep(
     work on the machine hits one round of every point rather than every round of one point."""
     import torch
 
-    from tilemem import kernels
-    from tilemem.runtime.tiered import Accumulator, partial_ffn
+    from tilemem.runtime.tiered import partial_ffn
 
     act = torch.nn.functional.silu
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    ws = kernels.Workspace()
     runs = {}
     for dtype in dtypes:
         tdt = getattr(torch, dtype)
@@ -213,25 +182,16 @@ def kernel_sweep(
             count = max(2, working_set // nbytes)
             blocks = torch.randn(count, 3, rows, hidden, dtype=torch.float32, device=device).to(tdt)  # [C, 3, n, D]
             for batch in batches:
-                x = torch.randn(batch, hidden, dtype=tdt, device=device)  # [N, D]
-                tok = torch.arange(batch, device=device)
-                scale = torch.rand(batch, 1, device=device)  # [N, 1] fp32, as the router's weights
+                if device == "cpu":  # every block in one batch, as the runtime runs its DRAM tiles
+                    run = functools.partial(_TileTask(hidden, tdt, batch), *blocks)
+                else:
+                    x = torch.randn(batch, hidden, dtype=tdt, device=device)  # [N, D]
+                    scale = torch.rand(batch, 1, device=device)
 
-                def run(blocks=blocks, count=count, x=x, tok=tok, scale=scale) -> None:
-                    if device == "cpu" and kernels.usable(x):  # the runtime's native path: one call per batch
-                        acc = Accumulator(x, act, "silu", ws)
-                        for i in range(count):
-                            acc.add(blocks[i], tok, scale[:, 0])
-                        acc.result()
-                        return
-                    sums = _Sums(x.shape) if device == "cpu" else None
-                    for i in range(count):
-                        y = partial_ffn(x, blocks[i], act) * scale
-                        if sums is not None:
-                            sums.add(tok, y)
-                    if sums is not None:
-                        sums.result()
-                    sync()
+                    def run(blocks=blocks, x=x, scale=scale) -> None:
+                        for block in blocks:
+                            partial_ffn(x, block, act) * scale
+                        torch.cuda.synchronize()
 
                 run()
                 runs[(dtype, batch, nbytes)] = (run, count)
