@@ -9,7 +9,18 @@ import torch
 
 from tilemem.synth.writer import synthesize
 
-torch.set_num_threads(int(os.environ.get("TILEMEM_TEST_THREADS", "1")))
+THREADS = int(os.environ.get("TILEMEM_TEST_THREADS", "1"))
+torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def test_threads():
+    """Every module starts at the test thread count, whatever an `LLM(threads=...)` before it set: tiny
+    tensors only pay fork/join and spin overhead for more threads (and the machine is shared)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="session")

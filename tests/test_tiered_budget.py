@@ -33,15 +33,6 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 MiB = 1 << 20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add fork/join and spin overhead (and the machine is shared)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def prompts(vocab: int, lens=(13, 7, 4), seed: int = 5) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(5, vocab, (n,), generator=gen).tolist() for n in lens]

@@ -35,15 +35,6 @@ GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 REL_TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add fork/join and spin overhead (and the machine is shared)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @dataclass(frozen=True)
 class Combo:
     """One tiered configuration to compare against the resident engine."""

@@ -28,15 +28,6 @@ CORRUPT = (0, 3, 0)  # layer 0, expert 3, neurons 0-16
 CORRUPT_KEY = "L0:E3:N0-16"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add fork/join and spin overhead (and the machine is shared)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def ckpt(make_ckpt):
     return make_ckpt("olmoe", "fp32", routing_skew=1.0)

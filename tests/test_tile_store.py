@@ -20,15 +20,6 @@ from tilemem.runtime.direct_io import AlignedSlab, DirectReader
 from tilemem.runtime.tile_store import ALIGN, StoreError, TileStore, convert, expert_tensors, tile_ranges
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add fork/join and spin overhead (and the machine is shared)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def mixtral(make_ckpt):
     """Expert width 48: tile 32 leaves a shorter last tile."""
