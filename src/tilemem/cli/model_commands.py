@@ -223,12 +223,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def llm_from_args(args: argparse.Namespace):
-    """An LLM for generate-like commands: all resident, or tiered with --plan / --budget."""
+def llm_from_args(args: argparse.Namespace, **extra):
+    """An LLM for generate-like commands (and serve, with `extra` LLM options): all resident, or tiered
+    with --plan / --budget; runtime flags where the command has them."""
     from tilemem.engine.llm import LLM
     from tilemem.runtime.tiered import TieredConfig
 
-    runtime = TieredConfig(cache_policy=args.cache_policy, prefetch=not args.no_prefetch)
+    runtime = None
+    if hasattr(args, "cache_policy"):
+        runtime = TieredConfig(cache_policy=args.cache_policy, prefetch=not args.no_prefetch)
     return LLM(
         args.model,
         dtype=args.dtype,
@@ -243,6 +246,7 @@ def llm_from_args(args: argparse.Namespace):
         speculative=args.spec,
         num_draft=args.num_draft,
         async_planning=args.async_planning,
+        **extra,
     )
 
 

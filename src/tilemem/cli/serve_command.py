@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from tilemem.engine.llm import LLM
+    from tilemem.cli.model_commands import llm_from_args
     from tilemem.server import ServerConfig, serve
 
     if args.plan and args.budget:
@@ -50,22 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be 1..65535, got {args.port}.")
-    llm = LLM(
-        args.model,
-        dtype=args.dtype,
-        threads=args.threads,
-        max_batch=args.max_batch,
-        max_model_len=args.max_model_len,
-        plan=args.plan,
-        budget=args.budget,
-        policy=args.policy,
-        profile=args.profile,
-        store=args.store,
-        tile=args.tile_size,
-        async_planning=args.async_planning,
-        speculative=args.spec,
-        num_draft=args.num_draft,
-    )
+    llm = llm_from_args(args, max_batch=args.max_batch, max_model_len=args.max_model_len)
     config = ServerConfig(
         host=args.host,
         port=args.port,
