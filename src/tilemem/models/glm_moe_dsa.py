@@ -9,6 +9,7 @@ from typing import Any
 
 from tilemem.config import HFConfig, ModelConfig
 from tilemem.errors import ConfigError
+from tilemem.models import deepseek_v32
 from tilemem.models.deepseek_v32 import dsa_config
 from tilemem.models.registry import Family
 
@@ -55,36 +56,17 @@ FAMILY = Family(
     architecture="GlmMoeDsaForCausalLM",
     model_type="glm_moe_dsa",
     config_from_hf=config_from_hf,
-    tiny=dict(
-        hidden_size=64,
-        intermediate_size=96,
-        moe_intermediate_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        n_routed_experts=8,
-        n_shared_experts=1,
-        num_experts_per_tok=2,
-        first_k_dense_replace=1,
-        n_group=1,
-        topk_group=1,
-        routed_scaling_factor=2.5,
-        norm_topk_prob=True,
-        q_lora_rank=48,
-        kv_lora_rank=32,
-        qk_nope_head_dim=24,
-        qk_rope_head_dim=8,
-        v_head_dim=32,
-        # Top-k below the test sequences so the indexer really drops keys; layers 1 and 3 reuse the
-        # top-k of layers 0 and 2.
-        index_topk=6,
-        index_n_heads=16,
-        index_head_dim=16,
-        index_topk_pattern="FSFS",
-        vocab_size=512,
-        max_position_embeddings=1024,
-        rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-    ),
+    # DeepSeek-V3.2's tiny preset (indexer top-k 6 below the test sequences, so it really drops keys)
+    # with GLM's default rope, wider heads, 4 layers of which 1 and 3 reuse the top-k of 0 and 2.
+    tiny={
+        **{k: v for k, v in deepseek_v32.FAMILY.tiny.items() if k not in ("rope_theta", "rope_scaling")},
+        "num_hidden_layers": 4,
+        "n_group": 1,
+        "topk_group": 1,
+        "qk_nope_head_dim": 24,
+        "v_head_dim": 32,
+        "index_topk_pattern": "FSFS",
+        "rope_parameters": dict(rope_type="default", rope_theta=1000000.0),
+        "rms_norm_eps": 1e-5,
+    },
 )
