@@ -350,6 +350,19 @@ def test_more_logprobs_than_vocabulary_are_capped(llm):
     assert [len(top) for top in out.top_logprobs] == [llm.config.vocab_size] * 2
 
 
+def test_unknown_device_is_named(make_ckpt):
+    with pytest.raises(ConfigError, match="unknown device 'tpu'; use 'cpu' or 'cuda'"):
+        LLM(make_ckpt("olmoe"), dtype="fp32", device="tpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_without_a_gpu_says_so(make_ckpt):
+    with pytest.raises(ConfigError, match="needs a CUDA GPU and this machine has none"):
+        LLM(make_ckpt("olmoe"), dtype="fp32", device="cuda")
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):  # a plan that gives the GPU a budget
+        LLM(make_ckpt("olmoe"), dtype="fp32", budget="cuda=64MiB,cpu=64MiB")
+
+
 def test_string_prompt_without_tokenizer(make_ckpt, tmp_path):
     ckpt = copy_ckpt(make_ckpt("olmoe"), tmp_path)
     (ckpt / "tokenizer.json").unlink()

@@ -18,11 +18,12 @@ DECODE_STEPS = 32
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((ours.float() - ref.float()).abs().max() / ref.float().abs().max())
+    ours, ref = ours.float().cpu(), ref.float().cpu()
+    return float((ours - ref).abs().max() / ref.abs().max())
 
 
-def hf_model(path, dtype):
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+def hf_model(path, dtype, device="cpu"):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
 
 
 def prompts(vocab: int, seed: int = 0) -> list[list[int]]:
@@ -32,7 +33,7 @@ def prompts(vocab: int, seed: int = 0) -> list[list[int]]:
 
 def hf_greedy(hf, prompt: list[int], steps: int):
     """HF greedy continuation: (tokens, per-step logits [steps, V], prefill logits [T, V])."""
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=hf.device)
     with torch.no_grad():
         prefill = hf(ids).logits[0]
         out = hf.generate(
@@ -50,9 +51,19 @@ def hf_greedy(hf, prompt: list[int], steps: int):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fp32_prefill_and_decode_match_transformers(family, make_ckpt):
-    path = make_ckpt(family, "fp32", routing_skew=1.0)
-    hf = hf_model(path, torch.float32)
-    model, _ = load_model(path, "fp32")
+    check_fp32_parity(make_ckpt(family, "fp32", routing_skew=1.0))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_greedy_agrees_with_transformers(family, make_ckpt):
+    check_bf16_greedy(make_ckpt(family, "bf16", routing_skew=1.0))
+
+
+def check_fp32_parity(path, device: str = "cpu") -> None:
+    """Our fp32 logits equal transformers' (both on `device`) for a batched prefill of unequal
+    lengths and 32 cached decode steps, and greedy generation gives transformers' 32 tokens."""
+    hf = hf_model(path, torch.float32, device)
+    model, _ = load_model(path, "fp32", device=device)
     batch = prompts(model.cfg.vocab_size)
     refs = [hf_greedy(hf, p, DECODE_STEPS) for p in batch]
 
@@ -77,17 +88,16 @@ def test_fp32_prefill_and_decode_match_transformers(family, make_ckpt):
             assert rel_err(step_logits[i], ref_steps[step]) < 1e-4, f"row {i} step {step}"
 
     # End to end: our greedy generation gives HF's 32 tokens for every prompt of the batch.
-    llm = LLM(path, dtype="fp32")
+    llm = LLM(path, dtype="fp32", device=device)
     outs = llm.generate(batch, SamplingParams(max_tokens=DECODE_STEPS, temperature=0, ignore_eos=True))
     for out, (tokens, _, _) in zip(outs, refs, strict=True):
         assert out.token_ids == tokens
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_bf16_greedy_agrees_with_transformers(family, make_ckpt):
-    path = make_ckpt(family, "bf16", routing_skew=1.0)
-    hf = hf_model(path, torch.bfloat16)
-    llm = LLM(path, dtype="bf16")
+def check_bf16_greedy(path, device: str = "cpu") -> None:
+    """In bf16, our greedy tokens equal transformers' (both on `device`) for 16 steps."""
+    hf = hf_model(path, torch.bfloat16, device)
+    llm = LLM(path, dtype="bf16", device=device)
     batch = prompts(llm.config.vocab_size, seed=1)
     outs = llm.generate(batch, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
     for p, out in zip(batch, outs, strict=True):

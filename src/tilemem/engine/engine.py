@@ -188,7 +188,7 @@ class Engine:
         for i, chunk in enumerate(chunks):
             ids[i, : len(chunk)] = torch.tensor(chunk)
         ctx = ForwardContext.build(self.cache, [s.slot for s in seqs], [s.cached for s in seqs], lengths)
-        return self.model(ids, ctx, logits_at=torch.tensor(lengths) - 1)
+        return self.model(ids, ctx, logits_at=torch.tensor(lengths) - 1).cpu()  # sampling runs on the CPU
 
     def _fail(self, seq: Sequence, error: str) -> StepEvent:
         """End `seq` with finish reason "error"."""

@@ -20,7 +20,7 @@ from tilemem.engine.engine import Engine
 from tilemem.engine.sampling import SamplingParams, make_generator
 from tilemem.engine.sequence import Sequence
 from tilemem.engine.tokenizer import TextTokenizer
-from tilemem.errors import RequestError
+from tilemem.errors import ConfigError, RequestError
 from tilemem.loader.checkpoint import Checkpoint, load_model
 
 Prompt = str | list[int]
@@ -110,6 +110,21 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def device_for(plan, device: str | None) -> str:
+    """The compute device: `device` if given (checked), else `cuda` when `plan` has a GPU tier."""
+    gpu_tier = plan is not None and any(u.tier == "cuda" and (u.capacity or 0) > 0 for u in plan.tiers)
+    if device is None:
+        device = "cuda" if gpu_tier else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"unknown device '{device}'; use 'cpu' or 'cuda'.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device '{device}' needs a CUDA GPU and this machine has none (torch.cuda.is_available() "
+                          "is False); use device='cpu' and a budget without cuda.")  # fmt: skip
+    if gpu_tier and not device.startswith("cuda"):
+        raise ConfigError("the plan computes tiles on 'cuda', so the model must run there; drop device='cpu'.")
+    return device
+
+
 class LLM:
     """A loaded model with its tokenizer, ready to generate."""
 
@@ -131,9 +146,13 @@ class LLM:
         replan_interval_s: float = 2.0,
         speculative: str | None = None,
         num_draft: int = 4,
+        device: str | None = None,
     ) -> None:
         """Load `path`. With `plan` (a Plan or plan directory) or `budget` (+ `policy`, `profile`), routed
-        experts follow the plan through the tiered runtime (`runtime`: a TieredConfig); else all resident."""
+        experts follow the plan through the tiered runtime (`runtime`: a TieredConfig); else all resident.
+
+        `device`: where the non-expert weights live and activations flow, `cpu` or `cuda`. None means
+        `cuda` when the plan gives the GPU a budget (`--budget cuda=20GiB,cpu=32GiB`), else `cpu`."""
         if threads:
             torch.set_num_threads(threads)
         self.path = Path(path)
@@ -142,7 +161,10 @@ class LLM:
         self.max_model_len = min(max_model_len or 4096, self.config.max_position_embeddings)
         self.plan = self._resolve_plan(plan, budget, policy, profile, tile, dtype)
         skip = (lambda name: ".mlp.experts." in name) if self.plan is not None else None
-        self.model, _ = load_model(self.checkpoint, dtype, max_positions=self.max_model_len, skip=skip)
+        self.device = device_for(self.plan, device)
+        self.model, _ = load_model(
+            self.checkpoint, dtype, max_positions=self.max_model_len, skip=skip, device=self.device
+        )
         self.tiered = None
         if self.plan is not None:
             from tilemem.runtime.setup import attach_tiered, load_profile

@@ -29,15 +29,16 @@ class KVCache:
         dtype: torch.dtype,
         index_dim: int = 0,
         index_layers: Collection[int] = (),
+        device: torch.device | str = "cpu",
     ) -> KVCache:
         """Zeroed cache for `slots` sequences of up to `length` tokens (plus indexer keys of width
-        `index_dim` for `index_layers`)."""
+        `index_dim` for `index_layers`) on `device`."""
+        kw = dict(dtype=dtype, device=device)
         return cls(
-            keys=[torch.zeros(slots, heads, length, k_dim, dtype=dtype) for _ in range(layers)],
-            values=[torch.zeros(slots, heads, length, v_dim, dtype=dtype) for _ in range(layers)],
+            keys=[torch.zeros(slots, heads, length, k_dim, **kw) for _ in range(layers)],
+            values=[torch.zeros(slots, heads, length, v_dim, **kw) for _ in range(layers)],
             index_keys=[
-                torch.zeros(slots, 1, length, index_dim, dtype=dtype) if i in index_layers else None
-                for i in range(layers)
+                torch.zeros(slots, 1, length, index_dim, **kw) if i in index_layers else None for i in range(layers)
             ]
             if index_dim
             else [],
@@ -47,6 +48,11 @@ class KVCache:
     def slots(self) -> int:
         """Number of sequence rows."""
         return self.keys[0].shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        """Where the cache (and so every forward pass's context) lives."""
+        return self.keys[0].device
 
     @property
     def length(self) -> int:
@@ -81,7 +87,8 @@ class ForwardContext:
 
     @classmethod
     def build(cls, cache: KVCache, slots: list[int], starts: list[int], lengths: list[int]) -> ForwardContext:
-        """Context for rows whose cached prefix is `starts[b]` tokens and who add `lengths[b]` tokens."""
+        """Context for rows whose cached prefix is `starts[b]` tokens and who add `lengths[b]` tokens
+        (built on the CPU, then moved to the cache's device)."""
         b, t = len(slots), max(lengths)
         offs = torch.arange(t)
         start = torch.tensor(starts).unsqueeze(1)  # [B, 1]
@@ -95,13 +102,14 @@ class ForwardContext:
         mask = (key_pos.view(1, 1, kv_len) <= positions.unsqueeze(-1)) & (
             key_pos.view(1, 1, kv_len) < (start + n).unsqueeze(-1)
         )  # [B, T, L]
+        dev = cache.device
         return cls(
             cache=cache,
-            slots=torch.tensor(slots),
-            positions=positions,
-            valid=valid,
+            slots=torch.tensor(slots, device=dev),
+            positions=positions.to(dev),
+            valid=valid.to(dev),
             kv_len=kv_len,
-            mask=mask.unsqueeze(1),
+            mask=mask.unsqueeze(1).to(dev),
             contiguous=slots == list(range(b)),
         )
 
@@ -122,7 +130,7 @@ class ForwardContext:
         """Write new [B, H, T, D] into cache rows c [S, H, L, D]; return c's rows [B, H, kv_len, D]."""
         b, _, t, _ = new.shape
         if t == 1 and self.contiguous:  # decode fast path: one position per row
-            c[torch.arange(b), :, self.positions[:, 0]] = new[:, :, 0]
+            c[torch.arange(b, device=c.device), :, self.positions[:, 0]] = new[:, :, 0]
         else:
             bi, ti = self.valid.nonzero(as_tuple=True)  # [N], [N]
             c[self.slots[bi], :, self.positions[bi, ti]] = new.permute(0, 2, 1, 3)[bi, ti]

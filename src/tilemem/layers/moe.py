@@ -32,7 +32,8 @@ def group_by_expert(ids: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Te
     """For each routed expert: (expert id, token indices, top-k slot indices)."""
     t, k = ids.shape
     if t == 1:  # decode fast path: no sort
-        return [(int(e), torch.zeros(1, dtype=torch.long), torch.tensor([j])) for j, e in enumerate(ids[0])]
+        tok = torch.zeros(1, dtype=torch.long, device=ids.device)
+        return [(int(e), tok, torch.tensor([j], device=ids.device)) for j, e in enumerate(ids[0].tolist())]
     flat = ids.reshape(-1)  # [T*K]
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=1).tolist()
@@ -58,8 +59,8 @@ class PartialSums:
     thread fork and join each time, which dominates small batches.
     """
 
-    def __init__(self, shape: torch.Size) -> None:
-        self.out = torch.zeros(shape, dtype=torch.float32)  # [T, D]
+    def __init__(self, shape: torch.Size, device: torch.device | str = "cpu") -> None:
+        self.out = torch.zeros(shape, dtype=torch.float32, device=device)  # [T, D]
         self.toks: list[torch.Tensor] = []
         self.parts: list[torch.Tensor] = []
 
@@ -110,7 +111,7 @@ class ResidentExperts:
         block = self.blocks[layer]
         if kernels.usable(x) and (table := self._table(layer)) is not None:
             return kernels.moe(x, weights, ids, table, block.act_name, self.workspace)
-        out = PartialSums(x.shape)
+        out = PartialSums(x.shape, x.device)
         for expert, tok, slot in group_by_expert(ids):
             e = block.experts[expert]
             xs = x[tok]  # [N, D]

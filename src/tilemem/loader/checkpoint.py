@@ -165,11 +165,13 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     max_positions: int | None = None,
     skip: callable | None = None,
+    device: str | torch.device = "cpu",
 ):
     """Build the model on meta and assign checkpoint weights. Returns (model, checkpoint).
 
     `skip(our_name) -> bool` leaves some tensors unassigned (the tiered runtime loads experts from
-    the tile store instead); they stay on `meta`.
+    the tile store instead); they stay on `meta`. With a CUDA `device`, every assigned weight is
+    copied there once (tied weights stay tied) and the mapped file pages are left to the kernel.
     """
     from tilemem.models.model import MoECausalLM
     from tilemem.models.mtp import is_mtp_name
@@ -219,10 +221,37 @@ def load_model(
             "match config.json."
         )
     model.load_state_dict(state, strict=False, assign=True)
-    # The embedding table is a gather: only the rows used are touched (a tied lm_head is populated as lm_head).
-    populate(t for name, t in state.items() if t.device.type == "cpu" and not name.endswith("embed_tokens.weight"))
+    device = torch.device(device)
+    if device.type == "cpu":
+        # The embedding table is a gather: only the rows used are touched (a tied lm_head is populated as lm_head).
+        populate(t for name, t in state.items() if t.device.type == "cpu" and not name.endswith("embed_tokens.weight"))
     model.finish_loading(max_positions or cfg.max_position_embeddings)
+    if device.type != "cpu":
+        move_to(model, device)
     return model, ckpt
+
+
+def move_to(model: torch.nn.Module, device: torch.device) -> None:
+    """Copy every assigned parameter and buffer to `device` (meta ones stay: the tiered runtime owns
+    them); a tensor shared by two modules (tied embeddings) is copied once."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{device}' was asked for but this machine has no CUDA device; use device='cpu'.")
+    moved: dict[tuple, torch.Tensor] = {}  # (address, shape, dtype, is parameter) of the original -> its copy
+
+    def to(t: torch.Tensor) -> torch.Tensor:
+        if t.is_meta or t.device.type == device.type:
+            return t
+        key = (t.data_ptr(), tuple(t.shape), t.dtype, isinstance(t, torch.nn.Parameter))
+        if key not in moved:
+            copy = t.data.to(device)
+            moved[key] = torch.nn.Parameter(copy, requires_grad=False) if key[-1] else copy
+        return moved[key]
+
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if t is not None:
+                    table[name] = to(t)
 
 
 def _mtp_error(ckpt: Checkpoint, hub_name: str, ours: str, problem: str) -> WeightError:

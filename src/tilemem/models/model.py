@@ -89,6 +89,11 @@ class MoECausalLM(nn.Module):
         """Dtype of the loaded weights."""
         return self.model.embed_tokens.weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        """Where the non-expert weights live and activations flow (`cpu` or a CUDA device)."""
+        return self.model.embed_tokens.weight.device
+
     def moe_blocks(self) -> dict[int, MoEBlock]:
         """MoE blocks by layer index."""
         return {i: l.mlp for i, l in enumerate(self.model.layers) if isinstance(l.mlp, MoEBlock)}
@@ -122,7 +127,7 @@ class MoECausalLM(nn.Module):
         layers = cfg.num_layers + (len(self.mtp.layers) if self.mtp is not None else 0)
         index_dim = cfg.index_head_dim if cfg.is_dsa else 0
         index_layers = [i for i in range(layers) if cfg.has_indexer(i)]
-        return KVCache.allocate(layers, slots, length, heads, kd, vd, self.dtype, index_dim, index_layers)
+        return KVCache.allocate(layers, slots, length, heads, kd, vd, self.dtype, index_dim, index_layers, self.device)
 
     @torch.inference_mode()
     def forward(
@@ -135,13 +140,14 @@ class MoECausalLM(nn.Module):
         """input_ids [B, T] -> logits [B, T, V] (or [B, V] at `logits_at` [B] token offsets).
 
         With `return_hidden`, also the final-normed hidden states [B, T, D] of every token (what the
-        MTP head reads): (logits, hidden)."""
+        MTP head reads): (logits, hidden). Inputs may live on the CPU; outputs are on `self.device`."""
+        input_ids = input_ids.to(self.device)
         x = self.model.embed_tokens(input_ids)  # [B, T, D]
         cos, sin = self.rope.table(ctx.positions, x.dtype)
         for layer in self.model.layers:
             x = layer(x, ctx, self.rope, cos, sin)
         hidden = self.model.norm(x) if return_hidden else None  # [B, T, D]
         if logits_at is not None:
-            x = x[torch.arange(x.shape[0]), logits_at]  # [B, D]
+            x = x[torch.arange(x.shape[0], device=x.device), logits_at.to(x.device)]  # [B, D]
         logits = self.lm_head(self.model.norm(x)).float()
         return (logits, hidden) if return_hidden else logits

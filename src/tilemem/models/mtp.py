@@ -136,11 +136,11 @@ class MTPHead(nn.Module):
         layer = self.layers[depth]
         embed = layer.embed_tokens if layer.embed_tokens is not None else main.embed
         head = layer.shared_head.head if layer.shared_head.head is not None else main.lm_head
-        e = layer.enorm(embed(next_ids))  # [B, T, D]
+        e = layer.enorm(embed(next_ids.to(hidden.device)))  # [B, T, D]
         x = layer.eh_proj(torch.cat([e, layer.hnorm(hidden.to(e.dtype))], dim=-1))  # [B, T, D]
         cos, sin = main.rope.table(ctx.positions, x.dtype)
         x = layer(x, ctx, main.rope, cos, sin)  # [B, T, D]
-        out = x if logits_at is None else x[torch.arange(x.shape[0]), logits_at]
+        out = x if logits_at is None else x[torch.arange(x.shape[0], device=x.device), logits_at.to(x.device)]
         return head(layer.shared_head.norm(out)).float(), x
 
     @torch.inference_mode()
@@ -152,7 +152,7 @@ class MTPHead(nn.Module):
         Draft j >= 1 feeds h' and draft j - 1 back through depth 0 at the next position (vLLM's
         recursion), writing MTP cache rows that the next verified pass overwrites."""
         b = hidden.shape[0]
-        rows = torch.arange(b)
+        rows = torch.arange(b, device=hidden.device)
         last = ctx.valid.sum(dim=1) - 1  # [B]
         logits, h = self(hidden, next_ids, ctx, logits_at=last)  # [B, V], [B, T, D]
         h = h[rows, last]  # [B, D]

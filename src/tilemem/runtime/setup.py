@@ -57,7 +57,7 @@ def make_plan(
 
 
 def residency_of(plan: Plan, topology: Topology) -> dict[tuple[int, int], dict[str, list[tuple[int, int]]]]:
-    """tier -> neuron ranges of every routed expert, as the plan places them."""
+    """tier (`cuda`, `cpu`, `disk`) -> neuron ranges of every routed expert, as the plan places them."""
     res = {}
     for lt in topology.layers:
         for e in range(lt.num_experts):
@@ -67,7 +67,7 @@ def residency_of(plan: Plan, topology: Topology) -> dict[tuple[int, int], dict[s
                     "the plan places tiles on 'cuda' but this machine has no CUDA device; plan with "
                     "--budget cpu=...,disk=... instead."
                 )
-            res[(lt.index, e)] = {("cpu" if t == "cuda" else t): r for t, r in ranges.items()}
+            res[(lt.index, e)] = dict(ranges)
     return res
 
 
@@ -107,7 +107,8 @@ def attach_tiered(
                     for t in opened.tiles_of(lt.index, e):
                         probs[(lt.index, e, t.start)] = float(p[e])
         config = replace(config, tile_weights=probs)
-    executor = TieredExperts(model.moe_blocks(), opened, residency_of(plan, topo), config, model.dtype)
+    residency = residency_of(plan, topo)
+    executor = TieredExperts(model.moe_blocks(), opened, residency, config, model.dtype, model.device)
     model.set_executor(executor)
     return executor
 
@@ -117,6 +118,11 @@ def start_async_planning(executor: TieredExperts, plan: Plan, interval_s: float 
     from tilemem.runtime.replanner import AsyncReplanner
 
     topo = plan.topology
+    if executor.device.type != "cpu":
+        raise ConfigError(
+            "async planning migrates tiles within DRAM and disk only; for a plan with a cuda tier, run "
+            "without async planning (or plan with --budget cpu=...)."
+        )
     cpu = next((u for u in plan.tiers if u.tier == "cpu"), None)
     if cpu is None or cpu.capacity is None:
         raise ConfigError("async planning needs a plan made from a bounded DRAM budget (e.g. cpu=4GiB).")

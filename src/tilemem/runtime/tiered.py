@@ -7,6 +7,11 @@ lands, while later reads are still in flight. Partial outputs are summed in fp32
 layer, the next MoE layer's router applied to this layer's hidden state predicts which experts to
 prefetch, so their reads overlap the next attention block.
 
+With a GPU (the model on `cuda`): tiles in the `cuda` tier are computed there, queued first so the
+GPU works while the CPU computes its DRAM tiles and streams disk tiles. A DRAM or cache tile that
+many tokens use (at least `gpu_min_tokens`, prefill) is copied to the GPU on a side stream and
+computed there instead: at that batch the copy costs less than CPU compute.
+
 Shape legend: T tokens, N tokens routed to one expert, n tile neurons, D hidden.
 """
 
@@ -54,6 +59,10 @@ class RuntimeCounters:
     actual: int = 0
     correct: int = 0
     tiles_computed: int = 0
+    gpu_bytes: int = 0
+    """Bytes of VRAM-resident tiles computed on the GPU."""
+    h2d_bytes: int = 0
+    """Bytes of DRAM or cache tiles copied to the GPU to be computed there."""
 
     def as_dict(self) -> dict[str, float]:
         """Plain numbers, with derived hit rate and prefetch precision / recall."""
@@ -85,6 +94,9 @@ class TieredConfig:
     """Check each read's crc32."""
     tile_weights: dict[TileId, float] = field(default_factory=dict)
     """Profile routing probability per store tile (profile-weighted eviction)."""
+    gpu_min_tokens: int = 32
+    """With the model on a GPU: a DRAM or cache tile used by at least this many tokens is copied to the
+    GPU and computed there (a tile's FLOPs grow with its tokens, its copy does not)."""
 
 
 def partial_ffn(x: torch.Tensor, block: torch.Tensor, act) -> torch.Tensor:
@@ -96,19 +108,66 @@ def partial_ffn(x: torch.Tensor, block: torch.Tensor, act) -> torch.Tensor:
     return (act(gu[:, :n]) * gu[:, n:]) @ block[2]  # [N, D]
 
 
+class GpuAccumulator:
+    """Sum of tile FFN outputs computed on the GPU, in fp32 there. Host tiles are copied on a side
+    stream; the compute stream waits for each copy (kernels are queued, never waited for here)."""
+
+    def __init__(self, x: torch.Tensor, act, copy_stream: torch.cuda.Stream) -> None:
+        self.x = x  # [T, D] on the GPU
+        self.act = act
+        self.sums = PartialSums(x.shape, x.device)
+        self.copy_stream = copy_stream
+
+    def add(self, block: torch.Tensor, tok: torch.Tensor, scale: torch.Tensor) -> None:
+        """out[tok] += scale * tile FFN of x[tok]; block [3, n, D] on the GPU, tok [N], scale [N] anywhere."""
+        dev = self.x.device
+        tok, scale = tok.to(dev, non_blocking=True), scale.to(dev, non_blocking=True)
+        self.sums.add(tok, partial_ffn(self.x[tok], block, self.act) * scale[:, None])
+
+    def add_host(self, block: torch.Tensor, tok: torch.Tensor, scale: torch.Tensor) -> None:
+        """The same for a block in host memory: copy it over first (asynchronous when pinned)."""
+        main = torch.cuda.current_stream(self.x.device)
+        self.copy_stream.wait_stream(main)  # the copy's buffer is allocated on main's timeline
+        with torch.cuda.stream(self.copy_stream):
+            dev_block = block.to(self.x.device, non_blocking=True)
+        main.wait_stream(self.copy_stream)
+        dev_block.record_stream(main)
+        self.add(dev_block, tok, scale)
+
+    def result(self) -> torch.Tensor:
+        """The [T, D] fp32 sum, on the GPU."""
+        return self.sums.result()
+
+
 class Accumulator:
     """Sum of tile FFN outputs over their tokens, in fp32: through the native kernel (tasks queued
-    until `flush`, so a batch of DRAM tiles runs as one threaded call) or with torch."""
+    until `flush`, so a batch of DRAM tiles runs as one threaded call) or with torch. With `gpu`,
+    tiles used by at least `gpu_min_tokens` tokens go to the GPU instead (`GpuAccumulator.add_host`)."""
 
-    def __init__(self, x: torch.Tensor, act, native_act: str | None, ws: kernels.Workspace) -> None:
+    def __init__(
+        self,
+        x: torch.Tensor,
+        act,
+        native_act: str | None,
+        ws: kernels.Workspace,
+        gpu: GpuAccumulator | None = None,
+        gpu_min_tokens: int = 0,
+    ) -> None:
         self.x = x  # [T, D]
         self.act, self.native_act, self.ws = act, native_act, ws
         self.sums = PartialSums(x.shape)
         self.tasks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.gpu, self.gpu_min_tokens = gpu, gpu_min_tokens
+
+    def to_gpu(self, tok: torch.Tensor) -> bool:
+        """Whether a tile used by `tok` is computed on the GPU."""
+        return self.gpu is not None and tok.numel() >= self.gpu_min_tokens
 
     def add(self, block: torch.Tensor, tok: torch.Tensor, scale: torch.Tensor) -> None:
         """out[tok] += scale * tile FFN of x[tok]; block [3, n, D], tok [N], scale [N]."""
-        if self.native_act is None:
+        if self.to_gpu(tok):
+            self.gpu.add_host(block, tok, scale)
+        elif self.native_act is None:
             self.sums.add(tok, partial_ffn(self.x[tok], block, self.act) * scale[:, None])
         else:
             self.tasks.append((block, tok.to(torch.int32), scale.to(torch.float32)))
@@ -135,8 +194,13 @@ class TieredExperts:
         residency: dict[tuple[int, int], Ranges],
         config: TieredConfig,
         dtype: torch.dtype,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.blocks = blocks
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.store = store
         self.config = config
         self.dtype = dtype
@@ -144,7 +208,9 @@ class TieredExperts:
         self.act_name = next(iter(blocks.values())).act_name
         self.workspace = kernels.Workspace()
         self.next_layer = dict(zip(sorted(blocks), sorted(blocks)[1:], strict=False))
-        self.resident: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self.resident: dict[tuple[int, int], list[torch.Tensor]] = {}  # DRAM blocks [3, n, D]
+        self.gpu_resident: dict[tuple[int, int], list[torch.Tensor]] = {}  # VRAM blocks [3, n, D]
+        self.gpu_bytes = 0
         self.on_disk: dict[tuple[int, int], list[StoredTile]] = {}
         self.ranges: dict[tuple[int, int], Ranges] = {}
         self.resident_bytes = 0
@@ -168,15 +234,26 @@ class TieredExperts:
             self.set_expert(key, ranges)
 
     def set_expert(self, key: tuple[int, int], ranges: Ranges, blocks: list[torch.Tensor] | None = None) -> None:
-        """(Re)place one expert: DRAM ranges become tensors (`blocks` if preloaded), the rest stays on disk."""
+        """(Re)place one expert: DRAM ranges become tensors (`blocks` if preloaded), `cuda` ranges GPU
+        tensors, the rest stays on disk."""
         layer, expert = key
         old = self.resident.pop(key, [])
         self.resident_bytes -= sum(t.numel() * t.element_size() for t in old)
-        del old
+        old_gpu = self.gpu_resident.pop(key, [])
+        self.gpu_bytes -= sum(t.numel() * t.element_size() for t in old_gpu)
+        del old, old_gpu
         if blocks is None:
             blocks = self.load_blocks(key, ranges)
+        if self.device.type == "cuda":  # pinned: copies of these to the GPU (prefill) run asynchronously
+            blocks = [b if b.is_pinned() else b.pin_memory() for b in blocks]
         self.resident[key] = blocks
         self.resident_bytes += sum(t.numel() * t.element_size() for t in blocks)
+        if ranges.get("cuda"):
+            if self.device.type != "cuda":
+                raise TileMemError(f"expert {key} has tiles on 'cuda' but the model runs on {self.device}.")
+            gpu = [self._load_range(layer, expert, a, b).to(self.device) for a, b in ranges["cuda"]]
+            self.gpu_resident[key] = gpu
+            self.gpu_bytes += sum(t.numel() * t.element_size() for t in gpu)
         self.ranges[key] = ranges
         self.on_disk[key] = [t for a, b in ranges.get("disk", []) for t in self.store.covering(layer, expert, a, b)]
         for tier, spans in ranges.items():
@@ -187,13 +264,13 @@ class TieredExperts:
                             self.cache.drop((layer, expert, t.start))
 
     def load_blocks(self, key: tuple[int, int], ranges: Ranges) -> list[torch.Tensor]:
-        """[3, n, D] tensors of an expert's DRAM ranges, read from the store."""
-        return [self._load_range(*key, a, b) for tier, spans in ranges.items() if tier != "disk" for a, b in spans]
+        """[3, n, D] tensors of an expert's DRAM (`cpu`) ranges, read from the store."""
+        return [self._load_range(*key, a, b) for a, b in ranges.get("cpu", [])]
 
     def bytes_of(self, ranges: Ranges) -> int:
         """DRAM bytes `ranges` would take."""
         itemsize = torch.empty(0, dtype=self.dtype).element_size()
-        n = sum(b - a for tier, spans in ranges.items() if tier != "disk" for a, b in spans)
+        n = sum(b - a for a, b in ranges.get("cpu", []))
         return 3 * n * self.store.hidden * itemsize
 
     def between_steps(self) -> None:
@@ -240,10 +317,35 @@ class TieredExperts:
 
     # -- execution ---------------------------------------------------------------------------------
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            return self._host(layer, x, weights, ids)
+        # The model runs on the GPU. One synchronisation brings the routing and the activations to
+        # the host; then the VRAM tiles are queued on the GPU, and the host computes its tiles and
+        # streams disk tiles while the GPU works. Host partial sums go back once, at the end.
+        x_h, weights_h, ids_h = x.cpu(), weights.cpu(), ids.cpu()
+        gpu = GpuAccumulator(x, self.act, self.copy_stream)
+        for expert, tok, kslot in group_by_expert(ids_h):
+            for block in self.gpu_resident.get((layer, expert), []):
+                gpu.add(block, tok, weights_h[tok, kslot])
+                self.counters.gpu_bytes += block.numel() * block.element_size()
+        host = self._host(layer, x_h, weights_h, ids_h, gpu, x)
+        return gpu.result().add_(host.to(x.device, non_blocking=True))
+
+    def _host(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        ids: torch.Tensor,
+        gpu: GpuAccumulator | None = None,
+        x_dev: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The DRAM and disk tiles of one layer, computed on the host (x, weights, ids on the CPU);
+        with `gpu`, the tiles of large token groups are shipped there. Returns the host's [T, D] fp32 sum."""
         c = self.counters
         self._harvest_prefetches()
-        native = self.act_name in kernels.ACTS and kernels.usable(x)
-        out = Accumulator(x, self.act, self.act_name if native else None, self.workspace)  # [T, D] fp32
+        native = self.act_name if self.act_name in kernels.ACTS and kernels.usable(x) else None
+        out = Accumulator(x, self.act, native, self.workspace, gpu, self.config.gpu_min_tokens)  # [T, D] fp32
         groups = group_by_expert(ids)
         self._score_prediction(layer, {e for e, _, _ in groups})
         pending: list[tuple[TileId, StoredTile, torch.Tensor, torch.Tensor]] = []
@@ -253,12 +355,14 @@ class TieredExperts:
             for block in self.resident.get((layer, expert), []):
                 ready.append((tok, scale, block))
                 c.dram_bytes += block.numel() * block.element_size()
+                c.h2d_bytes += block.numel() * block.element_size() if out.to_gpu(tok) else 0
             for tile in self.on_disk.get((layer, expert), []):
                 tid = (layer, expert, tile.start)
                 slot = self.cache.lookup(tid)
                 if slot is not None:
                     c.hits += 1
                     c.dram_bytes += tile.nbytes
+                    c.h2d_bytes += tile.nbytes if out.to_gpu(tok) else 0
                     ready.append((tok, scale, (tid, slot, tile)))
                 else:
                     c.misses += 1
@@ -288,6 +392,7 @@ class TieredExperts:
                     self.cache.slab.free.extend(slot_ for _, slot_ in landed)
                     raise fut.exception()
                 out.add(self._block(slot, tile), tok, scale)
+                c.h2d_bytes += tile.nbytes if out.to_gpu(tok) else 0
                 landed.append((tid, slot))
             out.flush()  # the tiles that landed together run as one call
             for tid, slot in landed:
@@ -295,7 +400,7 @@ class TieredExperts:
                 self.cache.admit(tid, slot)
             self._submit(pending, in_flight)
         if self.config.prefetch:
-            self._prefetch(layer, x)
+            self._prefetch(layer, x if x_dev is None else x_dev)
         return out.result()
 
     def _submit(self, pending: list, in_flight: dict) -> None:

@@ -84,6 +84,7 @@ class Speculator:
         try:
             out = engine.model(ids, ctx, return_hidden=hidden_wanted)
             logits, hidden = out if hidden_wanted else (out, None)  # [B, T, V], [B, T, D]
+            logits = logits.cpu()  # sampling and verification run on the CPU
         except Exception as exc:
             events = []
             for seq in seqs:
