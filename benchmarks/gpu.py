@@ -146,7 +146,7 @@ def main() -> None:
         return (max(v) - min(v)) / statistics.median(v)
 
     gpu_name = torch.cuda.get_device_name(0)
-    print(f"\n{gpu_name}, {os.cpu_count()} CPU threads; checkpoint {path} ({topo.num_layers} layers)")
+    print(f"\n{gpu_name}, {os.cpu_count()} CPU threads; checkpoint {path} ({len(topo.layers)} layers)")
     print(f"routing mass on the top quarter of experts (profile, median over layers): {statistics.median(shares):.2f}")
     print(f"VRAM budget: non-expert + shared + {args.cuda_pct:g}% of routed expert bytes; rest in DRAM\n")
     print("| engine | prefill tok/s | decode tok/s | decode spread | expert bytes on GPU / token |")

@@ -15,6 +15,7 @@ from torch import nn
 
 from tilemem import kernels
 from tilemem.config import ModelConfig
+from tilemem.layers.gpu_ffn import GATHER_MAX_PAIRS, gathered_ffn, padded_ffn
 from tilemem.layers.linear import Linear
 from tilemem.layers.mlp import GatedMLP, activation
 from tilemem.layers.router import Router
@@ -89,12 +90,29 @@ def accumulate(out: torch.Tensor, tok: torch.Tensor, y: torch.Tensor) -> None:
 
 
 class ResidentExperts:
-    """Runs every routed expert from resident weights (the all-resident engine)."""
+    """Runs every routed expert from resident weights (the all-resident engine): the native kernel
+    on the CPU (bf16), `gathered_ffn` on a GPU at a few tokens, else a loop over the routed experts."""
 
     def __init__(self, blocks: dict[int, MoEBlock]) -> None:
         self.blocks = blocks
         self.tables: dict[int, kernels.ExpertTable | None] = {}
+        self.stacks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.workspace = kernels.Workspace()
+
+    def _stack(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's experts stacked, gate_up [E, 2I, D] and down [E, D, I]; the experts' own
+        weights become views into them, so there is no second copy."""
+        if layer not in self.stacks:
+            experts = self.blocks[layer].experts
+            gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in experts])
+            down = torch.stack([e.down_proj.weight for e in experts])
+            i = gate_up.shape[1] // 2
+            for k, e in enumerate(experts):
+                e.gate_proj.weight = nn.Parameter(gate_up[k, :i], requires_grad=False)
+                e.up_proj.weight = nn.Parameter(gate_up[k, i:], requires_grad=False)
+                e.down_proj.weight = nn.Parameter(down[k], requires_grad=False)
+            self.stacks[layer] = (gate_up, down)
+        return self.stacks[layer]
 
     def _table(self, layer: int) -> kernels.ExpertTable | None:
         """The layer's expert pointer table for the native kernel, or None where it cannot run."""
@@ -111,6 +129,15 @@ class ResidentExperts:
         block = self.blocks[layer]
         if kernels.usable(x) and (table := self._table(layer)) is not None:
             return kernels.moe(x, weights, ids, table, block.act_name, self.workspace)
+        if x.is_cuda:
+            gate_up, down = self._stack(layer)
+            if ids.numel() > GATHER_MAX_PAIRS:  # prefill
+                return padded_ffn(x, gate_up, down, weights, ids, block.act)
+            t, k = ids.shape  # decode: no host sync
+            tok = torch.arange(t, device=x.device).repeat_interleave(k)  # [T*K]
+            out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+            gathered_ffn(x, gate_up, down, tok, ids.reshape(-1), weights.reshape(-1), block.act, out, False)
+            return out
         out = PartialSums(x.shape, x.device)
         for expert, tok, slot in group_by_expert(ids):
             e = block.experts[expert]

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from tilemem import kernels
 from tilemem.errors import TileMemError
+from tilemem.layers.gpu_ffn import GATHER_MAX_PAIRS, TileSlab, gathered_ffn, stacked_ffn
 from tilemem.layers.moe import MoEBlock, PartialSums, group_by_expert
 from tilemem.runtime.direct_io import AlignedSlab, DirectReader
 from tilemem.runtime.tile_cache import TileCache, TileId
@@ -209,13 +210,14 @@ class TieredExperts:
         self.workspace = kernels.Workspace()
         self.next_layer = dict(zip(sorted(blocks), sorted(blocks)[1:], strict=False))
         self.resident: dict[tuple[int, int], list[torch.Tensor]] = {}  # DRAM blocks [3, n, D]
-        self.gpu_resident: dict[tuple[int, int], list[torch.Tensor]] = {}  # VRAM blocks [3, n, D]
-        self.gpu_bytes = 0
+        self.slabs: dict[int, TileSlab] = {}  # layer -> its VRAM tiles
+        self.stale_slabs: set[int] = set()  # layers whose VRAM ranges changed since their slab was built
         self.on_disk: dict[tuple[int, int], list[StoredTile]] = {}
         self.ranges: dict[tuple[int, int], Ranges] = {}
         self.resident_bytes = 0
         self.step_hook = None  # called between engine steps (async planning applies migrations here)
         self.set_residency(residency)
+        self.build_slabs()
         slot_bytes = max(t.padded for t in store.tiles.values())
         cache_bytes = DEFAULT_CACHE_BYTES if config.cache_bytes is None else config.cache_bytes
         slots = max(cache_bytes // slot_bytes, config.io_depth)
@@ -239,21 +241,17 @@ class TieredExperts:
         layer, expert = key
         old = self.resident.pop(key, [])
         self.resident_bytes -= sum(t.numel() * t.element_size() for t in old)
-        old_gpu = self.gpu_resident.pop(key, [])
-        self.gpu_bytes -= sum(t.numel() * t.element_size() for t in old_gpu)
-        del old, old_gpu
+        del old
         if blocks is None:
             blocks = self.load_blocks(key, ranges)
         if self.device.type == "cuda":  # pinned: copies of these to the GPU (prefill) run asynchronously
             blocks = [b if b.is_pinned() else b.pin_memory() for b in blocks]
         self.resident[key] = blocks
         self.resident_bytes += sum(t.numel() * t.element_size() for t in blocks)
-        if ranges.get("cuda"):
-            if self.device.type != "cuda":
-                raise TileMemError(f"expert {key} has tiles on 'cuda' but the model runs on {self.device}.")
-            gpu = [self._load_range(layer, expert, a, b).to(self.device) for a, b in ranges["cuda"]]
-            self.gpu_resident[key] = gpu
-            self.gpu_bytes += sum(t.numel() * t.element_size() for t in gpu)
+        if ranges.get("cuda") and self.device.type != "cuda":
+            raise TileMemError(f"expert {key} has tiles on 'cuda' but the model runs on {self.device}.")
+        if ranges.get("cuda") or self.ranges.get(key, {}).get("cuda"):
+            self.stale_slabs.add(layer)  # `build_slabs` (re)builds the layer's VRAM slab
         self.ranges[key] = ranges
         self.on_disk[key] = [t for a, b in ranges.get("disk", []) for t in self.store.covering(layer, expert, a, b)]
         for tier, spans in ranges.items():
@@ -262,6 +260,24 @@ class TieredExperts:
                     for t in self.store.covering(layer, expert, a, b):
                         if hasattr(self, "cache"):
                             self.cache.drop((layer, expert, t.start))
+
+    def build_slabs(self) -> None:
+        """(Re)build the VRAM slab of every layer whose `cuda` ranges changed, tile by tile from the store."""
+        for layer in sorted(self.stale_slabs):
+            self.slabs.pop(layer, None)
+            tiles: dict[int, list[torch.Tensor]] = {}
+            for (lay, e), ranges in self.ranges.items():
+                for a, b in ranges.get("cuda", []) if lay == layer else []:
+                    for t in self.store.covering(layer, e, a, b):
+                        tiles.setdefault(e, []).append(self._load_range(layer, e, t.start, t.end))
+            if tiles:
+                self.slabs[layer] = TileSlab(tiles, self.store.tile_size, self.device)
+        self.stale_slabs.clear()
+
+    @property
+    def gpu_bytes(self) -> int:
+        """VRAM the expert tiles take."""
+        return sum(s.nbytes for s in self.slabs.values())
 
     def load_blocks(self, key: tuple[int, int], ranges: Ranges) -> list[torch.Tensor]:
         """[3, n, D] tensors of an expert's DRAM (`cpu`) ranges, read from the store."""
@@ -324,12 +340,37 @@ class TieredExperts:
         # streams disk tiles while the GPU works. Host partial sums go back once, at the end.
         x_h, weights_h, ids_h = x.cpu(), weights.cpu(), ids.cpu()
         gpu = GpuAccumulator(x, self.act, self.copy_stream)
-        for expert, tok, kslot in group_by_expert(ids_h):
-            for block in self.gpu_resident.get((layer, expert), []):
-                gpu.add(block, tok, weights_h[tok, kslot])
-                self.counters.gpu_bytes += block.numel() * block.element_size()
+        if layer in self.slabs:
+            self._vram_tiles(self.slabs[layer], x, weights_h, ids_h, gpu)
         host = self._host(layer, x_h, weights_h, ids_h, gpu, x)
         return gpu.result().add_(host.to(x.device, non_blocking=True))
+
+    def _vram_tiles(self, slab: TileSlab, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gpu) -> None:
+        """Queue the layer's VRAM tiles on the GPU: at a few tokens every (token, tile) pair in one
+        gathered GEMM, else one stacked GEMM per expert over its tiles (routing on the host)."""
+        groups = [(e, tok, k) for e, tok, k in group_by_expert(ids) if e in slab.slots]
+        tile_bytes = (slab.gate_up[0].numel() + slab.down_t[0].numel()) * slab.gate_up.element_size()
+        self.counters.gpu_bytes += sum(slab.slots[e][1] for e, _, _ in groups) * tile_bytes
+        dev = x.device
+        if sum(slab.slots[e][1] * len(tok) for e, tok, _ in groups) <= GATHER_MAX_PAIRS:
+            tok, unit, scale = [], [], []
+            for e, toks, k in groups:
+                first, count = slab.slots[e]
+                w = weights[toks, k]
+                for t, wt in zip(toks.tolist(), w.unbind(0), strict=True):
+                    tok += [t] * count
+                    unit += range(first, first + count)
+                    scale += [wt] * count
+            if tok:
+                idx = torch.tensor([tok, unit]).to(dev, non_blocking=True)  # [2, P]
+                sc = torch.stack(scale).to(dev, non_blocking=True)  # [P]
+                gathered_ffn(x, slab.gate_up, slab.down_t, idx[0], idx[1], sc, self.act, gpu.sums.out, True)
+            return
+        for e, toks, k in groups:
+            first, count = slab.slots[e]
+            t_dev = toks.to(dev, non_blocking=True)
+            y = stacked_ffn(x[t_dev], slab.gate_up[first : first + count], slab.down_t[first : first + count], self.act)
+            gpu.sums.add(t_dev, y * weights[toks, k].to(dev, non_blocking=True)[:, None])
 
     def _host(
         self,
