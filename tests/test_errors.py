@@ -421,6 +421,13 @@ def test_cli_reports_bad_request_without_traceback(make_ckpt, capsys):
     assert "Traceback" not in err
 
 
+def test_cli_reports_bad_device_without_traceback(make_ckpt, capsys):
+    code = main(["generate", str(make_ckpt("olmoe")), "--prompt", "hi", "--device", "tpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "unknown device 'tpu'" in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     ("argv", "expect"),
     [

@@ -79,6 +79,7 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: the checkpoint's)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when --budget gives cuda a share)")
     p.add_argument("--stats", action="store_true", help="print throughput, memory and tier counters")
     p.add_argument("--plan", default=None, help="plan directory from `tilemem plan`")
     p.add_argument("--budget", default=None, help="tier budgets, e.g. cpu=4GiB (rest on disk)")
@@ -246,6 +247,7 @@ def llm_from_args(args: argparse.Namespace, **extra):
         speculative=args.spec,
         num_draft=args.num_draft,
         async_planning=args.async_planning,
+        device=args.device,
         **extra,
     )
 
