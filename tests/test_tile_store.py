@@ -70,6 +70,34 @@ def test_tiles_hold_the_checkpoint_rows_with_their_checksums(mixtral, store32):
         assert torch.equal(block[2], down[:, a:b].t())
 
 
+def test_shared_and_dense_ffns_are_stored_and_an_older_store_is_refused(make_ckpt, tmp_path):
+    """DeepSeek-V2 has a dense first layer and shared experts: both are tiles of the store, holding
+    the checkpoint's rows; a store written before they were stored (no `units`) is refused by name."""
+    path = make_ckpt("deepseek_v2", "fp32", routing_skew=1.0)
+    ckpt = Checkpoint.open(path)
+    topo = Topology.from_config(ckpt.config)
+    store = convert(path, tmp_path / "store", tile_size=16, progress=False)
+    ts = TileStore(store, ckpt)
+    dense = [lt.index for lt in topo.layers if lt.dense_intermediate]
+    shared = [lt.index for lt in topo.layers if lt.shared_intermediate]
+    assert dense and shared
+    for layer, unit, width in [(dense[0], -2, topo.layers[dense[0]].dense_intermediate)] + [
+        (layer, -1, topo.layers[layer].shared_intermediate) for layer in shared
+    ]:
+        tiles = ts.tiles_of(layer, unit)
+        assert [(t.start, t.end) for t in tiles] == tile_ranges(width, 16)
+        gate, up, down = expert_tensors(ckpt, layer, unit)
+        for t in tiles:
+            block = torch.frombuffer(bytearray(ts.read_block(t)), dtype=ts.dtype).view(3, t.end - t.start, -1)
+            assert torch.equal(block[0], gate[t.start : t.end]) and torch.equal(block[2], down[:, t.start : t.end].t())
+    assert ts.verify(progress=False) == []
+    meta = json.loads((store / "store.json").read_text())
+    del meta["units"]
+    (store / "store.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="no tiles of the shared-expert / dense FFNs.*run `tilemem convert` again"):
+        TileStore(store, ckpt)
+
+
 def test_covering_needs_store_tile_boundaries(store32):
     ts = TileStore(store32)
     assert [t.start for t in ts.covering(0, 1, 0, 48)] == [0, 32]

@@ -160,7 +160,9 @@ class LLM:
         self.config = self.checkpoint.config
         self.max_model_len = min(max_model_len or 4096, self.config.max_position_embeddings)
         self.plan = self._resolve_plan(plan, budget, policy, profile, tile, dtype)
-        skip = (lambda name: ".mlp.experts." in name) if self.plan is not None else None
+        skip = None
+        if self.plan is not None:  # FFN weights come from the tile store, where the plan puts them
+            from tilemem.runtime.setup import is_tiled_weight as skip
         self.device = device_for(self.plan, device)
         self.model, _ = load_model(
             self.checkpoint, dtype, max_positions=self.max_model_len, skip=skip, device=self.device

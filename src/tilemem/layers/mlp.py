@@ -26,6 +26,10 @@ class GatedMLP(nn.Module):
         self.up_proj = Linear(hidden, intermediate)
         self.down_proj = Linear(intermediate, hidden)
         self.act = activation(act)
+        self.tiled = None
+        """When the tiered runtime places this FFN (shared experts, dense layers): x [T, D] -> [T, D] fp32."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tiled is not None:
+            return self.tiled(x.reshape(-1, x.shape[-1])).to(x.dtype).view(x.shape)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

@@ -112,6 +112,18 @@ class MoECausalLM(nn.Module):
         for block in self.moe_blocks().values():
             block.executor = executor
 
+    def always_active_ffns(self) -> dict[tuple[int, int], GatedMLP]:
+        """(layer, SHARED | DENSE) -> the shared-expert or dense FFN module of the decoder layers."""
+        from tilemem.placement.tiles import DENSE, SHARED
+
+        out = {}
+        for i, layer in enumerate(self.model.layers):
+            if isinstance(layer.mlp, GatedMLP):
+                out[(i, DENSE)] = layer.mlp
+            elif layer.mlp.shared_experts is not None:
+                out[(i, SHARED)] = layer.mlp.shared_experts
+        return out
+
     def kv_shape(self) -> tuple[int, int, int]:
         """(heads, key width, value width) one layer caches per position."""
         cfg = self.cfg

@@ -6,7 +6,9 @@ executor = attach_tiered(model, ckpt, plan, store_dir)
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -20,8 +22,11 @@ from tilemem.placement.plan import Plan
 from tilemem.placement.planner import build_plan
 from tilemem.placement.policies import PlacementProblem
 from tilemem.placement.profile import Profile
+from tilemem.placement.tiles import always_active_ffns, routed_ffns
 from tilemem.runtime.tiered import TieredConfig, TieredExperts
 from tilemem.runtime.tile_store import TileStore, convert
+
+TILED_WEIGHT = re.compile(r"model\.layers\.\d+\.mlp\.(experts\.\d+\.|shared_experts\.)?(gate|up|down)_proj\.weight")
 
 
 def load_profile(profile: Profile | str | Path | None, topology: Topology) -> Profile:
@@ -57,18 +62,24 @@ def make_plan(
 
 
 def residency_of(plan: Plan, topology: Topology) -> dict[tuple[int, int], dict[str, list[tuple[int, int]]]]:
-    """tier (`cuda`, `cpu`, `disk`) -> neuron ranges of every routed expert, as the plan places them."""
+    """tier (`cuda`, `cpu`, `disk`) -> neuron ranges of every routed expert, shared-expert FFN
+    (unit SHARED) and dense FFN (DENSE), as the plan places them."""
     res = {}
-    for lt in topology.layers:
-        for e in range(lt.num_experts):
-            ranges = plan.resident_ranges(lt.index, e)
-            if "cuda" in ranges and not torch.cuda.is_available():
-                raise ConfigError(
-                    "the plan places tiles on 'cuda' but this machine has no CUDA device; plan with "
-                    "--budget cpu=...,disk=... instead."
-                )
-            res[(lt.index, e)] = dict(ranges)
+    for layer, e in routed_ffns(topology) + always_active_ffns(topology):
+        ranges = plan.resident_ranges(layer, e)
+        if "cuda" in ranges and not torch.cuda.is_available():
+            raise ConfigError(
+                "the plan places tiles on 'cuda' but this machine has no CUDA device; plan with "
+                "--budget cpu=...,disk=... instead."
+            )
+        res[(layer, e)] = dict(ranges)
     return res
+
+
+def is_tiled_weight(name: str) -> bool:
+    """Whether a weight (our name) is an FFN weight the tiered runtime loads from the tile store:
+    routed experts, shared experts and dense FFN layers of the decoder."""
+    return TILED_WEIGHT.fullmatch(name) is not None
 
 
 def default_store_dir(ckpt: Checkpoint, tile: int) -> Path:
@@ -110,6 +121,8 @@ def attach_tiered(
     residency = residency_of(plan, topo)
     executor = TieredExperts(model.moe_blocks(), opened, residency, config, model.dtype, model.device)
     model.set_executor(executor)
+    for (layer, unit), mlp in model.always_active_ffns().items():
+        mlp.tiled = partial(executor.unit, layer, unit)
     return executor
 
 
@@ -133,10 +146,10 @@ def start_async_planning(executor: TieredExperts, plan: Plan, interval_s: float 
         tuple(CacheReserve(u.tier, nbytes=u.cache) for u in plan.tiers if u.cache),
         plan.budget_source,
     )
-    # Routed tiles may use the DRAM budget less the non-expert weights, the tile cache as allocated
-    # and the shared-expert / dense FFNs, which the model keeps resident whatever the plan says.
+    # Tiles (routed, shared and dense FFNs alike) may use the DRAM budget less the non-expert weights
+    # and the tile cache as allocated.
     cache = executor.config.cache_bytes if executor.config.cache_bytes is not None else cpu.cache
-    resident_budget = cpu.capacity - cpu.non_expert - cache - topo.shared_and_dense_bytes
+    resident_budget = cpu.capacity - cpu.non_expert - cache
     options = dict(
         tile=plan.tile,
         shard_count=plan.shard_count,

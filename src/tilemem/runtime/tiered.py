@@ -333,30 +333,45 @@ class TieredExperts:
 
     # -- execution ---------------------------------------------------------------------------------
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The routed experts of one MoE layer: x [T, D], weights / ids [T, K] -> [T, D] fp32."""
+        ids_h, weights_h = ids.cpu(), weights.cpu()
+        groups = [(e, tok, weights_h[tok, k]) for e, tok, k in group_by_expert(ids_h)]
+        self._score_prediction(layer, {e for e, _, _ in groups})
+        out = self._run(layer, x, groups)
+        if self.config.prefetch:
+            self._prefetch(layer, x)
+        return out
+
+    def unit(self, layer: int, unit: int, x: torch.Tensor) -> torch.Tensor:
+        """A shared-expert (SHARED) or dense (DENSE) FFN of `layer` over every token: x [T, D] -> [T, D] fp32."""
+        every = torch.arange(x.shape[0])
+        return self._run(layer, x, [(unit, every, torch.ones(x.shape[0], dtype=x.dtype))])
+
+    def _run(self, layer: int, x: torch.Tensor, groups: list) -> torch.Tensor:
+        """Sum of scale * FFN over `groups` [(unit, token indices [N], scale [N])], host-side tensors."""
         if x.device.type == "cpu":
-            return self._host(layer, x, weights, ids)
-        # The model runs on the GPU. One synchronisation brings the routing and the activations to
-        # the host; then the VRAM tiles are queued on the GPU, and the host computes its tiles and
-        # streams disk tiles while the GPU works. Host partial sums go back once, at the end.
-        x_h, weights_h, ids_h = x.cpu(), weights.cpu(), ids.cpu()
+            return self._host(layer, x, groups)
+        # The model runs on the GPU. One synchronisation brings the activations to the host; then the
+        # VRAM tiles are queued on the GPU, and the host computes its tiles and streams disk tiles
+        # while the GPU works. Host partial sums go back once, at the end.
+        x_h = x.cpu()
         gpu = GpuAccumulator(x, self.act, self.copy_stream)
         if layer in self.slabs:
-            self._vram_tiles(self.slabs[layer], x, weights_h, ids_h, gpu)
-        host = self._host(layer, x_h, weights_h, ids_h, gpu, x)
+            self._vram_tiles(self.slabs[layer], x, groups, gpu)
+        host = self._host(layer, x_h, groups, gpu)
         return gpu.result().add_(host.to(x.device, non_blocking=True))
 
-    def _vram_tiles(self, slab: TileSlab, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gpu) -> None:
+    def _vram_tiles(self, slab: TileSlab, x: torch.Tensor, groups: list, gpu) -> None:
         """Queue the layer's VRAM tiles on the GPU: at a few tokens every (token, tile) pair in one
-        gathered GEMM, else one stacked GEMM per expert over its tiles (routing on the host)."""
-        groups = [(e, tok, k) for e, tok, k in group_by_expert(ids) if e in slab.slots]
+        gathered GEMM, else one stacked GEMM per unit over its tiles."""
+        groups = [g for g in groups if g[0] in slab.slots]
         tile_bytes = (slab.gate_up[0].numel() + slab.down_t[0].numel()) * slab.gate_up.element_size()
         self.counters.gpu_bytes += sum(slab.slots[e][1] for e, _, _ in groups) * tile_bytes
         dev = x.device
         if sum(slab.slots[e][1] * len(tok) for e, tok, _ in groups) <= GATHER_MAX_PAIRS:
             tok, unit, scale = [], [], []
-            for e, toks, k in groups:
+            for e, toks, w in groups:
                 first, count = slab.slots[e]
-                w = weights[toks, k]
                 for t, wt in zip(toks.tolist(), w.unbind(0), strict=True):
                     tok += [t] * count
                     unit += range(first, first + count)
@@ -366,33 +381,22 @@ class TieredExperts:
                 sc = torch.stack(scale).to(dev, non_blocking=True)  # [P]
                 gathered_ffn(x, slab.gate_up, slab.down_t, idx[0], idx[1], sc, self.act, gpu.sums.out, True)
             return
-        for e, toks, k in groups:
+        for e, toks, w in groups:
             first, count = slab.slots[e]
             t_dev = toks.to(dev, non_blocking=True)
             y = stacked_ffn(x[t_dev], slab.gate_up[first : first + count], slab.down_t[first : first + count], self.act)
-            gpu.sums.add(t_dev, y * weights[toks, k].to(dev, non_blocking=True)[:, None])
+            gpu.sums.add(t_dev, y * w.to(dev, non_blocking=True)[:, None])
 
-    def _host(
-        self,
-        layer: int,
-        x: torch.Tensor,
-        weights: torch.Tensor,
-        ids: torch.Tensor,
-        gpu: GpuAccumulator | None = None,
-        x_dev: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The DRAM and disk tiles of one layer, computed on the host (x, weights, ids on the CPU);
-        with `gpu`, the tiles of large token groups are shipped there. Returns the host's [T, D] fp32 sum."""
+    def _host(self, layer: int, x: torch.Tensor, groups: list, gpu: GpuAccumulator | None = None) -> torch.Tensor:
+        """The DRAM and disk tiles of `groups`, computed on the host (x on the CPU); with `gpu`, the
+        tiles of large token groups are shipped there. Returns the host's [T, D] fp32 sum."""
         c = self.counters
         self._harvest_prefetches()
         native = self.act_name if self.act_name in kernels.ACTS and kernels.usable(x) else None
         out = Accumulator(x, self.act, native, self.workspace, gpu, self.config.gpu_min_tokens)  # [T, D] fp32
-        groups = group_by_expert(ids)
-        self._score_prediction(layer, {e for e, _, _ in groups})
         pending: list[tuple[TileId, StoredTile, torch.Tensor, torch.Tensor]] = []
         ready = []
-        for expert, tok, kslot in groups:
-            scale = weights[tok, kslot]  # [N]
+        for expert, tok, scale in groups:
             for block in self.resident.get((layer, expert), []):
                 ready.append((tok, scale, block))
                 c.dram_bytes += block.numel() * block.element_size()
@@ -440,8 +444,6 @@ class TieredExperts:
                 c.tiles_computed += 1
                 self.cache.admit(tid, slot)
             self._submit(pending, in_flight)
-        if self.config.prefetch:
-            self._prefetch(layer, x if x_dev is None else x_dev)
         return out.result()
 
     def _submit(self, pending: list, in_flight: dict) -> None:

@@ -1,6 +1,7 @@
-"""The tile store (weight converter output): routed-expert weights packed tile by tile.
+"""The tile store (weight converter output): FFN weights packed tile by tile: every routed expert,
+and the shared experts (unit SHARED) and dense FFN layers (unit DENSE), which the plan places too.
 
-One block per (layer, expert, neuron range [a, b)), 4 KiB aligned, dtype kept:
+One block per (layer, unit, neuron range [a, b)), 4 KiB aligned, dtype kept:
 gate rows [n, D], up rows [n, D], then down columns stored transposed as [n, D], so a tile is one
 contiguous [3, n, D] array readable with a single O_DIRECT request and usable without a copy.
 Blocks are ordered (layer, expert, a): a whole expert is one contiguous run.
@@ -24,6 +25,8 @@ from tqdm import tqdm
 from tilemem.errors import CheckpointError, TileMemError
 from tilemem.loader.checkpoint import Checkpoint
 from tilemem.loader.safetensors_file import DTYPES
+from tilemem.models.topology import Topology
+from tilemem.placement.tiles import DENSE, SHARED, always_active_ffns, ffn_width
 
 ALIGN = 4096
 SCHEMA = "tilemem_store_v1"
@@ -75,10 +78,33 @@ def checkpoint_fingerprint(ckpt: Checkpoint) -> str:
     return h.hexdigest()
 
 
+def ffn_prefix(layer: int, unit: int) -> str:
+    """Our module name of a routed expert, the shared experts (SHARED) or the dense FFN (DENSE) of `layer`."""
+    if unit == SHARED:
+        return f"model.layers.{layer}.mlp.shared_experts."
+    if unit == DENSE:
+        return f"model.layers.{layer}.mlp."
+    return f"model.layers.{layer}.mlp.experts.{unit}."
+
+
 def expert_tensors(ckpt: Checkpoint, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """gate [I, D], up [I, D], down [D, I] of one routed expert, memory-mapped."""
-    prefix = f"model.layers.{layer}.mlp.experts.{expert}."
+    """gate [I, D], up [I, D], down [D, I] of one FFN unit (routed expert, SHARED or DENSE), memory-mapped."""
+    prefix = ffn_prefix(layer, expert)
     return tuple(ckpt.tensor(ckpt.family.to_hub(prefix + p + ".weight")) for p in ("gate_proj", "up_proj", "down_proj"))
+
+
+def store_units(ckpt: Checkpoint) -> list[tuple[int, int, int]]:
+    """(layer, unit, width) of every FFN the store holds, in store order: per layer the dense FFN or
+    the shared experts first, then the routed experts."""
+    topo = Topology.from_config(ckpt.config)
+    always = set(always_active_ffns(topo))
+    units = []
+    for lt in topo.layers:
+        for unit in (DENSE, SHARED):
+            if (lt.index, unit) in always:
+                units.append((lt.index, unit, ffn_width(topo, lt.index, unit)))
+        units += [(lt.index, e, lt.expert_intermediate) for e in range(lt.num_experts if lt.is_moe else 0)]
+    return units
 
 
 def tile_ranges(width: int, tile: int) -> list[tuple[int, int]]:
@@ -131,36 +157,34 @@ def convert(model: str | Path, out: str | Path, tile_size: int = 128, progress: 
         header = {"key": "_header", "fingerprint": fingerprint, "tile_size": tile_size}
         journal.write_text(json.dumps(header) + "\n")
     layers = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
-    ranges = tile_ranges(cfg.moe_intermediate_size, tile_size)
-    first = expert_tensors(ckpt, layers[0], 0)[0]
-    itemsize = first.element_size()
+    units = store_units(ckpt)
+    itemsize = expert_tensors(ckpt, layers[0], 0)[0].element_size()
     dtype = None
     tiles: list[StoredTile] = []
     offset = 0
-    total = len(layers) * cfg.num_experts * 3 * cfg.moe_intermediate_size * cfg.hidden_size * itemsize
+    total = sum(3 * width * cfg.hidden_size * itemsize for _, _, width in units)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress)
     with open(data_tmp, "r+b" if data_tmp.exists() else "w+b") as data, open(journal, "a") as jr:
-        for layer in layers:
-            for expert in range(cfg.num_experts):
-                gate, up, down = expert_tensors(ckpt, layer, expert)
-                dtype = gate.dtype
-                for a, b in ranges:
-                    nbytes = 3 * (b - a) * cfg.hidden_size * itemsize
-                    key = f"L{layer}:E{expert}:N{a}-{b}"
-                    rec = done.get(key)
-                    if rec is None or rec.get("offset", offset) != offset:
-                        block = pack_tile(gate, up, down, a, b)
-                        raw = block.view(torch.uint8).numpy().tobytes()
-                        data.seek(offset)
-                        data.write(raw + b"\0" * (_align(nbytes) - nbytes))
-                        sha = hashlib.sha256(raw).hexdigest()
-                        rec = {"key": key, "offset": offset, "sha256": sha, "crc32": zlib.crc32(raw)}
-                        data.flush()
-                        jr.write(json.dumps(rec) + "\n")
-                        jr.flush()
-                    tiles.append(StoredTile(layer, expert, a, b, offset, nbytes, rec["sha256"], rec["crc32"]))
-                    offset += _align(nbytes)
-                    bar.update(nbytes)
+        for layer, expert, width in units:
+            gate, up, down = expert_tensors(ckpt, layer, expert)
+            dtype = gate.dtype
+            for a, b in tile_ranges(width, tile_size):
+                nbytes = 3 * (b - a) * cfg.hidden_size * itemsize
+                key = f"L{layer}:E{expert}:N{a}-{b}"
+                rec = done.get(key)
+                if rec is None or rec.get("offset", offset) != offset:
+                    block = pack_tile(gate, up, down, a, b)
+                    raw = block.view(torch.uint8).numpy().tobytes()
+                    data.seek(offset)
+                    data.write(raw + b"\0" * (_align(nbytes) - nbytes))
+                    sha = hashlib.sha256(raw).hexdigest()
+                    rec = {"key": key, "offset": offset, "sha256": sha, "crc32": zlib.crc32(raw)}
+                    data.flush()
+                    jr.write(json.dumps(rec) + "\n")
+                    jr.flush()
+                tiles.append(StoredTile(layer, expert, a, b, offset, nbytes, rec["sha256"], rec["crc32"]))
+                offset += _align(nbytes)
+                bar.update(nbytes)
         data.truncate(offset)
         os.fsync(data.fileno())
     bar.close()
@@ -174,6 +198,7 @@ def convert(model: str | Path, out: str | Path, tile_size: int = 128, progress: 
         "intermediate_size": cfg.moe_intermediate_size,
         "num_experts": cfg.num_experts,
         "layers": layers,
+        "units": [[layer, unit, width] for layer, unit, width in units if unit < 0],
         "tile_size": tile_size,
         "alignment": ALIGN,
         "bytes": offset,
@@ -216,6 +241,13 @@ class TileStore:
                 f"tile store {self.path} was converted from another checkpoint ({meta['checkpoint']}), not "
                 f"{checkpoint.path}; convert this checkpoint with `tilemem convert`."
             )
+        if checkpoint is not None:
+            want = [[layer, unit, width] for layer, unit, width in store_units(checkpoint) if unit < 0]
+            if meta.get("units", []) != want:
+                raise StoreError(
+                    f"tile store {self.path} has no tiles of the shared-expert / dense FFNs (converted by an "
+                    "older TileMEM); delete it and run `tilemem convert` again."
+                )
         self.dtype = DTYPES[meta["dtype"]]
         self.hidden = int(meta["hidden_size"])
         self.tile_size = int(meta["tile_size"])

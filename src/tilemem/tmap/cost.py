@@ -5,7 +5,7 @@ A step (prefill of P prompt tokens, or decode of B sequences) costs:
 - overhead: the engine's per-step cost plus a per-layer dispatch cost (measured by the probe);
 - non-expert work: attention, norm, router and LM head weights streamed at the kernel bandwidth of
   the batch, the KV cache read at DRAM bandwidth, and the always-active FFNs (shared experts, dense
-  layers), which the model keeps resident;
+  layers), modelled as resident (policies place them first; see `tilemem.tmap.shape`);
 - per MoE layer, routed experts: an expert with per-token routing probability p runs in the step with
   probability q = 1 - (1 - p)^B, on N = B p / q tokens. Each resident block (merged range) is one task:
   task overhead + bytes x seconds-per-byte at batch N. Its disk tiles are hits when they are among the

@@ -3,7 +3,9 @@
 Per routed expert: its resident blocks per compute tier (contiguous ranges run as one task each, as
 the runtime merges them) and its disk tiles (store tiles, read one request each, 4 KiB aligned).
 Per layer: the non-expert bytes read every step (attention, norms, router) and the always-active FFNs
-(shared experts, dense layers), which the model keeps resident. Per step: the LM head and final norm.
+(shared experts, dense layers), modelled as resident: every policy places them first (they run for
+every token), so they reach the disk only under a budget below non-expert + shared/dense bytes, a case
+the model does not cover. Per step: the LM head and final norm.
 """
 
 from __future__ import annotations
