@@ -11,7 +11,7 @@ time), batch 1, 256-token prompt, interleaved over rounds in one process:
 Prints prefill / decode tok/s medians, the spread, ratios, and the share of expert bytes each plan
 computes on the GPU per decode token.
 
-    python benchmarks/gpu.py [--layers 8] [--rounds 3] [--cuda-pct 35]
+    python benchmarks/gpu.py [--layers 8] [--rounds 3] [--cuda-pct 35] [--threads N]
 """
 
 from __future__ import annotations
@@ -113,11 +113,13 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=128)
     ap.add_argument("--profile-tokens", type=int, default=512)
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="host threads (0: every core); fewer mimics a desktop")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu.py needs a CUDA GPU; on a CPU-only machine use benchmarks/offload.py")
     args.dir = args.dir or f"checkpoints/olmoe-1b-7b{f'-l{args.layers}' if args.layers else ''}"
-    torch.set_num_threads(os.cpu_count())
+    threads = args.threads or os.cpu_count()
+    torch.set_num_threads(threads)
     path, topo, engines, shares = build(args)
     hf = None
     if not args.no_transformers:
@@ -146,7 +148,7 @@ def main() -> None:
         return (max(v) - min(v)) / statistics.median(v)
 
     gpu_name = torch.cuda.get_device_name(0)
-    print(f"\n{gpu_name}, {os.cpu_count()} CPU threads; checkpoint {path} ({len(topo.layers)} layers)")
+    print(f"\n{gpu_name}, {threads} of {os.cpu_count()} CPU threads; checkpoint {path} ({len(topo.layers)} layers)")
     print(f"routing mass on the top quarter of experts (profile, median over layers): {statistics.median(shares):.2f}")
     print(f"VRAM budget: non-expert + shared + {args.cuda_pct:g}% of routed expert bytes; rest in DRAM\n")
     print("| engine | prefill tok/s | decode tok/s | decode spread | expert bytes on GPU / token |")
