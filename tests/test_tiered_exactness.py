@@ -272,3 +272,38 @@ def test_executor_output_matches_resident_experts(family, reference, store_dir):
         assert ex.counters.misses > 0 and ex.counters.hits > 0
     finally:
         llm.tiered.close()
+
+
+def test_auto_prefetch_pauses_when_prefetched_tiles_go_unused(reference, store_dir, monkeypatch):
+    """With no room for a cache, a prefetched tile that lands before its layer runs is rejected and read
+    again: `prefetch="auto"` sees the prefetches go unused and pauses them (always-on keeps issuing);
+    the tokens stay exact either way."""
+    from tilemem.runtime import tiered
+
+    monkeypatch.setattr(tiered, "PREFETCH_WINDOW", 8)
+    path, batch, _, ref_tokens = reference("olmoe")
+    topo = Topology.from_config(Checkpoint.open(path).config, "fp32")
+    issued = {}
+    for mode in ("auto", True):
+        llm = LLM(
+            path,
+            dtype="fp32",
+            budget=f"cpu={topo.non_expert_bytes}B",  # every tile on disk, staging slots only
+            tile=16,
+            store=store_dir("olmoe", 16),
+            runtime=TieredConfig(prefetch=mode, io_depth=4),
+        )
+        try:
+            assert llm.tiered.cache.capacity == 0
+            for _ in range(2):
+                assert [o.token_ids for o in llm.generate(batch, GREEDY)] == ref_tokens
+            c = llm.tiered.counters
+            assert c.prefetch_issued > 0
+            issued[mode] = c.prefetch_issued
+            if mode == "auto":
+                assert c.prefetch_paused > 0 and c.prefetch_used < tiered.PREFETCH_MIN_USE * c.prefetch_issued
+            else:
+                assert c.prefetch_paused == 0
+        finally:
+            llm.tiered.close()
+    assert issued["auto"] < issued[True]

@@ -88,7 +88,9 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", default=None, help="tile store (default: beside the checkpoint, built if missing)")
     p.add_argument("--tile-size", type=int, default=128, help="tile size for --budget plans")
     p.add_argument("--cache-policy", default="lfu", help="lru, lfu or profile")
-    p.add_argument("--no-prefetch", action="store_true", help="disable next-layer prefetch")
+    p.add_argument(
+        "--no-prefetch", action="store_true", help="disable next-layer prefetch (default: on while it is used)"
+    )
     p.add_argument("--spec", default=None, help="speculative decoding: ngram, mtp or draft:PATH")
     p.add_argument("--num-draft", type=int, default=4, help="draft tokens per speculative step (k)")
     p.add_argument("--async-planning", action="store_true", help="re-plan from live routing in the background")
@@ -232,7 +234,7 @@ def llm_from_args(args: argparse.Namespace, **extra):
 
     runtime = None
     if hasattr(args, "cache_policy"):
-        runtime = TieredConfig(cache_policy=args.cache_policy, prefetch=not args.no_prefetch)
+        runtime = TieredConfig(cache_policy=args.cache_policy, prefetch=False if args.no_prefetch else "auto")
     return LLM(
         args.model,
         dtype=args.dtype,

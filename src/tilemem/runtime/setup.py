@@ -102,7 +102,8 @@ def attach_tiered(
     if not (store / "store.json").exists():
         convert(ckpt.path, store, tile_size=plan.tile, progress=progress)
     opened = TileStore(store, ckpt)
-    config = config or TieredConfig()
+    if config is None:  # a plan compiled with `prefetch = off` turns it off; else on while it is used
+        config = TieredConfig(prefetch="auto" if plan.settings.get("prefetch", True) else False)
     cpu = plan.usage("cpu") if "cpu" in {u.tier for u in plan.tiers} else None
     if cpu is not None and cpu.capacity is not None:
         # The tile cache gets what the plan leaves free in DRAM (its cache reserve plus bytes no tile

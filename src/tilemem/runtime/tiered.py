@@ -40,6 +40,13 @@ Ranges = dict[str, list[tuple[int, int]]]
 DEFAULT_CACHE_BYTES = 64 << 20
 """Tile cache size when neither the config nor a bounded DRAM budget sets one."""
 
+PREFETCH_WINDOW = 32
+"""Prefetched tiles over which `prefetch="auto"` judges prefetching."""
+PREFETCH_MIN_USE = 0.5
+"""Share of them that must be used for prefetching to continue."""
+PREFETCH_PAUSE = 256
+"""MoE layer calls a pause lasts before prefetching is tried again."""
+
 
 class TileReadError(TileMemError):
     """A tile could not be read from the store, or its checksum does not match."""
@@ -56,6 +63,9 @@ class RuntimeCounters:
     stall_s: float = 0.0
     prefetch_issued: int = 0
     prefetch_used: int = 0
+    """Prefetched tiles a layer then used (adopted in flight, or found in the cache)."""
+    prefetch_paused: int = 0
+    """Times `prefetch="auto"` paused prefetching because too few prefetched tiles were used."""
     predicted: int = 0
     actual: int = 0
     correct: int = 0
@@ -89,8 +99,10 @@ class TieredConfig:
     """Reads in flight (thread pool size)."""
     cache_policy: str = "lfu"
     """Eviction: lru, lfu or profile."""
-    prefetch: bool = True
-    """Predict and prefetch the next layer's experts."""
+    prefetch: bool | str = "auto"
+    """Predict and prefetch the next layer's experts: True, False, or "auto": on, but paused for a while
+    whenever fewer than `PREFETCH_MIN_USE` of the last `PREFETCH_WINDOW` prefetched tiles were used
+    (a full cache rejects what lands early, and each wasted read takes disk time from demand reads)."""
     verify_reads: bool = True
     """Check each read's crc32."""
     tile_weights: dict[TileId, float] = field(default_factory=dict)
@@ -226,6 +238,9 @@ class TieredExperts:
         self.reader = DirectReader(store.data_path)
         self.pool = cf.ThreadPoolExecutor(max_workers=config.io_depth, thread_name_prefix="tile-io")
         self.prefetching: dict[TileId, tuple[cf.Future, int, StoredTile]] = {}
+        self.prefetched: set[TileId] = set()  # prefetched tiles admitted to the cache, not yet used
+        self.window = [0, 0]  # auto prefetch: [issued, used] since the last judgement
+        self.pause = 0  # auto prefetch: layer calls left without prefetching
         self.predictions: dict[int, set[int]] = {}
         self.counters = RuntimeCounters()
 
@@ -327,7 +342,8 @@ class TieredExperts:
             if fut.done():
                 del self.prefetching[tid]
                 if fut.exception() is None:
-                    self.cache.admit(tid, slot)
+                    if self.cache.admit(tid, slot):
+                        self.prefetched.add(tid)
                 else:
                     self.cache.slab.free.append(slot)
 
@@ -338,7 +354,7 @@ class TieredExperts:
         groups = [(e, tok, weights_h[tok, k]) for e, tok, k in group_by_expert(ids_h)]
         self._score_prediction(layer, {e for e, _, _ in groups})
         out = self._run(layer, x, groups)
-        if self.config.prefetch:
+        if self._prefetch_now():
             self._prefetch(layer, x)
         return out
 
@@ -406,6 +422,8 @@ class TieredExperts:
                 slot = self.cache.lookup(tid)
                 if slot is not None:
                     c.hits += 1
+                    if tid in self.prefetched:
+                        self._prefetch_used(tid)
                     c.dram_bytes += tile.nbytes
                     c.h2d_bytes += tile.nbytes if out.to_gpu(tok) else 0
                     ready.append((tok, scale, (tid, slot, tile)))
@@ -452,7 +470,7 @@ class TieredExperts:
             tid, tile, tok, scale = pending[-1]
             if tid in self.prefetching:
                 fut, slot, _ = self.prefetching.pop(tid)
-                self.counters.prefetch_used += 1
+                self._prefetch_used(tid)
             else:
                 slot = self.cache.take_slot()
                 while slot is None and not in_flight and self.prefetching:
@@ -477,6 +495,29 @@ class TieredExperts:
             self.cache.slab.free.append(item[-1])
         in_flight.clear()
 
+    def _prefetch_used(self, tid: TileId) -> None:
+        self.prefetched.discard(tid)
+        self.counters.prefetch_used += 1
+        self.window[1] += 1
+
+    def _prefetch_now(self) -> bool:
+        """Whether to prefetch after this layer (`prefetch="auto"` judges the last window of prefetches)."""
+        mode = self.config.prefetch
+        if mode != "auto":
+            return bool(mode)
+        if self.pause:
+            self.pause -= 1
+            return False
+        issued, used = self.window
+        if issued >= PREFETCH_WINDOW:
+            self.window = [0, 0]
+            self.prefetched.clear()  # a new window: tiles prefetched before it count no more
+            if used < PREFETCH_MIN_USE * issued:
+                self.pause = PREFETCH_PAUSE
+                self.counters.prefetch_paused += 1
+                return False
+        return True
+
     def _prefetch(self, layer: int, x: torch.Tensor) -> None:
         nxt = self.next_layer.get(layer)
         if nxt is None:
@@ -495,6 +536,7 @@ class TieredExperts:
                 slot = self.cache.take_slot()
                 self.prefetching[tid] = (self.pool.submit(self._read, tile, slot), slot, tile)
                 self.counters.prefetch_issued += 1
+                self.window[0] += 1
                 self.counters.disk_bytes += tile.padded
 
     def _score_prediction(self, layer: int, actual: set[int]) -> None:
