@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import random
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -275,16 +275,22 @@ def test_executor_output_matches_resident_experts(family, reference, store_dir):
 
 
 def test_auto_prefetch_pauses_when_prefetched_tiles_go_unused(reference, store_dir, monkeypatch):
-    """With no room for a cache, a prefetched tile that lands before its layer runs is rejected and read
-    again: `prefetch="auto"` sees the prefetches go unused and pauses them (always-on keeps issuing);
-    the tokens stay exact either way."""
+    """With a predictor that guesses wrong (the router's least likely experts), prefetched tiles go
+    unused: `prefetch="auto"` pauses prefetching (always-on keeps issuing); with the real router, a
+    prefetched tile that lands before its layer is used from its slot, even with no room for a cache.
+    The tokens stay exact throughout."""
     from tilemem.runtime import tiered
 
     monkeypatch.setattr(tiered, "PREFETCH_WINDOW", 8)
     path, batch, _, ref_tokens = reference("olmoe")
     topo = Topology.from_config(Checkpoint.open(path).config, "fp32")
-    issued = {}
-    for mode in ("auto", True):
+
+    def wrong(ex, layer, x):
+        gate = ex.blocks[layer].gate
+        return set(torch.topk(-gate.logits(x), gate.cfg.top_k, dim=-1)[1].unique().tolist())
+
+    counters = {}
+    for name, mode, predictor in [("auto-wrong", "auto", wrong), ("on-wrong", True, wrong), ("on-router", True, None)]:
         llm = LLM(
             path,
             dtype="fp32",
@@ -293,17 +299,57 @@ def test_auto_prefetch_pauses_when_prefetched_tiles_go_unused(reference, store_d
             store=store_dir("olmoe", 16),
             runtime=TieredConfig(prefetch=mode, io_depth=4),
         )
+        ex = llm.tiered
+        if predictor is not None:
+            monkeypatch.setattr(ex, "_predict", lambda layer, x, ex=ex: wrong(ex, layer, x))
         try:
-            assert llm.tiered.cache.capacity == 0
+            assert ex.cache.capacity == 0
             for _ in range(2):
                 assert [o.token_ids for o in llm.generate(batch, GREEDY)] == ref_tokens
-            c = llm.tiered.counters
-            assert c.prefetch_issued > 0
-            issued[mode] = c.prefetch_issued
-            if mode == "auto":
-                assert c.prefetch_paused > 0 and c.prefetch_used < tiered.PREFETCH_MIN_USE * c.prefetch_issued
-            else:
-                assert c.prefetch_paused == 0
+            counters[name] = ex.counters
+            assert ex.counters.prefetch_issued > 0
         finally:
-            llm.tiered.close()
-    assert issued["auto"] < issued[True]
+            ex.close()
+    auto, on = counters["auto-wrong"], counters["on-wrong"]
+    assert auto.prefetch_paused > 0 and auto.prefetch_used < tiered.PREFETCH_MIN_USE * auto.prefetch_issued
+    assert on.prefetch_paused == 0 and auto.prefetch_issued < on.prefetch_issued
+    assert counters["on-router"].prefetch_used > 0  # landed prefetches were used although nothing is cached
+
+
+def test_a_landed_prefetch_waits_for_its_layer_even_without_cache_room(reference, store_dir):
+    """A prefetched tile that lands before its layer runs is held in its slot and used by the layer,
+    not offered to a full (here: zero-sized) cache and read again."""
+    path, *_ = reference("olmoe")
+    topo = Topology.from_config(Checkpoint.open(path).config, "fp32")
+    llm = LLM(
+        path,
+        dtype="fp32",
+        budget=f"cpu={topo.non_expert_bytes}B",
+        tile=16,
+        store=store_dir("olmoe", 16),
+        runtime=TieredConfig(prefetch=True, io_depth=4),
+    )
+    ex = llm.tiered
+    try:
+        assert ex.cache.capacity == 0
+        first, nxt = sorted(ex.blocks)[:2]
+        x = torch.randn(1, topo.hidden_size, generator=torch.Generator().manual_seed(1))
+        weights, ids = ex.blocks[first].gate(x)
+        ex(first, x, weights, ids)  # prefetches `nxt`'s predicted tiles (as many as spare slots allow)
+        for fut, _, _ in list(ex.prefetching.values()):
+            fut.result()
+        ex._harvest_prefetches()
+        held = set(ex.landed)
+        assert held and not ex.cache.entries and all(t[0] == nxt for t in held)
+        ex.config = replace(ex.config, prefetch=False)  # count only the demand reads of `nxt` below
+        before, used = ex.counters.disk_bytes, ex.counters.prefetch_used
+        weights, ids = ex.blocks[nxt].gate(x)  # the prediction was made from this very x: it is exact
+        needed = {(nxt, e, t.start): t for e in ids[0].tolist() for t in ex.on_disk[(nxt, e)]}
+        assert held <= set(needed)
+        got = ex(nxt, x, weights, ids)
+        assert ex.counters.prefetch_used - used == len(held) and not held & set(ex.landed)
+        assert ex.counters.disk_bytes - before == sum(t.padded for tid, t in needed.items() if tid not in held)
+        resident = LLM(path, dtype="fp32").model.moe_blocks()[nxt].executor
+        assert rel_err(got, resident(nxt, x, weights, ids)) < 1e-5
+    finally:
+        ex.close()

@@ -56,7 +56,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     v = tsub.add_parser("validate", help="run a sample of the bench matrix; predicted vs measured decode tok/s")
     v.add_argument("model", nargs="?", default="checkpoints/demo-small", help="checkpoint directory")
     v.add_argument("--hardware", default=None, help="hardware profile JSON (default: probe first)")
-    v.add_argument("--budgets", default="10%,35%,70%")
+    v.add_argument(
+        "--budgets",
+        default="10%,25%,35%,50%,70%",
+        help="DRAM budgets to sample (five: with three, one near-tie flipped by noise already fails the 80%% bar)",
+    )
     v.add_argument("--policies", default="kt_expert,tilepo_coarse,tilepo_fine")
     v.add_argument("--workloads", default="mixed")
     v.add_argument("--repeats", type=int, default=3, help="runs per cell; spreads need >= 3")

@@ -238,7 +238,7 @@ class TieredExperts:
         self.reader = DirectReader(store.data_path)
         self.pool = cf.ThreadPoolExecutor(max_workers=config.io_depth, thread_name_prefix="tile-io")
         self.prefetching: dict[TileId, tuple[cf.Future, int, StoredTile]] = {}
-        self.prefetched: set[TileId] = set()  # prefetched tiles admitted to the cache, not yet used
+        self.landed: dict[TileId, int] = {}  # prefetched tiles that arrived, held in their slot for their layer
         self.window = [0, 0]  # auto prefetch: [issued, used] since the last judgement
         self.pause = 0  # auto prefetch: layer calls left without prefetching
         self.predictions: dict[int, set[int]] = {}
@@ -275,6 +275,8 @@ class TieredExperts:
                     for t in self.store.covering(layer, expert, a, b):
                         if hasattr(self, "cache"):
                             self.cache.drop((layer, expert, t.start))
+                            if (layer, expert, t.start) in self.landed:  # prefetched, now resident
+                                self.cache.slab.free.append(self.landed.pop((layer, expert, t.start)))
 
     def build_slabs(self) -> None:
         """(Re)build the VRAM slab of every layer whose `cuda` ranges changed, tile by tile from the store."""
@@ -342,8 +344,7 @@ class TieredExperts:
             if fut.done():
                 del self.prefetching[tid]
                 if fut.exception() is None:
-                    if self.cache.admit(tid, slot):
-                        self.prefetched.add(tid)
+                    self.landed[tid] = slot  # kept for its layer: the cache's admission must not drop it first
                 else:
                     self.cache.slab.free.append(slot)
 
@@ -354,6 +355,7 @@ class TieredExperts:
         groups = [(e, tok, weights_h[tok, k]) for e, tok, k in group_by_expert(ids_h)]
         self._score_prediction(layer, {e for e, _, _ in groups})
         out = self._run(layer, x, groups)
+        self._release_landed(layer)
         if self._prefetch_now():
             self._prefetch(layer, x)
         return out
@@ -422,11 +424,15 @@ class TieredExperts:
                 slot = self.cache.lookup(tid)
                 if slot is not None:
                     c.hits += 1
-                    if tid in self.prefetched:
-                        self._prefetch_used(tid)
                     c.dram_bytes += tile.nbytes
                     c.h2d_bytes += tile.nbytes if out.to_gpu(tok) else 0
                     ready.append((tok, scale, (tid, slot, tile)))
+                elif tid in self.landed:  # prefetched: read already, not from the cache
+                    c.misses += 1
+                    self._prefetch_used(tid)
+                    c.dram_bytes += tile.nbytes
+                    c.h2d_bytes += tile.nbytes if out.to_gpu(tok) else 0
+                    ready.append((tok, scale, (tid, self.landed.pop(tid), tile, "landed")))
                 else:
                     c.misses += 1
                     pending.append((tid, tile, tok, scale))
@@ -439,9 +445,11 @@ class TieredExperts:
                 out.add(block, tok, scale)
                 c.tiles_computed += 1
             out.flush()
-        finally:  # unpin cached tiles also on failure, or they could never be evicted again
+        finally:  # unpin cached tiles (offer landed prefetches to the cache) also on failure
             for *_, item in ready:
-                if isinstance(item, tuple):
+                if isinstance(item, tuple) and len(item) == 4:
+                    self.cache.admit(item[0], item[1])
+                elif isinstance(item, tuple):
                     self.cache.release(item[0])
         while in_flight:
             t0 = time.perf_counter()
@@ -473,10 +481,12 @@ class TieredExperts:
                 self._prefetch_used(tid)
             else:
                 slot = self.cache.take_slot()
-                while slot is None and not in_flight and self.prefetching:
-                    # Prefetches hold every free slot: wait for one to land, keep or drop it, retry.
-                    cf.wait([f for f, _, _ in self.prefetching.values()], return_when=cf.FIRST_COMPLETED)
-                    self._harvest_prefetches()
+                while slot is None and not in_flight and (self.prefetching or self.landed):
+                    # Prefetches hold every free slot: let them land, offer them to the cache, retry.
+                    if self.prefetching:
+                        cf.wait([f for f, _, _ in self.prefetching.values()], return_when=cf.FIRST_COMPLETED)
+                        self._harvest_prefetches()
+                    self._release_landed()
                     slot = self.cache.take_slot()
                 if slot is None:
                     if in_flight:
@@ -495,8 +505,13 @@ class TieredExperts:
             self.cache.slab.free.append(item[-1])
         in_flight.clear()
 
+    def _release_landed(self, layer: int | None = None) -> None:
+        """Offer landed prefetches of `layer` (mispredicted: their layer has run) to the cache, which
+        keeps or frees them; None: every landed prefetch."""
+        for tid in [t for t in self.landed if layer is None or t[0] == layer]:
+            self.cache.admit(tid, self.landed.pop(tid))
+
     def _prefetch_used(self, tid: TileId) -> None:
-        self.prefetched.discard(tid)
         self.counters.prefetch_used += 1
         self.window[1] += 1
 
@@ -511,25 +526,28 @@ class TieredExperts:
         issued, used = self.window
         if issued >= PREFETCH_WINDOW:
             self.window = [0, 0]
-            self.prefetched.clear()  # a new window: tiles prefetched before it count no more
             if used < PREFETCH_MIN_USE * issued:
                 self.pause = PREFETCH_PAUSE
                 self.counters.prefetch_paused += 1
                 return False
         return True
 
+    def _predict(self, layer: int, x: torch.Tensor) -> set[int]:
+        """Experts `layer` will route to, by its router applied to the hidden state x [T, D] at hand."""
+        gate = self.blocks[layer].gate
+        _, ids = torch.topk(gate.logits(x), gate.cfg.top_k, dim=-1)  # [T, K]
+        return set(ids.unique().tolist())
+
     def _prefetch(self, layer: int, x: torch.Tensor) -> None:
         nxt = self.next_layer.get(layer)
         if nxt is None:
             return
-        gate = self.blocks[nxt].gate
-        _, ids = torch.topk(gate.logits(x), gate.cfg.top_k, dim=-1)  # [T, K]
-        experts = set(ids.unique().tolist())
+        experts = self._predict(nxt, x)
         self.predictions[nxt] = experts
         for expert in sorted(experts):
             for tile in self.on_disk.get((nxt, expert), []):
                 tid = (nxt, expert, tile.start)
-                if self.cache.contains(tid) or tid in self.prefetching:
+                if self.cache.contains(tid) or tid in self.prefetching or tid in self.landed:
                     continue
                 if len(self.cache.slab.free) <= max(1, self.config.io_depth // 2):
                     return  # keep staging slots for demand reads

@@ -13,10 +13,9 @@ A step (prefill of P prompt tokens, or decode of B sequences) costs:
   cold), else O_DIRECT reads by `io_depth` threads (read + crc32 per thread) computed as they land.
   Layer time = max(CPU compute of what is ready + of the missed tiles, exposed reads + last tile),
   in parallel with any GPU-resident blocks. Reads the router prefetches for the next layer overlap
-  that layer's attention, up to the staging slots the runtime leaves to prefetch, while the cache has
-  room; once it is full of hotter tiles, a prefetched tile that lands early is dropped by admission
-  and read again, so prefetch only adds reads. The I/O threads' crc32 adds to the CPU side when the
-  compute threads leave no core idle.
+  that layer's attention, up to the staging slots the runtime leaves to prefetch (a prefetched tile
+  that lands early waits in its slot for its layer). The I/O threads' crc32 adds to the CPU side when
+  the compute threads leave no core idle.
 
 Decode tok/s = B / E[step]; p50 ~ E[step] and p95 = E[step] + 1.645 sd, the spread coming from which
 experts are routed (independent Bernoulli experts). Every figure comes from the hardware profile;
@@ -143,7 +142,6 @@ class _Ctx:
     def __init__(self, hw: HardwareProfile, dtype: str, settings: RuntimeSettings) -> None:
         self.hw, self.dtype, self.settings = hw, dtype, settings
         self.notes: list[str] = []
-        self.prefetch_hides = True
         cores = int(hw.meta.get("cores", 0) or hw.cpu_threads)
         # I/O threads' CPU work (crc32) takes compute time when no core is left idle for it
         self.io_steals_cpu = hw.cpu_threads >= cores
@@ -205,9 +203,6 @@ def predict(
     full = n_disk > capacity
     free_slots = settings.io_depth if full else capacity - n_disk + settings.io_depth
     prefetch_slots = max(0, free_slots - max(1, settings.io_depth // 2)) if settings.prefetch else 0
-    # A full LFU cache drops a prefetched cold tile that lands before its layer runs (admission loses to
-    # the hotter resident ones) and reads it again on demand: prefetch then hides nothing and costs reads.
-    ctx.prefetch_hides = not full
     dec, dec_bytes, hit = _step(shape, probs, b, b * workload.context, hot, prefetch_slots, ctx)
     p = max(1, workload.prompt_tokens)
     pre, _, _ = _step(shape, probs, p, p, set(), 0, ctx)  # prefill starts with a cold tile cache
@@ -360,20 +355,12 @@ def _moe_layer(
     io = io_serial / min(ctx.settings.io_depth, max(1.0, misses)) if misses else 0.0
     pipeline = ctx.fetch(disk_bytes / misses, misses) if misses else None
     hidden = 0.0
-    read_bytes = disk_bytes
-    if misses and prefetch_slots and window > 0:
-        issued = min(float(prefetch_slots), misses)
-        if ctx.prefetch_hides:
-            hidden = min(window, io * issued / misses)
-        else:  # landed early, dropped, read again: only the extra traffic and crc remain
-            disk_bytes += issued * disk_bytes / misses
-            io_cpu += issued * io_cpu / misses
+    if misses and prefetch_slots and window > 0:  # prefetched reads overlap the attention before
+        hidden = min(window, io * min(float(prefetch_slots), misses) / misses)
     # reads slow the engine thread down while it computes (measured per MiB by the probe)
     interference = disk_bytes / 2**20 * ctx.hw.read_interference_us_per_mib * 1e-6
     if pipeline is not None:  # measured miss path: reads, crc32 and the tiles' compute, overlapped
-        # the pipeline figure carries its own reads' interference, not that of the extra prefetch reads
-        extra = interference * (disk_bytes - read_bytes) / disk_bytes if disk_bytes else 0.0
-        cpu_side = max(ready + miss_compute + interference, pipeline - hidden + extra)
+        cpu_side = max(ready + miss_compute + interference, pipeline - hidden)
     else:
         last = miss_compute / max(1.0, misses)  # expected compute of the last tile to land
         steal = io_cpu if ctx.io_steals_cpu else 0.0

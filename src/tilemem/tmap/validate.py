@@ -143,7 +143,7 @@ def agreement(cells: list[ValidationRow], min_gain: float = 0.05) -> BudgetAgree
 def validate(
     model: str | Path,
     hardware: HardwareProfile | None = None,
-    budgets: tuple[str, ...] = ("10%", "35%", "70%"),
+    budgets: tuple[str, ...] = ("10%", "25%", "35%", "50%", "70%"),
     policies: tuple[str, ...] = ("kt_expert", "tilepo_coarse", "tilepo_fine"),
     workloads: tuple[str, ...] = ("mixed",),
     repeats: int = 1,
