@@ -31,34 +31,27 @@ SIZES = {"4K": 4 << 10, "64K": 64 << 10, "1M": 1 << 20, "4M": 4 << 20}
 UNITS = {"kB": 1e3, "MB": 1e6, "GB": 1e9}
 
 
+def tool_rate(cmd: list[str], pattern: str, scale) -> float:
+    """Run an independent tool and read the rate it reports (stdout and stderr) with `pattern`."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    m = re.search(pattern, proc.stdout + proc.stderr)
+    if m is None:
+        raise RuntimeError(f"cannot parse the output of {cmd[0]}: {(proc.stdout + proc.stderr)[-500:]!r}")
+    return scale(m)
+
+
 def dd_rate(path: Path, bs: str, nbytes: int) -> float:
     """Bytes/s `dd iflag=direct` reports reading `nbytes` of `path` in `bs` blocks."""
     count = max(1, nbytes // SIZES[bs])
-    out = subprocess.run(
-        ["dd", f"if={path}", "of=/dev/null", f"bs={bs}", f"count={count}", "iflag=direct"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stderr
-    m = re.search(r"([\d.]+) ([kMG]B)/s", out)
-    if m is None:
-        raise RuntimeError(f"cannot parse dd output: {out!r}")
-    return float(m.group(1)) * UNITS[m.group(2)]
+    cmd = ["dd", f"if={path}", "of=/dev/null", f"bs={bs}", f"count={count}", "iflag=direct"]
+    return tool_rate(cmd, r"([\d.]+) ([kMG]B)/s", lambda m: float(m.group(1)) * UNITS[m.group(2)])
 
 
 def sysbench_rate(threads: int, block: int = 256 << 20) -> float:
     """Bytes/s `sysbench memory` reads with `threads` threads over `block`-sized buffers."""
-    out = subprocess.run(
-        ["sysbench", "memory", "--memory-oper=read", f"--memory-block-size={block}", "--memory-total-size=8G"]
-        + [f"--threads={threads}", "run"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    m = re.search(r"\(([\d.]+) MiB/sec\)", out)
-    if m is None:
-        raise RuntimeError(f"cannot parse sysbench output: {out[-500:]!r}")
-    return float(m.group(1)) * 2**20
+    cmd = ["sysbench", "memory", "--memory-oper=read", f"--memory-block-size={block}", "--memory-total-size=8G"]
+    cmd += [f"--threads={threads}", "run"]
+    return tool_rate(cmd, r"\(([\d.]+) MiB/sec\)", lambda m: float(m.group(1)) * 2**20)
 
 
 def numpy_rate(x: np.ndarray, repeats: int = 5) -> float:

@@ -26,6 +26,7 @@ from tilemem.errors import CheckpointError, TileMemError
 from tilemem.loader.checkpoint import Checkpoint
 from tilemem.loader.safetensors_file import DTYPES
 from tilemem.models.topology import Topology
+from tilemem.placement.checkpoint_names import our_ffn_prefix
 from tilemem.placement.tiles import DENSE, SHARED, always_active_ffns, ffn_width
 
 ALIGN = 4096
@@ -78,18 +79,9 @@ def checkpoint_fingerprint(ckpt: Checkpoint) -> str:
     return h.hexdigest()
 
 
-def ffn_prefix(layer: int, unit: int) -> str:
-    """Our module name of a routed expert, the shared experts (SHARED) or the dense FFN (DENSE) of `layer`."""
-    if unit == SHARED:
-        return f"model.layers.{layer}.mlp.shared_experts."
-    if unit == DENSE:
-        return f"model.layers.{layer}.mlp."
-    return f"model.layers.{layer}.mlp.experts.{unit}."
-
-
 def expert_tensors(ckpt: Checkpoint, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """gate [I, D], up [I, D], down [D, I] of one FFN unit (routed expert, SHARED or DENSE), memory-mapped."""
-    prefix = ffn_prefix(layer, expert)
+    prefix = our_ffn_prefix(layer, expert) + "."
     return tuple(ckpt.tensor(ckpt.family.to_hub(prefix + p + ".weight")) for p in ("gate_proj", "up_proj", "down_proj"))
 
 
