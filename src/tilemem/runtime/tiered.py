@@ -63,7 +63,7 @@ class RuntimeCounters:
     stall_s: float = 0.0
     prefetch_issued: int = 0
     prefetch_used: int = 0
-    """Prefetched tiles a layer then used (adopted in flight, or found in the cache)."""
+    """Prefetched tiles a layer then used (adopted in flight, or landed and held for it)."""
     prefetch_paused: int = 0
     """Times `prefetch="auto"` paused prefetching because too few prefetched tiles were used."""
     predicted: int = 0
@@ -102,7 +102,7 @@ class TieredConfig:
     prefetch: bool | str = "auto"
     """Predict and prefetch the next layer's experts: True, False, or "auto": on, but paused for a while
     whenever fewer than `PREFETCH_MIN_USE` of the last `PREFETCH_WINDOW` prefetched tiles were used
-    (a full cache rejects what lands early, and each wasted read takes disk time from demand reads)."""
+    (a mispredicted prefetch takes disk time from demand reads)."""
     verify_reads: bool = True
     """Check each read's crc32."""
     tile_weights: dict[TileId, float] = field(default_factory=dict)
@@ -307,9 +307,11 @@ class TieredExperts:
         return 3 * n * self.store.hidden * itemsize
 
     def between_steps(self) -> None:
-        """Engine hook between steps: apply pending migrations."""
+        """Engine hook between steps: apply pending migrations (and rebuild VRAM slabs they changed)."""
         if self.step_hook is not None:
             self.step_hook()
+        if self.stale_slabs:
+            self.build_slabs()
 
     def _load_range(self, layer: int, expert: int, a: int, b: int) -> torch.Tensor:
         tiles = self.store.covering(layer, expert, a, b)
