@@ -30,11 +30,10 @@ def test_gathered_ffn_equals_per_expert_loop(act):
     for t, e, s in zip(tok.tolist(), unit.tolist(), scale, strict=True):
         want[t] += s * expert_ffn(x[t : t + 1], *ws[e], fn)[0]
     gate_up = torch.stack([torch.cat([g, u]) for g, u, _ in ws])
-    for transposed in (False, True):
-        down = torch.stack([d.T.contiguous() if transposed else d for _, _, d in ws])
-        got = torch.zeros(3, D)
-        gathered_ffn(x, gate_up, down, tok, unit, scale, fn, got, transposed)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    down_t = torch.stack([d.T.contiguous() for _, _, d in ws])
+    got = torch.zeros(3, D)
+    gathered_ffn(x, gate_up, down_t, tok, unit, scale, fn, got)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_padded_ffn_equals_per_expert_loop():
@@ -51,8 +50,8 @@ def test_padded_ffn_equals_per_expert_loop():
         for j in range(k):
             want[i] += weights[i, j] * expert_ffn(x[i : i + 1], *ws[int(ids[i, j])], fn)[0]
     gate_up = torch.stack([torch.cat([g, u]) for g, u, _ in ws])
-    down = torch.stack([d for _, _, d in ws])
-    torch.testing.assert_close(padded_ffn(x, gate_up, down, weights, ids, fn), want, rtol=1e-5, atol=1e-5)
+    down_t = torch.stack([d.T for _, _, d in ws])
+    torch.testing.assert_close(padded_ffn(x, gate_up, down_t, weights, ids, fn), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("tile", [4, 7, 20])
@@ -76,5 +75,5 @@ def test_tile_slab_pads_short_tiles_and_sums_to_the_expert(tile):
         out = torch.zeros(4, D)
         tok = torch.arange(4).repeat_interleave(count)
         unit = torch.arange(first, first + count).repeat(4)
-        gathered_ffn(x, slab.gate_up, slab.down_t, tok, unit, torch.ones(len(tok)), fn, out, True)
+        gathered_ffn(x, slab.gate_up, slab.down_t, tok, unit, torch.ones(len(tok)), fn, out)
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)

@@ -21,7 +21,7 @@ from tilemem.engine.sampling import SamplingParams, make_generator
 from tilemem.engine.sequence import Sequence
 from tilemem.engine.tokenizer import TextTokenizer
 from tilemem.errors import ConfigError, RequestError
-from tilemem.loader.checkpoint import Checkpoint, load_model
+from tilemem.loader.checkpoint import Checkpoint, load_model, require_device
 
 Prompt = str | list[int]
 
@@ -117,9 +117,7 @@ def device_for(plan, device: str | None) -> str:
         device = "cuda" if gpu_tier else "cpu"
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ConfigError(f"unknown device '{device}'; use 'cpu' or 'cuda'.")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device '{device}' needs a CUDA GPU and this machine has none (torch.cuda.is_available() "
-                          "is False); use device='cpu' and a budget without cuda.")  # fmt: skip
+    require_device(device)  # before loading anything
     if gpu_tier and not device.startswith("cuda"):
         raise ConfigError("the plan computes tiles on 'cuda', so the model must run there; drop device='cpu'.")
     return device
@@ -162,7 +160,7 @@ class LLM:
         self.plan = self._resolve_plan(plan, budget, policy, profile, tile, dtype)
         skip = None
         if self.plan is not None:  # FFN weights come from the tile store, where the plan puts them
-            from tilemem.runtime.setup import is_tiled_weight as skip
+            from tilemem.models.topology import is_ffn_weight as skip
         self.device = device_for(self.plan, device)
         self.model, _ = load_model(
             self.checkpoint, dtype, max_positions=self.max_model_len, skip=skip, device=self.device

@@ -21,37 +21,33 @@ GATHER_MAX_PAIRS = 64
 def gathered_ffn(
     x: torch.Tensor,
     gate_up: torch.Tensor,
-    down: torch.Tensor,
+    down_t: torch.Tensor,
     tok: torch.Tensor,
     unit: torch.Tensor,
     scale: torch.Tensor,
     act,
     out: torch.Tensor,
-    down_transposed: bool,
 ) -> None:
     """out[tok[p]] += scale[p] * FFN of unit[p] on x[tok[p]], for all pairs p at once (fp32 out).
 
-    x [T, D]; gate_up [S, 2n, D] (gate rows, then up rows); down [S, D, n], or [S, n, D] when
-    `down_transposed`; tok, unit [P] (GPU int64); scale [P]; out [T, D] fp32."""
+    x [T, D]; gate_up [S, 2n, D] (gate rows, then up rows); down_t [S, n, D] (down transposed);
+    tok, unit [P] (int64 on x's device); scale [P]; out [T, D] fp32."""
     n = gate_up.shape[1] // 2
     xs = x[tok].unsqueeze(-1)  # [P, D, 1]
     gu = torch.bmm(gate_up[unit], xs)  # [P, 2n, 1]
     h = act(gu[:, :n]) * gu[:, n:]  # [P, n, 1]
-    if down_transposed:
-        y = torch.bmm(h.transpose(1, 2), down[unit]).squeeze(1)  # [P, D]
-    else:
-        y = torch.bmm(down[unit], h).squeeze(-1)  # [P, D]
+    y = torch.bmm(h.transpose(1, 2), down_t[unit]).squeeze(1)  # [P, D]
     out.index_add_(0, tok, (y * scale[:, None]).float())
 
 
 def padded_ffn(
-    x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, act
+    x: torch.Tensor, gate_up: torch.Tensor, down_t: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, act
 ) -> torch.Tensor:
     """Every routed expert at once for many tokens: tokens sorted by expert into a zero-padded
     [E, N_max, D] batch, two batched GEMMs over all experts, scattered back in fp32. One host sync
     (N_max); padding rows cost FLOPs, which a GPU has to spare, instead of a launch per expert.
 
-    x [T, D], gate_up [E, 2I, D], down [E, D, I], weights / ids [T, K] -> [T, D] fp32."""
+    x [T, D], gate_up [E, 2I, D], down_t [E, I, D], weights / ids [T, K] -> [T, D] fp32."""
     t, k = ids.shape
     e, two_i, _ = gate_up.shape
     flat = ids.reshape(-1)  # [P]
@@ -65,7 +61,7 @@ def padded_ffn(
     buf[expert, pos] = x[tok]
     gu = torch.bmm(buf, gate_up.transpose(1, 2))  # [E, N_max, 2I]
     h = act(gu[..., : two_i // 2]) * gu[..., two_i // 2 :]
-    y = torch.bmm(h, down.transpose(1, 2))[expert, pos]  # [P, D]
+    y = torch.bmm(h, down_t)[expert, pos]  # [P, D]
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     out.index_add_(0, tok, (y * weights.reshape(-1)[order][:, None]).float())
     return out

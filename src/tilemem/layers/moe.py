@@ -100,18 +100,18 @@ class ResidentExperts:
         self.workspace = kernels.Workspace()
 
     def _stack(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's experts stacked, gate_up [E, 2I, D] and down [E, D, I]; the experts' own
-        weights become views into them, so there is no second copy."""
+        """The layer's experts stacked as the tile slabs are, gate_up [E, 2I, D] and down^T [E, I, D];
+        the experts' own weights become views into them, so there is no second copy."""
         if layer not in self.stacks:
             experts = self.blocks[layer].experts
             gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in experts])
-            down = torch.stack([e.down_proj.weight for e in experts])
+            down_t = torch.stack([e.down_proj.weight.t() for e in experts])
             i = gate_up.shape[1] // 2
             for k, e in enumerate(experts):
                 e.gate_proj.weight = nn.Parameter(gate_up[k, :i], requires_grad=False)
                 e.up_proj.weight = nn.Parameter(gate_up[k, i:], requires_grad=False)
-                e.down_proj.weight = nn.Parameter(down[k], requires_grad=False)
-            self.stacks[layer] = (gate_up, down)
+                e.down_proj.weight = nn.Parameter(down_t[k].t(), requires_grad=False)
+            self.stacks[layer] = (gate_up, down_t)
         return self.stacks[layer]
 
     def _table(self, layer: int) -> kernels.ExpertTable | None:
@@ -130,13 +130,13 @@ class ResidentExperts:
         if kernels.usable(x) and (table := self._table(layer)) is not None:
             return kernels.moe(x, weights, ids, table, block.act_name, self.workspace)
         if x.is_cuda:
-            gate_up, down = self._stack(layer)
+            gate_up, down_t = self._stack(layer)
             if ids.numel() > GATHER_MAX_PAIRS:  # prefill
-                return padded_ffn(x, gate_up, down, weights, ids, block.act)
+                return padded_ffn(x, gate_up, down_t, weights, ids, block.act)
             t, k = ids.shape  # decode: no host sync
             tok = torch.arange(t, device=x.device).repeat_interleave(k)  # [T*K]
             out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-            gathered_ffn(x, gate_up, down, tok, ids.reshape(-1), weights.reshape(-1), block.act, out, False)
+            gathered_ffn(x, gate_up, down_t, tok, ids.reshape(-1), weights.reshape(-1), block.act, out)
             return out
         out = PartialSums(x.shape, x.device)
         for expert, tok, slot in group_by_expert(ids):

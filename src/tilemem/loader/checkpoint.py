@@ -231,11 +231,19 @@ def load_model(
     return model, ckpt
 
 
+def require_device(device: str | torch.device) -> None:
+    """Raise a clear error when `device` is a CUDA device and this machine has none."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device '{device}' needs a CUDA GPU and this machine has none (torch.cuda.is_available() is "
+            "False); use device='cpu' and a budget without cuda."
+        )
+
+
 def move_to(model: torch.nn.Module, device: torch.device) -> None:
     """Copy every assigned parameter and buffer to `device` (meta ones stay: the tiered runtime owns
     them); a tensor shared by two modules (tied embeddings) is copied once."""
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device '{device}' was asked for but this machine has no CUDA device; use device='cpu'.")
+    require_device(device)
     moved: dict[tuple, torch.Tensor] = {}  # (address, shape, dtype, is parameter) of the original -> its copy
 
     def to(t: torch.Tensor) -> torch.Tensor:

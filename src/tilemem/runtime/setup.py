@@ -6,7 +6,6 @@ executor = attach_tiered(model, ckpt, plan, store_dir)
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -25,8 +24,6 @@ from tilemem.placement.profile import Profile
 from tilemem.placement.tiles import always_active_ffns, routed_ffns
 from tilemem.runtime.tiered import TieredConfig, TieredExperts
 from tilemem.runtime.tile_store import TileStore, convert
-
-TILED_WEIGHT = re.compile(r"model\.layers\.\d+\.mlp\.(experts\.\d+\.|shared_experts\.)?(gate|up|down)_proj\.weight")
 
 
 def load_profile(profile: Profile | str | Path | None, topology: Topology) -> Profile:
@@ -74,12 +71,6 @@ def residency_of(plan: Plan, topology: Topology) -> dict[tuple[int, int], dict[s
             )
         res[(layer, e)] = dict(ranges)
     return res
-
-
-def is_tiled_weight(name: str) -> bool:
-    """Whether a weight (our name) is an FFN weight the tiered runtime loads from the tile store:
-    routed experts, shared experts and dense FFN layers of the decoder."""
-    return TILED_WEIGHT.fullmatch(name) is not None
 
 
 def default_store_dir(ckpt: Checkpoint, tile: int) -> Path:

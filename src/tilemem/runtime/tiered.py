@@ -399,7 +399,7 @@ class TieredExperts:
             if tok:
                 idx = torch.tensor([tok, unit]).to(dev, non_blocking=True)  # [2, P]
                 sc = torch.stack(scale).to(dev, non_blocking=True)  # [P]
-                gathered_ffn(x, slab.gate_up, slab.down_t, idx[0], idx[1], sc, self.act, gpu.sums.out, True)
+                gathered_ffn(x, slab.gate_up, slab.down_t, idx[0], idx[1], sc, self.act, gpu.sums.out)
             return
         for e, toks, w in groups:
             first, count = slab.slots[e]
