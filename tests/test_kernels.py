@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tilemem import kernels
+from tilemem.config import ModelConfig, RopeConfig
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="needs AVX512-BF16 and a C compiler")
 
@@ -37,7 +38,7 @@ def reference(x, weights, ids, gate, up, down, act=F.silu):
     return out
 
 
-@pytest.mark.parametrize("t", [1, 2, 3, 4, 5, 9, 33])
+@pytest.mark.parametrize("t", [1, 2, 3, 4, 5, 9, 33, 300])  # 300: > 64 tokens per expert
 @pytest.mark.parametrize("d,i", [(256, 96), (200, 70)])  # the second: neither a multiple of 32
 def test_moe_matches_fp32_reference(t, d, i):
     e, k = 8, 2
@@ -151,3 +152,58 @@ def test_prefill_sized_batches_match_the_reference():
     assert rel(out, reference(x, w, ids, gate, up, down)) < TOL
     wl = torch.randn(50, d, generator=gen).to(torch.bfloat16)
     assert rel(kernels.linear(x[:16], wl), F.linear(x[:16].float(), wl.float())) < TOL
+
+
+ATTN_CASES = {
+    "plain gqa": dict(num_heads=4, num_kv_heads=2),
+    "olmoe: full q/k norm, clip": dict(qk_norm="full", clip_qkv=0.3),
+    "qwen3: per-head q/k norm": dict(qk_norm="head", num_kv_heads=1),
+    "qwen2: q/k/v and o bias": dict(attention_bias=True, o_bias=True),
+    "fp32 rotation": dict(rope=RopeConfig(fp32_rotate=True)),
+}
+
+
+@pytest.mark.parametrize("case", ATTN_CASES)
+def test_decode_attention_kernel_matches_the_torch_path(case, monkeypatch):
+    """One decode step of rows at different positions, in non-contiguous cache slots: the fused native
+    attention gives the torch path's output and writes the same keys and values into the cache."""
+    from dataclasses import replace
+
+    from tilemem.layers.attention import Attention
+    from tilemem.layers.kv_cache import ForwardContext, KVCache
+    from tilemem.layers.rope import RotaryEmbedding
+
+    base = dict(family="olmoe", architecture="x", vocab_size=8, hidden_size=96, num_layers=1, num_heads=4)
+    base.update(num_kv_heads=4, head_dim=32, intermediate_size=8, moe_intermediate_size=8, num_experts=2, top_k=1)
+    cfg = replace(ModelConfig(**base), **ATTN_CASES[case])
+    attn = Attention(cfg, 0)
+    gen = torch.Generator().manual_seed(3)
+    for name, p in list(attn.named_parameters()):
+        mod, attr = attn.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
+        scale = 1.0 if "norm" in name else 0.2
+        value = 1 + 0.1 * torch.randn(p.shape, generator=gen) if "norm" in name else torch.randn(p.shape, generator=gen)
+        setattr(mod, attr, torch.nn.Parameter((value * scale).to(torch.bfloat16), requires_grad=False))
+    rope = RotaryEmbedding(cfg.rope, cfg.head_dim, 64)
+    cache = KVCache.allocate(1, 4, 64, cfg.num_kv_heads, 32, 32, torch.bfloat16)
+    for t in (*cache.keys, *cache.values):
+        t.copy_(torch.randn(t.shape, generator=gen))
+    slots, starts = [3, 0, 2], [5, 17, 1]
+    ctx = ForwardContext.build(cache, slots, starts, [1, 1, 1])
+    x = torch.randn(3, 1, 96, generator=gen).to(torch.bfloat16)
+    cos, sin = rope.table(ctx.positions, x.dtype)
+    before = [t.clone() for t in (*cache.keys, *cache.values)]
+
+    calls = []
+    monkeypatch.setattr(kernels, "attn_decode", lambda *a, _f=kernels.attn_decode: calls.append(1) or _f(*a))
+    native = attn(x, ctx, rope, cos, sin)
+    written = [t.clone() for t in (*cache.keys, *cache.values)]
+    for t, b in zip((*cache.keys, *cache.values), before, strict=True):
+        t.copy_(b)
+    monkeypatch.setattr(Attention, "native", lambda self: None)
+    ref = attn(x, ctx, rope, cos, sin)
+    assert calls == [1] and native.shape == ref.shape == (3, 1, 96)
+    assert rel(native, ref) < TOL
+    for got, want, old in zip(written, (*cache.keys, *cache.values), before, strict=True):
+        assert rel(got, want) < TOL
+        changed = (got != old).any(-1)  # [S, Hkv, L]: only each row's new position
+        assert torch.equal(changed, (want != old).any(-1)) and changed.sum() == 3 * cfg.num_kv_heads

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_bf16.c")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp", "-fPIC", "-shared"]
-ABI_VERSION = 1
+ABI_VERSION = 2
 ACTS = {"silu": 0, "gelu": 1, "relu": 2}
 MAX_ROWS = 16
 """Largest token count the dense linear kernel takes; bigger batches are compute-bound GEMMs (oneDNN)."""
@@ -49,6 +49,17 @@ class FfnTask(ctypes.Structure):
         ("ntok", ctypes.c_int32),
         ("tok", _vp),
         ("scale", _vp),
+    ]
+
+
+class AttnLayer(ctypes.Structure):
+    """One attention layer's weights and options for decode (mirrors `tm_attn_layer` in cpu_bf16.c)."""
+
+    _fields_ = [
+        *((name, _vp) for name in ("wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "q_norm", "k_norm")),
+        *((name, ctypes.c_int32) for name in ("qk_norm", "H", "Hkv", "hd")),
+        *((name, ctypes.c_float) for name in ("eps", "scale", "clip")),
+        ("fp32_rotate", ctypes.c_int32),
     ]
 
 
@@ -108,6 +119,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.tm_linear_bf16.argtypes = [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _i64, _int, _int]
     lib.tm_ffn_tasks_bf16.argtypes = [_vp, _vp, _i64, _i64, ctypes.POINTER(FfnTask), _i64, _int, _int, _vp, _vp]
     lib.tm_rmsnorm_bf16.argtypes = [_vp, _i64, _i64, _vp, ctypes.c_float, _vp]
+    attn = [ctypes.POINTER(AttnLayer), _vp, _i64, _i64, _vp, _vp, _vp, _vp, _i64, _vp, _vp, _vp, _int, _vp, _vp]
+    lib.tm_attn_decode_bf16.argtypes = attn
     lib.tm_moe_bf16.argtypes = [_vp, _vp, _i64, _i64, _i64, _vp, _vp, _i64, _i64, _vp, _vp, _vp, _int, _int, _vp, _vp]
     return lib
 
@@ -212,3 +225,31 @@ def ffn_tasks(x: torch.Tensor, tasks: list[tuple], act: str, ws: Workspace, out:
     _lib().tm_ffn_tasks_bf16(
         x.data_ptr(), out.data_ptr(), t, d, arr, len(tasks), ACTS[act], threads, scratch.data_ptr(), h.data_ptr()
     )
+
+
+def attn_decode(
+    layer: AttnLayer,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    ws: Workspace,
+) -> torch.Tensor:
+    """One decode step of attention for x [B, D] bf16 -> [B, D] bf16 (see `tm_attn_decode_bf16`).
+
+    cos/sin [B, hd] (fp32 when `layer.fp32_rotate`, else bf16); keys/values: the layer's cache
+    [S, Hkv, L, hd], written at (slots[b], positions[b]); attention covers positions 0..positions[b]."""
+    b, d = x.shape
+    nq, nk = layer.H * layer.hd, layer.Hkv * layer.hd
+    threads = _threads()
+    scratch, buf = ws.get(threads * keys.shape[2], b * (2 * nq + 2 * nk))
+    out = torch.empty(b, d, dtype=torch.bfloat16)
+    _lib().tm_attn_decode_bf16(
+        ctypes.byref(layer), x.data_ptr(), b, d, cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(),
+        keys.shape[2], slots.data_ptr(), positions.data_ptr(), out.data_ptr(), threads, buf.data_ptr(),
+        scratch.data_ptr(),
+    )  # fmt: skip
+    return out

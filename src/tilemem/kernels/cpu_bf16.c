@@ -21,7 +21,7 @@
 
 #define TB 4 /* tokens per register block */
 
-int tm_abi_version(void) { return 1; }
+int tm_abi_version(void) { return 2; }
 
 static inline float bf2f(uint16_t v) {
   union { uint32_t u; float f; } c;
@@ -131,6 +131,66 @@ static void dot_rows(const uint16_t *w, int64_t ld, int R, const uint16_t *const
   }
 }
 
+/* Prefill GEMM block: out[r][j] = dot(w + r*ld, x[j]) for 4 rows and nt tokens (nt a multiple of 4,
+ * K of 32). K goes in chunks of KC so the 4 weight-row chunks stay in L1 while every 4-token block of
+ * the group passes through; each block's 16 accumulators wait in `spill` between chunks (one
+ * horizontal sum per output at the end). Without the chunking a 4-row block of a 2048-wide matrix
+ * (16 KiB) and the token rows evict each other from L1, and the loads come from L2. */
+#define KC 512
+#define TG 64 /* tokens per group: their KC-chunks (64 KiB) stay in L2 */
+static void dot_4xN(const uint16_t *w, int64_t ld, const uint16_t *const *x, int nt, int64_t K, float out[4][TG],
+                    __m512 *spill) {
+  const uint16_t *w0 = w, *w1 = w + ld, *w2 = w + 2 * ld, *w3 = w + 3 * ld;
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    int64_t k1 = k0 + KC < K ? k0 + KC : K;
+    /* the next chunk of these rows (or the next 4 rows' first), fetched while this one computes */
+    const char *nxt = (const char *)(k1 < K ? w + k1 : w + 4 * ld);
+    int64_t line = 0, lines = 4 * KC * 2 / 64;
+    for (int b = 0; b < nt / 4; b++) {
+      __m512 *sp = spill + b * 16;
+      const uint16_t *x0 = x[4 * b], *x1 = x[4 * b + 1], *x2 = x[4 * b + 2], *x3 = x[4 * b + 3];
+      __m512 a[4][4];
+      for (int r = 0; r < 4; r++)
+        for (int j = 0; j < 4; j++) a[r][j] = k0 ? sp[r * 4 + j] : _mm512_setzero_ps();
+      for (int64_t k = k0; k < k1; k += 32) {
+        for (int p = 0; p < 2 && line < lines; p++, line++)
+          _mm_prefetch(nxt + (line / (KC / 32)) * ld * 2 + (line % (KC / 32)) * 64, _MM_HINT_T0);
+        __m512bh v0 = ld32(w0 + k, 32), v1 = ld32(w1 + k, 32), v2 = ld32(w2 + k, 32), v3 = ld32(w3 + k, 32);
+        __m512bh xv[4] = {ld32(x0 + k, 32), ld32(x1 + k, 32), ld32(x2 + k, 32), ld32(x3 + k, 32)};
+        for (int j = 0; j < 4; j++) {
+          a[0][j] = _mm512_dpbf16_ps(a[0][j], v0, xv[j]);
+          a[1][j] = _mm512_dpbf16_ps(a[1][j], v1, xv[j]);
+          a[2][j] = _mm512_dpbf16_ps(a[2][j], v2, xv[j]);
+          a[3][j] = _mm512_dpbf16_ps(a[3][j], v3, xv[j]);
+        }
+      }
+      for (int r = 0; r < 4; r++)
+        for (int j = 0; j < 4; j++) sp[r * 4 + j] = a[r][j];
+    }
+  }
+  for (int b = 0; b < nt / 4; b++)
+    for (int r = 0; r < 4; r++)
+      for (int j = 0; j < 4; j++) out[r][4 * b + j] = _mm512_reduce_add_ps(spill[b * 16 + r * 4 + j]);
+}
+
+/* out[r][j] = dot(w + r*ld, x[j]) for R <= 4 rows and nt <= TG tokens: the chunked block above for
+ * full 4-row, 4-token blocks of a wide group, register blocks of TB tokens for the rest. */
+static void dot_group(const uint16_t *w, int64_t ld, int R, const uint16_t *const *x, int nt, int64_t K,
+                      float out[4][TG], __m512 *spill) {
+  int j0 = 0;
+  if (R == 4 && nt >= 2 * TB && K % 32 == 0) {
+    j0 = nt & ~3;
+    dot_4xN(w, ld, x, j0, K, out, spill);
+  }
+  float res[4][TB];
+  for (; j0 < nt; j0 += TB) {
+    int mt = nt - j0 < TB ? nt - j0 : TB;
+    dot_rows(w, ld, R, x + j0, mt, K, res, 0);
+    for (int r = 0; r < R; r++)
+      for (int j = 0; j < mt; j++) out[r][j0 + j] = res[r][j];
+  }
+}
+
 /* One token: the gate row and up row of each neuron in one pass (two streams in flight, one x load
  * for both; 8-15% faster than the two matrices one after the other). */
 static void gu_pair(const uint16_t *g, const uint16_t *u, int64_t ld, int R, const uint16_t *x, int64_t K,
@@ -159,30 +219,35 @@ static void gu_pair(const uint16_t *g, const uint16_t *u, int64_t ld, int R, con
 /* ---------------------------------------------------------------------------------------------- */
 /* Dense linear: y[M, N] = x[M, K] @ w[N, K]^T, rows of w split across threads.                     */
 
+/* Rows [n0, n1) of y = x @ w^T: 4-row blocks outer, so a block stays in L1 for every token block. */
+static void linear_rows(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *w, int64_t ldw,
+                        int64_t n0, int64_t n1, void *y, int64_t ldy, int y_fp32) {
+  float res[4][TB];
+  for (int64_t n = n0; n < n1; n += 4) {
+    int R = n1 - n < 4 ? (int)(n1 - n) : 4;
+    for (int64_t m0 = 0; m0 < M; m0 += TB) {
+      int mt = M - m0 < TB ? (int)(M - m0) : TB;
+      const uint16_t *xs[TB];
+      for (int j = 0; j < mt; j++) xs[j] = x + (m0 + j) * ldx;
+      dot_rows(w + n * ldw, ldw, R, xs, mt, K, res, M >= 2 * TB);
+      for (int j = 0; j < mt; j++)
+        for (int r = 0; r < R; r++) {
+          if (y_fp32)
+            ((float *)y)[(m0 + j) * ldy + n + r] = res[r][j];
+          else
+            ((uint16_t *)y)[(m0 + j) * ldy + n + r] = f2bf(res[r][j]);
+        }
+    }
+  }
+}
+
 void tm_linear_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *w, int64_t N,
                     int64_t ldw, void *y, int64_t ldy, int y_fp32, int nthreads) {
 #pragma omp parallel num_threads(nthreads)
   {
-    int nt = omp_get_num_threads(), t = omp_get_thread_num();
     int64_t n0, n1;
-    split(N, nt, t, 4, &n0, &n1);
-    float res[4][TB];
-    for (int64_t n = n0; n < n1; n += 4) { /* rows outer: a 4-row block stays in L1 for every token block */
-      int R = n1 - n < 4 ? (int)(n1 - n) : 4;
-      for (int64_t m0 = 0; m0 < M; m0 += TB) {
-        int mt = M - m0 < TB ? (int)(M - m0) : TB;
-        const uint16_t *xs[TB];
-        for (int j = 0; j < mt; j++) xs[j] = x + (m0 + j) * ldx;
-        dot_rows(w + n * ldw, ldw, R, xs, mt, K, res, M >= 2 * TB);
-        for (int j = 0; j < mt; j++)
-          for (int r = 0; r < R; r++) {
-            if (y_fp32)
-              ((float *)y)[(m0 + j) * ldy + n + r] = res[r][j];
-            else
-              ((uint16_t *)y)[(m0 + j) * ldy + n + r] = f2bf(res[r][j]);
-          }
-      }
-    }
+    split(N, omp_get_num_threads(), omp_get_thread_num(), 4, &n0, &n1);
+    linear_rows(x, M, K, ldx, w, ldw, n0, n1, y, ldy, y_fp32);
   }
 }
 
@@ -238,24 +303,26 @@ void tm_ffn_tasks_bf16(const uint16_t *x, float *out, int64_t T, int64_t D, cons
     int nt = omp_get_num_threads(), t = omp_get_thread_num();
     float *yp = t == 0 ? out : scratch + (int64_t)(t - 1) * T * D; /* partial sums (transposed down) */
     if (t && any_t) memset(yp, 0, sizeof(float) * T * D);
-    float res[4][TB], res2[4][TB];
+    float res[4][TG], res2[4][TG];
+    __m512 *spill = (__m512 *)aligned_alloc(64, sizeof(__m512) * 4 * TG);
     /* phase 1: gate/up rows of this thread's neuron range, activation, and transposed downs */
     for (int64_t q = 0; q < ntasks; q++) {
       const tm_ffn_task *tk = &tasks[q];
       int64_t i0, i1;
       split(tk->n, nt, t, 32, &i0, &i1);
-      int wide = tk->ntok >= 2 * TB;
-      for (int64_t i = i0; i < i1; i += 4) { /* rows outer: a 4-row block stays in L1 for every token block */
+      for (int64_t i = i0; i < i1; i += 4) { /* rows outer: a 4-row block stays in cache for every token */
         int R = i1 - i < 4 ? (int)(i1 - i) : 4;
-        for (int64_t j0 = 0; j0 < tk->ntok; j0 += TB) {
-          int mt = tk->ntok - j0 < TB ? (int)(tk->ntok - j0) : TB;
-          const uint16_t *xs[TB];
+        for (int64_t j0 = 0; j0 < tk->ntok; j0 += TG) {
+          int mt = tk->ntok - j0 < TG ? (int)(tk->ntok - j0) : TG;
+          const uint16_t *xs[TG];
           for (int j = 0; j < mt; j++) xs[j] = x + (int64_t)tk->tok[j0 + j] * D;
           if (mt == 1) { /* decode: gate and up rows of a neuron in one pass */
-            gu_pair(tk->gate + i * tk->ld_gu, tk->up + i * tk->ld_gu, tk->ld_gu, R, xs[0], D, res, res2);
+            float g1[4][TB], u1[4][TB];
+            gu_pair(tk->gate + i * tk->ld_gu, tk->up + i * tk->ld_gu, tk->ld_gu, R, xs[0], D, g1, u1);
+            for (int r = 0; r < R; r++) res[r][0] = g1[r][0], res2[r][0] = u1[r][0];
           } else {
-            dot_rows(tk->gate + i * tk->ld_gu, tk->ld_gu, R, xs, mt, D, res, wide);
-            dot_rows(tk->up + i * tk->ld_gu, tk->ld_gu, R, xs, mt, D, res2, wide);
+            dot_group(tk->gate + i * tk->ld_gu, tk->ld_gu, R, xs, mt, D, res, spill);
+            dot_group(tk->up + i * tk->ld_gu, tk->ld_gu, R, xs, mt, D, res2, spill);
           }
           for (int j = 0; j < mt; j++)
             for (int r = 0; r < R; r++)
@@ -273,14 +340,13 @@ void tm_ffn_tasks_bf16(const uint16_t *x, float *out, int64_t T, int64_t D, cons
     for (int64_t q = 0; q < ntasks; q++) {
       const tm_ffn_task *tk = &tasks[q];
       if (tk->down_t) continue;
-      int wide = tk->ntok >= 2 * TB;
       for (int64_t d = d0; d < d1; d += 4) {
         int R = d1 - d < 4 ? (int)(d1 - d) : 4;
-        for (int64_t j0 = 0; j0 < tk->ntok; j0 += TB) {
-          int mt = tk->ntok - j0 < TB ? (int)(tk->ntok - j0) : TB;
-          const uint16_t *hs[TB];
+        for (int64_t j0 = 0; j0 < tk->ntok; j0 += TG) {
+          int mt = tk->ntok - j0 < TG ? (int)(tk->ntok - j0) : TG;
+          const uint16_t *hs[TG];
           for (int j = 0; j < mt; j++) hs[j] = h + offs[q] + (j0 + j) * tk->n;
-          dot_rows(tk->down + d * tk->ld_down, tk->ld_down, R, hs, mt, tk->n, res, wide);
+          dot_group(tk->down + d * tk->ld_down, tk->ld_down, R, hs, mt, tk->n, res, spill);
           for (int j = 0; j < mt; j++) {
             float *yj = out + (int64_t)tk->tok[j0 + j] * D;
             for (int r = 0; r < R; r++) yj[d + r] += tk->scale[j0 + j] * res[r][j];
@@ -297,6 +363,7 @@ void tm_ffn_tasks_bf16(const uint16_t *x, float *out, int64_t T, int64_t D, cons
         out[e] += a;
       }
     }
+    free(spill);
   }
   free(offs);
 }
@@ -335,20 +402,145 @@ void tm_moe_bf16(const uint16_t *x, float *out, int64_t T, int64_t D, int64_t I,
   free(count);
 }
 
-/* RMSNorm rows of x [M, D] into y: bf16(w * bf16(x * rsqrt(mean(x^2) + eps))), the same roundings as
- * the torch module (fp32 statistics, cast back, then the weight product in the model dtype). */
+/* RMSNorm of one row x [D] into y (y may be x): bf16(w * bf16(x * rsqrt(mean(x^2) + eps))), the same
+ * roundings as the torch module (fp32 statistics, cast back, then the weight product in the model dtype). */
+static void rmsnorm_row(const uint16_t *x, int64_t D, const uint16_t *w, float eps, uint16_t *y) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    __m512 v = ld16f(x + d);
+    acc = _mm512_fmadd_ps(v, v, acc);
+  }
+  float ss = _mm512_reduce_add_ps(acc);
+  for (; d < D; d++) ss += bf2f(x[d]) * bf2f(x[d]);
+  float r = 1.f / sqrtf(ss / (float)D + eps);
+  for (d = 0; d < D; d++) y[d] = f2bf(bf2f(w[d]) * bf2f(f2bf(bf2f(x[d]) * r)));
+}
+
 void tm_rmsnorm_bf16(const uint16_t *x, int64_t M, int64_t D, const uint16_t *w, float eps, uint16_t *y) {
-  for (int64_t m = 0; m < M; m++) {
-    const uint16_t *xm = x + m * D;
-    __m512 acc = _mm512_setzero_ps();
-    int64_t d = 0;
-    for (; d + 16 <= D; d += 16) {
-      __m512 v = ld16f(xm + d);
-      acc = _mm512_fmadd_ps(v, v, acc);
+  for (int64_t m = 0; m < M; m++) rmsnorm_row(x + m * D, D, w, eps, y + m * D);
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Decode attention: one new token per row, the whole block in one parallel region.               */
+
+typedef struct {
+  const uint16_t *wq, *wk, *wv, *wo;         /* [H*hd, D], [Hkv*hd, D] x2, [D, H*hd] */
+  const uint16_t *bq, *bk, *bv, *bo;         /* biases or NULL */
+  const uint16_t *q_norm, *k_norm;           /* [H*hd], [Hkv*hd] (qk_norm 1) or [hd] (2); else NULL */
+  int32_t qk_norm, H, Hkv, hd;
+  float eps, scale, clip;                    /* clip <= 0: none */
+  int32_t fp32_rotate;                       /* cos/sin fp32 and the rotation in fp32 (else bf16 ops) */
+} tm_attn_layer;
+
+static inline uint16_t addb(uint16_t a, const uint16_t *b, int64_t i) { return b ? f2bf(bf2f(a) + bf2f(b[i])) : a; }
+
+/* x [B, D] bf16 (normed hidden states) -> out [B, D] bf16: q/k/v projections (+bias, clip, q/k RMSNorm),
+ * rotary embedding (halves layout) with cos/sin [B, hd], the new k/v written to the cache layer
+ * kc/vc [S, Hkv, L, hd] at (slot[b], pos[b]), softmax attention over positions 0..pos[b], o projection.
+ * ws: bf16 scratch of B * (2*H*hd + 2*Hkv*hd) elements; sc: fp32 scratch of nthreads * L. */
+void tm_attn_decode_bf16(const tm_attn_layer *a, const uint16_t *x, int64_t B, int64_t D, const void *cos,
+                         const void *sin, uint16_t *kc, uint16_t *vc, int64_t L, const int64_t *slot,
+                         const int64_t *pos, uint16_t *out, int nthreads, uint16_t *ws, float *sc) {
+  const int64_t H = a->H, Hkv = a->Hkv, hd = a->hd, nq = H * hd, nk = Hkv * hd, nqkv = nq + 2 * nk;
+  uint16_t *qkv = ws, *att = ws + B * nqkv; /* [B, nq | nk | nk], [B, nq] */
+#pragma omp parallel num_threads(nthreads)
+  {
+    int nt = omp_get_num_threads(), t = omp_get_thread_num();
+    int64_t r0, r1;
+    /* 1: projections, each matrix's rows split across threads */
+    const uint16_t *w3[3] = {a->wq, a->wk, a->wv};
+    const int64_t n3[3] = {nq, nk, nk}, o3[3] = {0, nq, nq + nk};
+    for (int m = 0; m < 3; m++) {
+      split(n3[m], nt, t, 4, &r0, &r1);
+      linear_rows(x, B, D, D, w3[m], D, r0, r1, qkv + o3[m], nqkv, 0);
     }
-    float ss = _mm512_reduce_add_ps(acc);
-    for (; d < D; d++) ss += bf2f(xm[d]) * bf2f(xm[d]);
-    float r = 1.f / sqrtf(ss / (float)D + eps);
-    for (d = 0; d < D; d++) y[m * D + d] = f2bf(bf2f(w[d]) * bf2f(f2bf(bf2f(xm[d]) * r)));
+#pragma omp barrier
+    /* 2: bias, q/k norms over all heads, clip (the torch module's order; a row's q, k or v at a time) */
+#pragma omp for
+    for (int64_t u = 0; u < 3 * B; u++) {
+      int64_t b = u / 3, m = u % 3;
+      uint16_t *v = qkv + b * nqkv + o3[m];
+      const uint16_t *bias = m == 0 ? a->bq : m == 1 ? a->bk : a->bv;
+      if (bias)
+        for (int64_t i = 0; i < n3[m]; i++) v[i] = addb(v[i], bias, i);
+      if (a->qk_norm == 1 && m < 2) rmsnorm_row(v, n3[m], m == 0 ? a->q_norm : a->k_norm, a->eps, v);
+      if (a->clip > 0.f)
+        for (int64_t i = 0; i < n3[m]; i++) {
+          float f = bf2f(v[i]);
+          v[i] = f > a->clip ? f2bf(a->clip) : f < -a->clip ? f2bf(-a->clip) : v[i];
+        }
+    }
+    /* 3: per-head norm, rotation, cache write (a head of a row at a time) */
+#pragma omp for
+    for (int64_t u = 0; u < B * (H + Hkv); u++) {
+      int64_t b = u / (H + Hkv), h = u % (H + Hkv);
+      int isq = h < H;
+      uint16_t *v = qkv + b * nqkv + (isq ? h * hd : nq + (h - H) * hd);
+      if (a->qk_norm == 2) rmsnorm_row(v, hd, isq ? a->q_norm : a->k_norm, a->eps, v);
+      int64_t half = hd / 2;
+      uint16_t tmp[hd];
+      for (int64_t i = 0; i < hd; i++) {
+        int64_t j = i < half ? i + half : i - half;
+        float rot = i < half ? -bf2f(v[j]) : bf2f(v[j]);
+        if (a->fp32_rotate) {
+          const float *c = (const float *)cos + b * hd, *s = (const float *)sin + b * hd;
+          tmp[i] = f2bf(bf2f(v[i]) * c[i] + rot * s[i]);
+        } else {
+          const uint16_t *c = (const uint16_t *)cos + b * hd, *s = (const uint16_t *)sin + b * hd;
+          tmp[i] = f2bf(bf2f(f2bf(bf2f(v[i]) * bf2f(c[i]))) + bf2f(f2bf(rot * bf2f(s[i]))));
+        }
+      }
+      memcpy(v, tmp, sizeof(uint16_t) * hd);
+      if (!isq) {
+        int64_t g = h - H, at = ((slot[b] * Hkv + g) * L + pos[b]) * hd;
+        memcpy(kc + at, v, sizeof(uint16_t) * hd);
+        memcpy(vc + at, qkv + b * nqkv + nq + nk + g * hd, sizeof(uint16_t) * hd);
+      }
+    }
+    /* 4: attention of each (row, query head) over its cached positions */
+    float *p = sc + (int64_t)t * L;
+#pragma omp for
+    for (int64_t u = 0; u < B * H; u++) {
+      int64_t b = u / H, h = u % H, g = h / (H / Hkv), n = pos[b] + 1;
+      const uint16_t *q = qkv + b * nqkv + h * hd;
+      const uint16_t *kb = kc + (slot[b] * Hkv + g) * L * hd, *vb = vc + (slot[b] * Hkv + g) * L * hd;
+      float mx = -INFINITY;
+      const uint16_t *xs[1] = {q};
+      for (int64_t l = 0; l < n; l += 4) {
+        int R = n - l < 4 ? (int)(n - l) : 4;
+        float r[4][TB];
+        dot_rows(kb + l * hd, hd, R, xs, 1, hd, r, 0);
+        for (int i = 0; i < R; i++) {
+          p[l + i] = r[i][0] * a->scale;
+          mx = p[l + i] > mx ? p[l + i] : mx;
+        }
+      }
+      /* like torch's CPU flash attention in bf16: fp32 exponentials summed, then rounded to bf16 for the
+       * product with V (fp32 accumulation), divided by the sum at the end */
+      float sum = 0.f;
+      for (int64_t l = 0; l < n; l++) {
+        float e = expf(p[l] - mx);
+        sum += e;
+        p[l] = bf2f(f2bf(e));
+      }
+      float acc[hd];
+      for (int64_t i = 0; i < hd; i++) acc[i] = 0.f;
+      for (int64_t l = 0; l < n; l++) {
+        float w = p[l];
+        const uint16_t *vr = vb + l * hd;
+        int64_t i = 0;
+        for (; i + 16 <= hd; i += 16)
+          _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(_mm512_set1_ps(w), ld16f(vr + i), _mm512_loadu_ps(acc + i)));
+        for (; i < hd; i++) acc[i] += w * bf2f(vr[i]);
+      }
+      for (int64_t i = 0; i < hd; i++) att[b * nq + h * hd + i] = f2bf(acc[i] / sum);
+    }
+    /* 5: o projection, rows split across threads (the implicit barrier above has every head done) */
+    split(D, nt, t, 4, &r0, &r1);
+    linear_rows(att, B, nq, nq, a->wo, nq, r0, r1, out, D, 0);
+    if (a->bo)
+      for (int64_t b = 0; b < B; b++)
+        for (int64_t i = r0; i < r1; i++) out[b * D + i] = addb(out[b * D + i], a->bo, i);
   }
 }

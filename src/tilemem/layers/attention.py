@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tilemem import kernels
 from tilemem.config import ModelConfig
 from tilemem.layers.kv_cache import ForwardContext
 from tilemem.layers.linear import Linear
@@ -36,11 +37,52 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
         self.clip = cfg.clip_qkv
         self.scale = self.hd**-0.5
+        self._native: kernels.AttnLayer | None = None
+        self._native_ptr = 0  # q_proj's data pointer when `_native` was built (weights may move)
+        self._ws = kernels.Workspace()
+
+    def native(self) -> kernels.AttnLayer | None:
+        """The layer for the native decode kernel, or None where it cannot run (not bf16 contiguous)."""
+        w = self.q_proj.weight
+        if self._native is not None and self._native_ptr == w.data_ptr():
+            return self._native
+        linears = (self.q_proj, self.k_proj, self.v_proj, self.o_proj)
+        norms = (self.q_norm, self.k_norm) if self.qk_norm != "none" else ()
+        params = [t for m in (*linears, *norms) for t in m.parameters()]
+        if any(t.dtype != torch.bfloat16 or not t.is_contiguous() or t.device.type != "cpu" for t in params):
+            return None
+
+        def ptr(t: torch.Tensor | None) -> int | None:
+            return None if t is None else t.data_ptr()
+
+        self._native = kernels.AttnLayer(
+            *(ptr(m.weight) for m in linears),
+            *(ptr(m.bias) for m in linears),
+            *(ptr(m.weight) for m in norms),
+            *([None, None] if not norms else []),
+            {"none": 0, "full": 1, "head": 2}[self.qk_norm],
+            self.h,
+            self.hkv,
+            self.hd,
+            norms[0].eps if norms else 0.0,
+            self.scale,
+            self.clip or 0.0,
+        )
+        self._native_ptr = w.data_ptr()
+        return self._native
 
     def forward(
         self, x: torch.Tensor, ctx: ForwardContext, rope: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
         b, t, _ = x.shape
+        if t == 1 and not rope.interleave and kernels.usable(x) and (native := self.native()) is not None:
+            native.fp32_rotate = int(cos.dtype == torch.float32)
+            keys, values = ctx.cache.keys[self.layer], ctx.cache.values[self.layer]
+            out = kernels.attn_decode(
+                native, x.reshape(b, -1).contiguous(), cos.reshape(b, -1), sin.reshape(b, -1), keys, values, ctx.slots,
+                ctx.positions[:, 0].contiguous(), self._ws,
+            )  # fmt: skip
+            return out.view(b, 1, -1)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H*hd], [B, T, Hkv*hd] x2
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
