@@ -53,6 +53,13 @@ def prompt_batch(vocab: int, batch: int, length: int) -> list[list[int]]:
     return [torch.randint(10, vocab - 1, (length,), generator=gen).tolist() for _ in range(batch)]
 
 
+def warmup_batch(vocab: int, batch: int, length: int) -> list[list[int]]:
+    """Prompts of the measured shape but other tokens: both engines warm up on one full-size prefill
+    (first-call costs such as oneDNN kernel generation for new shapes and first-touch of buffers stay
+    out of the timing, for both alike)."""
+    return [[(t * 7 + 3) % (vocab - 11) + 10 for t in p] for p in prompt_batch(vocab, batch, length)]
+
+
 def run_tilemem(path: Path, batch: int, prompt_len: int, decode: int, threads: int) -> dict:
     from tilemem.engine.llm import LLM
     from tilemem.engine.sampling import SamplingParams
@@ -60,7 +67,7 @@ def run_tilemem(path: Path, batch: int, prompt_len: int, decode: int, threads: i
     llm = LLM(path, dtype="bf16", threads=threads, max_batch=batch)
     prompts = prompt_batch(llm.config.vocab_size, batch, prompt_len)
     params = SamplingParams(max_tokens=decode, temperature=0, ignore_eos=True)
-    llm.generate(prompt_batch(llm.config.vocab_size, batch, 16), SamplingParams(max_tokens=4, temperature=0))
+    llm.generate(warmup_batch(llm.config.vocab_size, batch, prompt_len), SamplingParams(max_tokens=4, temperature=0))
     llm.generate(prompts, params)
     s = llm.stats()
     rss = peak_rss_bytes()  # before the bandwidth probe's buffer
@@ -77,15 +84,16 @@ def run_transformers(path: Path, batch: int, prompt_len: int, decode: int, threa
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     prompts = torch.tensor(prompt_batch(model.config.vocab_size, batch, prompt_len))
     with torch.inference_mode():
-        model(prompts[:, :16])  # warm-up
+        warm = torch.tensor(warmup_batch(model.config.vocab_size, batch, prompt_len))
+        model(warm, logits_to_keep=1)  # warm-up, same shape
         t0 = time.perf_counter()
-        out = model(prompts, use_cache=True)
+        out = model(prompts, use_cache=True, logits_to_keep=1)  # as generate() does: last position only
         prefill_s = time.perf_counter() - t0
         cache = out.past_key_values
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
         t0 = time.perf_counter()
         for _ in range(decode - 1):
-            out = model(tok, past_key_values=cache, use_cache=True)
+            out = model(tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
             cache = out.past_key_values
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
         decode_s = time.perf_counter() - t0

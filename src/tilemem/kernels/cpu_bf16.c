@@ -131,63 +131,70 @@ static void dot_rows(const uint16_t *w, int64_t ld, int R, const uint16_t *const
   }
 }
 
-/* Prefill GEMM block: out[r][j] = dot(w + r*ld, x[j]) for 4 rows and nt tokens (nt a multiple of 4,
- * K of 32). K goes in chunks of KC so the 4 weight-row chunks stay in L1 while every 4-token block of
- * the group passes through; each block's 16 accumulators wait in `spill` between chunks (one
- * horizontal sum per output at the end). Without the chunking a 4-row block of a 2048-wide matrix
- * (16 KiB) and the token rows evict each other from L1, and the loads come from L2. */
-#define KC 512
-#define TG 64 /* tokens per group: their KC-chunks (64 KiB) stay in L2 */
-static void dot_4xN(const uint16_t *w, int64_t ld, const uint16_t *const *x, int nt, int64_t K, float out[4][TG],
-                    __m512 *spill) {
-  const uint16_t *w0 = w, *w1 = w + ld, *w2 = w + 2 * ld, *w3 = w + 3 * ld;
-  for (int64_t k0 = 0; k0 < K; k0 += KC) {
-    int64_t k1 = k0 + KC < K ? k0 + KC : K;
-    /* the next chunk of these rows (or the next 4 rows' first), fetched while this one computes */
-    const char *nxt = (const char *)(k1 < K ? w + k1 : w + 4 * ld);
-    int64_t line = 0, lines = 4 * KC * 2 / 64;
-    for (int b = 0; b < nt / 4; b++) {
-      __m512 *sp = spill + b * 16;
-      const uint16_t *x0 = x[4 * b], *x1 = x[4 * b + 1], *x2 = x[4 * b + 2], *x3 = x[4 * b + 3];
-      __m512 a[4][4];
-      for (int r = 0; r < 4; r++)
-        for (int j = 0; j < 4; j++) a[r][j] = k0 ? sp[r * 4 + j] : _mm512_setzero_ps();
-      for (int64_t k = k0; k < k1; k += 32) {
-        for (int p = 0; p < 2 && line < lines; p++, line++)
-          _mm_prefetch(nxt + (line / (KC / 32)) * ld * 2 + (line % (KC / 32)) * 64, _MM_HINT_T0);
-        __m512bh v0 = ld32(w0 + k, 32), v1 = ld32(w1 + k, 32), v2 = ld32(w2 + k, 32), v3 = ld32(w3 + k, 32);
-        __m512bh xv[4] = {ld32(x0 + k, 32), ld32(x1 + k, 32), ld32(x2 + k, 32), ld32(x3 + k, 32)};
-        for (int j = 0; j < 4; j++) {
-          a[0][j] = _mm512_dpbf16_ps(a[0][j], v0, xv[j]);
-          a[1][j] = _mm512_dpbf16_ps(a[1][j], v1, xv[j]);
-          a[2][j] = _mm512_dpbf16_ps(a[2][j], v2, xv[j]);
-          a[3][j] = _mm512_dpbf16_ps(a[3][j], v3, xv[j]);
-        }
-      }
-      for (int r = 0; r < 4; r++)
-        for (int j = 0; j < 4; j++) sp[r * 4 + j] = a[r][j];
-    }
+/* Prefill GEMM (many tokens per weight row, compute-bound). The token rows of a group of up to GB
+ * tokens are packed pairs-major, p[kp][j] = (x[j][2kp], x[j][2kp+1]), so one vector holds pair kp of
+ * 16 tokens. Each weight pair is broadcast from its row-major row and multiplied into those 16 tokens
+ * at once: 12 rows x 2 token vectors (or 8 x 3) = 24 accumulators, with 2 vector loads and 12
+ * four-byte broadcasts per 24 dot products, no horizontal sums, and the weights read in place (no
+ * packing; 12 sequential streams). Weight rows are streamed once per token group. */
+#define GB 48         /* tokens per group: up to three vectors of 16 */
+#define GEMM_MIN 8    /* fewer tokens per task: the register-blocked dot products above */
+
+/* p[kp * GB + j] = pair kp of token row x[j], j < nt; zero for j in [nt, GB). */
+static void pack_pairs(const uint16_t *const *x, int nt, int64_t K, uint32_t *p) {
+  for (int64_t kp = 0; kp < K / 2; kp++) {
+    uint32_t *d = p + kp * GB;
+    for (int j = 0; j < nt; j++) memcpy(d + j, x[j] + 2 * kp, 4);
+    for (int j = nt; j < GB; j++) d[j] = 0;
   }
-  for (int b = 0; b < nt / 4; b++)
-    for (int r = 0; r < 4; r++)
-      for (int j = 0; j < 4; j++) out[r][4 * b + j] = _mm512_reduce_add_ps(spill[b * 16 + r * 4 + j]);
 }
 
-/* out[r][j] = dot(w + r*ld, x[j]) for R <= 4 rows and nt <= TG tokens: the chunked block above for
- * full 4-row, 4-token blocks of a wide group, register blocks of TB tokens for the rest. */
-static void dot_group(const uint16_t *w, int64_t ld, int R, const uint16_t *const *x, int nt, int64_t K,
-                      float out[4][TG], __m512 *spill) {
-  int j0 = 0;
-  if (R == 4 && nt >= 2 * TB && K % 32 == 0) {
-    j0 = nt & ~3;
-    dot_4xN(w, ld, x, j0, K, out, spill);
+/* o[r * GB + 16b + l] = sum_kp dpbf16(p[kp][16b + l], w[r][2kp:2kp+2]) for R rows and NB token vectors. */
+#define GEMM_MK(R_, NB_)                                                                                   \
+  static void mk_##R_##_##NB_(const uint16_t *w, int64_t ld, const uint32_t *p, int64_t KP, float *o) {  \
+    __m512 acc[R_][NB_];                                                                                   \
+    for (int r = 0; r < R_; r++)                                                                           \
+      for (int b = 0; b < NB_; b++) acc[r][b] = _mm512_setzero_ps();                                       \
+    for (int64_t kp = 0; kp < KP; kp++) {                                                                  \
+      __m512bh xv[NB_];                                                                                    \
+      for (int b = 0; b < NB_; b++) xv[b] = (__m512bh)_mm512_load_si512(p + kp * GB + 16 * b);             \
+      for (int r = 0; r < R_; r++) {                                                                       \
+        int32_t pair;                                                                                      \
+        memcpy(&pair, w + r * ld + 2 * kp, 4);                                                             \
+        __m512bh wv = (__m512bh)_mm512_set1_epi32(pair);                                                   \
+        for (int b = 0; b < NB_; b++) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], xv[b], wv);                  \
+      }                                                                                                    \
+    }                                                                                                      \
+    for (int r = 0; r < R_; r++)                                                                           \
+      for (int b = 0; b < NB_; b++) _mm512_storeu_ps(o + r * GB + 16 * b, acc[r][b]);                      \
   }
-  float res[4][TB];
-  for (; j0 < nt; j0 += TB) {
-    int mt = nt - j0 < TB ? nt - j0 : TB;
-    dot_rows(w, ld, R, x + j0, mt, K, res, 0);
-    for (int r = 0; r < R; r++)
-      for (int j = 0; j < mt; j++) out[r][j0 + j] = res[r][j];
+GEMM_MK(8, 3)
+GEMM_MK(12, 2)
+GEMM_MK(12, 1)
+GEMM_MK(4, 3)
+GEMM_MK(4, 2)
+GEMM_MK(4, 1)
+GEMM_MK(1, 3)
+GEMM_MK(1, 2)
+GEMM_MK(1, 1)
+
+/* Vectors of group g of a task's ntok tokens: ceil(ntok / 16) vectors spread evenly over groups of at
+ * most 3, so at most 15 lanes of the whole task are padding; 0 past the last group. */
+static inline int group_vecs(int64_t ntok, int g) {
+  int v = (int)((ntok + 15) / 16), groups = (v + 2) / 3;
+  return g < groups ? v / groups + (g < v % groups) : 0;
+}
+
+/* o[r * GB + j] = dot(w + r*ld, token j) for R <= 12 rows and the nb vectors of a packed group. */
+static void gemm_rows(const uint16_t *w, int64_t ld, int R, const uint32_t *p, int nb, int64_t K, float *o) {
+  typedef void (*mk_fn)(const uint16_t *, int64_t, const uint32_t *, int64_t, float *);
+  static const mk_fn big[4] = {0, mk_12_1, mk_12_2, mk_8_3}, four[4] = {0, mk_4_1, mk_4_2, mk_4_3},
+                     one[4] = {0, mk_1_1, mk_1_2, mk_1_3};
+  int rows = nb == 3 ? 8 : 12;
+  for (int r = 0; r < R;) {
+    int step = R - r >= rows ? rows : R - r >= 4 ? 4 : 1;
+    (step == rows ? big : step == 4 ? four : one)[nb](w + r * ld, ld, p, K / 2, o + r * GB);
+    r += step;
   }
 }
 
@@ -266,6 +273,23 @@ typedef struct {
 
 enum { ACT_SILU = 0, ACT_GELU = 1, ACT_RELU = 2 };
 
+/* e^x for 16 lanes (Cephes expf: range reduction by ln 2, degree-5 polynomial; within 2 ulp of expf) */
+static inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.f)), _mm512_set1_ps(88.f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(y, n);
+}
+
 static inline float act_fn(int act, float g) {
   if (act == ACT_SILU) return g / (1.f + expf(-g));
   if (act == ACT_GELU) return 0.5f * g * (1.f + erff(g * 0.70710678118654752f));
@@ -293,8 +317,10 @@ void tm_ffn_tasks_bf16(const uint16_t *x, float *out, int64_t T, int64_t D, cons
                        int64_t ntasks, int act, int nthreads, float *scratch, uint16_t *h) {
   int64_t *offs = (int64_t *)malloc(sizeof(int64_t) * (ntasks + 1));
   int any_t = 0;
+  int64_t kmax = D;
   offs[0] = 0;
   for (int64_t q = 0; q < ntasks; q++) {
+    kmax = tasks[q].n > kmax ? tasks[q].n : kmax;
     offs[q + 1] = offs[q] + tasks[q].n * tasks[q].ntok;
     any_t |= tasks[q].down_t;
   }
@@ -303,30 +329,56 @@ void tm_ffn_tasks_bf16(const uint16_t *x, float *out, int64_t T, int64_t D, cons
     int nt = omp_get_num_threads(), t = omp_get_thread_num();
     float *yp = t == 0 ? out : scratch + (int64_t)(t - 1) * T * D; /* partial sums (transposed down) */
     if (t && any_t) memset(yp, 0, sizeof(float) * T * D);
-    float res[4][TG], res2[4][TG];
-    __m512 *spill = (__m512 *)aligned_alloc(64, sizeof(__m512) * 4 * TG);
+    float res[4][TB], res2[4][TB];
+    float *go = (float *)aligned_alloc(64, sizeof(float) * 2 * 12 * GB), *uo = go + 12 * GB;
+    uint32_t *pk = (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * GB * (kmax / 2 + 1));
     /* phase 1: gate/up rows of this thread's neuron range, activation, and transposed downs */
     for (int64_t q = 0; q < ntasks; q++) {
       const tm_ffn_task *tk = &tasks[q];
       int64_t i0, i1;
       split(tk->n, nt, t, 32, &i0, &i1);
-      for (int64_t i = i0; i < i1; i += 4) { /* rows outer: a 4-row block stays in cache for every token */
-        int R = i1 - i < 4 ? (int)(i1 - i) : 4;
-        for (int64_t j0 = 0; j0 < tk->ntok; j0 += TG) {
-          int mt = tk->ntok - j0 < TG ? (int)(tk->ntok - j0) : TG;
-          const uint16_t *xs[TG];
-          for (int j = 0; j < mt; j++) xs[j] = x + (int64_t)tk->tok[j0 + j] * D;
-          if (mt == 1) { /* decode: gate and up rows of a neuron in one pass */
-            float g1[4][TB], u1[4][TB];
-            gu_pair(tk->gate + i * tk->ld_gu, tk->up + i * tk->ld_gu, tk->ld_gu, R, xs[0], D, g1, u1);
-            for (int r = 0; r < R; r++) res[r][0] = g1[r][0], res2[r][0] = u1[r][0];
-          } else {
-            dot_group(tk->gate + i * tk->ld_gu, tk->ld_gu, R, xs, mt, D, res, spill);
-            dot_group(tk->up + i * tk->ld_gu, tk->ld_gu, R, xs, mt, D, res2, spill);
+      if (tk->ntok >= GEMM_MIN && D % 2 == 0) { /* prefill: packed token groups */
+        int64_t g0 = 0;
+        for (int g = 0, nb, ng; (nb = group_vecs(tk->ntok, g)) > 0; g++, g0 += ng) {
+          ng = tk->ntok - g0 < 16 * nb ? (int)(tk->ntok - g0) : 16 * nb;
+          const uint16_t *xs[GB];
+          for (int j = 0; j < ng; j++) xs[j] = x + (int64_t)tk->tok[g0 + j] * D;
+          pack_pairs(xs, ng, D, pk);
+          for (int64_t i = i0; i < i1; i += nb == 3 ? 8 : 12) {
+            int step = nb == 3 ? 8 : 12, R = i1 - i < step ? (int)(i1 - i) : step;
+            gemm_rows(tk->gate + i * tk->ld_gu, tk->ld_gu, R, pk, nb, D, go);
+            gemm_rows(tk->up + i * tk->ld_gu, tk->ld_gu, R, pk, nb, D, uo);
+            if (act == ACT_SILU) /* silu(g) * u, 16 tokens at a time */
+              for (int r = 0; r < R; r++)
+                for (int j = 0; j < 16 * nb; j += 16) {
+                  __m512 gv = _mm512_loadu_ps(go + r * GB + j), uv = _mm512_loadu_ps(uo + r * GB + j);
+                  __m512 sg = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+                  _mm512_storeu_ps(go + r * GB + j, _mm512_mul_ps(sg, uv));
+                }
+            else
+              for (int r = 0; r < R; r++)
+                for (int j = 0; j < ng; j++) go[r * GB + j] = act_fn(act, go[r * GB + j]) * uo[r * GB + j];
+            for (int j = 0; j < ng; j++)
+              for (int r = 0; r < R; r++) h[offs[q] + (g0 + j) * tk->n + i + r] = f2bf(go[r * GB + j]);
           }
-          for (int j = 0; j < mt; j++)
-            for (int r = 0; r < R; r++)
-              h[offs[q] + (j0 + j) * tk->n + i + r] = f2bf(act_fn(act, res[r][j]) * res2[r][j]);
+        }
+      } else {
+        for (int64_t i = i0; i < i1; i += 4) { /* rows outer: a 4-row block stays in L1 for every token block */
+          int R = i1 - i < 4 ? (int)(i1 - i) : 4;
+          for (int64_t j0 = 0; j0 < tk->ntok; j0 += TB) {
+            int mt = tk->ntok - j0 < TB ? (int)(tk->ntok - j0) : TB;
+            const uint16_t *xs[TB];
+            for (int j = 0; j < mt; j++) xs[j] = x + (int64_t)tk->tok[j0 + j] * D;
+            if (mt == 1) { /* decode: gate and up rows of a neuron in one pass */
+              gu_pair(tk->gate + i * tk->ld_gu, tk->up + i * tk->ld_gu, tk->ld_gu, R, xs[0], D, res, res2);
+            } else {
+              dot_rows(tk->gate + i * tk->ld_gu, tk->ld_gu, R, xs, mt, D, res, 0);
+              dot_rows(tk->up + i * tk->ld_gu, tk->ld_gu, R, xs, mt, D, res2, 0);
+            }
+            for (int j = 0; j < mt; j++)
+              for (int r = 0; r < R; r++)
+                h[offs[q] + (j0 + j) * tk->n + i + r] = f2bf(act_fn(act, res[r][j]) * res2[r][j]);
+          }
         }
       }
       if (!tk->down_t) continue;
@@ -340,13 +392,31 @@ void tm_ffn_tasks_bf16(const uint16_t *x, float *out, int64_t T, int64_t D, cons
     for (int64_t q = 0; q < ntasks; q++) {
       const tm_ffn_task *tk = &tasks[q];
       if (tk->down_t) continue;
+      if (tk->ntok >= GEMM_MIN && tk->n % 2 == 0) { /* prefill: packed token groups */
+        int64_t g0 = 0;
+        for (int g = 0, nb, ng; (nb = group_vecs(tk->ntok, g)) > 0; g++, g0 += ng) {
+          ng = tk->ntok - g0 < 16 * nb ? (int)(tk->ntok - g0) : 16 * nb;
+          const uint16_t *hs[GB];
+          for (int j = 0; j < ng; j++) hs[j] = h + offs[q] + (g0 + j) * tk->n;
+          pack_pairs(hs, ng, tk->n, pk);
+          for (int64_t d = d0; d < d1; d += nb == 3 ? 8 : 12) {
+            int step = nb == 3 ? 8 : 12, R = d1 - d < step ? (int)(d1 - d) : step;
+            gemm_rows(tk->down + d * tk->ld_down, tk->ld_down, R, pk, nb, tk->n, go);
+            for (int j = 0; j < ng; j++) {
+              float *yj = out + (int64_t)tk->tok[g0 + j] * D;
+              for (int r = 0; r < R; r++) yj[d + r] += tk->scale[g0 + j] * go[r * GB + j];
+            }
+          }
+        }
+        continue;
+      }
       for (int64_t d = d0; d < d1; d += 4) {
         int R = d1 - d < 4 ? (int)(d1 - d) : 4;
-        for (int64_t j0 = 0; j0 < tk->ntok; j0 += TG) {
-          int mt = tk->ntok - j0 < TG ? (int)(tk->ntok - j0) : TG;
-          const uint16_t *hs[TG];
+        for (int64_t j0 = 0; j0 < tk->ntok; j0 += TB) {
+          int mt = tk->ntok - j0 < TB ? (int)(tk->ntok - j0) : TB;
+          const uint16_t *hs[TB];
           for (int j = 0; j < mt; j++) hs[j] = h + offs[q] + (j0 + j) * tk->n;
-          dot_group(tk->down + d * tk->ld_down, tk->ld_down, R, hs, mt, tk->n, res, spill);
+          dot_rows(tk->down + d * tk->ld_down, tk->ld_down, R, hs, mt, tk->n, res, 0);
           for (int j = 0; j < mt; j++) {
             float *yj = out + (int64_t)tk->tok[j0 + j] * D;
             for (int r = 0; r < R; r++) yj[d + r] += tk->scale[j0 + j] * res[r][j];
@@ -363,7 +433,8 @@ void tm_ffn_tasks_bf16(const uint16_t *x, float *out, int64_t T, int64_t D, cons
         out[e] += a;
       }
     }
-    free(spill);
+    free(go);
+    free(pk);
   }
   free(offs);
 }
