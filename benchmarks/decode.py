@@ -48,6 +48,35 @@ def bytes_per_token(path: Path) -> int:
     return topo.non_expert_bytes - embed + routed + topo.shared_and_dense_bytes
 
 
+def flops_per_prefill_token(path: Path, prompt_len: int) -> float:
+    """Multiply-add FLOPs of one prompt token: every weight it uses but the embedding and the LM head
+    (prefill computes logits at the last position only), plus attention scores and values over half
+    the prompt on average."""
+    from tilemem.loader.checkpoint import Checkpoint
+    from tilemem.models.topology import Topology
+
+    cfg = Checkpoint.open(path).config
+    topo = Topology.from_config(cfg)
+    head = cfg.vocab_size * cfg.hidden_size * topo.dtype_bytes
+    weights = (bytes_per_token(path) - head) / topo.dtype_bytes
+    attention = 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * prompt_len / 2
+    return 2 * (weights + attention)
+
+
+def best_gemm_flops(threads: int, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the machine's best bf16 GEMM (oneDNN through torch, n x n x n): a practical ceiling
+    for prefill, which is GEMM-bound."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n).to(torch.bfloat16), torch.randn(n, n).to(torch.bfloat16)
+    a @ b
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
 def prompt_batch(vocab: int, batch: int, length: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(0)
     return [torch.randint(10, vocab - 1, (length,), generator=gen).tolist() for _ in range(batch)]
@@ -148,9 +177,10 @@ def main() -> None:
     engines = args.engines.split(",")
     batches = [int(b) for b in args.batches.split(",")]
     runs: dict[tuple[str, int], list[dict]] = {(e, b): [] for e in engines for b in batches}
-    bandwidths = []
+    bandwidths, gemms = [], []
     for r in range(args.repeats):
         bandwidths.append(dram_read_bandwidth(args.threads))
+        gemms.append(best_gemm_flops(args.threads))
         for b in batches:
             for e in engines:  # interleaved: every engine once per round
                 res = spawn(args, e, b)
@@ -170,6 +200,15 @@ def main() -> None:
             f"| {e} | {b} | {m['prefill_tok_s']:.1f} | {m['decode_tok_s']:.2f} | "
             f"{m['peak_rss'] / 2**30:.2f} | {m['peak_rss'] / ckpt_bytes:.2f} |"
         )
+    fpt, gemm = flops_per_prefill_token(path, args.prompt_len), statistics.median(gemms)
+    print(f"\nprefill: {fpt / 1e9:.2f} GFLOP per prompt token; best bf16 GEMM here {gemm / 1e9:.0f} GFLOP/s")
+    for (e, b), m in med.items():
+        gf = m["prefill_tok_s"] * fpt
+        print(f"  {e} batch {b}: {gf / 1e9:.0f} GFLOP/s = {100 * gf / gemm:.0f}% of the best GEMM")
+    if "transformers" in engines:
+        for b in batches:
+            need = 1.5 * med[("transformers", b)]["prefill_tok_s"] * fpt
+            print(f"  1.5x transformers at batch {b} needs {need / 1e9:.0f} GFLOP/s = {100 * need / gemm:.0f}% of it")
     if "tilemem" in engines:
         print()
         for b in batches:
