@@ -3,6 +3,7 @@
 For each shape, alternates the torch path and the native kernel over rounds (cold weights: a working
 set of several layers, far beyond the last-level cache) and prints GB/s of weights read, GFLOP/s and
 the ratio kernel / torch; a plain 2-thread reduction gives the machine's read bandwidth at the time.
+The last case is a decode step's attention block over 16 layers: torch modules vs the fused call.
 
     .venv/bin/python benchmarks/kernels.py [--rounds 3] [--threads 2]
 """
@@ -30,6 +31,45 @@ def torch_moe(x, w, ids, weights) -> torch.Tensor:
         y = F.linear(F.silu(F.linear(xs, gate[e])) * F.linear(xs, up[e]), down[e])
         out.index_add_(0, t, (y * w[t, s, None]).float())
     return out
+
+
+def attention_case(mk, positions: int, layers: int = 16) -> tuple:
+    """One decode step through 16 OLMoE attention layers (q/k norm over all heads, 16 heads of 128,
+    `positions` cached): the torch module path vs the fused native call."""
+    from tilemem.config import ModelConfig
+    from tilemem.layers.attention import Attention
+    from tilemem.layers.kv_cache import ForwardContext, KVCache
+    from tilemem.layers.rope import RotaryEmbedding
+
+    cfg = ModelConfig(
+        family="olmoe", architecture="OlmoeForCausalLM", vocab_size=8, hidden_size=D, num_layers=layers,
+        num_heads=16, num_kv_heads=16, head_dim=128, intermediate_size=I, moe_intermediate_size=I, num_experts=E,
+        top_k=K, qk_norm="full",
+    )  # fmt: skip
+    mods = []
+    for i in range(layers):
+        a = Attention(cfg, i)
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            getattr(a, name).weight = torch.nn.Parameter(mk(D, D), requires_grad=False)
+        for name in ("q_norm", "k_norm"):
+            getattr(a, name).weight = torch.nn.Parameter(torch.ones(D, dtype=torch.bfloat16), requires_grad=False)
+        mods.append(a)
+    rope = RotaryEmbedding(cfg.rope, 128, positions + 1)
+    cache = KVCache.allocate(layers, 1, positions + 1, 16, 128, 128, torch.bfloat16)
+    ctx = ForwardContext.build(cache, [0], [positions], [1])
+    x = torch.randn(1, 1, D).to(torch.bfloat16)
+    cos, sin = rope.table(ctx.positions, x.dtype)
+    native = Attention.native
+
+    def run(on: bool) -> None:
+        Attention.native = native if on else (lambda self: None)
+        try:
+            for a in mods:
+                a(x, ctx, rope, cos, sin)
+        finally:
+            Attention.native = native
+
+    return (f"attn {layers}L", lambda: run(False), lambda: run(True), layers, 4 * D * D * 2, 2 * 4 * D * D)
 
 
 def main() -> None:
@@ -81,6 +121,7 @@ def main() -> None:
                 2 * m * D * D,
             )
         )
+    cases.append(attention_case(mk, positions=300))
     times = {(name, p): [] for name, *_ in cases for p in ("torch", "kernel")}
     bws = []
     for _ in range(args.rounds):

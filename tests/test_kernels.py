@@ -39,7 +39,7 @@ def reference(x, weights, ids, gate, up, down, act=F.silu):
 
 
 @pytest.mark.parametrize("t", [1, 2, 3, 4, 5, 9, 33, 300])  # 300: > 64 tokens per expert
-@pytest.mark.parametrize("d,i", [(256, 96), (200, 70)])  # the second: neither a multiple of 32
+@pytest.mark.parametrize("d,i", [(256, 96), (200, 70), (130, 69)])  # not multiples of 32; odd I
 def test_moe_matches_fp32_reference(t, d, i):
     e, k = 8, 2
     gate, up, down = experts(e, i, d)
@@ -107,8 +107,8 @@ def test_bf16_engine_runs_experts_and_linears_natively(make_ckpt):
     from tilemem.engine.sampling import SamplingParams
 
     llm = LLM(make_ckpt("olmoe", "bf16"), dtype="bf16")
-    calls = {"moe": 0, "linear": 0}
-    orig_moe, orig_linear = kernels.moe, kernels.linear
+    calls = {"moe": 0, "linear": 0, "attn_decode": 0}
+    orig_moe, orig_linear, orig_attn = kernels.moe, kernels.linear, kernels.attn_decode
 
     def count(name, fn):
         def wrapped(*a, **kw):
@@ -119,10 +119,12 @@ def test_bf16_engine_runs_experts_and_linears_natively(make_ckpt):
 
     try:
         kernels.moe, kernels.linear = count("moe", orig_moe), count("linear", orig_linear)
+        kernels.attn_decode = count("attn_decode", orig_attn)
         llm.generate(["hello"], SamplingParams(max_tokens=3, temperature=0))
     finally:
-        kernels.moe, kernels.linear = orig_moe, orig_linear
+        kernels.moe, kernels.linear, kernels.attn_decode = orig_moe, orig_linear, orig_attn
     assert calls["moe"] > 0 and calls["linear"] > 0
+    assert calls["attn_decode"] == 2 * llm.config.num_layers  # the 2 decode steps after the first token
 
 
 @pytest.mark.parametrize("d", [64, 100])

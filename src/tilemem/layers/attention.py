@@ -75,9 +75,10 @@ class Attention(nn.Module):
         self, x: torch.Tensor, ctx: ForwardContext, rope: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        if t == 1 and not rope.interleave and kernels.usable(x) and (native := self.native()) is not None:
+        keys, values = ctx.cache.keys[self.layer], ctx.cache.values[self.layer]
+        decode = t == 1 and not rope.interleave and kernels.usable(x) and keys.dtype == torch.bfloat16
+        if decode and (native := self.native()) is not None:  # decode: the whole block in one native call
             native.fp32_rotate = int(cos.dtype == torch.float32)
-            keys, values = ctx.cache.keys[self.layer], ctx.cache.values[self.layer]
             out = kernels.attn_decode(
                 native, x.reshape(b, -1).contiguous(), cos.reshape(b, -1), sin.reshape(b, -1), keys, values, ctx.slots,
                 ctx.positions[:, 0].contiguous(), self._ws,
