@@ -1,4 +1,4 @@
-"""Native CPU kernels (AVX512-BF16): fused expert FFNs and small-batch linears for bf16 decode.
+"""Native CPU kernels (AVX512-BF16): fused expert FFNs, decode attention and small-batch linears.
 
 The C source ships with the package and is compiled on first use with the system C compiler into
 a per-user cache (`$TILEMEM_CACHE`, default `~/.cache/tilemem`), keyed by the source and flags;

@@ -3,7 +3,9 @@
  * Decode reads every weight byte once per token, so speed is memory bandwidth. These kernels
  * stream each weight row once for all the tokens that need it (up to TB at a time), in one
  * sequential pass per row, accumulate in fp32 with vdpbf16ps, and fuse a gated expert FFN
- * (gate, up, act, down, routing weight) into one pass with one thread barrier.
+ * (gate, up, act, down, routing weight) into one pass with one thread barrier. Prefill-sized
+ * tasks (many tokens per expert) run as a GEMM over packed token vectors instead (see GB), and a
+ * decode step's whole attention block is one call (tm_attn_decode_bf16).
  *
  * Threads: OpenMP (the same libgomp that torch loaded). An expert FFN is split across threads
  * by neuron range for gate/up (each thread its contiguous rows), then by hidden rows for down
