@@ -209,3 +209,24 @@ def test_decode_attention_kernel_matches_the_torch_path(case, monkeypatch):
         assert rel(got, want) < TOL
         changed = (got != old).any(-1)  # [S, Hkv, L]: only each row's new position
         assert torch.equal(changed, (want != old).any(-1)) and changed.sum() == 3 * cfg.num_kv_heads
+
+
+def test_bf16_greedy_output_is_the_same_alone_in_a_batch_and_in_waves(make_ckpt):
+    """Batch invariance in bf16, through the native decode attention and expert kernels: a prompt's
+    greedy tokens are the same alone, in a batch of 4, and through 2 slots that rows leave and join."""
+    from tilemem.engine.llm import LLM
+    from tilemem.engine.sampling import SamplingParams
+
+    path = make_ckpt("qwen3_moe", "bf16")
+    prompts = ["The capital of", "def fibonacci(n):\n    ", "1, 2, 3, 5, 8,", "Once upon a time there"]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    llm = LLM(path, dtype="bf16", max_batch=4)
+    alone = [llm.generate(p, params)[0].token_ids for p in prompts]
+    assert len({tuple(a) for a in alone}) == len(prompts)
+    assert [o.token_ids for o in llm.generate(prompts, params)] == alone
+    # 4 prompts through 2 slots, finishing at different steps: later rows join mid-decode in freed slots
+    lengths = [6, 24, 10, 24]
+    waves = LLM(path, dtype="bf16", max_batch=2).generate(
+        prompts, [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in lengths]
+    )
+    assert [o.token_ids for o in waves] == [a[:n] for a, n in zip(alone, lengths, strict=True)]
