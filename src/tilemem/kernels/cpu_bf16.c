@@ -142,11 +142,12 @@ static void dot_rows(const uint16_t *w, int64_t ld, int R, const uint16_t *const
 #define GB 48         /* tokens per group: up to three vectors of 16 */
 #define GEMM_MIN 8    /* fewer tokens per task: the register-blocked dot products above */
 
-/* p[kp * GB + j] = pair kp of token row x[j], j < nt; zero for j in [nt, GB). */
-static void pack_pairs(const uint16_t *const *x, int nt, int64_t K, uint32_t *p) {
+/* p[kp * GB + j] = pair kp of row j of the group, j < nt (row j: base + idx[j] * ld, or base + j * ld
+ * without idx); zero for j in [nt, GB). */
+static void pack_pairs(const uint16_t *base, int64_t ld, const int32_t *idx, int nt, int64_t K, uint32_t *p) {
   for (int64_t kp = 0; kp < K / 2; kp++) {
     uint32_t *d = p + kp * GB;
-    for (int j = 0; j < nt; j++) memcpy(d + j, x[j] + 2 * kp, 4);
+    for (int j = 0; j < nt; j++) memcpy(d + j, base + (idx ? idx[j] : j) * ld + 2 * kp, 4);
     for (int j = nt; j < GB; j++) d[j] = 0;
   }
 }
@@ -187,12 +188,15 @@ static inline int group_vecs(int64_t ntok, int g) {
   return g < groups ? v / groups + (g < v % groups) : 0;
 }
 
+/* Rows per GEMM block for nb token vectors: 24 accumulators. */
+static inline int gemm_block_rows(int nb) { return nb == 3 ? 8 : 12; }
+
 /* o[r * GB + j] = dot(w + r*ld, token j) for R <= 12 rows and the nb vectors of a packed group. */
 static void gemm_rows(const uint16_t *w, int64_t ld, int R, const uint32_t *p, int nb, int64_t K, float *o) {
   typedef void (*mk_fn)(const uint16_t *, int64_t, const uint32_t *, int64_t, float *);
   static const mk_fn big[4] = {0, mk_12_1, mk_12_2, mk_8_3}, four[4] = {0, mk_4_1, mk_4_2, mk_4_3},
                      one[4] = {0, mk_1_1, mk_1_2, mk_1_3};
-  int rows = nb == 3 ? 8 : 12;
+  int rows = gemm_block_rows(nb);
   for (int r = 0; r < R;) {
     int step = R - r >= rows ? rows : R - r >= 4 ? 4 : 1;
     (step == rows ? big : step == 4 ? four : one)[nb](w + r * ld, ld, p, K / 2, o + r * GB);
@@ -298,6 +302,20 @@ static inline float act_fn(int act, float g) {
   return g > 0.f ? g : 0.f;
 }
 
+/* g[r * GB + j] = act(g) * u for R rows of nb token vectors (SiLU 16 lanes at a time). */
+static void act_gemm_rows(int act, float *g, const float *u, int R, int nb) {
+  for (int r = 0; r < R; r++)
+    for (int j = r * GB; j < r * GB + 16 * nb; j += 16) {
+      __m512 gv = _mm512_loadu_ps(g + j), uv = _mm512_loadu_ps(u + j);
+      if (act == ACT_SILU) {
+        __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        _mm512_storeu_ps(g + j, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e)), uv));
+      } else {
+        for (int l = 0; l < 16; l++) g[j + l] = act_fn(act, g[j + l]) * u[j + l];
+      }
+    }
+}
+
 /* y[0:D] += s * sum_{i in [i0, i1)} h[i] * w[i, :] (transposed down rows), two rows per pass over y */
 static void down_t_rows(const uint16_t *w, int64_t ld, const uint16_t *h, float s, int64_t i0, int64_t i1, int64_t D,
                         float *y) {
@@ -343,23 +361,12 @@ void tm_ffn_tasks_bf16(const uint16_t *x, float *out, int64_t T, int64_t D, cons
         int64_t g0 = 0;
         for (int g = 0, nb, ng; (nb = group_vecs(tk->ntok, g)) > 0; g++, g0 += ng) {
           ng = tk->ntok - g0 < 16 * nb ? (int)(tk->ntok - g0) : 16 * nb;
-          const uint16_t *xs[GB];
-          for (int j = 0; j < ng; j++) xs[j] = x + (int64_t)tk->tok[g0 + j] * D;
-          pack_pairs(xs, ng, D, pk);
-          for (int64_t i = i0; i < i1; i += nb == 3 ? 8 : 12) {
-            int step = nb == 3 ? 8 : 12, R = i1 - i < step ? (int)(i1 - i) : step;
+          pack_pairs(x, D, tk->tok + g0, ng, D, pk);
+          for (int64_t i = i0, step = gemm_block_rows(nb); i < i1; i += step) {
+            int R = i1 - i < step ? (int)(i1 - i) : (int)step;
             gemm_rows(tk->gate + i * tk->ld_gu, tk->ld_gu, R, pk, nb, D, go);
             gemm_rows(tk->up + i * tk->ld_gu, tk->ld_gu, R, pk, nb, D, uo);
-            if (act == ACT_SILU) /* silu(g) * u, 16 tokens at a time */
-              for (int r = 0; r < R; r++)
-                for (int j = 0; j < 16 * nb; j += 16) {
-                  __m512 gv = _mm512_loadu_ps(go + r * GB + j), uv = _mm512_loadu_ps(uo + r * GB + j);
-                  __m512 sg = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
-                  _mm512_storeu_ps(go + r * GB + j, _mm512_mul_ps(sg, uv));
-                }
-            else
-              for (int r = 0; r < R; r++)
-                for (int j = 0; j < ng; j++) go[r * GB + j] = act_fn(act, go[r * GB + j]) * uo[r * GB + j];
+            act_gemm_rows(act, go, uo, R, nb);
             for (int j = 0; j < ng; j++)
               for (int r = 0; r < R; r++) h[offs[q] + (g0 + j) * tk->n + i + r] = f2bf(go[r * GB + j]);
           }
@@ -398,11 +405,9 @@ void tm_ffn_tasks_bf16(const uint16_t *x, float *out, int64_t T, int64_t D, cons
         int64_t g0 = 0;
         for (int g = 0, nb, ng; (nb = group_vecs(tk->ntok, g)) > 0; g++, g0 += ng) {
           ng = tk->ntok - g0 < 16 * nb ? (int)(tk->ntok - g0) : 16 * nb;
-          const uint16_t *hs[GB];
-          for (int j = 0; j < ng; j++) hs[j] = h + offs[q] + (g0 + j) * tk->n;
-          pack_pairs(hs, ng, tk->n, pk);
-          for (int64_t d = d0; d < d1; d += nb == 3 ? 8 : 12) {
-            int step = nb == 3 ? 8 : 12, R = d1 - d < step ? (int)(d1 - d) : step;
+          pack_pairs(h + offs[q] + g0 * tk->n, tk->n, NULL, ng, tk->n, pk);
+          for (int64_t d = d0, step = gemm_block_rows(nb); d < d1; d += step) {
+            int R = d1 - d < step ? (int)(d1 - d) : (int)step;
             gemm_rows(tk->down + d * tk->ld_down, tk->ld_down, R, pk, nb, tk->n, go);
             for (int j = 0; j < ng; j++) {
               float *yj = out + (int64_t)tk->tok[g0 + j] * D;
