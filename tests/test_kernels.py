@@ -144,18 +144,19 @@ def test_bf16_engine_runs_experts_and_linears_natively(make_ckpt):
 
 
 @pytest.mark.parametrize("d", [64, 100])
-def test_rms_norm_matches_the_torch_module(d):
+@pytest.mark.parametrize("rows", [(3, 2), (2, 350)])  # decode rows; a prefill (rows split over threads)
+def test_rms_norm_matches_the_torch_module(d, rows):
     from tilemem.layers.norm import RMSNorm
 
     gen = torch.Generator().manual_seed(d)
-    x = (torch.randn(3, 2, d, generator=gen) * 3).to(torch.bfloat16)
+    x = (torch.randn(*rows, d, generator=gen) * 3).to(torch.bfloat16)
     norm = RMSNorm(d, 1e-6)
     norm.weight = torch.nn.Parameter((torch.rand(d, generator=gen) + 0.5).to(torch.bfloat16), requires_grad=False)
     ref = norm.weight * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
     y = kernels.rms_norm(x, norm.weight, 1e-6)
     assert y.shape == x.shape and y.dtype == torch.bfloat16
     assert (y.float() - ref.float()).abs().max() <= 2**-7 * ref.float().abs().max()  # one bf16 ulp at most
-    assert torch.equal(norm(x), y)  # the module takes the kernel for small bf16 batches
+    assert torch.equal(norm(x), y)  # the module takes the kernel for bf16 on the CPU
 
 
 def test_prefill_sized_batches_match_the_reference():

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_bf16.c")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp", "-fPIC", "-shared"]
-ABI_VERSION = 2
+ABI_VERSION = 3
 ACTS = {"silu": 0, "gelu": 1, "relu": 2}
 MAX_ROWS = 16
 """Largest token count the dense linear kernel takes; bigger batches are compute-bound GEMMs (oneDNN)."""
@@ -118,7 +118,7 @@ def _lib() -> ctypes.CDLL | None:
         return None
     lib.tm_linear_bf16.argtypes = [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _i64, _int, _int]
     lib.tm_ffn_tasks_bf16.argtypes = [_vp, _vp, _i64, _i64, ctypes.POINTER(FfnTask), _i64, _int, _int, _vp, _vp]
-    lib.tm_rmsnorm_bf16.argtypes = [_vp, _i64, _i64, _vp, ctypes.c_float, _vp]
+    lib.tm_rmsnorm_bf16.argtypes = [_vp, _i64, _i64, _vp, ctypes.c_float, _vp, _int]
     attn = [ctypes.POINTER(AttnLayer), _vp, _i64, _i64, _vp, _vp, _vp, _vp, _i64, _vp, _vp, _vp, _int, _vp, _vp]
     lib.tm_attn_decode_bf16.argtypes = attn
     lib.tm_moe_bf16.argtypes = [_vp, _vp, _i64, _i64, _i64, _vp, _vp, _i64, _i64, _vp, _vp, _vp, _int, _int, _vp, _vp]
@@ -148,11 +148,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dimension of bf16 `x` with a bf16 weight (single-threaded: decode rows)."""
+    """RMSNorm over the last dimension of bf16 `x` with a bf16 weight (rows over threads when many)."""
     x = x.contiguous()
     y = torch.empty_like(x)
     d = x.shape[-1]
-    _lib().tm_rmsnorm_bf16(x.data_ptr(), x.numel() // d, d, weight.data_ptr(), eps, y.data_ptr())
+    _lib().tm_rmsnorm_bf16(x.data_ptr(), x.numel() // d, d, weight.data_ptr(), eps, y.data_ptr(), _threads())
     return y
 
 

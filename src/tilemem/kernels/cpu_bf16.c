@@ -23,7 +23,7 @@
 
 #define TB 4 /* tokens per register block */
 
-int tm_abi_version(void) { return 2; }
+int tm_abi_version(void) { return 3; }
 
 static inline float bf2f(uint16_t v) {
   union { uint32_t u; float f; } c;
@@ -143,10 +143,45 @@ static void dot_rows(const uint16_t *w, int64_t ld, int R, const uint16_t *const
 #define GB 48         /* tokens per group: up to three vectors of 16 */
 #define GEMM_MIN 8    /* fewer tokens per task: the register-blocked dot products above */
 
+/* Transposes a 16 x 16 block of 32-bit elements in registers: r[i][k] -> r[k][i]. */
+static inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; i++) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; i++) { /* r[4i + c], 128-bit lane L: column 4L + c of rows 4i..4i+3 */
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int c = 0; c < 4; c++) {
+    __m512i v0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44), v1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xEE);
+    __m512i w0 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44), w1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xEE);
+    t[c] = _mm512_shuffle_i32x4(v0, w0, 0x88);
+    t[4 + c] = _mm512_shuffle_i32x4(v0, w0, 0xDD);
+    t[8 + c] = _mm512_shuffle_i32x4(v1, w1, 0x88);
+    t[12 + c] = _mm512_shuffle_i32x4(v1, w1, 0xDD);
+  }
+  for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
 /* p[kp * GB + j] = pair kp of row j of the group, j < nt (row j: base + idx[j] * ld, or base + j * ld
- * without idx); zero for j in [nt, GB). */
+ * without idx); zero for j in [nt, GB). 16 tokens x 16 pairs at a time, transposed in registers: a
+ * pair-at-a-time gather from rows 4 KiB apart misses L1 on every read. */
 static void pack_pairs(const uint16_t *base, int64_t ld, const int32_t *idx, int nt, int64_t K, uint32_t *p) {
-  for (int64_t kp = 0; kp < K / 2; kp++) {
+  int64_t KP = K / 2, kp0 = 0;
+  for (; kp0 + 16 <= KP; kp0 += 16)
+    for (int j0 = 0; j0 < GB; j0 += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; i++)
+        r[i] = j0 + i < nt ? _mm512_loadu_si512(base + (idx ? idx[j0 + i] : j0 + i) * ld + 2 * kp0)
+                           : _mm512_setzero_si512();
+      if (j0 < nt) transpose16(r);
+      for (int k = 0; k < 16; k++) _mm512_store_si512(p + (kp0 + k) * GB + j0, r[k]);
+    }
+  for (int64_t kp = kp0; kp < KP; kp++) {
     uint32_t *d = p + kp * GB;
     for (int j = 0; j < nt; j++) memcpy(d + j, base + (idx ? idx[j] : j) * ld + 2 * kp, 4);
     for (int j = nt; j < GB; j++) d[j] = 0;
@@ -537,7 +572,9 @@ static void rmsnorm_row(const uint16_t *x, int64_t D, const uint16_t *w, float e
   for (d = 0; d < D; d++) y[d] = f2bf(bf2f(w[d]) * bf2f(f2bf(bf2f(x[d]) * r)));
 }
 
-void tm_rmsnorm_bf16(const uint16_t *x, int64_t M, int64_t D, const uint16_t *w, float eps, uint16_t *y) {
+void tm_rmsnorm_bf16(const uint16_t *x, int64_t M, int64_t D, const uint16_t *w, float eps, uint16_t *y,
+                     int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (M * D >= 65536)
   for (int64_t m = 0; m < M; m++) rmsnorm_row(x + m * D, D, w, eps, y + m * D);
 }
 
