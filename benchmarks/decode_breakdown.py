@@ -1,11 +1,15 @@
-"""Where a decode token's time goes: per-token milliseconds inside the native kernels (attention
-block, experts, other linears incl. the LM head) against whole modules and the whole forward pass.
+"""Where a decode token's (or a prefill's) time goes: milliseconds inside the native kernels
+(attention block, experts, other linears incl. the LM head), torch's GEMMs and attention, against
+whole modules and the whole forward pass.
 
-Wraps the kernel entry points and module forwards with timers, decodes `--tokens` tokens at batch 1
-after a prompt of `--prompt-len` (only forward passes of one new token are timed), twice, and prints
-both passes (the memory bandwidth drifts).
+Wraps the kernel entry points and module forwards with timers. Decode (the default): decodes
+`--tokens` tokens at batch 1 after a prompt of `--prompt-len`, timing only forward passes of one new
+token, and prints ms per token. `--prefill`: prefills `--batch` prompts of `--prompt-len` tokens,
+timing only forward passes of prompt tokens, and prints ms per prefill. Two passes each (the memory
+bandwidth and the machine's speed drift).
 
     .venv/bin/python benchmarks/decode_breakdown.py [--dir checkpoints/olmoe-1b-7b] [--threads 2]
+    .venv/bin/python benchmarks/decode_breakdown.py --prefill [--batch 1]
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import torch.nn.functional as F
 from decode import dram_read_bandwidth  # benchmarks/decode.py
 
 from tilemem import kernels
@@ -28,6 +33,8 @@ TIMED = [
     (kernels, "attn_decode", "attention kernel"),
     (kernels, "moe", "expert kernel"),
     (kernels, "linear", "other linears (router, LM head)"),
+    (F, "linear", "torch linears (prefill q/k/v/o, router)"),
+    (F, "scaled_dot_product_attention", "torch attention (prefill)"),
     (Attention, "forward", "attention module"),
     (MoEBlock, "forward", "MoE block"),
     (Router, "forward", "router"),
@@ -42,33 +49,44 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=40)
     ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--prefill", action="store_true", help="time prefills instead of decode steps")
+    ap.add_argument("--batch", type=int, default=1, help="prompts per prefill (with --prefill)")
     args = ap.parse_args()
-    llm = LLM(args.dir, dtype="bf16", threads=args.threads, max_batch=1)
+    batch = args.batch if args.prefill else 1
+    llm = LLM(args.dir, dtype="bf16", threads=args.threads, max_batch=batch)
     spent: dict[str, float] = {}
-    decoding = [False]  # inside a forward pass of one new token per row
+    timing = [False]  # inside a timed forward pass
     for owner, name, label in TIMED:
         fn = getattr(owner, name)
 
         def timed(*a, _fn=fn, _label=label, **kw):
             if _label == "whole forward":
-                decoding[0] = a[1].shape[1] == 1  # input_ids [B, T]
+                new_tokens = a[1].shape[1]  # input_ids [B, T]
+                timing[0] = new_tokens > 1 if args.prefill else new_tokens == 1
             t0 = time.perf_counter()
             try:
                 return _fn(*a, **kw)
             finally:
-                if decoding[0]:
+                if timing[0]:
                     spent[_label] = spent.get(_label, 0.0) + time.perf_counter() - t0
 
         setattr(owner, name, timed)
-    prompt = list(range(100, 100 + args.prompt_len))
-    llm.generate([prompt], SamplingParams(max_tokens=4, temperature=0))  # warm-up
+    prompts = [list(range(100 + b, 100 + b + args.prompt_len)) for b in range(batch)]
+    llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0))  # warm-up
     for run in range(2):
         spent.clear()
-        llm.generate([prompt], SamplingParams(max_tokens=args.tokens + 1, temperature=0, ignore_eos=True))
-        per = llm.stats().decode_tok_s
-        print(f"pass {run}: decode {per:.2f} tok/s ({1e3 / per:.1f} ms per token); per decode token, ms:")
+        if args.prefill:
+            llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0))
+            per, unit = 1, "prefill"
+            rate = f"prefill {llm.stats().prefill_tok_s:.1f} tok/s ({batch} x {args.prompt_len} tokens)"
+        else:
+            llm.generate(prompts, SamplingParams(max_tokens=args.tokens + 1, temperature=0, ignore_eos=True))
+            per, unit = args.tokens, "decode token"
+            tok_s = llm.stats().decode_tok_s
+            rate = f"decode {tok_s:.2f} tok/s ({1e3 / tok_s:.1f} ms per token)"
+        print(f"pass {run}: {rate}; per {unit}, ms:")
         for label, s in spent.items():
-            print(f"  {label:34s} {1e3 * s / args.tokens:7.2f}")
+            print(f"  {label:38s} {1e3 * s / per:9.2f}")
         print(f"  read bandwidth right after: {dram_read_bandwidth(args.threads, gib=0.25, repeats=5) / 1e9:.1f} GB/s")
 
 

@@ -52,10 +52,11 @@ def test_moe_matches_fp32_reference(t, d, i):
     assert rel(out, reference(x, w, ids, gate, up, down)) < TOL
 
 
-@pytest.mark.parametrize("n", [8, 9, 16, 17, 24, 33, 40, 48, 49, 100, 200])
+@pytest.mark.parametrize("n", [8, 9, 16, 17, 24, 33, 40, 48, 49, 100, 200, 400])
 def test_prefill_gemm_matches_the_reference_for_every_group_shape(n):
     """n tokens on one expert: every count of 8-token units in a packed group (1 to 6, 16- and 8-lane
-    vectors), several groups per weight block (49 and more), and 8/4/1-row blocks (I = 70)."""
+    vectors), several groups per weight block (49 and more), more groups than one pass packs (400),
+    and 8/4/1-row blocks (I = 70)."""
     d, i = 200, 70
     gate, up, down = experts(1, i, d, seed=n)
     gen = torch.Generator().manual_seed(n)

@@ -137,9 +137,9 @@ static void dot_rows(const uint16_t *w, int64_t ld, int R, const uint16_t *const
  * tokens are packed pairs-major, p[kp][j] = (x[j][2kp], x[j][2kp+1]), so one vector holds pair kp of
  * 16 (or 8) tokens. Each weight pair is broadcast from its row-major row and multiplied into those
  * tokens at once: 8 rows x up to 3 token vectors = 24 accumulators, no horizontal sums, and the
- * weights read in place (no packing). All groups of a task go through one block of weight rows while
- * it is in cache, and each block's pass prefetches the next block into L2 (one line per step): the
- * hardware prefetcher alone leaves 20-30% of the time stalled on the 8 row streams. */
+ * weights read in place (no packing). Up to GEMM_SPAN groups of a task go through one block of weight
+ * rows while it is in cache, and each block's pass prefetches the next block into L2 (one line per
+ * step): the hardware prefetcher alone leaves 20-30% of the time stalled on the 8 row streams. */
 #define GB 48         /* tokens per group: up to three vectors of 16 */
 #define GEMM_MIN 8    /* fewer tokens per task: the register-blocked dot products above */
 
@@ -237,23 +237,21 @@ static inline int group_units(int64_t ntok, int g) {
   return g < groups ? v / groups + (g < v % groups) : 0;
 }
 
-/* Packs all groups of a task's ntok token rows (see pack_pairs) into pk, group g at pk + g * GB * K / 2;
- * units[g] and first[g] get each group's unit count and first token. Returns the number of groups. */
-static int pack_groups(const uint16_t *base, int64_t ld, const int32_t *idx, int64_t ntok, int64_t K, uint32_t *pk,
-                       int *units, int64_t *first) {
+/* Splits a task's ntok tokens into groups (see group_units): units[g] eight-token units from token
+ * first[g] on, first[ngroups] = ntok. Returns the number of groups. */
+static int plan_groups(int64_t ntok, int *units, int64_t *first) {
   int g = 0;
-  for (int64_t g0 = 0, u; (u = group_units(ntok, g)) > 0; g++) {
-    int ng = ntok - g0 < 8 * u ? (int)(ntok - g0) : 8 * (int)u;
-    pack_pairs(idx ? base : base + g0 * ld, ld, idx ? idx + g0 : NULL, ng, K, pk + g * GB * (K / 2));
-    units[g] = (int)u;
-    first[g] = g0;
-    g0 += ng;
+  first[0] = 0;
+  for (int u; (u = group_units(ntok, g)) > 0; g++) {
+    units[g] = u;
+    first[g + 1] = first[g] + 8 * u < ntok ? first[g] + 8 * u : ntok;
   }
-  first[g] = ntok;
   return g;
 }
 
-/* Groups a task's tokens fall into (the size of pack_groups' arrays, less one). */
+#define GEMM_SPAN 8 /* groups packed at once: one pass over the weights each (bounds the pack buffer) */
+
+/* Groups a task's tokens fall into (the size of plan_groups' arrays, less one). */
 static inline int64_t task_groups(int64_t ntok) { return ((ntok + 7) / 8 + GB / 8 - 1) / (GB / 8); }
 
 /* Rows per GEMM block: 8 weight rows at the same column sit 4 KiB apart in one L1 set (8 ways); 12
@@ -423,7 +421,7 @@ void tm_ffn_tasks_bf16(const uint16_t *x, float *out, int64_t T, int64_t D, cons
     if (t && any_t) memset(yp, 0, sizeof(float) * T * D);
     float res[4][TB], res2[4][TB];
     float *go = (float *)aligned_alloc(64, sizeof(float) * 2 * GEMM_ROWS * GB), *uo = go + GEMM_ROWS * GB;
-    uint32_t *pk = (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * GB * (kmax / 2 + 1) * gmax);
+    uint32_t *pk = (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * GB * (kmax / 2 + 1) * GEMM_SPAN);
     int *units = (int *)malloc(sizeof(int) * gmax);
     int64_t *first = (int64_t *)malloc(sizeof(int64_t) * (gmax + 1));
     /* phase 1: gate/up rows of this thread's neuron range, activation, and transposed downs */
@@ -432,18 +430,23 @@ void tm_ffn_tasks_bf16(const uint16_t *x, float *out, int64_t T, int64_t D, cons
       int64_t i0, i1;
       split(tk->n, nt, t, 32, &i0, &i1);
       if (tk->ntok >= GEMM_MIN && D % 2 == 0) { /* prefill: packed token groups, all groups per row block */
-        int ngr = pack_groups(x, D, tk->tok, tk->ntok, D, pk, units, first);
-        for (int64_t i = i0; i < i1; i += GEMM_ROWS) {
-          int R = i1 - i < GEMM_ROWS ? (int)(i1 - i) : GEMM_ROWS;
-          const uint16_t *gw = tk->gate + i * tk->ld_gu, *uw = tk->up + i * tk->ld_gu;
-          const uint16_t *next = i + GEMM_ROWS < i1 ? gw + GEMM_ROWS * tk->ld_gu : NULL;
-          for (int g = 0; g < ngr; g++) { /* the first group's pass prefetches the next weights */
-            const uint32_t *pg = pk + g * GB * (D / 2);
-            gemm_rows(gw, tk->ld_gu, R, pg, units[g], D, go, g ? NULL : uw);
-            gemm_rows(uw, tk->ld_gu, R, pg, units[g], D, uo, g ? NULL : next);
-            act_gemm_rows(act, go, uo, R, (units[g] + 1) / 2);
-            for (int64_t j = first[g]; j < first[g + 1]; j++)
-              for (int r = 0; r < R; r++) h[offs[q] + j * tk->n + i + r] = f2bf(go[r * GB + j - first[g]]);
+        int ngr = plan_groups(tk->ntok, units, first);
+        for (int gb = 0, ge; gb < ngr; gb = ge) {
+          ge = gb + GEMM_SPAN < ngr ? gb + GEMM_SPAN : ngr;
+          for (int g = gb; g < ge; g++)
+            pack_pairs(x, D, tk->tok + first[g], (int)(first[g + 1] - first[g]), D, pk + (g - gb) * GB * (D / 2));
+          for (int64_t i = i0; i < i1; i += GEMM_ROWS) {
+            int R = i1 - i < GEMM_ROWS ? (int)(i1 - i) : GEMM_ROWS;
+            const uint16_t *gw = tk->gate + i * tk->ld_gu, *uw = tk->up + i * tk->ld_gu;
+            const uint16_t *next = i + GEMM_ROWS < i1 ? gw + GEMM_ROWS * tk->ld_gu : NULL;
+            for (int g = gb; g < ge; g++) { /* the first group's pass prefetches the next weights */
+              const uint32_t *pg = pk + (g - gb) * GB * (D / 2);
+              gemm_rows(gw, tk->ld_gu, R, pg, units[g], D, go, g > gb ? NULL : uw);
+              gemm_rows(uw, tk->ld_gu, R, pg, units[g], D, uo, g > gb ? NULL : next);
+              act_gemm_rows(act, go, uo, R, (units[g] + 1) / 2);
+              for (int64_t j = first[g]; j < first[g + 1]; j++)
+                for (int r = 0; r < R; r++) h[offs[q] + j * tk->n + i + r] = f2bf(go[r * GB + j - first[g]]);
+            }
           }
         }
       } else {
@@ -477,16 +480,23 @@ void tm_ffn_tasks_bf16(const uint16_t *x, float *out, int64_t T, int64_t D, cons
       const tm_ffn_task *tk = &tasks[q];
       if (tk->down_t) continue;
       if (tk->ntok >= GEMM_MIN && tk->n % 2 == 0) { /* prefill: packed token groups, all groups per row block */
-        int ngr = pack_groups(h + offs[q], tk->n, NULL, tk->ntok, tk->n, pk, units, first);
-        for (int64_t d = d0; d < d1; d += GEMM_ROWS) {
-          int R = d1 - d < GEMM_ROWS ? (int)(d1 - d) : GEMM_ROWS;
-          const uint16_t *dw = tk->down + d * tk->ld_down;
-          const uint16_t *next = d + GEMM_ROWS < d1 ? dw + GEMM_ROWS * tk->ld_down : NULL;
-          for (int g = 0; g < ngr; g++) {
-            gemm_rows(dw, tk->ld_down, R, pk + g * GB * (tk->n / 2), units[g], tk->n, go, g ? NULL : next);
-            for (int64_t j = first[g]; j < first[g + 1]; j++) {
-              float *yj = out + (int64_t)tk->tok[j] * D, s = tk->scale[j];
-              for (int r = 0; r < R; r++) yj[d + r] += s * go[r * GB + j - first[g]];
+        int ngr = plan_groups(tk->ntok, units, first);
+        for (int gb = 0, ge; gb < ngr; gb = ge) {
+          ge = gb + GEMM_SPAN < ngr ? gb + GEMM_SPAN : ngr;
+          for (int g = gb; g < ge; g++)
+            pack_pairs(h + offs[q] + first[g] * tk->n, tk->n, NULL, (int)(first[g + 1] - first[g]), tk->n,
+                       pk + (g - gb) * GB * (tk->n / 2));
+          for (int64_t d = d0; d < d1; d += GEMM_ROWS) {
+            int R = d1 - d < GEMM_ROWS ? (int)(d1 - d) : GEMM_ROWS;
+            const uint16_t *dw = tk->down + d * tk->ld_down;
+            const uint16_t *next = d + GEMM_ROWS < d1 ? dw + GEMM_ROWS * tk->ld_down : NULL;
+            for (int g = gb; g < ge; g++) {
+              const uint32_t *pg = pk + (g - gb) * GB * (tk->n / 2);
+              gemm_rows(dw, tk->ld_down, R, pg, units[g], tk->n, go, g > gb ? NULL : next);
+              for (int64_t j = first[g]; j < first[g + 1]; j++) {
+                float *yj = out + (int64_t)tk->tok[j] * D, s = tk->scale[j];
+                for (int r = 0; r < R; r++) yj[d + r] += s * go[r * GB + j - first[g]];
+              }
             }
           }
         }
