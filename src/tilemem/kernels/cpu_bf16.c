@@ -230,10 +230,13 @@ GEMM_MK_ROWS(2, 0)
 GEMM_MK_ROWS(2, 1)
 GEMM_MK_ROWS(3, 0)
 
-/* Eight-token units of group g of a task's ntok tokens: ceil(ntok / 8) units spread evenly over groups
- * of at most GB / 8, so at most 7 lanes of the whole task are padding; 0 past the last group. */
+/* Groups a task's ntok tokens fall into: ceil(ntok / 8) eight-token units, at most GB / 8 per group. */
+static inline int64_t task_groups(int64_t ntok) { return ((ntok + 7) / 8 + GB / 8 - 1) / (GB / 8); }
+
+/* Eight-token units of group g of a task's ntok tokens: the units spread evenly over task_groups, so
+ * at most 7 lanes of the whole task are padding; 0 past the last group. */
 static inline int group_units(int64_t ntok, int g) {
-  int v = (int)((ntok + 7) / 8), groups = (v + GB / 8 - 1) / (GB / 8);
+  int v = (int)((ntok + 7) / 8), groups = (int)task_groups(ntok);
   return g < groups ? v / groups + (g < v % groups) : 0;
 }
 
@@ -251,8 +254,14 @@ static int plan_groups(int64_t ntok, int *units, int64_t *first) {
 
 #define GEMM_SPAN 8 /* groups packed at once: one pass over the weights each (bounds the pack buffer) */
 
-/* Groups a task's tokens fall into (the size of plan_groups' arrays, less one). */
-static inline int64_t task_groups(int64_t ntok) { return ((ntok + 7) / 8 + GB / 8 - 1) / (GB / 8); }
+/* Packs groups [gb, ge) of a task (see plan_groups) into pk, group g at pk + (g - gb) * GB * K / 2;
+ * token j is row base + idx[j] * ld, or base + j * ld without idx. */
+static void pack_span(const uint16_t *base, int64_t ld, const int32_t *idx, const int64_t *first, int gb, int ge,
+                      int64_t K, uint32_t *pk) {
+  for (int g = gb; g < ge; g++)
+    pack_pairs(idx ? base : base + first[g] * ld, ld, idx ? idx + first[g] : NULL, (int)(first[g + 1] - first[g]),
+               K, pk + (g - gb) * GB * (K / 2));
+}
 
 /* Rows per GEMM block: 8 weight rows at the same column sit 4 KiB apart in one L1 set (8 ways); 12
  * rows thrash it (10-20% slower at D = 2048). */
@@ -433,8 +442,7 @@ void tm_ffn_tasks_bf16(const uint16_t *x, float *out, int64_t T, int64_t D, cons
         int ngr = plan_groups(tk->ntok, units, first);
         for (int gb = 0, ge; gb < ngr; gb = ge) {
           ge = gb + GEMM_SPAN < ngr ? gb + GEMM_SPAN : ngr;
-          for (int g = gb; g < ge; g++)
-            pack_pairs(x, D, tk->tok + first[g], (int)(first[g + 1] - first[g]), D, pk + (g - gb) * GB * (D / 2));
+          pack_span(x, D, tk->tok, first, gb, ge, D, pk);
           for (int64_t i = i0; i < i1; i += GEMM_ROWS) {
             int R = i1 - i < GEMM_ROWS ? (int)(i1 - i) : GEMM_ROWS;
             const uint16_t *gw = tk->gate + i * tk->ld_gu, *uw = tk->up + i * tk->ld_gu;
@@ -483,9 +491,7 @@ void tm_ffn_tasks_bf16(const uint16_t *x, float *out, int64_t T, int64_t D, cons
         int ngr = plan_groups(tk->ntok, units, first);
         for (int gb = 0, ge; gb < ngr; gb = ge) {
           ge = gb + GEMM_SPAN < ngr ? gb + GEMM_SPAN : ngr;
-          for (int g = gb; g < ge; g++)
-            pack_pairs(h + offs[q] + first[g] * tk->n, tk->n, NULL, (int)(first[g + 1] - first[g]), tk->n,
-                       pk + (g - gb) * GB * (tk->n / 2));
+          pack_span(h + offs[q], tk->n, NULL, first, gb, ge, tk->n, pk);
           for (int64_t d = d0; d < d1; d += GEMM_ROWS) {
             int R = d1 - d < GEMM_ROWS ? (int)(d1 - d) : GEMM_ROWS;
             const uint16_t *dw = tk->down + d * tk->ld_down;

@@ -201,15 +201,14 @@ def predict(
     probs = {lay.index: workload.profile.probabilities(lay.index, workload.phase) for lay in shape.moe_layers}
     b = max(1, workload.batch)
     hot, capacity, n_disk = _hot_tiles(shape, probs, b, settings)
-    full = n_disk > capacity
-    free_slots = settings.io_depth if full else capacity - n_disk + settings.io_depth
-    prefetch_slots = max(0, free_slots - max(1, settings.io_depth // 2)) if settings.prefetch else 0
     # With the cache full of hotter tiles, what is left to read is the cold tail, which the router
     # predicts worst: the runtime's auto prefetch then mostly pauses (fewer than half of the prefetched
     # tiles used), so nothing is modelled as hidden (measured: modelling it over-predicted 70%-budget
-    # decode by 60-70%).
-    if full:
-        prefetch_slots = 0
+    # decode by 60-70%). Else prefetch has the cache's free room plus the staging slots demand reads
+    # leave it.
+    prefetch_slots = 0
+    if settings.prefetch and n_disk <= capacity:
+        prefetch_slots = max(0, capacity - n_disk + settings.io_depth - max(1, settings.io_depth // 2))
     dec, dec_bytes, hit = _step(shape, probs, b, b * workload.context, hot, prefetch_slots, ctx)
     p = max(1, workload.prompt_tokens)
     pre, _, _ = _step(shape, probs, p, p, set(), 0, ctx)  # prefill starts with a cold tile cache
