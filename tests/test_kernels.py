@@ -124,8 +124,8 @@ def test_bf16_engine_runs_experts_and_linears_natively(make_ckpt):
     from tilemem.engine.sampling import SamplingParams
 
     llm = LLM(make_ckpt("olmoe", "bf16"), dtype="bf16")
-    calls = {"moe": 0, "linear": 0, "attn_decode": 0}
-    orig_moe, orig_linear, orig_attn = kernels.moe, kernels.linear, kernels.attn_decode
+    calls = {"moe": 0, "linear": 0, "decode_layers": 0}
+    orig_moe, orig_linear, orig_layers = kernels.moe, kernels.linear, kernels.decode_layers
 
     def count(name, fn):
         def wrapped(*a, **kw):
@@ -136,12 +136,12 @@ def test_bf16_engine_runs_experts_and_linears_natively(make_ckpt):
 
     try:
         kernels.moe, kernels.linear = count("moe", orig_moe), count("linear", orig_linear)
-        kernels.attn_decode = count("attn_decode", orig_attn)
+        kernels.decode_layers = count("decode_layers", orig_layers)
         llm.generate(["hello"], SamplingParams(max_tokens=3, temperature=0))
     finally:
-        kernels.moe, kernels.linear, kernels.attn_decode = orig_moe, orig_linear, orig_attn
-    assert calls["moe"] > 0 and calls["linear"] > 0
-    assert calls["attn_decode"] == 2 * llm.config.num_layers  # the 2 decode steps after the first token
+        kernels.moe, kernels.linear, kernels.decode_layers = orig_moe, orig_linear, orig_layers
+    assert calls["moe"] > 0 and calls["linear"] > 0  # prefill's experts; the LM head
+    assert calls["decode_layers"] == 2  # the 2 decode steps after the first token: all layers in one call each
 
 
 @pytest.mark.parametrize("d", [64, 100])
@@ -227,6 +227,58 @@ def test_decode_attention_kernel_matches_the_torch_path(case, monkeypatch):
         assert rel(got, want) < TOL
         changed = (got != old).any(-1)  # [S, Hkv, L]: only each row's new position
         assert torch.equal(changed, (want != old).any(-1)) and changed.sum() == 3 * cfg.num_kv_heads
+
+
+@pytest.mark.parametrize(
+    "family,module_layers",
+    [("olmoe", ()), ("mixtral", ()), ("qwen3_moe", ()), ("olmoe", (0,)), ("qwen3_moe", (1,))],
+)
+def test_fused_decode_layers_match_the_module_path(family, module_layers, make_ckpt, monkeypatch):
+    """A decode step of rows at different positions, in non-contiguous cache slots, through the fused
+    native decoder layers: the module path's logits, KV cache writes and routed experts, bit for bit,
+    with one native call per run of consecutive fusable layers (`module_layers` run as modules)."""
+    from tilemem.layers.kv_cache import ForwardContext
+    from tilemem.loader.checkpoint import load_model
+
+    model, _ = load_model(make_ckpt(family, "bf16", routing_skew=1.0), "bf16")
+    cfg = model.cfg
+    for i in module_layers:
+        monkeypatch.setattr(model.model.layers[i], "_fusable", False)
+    gen = torch.Generator().manual_seed(5)
+    cache = model.allocate_cache(4, 32)
+    slots, lengths = [3, 0, 2], [5, 9, 2]
+    for slot, n in zip(slots, lengths, strict=True):  # prefill each row on its own (the module path)
+        model(torch.randint(5, cfg.vocab_size, (1, n), generator=gen), ForwardContext.build(cache, [slot], [0], [n]))
+    before = [t.clone() for t in (*cache.keys, *cache.values)]
+    feed = torch.randint(5, cfg.vocab_size, (3, 1), generator=gen)
+    routed: dict[bool, dict[int, torch.Tensor]] = {True: {}, False: {}}
+
+    def step(fused: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        for t, b in zip((*cache.keys, *cache.values), before, strict=True):
+            t.copy_(b)
+        for i, layer in enumerate(model.model.layers):
+            monkeypatch.setattr(layer, "_fusable", fused and i not in module_layers)
+            layer.mlp.on_route = lambda li, ids, _f=fused: routed[_f].__setitem__(li, ids.clone())
+        logits = model(feed, ForwardContext.build(cache, slots, lengths, [1, 1, 1]))
+        return logits, [t.clone() for t in (*cache.keys, *cache.values)]
+
+    calls = []
+    monkeypatch.setattr(
+        kernels, "decode_layers", lambda st, *a, _f=kernels.decode_layers: calls.append(st.n) or _f(st, *a)
+    )
+    fused, fused_cache = step(True)
+    ref, ref_cache = step(False)
+    runs = "".join("m" if i in module_layers else "f" for i in range(cfg.num_layers))
+    assert calls == [len(r) for r in runs.split("m") if r]
+    # bit for bit: the kernel rounds where the modules round (bf16 residual adds, routed sum, weights)
+    assert fused.shape == ref.shape == (3, 1, cfg.vocab_size) and torch.equal(fused, ref)
+    for got, want, old in zip(fused_cache, ref_cache, before, strict=True):
+        assert torch.equal(got, want)
+        changed = (got != old).any(-1)  # [S, Hkv, L]: only each row's new position
+        assert changed.sum() == 3 * cfg.num_kv_heads
+    assert routed[True].keys() == routed[False].keys() == set(range(cfg.num_layers))
+    for layer, ids in routed[False].items():
+        assert torch.equal(routed[True][layer], ids)
 
 
 def test_bf16_greedy_output_is_the_same_alone_in_a_batch_and_in_waves(make_ckpt):

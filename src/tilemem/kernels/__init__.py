@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_bf16.c")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp", "-fPIC", "-shared"]
-ABI_VERSION = 3
+ABI_VERSION = 4
 ACTS = {"silu": 0, "gelu": 1, "relu": 2}
 MAX_ROWS = 16
 """Largest token count the dense linear kernel takes; bigger batches are compute-bound GEMMs (oneDNN)."""
@@ -60,6 +60,21 @@ class AttnLayer(ctypes.Structure):
         *((name, ctypes.c_int32) for name in ("qk_norm", "H", "Hkv", "hd")),
         *((name, ctypes.c_float) for name in ("eps", "scale", "clip")),
         ("fp32_rotate", ctypes.c_int32),
+    ]
+
+
+class DecodeLayer(ctypes.Structure):
+    """One MoE decoder layer's weights and routing options for a fused decode step (mirrors
+    `tm_decode_layer` in cpu_bf16.c): softmax top-k routing and routed experts in checkpoint layout."""
+
+    _fields_ = [
+        ("attn", AttnLayer),
+        ("ln1", _vp),
+        ("ln2", _vp),
+        ("eps", ctypes.c_float),
+        *((name, _vp) for name in ("router", "gate", "up", "down")),
+        *((name, ctypes.c_int32) for name in ("E", "K", "I", "act", "norm_topk", "weights_bf16")),
+        ("routed_scale", ctypes.c_float),
     ]
 
 
@@ -121,6 +136,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.tm_rmsnorm_bf16.argtypes = [_vp, _i64, _i64, _vp, ctypes.c_float, _vp, _int]
     attn = [ctypes.POINTER(AttnLayer), _vp, _i64, _i64, _vp, _vp, _vp, _vp, _i64, _vp, _vp, _vp, _int, _vp, _vp]
     lib.tm_attn_decode_bf16.argtypes = attn
+    lib.tm_decode_layers_bf16.argtypes = [ctypes.POINTER(DecodeLayer), _i64, _vp, _i64, _i64, _vp, _vp, _vp, _vp]
+    lib.tm_decode_layers_bf16.argtypes += [_i64, _vp, _vp, _int, _vp, _vp, _vp, _vp, _vp]
     lib.tm_moe_bf16.argtypes = [_vp, _vp, _i64, _i64, _i64, _vp, _vp, _i64, _i64, _vp, _vp, _vp, _int, _int, _vp, _vp]
     return lib
 
@@ -253,3 +270,44 @@ def attn_decode(
         scratch.data_ptr(),
     )  # fmt: skip
     return out
+
+
+class DecodeStack:
+    """Consecutive MoE decoder layers for `decode_layers`: their `DecodeLayer`s and KV cache layers, as
+    the native call takes them (built once per run of layers and cache)."""
+
+    def __init__(self, layers: list[DecodeLayer], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        self.sources = (layers, keys, values)  # alive as long as the pointers below are used
+        self.n = len(layers)
+        self.layers = (DecodeLayer * self.n)(*layers)
+        self.keys = (ctypes.c_void_p * self.n)(*(k.data_ptr() for k in keys))
+        self.values = (ctypes.c_void_p * self.n)(*(v.data_ptr() for v in values))
+        self.length = keys[0].shape[2]
+        self.top_k = layers[0].K
+        self.ws_per_row = max(lay.E + 2 * (lay.attn.H + lay.attn.Hkv) * lay.attn.hd for lay in layers)
+        self.h_per_row = max(lay.K * lay.I for lay in layers)
+
+
+def decode_layers(
+    stack: DecodeStack,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    ws: Workspace,
+) -> torch.Tensor:
+    """The stack's decoder layers for one new token per row, in place on the residual stream x [B, D] bf16
+    (see `tm_decode_layers_bf16`); cos/sin [B, hd], slots/positions as in `attn_decode`. Returns the
+    routed expert ids [layers, B, K]."""
+    b, d = x.shape
+    threads = _threads()
+    sc_n, ws_n = threads * stack.length, b * (2 * d + stack.ws_per_row)
+    scratch, buf = ws.get(sc_n + b * (d + stack.top_k), ws_n + b * stack.h_per_row)
+    ids = torch.empty(stack.n, b, stack.top_k, dtype=torch.int64)
+    _lib().tm_decode_layers_bf16(
+        stack.layers, stack.n, x.data_ptr(), b, d, cos.data_ptr(), sin.data_ptr(), stack.keys, stack.values,
+        stack.length, slots.data_ptr(), positions.data_ptr(), threads, buf.data_ptr(), scratch.data_ptr(),
+        scratch.data_ptr() + 4 * sc_n, buf.data_ptr() + 2 * ws_n, ids.data_ptr(),
+    )  # fmt: skip
+    return ids

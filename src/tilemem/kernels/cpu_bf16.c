@@ -23,7 +23,7 @@
 
 #define TB 4 /* tokens per register block */
 
-int tm_abi_version(void) { return 3; }
+int tm_abi_version(void) { return 4; }
 
 static inline float bf2f(uint16_t v) {
   union { uint32_t u; float f; } c;
@@ -409,10 +409,9 @@ static void down_t_rows(const uint16_t *w, int64_t ld, const uint16_t *h, float 
   }
 }
 
-/* h: per task, ntok x n bf16 activations (the caller sizes it: sum of n * ntok). scratch: (threads-1) x T x D
- * fp32 per-thread partial sums for transposed-down tasks. out [T, D] fp32 is accumulated into. */
-void tm_ffn_tasks_bf16(const uint16_t *x, float *out, int64_t T, int64_t D, const tm_ffn_task *tasks,
-                       int64_t ntasks, int act, int nthreads, float *scratch, uint16_t *h) {
+/* The tasks' FFNs, run by every thread of the enclosing parallel region (see tm_ffn_tasks_bf16). */
+static void ffn_tasks_body(const uint16_t *x, float *out, int64_t T, int64_t D, const tm_ffn_task *tasks,
+                           int64_t ntasks, int act, float *scratch, uint16_t *h) {
   int64_t *offs = (int64_t *)malloc(sizeof(int64_t) * (ntasks + 1));
   int any_t = 0;
   int64_t kmax = D, gmax = 1;
@@ -423,120 +422,167 @@ void tm_ffn_tasks_bf16(const uint16_t *x, float *out, int64_t T, int64_t D, cons
     any_t |= tasks[q].down_t;
     gmax = task_groups(tasks[q].ntok) > gmax ? task_groups(tasks[q].ntok) : gmax;
   }
-#pragma omp parallel num_threads(nthreads)
-  {
-    int nt = omp_get_num_threads(), t = omp_get_thread_num();
-    float *yp = t == 0 ? out : scratch + (int64_t)(t - 1) * T * D; /* partial sums (transposed down) */
-    if (t && any_t) memset(yp, 0, sizeof(float) * T * D);
-    float res[4][TB], res2[4][TB];
-    float *go = (float *)aligned_alloc(64, sizeof(float) * 2 * GEMM_ROWS * GB), *uo = go + GEMM_ROWS * GB;
-    uint32_t *pk = (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * GB * (kmax / 2 + 1) * GEMM_SPAN);
-    int *units = (int *)malloc(sizeof(int) * gmax);
-    int64_t *first = (int64_t *)malloc(sizeof(int64_t) * (gmax + 1));
-    /* phase 1: gate/up rows of this thread's neuron range, activation, and transposed downs */
-    for (int64_t q = 0; q < ntasks; q++) {
-      const tm_ffn_task *tk = &tasks[q];
-      int64_t i0, i1;
-      split(tk->n, nt, t, 32, &i0, &i1);
-      if (tk->ntok >= GEMM_MIN && D % 2 == 0) { /* prefill: packed token groups, all groups per row block */
-        int ngr = plan_groups(tk->ntok, units, first);
-        for (int gb = 0, ge; gb < ngr; gb = ge) {
-          ge = gb + GEMM_SPAN < ngr ? gb + GEMM_SPAN : ngr;
-          pack_span(x, D, tk->tok, first, gb, ge, D, pk);
-          for (int64_t i = i0; i < i1; i += GEMM_ROWS) {
-            int R = i1 - i < GEMM_ROWS ? (int)(i1 - i) : GEMM_ROWS;
-            const uint16_t *gw = tk->gate + i * tk->ld_gu, *uw = tk->up + i * tk->ld_gu;
-            const uint16_t *next = i + GEMM_ROWS < i1 ? gw + GEMM_ROWS * tk->ld_gu : NULL;
-            for (int g = gb; g < ge; g++) { /* the first group's pass prefetches the next weights */
-              const uint32_t *pg = pk + (g - gb) * GB * (D / 2);
-              gemm_rows(gw, tk->ld_gu, R, pg, units[g], D, go, g > gb ? NULL : uw);
-              gemm_rows(uw, tk->ld_gu, R, pg, units[g], D, uo, g > gb ? NULL : next);
-              act_gemm_rows(act, go, uo, R, (units[g] + 1) / 2);
-              for (int64_t j = first[g]; j < first[g + 1]; j++)
-                for (int r = 0; r < R; r++) h[offs[q] + j * tk->n + i + r] = f2bf(go[r * GB + j - first[g]]);
-            }
-          }
-        }
-      } else {
-        for (int64_t i = i0; i < i1; i += 4) { /* rows outer: a 4-row block stays in L1 for every token block */
-          int R = i1 - i < 4 ? (int)(i1 - i) : 4;
-          for (int64_t j0 = 0; j0 < tk->ntok; j0 += TB) {
-            int mt = tk->ntok - j0 < TB ? (int)(tk->ntok - j0) : TB;
-            const uint16_t *xs[TB];
-            for (int j = 0; j < mt; j++) xs[j] = x + (int64_t)tk->tok[j0 + j] * D;
-            if (mt == 1) { /* decode: gate and up rows of a neuron in one pass */
-              gu_pair(tk->gate + i * tk->ld_gu, tk->up + i * tk->ld_gu, tk->ld_gu, R, xs[0], D, res, res2);
-            } else {
-              dot_rows(tk->gate + i * tk->ld_gu, tk->ld_gu, R, xs, mt, D, res, 0);
-              dot_rows(tk->up + i * tk->ld_gu, tk->ld_gu, R, xs, mt, D, res2, 0);
-            }
-            for (int j = 0; j < mt; j++)
-              for (int r = 0; r < R; r++)
-                h[offs[q] + (j0 + j) * tk->n + i + r] = f2bf(act_fn(act, res[r][j]) * res2[r][j]);
+  int nt = omp_get_num_threads(), t = omp_get_thread_num();
+  float *yp = t == 0 ? out : scratch + (int64_t)(t - 1) * T * D; /* partial sums (transposed down) */
+  if (t && any_t) memset(yp, 0, sizeof(float) * T * D);
+  float res[4][TB], res2[4][TB];
+  float *go = (float *)aligned_alloc(64, sizeof(float) * 2 * GEMM_ROWS * GB), *uo = go + GEMM_ROWS * GB;
+  uint32_t *pk = (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * GB * (kmax / 2 + 1) * GEMM_SPAN);
+  int *units = (int *)malloc(sizeof(int) * gmax);
+  int64_t *first = (int64_t *)malloc(sizeof(int64_t) * (gmax + 1));
+  /* phase 1: gate/up rows of this thread's neuron range, activation, and transposed downs */
+  for (int64_t q = 0; q < ntasks; q++) {
+    const tm_ffn_task *tk = &tasks[q];
+    int64_t i0, i1;
+    split(tk->n, nt, t, 32, &i0, &i1);
+    if (tk->ntok >= GEMM_MIN && D % 2 == 0) { /* prefill: packed token groups, all groups per row block */
+      int ngr = plan_groups(tk->ntok, units, first);
+      for (int gb = 0, ge; gb < ngr; gb = ge) {
+        ge = gb + GEMM_SPAN < ngr ? gb + GEMM_SPAN : ngr;
+        pack_span(x, D, tk->tok, first, gb, ge, D, pk);
+        for (int64_t i = i0; i < i1; i += GEMM_ROWS) {
+          int R = i1 - i < GEMM_ROWS ? (int)(i1 - i) : GEMM_ROWS;
+          const uint16_t *gw = tk->gate + i * tk->ld_gu, *uw = tk->up + i * tk->ld_gu;
+          const uint16_t *next = i + GEMM_ROWS < i1 ? gw + GEMM_ROWS * tk->ld_gu : NULL;
+          for (int g = gb; g < ge; g++) { /* the first group's pass prefetches the next weights */
+            const uint32_t *pg = pk + (g - gb) * GB * (D / 2);
+            gemm_rows(gw, tk->ld_gu, R, pg, units[g], D, go, g > gb ? NULL : uw);
+            gemm_rows(uw, tk->ld_gu, R, pg, units[g], D, uo, g > gb ? NULL : next);
+            act_gemm_rows(act, go, uo, R, (units[g] + 1) / 2);
+            for (int64_t j = first[g]; j < first[g + 1]; j++)
+              for (int r = 0; r < R; r++) h[offs[q] + j * tk->n + i + r] = f2bf(go[r * GB + j - first[g]]);
           }
         }
       }
-      if (!tk->down_t) continue;
-      for (int64_t j = 0; j < tk->ntok; j++)
-        down_t_rows(tk->down, tk->ld_down, h + offs[q] + j * tk->n, tk->scale[j], i0, i1, D, yp + (int64_t)tk->tok[j] * D);
-    }
-#pragma omp barrier
-    /* phase 2: checkpoint-layout downs, this thread's block of hidden rows, straight into out */
-    int64_t d0, d1;
-    split(D, nt, t, 16, &d0, &d1);
-    for (int64_t q = 0; q < ntasks; q++) {
-      const tm_ffn_task *tk = &tasks[q];
-      if (tk->down_t) continue;
-      if (tk->ntok >= GEMM_MIN && tk->n % 2 == 0) { /* prefill: packed token groups, all groups per row block */
-        int ngr = plan_groups(tk->ntok, units, first);
-        for (int gb = 0, ge; gb < ngr; gb = ge) {
-          ge = gb + GEMM_SPAN < ngr ? gb + GEMM_SPAN : ngr;
-          pack_span(h + offs[q], tk->n, NULL, first, gb, ge, tk->n, pk);
-          for (int64_t d = d0; d < d1; d += GEMM_ROWS) {
-            int R = d1 - d < GEMM_ROWS ? (int)(d1 - d) : GEMM_ROWS;
-            const uint16_t *dw = tk->down + d * tk->ld_down;
-            const uint16_t *next = d + GEMM_ROWS < d1 ? dw + GEMM_ROWS * tk->ld_down : NULL;
-            for (int g = gb; g < ge; g++) {
-              const uint32_t *pg = pk + (g - gb) * GB * (tk->n / 2);
-              gemm_rows(dw, tk->ld_down, R, pg, units[g], tk->n, go, g > gb ? NULL : next);
-              for (int64_t j = first[g]; j < first[g + 1]; j++) {
-                float *yj = out + (int64_t)tk->tok[j] * D, s = tk->scale[j];
-                for (int r = 0; r < R; r++) yj[d + r] += s * go[r * GB + j - first[g]];
-              }
-            }
-          }
-        }
-        continue;
-      }
-      for (int64_t d = d0; d < d1; d += 4) {
-        int R = d1 - d < 4 ? (int)(d1 - d) : 4;
+    } else {
+      for (int64_t i = i0; i < i1; i += 4) { /* rows outer: a 4-row block stays in L1 for every token block */
+        int R = i1 - i < 4 ? (int)(i1 - i) : 4;
         for (int64_t j0 = 0; j0 < tk->ntok; j0 += TB) {
           int mt = tk->ntok - j0 < TB ? (int)(tk->ntok - j0) : TB;
-          const uint16_t *hs[TB];
-          for (int j = 0; j < mt; j++) hs[j] = h + offs[q] + (j0 + j) * tk->n;
-          dot_rows(tk->down + d * tk->ld_down, tk->ld_down, R, hs, mt, tk->n, res, 0);
-          for (int j = 0; j < mt; j++) {
-            float *yj = out + (int64_t)tk->tok[j0 + j] * D;
-            for (int r = 0; r < R; r++) yj[d + r] += tk->scale[j0 + j] * res[r][j];
+          const uint16_t *xs[TB];
+          for (int j = 0; j < mt; j++) xs[j] = x + (int64_t)tk->tok[j0 + j] * D;
+          if (mt == 1) { /* decode: gate and up rows of a neuron in one pass */
+            gu_pair(tk->gate + i * tk->ld_gu, tk->up + i * tk->ld_gu, tk->ld_gu, R, xs[0], D, res, res2);
+          } else {
+            dot_rows(tk->gate + i * tk->ld_gu, tk->ld_gu, R, xs, mt, D, res, 0);
+            dot_rows(tk->up + i * tk->ld_gu, tk->ld_gu, R, xs, mt, D, res2, 0);
           }
+          for (int j = 0; j < mt; j++)
+            for (int r = 0; r < R; r++)
+              h[offs[q] + (j0 + j) * tk->n + i + r] = f2bf(act_fn(act, res[r][j]) * res2[r][j]);
         }
       }
     }
-    if (nt > 1 && any_t) {
+    if (!tk->down_t) continue;
+    for (int64_t j = 0; j < tk->ntok; j++)
+      down_t_rows(tk->down, tk->ld_down, h + offs[q] + j * tk->n, tk->scale[j], i0, i1, D, yp + (int64_t)tk->tok[j] * D);
+  }
 #pragma omp barrier
-#pragma omp for
-      for (int64_t e = 0; e < T * D; e++) {
-        float a = 0.f;
-        for (int k = 0; k < nt - 1; k++) a += scratch[(int64_t)k * T * D + e];
-        out[e] += a;
+  /* phase 2: checkpoint-layout downs, this thread's block of hidden rows, straight into out */
+  int64_t d0, d1;
+  split(D, nt, t, 16, &d0, &d1);
+  for (int64_t q = 0; q < ntasks; q++) {
+    const tm_ffn_task *tk = &tasks[q];
+    if (tk->down_t) continue;
+    if (tk->ntok >= GEMM_MIN && tk->n % 2 == 0) { /* prefill: packed token groups, all groups per row block */
+      int ngr = plan_groups(tk->ntok, units, first);
+      for (int gb = 0, ge; gb < ngr; gb = ge) {
+        ge = gb + GEMM_SPAN < ngr ? gb + GEMM_SPAN : ngr;
+        pack_span(h + offs[q], tk->n, NULL, first, gb, ge, tk->n, pk);
+        for (int64_t d = d0; d < d1; d += GEMM_ROWS) {
+          int R = d1 - d < GEMM_ROWS ? (int)(d1 - d) : GEMM_ROWS;
+          const uint16_t *dw = tk->down + d * tk->ld_down;
+          const uint16_t *next = d + GEMM_ROWS < d1 ? dw + GEMM_ROWS * tk->ld_down : NULL;
+          for (int g = gb; g < ge; g++) {
+            const uint32_t *pg = pk + (g - gb) * GB * (tk->n / 2);
+            gemm_rows(dw, tk->ld_down, R, pg, units[g], tk->n, go, g > gb ? NULL : next);
+            for (int64_t j = first[g]; j < first[g + 1]; j++) {
+              float *yj = out + (int64_t)tk->tok[j] * D, s = tk->scale[j];
+              for (int r = 0; r < R; r++) yj[d + r] += s * go[r * GB + j - first[g]];
+            }
+          }
+        }
+      }
+      continue;
+    }
+    for (int64_t d = d0; d < d1; d += 4) {
+      int R = d1 - d < 4 ? (int)(d1 - d) : 4;
+      for (int64_t j0 = 0; j0 < tk->ntok; j0 += TB) {
+        int mt = tk->ntok - j0 < TB ? (int)(tk->ntok - j0) : TB;
+        const uint16_t *hs[TB];
+        for (int j = 0; j < mt; j++) hs[j] = h + offs[q] + (j0 + j) * tk->n;
+        dot_rows(tk->down + d * tk->ld_down, tk->ld_down, R, hs, mt, tk->n, res, 0);
+        for (int j = 0; j < mt; j++) {
+          float *yj = out + (int64_t)tk->tok[j0 + j] * D;
+          for (int r = 0; r < R; r++) yj[d + r] += tk->scale[j0 + j] * res[r][j];
+        }
       }
     }
-    free(go);
-    free(pk);
-    free(units);
-    free(first);
   }
+  if (nt > 1 && any_t) {
+#pragma omp barrier
+#pragma omp for
+    for (int64_t e = 0; e < T * D; e++) {
+      float a = 0.f;
+      for (int k = 0; k < nt - 1; k++) a += scratch[(int64_t)k * T * D + e];
+      out[e] += a;
+    }
+  }
+  free(go);
+  free(pk);
+  free(units);
+  free(first);
   free(offs);
+}
+
+/* h: per task, ntok x n bf16 activations (the caller sizes it: sum of n * ntok). scratch: (threads-1) x T x D
+ * fp32 per-thread partial sums for transposed-down tasks. out [T, D] fp32 is accumulated into. */
+void tm_ffn_tasks_bf16(const uint16_t *x, float *out, int64_t T, int64_t D, const tm_ffn_task *tasks,
+                       int64_t ntasks, int act, int nthreads, float *scratch, uint16_t *h) {
+#pragma omp parallel num_threads(nthreads)
+  ffn_tasks_body(x, out, T, D, tasks, ntasks, act, scratch, h);
+}
+
+/* A MoE layer's routed (token, expert) pairs grouped by expert into FFN tasks (checkpoint layout),
+ * token order kept within an expert. */
+typedef struct {
+  tm_ffn_task *tasks;
+  int64_t n;
+  int32_t *tok;
+  float *scale;
+} moe_plan;
+
+/* ids/w [T, K]; gate/up/down: per-expert data pointers ([I, D], [I, D], [D, I]). Free with moe_plan_free. */
+static moe_plan moe_plan_make(int64_t T, int64_t D, int64_t I, const int64_t *ids, const float *w, int64_t K,
+                              int64_t E, const int64_t *gate, const int64_t *up, const int64_t *down) {
+  moe_plan p = {(tm_ffn_task *)malloc(sizeof(tm_ffn_task) * (T * K < E ? T * K : E)), 0,
+                (int32_t *)malloc(sizeof(int32_t) * T * K), (float *)malloc(sizeof(float) * T * K)};
+  int32_t *count = (int32_t *)calloc(E + 1, sizeof(int32_t));
+  for (int64_t q = 0; q < T * K; q++) count[ids[q] + 1]++;
+  for (int64_t e = 0; e < E; e++) count[e + 1] += count[e]; /* exclusive prefix: start of expert e */
+  int32_t *fill = (int32_t *)malloc(sizeof(int32_t) * E);
+  memcpy(fill, count, sizeof(int32_t) * E);
+  for (int64_t q = 0; q < T * K; q++) {
+    int64_t e = ids[q];
+    p.tok[fill[e]] = (int32_t)(q / K);
+    p.scale[fill[e]++] = w[q];
+  }
+  for (int64_t e = 0; e < E; e++) {
+    int32_t c = count[e + 1] - count[e];
+    if (!c) continue;
+    tm_ffn_task tk = {(const uint16_t *)gate[e], (const uint16_t *)up[e], (const uint16_t *)down[e], I, D, I, 0, c,
+                      p.tok + count[e], p.scale + count[e]};
+    p.tasks[p.n++] = tk;
+  }
+  free(fill);
+  free(count);
+  return p;
+}
+
+static void moe_plan_free(moe_plan *p) {
+  free(p->tasks);
+  free(p->tok);
+  free(p->scale);
 }
 
 /* Routed experts of one MoE layer, checkpoint layout: group tokens by expert, then run the tasks.
@@ -544,33 +590,9 @@ void tm_ffn_tasks_bf16(const uint16_t *x, float *out, int64_t T, int64_t D, cons
 void tm_moe_bf16(const uint16_t *x, float *out, int64_t T, int64_t D, int64_t I, const int64_t *ids,
                  const float *w, int64_t K, int64_t E, const int64_t *gate, const int64_t *up, const int64_t *down,
                  int act, int nthreads, float *scratch, uint16_t *h) {
-  int32_t *count = (int32_t *)calloc(E + 1, sizeof(int32_t));
-  int32_t *tok = (int32_t *)malloc(sizeof(int32_t) * T * K);
-  float *scale = (float *)malloc(sizeof(float) * T * K);
-  tm_ffn_task *tasks = (tm_ffn_task *)malloc(sizeof(tm_ffn_task) * (T * K < E ? T * K : E));
-  for (int64_t p = 0; p < T * K; p++) count[ids[p] + 1]++;
-  for (int64_t e = 0; e < E; e++) count[e + 1] += count[e]; /* exclusive prefix: start of expert e */
-  int32_t *fill = (int32_t *)malloc(sizeof(int32_t) * E);
-  memcpy(fill, count, sizeof(int32_t) * E);
-  for (int64_t p = 0; p < T * K; p++) { /* token order kept within an expert */
-    int64_t e = ids[p];
-    tok[fill[e]] = (int32_t)(p / K);
-    scale[fill[e]++] = w[p];
-  }
-  int64_t nt = 0;
-  for (int64_t e = 0; e < E; e++) {
-    int32_t c = count[e + 1] - count[e];
-    if (!c) continue;
-    tm_ffn_task tk = {(const uint16_t *)gate[e], (const uint16_t *)up[e], (const uint16_t *)down[e], I, D, I, 0, c,
-                      tok + count[e], scale + count[e]};
-    tasks[nt++] = tk;
-  }
-  tm_ffn_tasks_bf16(x, out, T, D, tasks, nt, act, nthreads, scratch, h);
-  free(tasks);
-  free(fill);
-  free(scale);
-  free(tok);
-  free(count);
+  moe_plan p = moe_plan_make(T, D, I, ids, w, K, E, gate, up, down);
+  tm_ffn_tasks_bf16(x, out, T, D, p.tasks, p.n, act, nthreads, scratch, h);
+  moe_plan_free(&p);
 }
 
 /* RMSNorm of one row x [D] into y (y may be x): bf16(w * bf16(x * rsqrt(mean(x^2) + eps))), the same
@@ -611,109 +633,212 @@ static inline uint16_t addb(uint16_t a, const uint16_t *b, int64_t i) { return b
 /* x [B, D] bf16 (normed hidden states) -> out [B, D] bf16: q/k/v projections (+bias, clip, q/k RMSNorm),
  * rotary embedding (halves layout) with cos/sin [B, hd], the new k/v written to the cache layer
  * kc/vc [S, Hkv, L, hd] at (slot[b], pos[b]), softmax attention over positions 0..pos[b], o projection.
- * ws: bf16 scratch of B * (2*H*hd + 2*Hkv*hd) elements; sc: fp32 scratch of nthreads * L. */
+ * ws: bf16 scratch of B * (2*H*hd + 2*Hkv*hd) elements; sc: fp32 scratch of nthreads * L. Run by every
+ * thread of the enclosing parallel region; out is complete after the next barrier. */
+static void attn_decode_body(const tm_attn_layer *a, const uint16_t *x, int64_t B, int64_t D, const void *cos,
+                             const void *sin, uint16_t *kc, uint16_t *vc, int64_t L, const int64_t *slot,
+                             const int64_t *pos, uint16_t *out, uint16_t *ws, float *sc) {
+  const int64_t H = a->H, Hkv = a->Hkv, hd = a->hd, nq = H * hd, nk = Hkv * hd, nqkv = nq + 2 * nk;
+  uint16_t *qkv = ws, *att = ws + B * nqkv; /* [B, nq | nk | nk], [B, nq] */
+  int nt = omp_get_num_threads(), t = omp_get_thread_num();
+  int64_t r0, r1;
+  /* 1: projections, each matrix's rows split across threads */
+  const uint16_t *w3[3] = {a->wq, a->wk, a->wv};
+  const int64_t n3[3] = {nq, nk, nk}, o3[3] = {0, nq, nq + nk};
+  for (int m = 0; m < 3; m++) {
+    split(n3[m], nt, t, 4, &r0, &r1);
+    linear_rows(x, B, D, D, w3[m], D, r0, r1, qkv + o3[m], nqkv, 0);
+  }
+#pragma omp barrier
+  /* 2: bias, q/k norms over all heads, clip (the torch module's order; a row's q, k or v at a time) */
+#pragma omp for
+  for (int64_t u = 0; u < 3 * B; u++) {
+    int64_t b = u / 3, m = u % 3;
+    uint16_t *v = qkv + b * nqkv + o3[m];
+    const uint16_t *bias = m == 0 ? a->bq : m == 1 ? a->bk : a->bv;
+    if (bias)
+      for (int64_t i = 0; i < n3[m]; i++) v[i] = addb(v[i], bias, i);
+    if (a->qk_norm == 1 && m < 2) rmsnorm_row(v, n3[m], m == 0 ? a->q_norm : a->k_norm, a->eps, v);
+    if (a->clip > 0.f)
+      for (int64_t i = 0; i < n3[m]; i++) {
+        float f = bf2f(v[i]);
+        v[i] = f > a->clip ? f2bf(a->clip) : f < -a->clip ? f2bf(-a->clip) : v[i];
+      }
+  }
+  /* 3: per-head norm, rotation, cache write (a head of a row at a time) */
+#pragma omp for
+  for (int64_t u = 0; u < B * (H + Hkv); u++) {
+    int64_t b = u / (H + Hkv), h = u % (H + Hkv);
+    int isq = h < H;
+    uint16_t *v = qkv + b * nqkv + (isq ? h * hd : nq + (h - H) * hd);
+    if (a->qk_norm == 2) rmsnorm_row(v, hd, isq ? a->q_norm : a->k_norm, a->eps, v);
+    int64_t half = hd / 2;
+    uint16_t tmp[hd];
+    for (int64_t i = 0; i < hd; i++) {
+      int64_t j = i < half ? i + half : i - half;
+      float rot = i < half ? -bf2f(v[j]) : bf2f(v[j]);
+      if (a->fp32_rotate) {
+        const float *c = (const float *)cos + b * hd, *s = (const float *)sin + b * hd;
+        tmp[i] = f2bf(bf2f(v[i]) * c[i] + rot * s[i]);
+      } else {
+        const uint16_t *c = (const uint16_t *)cos + b * hd, *s = (const uint16_t *)sin + b * hd;
+        tmp[i] = f2bf(bf2f(f2bf(bf2f(v[i]) * bf2f(c[i]))) + bf2f(f2bf(rot * bf2f(s[i]))));
+      }
+    }
+    memcpy(v, tmp, sizeof(uint16_t) * hd);
+    if (!isq) {
+      int64_t g = h - H, at = ((slot[b] * Hkv + g) * L + pos[b]) * hd;
+      memcpy(kc + at, v, sizeof(uint16_t) * hd);
+      memcpy(vc + at, qkv + b * nqkv + nq + nk + g * hd, sizeof(uint16_t) * hd);
+    }
+  }
+  /* 4: attention of each (row, query head) over its cached positions */
+  float *p = sc + (int64_t)t * L;
+#pragma omp for
+  for (int64_t u = 0; u < B * H; u++) {
+    int64_t b = u / H, h = u % H, g = h / (H / Hkv), n = pos[b] + 1;
+    const uint16_t *q = qkv + b * nqkv + h * hd;
+    const uint16_t *kb = kc + (slot[b] * Hkv + g) * L * hd, *vb = vc + (slot[b] * Hkv + g) * L * hd;
+    float mx = -INFINITY;
+    const uint16_t *xs[1] = {q};
+    for (int64_t l = 0; l < n; l += 4) {
+      int R = n - l < 4 ? (int)(n - l) : 4;
+      float r[4][TB];
+      dot_rows(kb + l * hd, hd, R, xs, 1, hd, r, 0);
+      for (int i = 0; i < R; i++) {
+        p[l + i] = r[i][0] * a->scale;
+        mx = p[l + i] > mx ? p[l + i] : mx;
+      }
+    }
+    /* like torch's CPU flash attention in bf16: fp32 exponentials summed, then rounded to bf16 for the
+     * product with V (fp32 accumulation), divided by the sum at the end */
+    float sum = 0.f;
+    for (int64_t l = 0; l < n; l++) {
+      float e = expf(p[l] - mx);
+      sum += e;
+      p[l] = bf2f(f2bf(e));
+    }
+    float acc[hd];
+    for (int64_t i = 0; i < hd; i++) acc[i] = 0.f;
+    for (int64_t l = 0; l < n; l++) {
+      float w = p[l];
+      const uint16_t *vr = vb + l * hd;
+      int64_t i = 0;
+      for (; i + 16 <= hd; i += 16)
+        _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(_mm512_set1_ps(w), ld16f(vr + i), _mm512_loadu_ps(acc + i)));
+      for (; i < hd; i++) acc[i] += w * bf2f(vr[i]);
+    }
+    for (int64_t i = 0; i < hd; i++) att[b * nq + h * hd + i] = f2bf(acc[i] / sum);
+  }
+  /* 5: o projection, rows split across threads (the implicit barrier above has every head done) */
+  split(D, nt, t, 4, &r0, &r1);
+  linear_rows(att, B, nq, nq, a->wo, nq, r0, r1, out, D, 0);
+  if (a->bo)
+    for (int64_t b = 0; b < B; b++)
+      for (int64_t i = r0; i < r1; i++) out[b * D + i] = addb(out[b * D + i], a->bo, i);
+}
+
+/* One decode attention step in its own parallel region (see attn_decode_body). */
 void tm_attn_decode_bf16(const tm_attn_layer *a, const uint16_t *x, int64_t B, int64_t D, const void *cos,
                          const void *sin, uint16_t *kc, uint16_t *vc, int64_t L, const int64_t *slot,
                          const int64_t *pos, uint16_t *out, int nthreads, uint16_t *ws, float *sc) {
-  const int64_t H = a->H, Hkv = a->Hkv, hd = a->hd, nq = H * hd, nk = Hkv * hd, nqkv = nq + 2 * nk;
-  uint16_t *qkv = ws, *att = ws + B * nqkv; /* [B, nq | nk | nk], [B, nq] */
 #pragma omp parallel num_threads(nthreads)
-  {
-    int nt = omp_get_num_threads(), t = omp_get_thread_num();
-    int64_t r0, r1;
-    /* 1: projections, each matrix's rows split across threads */
-    const uint16_t *w3[3] = {a->wq, a->wk, a->wv};
-    const int64_t n3[3] = {nq, nk, nk}, o3[3] = {0, nq, nq + nk};
-    for (int m = 0; m < 3; m++) {
-      split(n3[m], nt, t, 4, &r0, &r1);
-      linear_rows(x, B, D, D, w3[m], D, r0, r1, qkv + o3[m], nqkv, 0);
+  attn_decode_body(a, x, B, D, cos, sin, kc, vc, L, slot, pos, out, ws, sc);
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* A whole MoE decoder layer for a decode step, in one parallel region.                            */
+
+typedef struct {
+  tm_attn_layer attn;
+  const uint16_t *ln1, *ln2;          /* input and post-attention RMSNorm weights [D] */
+  float eps;                          /* their epsilon */
+  const uint16_t *router;             /* [E, D] */
+  const int64_t *gate, *up, *down;    /* [E] expert data pointers, checkpoint layout */
+  int32_t E, K, I, act;
+  int32_t norm_topk, weights_bf16;    /* renormalize the top-k weights; round them to bf16 */
+  float routed_scale;                 /* routed_scaling_factor */
+} tm_decode_layer;
+
+/* Softmax router of one row: bf16 logits [E] -> the K largest probabilities, largest first (ties: lower
+ * expert first), as the torch router computes them (fp32 softmax, optional renormalization and scale,
+ * optional rounding to bf16). */
+static void route_row(const tm_decode_layer *L, const uint16_t *logits, int64_t *ids, float *w) {
+  float mx = -INFINITY, sum = 0.f;
+  for (int e = 0; e < L->E; e++) mx = bf2f(logits[e]) > mx ? bf2f(logits[e]) : mx;
+  for (int e = 0; e < L->E; e++) sum += expf(bf2f(logits[e]) - mx);
+  float picked = 0.f;
+  for (int k = 0; k < L->K; k++) {
+    int best = -1;
+    for (int e = 0; e < L->E; e++) {
+      int taken = 0;
+      for (int j = 0; j < k; j++) taken |= ids[j] == e;
+      if (!taken && (best < 0 || bf2f(logits[e]) > bf2f(logits[best]))) best = e;
     }
+    ids[k] = best;
+    w[k] = expf(bf2f(logits[best]) - mx) / sum;
+    picked += w[k];
+  }
+  for (int k = 0; k < L->K; k++) {
+    if (L->norm_topk) w[k] /= picked;
+    if (L->routed_scale != 1.f) w[k] *= L->routed_scale;
+    if (L->weights_bf16) w[k] = bf2f(f2bf(w[k]));
+  }
+}
+
+/* x [B, D] bf16, the residual stream, updated in place by one decoder layer for one new token per row:
+ * x += attn(rmsnorm(x)), then x += moe(rmsnorm(x)), with the torch modules' roundings (bf16 residual
+ * adds, the routed sum rounded to bf16 first). Run by every thread of the enclosing parallel region;
+ * x is complete after the next barrier. Scratch as in tm_decode_layers_bf16; plan: shared by the threads. */
+static void decode_layer_body(const tm_decode_layer *Ly, uint16_t *x, int64_t B, int64_t D, const void *cos,
+                              const void *sin, uint16_t *kc, uint16_t *vc, int64_t L, const int64_t *slot,
+                              const int64_t *pos, uint16_t *ws, float *sc, float *fs, uint16_t *h, int64_t *ids,
+                              moe_plan *plan) {
+  const int64_t E = Ly->E, K = Ly->K;
+  uint16_t *xn = ws, *ao = ws + B * D, *logits = ws + 2 * B * D, *aws = logits + B * E; /* normed, attn out */
+  float *mo = fs, *w = fs + B * D; /* routed sum [B, D], routing weights [B, K] */
+  int nt = omp_get_num_threads(), t = omp_get_thread_num();
+#pragma omp for
+  for (int64_t b = 0; b < B; b++) rmsnorm_row(x + b * D, D, Ly->ln1, Ly->eps, xn + b * D);
+  attn_decode_body(&Ly->attn, xn, B, D, cos, sin, kc, vc, L, slot, pos, ao, aws, sc);
 #pragma omp barrier
-    /* 2: bias, q/k norms over all heads, clip (the torch module's order; a row's q, k or v at a time) */
 #pragma omp for
-    for (int64_t u = 0; u < 3 * B; u++) {
-      int64_t b = u / 3, m = u % 3;
-      uint16_t *v = qkv + b * nqkv + o3[m];
-      const uint16_t *bias = m == 0 ? a->bq : m == 1 ? a->bk : a->bv;
-      if (bias)
-        for (int64_t i = 0; i < n3[m]; i++) v[i] = addb(v[i], bias, i);
-      if (a->qk_norm == 1 && m < 2) rmsnorm_row(v, n3[m], m == 0 ? a->q_norm : a->k_norm, a->eps, v);
-      if (a->clip > 0.f)
-        for (int64_t i = 0; i < n3[m]; i++) {
-          float f = bf2f(v[i]);
-          v[i] = f > a->clip ? f2bf(a->clip) : f < -a->clip ? f2bf(-a->clip) : v[i];
-        }
-    }
-    /* 3: per-head norm, rotation, cache write (a head of a row at a time) */
+  for (int64_t b = 0; b < B; b++) {
+    for (int64_t d = 0; d < D; d++) x[b * D + d] = f2bf(bf2f(x[b * D + d]) + bf2f(ao[b * D + d]));
+    rmsnorm_row(x + b * D, D, Ly->ln2, Ly->eps, xn + b * D);
+  }
+  int64_t r0, r1;
+  split(E, nt, t, 4, &r0, &r1);
+  linear_rows(xn, B, D, D, Ly->router, D, r0, r1, logits, E, 0);
+#pragma omp barrier
+#pragma omp single
+  {
+    for (int64_t b = 0; b < B; b++) route_row(Ly, logits + b * E, ids + b * K, w + b * K);
+    memset(mo, 0, sizeof(float) * B * D);
+    *plan = moe_plan_make(B, D, Ly->I, ids, w, K, E, Ly->gate, Ly->up, Ly->down);
+  }
+  ffn_tasks_body(xn, mo, B, D, plan->tasks, plan->n, Ly->act, NULL, h);
+#pragma omp barrier
 #pragma omp for
-    for (int64_t u = 0; u < B * (H + Hkv); u++) {
-      int64_t b = u / (H + Hkv), h = u % (H + Hkv);
-      int isq = h < H;
-      uint16_t *v = qkv + b * nqkv + (isq ? h * hd : nq + (h - H) * hd);
-      if (a->qk_norm == 2) rmsnorm_row(v, hd, isq ? a->q_norm : a->k_norm, a->eps, v);
-      int64_t half = hd / 2;
-      uint16_t tmp[hd];
-      for (int64_t i = 0; i < hd; i++) {
-        int64_t j = i < half ? i + half : i - half;
-        float rot = i < half ? -bf2f(v[j]) : bf2f(v[j]);
-        if (a->fp32_rotate) {
-          const float *c = (const float *)cos + b * hd, *s = (const float *)sin + b * hd;
-          tmp[i] = f2bf(bf2f(v[i]) * c[i] + rot * s[i]);
-        } else {
-          const uint16_t *c = (const uint16_t *)cos + b * hd, *s = (const uint16_t *)sin + b * hd;
-          tmp[i] = f2bf(bf2f(f2bf(bf2f(v[i]) * bf2f(c[i]))) + bf2f(f2bf(rot * bf2f(s[i]))));
-        }
-      }
-      memcpy(v, tmp, sizeof(uint16_t) * hd);
-      if (!isq) {
-        int64_t g = h - H, at = ((slot[b] * Hkv + g) * L + pos[b]) * hd;
-        memcpy(kc + at, v, sizeof(uint16_t) * hd);
-        memcpy(vc + at, qkv + b * nqkv + nq + nk + g * hd, sizeof(uint16_t) * hd);
-      }
-    }
-    /* 4: attention of each (row, query head) over its cached positions */
-    float *p = sc + (int64_t)t * L;
-#pragma omp for
-    for (int64_t u = 0; u < B * H; u++) {
-      int64_t b = u / H, h = u % H, g = h / (H / Hkv), n = pos[b] + 1;
-      const uint16_t *q = qkv + b * nqkv + h * hd;
-      const uint16_t *kb = kc + (slot[b] * Hkv + g) * L * hd, *vb = vc + (slot[b] * Hkv + g) * L * hd;
-      float mx = -INFINITY;
-      const uint16_t *xs[1] = {q};
-      for (int64_t l = 0; l < n; l += 4) {
-        int R = n - l < 4 ? (int)(n - l) : 4;
-        float r[4][TB];
-        dot_rows(kb + l * hd, hd, R, xs, 1, hd, r, 0);
-        for (int i = 0; i < R; i++) {
-          p[l + i] = r[i][0] * a->scale;
-          mx = p[l + i] > mx ? p[l + i] : mx;
-        }
-      }
-      /* like torch's CPU flash attention in bf16: fp32 exponentials summed, then rounded to bf16 for the
-       * product with V (fp32 accumulation), divided by the sum at the end */
-      float sum = 0.f;
-      for (int64_t l = 0; l < n; l++) {
-        float e = expf(p[l] - mx);
-        sum += e;
-        p[l] = bf2f(f2bf(e));
-      }
-      float acc[hd];
-      for (int64_t i = 0; i < hd; i++) acc[i] = 0.f;
-      for (int64_t l = 0; l < n; l++) {
-        float w = p[l];
-        const uint16_t *vr = vb + l * hd;
-        int64_t i = 0;
-        for (; i + 16 <= hd; i += 16)
-          _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(_mm512_set1_ps(w), ld16f(vr + i), _mm512_loadu_ps(acc + i)));
-        for (; i < hd; i++) acc[i] += w * bf2f(vr[i]);
-      }
-      for (int64_t i = 0; i < hd; i++) att[b * nq + h * hd + i] = f2bf(acc[i] / sum);
-    }
-    /* 5: o projection, rows split across threads (the implicit barrier above has every head done) */
-    split(D, nt, t, 4, &r0, &r1);
-    linear_rows(att, B, nq, nq, a->wo, nq, r0, r1, out, D, 0);
-    if (a->bo)
-      for (int64_t b = 0; b < B; b++)
-        for (int64_t i = r0; i < r1; i++) out[b * D + i] = addb(out[b * D + i], a->bo, i);
+  for (int64_t b = 0; b < B; b++)
+    for (int64_t d = 0; d < D; d++) x[b * D + d] = f2bf(bf2f(x[b * D + d]) + bf2f(f2bf(mo[b * D + d])));
+#pragma omp single
+  moe_plan_free(plan);
+}
+
+/* n consecutive MoE decoder layers for one new token per row, in one parallel region: x [B, D] bf16, the
+ * residual stream, is updated in place (see decode_layer_body). kc[l]/vc[l]: layer l's cache, the other
+ * attention arguments as in tm_attn_decode_bf16. Scratch, sized for the largest layer: ws bf16 of
+ * B * (2*D + E + 2*H*hd + 2*Hkv*hd) elements; sc fp32 of nthreads * L; fs fp32 of B * (D + K); h bf16 of
+ * B * K * I. ids [n, B, K]: each layer's routed experts. */
+void tm_decode_layers_bf16(const tm_decode_layer *layers, int64_t n, uint16_t *x, int64_t B, int64_t D,
+                           const void *cos, const void *sin, uint16_t *const *kc, uint16_t *const *vc, int64_t L,
+                           const int64_t *slot, const int64_t *pos, int nthreads, uint16_t *ws, float *sc,
+                           float *fs, uint16_t *h, int64_t *ids) {
+  moe_plan plan;
+#pragma omp parallel num_threads(nthreads)
+  for (int64_t l = 0; l < n; l++) {
+    decode_layer_body(&layers[l], x, B, D, cos, sin, kc[l], vc[l], L, slot, pos, ws, sc, fs, h,
+                      ids + l * B * layers[l].K, &plan);
   }
 }

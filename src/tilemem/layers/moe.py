@@ -114,7 +114,7 @@ class ResidentExperts:
             self.stacks[layer] = (gate_up, down_t)
         return self.stacks[layer]
 
-    def _table(self, layer: int) -> kernels.ExpertTable | None:
+    def table(self, layer: int) -> kernels.ExpertTable | None:
         """The layer's expert pointer table for the native kernel, or None where it cannot run."""
         if layer not in self.tables:
             block = self.blocks[layer]
@@ -127,7 +127,7 @@ class ResidentExperts:
 
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         block = self.blocks[layer]
-        if kernels.usable(x) and (table := self._table(layer)) is not None:
+        if kernels.usable(x) and (table := self.table(layer)) is not None:
             return kernels.moe(x, weights, ids, table, block.act_name, self.workspace)
         if x.is_cuda:
             gate_up, down_t = self._stack(layer)

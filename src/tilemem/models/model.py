@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from tilemem import kernels
 from tilemem.config import ModelConfig
 from tilemem.layers.attention import Attention
 from tilemem.layers.kv_cache import ForwardContext, KVCache
@@ -50,10 +51,50 @@ class DecoderLayer(nn.Module):
             self.mlp: nn.Module = MoEBlock(cfg, layer)
         else:
             self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+        self.layer = layer
+        # The fused native decode step covers softmax top-k routing over the routed experts alone.
+        self._fusable = (
+            isinstance(self.self_attn, Attention)
+            and isinstance(self.mlp, MoEBlock)
+            and self.mlp.shared_experts is None
+            and (cfg.scoring_func, cfg.topk_method, cfg.router_fp32, cfg.router_bias)
+            == ("softmax", "greedy", False, False)
+        )
+        self._native: kernels.DecodeLayer | None = None
+        self._native_key: tuple = ()
 
     def forward(self, x, ctx, rope, cos, sin) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), ctx, rope, cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def native_decode(self, x: torch.Tensor, ctx: ForwardContext, rope: RotaryEmbedding) -> kernels.DecodeLayer | None:
+        """The layer for the fused native decode step (the whole layer in one kernel call), or None where
+        the modules run: not bf16 on the CPU, not a softmax-routed MoE layer over the resident experts
+        (shared experts, group-limited or sigmoid routing, a tiered executor), or attention the
+        decode kernel does not cover."""
+        if not self._fusable or rope.interleave or not kernels.usable(x):
+            return None
+        attn, mlp = self.self_attn, self.mlp
+        if ctx.cache.keys[self.layer].dtype != torch.bfloat16 or not isinstance(mlp.executor, ResidentExperts):
+            return None
+        if (attn_layer := attn.native()) is None or (table := mlp.executor.table(self.layer)) is None:
+            return None
+        norms = (self.input_layernorm.weight, self.post_attention_layernorm.weight, mlp.gate.weight)
+        key = (id(attn_layer), id(table), rope.fp32_rotate, *(t.data_ptr() for t in norms))
+        if self._native is not None and key == self._native_key:
+            return self._native
+        if any(t.dtype != torch.bfloat16 or not t.is_contiguous() for t in norms):
+            return None
+        cfg = mlp.gate.cfg
+        attn_layer.fp32_rotate = int(rope.fp32_rotate)  # x is bf16: cos/sin are fp32 only for fp32 rotation
+        self._native = kernels.DecodeLayer(
+            attn_layer, *(t.data_ptr() for t in norms[:2]), self.input_layernorm.eps, norms[2].data_ptr(),
+            table.gate.data_ptr(), table.up.data_ptr(), table.down.data_ptr(), cfg.num_experts, cfg.top_k,
+            table.intermediate, kernels.ACTS[mlp.act_name], cfg.norm_topk_prob, cfg.router_weights_in_model_dtype,
+            cfg.routed_scaling_factor,
+        )  # fmt: skip
+        self._native_key = key
+        return self._native
 
 
 class Backbone(nn.Module):
@@ -83,6 +124,8 @@ class MoECausalLM(nn.Module):
 
             self.mtp = MTPHead(cfg)
         self.rope: RotaryEmbedding | None = None
+        self._stack: tuple | None = None  # (key, DecodeStack, cache) of the last native decode run
+        self._ws = kernels.Workspace()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -141,6 +184,37 @@ class MoECausalLM(nn.Module):
         index_layers = [i for i in range(layers) if cfg.has_indexer(i)]
         return KVCache.allocate(layers, slots, length, heads, kd, vd, self.dtype, index_dim, index_layers, self.device)
 
+    def _native_run(self, first: int, x: torch.Tensor, ctx: ForwardContext) -> list[kernels.DecodeLayer]:
+        """The fused decode layers (`DecoderLayer.native_decode`) from layer `first` up to the first one
+        that must run as modules."""
+        run = []
+        for layer in self.model.layers[first:]:
+            if (native := layer.native_decode(x, ctx, self.rope)) is None:
+                break
+            run.append(native)
+        return run
+
+    def _decode_native(self, first: int, run: list[kernels.DecodeLayer], x, ctx, cos, sin) -> torch.Tensor:
+        """Layers first .. first + len(run) - 1 of a decode step in one native call; the routed ids go to
+        each MoE block's `on_route` observer as the module path would send them."""
+        layers = range(first, first + len(run))
+        key = (first, *(id(n) for n in run), id(ctx.cache))
+        if self._stack is None or self._stack[0] != key:  # the tuple holds the keyed objects alive
+            keys, values = ctx.cache.keys, ctx.cache.values
+            stack = kernels.DecodeStack(run, [keys[i] for i in layers], [values[i] for i in layers])
+            self._stack = (key, stack, ctx.cache)
+        stack = self._stack[1]
+        b = x.shape[0]
+        y = x.reshape(b, -1).clone()  # the residual stream, updated in place by the kernel
+        ids = kernels.decode_layers(
+            stack, y, cos.reshape(b, -1), sin.reshape(b, -1), ctx.slots, ctx.positions[:, 0].contiguous(),
+            self._ws,
+        )  # fmt: skip
+        for j, i in enumerate(layers):
+            if (observer := self.model.layers[i].mlp.on_route) is not None:
+                observer(i, ids[j])
+        return y.view(b, 1, -1)
+
     @torch.inference_mode()
     def forward(
         self,
@@ -156,8 +230,16 @@ class MoECausalLM(nn.Module):
         input_ids = input_ids.to(self.device)
         x = self.model.embed_tokens(input_ids)  # [B, T, D]
         cos, sin = self.rope.table(ctx.positions, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, ctx, self.rope, cos, sin)
+        layers = self.model.layers
+        i = 0
+        while i < len(layers):
+            run = self._native_run(i, x, ctx) if x.shape[1] == 1 else []
+            if run:  # decode: consecutive fused layers in one native call
+                x = self._decode_native(i, run, x, ctx, cos, sin)
+                i += len(run)
+            else:
+                x = layers[i](x, ctx, self.rope, cos, sin)
+                i += 1
         hidden = self.model.norm(x) if return_hidden else None  # [B, T, D]
         if logits_at is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logits_at.to(x.device)]  # [B, D]
