@@ -1,6 +1,7 @@
 """Where a decode token's (or a prefill's) time goes: milliseconds inside the native kernels
-(attention block, experts, other linears incl. the LM head), torch's GEMMs and attention, against
-whole modules and the whole forward pass.
+(a decode step's decoder layers in one call, or the attention block and experts of layers that run
+as modules, other linears incl. the LM head), torch's GEMMs and attention, against whole modules
+and the whole forward pass.
 
 Wraps the kernel entry points and module forwards with timers. Decode (the default): decodes
 `--tokens` tokens at batch 1 after a prompt of `--prompt-len`, timing only forward passes of one new
@@ -30,6 +31,7 @@ from tilemem.layers.router import Router
 from tilemem.models.model import MoECausalLM
 
 TIMED = [
+    (kernels, "decode_layers", "decoder layers kernel (all, one call)"),
     (kernels, "attn_decode", "attention kernel"),
     (kernels, "moe", "expert kernel"),
     (kernels, "linear", "other linears (router, LM head)"),
