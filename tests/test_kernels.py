@@ -281,6 +281,25 @@ def test_fused_decode_layers_match_the_module_path(family, module_layers, make_c
         assert torch.equal(routed[True][layer], ids)
 
 
+def test_fused_decode_follows_a_reallocated_kv_cache_and_frees_the_old_one(make_ckpt):
+    """When a longer request makes the engine allocate a bigger KV cache, the fused decode step writes
+    into the new cache (same greedy tokens as before) and nothing keeps the old one's memory alive."""
+    import gc
+    import weakref
+
+    from tilemem.engine.llm import LLM
+    from tilemem.engine.sampling import SamplingParams
+
+    llm = LLM(make_ckpt("olmoe", "bf16"), dtype="bf16", max_batch=1)
+    short = llm.generate("The capital of", SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    old = weakref.ref(llm.engine(1, 1).cache)  # the current engine, as it is
+    llm.engine(1, 320)  # a longer cache replaces it (as a longer request would, before its first step)
+    gc.collect()
+    assert old() is None  # freed at once, not held until a decode step rebuilds the native stack
+    long = llm.generate("The capital of", SamplingParams(max_tokens=300, temperature=0, ignore_eos=True))[0]
+    assert long.token_ids[:8] == short.token_ids
+
+
 def test_bf16_greedy_output_is_the_same_alone_in_a_batch_and_in_waves(make_ckpt):
     """Batch invariance in bf16, through the native decode attention and expert kernels: a prompt's
     greedy tokens are the same alone, in a batch of 4, and through 2 slots that rows leave and join."""

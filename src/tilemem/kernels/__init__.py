@@ -274,10 +274,11 @@ def attn_decode(
 
 class DecodeStack:
     """Consecutive MoE decoder layers for `decode_layers`: their `DecodeLayer`s and KV cache layers, as
-    the native call takes them (built once per run of layers and cache)."""
+    the native call takes them (built once per run of layers and cache). It keeps the `DecodeLayer`s
+    alive but not the cache: the caller rebuilds it when the cache is replaced."""
 
     def __init__(self, layers: list[DecodeLayer], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        self.sources = (layers, keys, values)  # alive as long as the pointers below are used
+        self.sources = layers
         self.n = len(layers)
         self.layers = (DecodeLayer * self.n)(*layers)
         self.keys = (ctypes.c_void_p * self.n)(*(k.data_ptr() for k in keys))

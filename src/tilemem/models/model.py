@@ -6,6 +6,7 @@ Shape legend: B batch rows, T new tokens per row, D hidden, V vocab.
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -124,7 +125,7 @@ class MoECausalLM(nn.Module):
 
             self.mtp = MTPHead(cfg)
         self.rope: RotaryEmbedding | None = None
-        self._stack: tuple | None = None  # (key, DecodeStack, cache) of the last native decode run
+        self._stack: tuple | None = None  # (key, DecodeStack, weak ref to the cache) of the last native run
         self._ws = kernels.Workspace()
 
     @property
@@ -198,11 +199,12 @@ class MoECausalLM(nn.Module):
         """Layers first .. first + len(run) - 1 of a decode step in one native call; the routed ids go to
         each MoE block's `on_route` observer as the module path would send them."""
         layers = range(first, first + len(run))
-        key = (first, *(id(n) for n in run), id(ctx.cache))
-        if self._stack is None or self._stack[0] != key:  # the tuple holds the keyed objects alive
+        key = (first, *(id(n) for n in run))  # the stack holds these alive, so the ids stay theirs
+        # The cache by weak reference: a stack must not keep a replaced KV cache's memory alive.
+        if self._stack is None or self._stack[0] != key or self._stack[2]() is not ctx.cache:
             keys, values = ctx.cache.keys, ctx.cache.values
             stack = kernels.DecodeStack(run, [keys[i] for i in layers], [values[i] for i in layers])
-            self._stack = (key, stack, ctx.cache)
+            self._stack = (key, stack, weakref.ref(ctx.cache))
         stack = self._stack[1]
         b = x.shape[0]
         y = x.reshape(b, -1).clone()  # the residual stream, updated in place by the kernel
