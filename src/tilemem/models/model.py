@@ -63,6 +63,7 @@ class DecoderLayer(nn.Module):
         )
         self._native: kernels.DecodeLayer | None = None
         self._native_key: tuple = ()
+        self._native_sources: tuple = ()
 
     def forward(self, x, ctx, rope, cos, sin) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), ctx, rope, cos, sin)
@@ -95,6 +96,7 @@ class DecoderLayer(nn.Module):
             cfg.routed_scaling_factor,
         )  # fmt: skip
         self._native_key = key
+        self._native_sources = (attn_layer, table)  # alive while keyed by their ids
         return self._native
 
 
