@@ -9,13 +9,19 @@ token, and prints ms per token. `--prefill`: prefills `--batch` prompts of `--pr
 timing only forward passes of prompt tokens, and prints ms per prefill. Two passes each (the memory
 bandwidth and the machine's speed drift).
 
+`--vs-modules`: decode steps alternate between the one-call native decoder layers and the modules
+(`model.fused_decode` on and off, the same tokens), and the per-step time ratio is printed: steps
+next to each other see the same machine, which drifts too much between runs to compare those.
+
     .venv/bin/python benchmarks/decode_breakdown.py [--dir checkpoints/olmoe-1b-7b] [--threads 2]
     .venv/bin/python benchmarks/decode_breakdown.py --prefill [--batch 1]
+    .venv/bin/python benchmarks/decode_breakdown.py --vs-modules [--batch 1] [--tokens 200]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch.nn.functional as F
@@ -52,10 +58,14 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=40)
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--prefill", action="store_true", help="time prefills instead of decode steps")
-    ap.add_argument("--batch", type=int, default=1, help="prompts per prefill (with --prefill)")
+    ap.add_argument("--batch", type=int, default=1, help="prompts per prefill (--prefill) or rows (--vs-modules)")
+    ap.add_argument("--vs-modules", action="store_true", help="fused decode vs the modules, step by step")
     args = ap.parse_args()
-    batch = args.batch if args.prefill else 1
+    batch = args.batch if args.prefill or args.vs_modules else 1
     llm = LLM(args.dir, dtype="bf16", threads=args.threads, max_batch=batch)
+    if args.vs_modules:
+        vs_modules(llm, batch, args.prompt_len, args.tokens)
+        return
     spent: dict[str, float] = {}
     timing = [False]  # inside a timed forward pass
     for owner, name, label in TIMED:
@@ -90,6 +100,35 @@ def main() -> None:
         for label, s in spent.items():
             print(f"  {label:38s} {1e3 * s / per:9.2f}")
         print(f"  read bandwidth right after: {dram_read_bandwidth(args.threads, gib=0.25, repeats=5) / 1e9:.1f} GB/s")
+
+
+def vs_modules(llm: LLM, batch: int, prompt_len: int, tokens: int) -> None:
+    """Decode `tokens` steps of `batch` rows, alternating the fused native layers and the modules."""
+    steps: dict[bool, list[float]] = {True: [], False: []}
+    forward = MoECausalLM.forward
+
+    def alternating(model, input_ids, *a, **kw):
+        if input_ids.shape[1] != 1:
+            return forward(model, input_ids, *a, **kw)
+        fused = model.fused_decode = len(steps[True]) <= len(steps[False])
+        t0 = time.perf_counter()
+        try:
+            return forward(model, input_ids, *a, **kw)
+        finally:
+            steps[fused].append(time.perf_counter() - t0)
+
+    MoECausalLM.forward = alternating
+    prompts = [list(range(100 + b, 100 + b + prompt_len)) for b in range(batch)]
+    llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0))  # warm-up
+    for s in steps.values():
+        s.clear()
+    llm.generate(prompts, SamplingParams(max_tokens=tokens + 1, temperature=0, ignore_eos=True))
+    ratios = [m / f for f, m in zip(steps[True], steps[False], strict=False)]  # adjacent steps; one may be left over
+    for fused, s in steps.items():
+        name = "one native call" if fused else "modules"
+        print(f"{name:16s} median {1e3 * statistics.median(s):.1f} ms per step ({len(s)} steps, batch {batch})")
+    q = statistics.quantiles(ratios, n=4)
+    print(f"fused speed-up, per pair of adjacent steps: median {q[1]:.3f}x (quartiles {q[0]:.3f}-{q[2]:.3f})")
 
 
 if __name__ == "__main__":

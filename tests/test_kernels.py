@@ -256,8 +256,8 @@ def test_fused_decode_layers_match_the_module_path(family, module_layers, make_c
     def step(fused: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         for t, b in zip((*cache.keys, *cache.values), before, strict=True):
             t.copy_(b)
-        for i, layer in enumerate(model.model.layers):
-            monkeypatch.setattr(layer, "_fusable", fused and i not in module_layers)
+        model.fused_decode = fused
+        for layer in model.model.layers:
             layer.mlp.on_route = lambda li, ids, _f=fused: routed[_f].__setitem__(li, ids.clone())
         logits = model(feed, ForwardContext.build(cache, slots, lengths, [1, 1, 1]))
         return logits, [t.clone() for t in (*cache.keys, *cache.values)]

@@ -127,6 +127,9 @@ class MoECausalLM(nn.Module):
 
             self.mtp = MTPHead(cfg)
         self.rope: RotaryEmbedding | None = None
+        self.fused_decode = True
+        """Run decode steps' softmax-routed MoE layers as one native call (`DecoderLayer.native_decode`);
+        False runs every layer as modules (the same result, for comparisons)."""
         self._stack: tuple | None = None  # (key, DecodeStack, weak ref to the cache) of the last native run
         self._ws = kernels.Workspace()
 
@@ -237,7 +240,7 @@ class MoECausalLM(nn.Module):
         layers = self.model.layers
         i = 0
         while i < len(layers):
-            run = self._native_run(i, x, ctx) if x.shape[1] == 1 else []
+            run = self._native_run(i, x, ctx) if self.fused_decode and x.shape[1] == 1 else []
             if run:  # decode: consecutive fused layers in one native call
                 x = self._decode_native(i, run, x, ctx, cos, sin)
                 i += len(run)
