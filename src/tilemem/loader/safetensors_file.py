@@ -135,6 +135,8 @@ def file_mappings() -> dict[int, dict]:
     vma = None
     for line in text.splitlines():
         head = line.split(maxsplit=5)
+        if not head:
+            continue
         if "-" in head[0] and not head[0].endswith(":"):  # "start-end perms offset dev inode [path]"
             start, end = (int(a, 16) for a in head[0].split("-"))
             vma = {"path": head[5] if len(head) > 5 else "", "size": end - start, "rss": 0, "pmd": 0}
@@ -150,9 +152,10 @@ def populate(tensors) -> bool:
 
     Then a file whose mapped bytes are not mostly in 2 MiB pages is read again: the page cache keeps
     what memory pressure left of a file as small folios, each 4 KiB of which costs a TLB entry, and a
-    prefill over such weights ran at half speed here. The mapping's pages are dropped (nothing has
-    written to them yet), the file's cached pages too, and a sequential read brings the file back in
-    2 MiB folios (~1 s per GB from disk) for populating again."""
+    prefill over such weights ran at half speed here. The mapping's pages are dropped, the file's
+    cached pages too, and a sequential read brings the file back in 2 MiB folios (~1 s per GB from
+    disk) for populating again. Call it before anything writes to the tensors: dropping a private
+    mapping's pages discards what was written to them."""
     tensors = list(tensors)
     ranges = [(t.data_ptr(), t.numel() * t.element_size()) for t in tensors]
     if not all(madvise(a, n, MADV_POPULATE_READ) for a, n in ranges):
@@ -162,7 +165,8 @@ def populate(tensors) -> bool:
         vma = maps.get(base)
         if vma is None or vma["rss"] < REREAD_MIN or vma["pmd"] >= HUGE_SHARE * vma["rss"]:
             continue
-        if madvise(base, vma["size"], MADV_DONTNEED) and reread(vma["path"]):
+        if madvise(base, vma["size"], MADV_DONTNEED):
+            reread(vma["path"])  # where the file is gone, populating maps what the cache still has
             for a, n in ranges:
                 if base <= a < base + vma["size"]:
                     madvise(a, n, MADV_POPULATE_READ)
