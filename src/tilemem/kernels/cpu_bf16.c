@@ -414,22 +414,25 @@ static void ffn_tasks_body(const uint16_t *x, float *out, int64_t T, int64_t D, 
                            int64_t ntasks, int act, float *scratch, uint16_t *h) {
   int64_t *offs = (int64_t *)malloc(sizeof(int64_t) * (ntasks + 1));
   int any_t = 0;
-  int64_t kmax = D, gmax = 1;
+  int64_t kmax = D, gmax = 0;
   offs[0] = 0;
   for (int64_t q = 0; q < ntasks; q++) {
     kmax = tasks[q].n > kmax ? tasks[q].n : kmax;
     offs[q + 1] = offs[q] + tasks[q].n * tasks[q].ntok;
     any_t |= tasks[q].down_t;
-    gmax = task_groups(tasks[q].ntok) > gmax ? task_groups(tasks[q].ntok) : gmax;
+    if (tasks[q].ntok >= GEMM_MIN)
+      gmax = task_groups(tasks[q].ntok) > gmax ? task_groups(tasks[q].ntok) : gmax;
   }
   int nt = omp_get_num_threads(), t = omp_get_thread_num();
   float *yp = t == 0 ? out : scratch + (int64_t)(t - 1) * T * D; /* partial sums (transposed down) */
   if (t && any_t) memset(yp, 0, sizeof(float) * T * D);
   float res[4][TB], res2[4][TB];
-  float *go = (float *)aligned_alloc(64, sizeof(float) * 2 * GEMM_ROWS * GB), *uo = go + GEMM_ROWS * GB;
-  uint32_t *pk = (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * GB * (kmax / 2 + 1) * GEMM_SPAN);
-  int *units = (int *)malloc(sizeof(int) * gmax);
-  int64_t *first = (int64_t *)malloc(sizeof(int64_t) * (gmax + 1));
+  /* GEMM buffers only where a task takes the GEMM (gmax > 0): decode calls this once per layer */
+  float *go = gmax ? (float *)aligned_alloc(64, sizeof(float) * 2 * GEMM_ROWS * GB) : NULL;
+  float *uo = gmax ? go + GEMM_ROWS * GB : NULL;
+  uint32_t *pk = gmax ? (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * GB * (kmax / 2 + 1) * GEMM_SPAN) : NULL;
+  int *units = gmax ? (int *)malloc(sizeof(int) * gmax) : NULL;
+  int64_t *first = gmax ? (int64_t *)malloc(sizeof(int64_t) * (gmax + 1)) : NULL;
   /* phase 1: gate/up rows of this thread's neuron range, activation, and transposed downs */
   for (int64_t q = 0; q < ntasks; q++) {
     const tm_ffn_task *tk = &tasks[q];

@@ -7,8 +7,12 @@ and hand out tensor views into the mapping, so loading never holds a second copy
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import math
+import mmap
+import os
 import struct
 from pathlib import Path
 
@@ -112,16 +116,18 @@ is read again (see populate). A fresh read of a 1 GB shard maps 92-96% of it by 
 REREAD_MIN = 512 << 20
 
 
+@functools.cache
+def _libc_madvise():
+    fn = ctypes.CDLL(None, use_errno=True).madvise
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return fn
+
+
 def madvise(addr: int, length: int, advice: int) -> bool:
     """madvise(2) on [addr, addr + length), widened to whole pages. Best effort: False where the
     kernel refuses (too old, or not a mapping it applies to)."""
-    import ctypes
-    import mmap
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     start = addr // mmap.PAGESIZE * mmap.PAGESIZE
-    return length <= 0 or libc.madvise(start, addr + length - start, advice) == 0
+    return length <= 0 or _libc_madvise()(start, addr + length - start, advice) == 0
 
 
 def file_mappings() -> dict[int, dict]:
@@ -176,8 +182,6 @@ def populate(tensors) -> bool:
 def reread(path: str) -> bool:
     """Drop `path`'s unmapped pages from the page cache and read it back sequentially (readahead then
     fills the cache with large folios). False where the file is gone."""
-    import os
-
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
