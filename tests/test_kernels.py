@@ -69,6 +69,31 @@ def test_prefill_gemm_matches_the_reference_for_every_group_shape(n):
     assert max(rel(out[j], ref[j]) for j in range(n)) < 3 * TOL  # no token left out or misplaced
 
 
+def test_prefill_experts_give_the_same_bits_on_any_number_of_threads():
+    """Prefill tasks go to the threads as work items in whatever order the threads come free; each
+    output must still be computed by one thread in one order. Experts from 1 to ~100 tokens (dot-product
+    and GEMM tasks mixed), more neurons and hidden rows than one work item takes."""
+    d, i, e, t = 520, 300, 12, 160
+    gate, up, down = experts(e, i, d, seed=7)
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(t, d, generator=gen).to(torch.bfloat16)
+    probs = torch.tensor([2.0**-j for j in range(e)])  # skewed: the last experts get a few tokens
+    ids = torch.stack([torch.multinomial(probs, 3, generator=gen) for _ in range(t)])
+    w = torch.rand(t, 3, generator=gen)
+    counts = torch.bincount(ids.flatten(), minlength=e)
+    assert counts.max() > 64 and 0 < counts[counts > 0].min() < 8
+    table, before = kernels.ExpertTable(gate, up, down), torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(kernels.moe(x, w, ids, table, "silu", kernels.Workspace()))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert rel(outs[0], reference(x, w, ids, gate, up, down)) < TOL
+
+
 @pytest.mark.parametrize("act", ["silu", "gelu", "relu"])
 def test_ffn_tasks_over_neuron_ranges_sum_to_the_whole_expert(act):
     """Tiles in the store layout ([3, n, D], down transposed) over uneven ranges add up to the expert."""

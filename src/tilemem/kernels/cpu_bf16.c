@@ -10,7 +10,8 @@
  * Threads: OpenMP (the same libgomp that torch loaded). An expert FFN is split across threads
  * by neuron range for gate/up (each thread its contiguous rows), then by hidden rows for down
  * (checkpoint layout [D, I]: each thread a contiguous block of rows) or by neuron range with
- * per-thread partial sums (tile layout, down stored transposed [n, D]).
+ * per-thread partial sums (tile layout, down stored transposed [n, D]). Prefill-sized tasks go to
+ * the threads as work items (neuron chunks, then hidden-row chunks) as the threads come free.
  *
  * Shape legend: T tokens, D hidden, n neurons of a task, K reduction length, N output rows.
  */
@@ -167,8 +168,8 @@ static inline void transpose16(__m512i r[16]) {
   for (int i = 0; i < 16; i++) r[i] = t[i];
 }
 
-/* p[kp * GB + j] = pair kp of row j of the group, j < nt (row j: base + idx[j] * ld, or base + j * ld
- * without idx); zero for j in [nt, GB). 16 tokens x 16 pairs at a time, transposed in registers: a
+/* p[kp * GB + j] = pair kp of row j of the group, j < nt (row j: base + idx[j] * ld); zero for j in
+ * [nt, GB). 16 tokens x 16 pairs at a time, transposed in registers: a
  * pair-at-a-time gather from rows 4 KiB apart misses L1 on every read. */
 static void pack_pairs(const uint16_t *base, int64_t ld, const int32_t *idx, int nt, int64_t K, uint32_t *p) {
   int64_t KP = K / 2, kp0 = 0;
@@ -176,14 +177,14 @@ static void pack_pairs(const uint16_t *base, int64_t ld, const int32_t *idx, int
     for (int j0 = 0; j0 < GB; j0 += 16) {
       __m512i r[16];
       for (int i = 0; i < 16; i++)
-        r[i] = j0 + i < nt ? _mm512_loadu_si512(base + (idx ? idx[j0 + i] : j0 + i) * ld + 2 * kp0)
+        r[i] = j0 + i < nt ? _mm512_loadu_si512(base + idx[j0 + i] * ld + 2 * kp0)
                            : _mm512_setzero_si512();
       if (j0 < nt) transpose16(r);
       for (int k = 0; k < 16; k++) _mm512_store_si512(p + (kp0 + k) * GB + j0, r[k]);
     }
   for (int64_t kp = kp0; kp < KP; kp++) {
     uint32_t *d = p + kp * GB;
-    for (int j = 0; j < nt; j++) memcpy(d + j, base + (idx ? idx[j] : j) * ld + 2 * kp, 4);
+    for (int j = 0; j < nt; j++) memcpy(d + j, base + idx[j] * ld + 2 * kp, 4);
     for (int j = nt; j < GB; j++) d[j] = 0;
   }
 }
@@ -255,12 +256,11 @@ static int plan_groups(int64_t ntok, int *units, int64_t *first) {
 #define GEMM_SPAN 8 /* groups packed at once: one pass over the weights each (bounds the pack buffer) */
 
 /* Packs groups [gb, ge) of a task (see plan_groups) into pk, group g at pk + (g - gb) * GB * K / 2;
- * token j is row base + idx[j] * ld, or base + j * ld without idx. */
+ * token j is row base + idx[j] * ld. */
 static void pack_span(const uint16_t *base, int64_t ld, const int32_t *idx, const int64_t *first, int gb, int ge,
                       int64_t K, uint32_t *pk) {
   for (int g = gb; g < ge; g++)
-    pack_pairs(idx ? base : base + first[g] * ld, ld, idx ? idx + first[g] : NULL, (int)(first[g + 1] - first[g]),
-               K, pk + (g - gb) * GB * (K / 2));
+    pack_pairs(base, ld, idx + first[g], (int)(first[g + 1] - first[g]), K, pk + (g - gb) * GB * (K / 2));
 }
 
 /* Rows per GEMM block: 8 weight rows at the same column sit 4 KiB apart in one L1 set (8 ways); 12
@@ -409,19 +409,113 @@ static void down_t_rows(const uint16_t *w, int64_t ld, const uint16_t *h, float 
   }
 }
 
-/* The tasks' FFNs, run by every thread of the enclosing parallel region (see tm_ffn_tasks_bf16). */
+/* 16 fp32 lanes rounded to bf16 like f2bf, each in the low half of its 32-bit lane. */
+static inline __m512i f2bf16(__m512 f) {
+  __m512i u = _mm512_castps_si512(f), one = _mm512_set1_epi32(1);
+  __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), one))),
+      16);
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+}
+
+/* Activations g [R][GB] (R even) of nb token vectors, rounded to bf16, into a down GEMM's packed group
+ * (see pack_pairs): p[r / 2][j] = (g[r][j], g[r + 1][j]). The same words pack_pairs makes of the rows of h. */
+static void pack_act_rows(const float *g, int R, int nb, uint32_t *p) {
+  for (int r = 0; r < R; r += 2)
+    for (int b = 0; b < nb; b++) {
+      __m512i lo = f2bf16(_mm512_loadu_ps(g + r * GB + 16 * b)), hi = f2bf16(_mm512_loadu_ps(g + (r + 1) * GB + 16 * b));
+      _mm512_store_si512(p + (r / 2) * GB + 16 * b, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+}
+
+/* Gate and up GEMMs of rows [i0, i1) of task tk over its packed token groups [gb, ge) (pk: pack_span's
+ * output), then the activation, into row-major hq [ntok][n] or, with ph, into the task's packed groups
+ * for the down GEMM (group g at ph + g * n / 2 * GB). go, uo: GEMM_ROWS x GB fp32 each. */
+static void gate_up_gemm(const tm_ffn_task *tk, int64_t D, int act, int64_t i0, int64_t i1, int gb, int ge,
+                         const int *units, const int64_t *first, const uint32_t *pk, float *go, float *uo,
+                         uint16_t *hq, uint32_t *ph) {
+  for (int64_t i = i0; i < i1; i += GEMM_ROWS) {
+    int R = i1 - i < GEMM_ROWS ? (int)(i1 - i) : GEMM_ROWS;
+    const uint16_t *gw = tk->gate + i * tk->ld_gu, *uw = tk->up + i * tk->ld_gu;
+    const uint16_t *next = i + GEMM_ROWS < i1 ? gw + GEMM_ROWS * tk->ld_gu : NULL;
+    for (int g = gb; g < ge; g++) { /* the first group's pass prefetches the next weights */
+      const uint32_t *pg = pk + (g - gb) * GB * (D / 2);
+      gemm_rows(gw, tk->ld_gu, R, pg, units[g], D, go, g > gb ? NULL : uw);
+      gemm_rows(uw, tk->ld_gu, R, pg, units[g], D, uo, g > gb ? NULL : next);
+      act_gemm_rows(act, go, uo, R, (units[g] + 1) / 2);
+      if (ph) {
+        pack_act_rows(go, R, (units[g] + 1) / 2, ph + g * (tk->n / 2) * GB + (i / 2) * GB);
+        continue;
+      }
+      for (int64_t j = first[g]; j < first[g + 1]; j++)
+        for (int r = 0; r < R; r++) hq[j * tk->n + i + r] = f2bf(go[r * GB + j - first[g]]);
+    }
+  }
+}
+
+/* Down rows [d0, d1) of task tk into out: from its packed activation groups ph (see gate_up_gemm) or, without,
+ * from row-major hq by dot products. after: weights to prefetch when the GEMM reaches d1 (or NULL). */
+static void down_rows(const tm_ffn_task *tk, float *out, int64_t D, int64_t d0, int64_t d1, const uint16_t *hq,
+                      const uint32_t *ph, const uint16_t *after, int *units, int64_t *first, float *go) {
+  if (ph) {
+    int ngr = plan_groups(tk->ntok, units, first);
+    for (int64_t d = d0; d < d1; d += GEMM_ROWS) {
+      int R = d1 - d < GEMM_ROWS ? (int)(d1 - d) : GEMM_ROWS;
+      const uint16_t *dw = tk->down + d * tk->ld_down;
+      const uint16_t *next = d + GEMM_ROWS < d1 ? dw + GEMM_ROWS * tk->ld_down : after;
+      for (int g = 0; g < ngr; g++) {
+        gemm_rows(dw, tk->ld_down, R, ph + g * (tk->n / 2) * GB, units[g], tk->n, go, g ? NULL : next);
+        for (int64_t j = first[g]; j < first[g + 1]; j++) {
+          float *yj = out + (int64_t)tk->tok[j] * D, s = tk->scale[j];
+          for (int r = 0; r < R; r++) yj[d + r] += s * go[r * GB + j - first[g]];
+        }
+      }
+    }
+    return;
+  }
+  float res[4][TB];
+  for (int64_t d = d0; d < d1; d += 4) {
+    int R = d1 - d < 4 ? (int)(d1 - d) : 4;
+    for (int64_t j0 = 0; j0 < tk->ntok; j0 += TB) {
+      int mt = tk->ntok - j0 < TB ? (int)(tk->ntok - j0) : TB;
+      const uint16_t *hs[TB];
+      for (int j = 0; j < mt; j++) hs[j] = hq + (j0 + j) * tk->n;
+      dot_rows(tk->down + d * tk->ld_down, tk->ld_down, R, hs, mt, tk->n, res, 0);
+      for (int j = 0; j < mt; j++) {
+        float *yj = out + (int64_t)tk->tok[j0 + j] * D;
+        for (int r = 0; r < R; r++) yj[d + r] += tk->scale[j0 + j] * res[r][j];
+      }
+    }
+  }
+}
+
+/* Work items of the prefill GEMMs, handed out to the threads as they come free (one core here often
+ * runs 5-10% slower than the other, and a static split waits for it): gate/up in chunks of ITEM_ROWS
+ * neurons of one task, down in chunks of ITEM_D hidden rows of all tasks in order. Every output element
+ * is computed by one thread in the same order as with a static split, so results do not depend on the
+ * schedule. */
+#define ITEM_ROWS 128
+#define ITEM_D 64
+
+/* The tasks' FFNs, run by every thread of the enclosing parallel region (see tm_ffn_tasks_bf16). Tasks
+ * of GEMM_MIN tokens or more (checkpoint layout) go through the GEMMs as work items, with the gate/up
+ * output packed straight into the down GEMM's layout; the others split by a static row range. */
 static void ffn_tasks_body(const uint16_t *x, float *out, int64_t T, int64_t D, const tm_ffn_task *tasks,
                            int64_t ntasks, int act, float *scratch, uint16_t *h) {
-  int64_t *offs = (int64_t *)malloc(sizeof(int64_t) * (ntasks + 1));
+  int64_t *offs = (int64_t *)malloc(sizeof(int64_t) * (ntasks + 1) * 3);
+  int64_t *poff = offs + ntasks + 1, *ioff = poff + ntasks + 1; /* packed-h words, items before task q */
   int any_t = 0;
   int64_t kmax = D, gmax = 0;
-  offs[0] = 0;
+  offs[0] = poff[0] = ioff[0] = 0;
   for (int64_t q = 0; q < ntasks; q++) {
-    kmax = tasks[q].n > kmax ? tasks[q].n : kmax;
-    offs[q + 1] = offs[q] + tasks[q].n * tasks[q].ntok;
-    any_t |= tasks[q].down_t;
-    if (tasks[q].ntok >= GEMM_MIN)
-      gmax = task_groups(tasks[q].ntok) > gmax ? task_groups(tasks[q].ntok) : gmax;
+    const tm_ffn_task *tk = &tasks[q];
+    int gemm = tk->ntok >= GEMM_MIN && D % 2 == 0, dyn = gemm && !tk->down_t && tk->n % 2 == 0;
+    kmax = tk->n > kmax ? tk->n : kmax;
+    offs[q + 1] = offs[q] + tk->n * tk->ntok;
+    any_t |= tk->down_t;
+    if (gemm) gmax = task_groups(tk->ntok) > gmax ? task_groups(tk->ntok) : gmax;
+    poff[q + 1] = poff[q] + (dyn ? task_groups(tk->ntok) * (tk->n / 2) * GB : 0);
+    ioff[q + 1] = ioff[q] + (dyn ? (task_groups(tk->ntok) + GEMM_SPAN - 1) / GEMM_SPAN * ((tk->n + ITEM_ROWS - 1) / ITEM_ROWS) : 0);
   }
   int nt = omp_get_num_threads(), t = omp_get_thread_num();
   float *yp = t == 0 ? out : scratch + (int64_t)(t - 1) * T * D; /* partial sums (transposed down) */
@@ -433,9 +527,15 @@ static void ffn_tasks_body(const uint16_t *x, float *out, int64_t T, int64_t D, 
   uint32_t *pk = gmax ? (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * GB * (kmax / 2 + 1) * GEMM_SPAN) : NULL;
   int *units = gmax ? (int *)malloc(sizeof(int) * gmax) : NULL;
   int64_t *first = gmax ? (int64_t *)malloc(sizeof(int64_t) * (gmax + 1)) : NULL;
-  /* phase 1: gate/up rows of this thread's neuron range, activation, and transposed downs */
+  uint32_t *ph = NULL; /* the GEMM tasks' packed activations, shared */
+  if (ioff[ntasks]) {
+#pragma omp single copyprivate(ph)
+    ph = (uint32_t *)aligned_alloc(64, (sizeof(uint32_t) * poff[ntasks] + 63) / 64 * 64);
+  }
+  /* phase 1a: the other tasks, each thread its neuron range: gate/up, activation, transposed downs */
   for (int64_t q = 0; q < ntasks; q++) {
     const tm_ffn_task *tk = &tasks[q];
+    if (ioff[q + 1] > ioff[q]) continue;
     int64_t i0, i1;
     split(tk->n, nt, t, 32, &i0, &i1);
     if (tk->ntok >= GEMM_MIN && D % 2 == 0) { /* prefill: packed token groups, all groups per row block */
@@ -443,19 +543,7 @@ static void ffn_tasks_body(const uint16_t *x, float *out, int64_t T, int64_t D, 
       for (int gb = 0, ge; gb < ngr; gb = ge) {
         ge = gb + GEMM_SPAN < ngr ? gb + GEMM_SPAN : ngr;
         pack_span(x, D, tk->tok, first, gb, ge, D, pk);
-        for (int64_t i = i0; i < i1; i += GEMM_ROWS) {
-          int R = i1 - i < GEMM_ROWS ? (int)(i1 - i) : GEMM_ROWS;
-          const uint16_t *gw = tk->gate + i * tk->ld_gu, *uw = tk->up + i * tk->ld_gu;
-          const uint16_t *next = i + GEMM_ROWS < i1 ? gw + GEMM_ROWS * tk->ld_gu : NULL;
-          for (int g = gb; g < ge; g++) { /* the first group's pass prefetches the next weights */
-            const uint32_t *pg = pk + (g - gb) * GB * (D / 2);
-            gemm_rows(gw, tk->ld_gu, R, pg, units[g], D, go, g > gb ? NULL : uw);
-            gemm_rows(uw, tk->ld_gu, R, pg, units[g], D, uo, g > gb ? NULL : next);
-            act_gemm_rows(act, go, uo, R, (units[g] + 1) / 2);
-            for (int64_t j = first[g]; j < first[g + 1]; j++)
-              for (int r = 0; r < R; r++) h[offs[q] + j * tk->n + i + r] = f2bf(go[r * GB + j - first[g]]);
-          }
-        }
+        gate_up_gemm(tk, D, act, i0, i1, gb, ge, units, first, pk, go, uo, h + offs[q], NULL);
       }
     } else {
       for (int64_t i = i0; i < i1; i += 4) { /* rows outer: a 4-row block stays in L1 for every token block */
@@ -480,47 +568,44 @@ static void ffn_tasks_body(const uint16_t *x, float *out, int64_t T, int64_t D, 
     for (int64_t j = 0; j < tk->ntok; j++)
       down_t_rows(tk->down, tk->ld_down, h + offs[q] + j * tk->n, tk->scale[j], i0, i1, D, yp + (int64_t)tk->tok[j] * D);
   }
+  /* phase 1b: the GEMM tasks' items (task, span of groups, neuron chunk); a thread packs a span's tokens once */
+  if (ioff[ntasks]) {
+    int64_t cq = -1, cgb = -1;
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t it = 0; it < ioff[ntasks]; it++) {
+      int64_t q = 0;
+      while (ioff[q + 1] <= it) q++;
+      const tm_ffn_task *tk = &tasks[q];
+      int64_t chunks = (tk->n + ITEM_ROWS - 1) / ITEM_ROWS, c = (it - ioff[q]) % chunks;
+      int ngr = plan_groups(tk->ntok, units, first), gb = (int)((it - ioff[q]) / chunks) * GEMM_SPAN;
+      int ge = gb + GEMM_SPAN < ngr ? gb + GEMM_SPAN : ngr;
+      if (q != cq || gb != cgb) pack_span(x, D, tk->tok, first, gb, ge, D, pk);
+      cq = q, cgb = gb;
+      int64_t i1 = (c + 1) * ITEM_ROWS < tk->n ? (c + 1) * ITEM_ROWS : tk->n;
+      gate_up_gemm(tk, D, act, c * ITEM_ROWS, i1, gb, ge, units, first, pk, go, uo, NULL, ph + poff[q]);
+    }
+  }
 #pragma omp barrier
-  /* phase 2: checkpoint-layout downs, this thread's block of hidden rows, straight into out */
-  int64_t d0, d1;
-  split(D, nt, t, 16, &d0, &d1);
-  for (int64_t q = 0; q < ntasks; q++) {
-    const tm_ffn_task *tk = &tasks[q];
-    if (tk->down_t) continue;
-    if (tk->ntok >= GEMM_MIN && tk->n % 2 == 0) { /* prefill: packed token groups, all groups per row block */
-      int ngr = plan_groups(tk->ntok, units, first);
-      for (int gb = 0, ge; gb < ngr; gb = ge) {
-        ge = gb + GEMM_SPAN < ngr ? gb + GEMM_SPAN : ngr;
-        pack_span(h + offs[q], tk->n, NULL, first, gb, ge, tk->n, pk);
-        for (int64_t d = d0; d < d1; d += GEMM_ROWS) {
-          int R = d1 - d < GEMM_ROWS ? (int)(d1 - d) : GEMM_ROWS;
-          const uint16_t *dw = tk->down + d * tk->ld_down;
-          const uint16_t *next = d + GEMM_ROWS < d1 ? dw + GEMM_ROWS * tk->ld_down : NULL;
-          for (int g = gb; g < ge; g++) {
-            const uint32_t *pg = pk + (g - gb) * GB * (tk->n / 2);
-            gemm_rows(dw, tk->ld_down, R, pg, units[g], tk->n, go, g > gb ? NULL : next);
-            for (int64_t j = first[g]; j < first[g + 1]; j++) {
-              float *yj = out + (int64_t)tk->tok[j] * D, s = tk->scale[j];
-              for (int r = 0; r < R; r++) yj[d + r] += s * go[r * GB + j - first[g]];
-            }
-          }
-        }
-      }
-      continue;
-    }
-    for (int64_t d = d0; d < d1; d += 4) {
-      int R = d1 - d < 4 ? (int)(d1 - d) : 4;
-      for (int64_t j0 = 0; j0 < tk->ntok; j0 += TB) {
-        int mt = tk->ntok - j0 < TB ? (int)(tk->ntok - j0) : TB;
-        const uint16_t *hs[TB];
-        for (int j = 0; j < mt; j++) hs[j] = h + offs[q] + (j0 + j) * tk->n;
-        dot_rows(tk->down + d * tk->ld_down, tk->ld_down, R, hs, mt, tk->n, res, 0);
-        for (int j = 0; j < mt; j++) {
-          float *yj = out + (int64_t)tk->tok[j0 + j] * D;
-          for (int r = 0; r < R; r++) yj[d + r] += tk->scale[j0 + j] * res[r][j];
-        }
+  /* phase 2: checkpoint-layout downs into out, by hidden rows; each row of out is one thread's, all tasks in order */
+  if (ioff[ntasks]) {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t c = 0; c < (D + ITEM_D - 1) / ITEM_D; c++) {
+      int64_t d0 = c * ITEM_D, d1 = d0 + ITEM_D < D ? d0 + ITEM_D : D;
+      for (int64_t q = 0; q < ntasks; q++) {
+        if (tasks[q].down_t) continue;
+        int64_t q2 = q + 1; /* the next packed task, whose first rows to prefetch at d1 */
+        while (q2 < ntasks && ioff[q2 + 1] == ioff[q2]) q2++;
+        const uint16_t *after = q2 < ntasks ? tasks[q2].down + d0 * tasks[q2].ld_down : NULL;
+        int packed = ioff[q + 1] > ioff[q];
+        down_rows(&tasks[q], out, D, d0, d1, h + offs[q], packed ? ph + poff[q] : NULL, after, units, first, go);
       }
     }
+    if (t == 0) free(ph); /* every thread is past the loop's barrier */
+  } else {
+    int64_t d0, d1;
+    split(D, nt, t, 16, &d0, &d1);
+    for (int64_t q = 0; q < ntasks; q++)
+      if (!tasks[q].down_t) down_rows(&tasks[q], out, D, d0, d1, h + offs[q], NULL, NULL, units, first, go);
   }
   if (nt > 1 && any_t) {
 #pragma omp barrier
