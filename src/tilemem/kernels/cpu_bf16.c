@@ -502,8 +502,9 @@ static void down_rows(const tm_ffn_task *tk, float *out, int64_t D, int64_t d0, 
  * output packed straight into the down GEMM's layout; the others split by a static row range. */
 static void ffn_tasks_body(const uint16_t *x, float *out, int64_t T, int64_t D, const tm_ffn_task *tasks,
                            int64_t ntasks, int act, float *scratch, uint16_t *h) {
-  int64_t *offs = (int64_t *)malloc(sizeof(int64_t) * (ntasks + 1) * 3);
+  int64_t *offs = (int64_t *)malloc(sizeof(int64_t) * (ntasks + 1) * 4);
   int64_t *poff = offs + ntasks + 1, *ioff = poff + ntasks + 1; /* packed-h words, items before task q */
+  int64_t *nextp = ioff + ntasks + 1; /* the first packed task from q on (ntasks: none) */
   int any_t = 0;
   int64_t kmax = D, gmax = 0;
   offs[0] = poff[0] = ioff[0] = 0;
@@ -517,6 +518,8 @@ static void ffn_tasks_body(const uint16_t *x, float *out, int64_t T, int64_t D, 
     poff[q + 1] = poff[q] + (dyn ? task_groups(tk->ntok) * (tk->n / 2) * GB : 0);
     ioff[q + 1] = ioff[q] + (dyn ? (task_groups(tk->ntok) + GEMM_SPAN - 1) / GEMM_SPAN * ((tk->n + ITEM_ROWS - 1) / ITEM_ROWS) : 0);
   }
+  nextp[ntasks] = ntasks;
+  for (int64_t q = ntasks - 1; q >= 0; q--) nextp[q] = ioff[q + 1] > ioff[q] ? q : nextp[q + 1];
   int nt = omp_get_num_threads(), t = omp_get_thread_num();
   float *yp = t == 0 ? out : scratch + (int64_t)(t - 1) * T * D; /* partial sums (transposed down) */
   if (t && any_t) memset(yp, 0, sizeof(float) * T * D);
@@ -577,8 +580,9 @@ static void ffn_tasks_body(const uint16_t *x, float *out, int64_t T, int64_t D, 
       while (ioff[q + 1] <= it) q++;
       const tm_ffn_task *tk = &tasks[q];
       int64_t chunks = (tk->n + ITEM_ROWS - 1) / ITEM_ROWS, c = (it - ioff[q]) % chunks;
-      int ngr = plan_groups(tk->ntok, units, first), gb = (int)((it - ioff[q]) / chunks) * GEMM_SPAN;
+      int ngr = (int)task_groups(tk->ntok), gb = (int)((it - ioff[q]) / chunks) * GEMM_SPAN;
       int ge = gb + GEMM_SPAN < ngr ? gb + GEMM_SPAN : ngr;
+      if (q != cq) plan_groups(tk->ntok, units, first);
       if (q != cq || gb != cgb) pack_span(x, D, tk->tok, first, gb, ge, D, pk);
       cq = q, cgb = gb;
       int64_t i1 = (c + 1) * ITEM_ROWS < tk->n ? (c + 1) * ITEM_ROWS : tk->n;
@@ -593,11 +597,10 @@ static void ffn_tasks_body(const uint16_t *x, float *out, int64_t T, int64_t D, 
       int64_t d0 = c * ITEM_D, d1 = d0 + ITEM_D < D ? d0 + ITEM_D : D;
       for (int64_t q = 0; q < ntasks; q++) {
         if (tasks[q].down_t) continue;
-        int64_t q2 = q + 1; /* the next packed task, whose first rows to prefetch at d1 */
-        while (q2 < ntasks && ioff[q2 + 1] == ioff[q2]) q2++;
+        int64_t q2 = nextp[q + 1]; /* its first rows are prefetched at d1 */
         const uint16_t *after = q2 < ntasks ? tasks[q2].down + d0 * tasks[q2].ld_down : NULL;
-        int packed = ioff[q + 1] > ioff[q];
-        down_rows(&tasks[q], out, D, d0, d1, h + offs[q], packed ? ph + poff[q] : NULL, after, units, first, go);
+        const uint32_t *pq = nextp[q] == q ? ph + poff[q] : NULL;
+        down_rows(&tasks[q], out, D, d0, d1, h + offs[q], pq, after, units, first, go);
       }
     }
     if (t == 0) free(ph); /* every thread is past the loop's barrier */
