@@ -11,6 +11,7 @@ import torch
 
 from tilemem.engine.llm import LLM
 from tilemem.engine.sampling import SamplingParams
+from tilemem.errors import ConfigError
 from tilemem.layers.kv_cache import ForwardContext
 
 # Different lengths, strings and token-id lists mixed.
@@ -77,6 +78,19 @@ def test_greedy_output_is_the_same_alone_and_in_a_batch(family, llm_for):
         assert w.token_ids == a.token_ids
         assert b.text == a.text == w.text
         assert b.prompt_token_ids == a.prompt_token_ids
+
+
+def test_prefill_chunk_caps_the_prompt_tokens_of_a_pass_and_keeps_the_output(llm_for):
+    """Prompts cut into passes of at most `prefill_chunk` tokens (later passes attend to the cached part
+    of the prompt) give the tokens of whole-prompt passes."""
+    whole = llm_for("olmoe").generate(PROMPTS, GREEDY)
+    llm = llm_for("olmoe", prefill_chunk=5)
+    chunked = llm.generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in chunked] == [o.token_ids for o in whole]
+    passes = [s["prefill_tokens"] for s in llm.stats().steps if s["prefill_tokens"]]
+    assert max(passes) == 5 and sum(passes) == sum(len(o.prompt_token_ids) for o in whole)
+    with pytest.raises(ConfigError, match="prefill_chunk must be at least 1 token"):
+        LLM(llm.path, prefill_chunk=0)
 
 
 def test_requests_of_different_lengths_share_the_scheduler(llm_for):

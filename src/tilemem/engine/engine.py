@@ -50,6 +50,7 @@ class StepStats:
     def as_dict(self) -> dict[str, float]:
         """Plain numbers, tok/s included."""
         d = {"prefill": self.is_prefill, "batch": self.batch, "tokens": self.tokens, "seconds": self.seconds}
+        d |= {"prefill_tokens": self.prefill_tokens, "decode_tokens": self.decode_tokens}
         d["tok_s"] = self.tokens / self.seconds if self.seconds else 0.0
         return {**d, **(self.runtime or {})}
 

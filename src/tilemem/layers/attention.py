@@ -97,7 +97,8 @@ class Attention(nn.Module):
         v = v.view(b, t, self.hkv, self.hd).transpose(1, 2)
         q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
         keys, values = ctx.store(self.layer, k, v)  # [B, Hkv, L, hd]
+        gqa = self.h != self.hkv
         o = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=ctx.mask, scale=self.scale, enable_gqa=self.h != self.hkv
+            q, keys, values, attn_mask=ctx.attn_mask, is_causal=ctx.causal, scale=self.scale, enable_gqa=gqa
         )  # [B, H, T, hd]
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.h * self.hd))

@@ -115,4 +115,4 @@ class DSAttention(MLAttention):
         elif ctx.sparse_mask is None:
             raise ValueError(f"layer {self.layer} shares top-k keys, but no earlier layer of this pass ran an indexer")
         # Same cache, positions and slots; only the attention mask narrows to the kept keys.
-        return super().forward(x, replace(ctx, mask=ctx.sparse_mask), rope, cos, sin)
+        return super().forward(x, replace(ctx, mask=ctx.sparse_mask, causal=False), rope, cos, sin)

@@ -82,6 +82,10 @@ class ForwardContext:
     """[B, 1, T, kv_len] True where a query may attend a key."""
     contiguous: bool
     """Slots are 0..B-1, so cache rows can be sliced instead of gathered."""
+    causal: bool = False
+    """No row has a cached prefix (so kv_len == T): for every real token, `mask` is plain causal masking
+    (padding only ever follows a row's real tokens), so attention may use `is_causal` instead, which
+    skips the key blocks past each query block rather than computing and masking them."""
     sparse_mask: torch.Tensor | None = None
     """[B, 1, T, kv_len] mask of the last DSA indexer run in this pass; layers sharing its top-k read it."""
 
@@ -111,7 +115,13 @@ class ForwardContext:
             kv_len=kv_len,
             mask=mask.unsqueeze(1).to(dev),
             contiguous=slots == list(range(b)),
+            causal=max(starts) == 0,
         )
+
+    @property
+    def attn_mask(self) -> torch.Tensor | None:
+        """`mask` for scaled_dot_product_attention, None where it may use is_causal=self.causal."""
+        return None if self.causal else self.mask
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write new k [B, H, T, Dk], v [B, H, T, Dv]; return cached k, v [B, H, kv_len, D*]."""

@@ -82,5 +82,7 @@ class MLAttention(nn.Module):
         k = torch.cat([k_nope, k_rope.expand(b, self.h, t, self.dr)], dim=-1)  # [B, H, T, dn+dr]
         keys, values = ctx.store(self.layer, k, v)  # [B, H, L, dn+dr], [B, H, L, dv]
         # -> [B, H, T, dv]; keys are dn+dr wide, values dv wide (SDPA allows the widths to differ).
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask, scale=self.scale)
+        o = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=ctx.attn_mask, is_causal=ctx.causal, scale=self.scale
+        )
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.h * self.dv))
