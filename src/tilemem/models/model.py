@@ -65,8 +65,13 @@ class DecoderLayer(nn.Module):
         self._native_key: tuple = ()
         self._native_sources: tuple = ()
 
-    def forward(self, x, ctx, rope, cos, sin) -> torch.Tensor:
+    def forward(self, x, ctx, rope, cos, sin, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D]; with `keep` [B] token offsets, [B, 1, D]: every token's keys and
+        values still go to the cache, but the FFN runs on the kept token of each row only (the last
+        layer, where nothing else reads the other tokens' outputs)."""
         x = x + self.self_attn(self.input_layernorm(x), ctx, rope, cos, sin)
+        if keep is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), keep.to(x.device)].unsqueeze(1)  # [B, 1, D]
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def native_decode(self, x: torch.Tensor, ctx: ForwardContext, rope: RotaryEmbedding) -> kernels.DecodeLayer | None:
@@ -238,6 +243,9 @@ class MoECausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)  # [B, T, D]
         cos, sin = self.rope.table(ctx.positions, x.dtype)
         layers = self.model.layers
+        # Only the logits rows are read (no MTP head wants every token's hidden state): the last layer's
+        # FFN, a 1/num_layers share of a prefill, runs on those tokens alone.
+        keep = logits_at if logits_at is not None and not return_hidden and x.shape[1] > 1 else None
         i = 0
         while i < len(layers):
             run = self._native_run(i, x, ctx) if self.fused_decode and x.shape[1] == 1 else []
@@ -245,10 +253,12 @@ class MoECausalLM(nn.Module):
                 x = self._decode_native(i, run, x, ctx, cos, sin)
                 i += len(run)
             else:
-                x = layers[i](x, ctx, self.rope, cos, sin)
+                x = layers[i](x, ctx, self.rope, cos, sin, keep if i == len(layers) - 1 else None)
                 i += 1
         hidden = self.model.norm(x) if return_hidden else None  # [B, T, D]
-        if logits_at is not None:
+        if keep is not None:
+            x = x[:, 0]  # [B, D]
+        elif logits_at is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logits_at.to(x.device)]  # [B, D]
         logits = self.lm_head(self.model.norm(x)).float()
         return (logits, hidden) if return_hidden else logits
