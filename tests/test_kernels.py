@@ -169,6 +169,51 @@ def test_bf16_engine_runs_experts_and_linears_natively(make_ckpt):
     assert calls["decode_layers"] == 2  # the 2 decode steps after the first token: all layers in one call each
 
 
+@pytest.mark.parametrize(
+    "b,h,hkv,t,hd",
+    [(1, 4, 4, 1, 128), (2, 8, 2, 37, 64), (3, 6, 3, 101, 96), (1, 2, 1, 300, 128), (2, 2, 2, 49, 34)],
+)
+def test_prefill_attention_matches_causal_sdpa(b, h, hkv, t, hd):
+    """Causal attention over keys and values in cache slices (strided, GQA, odd lengths, key groups cut
+    anywhere): as close to the fp32 result as torch's own bf16 SDPA, and laid out [B, T, H, hd]."""
+    gen = torch.Generator().manual_seed(t)
+    q = torch.randn(b, t, h, hd, generator=gen).to(torch.bfloat16).transpose(1, 2)  # [B, H, T, hd], strided
+    cache = torch.randn(2, b + 1, hkv, t + 7, hd, generator=gen).to(torch.bfloat16)
+    keys, values = cache[0, 1:, :, :t], cache[1, 1:, :, :t]  # not the cache's first rows, not its full length
+    scale = hd**-0.5
+    args = dict(is_causal=True, scale=scale, enable_gqa=h != hkv)
+    exact = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), **args).transpose(1, 2)
+    torch_bf16 = F.scaled_dot_product_attention(q, keys, values, **args).transpose(1, 2)
+    ours = kernels.attn_prefill(q, keys, values, scale)
+    assert ours.shape == (b, t, h, hd) and ours.is_contiguous()
+    assert rel(ours, exact) <= 1.5 * rel(torch_bf16, exact) + 1e-4
+    assert (ours.float() - exact).abs().max() <= 1.5 * (torch_bf16.float() - exact).abs().max() + 1e-3
+
+
+def test_bf16_prefill_attention_runs_natively_without_a_cached_prefix(make_ckpt, monkeypatch):
+    """A prefill pass with no cached prefix goes through the native causal attention, later chunks of a
+    prompt (a cached prefix) through SDPA with the mask; the tokens are those of SDPA everywhere."""
+    from tilemem.engine.llm import LLM
+    from tilemem.engine.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompts = [list(range(40, 71)), [5, 9, 200, 31, 7]]
+    llm = LLM(make_ckpt("olmoe", "bf16"), dtype="bf16", prefill_chunk=16)
+    shapes = []
+    native = kernels.attn_prefill
+    monkeypatch.setattr(kernels, "attn_prefill", lambda q, *a: shapes.append(tuple(q.shape)) or native(q, *a))
+    got = llm.generate(prompts, params)
+    layers = llm.config.num_layers
+    assert shapes == [(1, llm.config.num_heads, 16, llm.config.head_dim)] * layers  # the first chunk only
+
+    def sdpa(q, keys, values, scale):  # what the layer computes without the kernel
+        o = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=scale, enable_gqa=True)
+        return o.transpose(1, 2).contiguous()
+
+    monkeypatch.setattr(kernels, "attn_prefill", sdpa)
+    assert [o.token_ids for o in llm.generate(prompts, params)] == [o.token_ids for o in got]
+
+
 @pytest.mark.parametrize("d", [64, 100])
 @pytest.mark.parametrize("rows", [(3, 2), (2, 350)])  # decode rows; a prefill (rows split over threads)
 def test_rms_norm_matches_the_torch_module(d, rows):

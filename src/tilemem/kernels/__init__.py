@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_bf16.c")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp", "-fPIC", "-shared"]
-ABI_VERSION = 4
+ABI_VERSION = 5
 ACTS = {"silu": 0, "gelu": 1, "relu": 2}
 MAX_ROWS = 16
 """Largest token count the dense linear kernel takes; bigger batches are compute-bound GEMMs (oneDNN)."""
@@ -136,6 +136,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.tm_rmsnorm_bf16.argtypes = [_vp, _i64, _i64, _vp, ctypes.c_float, _vp, _int]
     attn = [ctypes.POINTER(AttnLayer), _vp, _i64, _i64, _vp, _vp, _vp, _vp, _i64, _vp, _vp, _vp, _int, _vp, _vp]
     lib.tm_attn_decode_bf16.argtypes = attn
+    lib.tm_attn_prefill_bf16.argtypes = [_vp, _i64, _i64, _i64, _vp, _vp, _i64, _i64, _i64, _vp, *[_i64] * 5]
+    lib.tm_attn_prefill_bf16.argtypes += [ctypes.c_float, _int]
     lib.tm_decode_layers_bf16.argtypes = [ctypes.POINTER(DecodeLayer), _i64, _vp, _i64, _i64, _vp, _vp, _vp, _vp]
     lib.tm_decode_layers_bf16.argtypes += [_i64, _vp, _vp, _int, _vp, _vp, _vp, _vp, _vp]
     lib.tm_moe_bf16.argtypes = [_vp, _vp, _i64, _i64, _i64, _vp, _vp, _i64, _i64, _vp, _vp, _vp, _int, _int, _vp, _vp]
@@ -242,6 +244,23 @@ def ffn_tasks(x: torch.Tensor, tasks: list[tuple], act: str, ws: Workspace, out:
     _lib().tm_ffn_tasks_bf16(
         x.data_ptr(), out.data_ptr(), t, d, arr, len(tasks), ACTS[act], threads, scratch.data_ptr(), h.data_ptr()
     )
+
+
+def attn_prefill(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of a prefill with no cached prefix (query i attends keys 0..i), as
+    scaled_dot_product_attention(is_causal=True) computes it for bf16 (fp32 scores and softmax, bf16
+    probabilities times values in fp32). q [B, H, T, hd], keys/values [B, Hkv, T, hd] bf16, each with
+    unit stride along hd -> [B, T, H, hd] bf16, contiguous (the layout the o projection reads)."""
+    b, h, t, hd = q.shape
+    hkv = keys.shape[1]
+    if keys.stride() != values.stride() or q.stride(3) != 1 or keys.stride(3) != 1:
+        raise ValueError("attn_prefill needs unit stride along hd and the same strides for keys and values")
+    out = torch.empty(b, t, h, hd, dtype=torch.bfloat16)
+    _lib().tm_attn_prefill_bf16(
+        q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), keys.data_ptr(), values.data_ptr(), keys.stride(0),
+        keys.stride(1), keys.stride(2), out.data_ptr(), b, h, hkv, t, hd, scale, _threads(),
+    )  # fmt: skip
+    return out
 
 
 def attn_decode(

@@ -24,7 +24,7 @@
 
 #define TB 4 /* tokens per register block */
 
-int tm_abi_version(void) { return 4; }
+int tm_abi_version(void) { return 5; }
 
 static inline float bf2f(uint16_t v) {
   union { uint32_t u; float f; } c;
@@ -684,6 +684,105 @@ void tm_moe_bf16(const uint16_t *x, float *out, int64_t T, int64_t D, int64_t I,
   moe_plan p = moe_plan_make(T, D, I, ids, w, K, E, gate, up, down);
   tm_ffn_tasks_bf16(x, out, T, D, p.tasks, p.n, act, nthreads, scratch, h);
   moe_plan_free(&p);
+}
+
+/* Causal attention of a prefill with no cached prefix (query i attends keys 0..i), as scaled dot-product
+ * attention computes it for bf16: scores q.k in fp32, softmax in fp32, the unnormalized probabilities
+ * rounded to bf16 for the P.V product (fp32 accumulation), divided by their fp32 sum at the end.
+ * Both products are the prefill GEMM above: each (batch, kv head)'s keys are packed once as token
+ * groups (lanes: keys) and its values as pairs of keys (lanes: value features); then query blocks of
+ * 8 rows go to the threads as they come free, longest rows first (a causal row's cost grows with i).
+ * q [B, H, T, hd] at strides (sqb, sqh, sqt, 1); k, v [B, Hkv, T, hd] at (skb, skh, skt, 1), the same
+ * strides for both; out [B, T, H, hd] contiguous (what the o projection reads). */
+#define AQ 8 /* query rows per work item */
+
+/* Values j in [0, T) of one head as the P.V GEMM's packed groups: group dg (value features
+ * [dg * GB, dg * GB + GB)) at p + dg * KP * GB, p[kp][l] = (v[2kp][f], v[2kp + 1][f]), f = dg * GB + l;
+ * zero past T and past hd. KP = ceil(T / 2). */
+static void pack_values(const uint16_t *v, int64_t ld, int64_t T, int64_t hd, uint32_t *p) {
+  int64_t KP = (T + 1) / 2, ng = (hd + GB - 1) / GB;
+  for (int64_t dg = 0; dg < ng; dg++)
+    for (int64_t kp = 0; kp < KP; kp++) {
+      uint32_t *d = p + (dg * KP + kp) * GB;
+      const uint16_t *a = v + 2 * kp * ld, *b = 2 * kp + 1 < T ? a + ld : NULL;
+      for (int64_t l = 0; l < GB; l++) {
+        int64_t f = dg * GB + l;
+        d[l] = f < hd ? (uint32_t)a[f] | (b ? (uint32_t)b[f] << 16 : 0u) : 0u;
+      }
+    }
+}
+
+void tm_attn_prefill_bf16(const uint16_t *q, int64_t sqb, int64_t sqh, int64_t sqt, const uint16_t *k,
+                          const uint16_t *v, int64_t skb, int64_t skh, int64_t skt, uint16_t *out, int64_t B,
+                          int64_t H, int64_t Hkv, int64_t T, int64_t hd, float scale, int nthreads) {
+  int64_t ngk = task_groups(T), KPv = (T + 1) / 2, ngv = (hd + GB - 1) / GB, heads = B * Hkv;
+  int64_t kwords = ngk * GB * (hd / 2), vwords = ngv * KPv * GB, qblocks = (T + AQ - 1) / AQ;
+  uint32_t *pk = (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * (heads * (kwords + vwords) + 16));
+  uint32_t *pv = pk + heads * kwords;
+  int32_t *idx = (int32_t *)malloc(sizeof(int32_t) * (T + GB));
+  for (int64_t j = 0; j < T + GB; j++) idx[j] = (int32_t)(j < T ? j : 0);
+#pragma omp parallel num_threads(nthreads)
+  {
+    int *units = (int *)malloc(sizeof(int) * ngk);
+    int64_t *first = (int64_t *)malloc(sizeof(int64_t) * (ngk + 1));
+    int ngr = plan_groups(T, units, first);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t hh = 0; hh < heads; hh++) {
+      const uint16_t *kh = k + (hh / Hkv) * skb + (hh % Hkv) * skh, *vh = v + (hh / Hkv) * skb + (hh % Hkv) * skh;
+      pack_span(kh, skt, idx, first, 0, ngr, hd, pk + hh * kwords);
+      pack_values(vh, skt, T, hd, pv + hh * vwords);
+    }
+    int64_t ldp = 2 * KPv + 32; /* P rows, bf16, zero-padded to the even key count */
+    float *s = (float *)aligned_alloc(64, sizeof(float) * (AQ * T + AQ * GB + 16));
+    float *o = s + AQ * T;
+    uint16_t *pr = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * AQ * ldp + 64);
+    float sums[AQ];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < B * H * qblocks; it++) {
+      int64_t qb = qblocks - 1 - it / (B * H), bh = it % (B * H), b = bh / H, h = bh % H;
+      int64_t hh = b * Hkv + h / (H / Hkv), i0 = qb * AQ, R = T - i0 < AQ ? T - i0 : AQ, jend = i0 + R;
+      const uint16_t *qr = q + b * sqb + h * sqh + i0 * sqt;
+      for (int g = 0; g < ngr && first[g] < jend; g++) { /* scores of keys [0, jend) */
+        gemm_rows(qr, sqt, (int)R, pk + hh * kwords + g * GB * (hd / 2), units[g], hd, o, NULL);
+        int64_t n = first[g + 1] - first[g];
+        for (int64_t r = 0; r < R; r++) memcpy(s + r * T + first[g], o + r * GB, sizeof(float) * n);
+      }
+      int64_t kpad = (jend + 1) / 2 * 2;
+      for (int64_t r = 0; r < R; r++) { /* softmax of row i0 + r over keys 0..i0 + r */
+        float *sr = s + r * T, m = -INFINITY;
+        int64_t n = i0 + r + 1, j = 0;
+        for (j = 0; j < n; j++) m = sr[j] > m ? sr[j] : m;
+        __m512 mv = _mm512_set1_ps(m * scale), sc = _mm512_set1_ps(scale), acc = _mm512_setzero_ps();
+        uint16_t *p = pr + r * ldp;
+        for (j = 0; j + 16 <= n; j += 16) {
+          __m512 e = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), sc, mv));
+          acc = _mm512_add_ps(acc, e);
+          _mm256_storeu_si256((__m256i *)(p + j), _mm512_cvtepi32_epi16(f2bf16(e)));
+        }
+        float sum = _mm512_reduce_add_ps(acc);
+        for (; j < n; j++) {
+          float e = expf(sr[j] * scale - m * scale);
+          sum += e;
+          p[j] = f2bf(e);
+        }
+        for (; j < kpad; j++) p[j] = 0;
+        sums[r] = sum;
+      }
+      uint16_t *orow = out + (b * T + i0) * H * hd + h * hd;
+      for (int64_t dg = 0; dg < ngv; dg++) { /* out = P.V / sum */
+        int64_t f0 = dg * GB, nf = hd - f0 < GB ? hd - f0 : GB;
+        gemm_rows(pr, ldp, (int)R, pv + hh * vwords + dg * KPv * GB, (int)((nf + 7) / 8), kpad, o, NULL);
+        for (int64_t r = 0; r < R; r++)
+          for (int64_t f = 0; f < nf; f++) orow[r * H * hd + f0 + f] = f2bf(o[r * GB + f] / sums[r]);
+      }
+    }
+    free(s);
+    free(pr);
+    free(units);
+    free(first);
+  }
+  free(idx);
+  free(pk);
 }
 
 /* RMSNorm of one row x [D] into y (y may be x): bf16(w * bf16(x * rsqrt(mean(x^2) + eps))), the same

