@@ -39,10 +39,11 @@ from tilemem.models.model import MoECausalLM
 TIMED = [
     (kernels, "decode_layers", "decoder layers kernel (all, one call)"),
     (kernels, "attn_decode", "attention kernel"),
+    (kernels, "attn_prefill", "attention kernel (prefill)"),
     (kernels, "moe", "expert kernel"),
     (kernels, "linear", "other linears (router, LM head)"),
     (F, "linear", "torch linears (prefill q/k/v/o, router)"),
-    (F, "scaled_dot_product_attention", "torch attention (prefill)"),
+    (F, "scaled_dot_product_attention", "torch attention (prefill with a cached prefix)"),
     (Attention, "forward", "attention module"),
     (MoEBlock, "forward", "MoE block"),
     (Router, "forward", "router"),
