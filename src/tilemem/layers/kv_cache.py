@@ -82,6 +82,8 @@ class ForwardContext:
     """[B, 1, T, kv_len] True where a query may attend a key."""
     contiguous: bool
     """Slots are 0..B-1, so cache rows can be sliced instead of gathered."""
+    uniform_start: int | None = None
+    """Where every row starts, when all start there and add T real tokens (new keys: one slice per row)."""
     causal: bool = False
     """No row has a cached prefix (so kv_len == T): for every real token, `mask` is plain causal masking
     (padding only ever follows a row's real tokens), so attention may use `is_causal` instead, which
@@ -115,6 +117,7 @@ class ForwardContext:
             kv_len=kv_len,
             mask=mask.unsqueeze(1).to(dev),
             contiguous=slots == list(range(b)),
+            uniform_start=starts[0] if len(set(starts)) == 1 and len(set(lengths)) == 1 else None,
             causal=max(starts) == 0,
         )
 
@@ -141,6 +144,8 @@ class ForwardContext:
         b, _, t, _ = new.shape
         if t == 1 and self.contiguous:  # decode fast path: one position per row
             c[torch.arange(b, device=c.device), :, self.positions[:, 0]] = new[:, :, 0]
+        elif self.uniform_start is not None and self.contiguous:  # e.g. a prefill of equal prompts
+            c[:b, :, self.uniform_start : self.uniform_start + t] = new
         else:
             bi, ti = self.valid.nonzero(as_tuple=True)  # [N], [N]
             c[self.slots[bi], :, self.positions[bi, ti]] = new.permute(0, 2, 1, 3)[bi, ti]
