@@ -76,6 +76,12 @@ def check_fp32_parity(path, device: str = "cpu") -> None:
     logits = model(ids, ctx)
     for i, (_, _, prefill) in enumerate(refs):
         assert rel_err(logits[i, : PROMPT_LENS[i]], prefill) < 1e-4
+    # The engine's pass: logits at each row's last token only (the last layer runs that token alone).
+    fresh = model.allocate_cache(len(batch), max(PROMPT_LENS) + 1)
+    ctx_last = ForwardContext.build(fresh, list(range(len(batch))), [0] * len(batch), PROMPT_LENS)
+    last = model(ids, ctx_last, logits_at=torch.tensor(PROMPT_LENS) - 1)  # [B, V]
+    for i, (_, _, prefill) in enumerate(refs):
+        assert rel_err(last[i], prefill[PROMPT_LENS[i] - 1]) < 1e-4
     for step in range(DECODE_STEPS):
         if step == 0:
             step_logits = torch.stack([logits[i, n - 1] for i, n in enumerate(PROMPT_LENS)])

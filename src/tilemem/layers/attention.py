@@ -72,8 +72,16 @@ class Attention(nn.Module):
         return self._native
 
     def forward(
-        self, x: torch.Tensor, ctx: ForwardContext, rope: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor
+        self,
+        x: torch.Tensor,
+        ctx: ForwardContext,
+        rope: RotaryEmbedding,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D]. With `keep` [B] token offsets, [B, 1, D]: every token's keys and values
+        go to the cache, but only the kept token of each row queries them (see DecoderLayer)."""
         b, t, _ = x.shape
         keys, values = ctx.cache.keys[self.layer], ctx.cache.values[self.layer]
         decode = t == 1 and not rope.interleave and kernels.usable(x) and keys.dtype == torch.bfloat16
@@ -84,19 +92,29 @@ class Attention(nn.Module):
                 ctx.positions[:, 0].contiguous(), self._ws,
             )  # fmt: skip
             return out.view(b, 1, -1)
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H*hd], [B, T, Hkv*hd] x2
+        rows = torch.arange(b, device=x.device)
+        xq = x if keep is None else x[rows, keep].unsqueeze(1)  # [B, Tq, D]: the querying tokens
+        tq = xq.shape[1]
+        q, k, v = self.q_proj(xq), self.k_proj(x), self.v_proj(x)  # [B, Tq, H*hd], [B, T, Hkv*hd] x2
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip is not None:
             q, k, v = (z.clamp(-self.clip, self.clip) for z in (q, k, v))
-        q = q.view(b, t, self.h, self.hd)
+        q = q.view(b, tq, self.h, self.hd)
         k = k.view(b, t, self.hkv, self.hd)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, hd], [B, Hkv, T, hd]
         v = v.view(b, t, self.hkv, self.hd).transpose(1, 2)
-        q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+        qcos, qsin = (cos, sin) if keep is None else (cos[rows, :, keep].unsqueeze(2), sin[rows, :, keep].unsqueeze(2))
+        q, k = rope.apply(q, qcos, qsin), rope.apply(k, cos, sin)
         keys, values = ctx.store(self.layer, k, v)  # [B, Hkv, L, hd]
+        if keep is not None:  # one query per row, at its kept token: its row of the mask
+            o = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=ctx.mask[rows, :, keep].unsqueeze(2), scale=self.scale,
+                enable_gqa=self.h != self.hkv,
+            )  # fmt: skip
+            return self.o_proj(o.transpose(1, 2).reshape(b, 1, self.h * self.hd))
         native = ctx.causal and t > 1 and kernels.usable(q) and keys.dtype == torch.bfloat16
         if native and self.hd % 2 == 0 and keys.stride() == values.stride():
             o = kernels.attn_prefill(q, keys, values, self.scale)  # [B, T, H, hd], half SDPA's time here

@@ -69,9 +69,16 @@ class DecoderLayer(nn.Module):
         """x [B, T, D] -> [B, T, D]; with `keep` [B] token offsets, [B, 1, D]: every token's keys and
         values still go to the cache, but the FFN runs on the kept token of each row only (the last
         layer, where nothing else reads the other tokens' outputs)."""
-        x = x + self.self_attn(self.input_layernorm(x), ctx, rope, cos, sin)
         if keep is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), keep.to(x.device)].unsqueeze(1)  # [B, 1, D]
+            keep = keep.to(x.device)
+            kept = x[torch.arange(x.shape[0], device=x.device), keep].unsqueeze(1)  # [B, 1, D]
+            if isinstance(self.self_attn, Attention):  # queries, o projection: the kept tokens only
+                x = kept + self.self_attn(self.input_layernorm(x), ctx, rope, cos, sin, keep)
+            else:
+                x = x + self.self_attn(self.input_layernorm(x), ctx, rope, cos, sin)
+                x = x[torch.arange(x.shape[0], device=x.device), keep].unsqueeze(1)
+        else:
+            x = x + self.self_attn(self.input_layernorm(x), ctx, rope, cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def native_decode(self, x: torch.Tensor, ctx: ForwardContext, rope: RotaryEmbedding) -> kernels.DecodeLayer | None:
