@@ -3,7 +3,9 @@
 Runs each engine in its own subprocess (both models do not fit in RAM together), alternating
 tilemem / transformers / tilemem / ... so the machine's drifting memory bandwidth hits both alike,
 and prints medians, ratios, and decode speed against the read-bandwidth bound
-(bytes touched per token / measured DRAM read bandwidth).
+(bytes touched per token / measured DRAM read bandwidth). Each engine run times `--prefills`
+prefills of the same prompts (one of them followed by the decode) and reports their median: one
+prefill lasts 1-8 s, and this machine's speed swings by tens of percent within seconds.
 
     .venv/bin/python benchmarks/decode.py                      # olmoe-1b-7b, bf16, 2 threads
     .venv/bin/python benchmarks/decode.py --preset small --family olmoe --repeats 3
@@ -89,7 +91,7 @@ def warmup_batch(vocab: int, batch: int, length: int) -> list[list[int]]:
     return [[(t * 7 + 3) % (vocab - 11) + 10 for t in p] for p in prompt_batch(vocab, batch, length)]
 
 
-def run_tilemem(path: Path, batch: int, prompt_len: int, decode: int, threads: int) -> dict:
+def run_tilemem(path: Path, batch: int, prompt_len: int, decode: int, threads: int, prefills: int) -> dict:
     from tilemem.engine.llm import LLM
     from tilemem.engine.sampling import SamplingParams
 
@@ -97,16 +99,21 @@ def run_tilemem(path: Path, batch: int, prompt_len: int, decode: int, threads: i
     prompts = prompt_batch(llm.config.vocab_size, batch, prompt_len)
     params = SamplingParams(max_tokens=decode, temperature=0, ignore_eos=True)
     llm.generate(warmup_batch(llm.config.vocab_size, batch, prompt_len), SamplingParams(max_tokens=4, temperature=0))
+    prefill = []
+    for _ in range(prefills - 1):  # prefill only (the first token), then one more with the decode
+        llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+        prefill.append(llm.stats().prefill_tok_s)
     llm.generate(prompts, params)
     s = llm.stats()
+    prefill.append(s.prefill_tok_s)
     rss = peak_rss_bytes()  # before the bandwidth probe's buffer
     # The bandwidth drifts by tens of percent over minutes: judge each run by what the memory
     # gives right after it, in the same process.
     bw = dram_read_bandwidth(threads, gib=0.25, repeats=5)
-    return {"prefill_tok_s": s.prefill_tok_s, "decode_tok_s": s.decode_tok_s, "bw": bw, "peak_rss": rss}
+    return {"prefill_tok_s": statistics.median(prefill), "decode_tok_s": s.decode_tok_s, "bw": bw, "peak_rss": rss}
 
 
-def run_transformers(path: Path, batch: int, prompt_len: int, decode: int, threads: int) -> dict:
+def run_transformers(path: Path, batch: int, prompt_len: int, decode: int, threads: int, prefills: int) -> dict:
     import transformers
 
     torch.set_num_threads(threads)
@@ -115,9 +122,11 @@ def run_transformers(path: Path, batch: int, prompt_len: int, decode: int, threa
     with torch.inference_mode():
         warm = torch.tensor(warmup_batch(model.config.vocab_size, batch, prompt_len))
         model(warm, logits_to_keep=1)  # warm-up, same shape
-        t0 = time.perf_counter()
-        out = model(prompts, use_cache=True, logits_to_keep=1)  # as generate() does: last position only
-        prefill_s = time.perf_counter() - t0
+        prefill_s = []
+        for _ in range(prefills):  # as generate() does: last position only
+            t0 = time.perf_counter()
+            out = model(prompts, use_cache=True, logits_to_keep=1)
+            prefill_s.append(time.perf_counter() - t0)
         cache = out.past_key_values
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
         t0 = time.perf_counter()
@@ -126,12 +135,13 @@ def run_transformers(path: Path, batch: int, prompt_len: int, decode: int, threa
             cache = out.past_key_values
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
         decode_s = time.perf_counter() - t0
-    return {"prefill_tok_s": batch * prompt_len / prefill_s, "decode_tok_s": batch * (decode - 1) / decode_s}
+    prefill = statistics.median(batch * prompt_len / t for t in prefill_s)
+    return {"prefill_tok_s": prefill, "decode_tok_s": batch * (decode - 1) / decode_s}
 
 
 def worker(args: argparse.Namespace) -> None:
     fn = run_tilemem if args.worker == "tilemem" else run_transformers
-    result = fn(Path(args.dir), args.batch, args.prompt_len, args.decode, args.threads)
+    result = fn(Path(args.dir), args.batch, args.prompt_len, args.decode, args.threads, args.prefills)
     result.setdefault("peak_rss", peak_rss_bytes())
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -139,6 +149,7 @@ def worker(args: argparse.Namespace) -> None:
 def spawn(args: argparse.Namespace, engine: str, batch: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", engine, "--dir", args.dir, "--batch", str(batch)]
     cmd += ["--prompt-len", str(args.prompt_len), "--decode", str(args.decode), "--threads", str(args.threads)]
+    cmd += ["--prefills", str(args.prefills)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -155,6 +166,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--prefills", type=int, default=3, help="prefills per engine run (their median is reported)")
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--engines", default="tilemem,transformers")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
