@@ -238,9 +238,13 @@ def main() -> None:
             line = f"batch {b}: "
             if "transformers" in engines:
                 h = med[("transformers", b)]
+                pairs = zip(runs[("tilemem", b)], runs[("transformers", b)], strict=True)
+                per_round = [x["prefill_tok_s"] / y["prefill_tok_s"] for x, y in pairs]  # runs side by side
                 line += (
                     f"decode {t['decode_tok_s'] / h['decode_tok_s']:.2f}x transformers, "
-                    f"prefill {t['prefill_tok_s'] / h['prefill_tok_s']:.2f}x transformers"
+                    f"prefill {t['prefill_tok_s'] / h['prefill_tok_s']:.2f}x transformers (per round: "
+                    + ", ".join(f"{r:.2f}x" for r in per_round)
+                    + f"; median {statistics.median(per_round):.2f}x)"
                 )
             if b == 1:
                 line += f"; decode at {100 * t['decode_tok_s'] / bound:.0f}% of the read-bandwidth bound"
