@@ -3,7 +3,8 @@
 For each shape, alternates the torch path and the native kernel over rounds (cold weights: a working
 set of several layers, far beyond the last-level cache) and prints GB/s of weights read, GFLOP/s and
 the ratio kernel / torch; a plain 2-thread reduction gives the machine's read bandwidth at the time.
-The last case is a decode step's attention block over 16 layers: torch modules vs the fused call.
+Then a decode step's attention block over 16 layers (torch modules vs the fused call) and a prefill's
+causal attention over 16 layers (SDPA vs the native kernel).
 
     .venv/bin/python benchmarks/kernels.py [--rounds 3] [--threads 2]
 """
@@ -122,6 +123,18 @@ def main() -> None:
             )
         )
     cases.append(attention_case(mk, positions=300))
+    for b in (1, 4):  # a prefill's causal attention, 256 tokens per prompt, 16 heads of 128
+        q, k, v = (torch.randn(b, 16, 256, 128).to(torch.bfloat16) for _ in range(3))
+        cases.append(
+            (
+                f"prefill attn B={b}",
+                lambda q=q, k=k, v=v: [F.scaled_dot_product_attention(q, k, v, is_causal=True) for _ in range(16)],
+                lambda q=q, k=k, v=v: [kernels.attn_prefill(q, k, v, 128**-0.5) for _ in range(16)],
+                16,
+                3 * q.numel() * 2,
+                2 * 2 * b * 16 * 128 * 256 * 257 / 2,  # q.k and p.v over the causal half
+            )
+        )
     times = {(name, p): [] for name, *_ in cases for p in ("torch", "kernel")}
     bws = []
     for _ in range(args.rounds):
@@ -134,12 +147,12 @@ def main() -> None:
                 fn()
                 times[(name, path)].append(time.perf_counter() - t0)
     print(f"read bandwidth (2-thread fp32 sum, median): {statistics.median(bws) / 1e9:.1f} GB/s")
-    print(f"{'case':12s} {'torch GB/s':>10s} {'kernel GB/s':>11s} {'torch GFLOP/s':>13s} {'kernel GFLOP/s':>14s} ratio")
+    print(f"{'case':17s} {'torch GB/s':>10s} {'kernel GB/s':>11s} {'torch GFLOP/s':>13s} {'kernel GFLOP/s':>14s} ratio")
     for name, _, _, reps, nbytes, flops in cases:
         tt = statistics.median(times[(name, "torch")]) / reps
         tk = statistics.median(times[(name, "kernel")]) / reps
         print(
-            f"{name:12s} {nbytes / tt / 1e9:10.1f} {nbytes / tk / 1e9:11.1f} {flops / tt / 1e9:13.0f} "
+            f"{name:17s} {nbytes / tt / 1e9:10.1f} {nbytes / tk / 1e9:11.1f} {flops / tt / 1e9:13.0f} "
             f"{flops / tk / 1e9:14.0f} {tt / tk:5.2f}x"
         )
 
