@@ -104,7 +104,7 @@ class Attention(nn.Module):
         k = k.view(b, t, self.hkv, self.hd)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, hd], [B, Hkv, T, hd]
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, Tq, hd], [B, Hkv, T, hd]
         v = v.view(b, t, self.hkv, self.hd).transpose(1, 2)
         qcos, qsin = (cos, sin) if keep is None else (cos[rows, :, keep].unsqueeze(2), sin[rows, :, keep].unsqueeze(2))
         q, k = rope.apply(q, qcos, qsin), rope.apply(k, cos, sin)

@@ -67,18 +67,17 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, ctx, rope, cos, sin, keep: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, D] -> [B, T, D]; with `keep` [B] token offsets, [B, 1, D]: every token's keys and
-        values still go to the cache, but the FFN runs on the kept token of each row only (the last
-        layer, where nothing else reads the other tokens' outputs)."""
-        if keep is not None:
-            keep = keep.to(x.device)
-            kept = x[torch.arange(x.shape[0], device=x.device), keep].unsqueeze(1)  # [B, 1, D]
-            if isinstance(self.self_attn, Attention):  # queries, o projection: the kept tokens only
-                x = kept + self.self_attn(self.input_layernorm(x), ctx, rope, cos, sin, keep)
-            else:
-                x = x + self.self_attn(self.input_layernorm(x), ctx, rope, cos, sin)
-                x = x[torch.arange(x.shape[0], device=x.device), keep].unsqueeze(1)
-        else:
+        values still go to the cache, but the rest of the layer (queries and o projection where the
+        attention is `Attention`, the FFN always) runs for the kept token of each row only: the last
+        layer, where nothing else reads the other tokens' outputs."""
+        if keep is None:
             x = x + self.self_attn(self.input_layernorm(x), ctx, rope, cos, sin)
+        else:
+            rows, keep = torch.arange(x.shape[0], device=x.device), keep.to(x.device)
+            if isinstance(self.self_attn, Attention):
+                x = x[rows, keep].unsqueeze(1) + self.self_attn(self.input_layernorm(x), ctx, rope, cos, sin, keep)
+            else:
+                x = (x + self.self_attn(self.input_layernorm(x), ctx, rope, cos, sin))[rows, keep].unsqueeze(1)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def native_decode(self, x: torch.Tensor, ctx: ForwardContext, rope: RotaryEmbedding) -> kernels.DecodeLayer | None:
@@ -251,7 +250,7 @@ class MoECausalLM(nn.Module):
         cos, sin = self.rope.table(ctx.positions, x.dtype)
         layers = self.model.layers
         # Only the logits rows are read (no MTP head wants every token's hidden state): the last layer's
-        # FFN, a 1/num_layers share of a prefill, runs on those tokens alone.
+        # queries and FFN, a 1/num_layers share of a prefill, run on those tokens alone.
         keep = logits_at if logits_at is not None and not return_hidden and x.shape[1] > 1 else None
         i = 0
         while i < len(layers):
