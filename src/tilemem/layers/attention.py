@@ -109,17 +109,16 @@ class Attention(nn.Module):
         qcos, qsin = (cos, sin) if keep is None else (cos[rows, :, keep].unsqueeze(2), sin[rows, :, keep].unsqueeze(2))
         q, k = rope.apply(q, qcos, qsin), rope.apply(k, cos, sin)
         keys, values = ctx.store(self.layer, k, v)  # [B, Hkv, L, hd]
+        gqa = self.h != self.hkv
         if keep is not None:  # one query per row, at its kept token: its row of the mask
             o = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=ctx.mask[rows, :, keep].unsqueeze(2), scale=self.scale,
-                enable_gqa=self.h != self.hkv,
-            )  # fmt: skip
+                q, keys, values, attn_mask=ctx.mask[rows, :, keep].unsqueeze(2), scale=self.scale, enable_gqa=gqa
+            )
             return self.o_proj(o.transpose(1, 2).reshape(b, 1, self.h * self.hd))
         native = ctx.causal and t > 1 and kernels.usable(q) and keys.dtype == torch.bfloat16
         if native and self.hd % 2 == 0 and keys.stride() == values.stride():
             o = kernels.attn_prefill(q, keys, values, self.scale)  # [B, T, H, hd], half SDPA's time here
             return self.o_proj(o.view(b, t, self.h * self.hd))
-        gqa = self.h != self.hkv
         o = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=ctx.attn_mask, is_causal=ctx.causal, scale=self.scale, enable_gqa=gqa
         )  # [B, H, T, hd]
