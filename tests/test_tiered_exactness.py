@@ -311,8 +311,10 @@ def test_auto_prefetch_pauses_when_prefetched_tiles_go_unused(reference, store_d
         finally:
             ex.close()
     auto, on = counters["auto-wrong"], counters["on-wrong"]
-    assert auto.prefetch_paused > 0 and auto.prefetch_used < tiered.PREFETCH_MIN_USE * auto.prefetch_issued
-    assert on.prefetch_paused == 0 and auto.prefetch_issued < on.prefetch_issued
+    # The predictor is wrong: judged over the always-on run's many prefetches (auto's handful is too few to
+    # judge; how many of them land in time to be used depends on the I/O threads' timing).
+    assert on.prefetch_used < tiered.PREFETCH_MIN_USE * on.prefetch_issued
+    assert auto.prefetch_paused > 0 and on.prefetch_paused == 0 and auto.prefetch_issued < on.prefetch_issued
     assert counters["on-router"].prefetch_used > 0  # landed prefetches were used although nothing is cached
 
 
