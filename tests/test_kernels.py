@@ -69,6 +69,36 @@ def test_prefill_gemm_matches_the_reference_for_every_group_shape(n):
     assert max(rel(out[j], ref[j]) for j in range(n)) < 3 * TOL  # no token left out or misplaced
 
 
+@pytest.mark.skipif(not kernels.amx_supported(), reason="needs a CPU with AMX-BF16")
+@pytest.mark.parametrize("n", [8, 16, 24, 33, 48, 100])
+def test_amx_prefill_gemm_matches_the_reference_and_the_avx512_path(n):
+    """AMX tiles take the prefill GEMMs of whole 16-row blocks (K a multiple of 32): one to three
+    16-token vectors per group (two row blocks per pass up to 32 tokens), a trailing 16-row block
+    (I = 112), several groups. They must agree with the fp32 reference and with the AVX512 GEMM, and
+    give the same bits on any number of threads."""
+    d, i = 256, 112
+    gate, up, down = experts(2, i, d, seed=n)
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(n, d, generator=gen).to(torch.bfloat16)
+    ids = torch.stack([torch.arange(2)] * n)
+    w = torch.rand(n, 2, generator=gen)
+    table, before = kernels.ExpertTable(gate, up, down), torch.get_num_threads()
+    outs = {}
+    try:
+        for amx, threads in ((False, 2), (True, 1), (True, 2)):
+            assert kernels.set_amx(amx) == amx
+            torch.set_num_threads(threads)
+            outs[amx, threads] = kernels.moe(x, w, ids, table, "silu", kernels.Workspace())
+    finally:
+        kernels.set_amx(True)
+        torch.set_num_threads(before)
+    ref = reference(x, w, ids, gate, up, down)
+    assert rel(outs[True, 2], ref) < TOL
+    assert max(rel(outs[True, 2][j], ref[j]) for j in range(n)) < 3 * TOL  # no token left out or misplaced
+    assert rel(outs[True, 2], outs[False, 2]) < TOL / 10  # fp32 accumulation order only
+    assert torch.equal(outs[True, 1], outs[True, 2])
+
+
 def test_prefill_experts_give_the_same_bits_on_any_number_of_threads():
     """Prefill tasks go to the threads as work items in whatever order the threads come free; each
     output must still be computed by one thread in one order. Experts from 1 to ~100 tokens (dot-product

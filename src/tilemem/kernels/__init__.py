@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_bf16.c")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp", "-fPIC", "-shared"]
-ABI_VERSION = 5
+ABI_VERSION = 6
 ACTS = {"silu": 0, "gelu": 1, "relu": 2}
 MAX_ROWS = 16
 """Largest token count the dense linear kernel takes; bigger batches are compute-bound GEMMs (oneDNN)."""
@@ -87,6 +87,15 @@ def cpu_supported() -> bool:
     return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"))
 
 
+def amx_supported() -> bool:
+    """Whether this CPU reports AMX with bf16 tiles (Intel Sapphire Rapids and later)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "amx_tile" in flags and "amx_bf16" in flags
+
+
 def cache_dir() -> Path:
     """Where compiled kernels are kept."""
     return Path(os.environ.get("TILEMEM_CACHE", Path.home() / ".cache" / "tilemem")) / "kernels"
@@ -141,7 +150,15 @@ def _lib() -> ctypes.CDLL | None:
     lib.tm_decode_layers_bf16.argtypes = [ctypes.POINTER(DecodeLayer), _i64, _vp, _i64, _i64, _vp, _vp, _vp, _vp]
     lib.tm_decode_layers_bf16.argtypes += [_i64, _vp, _vp, _int, _vp, _vp, _vp, _vp, _vp]
     lib.tm_moe_bf16.argtypes = [_vp, _vp, _i64, _i64, _i64, _vp, _vp, _i64, _i64, _vp, _vp, _vp, _int, _int, _vp, _vp]
+    lib.tm_amx_enable.argtypes = [_int]
+    lib.tm_amx_enable(int(amx_supported() and os.environ.get("TILEMEM_AMX", "1") != "0"))
     return lib
+
+
+def set_amx(on: bool) -> bool:
+    """Routes the prefill GEMMs through AMX tiles (where the CPU and kernel allow) or AVX512-BF16;
+    returns whether AMX is now on. On by default where supported; `TILEMEM_AMX=0` turns it off."""
+    return bool(_lib().tm_amx_enable(int(on and amx_supported())))
 
 
 def available() -> bool:

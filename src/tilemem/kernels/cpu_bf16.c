@@ -21,10 +21,12 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #define TB 4 /* tokens per register block */
 
-int tm_abi_version(void) { return 5; }
+int tm_abi_version(void) { return 6; }
 
 static inline float bf2f(uint16_t v) {
   union { uint32_t u; float f; } c;
@@ -266,6 +268,110 @@ static void pack_span(const uint16_t *base, int64_t ld, const int32_t *idx, cons
 /* Rows per GEMM block: 8 weight rows at the same column sit 4 KiB apart in one L1 set (8 ways); 12
  * rows thrash it (10-20% slower at D = 2048). */
 #define GEMM_ROWS 8
+#define GEMM_ROWS_MAX 32 /* with AMX (gemm_step) */
+
+/* AMX (Intel Sapphire Rapids and later): the same GEMM on tile registers, 16 x 16 fp32 outputs per
+ * tdpbf16ps. An A tile is 16 weight rows x 32 bf16 of k, loaded in place (stride: the row length); a
+ * B tile is 16 pairs of k x 16 tokens of a packed group (stride GB words: pack_pairs' layout is the
+ * tile layout); C tiles are stored straight into o's rows. A thread configures its tiles on entry to
+ * a call that runs GEMMs and releases them on the way out (oneDNN, on the same threads, releases its
+ * own after each call), and only a configured thread takes this path (tiles 0-1 weights, 2-4 tokens,
+ * 4-7 or 5-7 outputs). */
+static int use_amx; /* set by tm_amx_enable */
+static __thread int amx_ready;
+
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-bf16")
+typedef struct {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+} amx_cfg;
+
+/* Tiles 0-7: 16 rows of 64 bytes. A constant in memory: gcc drops stores to a local that only the
+ * ldtilecfg reads. */
+static const amx_cfg AMX_CFG __attribute__((aligned(64))) = {
+    1, 0, {0}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
+
+static void amx_configure(void) {
+  _tile_loadconfig(&AMX_CFG);
+  amx_ready = 1;
+}
+
+static void amx_release(void) {
+  _tile_release();
+  amx_ready = 0;
+}
+
+/* Rows [0, R) of gemm_rows (R a multiple of 16, K of 32) for nb 16-token vectors of a packed group:
+ * two row blocks per pass over k for up to 32 tokens, one row block for 48. */
+static void gemm_rows_amx(const uint16_t *w, int64_t ld, int R, const uint32_t *p, int nb, int64_t K, float *o) {
+  const int64_t sw = ld * 2, sp = GB * 4;
+  int r = 0;
+  if (nb <= 2)
+    for (; r + 32 <= R; r += 32) {
+      const uint16_t *w0 = w + r * ld, *w1 = w0 + 16 * ld;
+      _tile_zero(4);
+      _tile_zero(5);
+      _tile_zero(6);
+      _tile_zero(7);
+      for (int64_t k = 0; k < K; k += 32) {
+        _tile_loadd(0, w0 + k, sw);
+        _tile_loadd(1, w1 + k, sw);
+        _tile_loadd(2, p + (k / 2) * GB, sp);
+        _tile_dpbf16ps(4, 0, 2);
+        _tile_dpbf16ps(6, 1, 2);
+        if (nb == 2) {
+          _tile_loadd(3, p + (k / 2) * GB + 16, sp);
+          _tile_dpbf16ps(5, 0, 3);
+          _tile_dpbf16ps(7, 1, 3);
+        }
+      }
+      _tile_stored(4, o + r * GB, sp);
+      _tile_stored(6, o + (r + 16) * GB, sp);
+      if (nb == 2) {
+        _tile_stored(5, o + r * GB + 16, sp);
+        _tile_stored(7, o + (r + 16) * GB + 16, sp);
+      }
+    }
+  for (; r < R; r += 16) {
+    const uint16_t *w0 = w + r * ld;
+    _tile_zero(5);
+    _tile_zero(6);
+    _tile_zero(7);
+    for (int64_t k = 0; k < K; k += 32) {
+      const uint32_t *pk = p + (k / 2) * GB;
+      _tile_loadd(0, w0 + k, sw);
+      _tile_loadd(2, pk, sp);
+      _tile_dpbf16ps(5, 0, 2);
+      if (nb > 1) {
+        _tile_loadd(3, pk + 16, sp);
+        _tile_dpbf16ps(6, 0, 3);
+      }
+      if (nb > 2) {
+        _tile_loadd(4, pk + 32, sp);
+        _tile_dpbf16ps(7, 0, 4);
+      }
+    }
+    _tile_stored(5, o + r * GB, sp);
+    if (nb > 1) _tile_stored(6, o + r * GB + 16, sp);
+    if (nb > 2) _tile_stored(7, o + r * GB + 32, sp);
+  }
+}
+#pragma GCC pop_options
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+/* Asks Linux for the AMX tile state (granted per process) and, granted, routes the GEMMs of whole
+ * 16-row blocks through AMX. Returns whether AMX is on. */
+int tm_amx_enable(int on) {
+  use_amx = on && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  return use_amx;
+}
+
+/* Weight rows per GEMM block: two AMX row blocks, or GEMM_ROWS. */
+static inline int gemm_step(void) { return amx_ready ? GEMM_ROWS_MAX : GEMM_ROWS; }
 
 /* o[r * GB + j] = dot(w + r*ld, token j) for R rows and the u units of a packed group; pf: the rows to
  * prefetch meanwhile (same ld), or NULL. */
@@ -275,6 +381,10 @@ static void gemm_rows(const uint16_t *w, int64_t ld, int R, const uint32_t *p, i
   static const mk_fn big[7] = {0, mk_8_0_1, mk_8_1_0, mk_8_1_1, mk_8_2_0, mk_8_2_1, mk_8_3_0},
                      four[7] = {0, mk_4_0_1, mk_4_1_0, mk_4_1_1, mk_4_2_0, mk_4_2_1, mk_4_3_0},
                      one[7] = {0, mk_1_0_1, mk_1_1_0, mk_1_1_1, mk_1_2_0, mk_1_2_1, mk_1_3_0};
+  if (amx_ready && R % 16 == 0 && K % 32 == 0) {
+    gemm_rows_amx(w, ld, R, p, (u + 1) / 2, K, o);
+    return;
+  }
   for (int r = 0; r < R;) {
     int step = R - r >= GEMM_ROWS ? GEMM_ROWS : R - r >= 4 ? 4 : 1;
     (step == GEMM_ROWS ? big : step == 4 ? four : one)[u](w + r * ld, ld, p, K / 2, o + r * GB, pf ? pf + r * ld : NULL);
@@ -434,10 +544,11 @@ static void pack_act_rows(const float *g, int R, int nb, uint32_t *p) {
 static void gate_up_gemm(const tm_ffn_task *tk, int64_t D, int act, int64_t i0, int64_t i1, int gb, int ge,
                          const int *units, const int64_t *first, const uint32_t *pk, float *go, float *uo,
                          uint16_t *hq, uint32_t *ph) {
-  for (int64_t i = i0; i < i1; i += GEMM_ROWS) {
-    int R = i1 - i < GEMM_ROWS ? (int)(i1 - i) : GEMM_ROWS;
+  const int step = gemm_step();
+  for (int64_t i = i0; i < i1; i += step) {
+    int R = i1 - i < step ? (int)(i1 - i) : step;
     const uint16_t *gw = tk->gate + i * tk->ld_gu, *uw = tk->up + i * tk->ld_gu;
-    const uint16_t *next = i + GEMM_ROWS < i1 ? gw + GEMM_ROWS * tk->ld_gu : NULL;
+    const uint16_t *next = i + step < i1 ? gw + step * tk->ld_gu : NULL;
     for (int g = gb; g < ge; g++) { /* the first group's pass prefetches the next weights */
       const uint32_t *pg = pk + (g - gb) * GB * (D / 2);
       gemm_rows(gw, tk->ld_gu, R, pg, units[g], D, go, g > gb ? NULL : uw);
@@ -459,10 +570,11 @@ static void down_rows(const tm_ffn_task *tk, float *out, int64_t D, int64_t d0, 
                       const uint32_t *ph, const uint16_t *after, int *units, int64_t *first, float *go) {
   if (ph) {
     int ngr = plan_groups(tk->ntok, units, first);
-    for (int64_t d = d0; d < d1; d += GEMM_ROWS) {
-      int R = d1 - d < GEMM_ROWS ? (int)(d1 - d) : GEMM_ROWS;
+    const int step = gemm_step();
+    for (int64_t d = d0; d < d1; d += step) {
+      int R = d1 - d < step ? (int)(d1 - d) : step;
       const uint16_t *dw = tk->down + d * tk->ld_down;
-      const uint16_t *next = d + GEMM_ROWS < d1 ? dw + GEMM_ROWS * tk->ld_down : after;
+      const uint16_t *next = d + step < d1 ? dw + step * tk->ld_down : after;
       for (int g = 0; g < ngr; g++) {
         gemm_rows(dw, tk->ld_down, R, ph + g * (tk->n / 2) * GB, units[g], tk->n, go, g ? NULL : next);
         for (int64_t j = first[g]; j < first[g + 1]; j++) {
@@ -525,11 +637,12 @@ static void ffn_tasks_body(const uint16_t *x, float *out, int64_t T, int64_t D, 
   if (t && any_t) memset(yp, 0, sizeof(float) * T * D);
   float res[4][TB], res2[4][TB];
   /* GEMM buffers only where a task takes the GEMM (gmax > 0): decode calls this once per layer */
-  float *go = gmax ? (float *)aligned_alloc(64, sizeof(float) * 2 * GEMM_ROWS * GB) : NULL;
-  float *uo = gmax ? go + GEMM_ROWS * GB : NULL;
+  float *go = gmax ? (float *)aligned_alloc(64, sizeof(float) * 2 * GEMM_ROWS_MAX * GB) : NULL;
+  float *uo = gmax ? go + GEMM_ROWS_MAX * GB : NULL;
   uint32_t *pk = gmax ? (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * GB * (kmax / 2 + 1) * GEMM_SPAN) : NULL;
   int *units = gmax ? (int *)malloc(sizeof(int) * gmax) : NULL;
   int64_t *first = gmax ? (int64_t *)malloc(sizeof(int64_t) * (gmax + 1)) : NULL;
+  if (use_amx && gmax) amx_configure();
   uint32_t *ph = NULL; /* the GEMM tasks' packed activations, shared */
   if (ioff[ntasks]) {
 #pragma omp single copyprivate(ph)
@@ -624,6 +737,7 @@ static void ffn_tasks_body(const uint16_t *x, float *out, int64_t T, int64_t D, 
   free(units);
   free(first);
   free(offs);
+  if (amx_ready) amx_release();
 }
 
 /* h: per task, ntok x n bf16 activations (the caller sizes it: sum of n * ntok). scratch: (threads-1) x T x D
