@@ -3,8 +3,9 @@
 For each shape, alternates the torch path and the native kernel over rounds (cold weights: a working
 set of several layers, far beyond the last-level cache) and prints GB/s of weights read, GFLOP/s and
 the ratio kernel / torch; a plain 2-thread reduction gives the machine's read bandwidth at the time.
-Then a decode step's attention block over 16 layers (torch modules vs the fused call) and a prefill's
-causal attention over 16 layers (SDPA vs the native kernel).
+Where the CPU has AMX, the expert kernel at prefill sizes with its GEMMs on AVX512-BF16 (in the
+torch column) vs on AMX tiles. Then a decode step's attention block over 16 layers (torch modules vs
+the fused call) and a prefill's causal attention over 16 layers (SDPA vs the native kernel).
 
     .venv/bin/python benchmarks/kernels.py [--rounds 3] [--threads 2]
 """
@@ -110,6 +111,20 @@ def main() -> None:
                 kernels.moe(x, w, ids, tables[r % len(tables)], "silu", ws)
 
         cases.append((f"moe T={t}", run_t, run_k, reps, nbytes, flops))
+    if kernels.amx_supported():  # the prefill GEMMs on AVX512-BF16 ("torch" column) vs AMX tiles
+        for t in (256, 1024):
+            x = torch.randn(t, D).to(torch.bfloat16)
+            w = torch.rand(t, K)
+            ids = torch.stack([torch.randperm(E)[:K] for _ in range(t)])
+
+            def run_on(amx, x=x, w=w, ids=ids):
+                kernels.set_amx(amx)
+                for r in range(2):
+                    kernels.moe(x, w, ids, tables[r % len(tables)], "silu", ws)
+                kernels.set_amx(True)
+
+            nbytes, flops = len(ids.unique()) * 3 * I * D * 2, 2 * t * K * 3 * I * D
+            cases.append((f"moe T={t} amx", lambda f=run_on: f(False), lambda f=run_on: f(True), 2, nbytes, flops))
     for m in (1, 4):
         x = torch.randn(m, D).to(torch.bfloat16)
         cases.append(
