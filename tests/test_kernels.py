@@ -82,7 +82,7 @@ def test_amx_prefill_gemm_matches_the_reference_and_the_avx512_path(n):
     x = torch.randn(n, d, generator=gen).to(torch.bfloat16)
     ids = torch.stack([torch.arange(2)] * n)
     w = torch.rand(n, 2, generator=gen)
-    table, before = kernels.ExpertTable(gate, up, down), torch.get_num_threads()
+    table, before, amx = kernels.ExpertTable(gate, up, down), torch.get_num_threads(), kernels.amx_enabled()
     outs = {}
     try:
         for amx, threads in ((False, 2), (True, 1), (True, 2)):
@@ -90,7 +90,7 @@ def test_amx_prefill_gemm_matches_the_reference_and_the_avx512_path(n):
             torch.set_num_threads(threads)
             outs[amx, threads] = kernels.moe(x, w, ids, table, "silu", kernels.Workspace())
     finally:
-        kernels.set_amx(True)
+        kernels.set_amx(amx)
         torch.set_num_threads(before)
     ref = reference(x, w, ids, gate, up, down)
     assert rel(outs[True, 2], ref) < TOL
@@ -221,8 +221,9 @@ def test_prefill_attention_matches_causal_sdpa(b, h, hkv, t, hd):
 
 
 def test_bf16_prefill_attention_runs_natively_without_a_cached_prefix(make_ckpt, monkeypatch):
-    """A prefill pass with no cached prefix goes through the native causal attention, later chunks of a
-    prompt (a cached prefix) through SDPA with the mask; the tokens are those of SDPA everywhere."""
+    """A prefill pass with no cached prefix goes through the native causal attention (unless AMX is on:
+    then SDPA's AMX tiles are faster), later chunks of a prompt (a cached prefix) through SDPA with the
+    mask; the tokens are those of SDPA everywhere."""
     from tilemem.engine.llm import LLM
     from tilemem.engine.sampling import SamplingParams
 
@@ -232,7 +233,17 @@ def test_bf16_prefill_attention_runs_natively_without_a_cached_prefix(make_ckpt,
     shapes = []
     native = kernels.attn_prefill
     monkeypatch.setattr(kernels, "attn_prefill", lambda q, *a: shapes.append(tuple(q.shape)) or native(q, *a))
-    got = llm.generate(prompts, params)
+    amx = kernels.amx_enabled()
+    try:
+        kernels.set_amx(False)
+        got = llm.generate(prompts, params)
+        if kernels.amx_supported():
+            kernels.set_amx(True)
+            before = len(shapes)
+            assert [o.token_ids for o in llm.generate(prompts, params)] == [o.token_ids for o in got]
+            assert len(shapes) == before  # SDPA with AMX
+    finally:
+        kernels.set_amx(amx)
     layers = llm.config.num_layers
     # The first chunk only, and not in the last layer, where only the token whose logits are read queries.
     assert shapes == [(1, llm.config.num_heads, 16, llm.config.head_dim)] * (layers - 1)
