@@ -1,4 +1,5 @@
 """Native CPU kernels (AVX512-BF16): fused expert FFNs, decode attention and small-batch linears.
+On CPUs with AMX-BF16, the expert FFNs' prefill GEMMs run on AMX tiles (`set_amx`, `TILEMEM_AMX`).
 
 The C source ships with the package and is compiled on first use with the system C compiler into
 a per-user cache (`$TILEMEM_CACHE`, default `~/.cache/tilemem`), keyed by the source and flags;

@@ -4,7 +4,8 @@
  * stream each weight row once for all the tokens that need it (up to TB at a time), in one
  * sequential pass per row, accumulate in fp32 with vdpbf16ps, and fuse a gated expert FFN
  * (gate, up, act, down, routing weight) into one pass with one thread barrier. Prefill-sized
- * tasks (many tokens per expert) run as a GEMM over packed token vectors instead (see GB), and a
+ * tasks (many tokens per expert) run as a GEMM over packed token vectors instead (see GB), on AMX
+ * tiles where the CPU has them and Linux grants them (see gemm_rows_amx), and a
  * decode step's whole attention block is one call (tm_attn_decode_bf16).
  *
  * Threads: OpenMP (the same libgomp that torch loaded). An expert FFN is split across threads
