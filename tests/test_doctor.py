@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import pytest
+
 from tilemem.tmap.doctor import Check, check_o_direct, format_checks, run_checks
 from tilemem.tmap.hardware import HardwareProfile
 from tilemem.tmap.probe import MiB, ProbeConfig, _fit, probe
@@ -28,6 +30,21 @@ def test_checks_report_status_and_fix(tmp_path):
     text = format_checks(checks + [Check("WARN", "demo", "something", "do this")])
     assert "WARN  demo" in text and "fix: do this" in text
     assert text.splitlines()[-1].startswith("doctor: ")
+
+
+def test_cpu_kernels_check_says_which_native_path_runs(monkeypatch):
+    """PASS names the native kernels (and AMX) when they load; a failed build is a WARN that names the fix."""
+    from tilemem import kernels
+    from tilemem.tmap import doctor
+
+    c = doctor.check_cpu_features()
+    if not kernels.available():
+        pytest.skip("native kernels unavailable here")
+    assert c.status == "PASS" and "native kernels on" in c.detail
+    assert ("AMX" in c.detail) == kernels.amx_enabled()
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    c = doctor.check_cpu_features()
+    assert c.status == "WARN" and "failed to build" in c.detail and "gcc" in c.fix
 
 
 def test_o_direct_check_on_a_real_directory(tmp_path):

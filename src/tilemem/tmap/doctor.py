@@ -101,6 +101,12 @@ def check_cpu_features() -> Check:
             "no native bf16 (avx512_bf16/AMX): bf16 GEMV is emulated and slow; plan and run with --dtype fp32 "
             "(twice the bytes, often faster) or use a CPU with avx512_bf16/AMX",
         )  # fmt: skip
+    from tilemem import kernels
+
+    if "avx512_bf16" in flags and os.environ.get("TILEMEM_KERNELS", "1") != "0" and not kernels.available():
+        return Check("WARN", "cpu kernels", detail + "; native kernels failed to build", "install gcc (or set CC)")
+    if kernels.available():
+        detail += "; native kernels on" + (", prefill GEMMs on AMX tiles" if kernels.amx_enabled() else "")
     return Check("PASS", "cpu kernels", detail)
 
 
