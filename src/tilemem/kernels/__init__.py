@@ -152,23 +152,19 @@ def _lib() -> ctypes.CDLL | None:
     lib.tm_decode_layers_bf16.argtypes += [_i64, _vp, _vp, _int, _vp, _vp, _vp, _vp, _vp]
     lib.tm_moe_bf16.argtypes = [_vp, _vp, _i64, _i64, _i64, _vp, _vp, _i64, _i64, _vp, _vp, _vp, _int, _int, _vp, _vp]
     lib.tm_amx_enable.argtypes = [_int]
-    _AMX[0] = bool(lib.tm_amx_enable(int(amx_supported() and os.environ.get("TILEMEM_AMX", "1") != "0")))
+    lib.tm_amx_enable(int(amx_supported() and os.environ.get("TILEMEM_AMX", "1") != "0"))
     return lib
-
-
-_AMX = [False]
 
 
 def set_amx(on: bool) -> bool:
     """Routes the prefill GEMMs through AMX tiles (where the CPU and kernel allow) or AVX512-BF16;
     returns whether AMX is now on. On by default where supported; `TILEMEM_AMX=0` turns it off."""
-    _AMX[0] = bool(_lib().tm_amx_enable(int(on and amx_supported())))
-    return _AMX[0]
+    return bool(_lib().tm_amx_enable(int(on and amx_supported())))
 
 
 def amx_enabled() -> bool:
-    """Whether the prefill GEMMs run on AMX tiles."""
-    return available() and _AMX[0]
+    """Whether the prefill GEMMs run on AMX tiles (a process-wide switch in the library)."""
+    return available() and bool(_lib().tm_amx_enabled())
 
 
 def available() -> bool:

@@ -374,6 +374,8 @@ int tm_amx_enable(int on) {
   return use_amx;
 }
 
+int tm_amx_enabled(void) { return use_amx; }
+
 /* Weight rows per GEMM block: two AMX row blocks, or GEMM_ROWS. */
 static inline int gemm_step(void) { return amx_ready ? GEMM_ROWS_MAX : GEMM_ROWS; }
 
