@@ -238,13 +238,16 @@ def main() -> None:
             line = f"batch {b}: "
             if "transformers" in engines:
                 h = med[("transformers", b)]
-                pairs = zip(runs[("tilemem", b)], runs[("transformers", b)], strict=True)
-                per_round = [x["prefill_tok_s"] / y["prefill_tok_s"] for x, y in pairs]  # runs side by side
+                pairs = list(zip(runs[("tilemem", b)], runs[("transformers", b)], strict=True))  # side by side
+
+                def rounds(key: str, pairs=pairs) -> str:
+                    ratios = [x[key] / y[key] for x, y in pairs]
+                    return ", ".join(f"{r:.2f}x" for r in ratios) + f"; median {statistics.median(ratios):.2f}x"
+
                 line += (
-                    f"decode {t['decode_tok_s'] / h['decode_tok_s']:.2f}x transformers, "
-                    f"prefill {t['prefill_tok_s'] / h['prefill_tok_s']:.2f}x transformers (per round: "
-                    + ", ".join(f"{r:.2f}x" for r in per_round)
-                    + f"; median {statistics.median(per_round):.2f}x)"
+                    f"decode {t['decode_tok_s'] / h['decode_tok_s']:.2f}x transformers (per round: "
+                    f"{rounds('decode_tok_s')}), prefill {t['prefill_tok_s'] / h['prefill_tok_s']:.2f}x "
+                    f"transformers (per round: {rounds('prefill_tok_s')})"
                 )
             if b == 1:
                 line += f"; decode at {100 * t['decode_tok_s'] / bound:.0f}% of the read-bandwidth bound"
