@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from tilemem.tmap import sysinfo
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_bf16.c")
@@ -81,20 +83,12 @@ class DecodeLayer(ctypes.Structure):
 
 def cpu_supported() -> bool:
     """Whether this CPU reports the instruction sets the kernels use."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"))
+    return {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= sysinfo.cpu_flags()
 
 
 def amx_supported() -> bool:
     """Whether this CPU reports AMX with bf16 tiles (Intel Sapphire Rapids and later)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "amx_tile" in flags and "amx_bf16" in flags
+    return {"amx_tile", "amx_bf16"} <= sysinfo.cpu_flags()
 
 
 def cache_dir() -> Path:

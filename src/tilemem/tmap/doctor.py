@@ -103,7 +103,7 @@ def check_cpu_features() -> Check:
         )  # fmt: skip
     from tilemem import kernels
 
-    if "avx512_bf16" in flags and os.environ.get("TILEMEM_KERNELS", "1") != "0" and not kernels.available():
+    if kernels.cpu_supported() and os.environ.get("TILEMEM_KERNELS", "1") != "0" and not kernels.available():
         return Check("WARN", "cpu kernels", detail + "; native kernels failed to build", "install gcc (or set CC)")
     if kernels.available():
         detail += "; native kernels on" + (", prefill GEMMs on AMX tiles" if kernels.amx_enabled() else "")
