@@ -97,6 +97,9 @@ class GenerationStats:
         return text
 
 
+WEIGHT_CODECS = ("x12", "none")
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process (VmHWM; ru_maxrss would inherit a parent's peak)."""
     try:
@@ -146,6 +149,7 @@ class LLM:
         speculative: str | None = None,
         num_draft: int = 4,
         device: str | None = None,
+        weight_codec: str = "x12",
     ) -> None:
         """Load `path`. With `plan` (a Plan or plan directory) or `budget` (+ `policy`, `profile`), routed
         experts follow the plan through the tiered runtime (`runtime`: a TieredConfig); else all resident.
@@ -153,11 +157,17 @@ class LLM:
         `device`: where the non-expert weights live and activations flow, `cpu` or `cuda`. None means
         `cuda` when the plan gives the GPU a budget (`--budget cuda=20GiB,cpu=32GiB`), else `cpu`.
 
+        `weight_codec`: how the all-resident CPU engine keeps the routed experts: "x12" (12 bits per
+        weight, losslessly: every weight decodes to its bf16 bits; decode reads 25% fewer expert
+        bytes) or "none" (bf16, as loaded). x12 applies to bf16 experts mapped from the checkpoint.
+
         `prefill_chunk`: most prompt tokens one forward pass takes, over all prompts (vLLM's
         max_num_batched_tokens). Offline generation wants it large: every pass reads each routed
         expert's weights once, and more tokens per expert run its GEMM closer to peak (4 prompts of 256
         tokens in one pass prefill ~4% faster than in two of 512 on the olmoe-1b-7b shape). The server
         keeps its own, smaller one (`--prefill-chunk`), so that prompts do not stall decoding rows."""
+        if weight_codec not in WEIGHT_CODECS:
+            raise ConfigError(f"weight_codec must be one of {', '.join(WEIGHT_CODECS)} (got {weight_codec!r}).")
         if prefill_chunk < 1:
             raise ConfigError(f"prefill_chunk must be at least 1 token (got {prefill_chunk}).")
         if threads:
@@ -175,6 +185,8 @@ class LLM:
             self.checkpoint, dtype, max_positions=self.max_model_len, skip=skip, device=self.device
         )
         self.tiered = None
+        if self.plan is None:
+            self.model.prepare_experts(weight_codec)
         if self.plan is not None:
             from tilemem.runtime.setup import attach_tiered, load_profile
 

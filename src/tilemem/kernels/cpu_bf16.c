@@ -27,7 +27,7 @@
 
 #define TB 4 /* tokens per register block */
 
-int tm_abi_version(void) { return 6; }
+int tm_abi_version(void) { return 7; }
 
 static inline float bf2f(uint16_t v) {
   union { uint32_t u; float f; } c;
@@ -459,6 +459,183 @@ void tm_linear_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const 
 }
 
 /* ---------------------------------------------------------------------------------------------- */
+/* x12: lossless 12-bit storage of bf16 weight matrices. A weight's low byte (7 mantissa bits and the
+ * exponent's lowest bit) is kept as is; its high byte (sign and the exponent's upper 7 bits) as a 4-bit
+ * code into the matrix's 16 most common high bytes: trained and random weights alike use few exponents,
+ * and the 16 most common high bytes cover >99.9% of the weights. The rare others are exceptions, stored
+ * whole and written over the decoded rows. A memory-bound pass over the weights reads 12 bits per weight
+ * instead of 16, and every decoded row is the original, bit for bit.
+ *
+ * Layout: rows of KP = K rounded up to 64 weights, in chunks of 64. Byte p of a chunk's 64 low bytes
+ * belongs to weight x12_perm(p), and so does nibble p of its 32 code bytes (the low nibbles of bytes
+ * 0-31, then their high nibbles): then one vpshufb turns the codes into high bytes, and an unpack of the
+ * low and high bytes gives weights 0-31 and 32-63 in order. */
+
+typedef struct {
+  const uint8_t *lo;    /* [N, KP] low bytes */
+  const uint8_t *hc;    /* [N, KP / 2] high-byte codes */
+  const uint8_t *tab;   /* [64] code -> high byte, the 16 entries repeated in each 128-bit lane */
+  const int32_t *xrow;  /* [N + 1] row r's exceptions are xval[xrow[r]:xrow[r + 1]] */
+  const uint32_t *xval; /* column << 16 | bf16 bits, by row, then column */
+  int64_t N, K;
+} tm_x12;
+
+static inline int64_t x12_kp(int64_t K) { return (K + 63) / 64 * 64; }
+
+/* The weight of a 64-chunk at byte position p (what vpunpck{l,h}bw put where). */
+static inline int x12_perm(int p) { return (p % 16 < 8 ? 0 : 32) + 8 * (p / 16) + p % 8; }
+
+/* 64 weights from their low bytes and codes (exceptions not yet written): w0 weights 0-31, w1 32-63. */
+static inline void x12_chunk(const uint8_t *lo, const uint8_t *hc, __m512i tab, __m512i *w0, __m512i *w1) {
+  __m512i l = _mm512_loadu_si512(lo), c = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)hc));
+  c = _mm512_and_si512(_mm512_mask_srli_epi16(c, 0xFFFF0000u, c, 4), _mm512_set1_epi8(0x0F));
+  __m512i h = _mm512_shuffle_epi8(tab, c);
+  *w0 = _mm512_unpacklo_epi8(l, h);
+  *w1 = _mm512_unpackhi_epi8(l, h);
+}
+
+/* Rows [r0, r0 + R) of c as bf16 into dst [R, K]; writes up to 32 elements past the last row's end
+ * (where K is not a multiple of 64). */
+static void x12_rows(const tm_x12 *c, int64_t r0, int R, uint16_t *dst) {
+  const int64_t K = c->K, KP = x12_kp(K);
+  const __m512i tab = _mm512_loadu_si512(c->tab);
+  for (int r = 0; r < R; r++) {
+    const uint8_t *lo = c->lo + (r0 + r) * KP, *hc = c->hc + (r0 + r) * (KP / 2);
+    uint16_t *d = dst + r * K;
+    for (int64_t k = 0; k < KP; k += 64) {
+      __m512i w0, w1;
+      x12_chunk(lo + k, hc + k / 2, tab, &w0, &w1);
+      _mm512_storeu_si512(d + k, w0);
+      _mm512_storeu_si512(d + k + 32, w1);
+    }
+    for (int32_t i = c->xrow[r0 + r]; i < c->xrow[r0 + r + 1]; i++) d[c->xval[i] >> 16] = (uint16_t)c->xval[i];
+  }
+}
+
+/* Row r's 64-chunk at k with its exceptions written in: *xp, the row's next exception (none before k). */
+static inline void x12_load(const tm_x12 *c, int64_t r, int64_t k, __m512i tab, const uint32_t **xp,
+                            __m512i *w0, __m512i *w1) {
+  const int64_t KP = x12_kp(c->K);
+  x12_chunk(c->lo + r * KP + k, c->hc + r * (KP / 2) + k / 2, tab, w0, w1);
+  for (const uint32_t *xe = c->xval + c->xrow[r + 1]; *xp < xe && (int64_t)(**xp >> 16) < k + 64; (*xp)++) {
+    int j = (int)((**xp >> 16) - k);
+    if (j < 32)
+      *w0 = _mm512_mask_set1_epi16(*w0, (__mmask32)1u << j, (short)**xp);
+    else
+      *w1 = _mm512_mask_set1_epi16(*w1, (__mmask32)1u << (j - 32), (short)**xp);
+  }
+}
+
+/* gu_pair (one token, gate and up rows of R neurons from row r0) on x12 matrices, decoded in registers:
+ * the same sums in the same order, so the same bits. */
+static void gu_pair_x12(const tm_x12 *g, const tm_x12 *u, int64_t r0, int R, const uint16_t *x, float og[4][TB],
+                        float ou[4][TB]) {
+  const int64_t K = g->K;
+  const __m512i tg = _mm512_loadu_si512(g->tab), tu = _mm512_loadu_si512(u->tab);
+  for (int r = 0; r < R; r++) {
+    const uint32_t *xg = g->xval + g->xrow[r0 + r], *xu = u->xval + u->xrow[r0 + r];
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+    for (int64_t k = 0; k < K; k += 64) {
+      __m512i g0, g1, u0, u1;
+      x12_load(g, r0 + r, k, tg, &xg, &g0, &g1);
+      x12_load(u, r0 + r, k, tu, &xu, &u0, &u1);
+      __m512bh x0 = ld32(x + k, 32);
+      a0 = _mm512_dpbf16_ps(a0, (__m512bh)g0, x0);
+      b0 = _mm512_dpbf16_ps(b0, (__m512bh)u0, x0);
+      if (k + 32 < K) {
+        __m512bh x1 = ld32(x + k + 32, 32);
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)g1, x1);
+        b1 = _mm512_dpbf16_ps(b1, (__m512bh)u1, x1);
+      }
+    }
+    og[r][0] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    ou[r][0] = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1));
+  }
+}
+
+/* dot_1 (one token, rows r0..r0+R of an x12 matrix) decoded in registers: dot_block's four accumulators
+ * over 128 weights, then its 32-weight tail steps into the first, so the same bits. */
+static void dot_1_x12(const tm_x12 *c, int64_t r0, int R, const uint16_t *x, float out[4][TB]) {
+  const int64_t K = c->K;
+  const __m512i tab = _mm512_loadu_si512(c->tab);
+  for (int r = 0; r < R; r++) {
+    const uint32_t *xp = c->xval + c->xrow[r0 + r];
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    __m512i w[4];
+    int64_t k = 0;
+    for (; k + 128 <= K; k += 128) {
+      x12_load(c, r0 + r, k, tab, &xp, &w[0], &w[1]);
+      x12_load(c, r0 + r, k + 64, tab, &xp, &w[2], &w[3]);
+      for (int q = 0; q < 4; q++) acc[q] = _mm512_dpbf16_ps(acc[q], (__m512bh)w[q], ld32(x + k + 32 * q, 32));
+    }
+    for (; k < K; k += 64) {
+      x12_load(c, r0 + r, k, tab, &xp, &w[0], &w[1]);
+      acc[0] = _mm512_dpbf16_ps(acc[0], (__m512bh)w[0], ld32(x + k, 32));
+      if (k + 32 < K) acc[0] = _mm512_dpbf16_ps(acc[0], (__m512bh)w[1], ld32(x + k + 32, 32));
+    }
+    out[r][0] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), acc[2]), acc[3]));
+  }
+}
+
+/* Rows [r0, r0 + R) of a matrix, read in place (c NULL: bf16 at w, row stride *ld) or decoded into buf
+ * (*ld becomes K). */
+static inline const uint16_t *rows_of(const uint16_t *w, const tm_x12 *c, int64_t r0, int R, int64_t *ld,
+                                      uint16_t *buf) {
+  if (!c) return w + r0 * *ld;
+  x12_rows(c, r0, R, buf);
+  *ld = c->K;
+  return buf;
+}
+
+/* Rows [r0, r0 + R) into dst [R, K] (and up to 32 elements past it: see x12_rows). */
+void tm_x12_decode(const tm_x12 *c, int64_t r0, int64_t R, uint16_t *dst, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t r = r0; r < r0 + R; r++) x12_rows(c, r, 1, dst + (r - r0) * c->K);
+}
+
+/* hist[b] += weights of high byte b in rows 0, step, 2 step, ... of w [N, K]. */
+void tm_x12_hist(const uint16_t *w, int64_t N, int64_t K, int64_t step, int64_t *hist) {
+  for (int64_t r = 0; r < N; r += step)
+    for (int64_t k = 0; k < K; k++) hist[w[r * K + k] >> 8]++;
+}
+
+/* Encodes w [N, K] with code[b] (high byte -> code, or -1) into lo and hc (see tm_x12); cnt[r] = row r's
+ * exceptions (they get code 0 until tm_x12_exceptions lists them). Padding weights are zero. */
+void tm_x12_encode(const uint16_t *w, int64_t N, int64_t K, const int8_t *code, uint8_t *lo, uint8_t *hc,
+                   int32_t *cnt, int nthreads) {
+  const int64_t KP = x12_kp(K);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t r = 0; r < N; r++) {
+    const uint16_t *wr = w + r * K;
+    int32_t n = 0;
+    for (int64_t k = 0; k < KP; k += 64) {
+      uint8_t cd[64];
+      for (int p = 0; p < 64; p++) {
+        int64_t j = k + x12_perm(p);
+        uint16_t v = j < K ? wr[j] : 0;
+        int c = code[v >> 8];
+        n += c < 0 && j < K;
+        cd[p] = (uint8_t)(c < 0 ? 0 : c);
+        lo[r * KP + k + p] = (uint8_t)v;
+      }
+      for (int q = 0; q < 32; q++) hc[r * (KP / 2) + k / 2 + q] = (uint8_t)(cd[q] | cd[q + 32] << 4);
+    }
+    cnt[r] = n;
+  }
+}
+
+/* The exceptions of w (see tm_x12_encode) into xval, row r's from xrow[r] on. */
+void tm_x12_exceptions(const uint16_t *w, int64_t N, int64_t K, const int8_t *code, const int32_t *xrow,
+                       uint32_t *xval, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t r = 0; r < N; r++) {
+    int32_t at = xrow[r];
+    for (int64_t k = 0; at < xrow[r + 1] && k < K; k++)
+      if (code[w[r * K + k] >> 8] < 0) xval[at++] = (uint32_t)k << 16 | w[r * K + k];
+  }
+}
+
+/* ---------------------------------------------------------------------------------------------- */
 /* Gated FFN tasks: out[tok] += scale * down(act(gate x) * up x) over a neuron range.               */
 
 typedef struct {
@@ -469,6 +646,8 @@ typedef struct {
   int32_t down_t, ntok;
   const int32_t *tok;  /* [ntok] token rows of x / out */
   const float *scale;  /* [ntok] routing weights */
+  const tm_x12 *cgate, *cup, *cdown; /* checkpoint layout: the matrices stored as x12 (then gate, up, down
+                                      * are not read), or NULL */
 } tm_ffn_task;
 
 enum { ACT_SILU = 0, ACT_GELU = 1, ACT_RELU = 2 };
@@ -549,16 +728,18 @@ static void pack_act_rows(const float *g, int R, int nb, uint32_t *p) {
  * for the down GEMM (group g at ph + g * n / 2 * GB). go, uo: GEMM_ROWS x GB fp32 each. */
 static void gate_up_gemm(const tm_ffn_task *tk, int64_t D, int act, int64_t i0, int64_t i1, int gb, int ge,
                          const int *units, const int64_t *first, const uint32_t *pk, float *go, float *uo,
-                         uint16_t *hq, uint32_t *ph) {
+                         uint16_t *hq, uint32_t *ph, uint16_t *wb) {
   const int step = gemm_step();
   for (int64_t i = i0; i < i1; i += step) {
     int R = i1 - i < step ? (int)(i1 - i) : step;
-    const uint16_t *gw = tk->gate + i * tk->ld_gu, *uw = tk->up + i * tk->ld_gu;
-    const uint16_t *next = i + step < i1 ? gw + step * tk->ld_gu : NULL;
+    int64_t ldg = tk->ld_gu, ldu = tk->ld_gu; /* x12: the block's rows decoded into wb */
+    const uint16_t *gw = rows_of(tk->gate, tk->cgate, i, R, &ldg, wb);
+    const uint16_t *uw = rows_of(tk->up, tk->cup, i, R, &ldu, wb + GEMM_ROWS_MAX * D);
+    const uint16_t *next = !tk->cgate && i + step < i1 ? gw + step * ldg : NULL;
     for (int g = gb; g < ge; g++) { /* the first group's pass prefetches the next weights */
       const uint32_t *pg = pk + (g - gb) * GB * (D / 2);
-      gemm_rows(gw, tk->ld_gu, R, pg, units[g], D, go, g > gb ? NULL : uw);
-      gemm_rows(uw, tk->ld_gu, R, pg, units[g], D, uo, g > gb ? NULL : next);
+      gemm_rows(gw, ldg, R, pg, units[g], D, go, g > gb || tk->cup ? NULL : uw);
+      gemm_rows(uw, ldu, R, pg, units[g], D, uo, g > gb ? NULL : next);
       act_gemm_rows(act, go, uo, R, (units[g] + 1) / 2);
       if (ph) {
         pack_act_rows(go, R, (units[g] + 1) / 2, ph + g * (tk->n / 2) * GB + (i / 2) * GB);
@@ -571,18 +752,21 @@ static void gate_up_gemm(const tm_ffn_task *tk, int64_t D, int act, int64_t i0, 
 }
 
 /* Down rows [d0, d1) of task tk into out: from its packed activation groups ph (see gate_up_gemm) or, without,
- * from row-major hq by dot products. after: weights to prefetch when the GEMM reaches d1 (or NULL). */
+ * from row-major hq by dot products. after: weights to prefetch when the GEMM reaches d1 (or NULL). wb: room
+ * for GEMM_ROWS_MAX decoded rows (x12). */
 static void down_rows(const tm_ffn_task *tk, float *out, int64_t D, int64_t d0, int64_t d1, const uint16_t *hq,
-                      const uint32_t *ph, const uint16_t *after, int *units, int64_t *first, float *go) {
+                      const uint32_t *ph, const uint16_t *after, int *units, int64_t *first, float *go,
+                      uint16_t *wb) {
   if (ph) {
     int ngr = plan_groups(tk->ntok, units, first);
     const int step = gemm_step();
     for (int64_t d = d0; d < d1; d += step) {
       int R = d1 - d < step ? (int)(d1 - d) : step;
-      const uint16_t *dw = tk->down + d * tk->ld_down;
-      const uint16_t *next = d + step < d1 ? dw + step * tk->ld_down : after;
+      int64_t ld = tk->ld_down;
+      const uint16_t *dw = rows_of(tk->down, tk->cdown, d, R, &ld, wb);
+      const uint16_t *next = tk->cdown ? NULL : d + step < d1 ? dw + step * ld : after;
       for (int g = 0; g < ngr; g++) {
-        gemm_rows(dw, tk->ld_down, R, ph + g * (tk->n / 2) * GB, units[g], tk->n, go, g ? NULL : next);
+        gemm_rows(dw, ld, R, ph + g * (tk->n / 2) * GB, units[g], tk->n, go, g ? NULL : next);
         for (int64_t j = first[g]; j < first[g + 1]; j++) {
           float *yj = out + (int64_t)tk->tok[j] * D, s = tk->scale[j];
           for (int r = 0; r < R; r++) yj[d + r] += s * go[r * GB + j - first[g]];
@@ -594,11 +778,17 @@ static void down_rows(const tm_ffn_task *tk, float *out, int64_t D, int64_t d0, 
   float res[4][TB];
   for (int64_t d = d0; d < d1; d += 4) {
     int R = d1 - d < 4 ? (int)(d1 - d) : 4;
+    int64_t ld = tk->ld_down;
+    int fused = tk->cdown && tk->ntok == 1; /* one token: x12 rows decoded in registers */
+    const uint16_t *dw = fused ? NULL : rows_of(tk->down, tk->cdown, d, R, &ld, wb);
     for (int64_t j0 = 0; j0 < tk->ntok; j0 += TB) {
       int mt = tk->ntok - j0 < TB ? (int)(tk->ntok - j0) : TB;
       const uint16_t *hs[TB];
       for (int j = 0; j < mt; j++) hs[j] = hq + (j0 + j) * tk->n;
-      dot_rows(tk->down + d * tk->ld_down, tk->ld_down, R, hs, mt, tk->n, res, 0);
+      if (fused)
+        dot_1_x12(tk->cdown, d, R, hs[0], res);
+      else
+        dot_rows(dw, ld, R, hs, mt, tk->n, res, 0);
       for (int j = 0; j < mt; j++) {
         float *yj = out + (int64_t)tk->tok[j0 + j] * D;
         for (int r = 0; r < R; r++) yj[d + r] += tk->scale[j0 + j] * res[r][j];
@@ -623,7 +813,7 @@ static void ffn_tasks_body(const uint16_t *x, float *out, int64_t T, int64_t D, 
   int64_t *offs = (int64_t *)malloc(sizeof(int64_t) * (ntasks + 1) * 4);
   int64_t *poff = offs + ntasks + 1, *ioff = poff + ntasks + 1; /* packed-h words, items before task q */
   int64_t *nextp = ioff + ntasks + 1; /* the first packed task from q on (ntasks: none) */
-  int any_t = 0;
+  int any_t = 0, any_c = 0;
   int64_t kmax = D, gmax = 0;
   offs[0] = poff[0] = ioff[0] = 0;
   for (int64_t q = 0; q < ntasks; q++) {
@@ -632,6 +822,7 @@ static void ffn_tasks_body(const uint16_t *x, float *out, int64_t T, int64_t D, 
     kmax = tk->n > kmax ? tk->n : kmax;
     offs[q + 1] = offs[q] + tk->n * tk->ntok;
     any_t |= tk->down_t;
+    any_c |= tk->cgate || tk->cdown;
     if (gemm) gmax = task_groups(tk->ntok) > gmax ? task_groups(tk->ntok) : gmax;
     poff[q + 1] = poff[q] + (dyn ? task_groups(tk->ntok) * (tk->n / 2) * GB : 0);
     ioff[q + 1] = ioff[q] + (dyn ? (task_groups(tk->ntok) + GEMM_SPAN - 1) / GEMM_SPAN * ((tk->n + ITEM_ROWS - 1) / ITEM_ROWS) : 0);
@@ -648,6 +839,8 @@ static void ffn_tasks_body(const uint16_t *x, float *out, int64_t T, int64_t D, 
   uint32_t *pk = gmax ? (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * GB * (kmax / 2 + 1) * GEMM_SPAN) : NULL;
   int *units = gmax ? (int *)malloc(sizeof(int) * gmax) : NULL;
   int64_t *first = gmax ? (int64_t *)malloc(sizeof(int64_t) * (gmax + 1)) : NULL;
+  /* decoded x12 rows: two GEMM blocks (gate and up), or 4-row blocks of the dot products */
+  uint16_t *wb = any_c ? (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * (2 * (gmax ? GEMM_ROWS_MAX : 4) * kmax + 64)) : NULL;
   if (use_amx && gmax) amx_configure();
   uint32_t *ph = NULL; /* the GEMM tasks' packed activations, shared */
   if (ioff[ntasks]) {
@@ -665,20 +858,26 @@ static void ffn_tasks_body(const uint16_t *x, float *out, int64_t T, int64_t D, 
       for (int gb = 0, ge; gb < ngr; gb = ge) {
         ge = gb + GEMM_SPAN < ngr ? gb + GEMM_SPAN : ngr;
         pack_span(x, D, tk->tok, first, gb, ge, D, pk);
-        gate_up_gemm(tk, D, act, i0, i1, gb, ge, units, first, pk, go, uo, h + offs[q], NULL);
+        gate_up_gemm(tk, D, act, i0, i1, gb, ge, units, first, pk, go, uo, h + offs[q], NULL, wb);
       }
     } else {
       for (int64_t i = i0; i < i1; i += 4) { /* rows outer: a 4-row block stays in L1 for every token block */
         int R = i1 - i < 4 ? (int)(i1 - i) : 4;
+        int64_t ld = tk->ld_gu, ldu = ld; /* the same for both: x12 for both or neither */
+        int fused = tk->cgate && tk->ntok == 1; /* one token: x12 rows decoded in registers */
+        const uint16_t *gw = fused ? NULL : rows_of(tk->gate, tk->cgate, i, R, &ld, wb);
+        const uint16_t *uw = fused ? NULL : rows_of(tk->up, tk->cup, i, R, &ldu, wb + 4 * D);
         for (int64_t j0 = 0; j0 < tk->ntok; j0 += TB) {
           int mt = tk->ntok - j0 < TB ? (int)(tk->ntok - j0) : TB;
           const uint16_t *xs[TB];
           for (int j = 0; j < mt; j++) xs[j] = x + (int64_t)tk->tok[j0 + j] * D;
-          if (mt == 1) { /* decode: gate and up rows of a neuron in one pass */
-            gu_pair(tk->gate + i * tk->ld_gu, tk->up + i * tk->ld_gu, tk->ld_gu, R, xs[0], D, res, res2);
+          if (fused) {
+            gu_pair_x12(tk->cgate, tk->cup, i, R, xs[0], res, res2);
+          } else if (mt == 1) { /* decode: gate and up rows of a neuron in one pass */
+            gu_pair(gw, uw, ld, R, xs[0], D, res, res2);
           } else {
-            dot_rows(tk->gate + i * tk->ld_gu, tk->ld_gu, R, xs, mt, D, res, 0);
-            dot_rows(tk->up + i * tk->ld_gu, tk->ld_gu, R, xs, mt, D, res2, 0);
+            dot_rows(gw, ld, R, xs, mt, D, res, 0);
+            dot_rows(uw, ld, R, xs, mt, D, res2, 0);
           }
           for (int j = 0; j < mt; j++)
             for (int r = 0; r < R; r++)
@@ -705,7 +904,7 @@ static void ffn_tasks_body(const uint16_t *x, float *out, int64_t T, int64_t D, 
       if (q != cq || gb != cgb) pack_span(x, D, tk->tok, first, gb, ge, D, pk);
       cq = q, cgb = gb;
       int64_t i1 = (c + 1) * ITEM_ROWS < tk->n ? (c + 1) * ITEM_ROWS : tk->n;
-      gate_up_gemm(tk, D, act, c * ITEM_ROWS, i1, gb, ge, units, first, pk, go, uo, NULL, ph + poff[q]);
+      gate_up_gemm(tk, D, act, c * ITEM_ROWS, i1, gb, ge, units, first, pk, go, uo, NULL, ph + poff[q], wb);
     }
   }
 #pragma omp barrier
@@ -717,9 +916,9 @@ static void ffn_tasks_body(const uint16_t *x, float *out, int64_t T, int64_t D, 
       for (int64_t q = 0; q < ntasks; q++) {
         if (tasks[q].down_t) continue;
         int64_t q2 = nextp[q + 1]; /* its first rows are prefetched at d1 */
-        const uint16_t *after = q2 < ntasks ? tasks[q2].down + d0 * tasks[q2].ld_down : NULL;
+        const uint16_t *after = q2 < ntasks && !tasks[q2].cdown ? tasks[q2].down + d0 * tasks[q2].ld_down : NULL;
         const uint32_t *pq = nextp[q] == q ? ph + poff[q] : NULL;
-        down_rows(&tasks[q], out, D, d0, d1, h + offs[q], pq, after, units, first, go);
+        down_rows(&tasks[q], out, D, d0, d1, h + offs[q], pq, after, units, first, go, wb);
       }
     }
     if (t == 0) free(ph); /* every thread is past the loop's barrier */
@@ -727,7 +926,7 @@ static void ffn_tasks_body(const uint16_t *x, float *out, int64_t T, int64_t D, 
     int64_t d0, d1;
     split(D, nt, t, 16, &d0, &d1);
     for (int64_t q = 0; q < ntasks; q++)
-      if (!tasks[q].down_t) down_rows(&tasks[q], out, D, d0, d1, h + offs[q], NULL, NULL, units, first, go);
+      if (!tasks[q].down_t) down_rows(&tasks[q], out, D, d0, d1, h + offs[q], NULL, NULL, units, first, go, wb);
   }
   if (nt > 1 && any_t) {
 #pragma omp barrier
@@ -739,6 +938,7 @@ static void ffn_tasks_body(const uint16_t *x, float *out, int64_t T, int64_t D, 
     }
   }
   free(go);
+  free(wb);
   free(pk);
   free(units);
   free(first);
@@ -763,9 +963,11 @@ typedef struct {
   float *scale;
 } moe_plan;
 
-/* ids/w [T, K]; gate/up/down: per-expert data pointers ([I, D], [I, D], [D, I]). Free with moe_plan_free. */
+/* ids/w [T, K]; gate/up/down: per-expert data pointers ([I, D], [I, D], [D, I]); cgate/cup/cdown: per-expert
+ * tm_x12 pointers of the same matrices, or NULL (bf16). Free with moe_plan_free. */
 static moe_plan moe_plan_make(int64_t T, int64_t D, int64_t I, const int64_t *ids, const float *w, int64_t K,
-                              int64_t E, const int64_t *gate, const int64_t *up, const int64_t *down) {
+                              int64_t E, const int64_t *gate, const int64_t *up, const int64_t *down,
+                              const int64_t *cgate, const int64_t *cup, const int64_t *cdown) {
   moe_plan p = {(tm_ffn_task *)malloc(sizeof(tm_ffn_task) * (T * K < E ? T * K : E)), 0,
                 (int32_t *)malloc(sizeof(int32_t) * T * K), (float *)malloc(sizeof(float) * T * K)};
   int32_t *count = (int32_t *)calloc(E + 1, sizeof(int32_t));
@@ -782,7 +984,8 @@ static moe_plan moe_plan_make(int64_t T, int64_t D, int64_t I, const int64_t *id
     int32_t c = count[e + 1] - count[e];
     if (!c) continue;
     tm_ffn_task tk = {(const uint16_t *)gate[e], (const uint16_t *)up[e], (const uint16_t *)down[e], I, D, I, 0, c,
-                      p.tok + count[e], p.scale + count[e]};
+                      p.tok + count[e], p.scale + count[e], cgate ? (const tm_x12 *)cgate[e] : NULL,
+                      cup ? (const tm_x12 *)cup[e] : NULL, cdown ? (const tm_x12 *)cdown[e] : NULL};
     p.tasks[p.n++] = tk;
   }
   free(fill);
@@ -797,11 +1000,12 @@ static void moe_plan_free(moe_plan *p) {
 }
 
 /* Routed experts of one MoE layer, checkpoint layout: group tokens by expert, then run the tasks.
- * ids/w [T, K]; gate/up/down: per-expert data pointers ([I, D], [I, D], [D, I]). */
+ * ids/w [T, K]; gate/up/down, cgate/cup/cdown: as in moe_plan_make. */
 void tm_moe_bf16(const uint16_t *x, float *out, int64_t T, int64_t D, int64_t I, const int64_t *ids,
                  const float *w, int64_t K, int64_t E, const int64_t *gate, const int64_t *up, const int64_t *down,
-                 int act, int nthreads, float *scratch, uint16_t *h) {
-  moe_plan p = moe_plan_make(T, D, I, ids, w, K, E, gate, up, down);
+                 const int64_t *cgate, const int64_t *cup, const int64_t *cdown, int act, int nthreads,
+                 float *scratch, uint16_t *h) {
+  moe_plan p = moe_plan_make(T, D, I, ids, w, K, E, gate, up, down, cgate, cup, cdown);
   tm_ffn_tasks_bf16(x, out, T, D, p.tasks, p.n, act, nthreads, scratch, h);
   moe_plan_free(&p);
 }
@@ -1068,6 +1272,7 @@ typedef struct {
   int32_t E, K, I, act;
   int32_t norm_topk, weights_bf16;    /* renormalize the top-k weights; round them to bf16 */
   float routed_scale;                 /* routed_scaling_factor */
+  const int64_t *cgate, *cup, *cdown; /* [E] tm_x12 pointers of the experts, or NULL (bf16) */
 } tm_decode_layer;
 
 /* Softmax router of one row: bf16 logits [E] -> the K largest probabilities, largest first (ties: lower
@@ -1125,7 +1330,7 @@ static void decode_layer_body(const tm_decode_layer *Ly, uint16_t *x, int64_t B,
   {
     for (int64_t b = 0; b < B; b++) route_row(Ly, logits + b * E, ids + b * K, w + b * K);
     memset(mo, 0, sizeof(float) * B * D);
-    *plan = moe_plan_make(B, D, Ly->I, ids, w, K, E, Ly->gate, Ly->up, Ly->down);
+    *plan = moe_plan_make(B, D, Ly->I, ids, w, K, E, Ly->gate, Ly->up, Ly->down, Ly->cgate, Ly->cup, Ly->cdown);
   }
   ffn_tasks_body(xn, mo, B, D, plan->tasks, plan->n, Ly->act, NULL, h);
 #pragma omp barrier

@@ -109,6 +109,7 @@ class SafetensorsFile:
 
 
 MADV_DONTNEED = 4
+MADV_HUGEPAGE = 14
 MADV_POPULATE_READ = 22  # Linux >= 5.14
 HUGE_SHARE = 0.8
 """A file mapping of at least REREAD_MIN bytes with less of its mapped bytes in 2 MiB pages than this
@@ -128,6 +129,28 @@ def madvise(addr: int, length: int, advice: int) -> bool:
     kernel refuses (too old, or not a mapping it applies to)."""
     start = addr // mmap.PAGESIZE * mmap.PAGESIZE
     return length <= 0 or _libc_madvise()(start, addr + length - start, advice) == 0
+
+
+def file_backed(tensors) -> bool:
+    """Whether every tensor lies in a memory-mapped file (a checkpoint shard), not in anonymous memory."""
+    maps = file_mappings()
+    vmas = (maps.get(t.untyped_storage().data_ptr()) for t in tensors)
+    return all(v is not None and v["path"].startswith("/") for v in vmas)
+
+
+def drop_file_pages(tensors) -> int:
+    """Drop the resident pages of memory-mapped (file-backed) tensors from this process; they come back
+    from the file if read again. Tensors not backed by a file mapping are left alone. Returns the bytes
+    dropped. For weights that live on in another form (`tilemem.kernels.X12Matrix`), so that the
+    process does not hold both."""
+    maps = file_mappings()
+    dropped = 0
+    for t in tensors:
+        vma = maps.get(t.untyped_storage().data_ptr())  # a checkpoint file's storage maps the whole file
+        if vma is not None and vma["path"].startswith("/"):
+            n = t.numel() * t.element_size()
+            dropped += n if madvise(t.data_ptr(), n, MADV_DONTNEED) else 0
+    return dropped
 
 
 def file_mappings() -> dict[int, dict]:

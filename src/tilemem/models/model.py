@@ -104,7 +104,7 @@ class DecoderLayer(nn.Module):
             attn_layer, *(t.data_ptr() for t in norms[:2]), self.input_layernorm.eps, norms[2].data_ptr(),
             table.gate.data_ptr(), table.up.data_ptr(), table.down.data_ptr(), cfg.num_experts, cfg.top_k,
             table.intermediate, kernels.ACTS[mlp.act_name], cfg.norm_topk_prob, cfg.router_weights_in_model_dtype,
-            cfg.routed_scaling_factor,
+            cfg.routed_scaling_factor, *table.codec_ptrs,
         )  # fmt: skip
         self._native_key = key
         self._native_sources = (attn_layer, table)  # alive while keyed by their ids
@@ -166,6 +166,15 @@ class MoECausalLM(nn.Module):
         self.set_executor(ResidentExperts(self.moe_blocks()))
         if self.mtp is not None:
             self.mtp.finish_loading(self.model.embed_tokens, self.lm_head, self.rope)
+
+    def prepare_experts(self, codec: str = "x12", progress: bool = True) -> None:
+        """Encode the resident experts for the native kernels now (`codec` "x12": 12 bits per weight,
+        losslessly; "none": bf16 as loaded), rather than at each layer's first use. Nothing to do for
+        a tiered executor or where the native kernels do not run the experts."""
+        executor = next((b.executor for b in self.moe_blocks().values()), None)
+        if isinstance(executor, ResidentExperts):
+            executor.compress = codec == "x12"
+            executor.compress_all(progress)
 
     def set_executor(self, executor) -> None:
         """Route every MoE block's expert computation through `executor`."""
