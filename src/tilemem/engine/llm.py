@@ -157,9 +157,10 @@ class LLM:
         `device`: where the non-expert weights live and activations flow, `cpu` or `cuda`. None means
         `cuda` when the plan gives the GPU a budget (`--budget cuda=20GiB,cpu=32GiB`), else `cpu`.
 
-        `weight_codec`: how the all-resident CPU engine keeps the routed experts: "x12" (12 bits per
-        weight, losslessly: every weight decodes to its bf16 bits; decode reads 25% fewer expert
-        bytes) or "none" (bf16, as loaded). x12 applies to bf16 experts mapped from the checkpoint.
+        `weight_codec`: how the all-resident CPU engine keeps the weights a decode step streams (routed
+        experts, attention projections, LM head): "x12" (12 bits per weight, losslessly: every weight
+        decodes to its bf16 bits, and decode reads 25% fewer bytes) or "none" (bf16, as loaded). x12
+        applies to bf16 weights mapped from the checkpoint (`MoECausalLM.prepare_weights`).
 
         `prefill_chunk`: most prompt tokens one forward pass takes, over all prompts (vLLM's
         max_num_batched_tokens). Offline generation wants it large: every pass reads each routed
@@ -186,7 +187,7 @@ class LLM:
         )
         self.tiered = None
         if self.plan is None:
-            self.model.prepare_experts(weight_codec)
+            self.model.prepare_weights(weight_codec)
         if self.plan is not None:
             from tilemem.runtime.setup import attach_tiered, load_profile
 

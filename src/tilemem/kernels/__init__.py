@@ -39,6 +39,12 @@ MAX_ROWS = 16
 _vp, _i64, _int, _fp = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.POINTER(ctypes.c_float)
 
 
+class X12(ctypes.Structure):
+    """A bf16 matrix in 12 bits per weight, losslessly (mirrors `tm_x12` in cpu_bf16.c)."""
+
+    _fields_ = [*((name, _vp) for name in ("lo", "hc", "tab", "xrow", "xval")), ("N", _i64), ("K", _i64)]
+
+
 class FfnTask(ctypes.Structure):
     """One gated-FFN task (mirrors `tm_ffn_task` in cpu_bf16.c)."""
 
@@ -67,6 +73,7 @@ class AttnLayer(ctypes.Structure):
         *((name, ctypes.c_int32) for name in ("qk_norm", "H", "Hkv", "hd")),
         *((name, ctypes.c_float) for name in ("eps", "scale", "clip")),
         ("fp32_rotate", ctypes.c_int32),
+        *((name, _vp) for name in ("cq", "ck", "cv", "co")),
     ]
 
 
@@ -84,12 +91,6 @@ class DecodeLayer(ctypes.Structure):
         ("routed_scale", ctypes.c_float),
         *((name, _vp) for name in ("cgate", "cup", "cdown")),
     ]
-
-
-class X12(ctypes.Structure):
-    """A bf16 matrix in 12 bits per weight, losslessly (mirrors `tm_x12` in cpu_bf16.c)."""
-
-    _fields_ = [*((name, _vp) for name in ("lo", "hc", "tab", "xrow", "xval")), ("N", _i64), ("K", _i64)]
 
 
 def cpu_supported() -> bool:
@@ -146,7 +147,7 @@ def _lib() -> ctypes.CDLL | None:
     if lib.tm_abi_version() != ABI_VERSION:
         log.warning("native kernel ABI mismatch; using torch")
         return None
-    lib.tm_linear_bf16.argtypes = [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _i64, _int, _int]
+    lib.tm_linear_bf16.argtypes = [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _i64, _int, _int]
     lib.tm_ffn_tasks_bf16.argtypes = [_vp, _vp, _i64, _i64, ctypes.POINTER(FfnTask), _i64, _int, _int, _vp, _vp]
     lib.tm_rmsnorm_bf16.argtypes = [_vp, _i64, _i64, _vp, ctypes.c_float, _vp, _int]
     attn = [ctypes.POINTER(AttnLayer), _vp, _i64, _i64, _vp, _vp, _vp, _vp, _i64, _vp, _vp, _vp, _int, _vp, _vp]
@@ -186,16 +187,33 @@ def usable(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and x.device.type == "cpu" and available()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ weight[N, K]^T -> [M, N] bf16 (fp32 accumulation); M <= MAX_ROWS, bf16 inputs."""
+def linear(x: torch.Tensor, weight: torch.Tensor, x12: X12Matrix | None = None) -> torch.Tensor:
+    """x [M, K] @ weight[N, K]^T -> [M, N] bf16 (fp32 accumulation); M <= MAX_ROWS, bf16 inputs. With
+    `x12` (the same weights), the kernel reads that instead of `weight`."""
     x = x.contiguous()
     m, k = x.shape
     n = weight.shape[0]
-    if weight.stride(1) != 1:
+    if weight.stride(1) != 1 and x12 is None:
         weight = weight.contiguous()
     y = torch.empty(m, n, dtype=torch.bfloat16)
-    _lib().tm_linear_bf16(x.data_ptr(), m, k, k, weight.data_ptr(), n, weight.stride(0), y.data_ptr(), n, 0, _threads())
+    c = None if x12 is None else ctypes.byref(x12.struct)
+    _lib().tm_linear_bf16(
+        x.data_ptr(), m, k, k, weight.data_ptr(), n, weight.stride(0), c, y.data_ptr(), n, 0, _threads()
+    )
     return y
+
+
+_decoded = torch.empty(0, dtype=torch.bfloat16)
+
+
+def decoded(m: X12Matrix) -> torch.Tensor:
+    """m's bf16 matrix in a buffer reused by the next call (for one GEMM: a prefill's projection)."""
+    global _decoded
+    n, k = m.shape
+    if _decoded.numel() < n * k + 32:
+        _decoded = torch.empty(n * k + 32, dtype=torch.bfloat16)
+    _lib().tm_x12_decode(ctypes.byref(m.struct), 0, n, _decoded.data_ptr(), _threads())
+    return _decoded[: n * k].view(n, k)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

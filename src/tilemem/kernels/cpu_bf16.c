@@ -424,41 +424,6 @@ static void gu_pair(const uint16_t *g, const uint16_t *u, int64_t ld, int R, con
 }
 
 /* ---------------------------------------------------------------------------------------------- */
-/* Dense linear: y[M, N] = x[M, K] @ w[N, K]^T, rows of w split across threads.                     */
-
-/* Rows [n0, n1) of y = x @ w^T: 4-row blocks outer, so a block stays in L1 for every token block. */
-static void linear_rows(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *w, int64_t ldw,
-                        int64_t n0, int64_t n1, void *y, int64_t ldy, int y_fp32) {
-  float res[4][TB];
-  for (int64_t n = n0; n < n1; n += 4) {
-    int R = n1 - n < 4 ? (int)(n1 - n) : 4;
-    for (int64_t m0 = 0; m0 < M; m0 += TB) {
-      int mt = M - m0 < TB ? (int)(M - m0) : TB;
-      const uint16_t *xs[TB];
-      for (int j = 0; j < mt; j++) xs[j] = x + (m0 + j) * ldx;
-      dot_rows(w + n * ldw, ldw, R, xs, mt, K, res, M >= 2 * TB);
-      for (int j = 0; j < mt; j++)
-        for (int r = 0; r < R; r++) {
-          if (y_fp32)
-            ((float *)y)[(m0 + j) * ldy + n + r] = res[r][j];
-          else
-            ((uint16_t *)y)[(m0 + j) * ldy + n + r] = f2bf(res[r][j]);
-        }
-    }
-  }
-}
-
-void tm_linear_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *w, int64_t N,
-                    int64_t ldw, void *y, int64_t ldy, int y_fp32, int nthreads) {
-#pragma omp parallel num_threads(nthreads)
-  {
-    int64_t n0, n1;
-    split(N, omp_get_num_threads(), omp_get_thread_num(), 4, &n0, &n1);
-    linear_rows(x, M, K, ldx, w, ldw, n0, n1, y, ldy, y_fp32);
-  }
-}
-
-/* ---------------------------------------------------------------------------------------------- */
 /* x12: lossless 12-bit storage of bf16 weight matrices. A weight's low byte (7 mantissa bits and the
  * exponent's lowest bit) is kept as is; its high byte (sign and the exponent's upper 7 bits) as a 4-bit
  * code into the matrix's 16 most common high bytes: trained and random weights alike use few exponents,
@@ -632,6 +597,50 @@ void tm_x12_exceptions(const uint16_t *w, int64_t N, int64_t K, const int8_t *co
     int32_t at = xrow[r];
     for (int64_t k = 0; at < xrow[r + 1] && k < K; k++)
       if (code[w[r * K + k] >> 8] < 0) xval[at++] = (uint32_t)k << 16 | w[r * K + k];
+  }
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* Dense linear: y[M, N] = x[M, K] @ w[N, K]^T, rows of w split across threads.                     */
+
+/* Rows [n0, n1) of y = x @ w^T: 4-row blocks outer, so a block stays in L1 for every token block. c: w as
+ * x12 (then w is not read), or NULL. */
+static void linear_rows(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *w, int64_t ldw,
+                        const tm_x12 *c, int64_t n0, int64_t n1, void *y, int64_t ldy, int y_fp32) {
+  float res[4][TB];
+  uint16_t *buf = c && M > 1 ? (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * (4 * K + 64)) : NULL;
+  for (int64_t n = n0; n < n1; n += 4) {
+    int R = n1 - n < 4 ? (int)(n1 - n) : 4;
+    int64_t ld = ldw;
+    const uint16_t *wr = c && M == 1 ? NULL : rows_of(w, c, n, R, &ld, buf); /* one row: decoded in registers */
+    for (int64_t m0 = 0; m0 < M; m0 += TB) {
+      int mt = M - m0 < TB ? (int)(M - m0) : TB;
+      const uint16_t *xs[TB];
+      for (int j = 0; j < mt; j++) xs[j] = x + (m0 + j) * ldx;
+      if (!wr)
+        dot_1_x12(c, n, R, xs[0], res);
+      else
+        dot_rows(wr, ld, R, xs, mt, K, res, M >= 2 * TB);
+      for (int j = 0; j < mt; j++)
+        for (int r = 0; r < R; r++) {
+          if (y_fp32)
+            ((float *)y)[(m0 + j) * ldy + n + r] = res[r][j];
+          else
+            ((uint16_t *)y)[(m0 + j) * ldy + n + r] = f2bf(res[r][j]);
+        }
+    }
+  }
+  free(buf);
+}
+
+/* y [M, N] = x [M, K] @ w^T, w [N, K] at row stride ldw or, with c, stored as x12 (w unused). */
+void tm_linear_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *w, int64_t N,
+                    int64_t ldw, const tm_x12 *c, void *y, int64_t ldy, int y_fp32, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+  {
+    int64_t n0, n1;
+    split(N, omp_get_num_threads(), omp_get_thread_num(), 4, &n0, &n1);
+    linear_rows(x, M, K, ldx, w, ldw, c, n0, n1, y, ldy, y_fp32);
   }
 }
 
@@ -1140,6 +1149,7 @@ typedef struct {
   int32_t qk_norm, H, Hkv, hd;
   float eps, scale, clip;                    /* clip <= 0: none */
   int32_t fp32_rotate;                       /* cos/sin fp32 and the rotation in fp32 (else bf16 ops) */
+  const tm_x12 *cq, *ck, *cv, *co;           /* the projections stored as x12 (then wq.. unused), or NULL */
 } tm_attn_layer;
 
 static inline uint16_t addb(uint16_t a, const uint16_t *b, int64_t i) { return b ? f2bf(bf2f(a) + bf2f(b[i])) : a; }
@@ -1158,10 +1168,11 @@ static void attn_decode_body(const tm_attn_layer *a, const uint16_t *x, int64_t 
   int64_t r0, r1;
   /* 1: projections, each matrix's rows split across threads */
   const uint16_t *w3[3] = {a->wq, a->wk, a->wv};
+  const tm_x12 *c3[3] = {a->cq, a->ck, a->cv};
   const int64_t n3[3] = {nq, nk, nk}, o3[3] = {0, nq, nq + nk};
   for (int m = 0; m < 3; m++) {
     split(n3[m], nt, t, 4, &r0, &r1);
-    linear_rows(x, B, D, D, w3[m], D, r0, r1, qkv + o3[m], nqkv, 0);
+    linear_rows(x, B, D, D, w3[m], D, c3[m], r0, r1, qkv + o3[m], nqkv, 0);
   }
 #pragma omp barrier
   /* 2: bias, q/k norms over all heads, clip (the torch module's order; a row's q, k or v at a time) */
@@ -1246,7 +1257,7 @@ static void attn_decode_body(const tm_attn_layer *a, const uint16_t *x, int64_t 
   }
   /* 5: o projection, rows split across threads (the implicit barrier above has every head done) */
   split(D, nt, t, 4, &r0, &r1);
-  linear_rows(att, B, nq, nq, a->wo, nq, r0, r1, out, D, 0);
+  linear_rows(att, B, nq, nq, a->wo, nq, a->co, r0, r1, out, D, 0);
   if (a->bo)
     for (int64_t b = 0; b < B; b++)
       for (int64_t i = r0; i < r1; i++) out[b * D + i] = addb(out[b * D + i], a->bo, i);
@@ -1324,7 +1335,7 @@ static void decode_layer_body(const tm_decode_layer *Ly, uint16_t *x, int64_t B,
   }
   int64_t r0, r1;
   split(E, nt, t, 4, &r0, &r1);
-  linear_rows(xn, B, D, D, Ly->router, D, r0, r1, logits, E, 0);
+  linear_rows(xn, B, D, D, Ly->router, D, NULL, r0, r1, logits, E, 0);
 #pragma omp barrier
 #pragma omp single
   {

@@ -3,6 +3,8 @@ in `mla.py`. Both read and write the KV cache through a ForwardContext."""
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,13 +40,13 @@ class Attention(nn.Module):
         self.clip = cfg.clip_qkv
         self.scale = self.hd**-0.5
         self._native: kernels.AttnLayer | None = None
-        self._native_ptr = 0  # q_proj's data pointer when `_native` was built (weights may move)
+        self._native_ptr = (0, 0)  # q_proj's (data pointer, X12Matrix id) when `_native` was built
         self._ws = kernels.Workspace()
 
     def native(self) -> kernels.AttnLayer | None:
         """The layer for the native decode kernel, or None where it cannot run (not bf16 contiguous)."""
         w = self.q_proj.weight
-        if self._native is not None and self._native_ptr == w.data_ptr():
+        if self._native is not None and self._native_ptr == (w.data_ptr(), id(self.q_proj.x12)):
             return self._native
         linears = (self.q_proj, self.k_proj, self.v_proj, self.o_proj)
         norms = (self.q_norm, self.k_norm) if self.qk_norm != "none" else ()
@@ -54,6 +56,9 @@ class Attention(nn.Module):
 
         def ptr(t: torch.Tensor | None) -> int | None:
             return None if t is None else t.data_ptr()
+
+        def x12(m: Linear) -> int | None:
+            return None if m.x12 is None else ctypes.addressof(m.x12.struct)
 
         self._native = kernels.AttnLayer(
             *(ptr(m.weight) for m in linears),
@@ -67,8 +72,10 @@ class Attention(nn.Module):
             norms[0].eps if norms else 0.0,
             self.scale,
             self.clip or 0.0,
+            0,
+            *(x12(m) for m in linears),
         )
-        self._native_ptr = w.data_ptr()
+        self._native_ptr = (w.data_ptr(), id(self.q_proj.x12))
         return self._native
 
     def forward(

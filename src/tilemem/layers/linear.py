@@ -12,15 +12,40 @@ import torch.nn.functional as F
 from torch import nn
 
 from tilemem import kernels
+from tilemem.loader.safetensors_file import drop_file_pages, file_backed
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` on `meta` (the loader assigns the weights) with the decode fast path."""
+    """`nn.Linear` on `meta` (the loader assigns the weights) with the decode fast path, and optionally
+    its weight in x12 (`compress`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__(in_features, out_features, bias=bias, device="meta")
+        self.x12: kernels.X12Matrix | None = None
+
+    def compress(self) -> bool:
+        """Keep the weight as a `kernels.X12Matrix` (12 bits per weight, the same bits) and let go of its
+        pages in the mapped checkpoint, where it is a bf16 CPU matrix of such a file that x12 can store.
+        Every forward then reads the X12Matrix: a few rows through the native kernel, more (prefill)
+        through torch on the matrix decoded into a reused buffer. Returns whether it did."""
+        w = self.weight
+        if self.x12 is not None or not (kernels.available() and kernels.x12_supported(w) and file_backed([w])):
+            return self.x12 is not None
+        self.x12 = kernels.X12Matrix(w)
+        drop_file_pages([w])
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.x12 is not None and x.device.type == "cpu" and x.dtype == torch.bfloat16:
+            rows = x.numel() // x.shape[-1]
+            if rows > 4 * kernels.MAX_ROWS:  # a GEMM: decode the matrix once
+                return F.linear(x, kernels.decoded(self.x12), self.bias)
+            flat = x.reshape(rows, x.shape[-1])
+            step = kernels.MAX_ROWS
+            parts = [kernels.linear(flat[i : i + step], self.weight, self.x12) for i in range(0, rows, step)]
+            y = parts[0] if len(parts) == 1 else torch.cat(parts)
+            y = y if self.bias is None else y + self.bias
+            return y.view(*x.shape[:-1], self.weight.shape[0])
         return linear(x, self.weight, self.bias)
 
 

@@ -167,14 +167,20 @@ class MoECausalLM(nn.Module):
         if self.mtp is not None:
             self.mtp.finish_loading(self.model.embed_tokens, self.lm_head, self.rope)
 
-    def prepare_experts(self, codec: str = "x12", progress: bool = True) -> None:
-        """Encode the resident experts for the native kernels now (`codec` "x12": 12 bits per weight,
-        losslessly; "none": bf16 as loaded), rather than at each layer's first use. Nothing to do for
-        a tiered executor or where the native kernels do not run the experts."""
+    def prepare_weights(self, codec: str = "x12", progress: bool = True) -> None:
+        """Store the weights a decode step streams in `codec` now: "x12" (12 bits per weight, losslessly;
+        see `kernels.X12Matrix`) for the resident experts and, where the experts are, the attention
+        projections and the LM head; "none" keeps bf16 as loaded. Only bf16 weights mapped from the
+        checkpoint on the CPU with the native kernels change (their file pages are let go); nothing
+        changes for a tiered executor, which reads its experts from the tile store."""
         executor = next((b.executor for b in self.moe_blocks().values()), None)
-        if isinstance(executor, ResidentExperts):
-            executor.compress = codec == "x12"
-            executor.compress_all(progress)
+        if not isinstance(executor, ResidentExperts):
+            return
+        executor.compress = codec == "x12"
+        if executor.compress_all(progress) and codec == "x12":
+            attn = [layer.self_attn for layer in self.model.layers if isinstance(layer.self_attn, Attention)]
+            for m in (*(p for a in attn for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj)), self.lm_head):
+                m.compress()
 
     def set_executor(self, executor) -> None:
         """Route every MoE block's expert computation through `executor`."""

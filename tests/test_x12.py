@@ -1,0 +1,159 @@
+"""x12, the lossless 12-bit storage of bf16 expert weights: every weight decodes to its bits, the kernels
+give the bf16 path's bits, and the engine keeps one copy of the experts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tilemem import kernels
+from tilemem.errors import ConfigError
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="needs AVX512-BF16 and a C compiler")
+
+
+FINITE = (1e-40, -3e-39, 7e-30, -2.5e-12, 3e2, -4e3, 0.0, -0.0)
+ODD = (float("inf"), float("-inf"), float("nan"), 1e30, -2e20, *FINITE)
+
+
+def matrix(n: int, k: int, seed: int, rare: int = 40, odd=ODD) -> torch.Tensor:
+    """bf16 weights of a trained-like spread, with `rare` weights of exponents no table has room for
+    (subnormals, huge and tiny values; by default infinities and NaN too) at random places, the row ends
+    included."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16)
+    odd = torch.tensor(odd)
+    for j in range(rare):
+        r, c = torch.randint(n, (1,), generator=g).item(), torch.randint(k, (1,), generator=g).item()
+        w[r, c if j % 5 else k - 1] = odd[j % len(odd)]
+    return w
+
+
+def experts(e: int, i: int, d: int, seed: int):
+    return [[matrix(*shape, seed=seed * 100 + 3 * q + m, rare=6, odd=FINITE) for q in range(e)] for m, shape in
+            enumerate([(i, d), (i, d), (d, i)])]  # fmt: skip
+
+
+@pytest.mark.parametrize("n,k", [(1, 32), (5, 96), (64, 2048), (200, 1024)])
+def test_every_weight_decodes_to_its_bits(n, k):
+    w = matrix(n, k, seed=k)
+    m = kernels.X12Matrix(w)
+    assert torch.equal(m.decode().view(torch.int16), w.view(torch.int16))  # NaN payloads and -0.0 too
+    if n * k >= 4096:
+        assert m.exceptions >= 1  # the rare exponents went to the exception list, and still decode
+    if n * k >= 65536:
+        assert m.nbytes < 0.76 * w.numel() * 2  # 12 bits per weight, plus a few exceptions
+
+
+def test_x12_refuses_what_it_cannot_store():
+    odd_rows, fp32, strided = torch.zeros(4, 48).bfloat16(), torch.zeros(4, 64), torch.zeros(64, 64).bfloat16().t()
+    for bad in (odd_rows, fp32, strided):
+        with pytest.raises(ValueError, match="x12 needs a contiguous bf16 matrix"):
+            kernels.X12Matrix(bad)
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_x12_experts_give_the_bf16_kernels_bits(amx):
+    """Every path that reads expert rows, on x12 rows: one token (rows decoded in registers), 2-7 tokens
+    (dot products on decoded rows), GEMM groups (AVX512 or AMX); rare weights in both halves of chunks."""
+    if amx and not kernels.amx_supported():
+        pytest.skip("needs a CPU with AMX-BF16")
+    e, i, d = 6, 96, 256
+    gate, up, down = experts(e, i, d, seed=1)
+    plain, packed = kernels.ExpertTable(gate, up, down), kernels.ExpertTable(gate, up, down, compress=True)
+    assert packed.x12 is not None and plain.x12 is None
+    planes = sum(kernels.x12_row_bytes(w.shape[1]) * w.shape[0] for ws in (gate, up, down) for w in ws)
+    assert planes < 0.86 * plain.nbytes  # 12 bits per weight; the 96-weight down rows padded to 128
+    assert planes < packed.nbytes < planes + 0.02 * plain.nbytes  # tables, row offsets, exceptions
+    before = kernels.amx_enabled()
+    gen = torch.Generator().manual_seed(2)
+    try:
+        kernels.set_amx(amx)
+        for t in (1, 2, 3, 7, 20, 70):
+            x = torch.randn(t, d, generator=gen).to(torch.bfloat16)
+            ids = torch.stack([torch.randperm(e, generator=gen)[:3] for _ in range(t)])
+            w = torch.rand(t, 3, generator=gen)
+            ws = kernels.Workspace()
+            want = kernels.moe(x, w, ids, plain, "silu", ws)
+            got = kernels.moe(x, w, ids, packed, "silu", ws)
+            assert torch.equal(got, want), t
+    finally:
+        kernels.set_amx(before)
+
+
+def test_compressed_experts_let_go_of_their_mapped_file_pages(tmp_path):
+    """Experts mapped from a checkpoint file, resident (populated), then compressed: the file's pages leave
+    the process (they are still in the page cache), so it does not hold both copies."""
+    from safetensors.torch import save_file
+
+    from tilemem.loader.safetensors_file import SafetensorsFile, file_mappings, populate
+
+    gate, up, down = experts(4, 256, 512, seed=3)
+    names = {f"{m}.{q}": w for m, ws in zip("gud", (gate, up, down), strict=True) for q, w in enumerate(ws)}
+    save_file(names, tmp_path / "experts.safetensors")
+    f = SafetensorsFile(tmp_path / "experts.safetensors")
+    mapped = [[f.tensor(f"{m}.{q}") for q in range(4)] for m in "gud"]
+
+    def resident() -> int:
+        return sum(v["rss"] for v in file_mappings().values() if v["path"] == str(tmp_path / "experts.safetensors"))
+
+    populate(t for ts in mapped for t in ts)
+    total = sum(w.numel() * 2 for w in names.values())
+    assert resident() >= total
+    table = kernels.ExpertTable(*mapped, compress=True)
+    assert resident() < 0.02 * total
+    x = torch.randn(3, 512).to(torch.bfloat16)
+    ids, w = torch.tensor([[0, 1], [2, 3], [3, 0]]), torch.rand(3, 2)
+    want = kernels.moe(x, w, ids, kernels.ExpertTable(gate, up, down), "silu", kernels.Workspace())
+    assert torch.equal(kernels.moe(x, w, ids, table, "silu", kernels.Workspace()), want)
+    assert resident() < 0.02 * total  # the kernels read the x12 copy, not the file
+
+
+def test_weights_converted_at_load_stay_bf16(make_ckpt):
+    """An fp32 checkpoint loaded as bf16 lives in anonymous memory, which x12 could not let go: both copies
+    would be held, so the experts stay bf16."""
+    from tilemem.engine.llm import LLM
+
+    llm = LLM(make_ckpt("olmoe", "fp32"), dtype="bf16")
+    blocks = llm.model.moe_blocks()
+    assert all(blocks[i].executor.table(i).x12 is None for i in blocks)
+
+
+def test_unknown_weight_codec_is_a_clear_error(make_ckpt):
+    from tilemem.engine.llm import LLM
+
+    with pytest.raises(ConfigError, match="weight_codec must be one of x12, none"):
+        LLM(make_ckpt("olmoe", "bf16"), dtype="bf16", weight_codec="zip")
+
+
+def test_compressed_linear_gives_the_bf16_linear_bits(tmp_path):
+    """A Linear with an x12 weight (a projection, the LM head): decode-sized batches through the native
+    kernel (one row decoded in registers, more in chunks of 16), prefill-sized ones through torch on the
+    decoded matrix; the same bits as the bf16 weight, which is no longer read."""
+    from safetensors.torch import save_file
+
+    from tilemem.layers.linear import Linear
+    from tilemem.loader.safetensors_file import SafetensorsFile, file_mappings, populate
+
+    w = matrix(384, 320, seed=4, odd=FINITE)
+    save_file({"w": w, "b": torch.randn(384).to(torch.bfloat16)}, tmp_path / "lin.safetensors")
+    f = SafetensorsFile(tmp_path / "lin.safetensors")
+    lin = Linear(320, 384, bias=True)
+    lin.weight, lin.bias = torch.nn.Parameter(f.tensor("w"), False), torch.nn.Parameter(f.tensor("b"), False)
+    populate([lin.weight])
+
+    def resident() -> int:
+        return sum(v["rss"] for v in file_mappings().values() if v["path"] == str(tmp_path / "lin.safetensors"))
+
+    assert resident() >= w.numel() * 2
+    assert lin.compress() and lin.x12 is not None
+    assert resident() <= 4096  # a page the weight shares with the bias, at most
+    gen = torch.Generator().manual_seed(5)
+    for rows in (1, 3, 16, 40, 100):
+        x = torch.randn(2, rows, 320, generator=gen).to(torch.bfloat16)
+        flat = x.reshape(-1, 320)
+        if len(flat) <= 4 * kernels.MAX_ROWS:
+            want = torch.cat([kernels.linear(flat[i : i + 16], w) for i in range(0, len(flat), 16)]) + lin.bias
+        else:
+            want = torch.nn.functional.linear(flat, w, lin.bias)
+        assert torch.equal(lin(x).reshape(-1, 384), want), rows
