@@ -9,6 +9,7 @@ prefill lasts 1-8 s, and this machine's speed swings by tens of percent within s
 
     .venv/bin/python benchmarks/decode.py                      # olmoe-1b-7b, bf16, 2 threads
     .venv/bin/python benchmarks/decode.py --preset small --family olmoe --repeats 3
+    .venv/bin/python benchmarks/decode.py --engines tilemem,tilemem-bf16 --batches 1   # x12 vs bf16 weights
 """
 
 from __future__ import annotations
@@ -99,7 +100,9 @@ def warm_page_cache(path: Path) -> None:
                 pass
 
 
-def run_tilemem(path: Path, batch: int, prompt_len: int, decode: int, threads: int, prefills: int) -> dict:
+def run_tilemem(
+    path: Path, batch: int, prompt_len: int, decode: int, threads: int, prefills: int, codec: str = "x12"
+) -> dict:
     from tilemem.engine.llm import LLM
     from tilemem.engine.sampling import SamplingParams
 
@@ -108,7 +111,7 @@ def run_tilemem(path: Path, batch: int, prompt_len: int, decode: int, threads: i
     # so read them back here too, before anything is timed (else experts the warm-up prompts missed
     # come from disk inside the timed prefill and decode).
     warm_page_cache(path)
-    llm = LLM(path, dtype="bf16", threads=threads, max_batch=batch)
+    llm = LLM(path, dtype="bf16", threads=threads, max_batch=batch, weight_codec=codec)
     prompts = prompt_batch(llm.config.vocab_size, batch, prompt_len)
     params = SamplingParams(max_tokens=decode, temperature=0, ignore_eos=True)
     llm.generate(warmup_batch(llm.config.vocab_size, batch, prompt_len), SamplingParams(max_tokens=4, temperature=0))
@@ -153,8 +156,11 @@ def run_transformers(path: Path, batch: int, prompt_len: int, decode: int, threa
 
 
 def worker(args: argparse.Namespace) -> None:
-    fn = run_tilemem if args.worker == "tilemem" else run_transformers
-    result = fn(Path(args.dir), args.batch, args.prompt_len, args.decode, args.threads, args.prefills)
+    run = (Path(args.dir), args.batch, args.prompt_len, args.decode, args.threads, args.prefills)
+    if args.worker == "transformers":
+        result = run_transformers(*run)
+    else:  # tilemem (x12 weights, the default) or tilemem-bf16 (weight_codec="none")
+        result = run_tilemem(*run, codec="none" if args.worker == "tilemem-bf16" else "x12")
     result.setdefault("peak_rss", peak_rss_bytes())
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -181,7 +187,9 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--prefills", type=int, default=3, help="prefills per engine run (their median is reported)")
     ap.add_argument("--batches", default="1,4")
-    ap.add_argument("--engines", default="tilemem,transformers")
+    ap.add_argument(
+        "--engines", default="tilemem,transformers", help="of tilemem, transformers, tilemem-bf16 (bf16 weights)"
+    )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -257,6 +265,11 @@ def main() -> None:
                     + ", ".join(f"{100 * f:.0f}%" for f in own)
                     + ")"
                 )
+            if "tilemem-bf16" in engines:
+                pairs = zip(runs[("tilemem", b)], runs[("tilemem-bf16", b)], strict=True)
+                ratios = [x["decode_tok_s"] / y["decode_tok_s"] for x, y in pairs]
+                line += f"; x12 weights decode {statistics.median(ratios):.2f}x bf16 weights (per round: "
+                line += ", ".join(f"{r:.2f}x" for r in ratios) + ")"
             print(line)
 
 
