@@ -157,3 +157,23 @@ def test_compressed_linear_gives_the_bf16_linear_bits(tmp_path):
         else:
             want = torch.nn.functional.linear(flat, w, lin.bias)
         assert torch.equal(lin(x).reshape(-1, 384), want), rows
+
+
+def test_cli_weight_codec_reaches_the_engine(make_ckpt, capsys, monkeypatch):
+    from tilemem.cli.main import main
+    from tilemem.models.model import MoECausalLM
+
+    path, seen = str(make_ckpt("olmoe", "bf16")), []
+    prepare = MoECausalLM.prepare_weights
+    monkeypatch.setattr(
+        MoECausalLM, "prepare_weights", lambda self, codec, *a: seen.append(codec) or prepare(self, codec)
+    )
+    outs = []
+    for codec in ("none", "x12"):
+        argv = ["generate", path, "--prompt", "hi", "--max-tokens", "6", "--temperature", "0", "--weight-codec", codec]
+        assert main(argv) == 0
+        outs.append(capsys.readouterr().out)
+    assert seen == ["none", "x12"] and outs[0] == outs[1]
+    with pytest.raises(SystemExit):
+        main(["generate", path, "--weight-codec", "zip"])
+    assert "invalid choice: 'zip'" in capsys.readouterr().err

@@ -67,6 +67,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+def add_weight_codec_arg(p: argparse.ArgumentParser) -> None:
+    """--weight-codec, for commands that load an LLM."""
+    from tilemem.engine.llm import WEIGHT_CODECS
+
+    p.add_argument(
+        "--weight-codec",
+        default="x12",
+        choices=WEIGHT_CODECS,
+        help="how the all-resident CPU engine keeps the weights decode streams: x12 (12 bits per weight, "
+        "lossless, the default) or none (bf16 as loaded)",
+    )
+
+
 def add_generation_args(p: argparse.ArgumentParser) -> None:
     """Prompt, sampling and engine options shared by generate-like commands."""
     p.add_argument("--prompt", default="def fibonacci(n):", help="prompt text")
@@ -80,6 +93,7 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: the checkpoint's)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when --budget gives cuda a share)")
+    add_weight_codec_arg(p)
     p.add_argument("--stats", action="store_true", help="print throughput, memory and tier counters")
     p.add_argument("--plan", default=None, help="plan directory from `tilemem plan`")
     p.add_argument("--budget", default=None, help="tier budgets, e.g. cpu=4GiB (rest on disk)")
@@ -250,6 +264,7 @@ def llm_from_args(args: argparse.Namespace, **extra):
         num_draft=args.num_draft,
         async_planning=args.async_planning,
         device=args.device,
+        weight_codec=args.weight_codec,
         **extra,
     )
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from tilemem.cli.model_commands import add_weight_codec_arg
 from tilemem.errors import ConfigError
 
 
@@ -27,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: the checkpoint's)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when --budget gives cuda a share)")
+    add_weight_codec_arg(p)
     p.add_argument("--plan", default=None, help="plan directory from `tilemem plan`")
     p.add_argument("--budget", default=None, help="tier budgets, e.g. cpu=4GiB (rest on disk)")
     p.add_argument("--policy", default="tilepo_fine", help="placement policy used with --budget")
