@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from tilemem.loader.safetensors_file import MADV_HUGEPAGE, drop_file_pages, madvise
+from tilemem.loader.safetensors_file import MADV_HUGEPAGE, MADV_POPULATE_WRITE, drop_file_pages, madvise
 from tilemem.tmap import sysinfo
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ def _lib() -> ctypes.CDLL | None:
     lib.tm_decode_layers_bf16.argtypes = [ctypes.POINTER(DecodeLayer), _i64, _vp, _i64, _i64, _vp, _vp, _vp, _vp]
     lib.tm_decode_layers_bf16.argtypes += [_i64, _vp, _vp, _int, _vp, _vp, _vp, _vp, _vp]
     lib.tm_moe_bf16.argtypes = [_vp, _vp, _i64, _i64, _i64, _vp, _vp, _i64, _i64, *[_vp] * 6, _int, _int, _vp, _vp]
-    lib.tm_x12_hist.argtypes = [_vp, _i64, _i64, _i64, _vp]
+    lib.tm_x12_table.argtypes = [_vp, _i64, _i64, _i64, _vp]
     lib.tm_x12_encode.argtypes = [_vp, _i64, _i64, _vp, _vp, _vp, _vp, _int]
     lib.tm_x12_exceptions.argtypes = [_vp, _i64, _i64, _vp, _vp, _vp, _int]
     lib.tm_x12_decode.argtypes = [ctypes.POINTER(X12), _i64, _i64, _vp, _int]
@@ -283,26 +283,22 @@ class X12Matrix:
         n, k = w.shape
         kp = (k + 63) // 64 * 64
         lib, threads = _lib(), _threads()
-        hist = torch.zeros(256, dtype=torch.int64)
-        lib.tm_x12_hist(w.data_ptr(), n, k, max(1, n // X12_SAMPLE_ROWS), hist.data_ptr())
-        top = torch.argsort(hist, descending=True, stable=True)[:16]
-        code = torch.full((256,), -1, dtype=torch.int8)
-        code[top] = torch.arange(16, dtype=torch.int8)
-        self.tab = top.to(torch.uint8).repeat(4)  # one copy per 128-bit lane (vpshufb)
+        self.tab = torch.empty(64, dtype=torch.uint8)  # the 16 high bytes, one copy per 128-bit lane (vpshufb)
+        lib.tm_x12_table(w.data_ptr(), n, k, max(1, n // X12_SAMPLE_ROWS), self.tab.data_ptr())
         if buf is None:
             buf = torch.empty(x12_row_bytes(k) * n, dtype=torch.uint8)
         self.lo = buf[: n * kp].view(n, kp)
         self.hc = buf[n * kp : n * kp * 3 // 2].view(n, kp // 2)
         cnt = torch.empty(n, dtype=torch.int32)
         lib.tm_x12_encode(
-            w.data_ptr(), n, k, code.data_ptr(), self.lo.data_ptr(), self.hc.data_ptr(), cnt.data_ptr(), threads
+            w.data_ptr(), n, k, self.tab.data_ptr(), self.lo.data_ptr(), self.hc.data_ptr(), cnt.data_ptr(), threads
         )
         self.xrow = torch.zeros(n + 1, dtype=torch.int32)
-        self.xrow[1:] = cnt.cumsum(0)
+        torch.cumsum(cnt, 0, out=self.xrow[1:])
         self.xval = torch.empty(int(self.xrow[-1]), dtype=torch.int32)
         if self.xval.numel():
             lib.tm_x12_exceptions(
-                w.data_ptr(), n, k, code.data_ptr(), self.xrow.data_ptr(), self.xval.data_ptr(), threads
+                w.data_ptr(), n, k, self.tab.data_ptr(), self.xrow.data_ptr(), self.xval.data_ptr(), threads
             )
         ptrs = (t.data_ptr() for t in (self.lo, self.hc, self.tab, self.xrow, self.xval))
         self.struct = X12(*ptrs, n, k)
@@ -333,6 +329,7 @@ def _x12_all(mats: list[torch.Tensor]) -> list[X12Matrix]:
     buf = torch.empty(sum(sizes) + (2 << 20), dtype=torch.uint8)
     start = -buf.data_ptr() % (2 << 20)  # 2 MiB-aligned, before anything touches it
     madvise(buf.data_ptr() + start, sum(sizes), MADV_HUGEPAGE)
+    madvise(buf.data_ptr() + start, sum(sizes), MADV_POPULATE_WRITE)  # one call, not a fault per page
     out = []
     for w, size in zip(mats, sizes, strict=True):
         out.append(X12Matrix(w, buf[start : start + size]))

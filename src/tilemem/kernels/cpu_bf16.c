@@ -564,15 +564,26 @@ void tm_x12_decode(const tm_x12 *c, int64_t r0, int64_t R, uint16_t *dst, int nt
   for (int64_t r = r0; r < r0 + R; r++) x12_rows(c, r, 1, dst + (r - r0) * c->K);
 }
 
-/* hist[b] += weights of high byte b in rows 0, step, 2 step, ... of w [N, K]. */
-void tm_x12_hist(const uint16_t *w, int64_t N, int64_t K, int64_t step, int64_t *hist) {
+/* tab[0:64]: the 16 most common high bytes of rows 0, step, 2 step, ... of w [N, K] (most common first,
+ * ties: the lower byte), repeated in each 128-bit lane (see tm_x12). */
+void tm_x12_table(const uint16_t *w, int64_t N, int64_t K, int64_t step, uint8_t *tab) {
+  int64_t hist[256] = {0};
   for (int64_t r = 0; r < N; r += step)
     for (int64_t k = 0; k < K; k++) hist[w[r * K + k] >> 8]++;
+  for (int q = 0; q < 16; q++) {
+    int best = 0;
+    for (int b = 1; b < 256; b++) best = hist[b] > hist[best] ? b : best;
+    tab[q] = (uint8_t)best;
+    hist[best] = -1;
+  }
+  for (int q = 16; q < 64; q++) tab[q] = tab[q % 16];
 }
 
-/* Encodes w [N, K] with code[b] (high byte -> code, or -1) into lo and hc (see tm_x12); cnt[r] = row r's
- * exceptions (they get code 0 until tm_x12_exceptions lists them). Padding weights are zero. */
-void tm_x12_encode(const uint16_t *w, int64_t N, int64_t K, const int8_t *code, uint8_t *lo, uint8_t *hc,
+/* Encodes w [N, K] with tab (the 16 high bytes of codes 0-15) into lo and hc (see tm_x12); cnt[r] = row
+ * r's exceptions (they get code 0 until tm_x12_exceptions lists them). Padding weights are zero. 64
+ * weights at a time: packing the low and the high bytes of two 32-weight vectors puts them where the
+ * decoder's unpacks take them from (x12_perm), and 16 byte compares find the codes. */
+void tm_x12_encode(const uint16_t *w, int64_t N, int64_t K, const uint8_t *tab, uint8_t *lo, uint8_t *hc,
                    int32_t *cnt, int nthreads) {
   const int64_t KP = x12_kp(K);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
@@ -580,24 +591,35 @@ void tm_x12_encode(const uint16_t *w, int64_t N, int64_t K, const int8_t *code, 
     const uint16_t *wr = w + r * K;
     int32_t n = 0;
     for (int64_t k = 0; k < KP; k += 64) {
-      uint8_t cd[64];
-      for (int p = 0; p < 64; p++) {
-        int64_t j = k + x12_perm(p);
-        uint16_t v = j < K ? wr[j] : 0;
-        int c = code[v >> 8];
-        n += c < 0 && j < K;
-        cd[p] = (uint8_t)(c < 0 ? 0 : c);
-        lo[r * KP + k + p] = (uint8_t)v;
+      __m512i w0 = _mm512_loadu_si512(wr + k); /* K is a multiple of 32: a chunk is 64 weights or 32 */
+      __m512i w1 = k + 64 <= K ? _mm512_loadu_si512(wr + k + 32) : _mm512_setzero_si512();
+      const __m512i ff = _mm512_set1_epi16(0xFF);
+      __m512i l = _mm512_packus_epi16(_mm512_and_si512(w0, ff), _mm512_and_si512(w1, ff));
+      __m512i h = _mm512_packus_epi16(_mm512_srli_epi16(w0, 8), _mm512_srli_epi16(w1, 8));
+      __m512i c = _mm512_setzero_si512();
+      __mmask64 hit = 0;
+      for (int q = 0; q < 16; q++) {
+        __mmask64 m = _mm512_cmpeq_epi8_mask(h, _mm512_set1_epi8((char)tab[q]));
+        c = _mm512_mask_mov_epi8(c, m, _mm512_set1_epi8((char)q));
+        hit |= m;
       }
-      for (int q = 0; q < 32; q++) hc[r * (KP / 2) + k / 2 + q] = (uint8_t)(cd[q] | cd[q + 32] << 4);
+      uint64_t miss = ~(uint64_t)hit;
+      if (k + 64 > K) miss &= 0x00FF00FF00FF00FFull; /* the padding (weights 32-63) holds no exceptions */
+      n += __builtin_popcountll(miss);
+      _mm512_storeu_si512(lo + r * KP + k, l);
+      __m256i c0 = _mm512_castsi512_si256(c), c1 = _mm512_extracti64x4_epi64(c, 1);
+      _mm256_storeu_si256((__m256i *)(hc + r * (KP / 2) + k / 2), _mm256_or_si256(c0, _mm256_slli_epi16(c1, 4)));
     }
     cnt[r] = n;
   }
 }
 
 /* The exceptions of w (see tm_x12_encode) into xval, row r's from xrow[r] on. */
-void tm_x12_exceptions(const uint16_t *w, int64_t N, int64_t K, const int8_t *code, const int32_t *xrow,
+void tm_x12_exceptions(const uint16_t *w, int64_t N, int64_t K, const uint8_t *tab, const int32_t *xrow,
                        uint32_t *xval, int nthreads) {
+  int8_t code[256];
+  memset(code, -1, sizeof(code));
+  for (int q = 0; q < 16; q++) code[tab[q]] = (int8_t)q;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t r = 0; r < N; r++) {
     int32_t at = xrow[r];
