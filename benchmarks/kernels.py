@@ -4,8 +4,10 @@ For each shape, alternates the torch path and the native kernel over rounds (col
 set of several layers, far beyond the last-level cache) and prints GB/s of weights read, GFLOP/s and
 the ratio kernel / torch; a plain 2-thread reduction gives the machine's read bandwidth at the time.
 Where the CPU has AMX, the expert kernel at prefill sizes with its GEMMs on AVX512-BF16 (in the
-torch column) vs on AMX tiles. Then a decode step's attention block over 16 layers (torch modules vs
-the fused call) and a prefill's causal attention over 16 layers (SDPA vs the native kernel).
+torch column) vs on AMX tiles. The "x12" rows: the kernel on bf16 weights (in the torch column) vs on
+the same weights stored as x12 (GB/s of bf16-equivalent bytes in both). Then a decode step's attention
+block over 16 layers (torch modules vs the fused call) and a prefill's causal attention over 16 layers
+(SDPA vs the native kernel).
 
     .venv/bin/python benchmarks/kernels.py [--rounds 3] [--threads 2]
 """
@@ -90,6 +92,7 @@ def main() -> None:
         for _ in range(args.layers)
     ]
     tables = [kernels.ExpertTable(*ws) for ws in layers]
+    x12_tables = [kernels.ExpertTable(*ws, compress=True) for ws in layers]  # the same weights, 12 bits each
     ws = kernels.Workspace()
     dense = [mk(D, D) for _ in range(64)]  # 512 MiB of attention-sized matrices
     big = torch.ones(2**28)  # 1 GiB fp32 for the read-bandwidth reference
@@ -125,6 +128,31 @@ def main() -> None:
 
             nbytes, flops = len(ids.unique()) * 3 * I * D * 2, 2 * t * K * 3 * I * D
             cases.append((f"moe T={t} amx", lambda f=run_on: f(False), lambda f=run_on: f(True), 2, nbytes, flops))
+    for t in (1, 4, 256):  # the bf16 kernel ("torch" column) vs the same kernel on x12 weights; bf16 bytes
+        x = torch.randn(t, D).to(torch.bfloat16)
+        w = torch.rand(t, K)
+        ids = torch.stack([torch.randperm(E)[:K] for _ in range(t)])
+        reps = 2 if t > 16 else 12
+
+        def run_x12(packed, x=x, w=w, ids=ids, reps=reps):
+            for r in range(reps):
+                kernels.moe(x, w, ids, (x12_tables if packed else tables)[r % len(tables)], "silu", ws)
+
+        nbytes, flops = len(ids.unique()) * 3 * I * D * 2, 2 * t * K * 3 * I * D
+        cases.append((f"moe T={t} x12", lambda f=run_x12: f(False), lambda f=run_x12: f(True), reps, nbytes, flops))
+    dense_x12 = [kernels.X12Matrix(wd) for wd in dense]
+    for m in (1, 4):
+        x = torch.randn(m, D).to(torch.bfloat16)
+        cases.append(
+            (
+                f"linear M={m} x12",
+                lambda x=x: [kernels.linear(x, wd) for wd in dense],
+                lambda x=x: [kernels.linear(x, wd, c) for wd, c in zip(dense, dense_x12, strict=True)],
+                len(dense),
+                D * D * 2,
+                2 * m * D * D,
+            )
+        )
     for m in (1, 4):
         x = torch.randn(m, D).to(torch.bfloat16)
         cases.append(
