@@ -128,7 +128,9 @@ def run_tilemem(
     # so read them back here too, before anything is timed (else experts the warm-up prompts missed
     # come from disk inside the timed prefill and decode).
     warm_page_cache(path)
+    t0 = time.perf_counter()
     llm = LLM(path, dtype="bf16", threads=threads, max_batch=batch, weight_codec=codec)
+    load_s = time.perf_counter() - t0
     prompts = prompt_batch(llm.config.vocab_size, batch, prompt_len)
     params = SamplingParams(max_tokens=decode, temperature=0, ignore_eos=True)
     llm.generate(warmup_batch(llm.config.vocab_size, batch, prompt_len), SamplingParams(max_tokens=4, temperature=0))
@@ -146,7 +148,7 @@ def run_tilemem(
     saved = stored_bytes_saved(llm)
     return {
         "prefill_tok_s": statistics.median(prefill), "decode_tok_s": s.decode_tok_s, "bw": bw, "peak_rss": rss,
-        "bytes_saved": saved,
+        "bytes_saved": saved, "load_s": load_s,
     }  # fmt: skip
 
 
@@ -154,7 +156,9 @@ def run_transformers(path: Path, batch: int, prompt_len: int, decode: int, threa
     import transformers
 
     torch.set_num_threads(threads)
+    t0 = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    load_s = time.perf_counter() - t0
     prompts = torch.tensor(prompt_batch(model.config.vocab_size, batch, prompt_len))
     with torch.inference_mode():
         warm = torch.tensor(warmup_batch(model.config.vocab_size, batch, prompt_len))
@@ -173,7 +177,7 @@ def run_transformers(path: Path, batch: int, prompt_len: int, decode: int, threa
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
         decode_s = time.perf_counter() - t0
     prefill = statistics.median(batch * prompt_len / t for t in prefill_s)
-    return {"prefill_tok_s": prefill, "decode_tok_s": batch * (decode - 1) / decode_s}
+    return {"prefill_tok_s": prefill, "decode_tok_s": batch * (decode - 1) / decode_s, "load_s": load_s}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -244,12 +248,12 @@ def main() -> None:
     print(f"\ncheckpoint {path} ({ckpt_bytes / 2**30:.2f} GiB), threads {args.threads}, repeats {args.repeats}")
     print(f"DRAM read bandwidth (median of rounds): {bw / 1e9:.1f} GB/s; bytes per decode token {bpt / 1e9:.3f} GB")
     print(f"read-bandwidth bound at batch 1: {bound:.2f} tok/s\n")
-    print("| engine | batch | prefill tok/s | decode tok/s | peak RSS GiB | RSS / ckpt |")
-    print("|---|---|---|---|---|---|")
+    print("| engine | batch | prefill tok/s | decode tok/s | peak RSS GiB | RSS / ckpt | load s |")
+    print("|---|---|---|---|---|---|---|")
     for (e, b), m in med.items():
         print(
             f"| {e} | {b} | {m['prefill_tok_s']:.1f} | {m['decode_tok_s']:.2f} | "
-            f"{m['peak_rss'] / 2**30:.2f} | {m['peak_rss'] / ckpt_bytes:.2f} |"
+            f"{m['peak_rss'] / 2**30:.2f} | {m['peak_rss'] / ckpt_bytes:.2f} | {m['load_s']:.1f} |"
         )
     fpt, gemm = flops_per_prefill_token(path, args.prompt_len), statistics.median(gemms)
     print(f"\nprefill: {fpt / 1e9:.2f} GFLOP per prompt token; best bf16 GEMM here {gemm / 1e9:.0f} GFLOP/s")
