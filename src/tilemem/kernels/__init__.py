@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -203,17 +204,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, x12: X12Matrix | None = None) 
     return y
 
 
-_decoded = torch.empty(0, dtype=torch.bfloat16)
+_decoded = threading.local()
 
 
 def decoded(m: X12Matrix) -> torch.Tensor:
-    """m's bf16 matrix in a buffer reused by the next call (for one GEMM: a prefill's projection)."""
-    global _decoded
+    """m's bf16 matrix in a buffer of the calling thread, reused by its next call (for one GEMM: a
+    prefill's projection)."""
     n, k = m.shape
-    if _decoded.numel() < n * k + 32:
-        _decoded = torch.empty(n * k + 32, dtype=torch.bfloat16)
-    _lib().tm_x12_decode(ctypes.byref(m.struct), 0, n, _decoded.data_ptr(), _threads())
-    return _decoded[: n * k].view(n, k)
+    buf = getattr(_decoded, "buf", None)
+    if buf is None or buf.numel() < n * k + 32:
+        buf = _decoded.buf = torch.empty(n * k + 32, dtype=torch.bfloat16)
+    _lib().tm_x12_decode(ctypes.byref(m.struct), 0, n, buf.data_ptr(), _threads())
+    return buf[: n * k].view(n, k)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
