@@ -432,9 +432,10 @@ static void gu_pair(const uint16_t *g, const uint16_t *u, int64_t ld, int R, con
  * instead of 16, and every decoded row is the original, bit for bit.
  *
  * Layout: rows of KP = K rounded up to 64 weights, in chunks of 64. Byte p of a chunk's 64 low bytes
- * belongs to weight x12_perm(p), and so does nibble p of its 32 code bytes (the low nibbles of bytes
- * 0-31, then their high nibbles): then one vpshufb turns the codes into high bytes, and an unpack of the
- * low and high bytes gives weights 0-31 and 32-63 in order. */
+ * belongs to weight (p % 16 < 8 ? 0 : 32) + 8 * (p / 16) + p % 8 (where vpunpck{l,h}bw take it from),
+ * and so does nibble p of its 32 code bytes (the low nibbles of bytes 0-31, then their high nibbles):
+ * then one vpshufb turns the codes into high bytes, and the unpacks of the low and high bytes give
+ * weights 0-31 and 32-63 in order. */
 
 typedef struct {
   const uint8_t *lo;    /* [N, KP] low bytes */
@@ -450,9 +451,6 @@ typedef struct {
  * (The GEMMs' row decoding runs slower with it.) */
 #define X12_PF 2048
 static inline int64_t x12_kp(int64_t K) { return (K + 63) / 64 * 64; }
-
-/* The weight of a 64-chunk at byte position p (what vpunpck{l,h}bw put where). */
-static inline int x12_perm(int p) { return (p % 16 < 8 ? 0 : 32) + 8 * (p / 16) + p % 8; }
 
 /* 64 weights from their low bytes and codes (exceptions not yet written): w0 weights 0-31, w1 32-63. */
 static inline void x12_chunk(const uint8_t *lo, const uint8_t *hc, __m512i tab, __m512i *w0, __m512i *w1) {
@@ -582,7 +580,7 @@ void tm_x12_table(const uint16_t *w, int64_t N, int64_t K, int64_t step, uint8_t
 /* Encodes w [N, K] with tab (the 16 high bytes of codes 0-15) into lo and hc (see tm_x12); cnt[r] = row
  * r's exceptions (they get code 0 until tm_x12_exceptions lists them). Padding weights are zero. 64
  * weights at a time: packing the low and the high bytes of two 32-weight vectors puts them where the
- * decoder's unpacks take them from (x12_perm), and 16 byte compares find the codes. */
+ * decoder's unpacks take them from, and 16 byte compares find the codes. */
 void tm_x12_encode(const uint16_t *w, int64_t N, int64_t K, const uint8_t *tab, uint8_t *lo, uint8_t *hc,
                    int32_t *cnt, int nthreads) {
   const int64_t KP = x12_kp(K);
