@@ -109,6 +109,34 @@ def test_compressed_experts_let_go_of_their_mapped_file_pages(tmp_path):
     assert resident() < 0.02 * total  # the kernels read the x12 copy, not the file
 
 
+def test_engine_gives_the_same_tokens_with_x12_weights(make_ckpt):
+    """The bf16 engine with x12 weights (the default): the same greedy tokens and log-probabilities as
+    with bf16 weights, through prefill (GEMMs on decoded projections) and the fused decode step."""
+    from tilemem.engine.llm import LLM
+    from tilemem.engine.sampling import SamplingParams
+
+    path = make_ckpt("olmoe", "bf16", routing_skew=1.0)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
+    prompts = ["The capital of France", "Mixture of experts", "a", "x " * 40]  # the last: 80+ prompt tokens
+    want = LLM(path, dtype="bf16", weight_codec="none").generate(prompts, params)
+    packed = LLM(path, dtype="bf16")  # weight_codec="x12"
+    calls = []
+    orig = kernels.decode_layers
+    kernels.decode_layers = lambda *a, **kw: calls.append(1) or orig(*a, **kw)
+    try:
+        got = packed.generate(prompts, params)
+    finally:
+        kernels.decode_layers = orig
+    blocks = packed.model.moe_blocks()
+    assert all(blocks[i].executor.table(i).x12 is not None for i in blocks)
+    attn = packed.model.model.layers[0].self_attn
+    assert all(m.x12 is not None for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, packed.model.lm_head))
+    assert calls  # the fused decode step ran on the x12 weights
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [o.logprobs for o in got] == [o.logprobs for o in want]
+    assert [o.top_logprobs for o in got] == [o.top_logprobs for o in want]
+
+
 def test_weights_converted_at_load_stay_bf16(make_ckpt):
     """An fp32 checkpoint loaded as bf16 lives in anonymous memory, which x12 could not let go: both copies
     would be held, so the experts stay bf16."""
