@@ -205,3 +205,33 @@ def test_cli_weight_codec_reaches_the_engine(make_ckpt, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["generate", path, "--weight-codec", "zip"])
     assert "invalid choice: 'zip'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_populate_write_backs_all_of_a_fresh_range(threads):
+    """The x12 buffers' pages are faulted in by `threads` threads at once: every page of the range, an
+    odd length included, and nothing beyond it."""
+    import ctypes
+    import mmap
+    from pathlib import Path
+
+    from tilemem.loader.safetensors_file import populate_write
+
+    def anon() -> int:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("RssAnon:"))
+        return int(line.split()[1]) * 1024
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, *[ctypes.c_int] * 4]
+    libc.mmap.argtypes.append(ctypes.c_long)
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size, length = 96 << 20, (64 << 20) + 3 * 4096 + 17
+    prot, flags = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    addr = libc.mmap(None, size, prot, flags, -1, 0)
+    try:
+        before = anon()
+        assert populate_write(addr, length, threads)
+        grown = anon() - before
+        assert length - 4096 <= grown <= length + (4 << 20)  # the range, not the 32 MiB after it
+    finally:
+        libc.munmap(addr, size)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from tilemem.loader.safetensors_file import MADV_HUGEPAGE, MADV_POPULATE_WRITE, drop_file_pages, madvise
+from tilemem.loader.safetensors_file import MADV_HUGEPAGE, drop_file_pages, madvise, populate_write
 from tilemem.tmap import sysinfo
 
 log = logging.getLogger(__name__)
@@ -331,7 +331,7 @@ def _x12_all(mats: list[torch.Tensor]) -> list[X12Matrix]:
     buf = torch.empty(sum(sizes) + (2 << 20), dtype=torch.uint8)
     start = -buf.data_ptr() % (2 << 20)  # 2 MiB-aligned, before anything touches it
     madvise(buf.data_ptr() + start, sum(sizes), MADV_HUGEPAGE)
-    madvise(buf.data_ptr() + start, sum(sizes), MADV_POPULATE_WRITE)  # one call, not a fault per page
+    populate_write(buf.data_ptr() + start, sum(sizes), _threads())  # not a fault per page on first touch
     out = []
     for w, size in zip(mats, sizes, strict=True):
         out.append(X12Matrix(w, buf[start : start + size]))

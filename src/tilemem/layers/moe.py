@@ -137,7 +137,7 @@ class ResidentExperts:
 
     def compress_all(self, progress: bool = True) -> int:
         """Build every layer's native table now (with `compress`, encoding the experts: most of the time goes to
-        the 9 GB of fresh memory OLMoE-1B-7B's x12 experts take, 12-35 s here against a 2 s bf16 load),
+        the 9 GB of fresh memory OLMoE-1B-7B's x12 experts take, 8-13 s here against a 2-4 s bf16 load),
         rather than at the layer's first use; returns the bytes the kernels will read for all experts.
         Nothing to do where the native kernels cannot run the experts (GPU, not bf16, no kernels)."""
         from tqdm import tqdm

@@ -14,6 +14,7 @@ import math
 import mmap
 import os
 import struct
+import threading
 from pathlib import Path
 
 import torch
@@ -130,6 +131,27 @@ def madvise(addr: int, length: int, advice: int) -> bool:
     kernel refuses (too old, or not a mapping it applies to)."""
     start = addr // mmap.PAGESIZE * mmap.PAGESIZE
     return length <= 0 or _libc_madvise()(start, addr + length - start, advice) == 0
+
+
+def populate_write(addr: int, length: int, threads: int) -> bool:
+    """Back [addr, addr + length) of fresh anonymous memory with pages now (MADV_POPULATE_WRITE), split
+    over `threads` threads: the kernel faults a range in on the calling thread, and on this machine two
+    threads fault fresh memory in 3-6x as fast as one (0.7-1.4 GB/s alone). Best effort: False where
+    the kernel refuses (before Linux 5.14); the pages then come on first touch."""
+    part = -(-length // max(1, threads)) // mmap.PAGESIZE * mmap.PAGESIZE or length
+    ranges = [(a, min(part, addr + length - a)) for a in range(addr, addr + length, part)]
+    ok = [False] * len(ranges)
+
+    def run(i: int) -> None:
+        ok[i] = madvise(*ranges[i], MADV_POPULATE_WRITE)
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(1, len(ranges))]
+    for w in workers:
+        w.start()
+    run(0)
+    for w in workers:
+        w.join()
+    return all(ok)
 
 
 def mapped_paths() -> dict[int, str]:
