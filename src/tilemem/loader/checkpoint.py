@@ -166,12 +166,15 @@ def load_model(
     max_positions: int | None = None,
     skip: callable | None = None,
     device: str | torch.device = "cpu",
+    lazy: callable | None = None,
 ):
     """Build the model on meta and assign checkpoint weights. Returns (model, checkpoint).
 
     `skip(our_name) -> bool` leaves some tensors unassigned (the tiered runtime loads experts from
     the tile store instead); they stay on `meta`. With a CUDA `device`, every assigned weight is
     copied there once (tied weights stay tied) and the mapped file pages are left to the kernel.
+    On the CPU the mapped weights are populated at once, but those `lazy(our_name)` names (weights that
+    are read once, to be encoded: `MoECausalLM.prepare_weights`).
     """
     from tilemem.models.model import MoECausalLM
     from tilemem.models.mtp import is_mtp_name
@@ -224,7 +227,8 @@ def load_model(
     device = torch.device(device)
     if device.type == "cpu":
         # The embedding table is a gather: only the rows used are touched (a tied lm_head is populated as lm_head).
-        populate(t for name, t in state.items() if t.device.type == "cpu" and not name.endswith("embed_tokens.weight"))
+        eager = (n for n in state if not n.endswith("embed_tokens.weight") and not (lazy is not None and lazy(n)))
+        populate(state[n] for n in eager if state[n].device.type == "cpu")
     model.finish_loading(max_positions or cfg.max_position_embeddings)
     if device.type != "cpu":
         move_to(model, device)
