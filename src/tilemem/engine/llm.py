@@ -183,7 +183,7 @@ class LLM:
             from tilemem.models.topology import is_ffn_weight as skip
         self.device = device_for(self.plan, device)
         lazy = None
-        if self.plan is None and weight_codec == "x12":  # read once, to be encoded: not worth mapping first
+        if self._encodes_x12(weight_codec, dtype):  # read once, to be encoded: not worth mapping first
             from tilemem.models.topology import is_ffn_weight
 
             projections = tuple(f"{p}_proj.weight" for p in "qkvo") if not self.config.is_mla else ()
@@ -224,6 +224,18 @@ class LLM:
         self._dtype = dtype
         self._engine: Engine | None = None
         self._last_stats: GenerationStats | None = None
+
+    def _encodes_x12(self, codec: str, dtype) -> bool:
+        """Whether loading will encode weights as x12 (`MoECausalLM.prepare_weights`): all resident, bf16
+        weights kept in the checkpoint's dtype, on the CPU with the native kernels."""
+        from tilemem import kernels
+        from tilemem.loader.checkpoint import DTYPE_NAMES, parse_dtype
+
+        cfg = self.config
+        target = parse_dtype(dtype, cfg.torch_dtype if cfg.torch_dtype in DTYPE_NAMES else "bfloat16")
+        on_cpu = self.plan is None and self.device == "cpu" and kernels.available()
+        stored = DTYPE_NAMES.get(cfg.torch_dtype)  # what config.json declares the shards hold
+        return codec == "x12" and on_cpu and target == stored == torch.bfloat16
 
     def _resolve_plan(self, plan, budget, policy, profile, tile, dtype):
         if plan is None and budget is None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from tilemem.loader.safetensors_file import MADV_HUGEPAGE, drop_file_pages, madvise, populate_write
+from tilemem.loader.safetensors_file import MADV_HUGEPAGE, MADV_WILLNEED, drop_file_pages, madvise, populate_write
 from tilemem.tmap import sysinfo
 
 log = logging.getLogger(__name__)
@@ -332,6 +332,8 @@ def _x12_all(mats: list[torch.Tensor]) -> list[X12Matrix]:
     start = -buf.data_ptr() % (2 << 20)  # 2 MiB-aligned, before anything touches it
     madvise(buf.data_ptr() + start, sum(sizes), MADV_HUGEPAGE)
     populate_write(buf.data_ptr() + start, sum(sizes), _threads())  # not a fault per page on first touch
+    for w in mats:  # read ahead (a mapped file's pages not yet in memory), while the first ones encode
+        madvise(w.data_ptr(), w.numel() * w.element_size(), MADV_WILLNEED)
     out = []
     for w, size in zip(mats, sizes, strict=True):
         out.append(X12Matrix(w, buf[start : start + size]))

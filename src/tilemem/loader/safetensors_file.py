@@ -109,6 +109,7 @@ class SafetensorsFile:
         return torch.empty(0, dtype=dtype).set_(self._storage, offset // itemsize, shape)
 
 
+MADV_WILLNEED = 3
 MADV_DONTNEED = 4
 MADV_HUGEPAGE = 14
 MADV_POPULATE_READ = 22  # Linux >= 5.14
