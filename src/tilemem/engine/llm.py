@@ -182,18 +182,10 @@ class LLM:
         if self.plan is not None:  # FFN weights come from the tile store, where the plan puts them
             from tilemem.models.topology import is_ffn_weight as skip
         self.device = device_for(self.plan, device)
-        lazy = None
-        if self._encodes_x12(weight_codec, dtype):  # read once, to be encoded: not worth mapping first
-            from tilemem.models.topology import is_ffn_weight
-
-            projections = tuple(f"{p}_proj.weight" for p in "qkvo") if not self.config.is_mla else ()
-
-            def lazy(name: str) -> bool:
-                return is_ffn_weight(name) or name == "lm_head.weight" or name.endswith(projections)
-
         self.model, _ = load_model(
-            self.checkpoint, dtype, max_positions=self.max_model_len, skip=skip, device=self.device, lazy=lazy
-        )
+            self.checkpoint, dtype, max_positions=self.max_model_len, skip=skip, device=self.device,
+            lazy_x12=self._encodes_x12(weight_codec, dtype),  # read once, to be encoded: not worth mapping first
+        )  # fmt: skip
         self.tiered = None
         if self.plan is None:
             self.model.prepare_weights(weight_codec)

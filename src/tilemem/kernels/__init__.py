@@ -212,10 +212,9 @@ def decoded(m: X12Matrix) -> torch.Tensor:
     prefill's projection)."""
     n, k = m.shape
     buf = getattr(_decoded, "buf", None)
-    if buf is None or buf.numel() < n * k + 32:
-        buf = _decoded.buf = torch.empty(n * k + 32, dtype=torch.bfloat16)
-    _lib().tm_x12_decode(ctypes.byref(m.struct), 0, n, buf.data_ptr(), _threads())
-    return buf[: n * k].view(n, k)
+    if buf is None or buf.numel() < n * k + X12_SPILL:
+        buf = _decoded.buf = torch.empty(n * k + X12_SPILL, dtype=torch.bfloat16)
+    return m.decode(buf)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -248,6 +247,8 @@ class Workspace:
 
 
 X12_SAMPLE_ROWS = 64
+X12_SPILL = 32
+"""Elements the decoder may write past a decoded matrix's end (rows of 32 weights padded to 64)."""
 """Rows an X12Matrix samples to pick its 16 high bytes (a miss costs an exception, never a wrong bit)."""
 
 
@@ -316,12 +317,13 @@ class X12Matrix:
         """Weights stored whole because their high byte has no code."""
         return self.xval.numel()
 
-    def decode(self) -> torch.Tensor:
-        """The bf16 matrix, bit for bit."""
+    def decode(self, buf: torch.Tensor | None = None) -> torch.Tensor:
+        """The bf16 matrix, bit for bit: in `buf` (flat bf16, N * K + X12_SPILL elements or more) if given."""
         n, k = self.shape
-        out = torch.empty(n * k + 32, dtype=torch.bfloat16)  # the decoder may write 32 past the end
-        _lib().tm_x12_decode(ctypes.byref(self.struct), 0, n, out.data_ptr(), _threads())
-        return out[: n * k].view(n, k)
+        if buf is None:
+            buf = torch.empty(n * k + X12_SPILL, dtype=torch.bfloat16)
+        _lib().tm_x12_decode(ctypes.byref(self.struct), 0, n, buf.data_ptr(), _threads())
+        return buf[: n * k].view(n, k)
 
 
 def _x12_all(mats: list[torch.Tensor]) -> list[X12Matrix]:

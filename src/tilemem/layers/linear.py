@@ -36,25 +36,25 @@ class Linear(nn.Linear):
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.x12 is not None and x.device.type == "cpu" and x.dtype == torch.bfloat16:
-            rows = x.numel() // x.shape[-1]
-            if rows > 4 * kernels.MAX_ROWS:  # a GEMM: decode the matrix once
-                return F.linear(x, kernels.decoded(self.x12), self.bias)
-            flat = x.reshape(rows, x.shape[-1])
-            step = kernels.MAX_ROWS
-            parts = [kernels.linear(flat[i : i + step], self.weight, self.x12) for i in range(0, rows, step)]
-            y = parts[0] if len(parts) == 1 else torch.cat(parts)
-            y = y if self.bias is None else y + self.bias
-            return y.view(*x.shape[:-1], self.weight.shape[0])
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.x12)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`, through the native kernel for a few bf16 rows."""
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, x12: kernels.X12Matrix | None = None
+) -> torch.Tensor:
+    """`F.linear`, through the native kernel for a few bf16 rows. With `x12` (the weight stored as x12),
+    bf16 CPU rows read that: up to 4 * MAX_ROWS through the kernel, MAX_ROWS at a time, more through
+    torch on the matrix decoded once."""
     rows = x.numel() // x.shape[-1]
-    if rows <= kernels.MAX_ROWS and weight.dtype == torch.bfloat16 and weight.stride(1) == 1 and kernels.usable(x):
-        y = kernels.linear(x.reshape(rows, x.shape[-1]), weight)
-        if bias is not None:
-            y = y + bias
-        return y.view(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight, bias)
+    step = kernels.MAX_ROWS
+    if x12 is not None and x.device.type == "cpu" and x.dtype == torch.bfloat16:
+        if rows > 4 * step:  # a GEMM
+            return F.linear(x, kernels.decoded(x12), bias)
+    elif not (rows <= step and weight.dtype == torch.bfloat16 and weight.stride(1) == 1 and kernels.usable(x)):
+        return F.linear(x, weight, bias)
+    flat = x.reshape(rows, x.shape[-1])
+    parts = [kernels.linear(flat[i : i + step], weight, x12) for i in range(0, rows, step)]
+    y = parts[0] if len(parts) == 1 else torch.cat(parts)
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], weight.shape[0])

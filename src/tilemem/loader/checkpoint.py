@@ -166,15 +166,15 @@ def load_model(
     max_positions: int | None = None,
     skip: callable | None = None,
     device: str | torch.device = "cpu",
-    lazy: callable | None = None,
+    lazy_x12: bool = False,
 ):
     """Build the model on meta and assign checkpoint weights. Returns (model, checkpoint).
 
     `skip(our_name) -> bool` leaves some tensors unassigned (the tiered runtime loads experts from
     the tile store instead); they stay on `meta`. With a CUDA `device`, every assigned weight is
     copied there once (tied weights stay tied) and the mapped file pages are left to the kernel.
-    On the CPU the mapped weights are populated at once, but those `lazy(our_name)` names (weights that
-    are read once, to be encoded: `MoECausalLM.prepare_weights`).
+    On the CPU the mapped weights are populated at once; with `lazy_x12`, all but those x12 will encode
+    (`MoECausalLM.x12_weight_names`): they are read once, to be encoded.
     """
     from tilemem.models.model import MoECausalLM
     from tilemem.models.mtp import is_mtp_name
@@ -227,7 +227,8 @@ def load_model(
     device = torch.device(device)
     if device.type == "cpu":
         # The embedding table is a gather: only the rows used are touched (a tied lm_head is populated as lm_head).
-        eager = (n for n in state if not n.endswith("embed_tokens.weight") and not (lazy is not None and lazy(n)))
+        lazy = model.x12_weight_names() if lazy_x12 else set()
+        eager = (n for n in state if not n.endswith("embed_tokens.weight") and n not in lazy)
         populate(state[n] for n in eager if state[n].device.type == "cpu")
     model.finish_loading(max_positions or cfg.max_position_embeddings)
     if device.type != "cpu":

@@ -178,9 +178,19 @@ class MoECausalLM(nn.Module):
             return
         executor.compress = codec == "x12"
         if executor.compress_all(progress) and codec == "x12":
-            attn = [layer.self_attn for layer in self.model.layers if isinstance(layer.self_attn, Attention)]
-            for m in (*(p for a in attn for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj)), self.lm_head):
+            for m in self._x12_linears():
                 m.compress()
+
+    def _x12_linears(self) -> list[Linear]:
+        """The Linears besides the routed experts that x12 stores: GQA attention's projections, the LM head."""
+        attn = [layer.self_attn for layer in self.model.layers if isinstance(layer.self_attn, Attention)]
+        return [*(p for a in attn for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj)), self.lm_head]
+
+    def x12_weight_names(self) -> set[str]:
+        """Our names of the weights `prepare_weights("x12")` encodes (the routed experts' too)."""
+        experts = [m for b in self.moe_blocks().values() for m in b.experts.modules() if isinstance(m, Linear)]
+        chosen = {id(m) for m in (*experts, *self._x12_linears())}
+        return {f"{name}.weight" for name, m in self.named_modules() if id(m) in chosen}
 
     def set_executor(self, executor) -> None:
         """Route every MoE block's expert computation through `executor`."""
