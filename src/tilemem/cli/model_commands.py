@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model")
     p.add_argument("--out", default="bench_out")
     p.add_argument("--workloads", default="mixed", help="comma-separated workloads")
-    p.add_argument("--budgets", default="20%,35%,50%", help="DRAM budgets: % of routed-expert bytes or cpu=SIZE")
+    p.add_argument("--budgets", default="20%,35%,50%", help="DRAM budgets: %% of routed-expert bytes or cpu=SIZE")
     p.add_argument("--policies", default="uniform,kt_expert,tilepo_coarse,tilepo_fine,tilepo_hybrid,tilepo_adaptive")
     p.add_argument("--async", dest="async_modes", default="off", help="off, on, or off,on")
     p.add_argument("--repeats", type=int, default=3)
