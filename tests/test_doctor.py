@@ -84,3 +84,28 @@ def test_small_probe_writes_a_measured_profile(tmp_path):
     assert HardwareProfile.load(path) == hw
     assert json.loads(path.read_text())["measured"] is True
     assert not list(tmp_path.glob(".tilemem-probe-*"))  # the probe file is removed
+
+
+def test_probe_writes_nothing_into_the_current_directory(tmp_path, monkeypatch):
+    """Without a directory the probe measures the system temp directory, in a scratch folder it removes."""
+    import tempfile
+
+    cwd, tmp = tmp_path / "cwd", tmp_path / "tmp"
+    cwd.mkdir()
+    tmp.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    made = []
+    import tilemem.tmap.probe as probe_module
+
+    real = probe_module._make_file
+    monkeypatch.setattr(probe_module, "_make_file", lambda d, n: made.append(d) or real(d, n))
+    cfg = ProbeConfig(
+        name="t", threads=1, hidden=128, dtypes=("float32",), batches=(1,), request_sizes=(4096,),
+        queue_depths=(1,), disk_file_bytes=4 * MiB, engine=False, seconds_per_point=0.02, dram_bytes=8 * MiB,
+        kernel_working_set=1 * MiB, fetch_rows=(32,),
+    )  # fmt: skip
+    hw = probe(cfg, log=lambda s: None)
+    assert hw.meta["disk_dir"] == str(tmp.resolve())
+    assert made and made[0].parent == tmp  # its file lived in a scratch folder under the temp directory
+    assert not list(cwd.iterdir()) and not list(tmp.iterdir())

@@ -139,6 +139,43 @@ def test_budget_auto_plans_fit(monkeypatch):
     assert any("--budget auto" in s for s in lines) and any("--policy auto" in s for s in lines)
 
 
+def test_auto_uses_a_saved_measured_profile_and_says_so(tmp_path, monkeypatch):
+    from tilemem.tmap import auto
+
+    saved = measured_like_hw().save(tmp_path / "hw.json")
+    monkeypatch.setenv("TILEMEM_HARDWARE", str(saved))
+    lines = []
+    hw = auto.default_hardware(log=lines.append)
+    assert hw.measured and hw.name == "like"
+    assert len(lines) == 1 and "like (measured)" in lines[0] and str(saved) in lines[0]
+
+
+def test_auto_without_a_saved_profile_takes_the_closest_reference_and_never_probes(tmp_path, monkeypatch):
+    import tilemem.tmap.probe as probe_module
+    from tilemem.tmap import auto
+    from tilemem.tmap.hardware import closest_reference, reference_profiles
+
+    monkeypatch.delenv("TILEMEM_HARDWARE", raising=False)
+    monkeypatch.setattr(auto, "DEFAULT_HARDWARE", tmp_path / "none.json")
+    monkeypatch.setattr(probe_module, "probe", lambda *a, **k: pytest.fail("auto must not probe"))
+    monkeypatch.setenv("TILEMEM_FAKE_RAM", "30GiB")  # a 30 GiB machine without a GPU
+    monkeypatch.chdir(tmp_path)
+    lines = []
+    hw = auto.default_hardware(log=lines.append)
+    assert not hw.measured and hw.name in reference_profiles()
+    assert hw.name == "cpu_laptop_nvme" and not hw.has_gpu
+    assert len(lines) == 1 and "reference 'cpu_laptop_nvme'" in lines[0] and "doctor --probe" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
+    assert closest_reference(128.0, 32.0).name == "rtx5090_ddr"
+    assert closest_reference(64.0, 24.0).name == "consumer_24gb_gpu_ddr5"
+
+    topo, profile = _small_problem()
+    monkeypatch.setenv("TILEMEM_FAKE_RAM", str(topo.total_bytes * 4))
+    budget, policy, _ = auto.resolve_auto(topo, "auto", "auto", profile, 16, log=lines.append)
+    assert policy != "auto" and budget.startswith("cpu=")
+    assert any("reference 'cpu_laptop_nvme'" in s for s in lines[1:])
+
+
 def _cli(argv):
     from tilemem.cli import tmap_commands
 

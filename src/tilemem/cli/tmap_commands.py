@@ -22,7 +22,12 @@ def _split(text: str) -> tuple[str, ...]:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add doctor and tmap (predict, validate) to `sub`."""
     p = sub.add_parser("doctor", help="check the environment; with --probe, measure this machine's hardware profile")
-    p.add_argument("--dir", default=".", help="where tile stores will live (disk space, O_DIRECT checks)")
+    p.add_argument(
+        "--dir",
+        default=None,
+        help="where tile stores will live (disk space, O_DIRECT checks; default: the current directory; "
+        "--probe measures it in a temporary directory inside, default: the system temp directory)",
+    )
     p.add_argument("--probe", action="store_true", help="measure DRAM, kernels, disk (and GPU) into a profile")
     p.add_argument(
         "--out", default=None, help="hardware profile JSON to write (default ~/.cache/tilemem/hardware.json)"
@@ -78,7 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from tilemem.tmap.doctor import format_checks, run_checks
 
-    checks = run_checks(args.dir)
+    checks = run_checks(args.dir or ".")
     print(format_checks(checks))
     failed = any(c.status == "FAIL" for c in checks)
     if not args.probe:

@@ -4,12 +4,14 @@
 cpu = (available DRAM - KV cache reserve) x (1 - margin), capped at what the whole model needs; with a
 GPU, cuda = free VRAM x (1 - margin) the same way. It never exceeds the free memory it was given
 (`TILEMEM_FAKE_RAM` fakes a smaller machine), and refuses when even the non-expert weights do not fit.
-`--policy auto`: the plan the cost model recommends (see `recommend`).
+`--policy auto`: the plan the cost model recommends (see `recommend`) on a hardware profile: a measured
+one if saved (`tilemem doctor --probe`), else the closest shipped reference profile. It never probes.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from tilemem.placement.errors import BudgetError
 from tilemem.placement.profile import Profile
 from tilemem.placement.units import format_bytes
 from tilemem.tmap import sysinfo
-from tilemem.tmap.hardware import HardwareProfile
+from tilemem.tmap.hardware import HardwareProfile, closest_reference
 
 SAFETY_MARGIN = 0.15
 """Share of free memory `--budget auto` leaves alone (allocator slack, other processes, page cache)."""
@@ -92,20 +94,25 @@ def auto_budget(
     return AutoBudget(text, cpu, cuda, explanation)
 
 
-def default_hardware(path: str | Path | None = None, log=print) -> HardwareProfile:
-    """The hardware profile `auto` uses: `path`, $TILEMEM_HARDWARE, the cached probe, else a quick probe
-    (written to the cache for next time)."""
-    for p in (path, os.environ.get("TILEMEM_HARDWARE"), DEFAULT_HARDWARE):
-        if p and Path(p).exists():
-            return HardwareProfile.load(p)
+def default_hardware(path: str | Path | None = None, log: Callable[[str], None] = print) -> HardwareProfile:
+    """The hardware profile `auto` uses, never measured here: `path`, $TILEMEM_HARDWARE, or the profile
+    `tilemem doctor --probe` saved, else the closest shipped reference profile. Logs one line saying which."""
     if path:
-        return HardwareProfile.load(path)  # raises with the fix
-    from tilemem.tmap.probe import ProbeConfig, probe
-
-    log(f"no hardware profile yet: running a quick probe (saved to {DEFAULT_HARDWARE})")
-    hw = probe(ProbeConfig(dtypes=("bfloat16",), request_sizes=(4096, 393216, 1048576), queue_depths=(1, 4),
-                           disk_file_bytes=64 << 20, seconds_per_point=0.2), log=lambda s: None)  # fmt: skip
-    hw.save(DEFAULT_HARDWARE)
+        hw = HardwareProfile.load(path)  # raises with the fix when missing
+        log(f"hardware profile: {hw.name} from {path}")
+        return hw
+    for p in (os.environ.get("TILEMEM_HARDWARE"), DEFAULT_HARDWARE):
+        if p and Path(p).exists():
+            hw = HardwareProfile.load(p)
+            log(f"hardware profile: {hw.name} ({'measured' if hw.measured else 'not measured'}) from {p}")
+            return hw
+    mem = sysinfo.memory()
+    g = sysinfo.gpu() if os.environ.get("TILEMEM_FAKE_RAM") is None else None
+    hw = closest_reference(mem.total / 2**30, g.memory_bytes / 2**30 if g is not None else 0.0)
+    log(
+        f"hardware profile: reference '{hw.name}' (closest to this machine; not measured: run "
+        f"`tilemem doctor --probe` to measure it into {DEFAULT_HARDWARE})"
+    )
     return hw
 
 
@@ -117,7 +124,7 @@ def resolve_auto(
     tile: int = 128,
     hardware: HardwareProfile | str | Path | None = None,
     model: str = "",
-    log=print,
+    log: Callable[[str], None] = print,
 ) -> tuple[str, str, int]:
     """(budget, policy, tile) with `auto` resolved: the budget from free memory, the policy (and tile)
     from the cost model's recommendation for that budget. Logs what it chose and why."""

@@ -10,6 +10,7 @@ Units are in the field names: `_gbps` = GB/s (1e9 bytes/s), `_us` = microseconds
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -403,3 +404,22 @@ def reference_profiles() -> dict[str, Path]:
     True
     """
     return {p.stem: p for p in sorted(REFERENCE_DIR.glob("*.json"))}
+
+
+def closest_reference(dram_gib: float, vram_gib: float = 0.0) -> HardwareProfile:
+    """The shipped reference profile nearest a machine with `dram_gib` of host memory and `vram_gib` of GPU
+    memory (0: no GPU): a GPU profile only for a machine with a GPU, then the nearest memory sizes (log ratio).
+
+    >>> closest_reference(32.0).name
+    'cpu_laptop_nvme'
+    """
+
+    def distance(hw: HardwareProfile) -> tuple[bool, float]:
+        dram = abs(math.log(max(dram_gib, 1.0) / max(hw.dram_capacity_gib, 1.0)))
+        vram = abs(math.log(max(vram_gib, 1.0) / max(hw.vram_capacity_gib, 1.0))) if vram_gib > 0 else 0.0
+        return (hw.has_gpu != (vram_gib > 0), dram + vram)
+
+    profiles = [HardwareProfile.load(p) for p in reference_profiles().values()]
+    if not profiles:
+        raise HardwareError(f"no reference profiles in {REFERENCE_DIR}; the installation is incomplete.")
+    return min(profiles, key=distance)

@@ -25,6 +25,7 @@ import mmap
 import os
 import platform
 import random
+import shutil
 import socket
 import statistics
 import tempfile
@@ -50,7 +51,8 @@ class ProbeConfig:
     threads: int | None = None
     """Torch threads for the kernels (default: torch's current setting)."""
     disk_dir: str | None = None
-    """Directory whose filesystem is measured (default: the current directory): put the tile store there."""
+    """Directory whose filesystem is measured (default: the system temp directory): put the tile store there.
+    The probe reads back a file in a temporary directory it makes inside, and removes both."""
     hidden: int = 1024
     """Hidden size of the probed tile kernel."""
     dtypes: tuple[str, ...] = ("bfloat16", "float32")
@@ -542,11 +544,12 @@ def probe(config: ProbeConfig | None = None, log: Callable[[str], None] = print)
         k1 = next(k for k in kernels if k.dtype == config.dtypes[0] and k.batch == min(config.batches))
         step, layer = engine_overheads(config.threads, k1, config.hidden, config.dtypes[0])
         log(f"engine overhead          {step * 1e6:8.1f} us/step, {layer * 1e6:.1f} us/layer (width {config.hidden})")
-    disk_dir = Path(config.disk_dir or ".")
+    disk_dir = Path(config.disk_dir or tempfile.gettempdir())
     disk_dir.mkdir(parents=True, exist_ok=True)
-    path = _make_file(disk_dir, config.disk_file_bytes)
+    scratch = Path(tempfile.mkdtemp(prefix=".tilemem-probe-", dir=disk_dir))
     disk = []
     try:
+        path = _make_file(scratch, config.disk_file_bytes)
         from tilemem.runtime.direct_io import DirectReader
 
         r = DirectReader(path)
@@ -575,7 +578,7 @@ def probe(config: ProbeConfig | None = None, log: Callable[[str], None] = print)
         seq = disk_point(path, MiB, 1, config.seconds_per_point * 2, sequential=True)
         log(f"disk sequential 1 MiB    {seq.bandwidth_gbps:8.3f} GB/s (qd1, as `dd bs=1M iflag=direct`)")
     finally:
-        path.unlink(missing_ok=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     lat4k = next((d.latency_us for d in disk if d.request_bytes == 4096 and d.queue_depth == 1), 0.0)
     crc = checksum_bandwidth()
     log(f"crc32                    {crc / 1e9:8.2f} GB/s per thread")
