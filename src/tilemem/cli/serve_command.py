@@ -18,7 +18,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="checkpoint directory")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on all but /health")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on all but /health (visible in `ps`: prefer --api-key-file "
+        "or $TILEMEM_API_KEY, read when neither flag is given)",
+    )
+    p.add_argument("--api-key-file", default=None, help="read the API key from this file (one line)")
     p.add_argument("--model-name", default=None, help="name clients use as 'model' (default: the directory name)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV-cache slots)")
     p.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a slot before 429")
@@ -45,9 +51,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from tilemem.cli.model_commands import llm_from_args
     from tilemem.server import ServerConfig, serve
+    from tilemem.server.api_key import resolve_api_key
 
     if args.plan and args.budget:
         raise ConfigError("give either --plan or --budget, not both.")
+    api_key = resolve_api_key(args.api_key, args.api_key_file)
     for name in ("max_batch", "max_queue", "prefill_chunk"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
@@ -57,7 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         host=args.host,
         port=args.port,
-        api_key=args.api_key,
+        api_key=api_key,
         model_name=args.model_name,
         max_batch=args.max_batch,
         max_queue=args.max_queue,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tilemem.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -14,7 +16,7 @@ class ServerConfig:
     port: int = 8000
     """TCP port."""
     api_key: str | None = None
-    """If set, every endpoint but /health needs `Authorization: Bearer <api_key>`."""
+    """If set, every endpoint but /health needs `Authorization: Bearer <api_key>` (never empty)."""
     model_name: str | None = None
     """Name clients pass as `model` (default: the checkpoint directory's name)."""
     max_batch: int = 8
@@ -27,3 +29,7 @@ class ServerConfig:
     """On SIGTERM: how long in-flight requests may run on before they are ended (finish_reason abort)."""
     log_level: str = "info"
     """uvicorn log level."""
+
+    def __post_init__(self) -> None:
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("the API key is empty, which would turn authentication off; give a key or None.")
