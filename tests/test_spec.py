@@ -9,8 +9,8 @@ import torch
 from tilemem.engine.llm import LLM
 from tilemem.engine.sampling import SamplingParams, token_probs
 from tilemem.models.topology import Topology
-from tilemem.spec.drafters import Draft, NgramDrafter
-from tilemem.spec.verify import verify
+from tilemem.speculative.drafters import Draft, NgramDrafter
+from tilemem.speculative.verify import verify
 
 PROMPTS = ["Hello world, hello world, hello", "def f(x):\n    return x", "a b a b a b a", "The quick brown"]
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)

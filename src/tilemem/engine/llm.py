@@ -209,7 +209,7 @@ class LLM:
         self.speculative = speculative
         self.num_draft = num_draft
         if speculative == "mtp" and getattr(self.model, "mtp", None) is None:
-            from tilemem.spec.drafters import MTPDrafter
+            from tilemem.speculative.drafters import MTPDrafter
 
             MTPDrafter(self.model)  # raises the clear "no MTP layers" error now, not at the first request
         self.speculator = None
@@ -254,8 +254,8 @@ class LLM:
                 self.model, self.tokenizer, self.eos_ids, slots, length, self.prefill_chunk, runtime=self.tiered
             )
             if self.speculative:
-                from tilemem.spec.drafters import make_drafter
-                from tilemem.spec.speculator import Speculator
+                from tilemem.speculative.drafters import make_drafter
+                from tilemem.speculative.speculator import Speculator
 
                 drafter = make_drafter(self.speculative, self.model, slots, length, self._dtype)
                 self.speculator = eng.speculator = Speculator(drafter, self.num_draft)

@@ -58,8 +58,8 @@ class ServerState:
             runtime=llm.tiered,
         )
         if llm.speculative:  # speculative decode steps in the server's engine too
-            from tilemem.spec.drafters import make_drafter
-            from tilemem.spec.speculator import Speculator
+            from tilemem.speculative.drafters import make_drafter
+            from tilemem.speculative.speculator import Speculator
 
             drafter = make_drafter(llm.speculative, llm.model, config.max_batch, llm.max_model_len)
             engine.speculator = Speculator(drafter, llm.num_draft)

@@ -19,8 +19,8 @@ import torch
 from tilemem.engine.engine import StepEvent, StepStats
 from tilemem.engine.sequence import Sequence
 from tilemem.layers.kv_cache import ForwardContext
-from tilemem.spec.drafters import Draft, Drafter
-from tilemem.spec.verify import verify
+from tilemem.speculative.drafters import Draft, Drafter
+from tilemem.speculative.verify import verify
 
 
 @dataclass

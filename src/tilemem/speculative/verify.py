@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from tilemem.engine.sampling import SamplingParams, token_probs
-from tilemem.spec.drafters import Draft
+from tilemem.speculative.drafters import Draft
 
 
 def verify(logits: torch.Tensor, draft: Draft, params: SamplingParams, gen: torch.Generator) -> tuple[int, int]:
