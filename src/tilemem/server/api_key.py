@@ -17,9 +17,7 @@ API_KEY_ENV = "TILEMEM_API_KEY"
 """Environment variable read when neither --api-key nor --api-key-file is given."""
 
 
-def resolve_api_key(
-    flag: str | None, file: str | Path | None, environ: Mapping[str, str] | None = None
-) -> str | None:
+def resolve_api_key(flag: str | None, file: str | Path | None, environ: Mapping[str, str] | None = None) -> str | None:
     """The API key from `--api-key`, `--api-key-file` or `$TILEMEM_API_KEY` (in that order; giving both
     flags is an error); None when none of them is given. Raises ConfigError for an empty key."""
     environ = os.environ if environ is None else environ
