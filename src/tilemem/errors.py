@@ -23,3 +23,7 @@ class WeightError(CheckpointError):
 
 class RequestError(TileMemError):
     """A generation request is invalid (bad sampling parameters, prompt too long, ...)."""
+
+
+class OutputExistsError(TileMemError):
+    """An output path already holds something TileMEM did not write; it refuses to replace it."""

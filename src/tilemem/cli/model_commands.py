@@ -25,6 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32")
     p.add_argument("--layers", type=int, default=None, help="override the number of layers")
     p.add_argument("--mtp", action="store_true", help="also write multi-token-prediction layers (DeepSeek/GLM)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --out that is not an earlier synth checkpoint (replaces only synth's files)",
+    )
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("inspect", help="print a checkpoint's MoE topology")
@@ -114,7 +119,17 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from tilemem.synth.writer import synthesize
 
     overrides = {"num_hidden_layers": args.layers} if args.layers else None
-    out = synthesize(args.family, args.preset, args.out, args.seed, args.routing_skew, args.dtype, overrides=overrides)
+    out = synthesize(
+        args.family,
+        args.preset,
+        args.out,
+        args.seed,
+        args.routing_skew,
+        args.dtype,
+        overrides=overrides,
+        mtp=args.mtp,
+        overwrite=args.overwrite,
+    )
     print(f"wrote {out}")
     return 0
 

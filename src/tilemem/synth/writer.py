@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from tilemem.loader.checkpoint import parse_dtype
 from tilemem.models.model import MoECausalLM
 from tilemem.models.mtp import ours_to_hub
 from tilemem.models.registry import family_by_name
+from tilemem.synth.output import MARKER, check_out, install, resolve_out, staging_dir
 from tilemem.synth.presets import resolve_preset
 from tilemem.synth.tokenizer import EOS, write_tokenizer
 
@@ -108,8 +108,13 @@ def synthesize(
     overrides: dict[str, Any] | None = None,
     progress: bool = True,
     mtp: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Write a synthetic checkpoint to `out` (atomically: a temp folder renamed at the end).
+
+    An existing `out` must be empty or hold only an earlier synth checkpoint's files (which are
+    replaced); anything else is refused with OutputExistsError unless `overwrite`, and even then
+    only the files synth writes are replaced, the others kept.
 
     With `mtp`, also `num_nextn_predict_layers` (the preset's, at least 1) multi-token-prediction
     layers under their hub names `model.layers.{num_hidden_layers + i}.*` (DeepSeek-V3 layout, with
@@ -119,18 +124,15 @@ def synthesize(
     if mtp:
         fields["num_nextn_predict_layers"] = max(1, int(fields.get("num_nextn_predict_layers") or 0))
     torch_dtype = parse_dtype(dtype)
-    out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out = resolve_out(out)
+    check_out(out, overwrite)
+    tmp = staging_dir(out)
     try:
         _write(tmp, fam_name, preset, fields, torch_dtype, seed, routing_skew, shard_bytes, progress, mtp)
-    except BaseException:  # failed or interrupted: leave neither a half-written OUT nor OUT.partial
+    except BaseException:  # failed or interrupted: leave neither a half-written OUT nor its staging folder
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    install(tmp, out)
     return out
 
 
@@ -196,6 +198,5 @@ def _write(
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     gen_cfg = {"eos_token_id": eos, "pad_token_id": eos, "do_sample": False}
     (tmp / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
-    (tmp / "tilemem_synth.json").write_text(
-        json.dumps({"family": fam_name, "preset": preset, "seed": seed, "routing_skew": routing_skew, "mtp": mtp})
-    )
+    made = {"family": fam_name, "preset": preset, "seed": seed, "routing_skew": routing_skew, "mtp": mtp}
+    (tmp / MARKER).write_text(json.dumps({**made, "files": sorted(p.name for p in tmp.iterdir())}))
