@@ -82,7 +82,28 @@ class SafetensorsFile:
                     f"file has {self.size} bytes; {fix}."
                 )
             self.entries[name] = (dtype, shape, begin, end)
+        self._check_layout(fix)
         self._storage: torch.UntypedStorage | None = None
+
+    def _check_layout(self, fix: str) -> None:
+        """Tensors must tile the data area exactly: from byte 0, each starting where the previous ends,
+        the last ending at the end of the file (as the `safetensors` library requires), so no two
+        tensors share bytes and none reads the header."""
+        expected = 0
+        prev = "the start of the data"
+        for name, (_, _, begin, end) in sorted(self.entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+            if begin != expected:
+                how = "overlaps" if begin < expected else "leaves a gap after"
+                raise CheckpointError(
+                    f"{self.path}: invalid offset: tensor '{name}' starts at data byte {begin}, which {how} "
+                    f"{prev} (ending at {expected}); the header is corrupt; {fix}."
+                )
+            expected, prev = end, f"tensor '{name}'"
+        if self.data_start + expected != self.size:
+            raise CheckpointError(
+                f"{self.path}: the tensors end at byte {self.data_start + expected} but the file has {self.size} "
+                f"bytes; the header is corrupt or the file was appended to; {fix}."
+            )
 
     def names(self) -> list[str]:
         """Tensor names in this file."""
