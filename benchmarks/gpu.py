@@ -72,10 +72,10 @@ def build(args: argparse.Namespace):
     from tilemem.loader.checkpoint import Checkpoint
     from tilemem.models.topology import Topology
     from tilemem.placement.profile import Profile
-    from tilemem.placement.profiler import profile_checkpoint
     from tilemem.runtime.setup import make_plan
     from tilemem.runtime.tiered import TieredConfig
     from tilemem.synth.writer import synthesize
+    from tilemem.tools.profiler import profile_checkpoint
     from tilemem.workloads.workload import load_workload
 
     path = Path(args.dir)

@@ -120,10 +120,10 @@ def prepare(args: argparse.Namespace) -> tuple[dict[str, Path], Path, Path, dict
     """Checkpoint, tile store, profile and plans (built once, reused across rounds)."""
     from tilemem.loader.checkpoint import Checkpoint
     from tilemem.models.topology import Topology
-    from tilemem.placement.profiler import profile_checkpoint
     from tilemem.runtime.setup import make_plan
     from tilemem.runtime.tile_store import convert
     from tilemem.synth.writer import synthesize
+    from tilemem.tools.profiler import profile_checkpoint
     from tilemem.workloads.workload import load_workload
 
     path = Path(args.dir)

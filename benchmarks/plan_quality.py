@@ -28,8 +28,8 @@ from tilemem.placement.formats import tile_format
 from tilemem.placement.objective import expected_bytes_per_token
 from tilemem.placement.planner import build_plan
 from tilemem.placement.policies import PlacementProblem, policy_names
-from tilemem.placement.profiler import profile_checkpoint
-from tilemem.placement.units import format_bytes
+from tilemem.tools.profiler import profile_checkpoint
+from tilemem.units import format_bytes
 from tilemem.workloads import load_workload
 
 RANKED = ("tilepo_fine", "tilepo_coarse", "kt_expert", "uniform")

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tilemem.tmap import probe
+from tilemem.tools import probe
 
 SIZES = {"4K": 4 << 10, "64K": 64 << 10, "1M": 1 << 20, "4M": 4 << 20}
 UNITS = {"kB": 1e3, "MB": 1e6, "GB": 1e9}

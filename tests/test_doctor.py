@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from tilemem.tmap.doctor import Check, check_o_direct, format_checks, run_checks
 from tilemem.tmap.hardware import HardwareProfile
-from tilemem.tmap.probe import MiB, ProbeConfig, _fit, probe
+from tilemem.tools.doctor import Check, check_o_direct, format_checks, run_checks
+from tilemem.tools.probe import MiB, ProbeConfig, _fit, probe
 
 
 def _cli(argv):
@@ -35,7 +35,7 @@ def test_checks_report_status_and_fix(tmp_path):
 def test_cpu_kernels_check_says_which_native_path_runs(monkeypatch):
     """PASS names the native kernels (and AMX) when they load; a failed build is a WARN that names the fix."""
     from tilemem import kernels
-    from tilemem.tmap import doctor
+    from tilemem.tools import doctor
 
     c = doctor.check_cpu_features()
     if not kernels.available():
@@ -96,7 +96,7 @@ def test_probe_writes_nothing_into_the_current_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     made = []
-    import tilemem.tmap.probe as probe_module
+    import tilemem.tools.probe as probe_module
 
     real = probe_module._make_file
     monkeypatch.setattr(probe_module, "_make_file", lambda d, n: made.append(d) or real(d, n))

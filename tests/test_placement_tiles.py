@@ -10,7 +10,7 @@ from tilemem.placement.errors import BudgetError, PlanError
 from tilemem.placement.formats import tile_format
 from tilemem.placement.store_layout import ALIGNMENT, layout, store_order
 from tilemem.placement.tiles import DENSE, SHARED, Unit, parse_tile_key, split_ranges, tile_key, unit_bytes
-from tilemem.placement.units import format_bytes, parse_bytes
+from tilemem.units import format_bytes, parse_bytes
 
 
 def test_keys_round_trip_for_routed_shared_and_dense():

@@ -9,7 +9,7 @@ from tilemem.errors import ConfigError
 from tilemem.models.topology import Topology
 from tilemem.placement.errors import ProfileError
 from tilemem.placement.profile import PROFILE_SCHEMA, REUSE_MAX, Profile, merge_profiles
-from tilemem.placement.profiler import profile_checkpoint
+from tilemem.tools.profiler import profile_checkpoint
 from tilemem.workloads import builtin_workloads, load_workload
 
 

@@ -151,7 +151,7 @@ def test_auto_uses_a_saved_measured_profile_and_says_so(tmp_path, monkeypatch):
 
 
 def test_auto_without_a_saved_profile_takes_the_closest_reference_and_never_probes(tmp_path, monkeypatch):
-    import tilemem.tmap.probe as probe_module
+    import tilemem.tools.probe as probe_module
     from tilemem.tmap import auto
     from tilemem.tmap.hardware import closest_reference, reference_profiles
 
@@ -218,7 +218,7 @@ def test_uniform_profile_needs_no_checkpoint():
 
 
 def test_validation_agreement_follows_the_recommendation():
-    from tilemem.tmap.validate import ValidationReport, ValidationRow, agreement
+    from tilemem.tools.validate import ValidationReport, ValidationRow, agreement
 
     def row(policy, predicted, measured, low, high):
         return ValidationRow("mixed", "35%", policy, predicted, measured, low, high, 2, 0.1, 0.1, 20.0, 21.0, True)

@@ -9,6 +9,10 @@ class ConfigError(TileMemError):
     """A config file or field is missing, malformed or unsupported."""
 
 
+class BudgetError(ConfigError):
+    """A byte size or tier budget is malformed, or too small for what must live in it."""
+
+
 class UnsupportedArchitectureError(ConfigError):
     """The checkpoint's architecture has no registered family."""
 

@@ -74,7 +74,7 @@ def budget_text(budget: str, topo: Topology) -> tuple[str, int]:
         n = topo.non_expert_bytes + topo.shared_and_dense_bytes + int(frac * topo.routed_expert_bytes)
         return f"cpu={n}B", n
     if budget.startswith("cpu="):
-        from tilemem.placement.units import parse_bytes
+        from tilemem.units import parse_bytes
 
         return budget, parse_bytes(budget[4:], "cpu budget")
     raise ConfigError(f"bench budget '{budget}' must be a percent of expert bytes (35%) or cpu=SIZE.")
@@ -120,7 +120,7 @@ def run_once(llm: LLM, prompt: list[int], decode: int) -> dict:
 def run_bench(spec: BenchSpec, progress: bool = True) -> dict:
     """Run the matrix; write evidence.json, report.md and plots into spec.out; return the evidence."""
     from tilemem.bench.report import write_report
-    from tilemem.placement.profiler import profile_checkpoint
+    from tilemem.tools.profiler import profile_checkpoint
     from tilemem.workloads.workload import load_workload
 
     out = Path(spec.out)

@@ -319,7 +319,7 @@ def demo_offload(path: Path, threads: int | None, budget_pct: float = 35.0) -> N
     from tilemem.engine.llm import LLM
     from tilemem.loader.checkpoint import Checkpoint
     from tilemem.models.topology import Topology
-    from tilemem.placement.profiler import profile_checkpoint
+    from tilemem.tools.profiler import profile_checkpoint
     from tilemem.runtime.setup import make_plan
     from tilemem.workloads.workload import load_workload
 

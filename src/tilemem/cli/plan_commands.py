@@ -60,8 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_profile(args: argparse.Namespace) -> int:
     """Run the workload on the checkpoint and write the profile."""
     from tilemem.placement.profile import Profile, merge_profiles
-    from tilemem.placement.profiler import profile_checkpoint
     from tilemem.placement.report import profile_table
+    from tilemem.tools.profiler import profile_checkpoint
     from tilemem.workloads import load_workload
 
     workload = load_workload(args.workload, seed=args.seed)

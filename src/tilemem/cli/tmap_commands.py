@@ -81,7 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from tilemem.tmap.doctor import format_checks, run_checks
+    from tilemem.tools.doctor import format_checks, run_checks
 
     checks = run_checks(args.dir or ".")
     print(format_checks(checks))
@@ -89,7 +89,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if not args.probe:
         return 1 if failed else 0
     from tilemem.tmap.auto import DEFAULT_HARDWARE
-    from tilemem.tmap.probe import ProbeConfig, probe
+    from tilemem.tools.probe import ProbeConfig, probe
 
     print("\nprobing (under a minute) ...")
     hw = probe(ProbeConfig(name=args.name, threads=args.threads, disk_dir=args.dir, hidden=args.hidden))
@@ -109,7 +109,7 @@ def _topology_and_profile(args: argparse.Namespace):
         return topo, Profile.load(args.profile, topo), name
     path = Path(args.model)
     if path.is_dir() and any(path.glob("*.safetensors")):
-        from tilemem.placement.profiler import profile_checkpoint
+        from tilemem.tools.profiler import profile_checkpoint
         from tilemem.workloads.workload import load_workload
 
         print(f"profiling {name} on workload '{args.workload}' ({args.profile_tokens} tokens) ...", file=sys.stderr)
@@ -153,7 +153,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from tilemem.placement.jsonio import write_json_atomic
     from tilemem.tmap.hardware import HardwareProfile
-    from tilemem.tmap.validate import validate
+    from tilemem.tools.validate import validate
 
     hw = HardwareProfile.load(args.hardware) if args.hardware else None
     report = validate(

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from tilemem.loader.safetensors_file import MADV_HUGEPAGE, MADV_WILLNEED, drop_file_pages, madvise, populate_write
-from tilemem.tmap import sysinfo
+from tilemem import sysinfo
 
 log = logging.getLogger(__name__)
 

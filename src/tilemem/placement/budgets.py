@@ -14,7 +14,7 @@ from tilemem.placement.errors import BudgetError
 from tilemem.placement.formats import TileFormat
 from tilemem.placement.tiers import tier, tier_rank
 from tilemem.placement.tiles import always_active_ffns, ffn_width, unit_bytes, units_of
-from tilemem.placement.units import format_bytes, parse_bytes
+from tilemem.units import format_bytes, parse_bytes
 
 UNBOUNDED = ("inf", "unbounded", "rest")
 

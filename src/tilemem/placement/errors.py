@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from tilemem.errors import ConfigError, TileMemError
+from tilemem.errors import BudgetError, ConfigError, TileMemError
 
-
-class BudgetError(ConfigError):
-    """A tier budget is malformed, or too small for what must live in it."""
+__all__ = ["BudgetError", "PlanError", "PolicyError", "ProfileError", "TmemSyntaxError"]
 
 
 class ProfileError(ConfigError):

@@ -17,7 +17,7 @@ from tilemem.placement.policies import PlacementProblem, create_policy
 from tilemem.placement.store_layout import layout, store_order
 from tilemem.placement.tiers import tier
 from tilemem.placement.tiles import GROUPS, always_active_ffns, ffn_width, routed_ffns, split_ranges
-from tilemem.placement.units import format_bytes
+from tilemem.units import format_bytes
 
 
 def build_plan(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tilemem.placement.plan import Plan
 from tilemem.placement.profile import Profile
-from tilemem.placement.units import format_bytes
+from tilemem.units import format_bytes
 
 
 def plan_table(plan: Plan) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 from tilemem.config import ModelConfig
 from tilemem.errors import ConfigError
 from tilemem.models.topology import DTYPE_BYTES, LayerTopology, Topology
-from tilemem.placement.units import parse_bytes
+from tilemem.units import parse_bytes
 
 GIB = 2**30
 

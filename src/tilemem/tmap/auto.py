@@ -15,12 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tilemem import sysinfo
 from tilemem.models.topology import Topology
 from tilemem.placement.errors import BudgetError
 from tilemem.placement.profile import Profile
-from tilemem.placement.units import format_bytes
-from tilemem.tmap import sysinfo
 from tilemem.tmap.hardware import HardwareProfile, closest_reference
+from tilemem.units import format_bytes
 
 SAFETY_MARGIN = 0.15
 """Share of free memory `--budget auto` leaves alone (allocator slack, other processes, page cache)."""

@@ -6,7 +6,7 @@ from tilemem.placement.errors import BudgetError
 from tilemem.placement.knapsack import Item, solve
 from tilemem.placement.policies.base import Assignment, PlacementProblem, PolicyResult
 from tilemem.placement.tiles import Unit, always_active_ffns, ffn_width, unit_bytes, units_of
-from tilemem.placement.units import format_bytes
+from tilemem.units import format_bytes
 
 Candidate = tuple[Unit, float, int]
 """(unit, probability its FFN runs for a token, tie-break rank: -1 always-active, else frequency rank)."""

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tilemem.tmap import sysinfo
+from tilemem import sysinfo
 from tilemem.tmap.cost import ServingWorkload, predict
 from tilemem.tmap.hardware import HardwareProfile, Validation
 from tilemem.tmap.recommend import BASELINE
@@ -161,8 +161,8 @@ def validate(
     from tilemem.bench.runner import BenchSpec, budget_text, run_bench
     from tilemem.loader.checkpoint import Checkpoint
     from tilemem.models.topology import Topology
-    from tilemem.placement.profiler import profile_checkpoint
     from tilemem.runtime.setup import default_store_dir, make_plan
+    from tilemem.tools.profiler import profile_checkpoint
     from tilemem.workloads.workload import load_workload
 
     t0 = time.perf_counter()
@@ -171,7 +171,7 @@ def validate(
     topo = Topology.from_config(ckpt.config)
     store_dir = Path(store) if store else default_store_dir(ckpt, tile)
     if hardware is None:
-        from tilemem.tmap.probe import ProbeConfig, probe
+        from tilemem.tools.probe import ProbeConfig, probe
 
         log("probing this machine first (pass --hardware hw.json to reuse a profile) ...")
         hardware = probe(ProbeConfig(threads=threads, hidden=topo.hidden_size, disk_dir=str(store_dir.parent)), log=log)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tilemem.tmap import sysinfo
+from tilemem import sysinfo
 
 GiB = 1 << 30
 

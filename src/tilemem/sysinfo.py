@@ -1,4 +1,5 @@
-"""What the machine has: memory, disk, CPU features, GPU. Shared by `doctor`, the probe and `--budget auto`."""
+"""Platform facts: what the machine has (memory, disk, CPU features, GPU). A base module: the kernels, `--budget
+auto`, `doctor` and the probe read it; it imports nothing of TileMEM but `units`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from tilemem.units import parse_bytes
 
 KERNEL_FEATURES = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "fma", "f16c")
 """CPU flags that decide which GEMV/GEMM paths torch can take."""
@@ -25,8 +28,6 @@ def memory() -> MemoryInfo:
     """Host memory; honours `TILEMEM_FAKE_RAM` (e.g. `2GiB`) so tests and users can plan for a smaller machine."""
     fake = os.environ.get("TILEMEM_FAKE_RAM")
     if fake:
-        from tilemem.placement.units import parse_bytes
-
         n = parse_bytes(fake, "TILEMEM_FAKE_RAM")
         return MemoryInfo(n, n)
     try:

@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from tilemem.tmap import sysinfo
+from tilemem import sysinfo
 from tilemem.tmap.hardware import DiskFigure, FetchFigure, HardwareProfile, KernelFigure
 
 MiB = 1 << 20

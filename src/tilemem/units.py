@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from tilemem.placement.errors import BudgetError
+from tilemem.errors import BudgetError
 
 UNITS = {
     "": 1,
