@@ -8,14 +8,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tilemem import pages
 from tilemem.loader import safetensors_file as sf
 
 
 def map_and_populate(path) -> tuple[dict, torch.Tensor]:
     """Map the file's tensor, populate it; (its mapping's smaps figures, a copy of the tensor)."""
     t = sf.SafetensorsFile(path).tensor("w")
-    assert sf.populate([t])
-    return sf.file_mappings()[t.untyped_storage().data_ptr()], t.clone()  # the mapping goes with t
+    assert pages.populate([t])
+    return pages.file_mappings()[t.untyped_storage().data_ptr()], t.clone()  # the mapping goes with t
 
 
 def test_populate_rereads_a_file_the_page_cache_holds_in_small_pages(tmp_path, monkeypatch):
@@ -26,8 +27,8 @@ def test_populate_rereads_a_file_the_page_cache_holds_in_small_pages(tmp_path, m
     save_file({"w": w}, str(path))
     fd = os.open(path, os.O_RDONLY)
     os.fsync(fd)  # written back, so the cache can drop it
-    assert sf.reread(str(path))
-    monkeypatch.setattr(sf, "HUGE_SHARE", 0.0)  # no re-read: what a fresh read maps by 2 MiB
+    assert pages.reread(str(path))
+    monkeypatch.setattr(pages, "HUGE_SHARE", 0.0)  # no re-read: what a fresh read maps by 2 MiB
     fresh, _ = map_and_populate(path)
     if fresh["pmd"] == 0:
         pytest.skip("this filesystem or kernel maps no file pages by 2 MiB")
@@ -38,8 +39,8 @@ def test_populate_rereads_a_file_the_page_cache_holds_in_small_pages(tmp_path, m
             os.pread(fd, 4096, off)
     finally:
         os.close(fd)
-    monkeypatch.setattr(sf, "HUGE_SHARE", 0.9 * fresh["pmd"] / fresh["rss"])
-    monkeypatch.setattr(sf, "REREAD_MIN", 0)  # a small file stands in for a shard
+    monkeypatch.setattr(pages, "HUGE_SHARE", 0.9 * fresh["pmd"] / fresh["rss"])
+    monkeypatch.setattr(pages, "REREAD_MIN", 0)  # a small file stands in for a shard
     vma, t = map_and_populate(path)
     assert vma["pmd"] >= 0.9 * fresh["pmd"]
     assert torch.equal(t, w)

@@ -86,7 +86,8 @@ def test_compressed_experts_let_go_of_their_mapped_file_pages(tmp_path):
     the process (they are still in the page cache), so it does not hold both copies."""
     from safetensors.torch import save_file
 
-    from tilemem.loader.safetensors_file import SafetensorsFile, file_mappings, populate
+    from tilemem.loader.safetensors_file import SafetensorsFile
+    from tilemem.pages import file_mappings, populate
 
     gate, up, down = experts(4, 256, 512, seed=3)
     names = {f"{m}.{q}": w for m, ws in zip("gud", (gate, up, down), strict=True) for q, w in enumerate(ws)}
@@ -161,7 +162,8 @@ def test_compressed_linear_gives_the_bf16_linear_bits(tmp_path):
     from safetensors.torch import save_file
 
     from tilemem.layers.linear import Linear
-    from tilemem.loader.safetensors_file import SafetensorsFile, file_mappings, populate
+    from tilemem.loader.safetensors_file import SafetensorsFile
+    from tilemem.pages import file_mappings, populate
 
     w = matrix(384, 320, seed=4, odd=FINITE)
     save_file({"w": w, "b": torch.randn(384).to(torch.bfloat16)}, tmp_path / "lin.safetensors")
@@ -215,7 +217,7 @@ def test_populate_write_backs_all_of_a_fresh_range(threads):
     import mmap
     from pathlib import Path
 
-    from tilemem.loader.safetensors_file import populate_write
+    from tilemem.pages import populate_write
 
     def anon() -> int:
         line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("RssAnon:"))

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from tilemem.loader.safetensors_file import MADV_HUGEPAGE, MADV_WILLNEED, drop_file_pages, madvise, populate_write
 from tilemem import sysinfo
+from tilemem.pages import MADV_HUGEPAGE, MADV_WILLNEED, drop_file_pages, madvise, populate_write
 
 log = logging.getLogger(__name__)
 

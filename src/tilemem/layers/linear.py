@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tilemem import kernels
-from tilemem.loader.safetensors_file import drop_file_pages, file_backed
+from tilemem.pages import drop_file_pages, file_backed
 
 
 class Linear(nn.Linear):

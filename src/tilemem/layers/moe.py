@@ -19,7 +19,7 @@ from tilemem.layers.gpu_ffn import GATHER_MAX_PAIRS, gathered_ffn, padded_ffn
 from tilemem.layers.linear import Linear
 from tilemem.layers.mlp import GatedMLP, activation
 from tilemem.layers.router import Router
-from tilemem.loader.safetensors_file import file_backed
+from tilemem.pages import file_backed
 
 
 class ExpertExecutor(Protocol):

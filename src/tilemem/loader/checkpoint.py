@@ -15,8 +15,9 @@ import torch
 
 from tilemem.config import ModelConfig
 from tilemem.errors import CheckpointError, ConfigError, WeightError
-from tilemem.loader.safetensors_file import SafetensorsFile, populate
+from tilemem.loader.safetensors_file import SafetensorsFile
 from tilemem.models.registry import Family, config_from_hf, family_for_architecture
+from tilemem.pages import populate
 
 DTYPE_NAMES = {
     "bf16": torch.bfloat16,
