@@ -1,7 +1,9 @@
 """The engine loop: schedule, run the model, post-process (sample, detokenize, stop).
 
 `step()` returns one StepEvent per sequence that produced a token (or failed) this iteration; the
-LLM facade and the server both drive it.
+LLM facade and the server both drive it. Speculative decoding runs inside the same step: the
+scheduler appends drafts to decoding rows, the one forward path scores them, post-processing verifies
+them and appends the accepted tokens (`tilemem.engine.drafts`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tilemem.engine.drafts import Draft, Speculation
 from tilemem.engine.sampling import sample
 from tilemem.engine.scheduler import ScheduledBatch, Scheduler
 from tilemem.engine.sequence import Sequence
@@ -56,6 +59,30 @@ class StepStats:
 
 
 @dataclass
+class RowOutput:
+    """What the forward pass gives one row of the batch."""
+
+    logits: torch.Tensor
+    """[V] at the row's last token; [T, V] at every token of a row carrying drafts (on the CPU)."""
+    hidden: torch.Tensor | None = None
+    """Final hidden states [T, D] of every token of the row, when the drafter reads them."""
+
+
+@dataclass
+class StepOutput:
+    """The forward pass of one step: per-row outputs, time per phase, failed rows."""
+
+    rows: dict[int, RowOutput] = field(default_factory=dict)
+    """Row -> its output (rows whose forward failed are absent)."""
+    failed: dict[int, str] = field(default_factory=dict)
+    """Row -> error message of its failed forward."""
+    prefill_s: float = 0.0
+    """Seconds of the prompt-chunk pass."""
+    decode_s: float = 0.0
+    """Seconds of the decode pass (drafted rows included)."""
+
+
+@dataclass
 class EngineCounters:
     """Totals since the engine (or the last reset) started."""
 
@@ -78,18 +105,28 @@ class Engine:
         max_model_len: int = 2048,
         prefill_chunk: int = 512,
         runtime=None,
+        speculator: Speculation | None = None,
     ) -> None:
         self.model = model
         self.runtime = runtime
-        self.speculator = None  # tilemem.spec.Speculator: decode steps verify drafts instead
         self.tokenizer = tokenizer
         self.eos_ids = set(eos_ids)
         self.max_model_len = max_model_len
         self.cache = model.allocate_cache(max_batch, max_model_len)
-        self.scheduler = Scheduler(max_batch, prefill_chunk)
+        self.scheduler = Scheduler(max_batch, prefill_chunk, slot_length=self.cache.length)
+        self.speculator = speculator
         self.decoders: dict[str, IncrementalDecoder] = {}
         self.emitted: dict[str, int] = {}
         self.counters = EngineCounters()
+
+    @property
+    def speculator(self) -> Speculation | None:
+        """Speculative decoding policy (`tilemem.speculative.Speculator`), or None: plain decoding."""
+        return self.scheduler.speculation
+
+    @speculator.setter
+    def speculator(self, speculator: Speculation | None) -> None:
+        self.scheduler.speculation = speculator  # the scheduler asks it for drafts
 
     def add(self, seq: Sequence) -> None:
         """Queue a request."""
@@ -118,55 +155,57 @@ class Engine:
         return self.scheduler.has_work()
 
     def step(self) -> list[StepEvent]:
-        """Run one iteration."""
+        """Run one iteration: schedule (drafts included), one forward path, post-process (verification included)."""
         if self.runtime is not None:
             self.runtime.between_steps()  # async planning migrates tiles here, never mid-step
+        t0 = time.perf_counter()
+        before = copy.copy(self.runtime.counters) if self.runtime is not None else None
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        if self.speculator is not None and not batch.is_prefill:
-            return self.speculator.step(self, batch.seqs)
-        t0 = time.perf_counter()
-        before = copy.copy(self.runtime.counters) if self.runtime is not None else None
-        logits, seconds, failed = self._forward(batch)  # [B, V], (prefill s, decode s), row -> error
-        events = [self._fail(batch.seqs[i], error) for i, error in failed.items()]
-        events += self._postprocess(batch, logits, skip=failed.keys())
+        out = self._forward(batch)
+        events = [self._fail(batch.seqs[i], error) for i, error in out.failed.items()]
+        post, drafted_tokens = self._postprocess(batch, out)
+        events += post
         dt = time.perf_counter() - t0
         rt = self.runtime.counters.minus(before).as_dict() if before is not None else None
-        pt, dtok = batch.prefill_tokens, batch.decode_tokens
+        pt = batch.prefill_tokens
+        plain_rows = sum(1 for i, p in enumerate(batch.prefill) if not p and batch.draft(i) is None)
+        dtok = plain_rows + drafted_tokens
         self.counters.steps.append(StepStats(batch.is_prefill, len(batch.seqs), pt + dtok, dt, rt, pt, dtok))
         self.counters.prefill_tokens += pt
-        self.counters.prefill_seconds += seconds[0]
+        self.counters.prefill_seconds += out.prefill_s
         self.counters.decode_tokens += dtok
-        self.counters.decode_seconds += seconds[1]
+        if batch.speculative:  # drafting and verification are part of the decode time
+            self.counters.decode_seconds += dt - out.prefill_s
+            self.speculator.record_step(drafted_tokens, out.decode_s, dt - out.prefill_s)
+        else:
+            self.counters.decode_seconds += out.decode_s
         return events
 
-    def _forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, tuple[float, float], dict[int, str]]:
-        """Logits [B, V] at each row's last new token, seconds spent on (prefill, decode) rows, and the
-        rows whose forward failed (row -> error message).
+    def _forward(self, batch: ScheduledBatch) -> StepOutput:
+        """Run every row of `batch`: logits at each row's last new token (at every token of a row with drafts),
+        seconds spent on prefill and decode rows, and the rows whose forward failed.
 
-        Prompt chunks and decode rows (one token each) run as separate passes: in one padded pass every
-        decode row would cost as much as the longest chunk."""
-        logits: torch.Tensor | None = None
-        seconds = {True: 0.0, False: 0.0}
-        failed: dict[int, str] = {}
+        Prompt chunks and decode rows (one token, plus drafts) run as separate passes: in one padded pass
+        every decode row would cost as much as the longest chunk."""
+        out = StepOutput()
         for phase in (True, False):
             rows = [i for i, p in enumerate(batch.prefill) if p is phase]
             if not rows:
                 continue
             t0 = time.perf_counter()
-            for idx, out in self._run_isolated(batch, rows, failed):
-                if logits is None:
-                    logits = out.new_zeros(len(batch.seqs), out.shape[-1])
-                logits[idx] = out  # [len(idx), V]
-            seconds[phase] += time.perf_counter() - t0
-        if logits is None:
-            logits = torch.zeros(len(batch.seqs), 1)
-        return logits, (seconds[True], seconds[False]), failed
+            for idx, outputs in self._run_isolated(batch, rows, out.failed):
+                out.rows.update(zip(idx, outputs, strict=True))
+            if phase:
+                out.prefill_s += time.perf_counter() - t0
+            else:
+                out.decode_s += time.perf_counter() - t0
+        return out
 
     def _run_isolated(self, batch: ScheduledBatch, rows: list[int], failed: dict[int, str]) -> list[tuple]:
         """Run `rows` in one pass; if it fails, row by row, so one bad request fails alone rather than
-        taking its batch-mates down (a failed row's error goes to `failed`). Returns (rows, logits) pairs."""
+        taking its batch-mates down (a failed row's error goes to `failed`). Returns (rows, outputs) pairs."""
         try:
             return [(rows, self._run_rows(batch, rows))]
         except Exception as exc:  # a failing forward must not take the engine down
@@ -180,8 +219,8 @@ class Engine:
             parts += self._run_isolated(batch, [i], failed)
         return parts
 
-    def _run_rows(self, batch: ScheduledBatch, rows: list[int]) -> torch.Tensor:
-        """One model pass over the given rows of `batch`: logits [len(rows), V]."""
+    def _run_rows(self, batch: ScheduledBatch, rows: list[int]) -> list[RowOutput]:
+        """One model pass over the given rows of `batch`."""
         seqs = [batch.seqs[i] for i in rows]
         chunks = [batch.chunks[i] for i in rows]
         lengths = [len(c) for c in chunks]
@@ -189,7 +228,21 @@ class Engine:
         for i, chunk in enumerate(chunks):
             ids[i, : len(chunk)] = torch.tensor(chunk)
         ctx = ForwardContext.build(self.cache, [s.slot for s in seqs], [s.cached for s in seqs], lengths)
-        return self.model(ids, ctx, logits_at=torch.tensor(lengths) - 1).cpu()  # sampling runs on the CPU
+        last = torch.tensor(lengths) - 1  # [R]
+        every = any(batch.draft(i) is not None for i in rows)  # drafts are verified at every position
+        kw = {"return_hidden": True} if self.speculator is not None and self.speculator.wants_hidden else {}
+        res = self.model(ids, ctx, logits_at=None if every else last, **kw)
+        logits, hidden = res if kw else (res, None)  # [R, T, V] or [R, V]; [R, T, D]
+        logits = logits.cpu()  # sampling and verification run on the CPU
+        outputs = []
+        for r, i in enumerate(rows):
+            n = lengths[r]
+            if batch.draft(i) is not None:
+                row = logits[r, :n]  # [n, V]: the pending token and every draft
+            else:
+                row = logits[r, n - 1] if every else logits[r]  # [V]
+            outputs.append(RowOutput(row, hidden[r, :n] if hidden is not None else None))  # hidden [n, D]
+        return outputs
 
     def _fail(self, seq: Sequence, error: str) -> StepEvent:
         """End `seq` with finish reason "error"."""
@@ -197,19 +250,47 @@ class Engine:
         self._finish(seq, "error")
         return StepEvent(seq, None, "", True)
 
-    def _postprocess(self, batch: ScheduledBatch, logits: torch.Tensor, skip=()) -> list[StepEvent]:
-        events = []
+    def _postprocess(self, batch: ScheduledBatch, out: StepOutput) -> tuple[list[StepEvent], int]:
+        """Advance each row that ran: sample its next token (a prompt's last chunk, a decode row) or verify its
+        drafts. Returns the events and the tokens rows with drafts produced."""
+        events, drafted_tokens = [], 0
         for i, seq in enumerate(batch.seqs):
-            if i in skip:
+            row = out.rows.get(i)
+            if row is None:  # its forward failed
                 continue
-            seq.cached += len(batch.chunks[i])
-            if seq.cached < len(seq.prompt_ids) or seq.finished:
-                continue  # mid-prompt chunk, or aborted meanwhile
             try:
-                events.append(self._emit_token(seq, logits[i]))
+                draft = batch.draft(i)
+                if draft is not None:
+                    produced = self._verify_row(seq, draft, row)
+                    drafted_tokens += len(produced)
+                    events += produced
+                    continue
+                start = seq.cached
+                seq.cached += len(batch.chunks[i])
+                if seq.finished:
+                    continue  # aborted meanwhile
+                if seq.cached >= len(seq.prompt_ids):
+                    events.append(self._emit_token(seq, row.logits))
+                if row.hidden is not None and not seq.finished:  # a prompt chunk the drafter reads
+                    self.speculator.observe_prompt(seq, row.hidden, start, self.cache)
             except Exception as exc:  # e.g. a sampler error: fail this request only
                 log.exception("post-processing %s failed", seq.request_id)
                 events.append(self._fail(seq, f"{type(exc).__name__}: {exc}"))
+        return events, drafted_tokens
+
+    def _verify_row(self, seq: Sequence, draft: Draft, row: RowOutput) -> list[StepEvent]:
+        """Verify a decode row's drafts: append the accepted ones and one target token, and advance
+        `seq.cached` past the pending token and the accepted drafts (rejected KV rows are overwritten later)."""
+        if seq.finished:
+            return []  # aborted meanwhile
+        tokens = self.speculator.verify(seq, draft, row.logits, row.hidden, self.cache)
+        seq.cached += len(tokens)  # the pending token + the accepted drafts
+        events = []
+        for j, token in enumerate(tokens):
+            text = self.append_token(seq, token, row.logits[j])
+            events.append(StepEvent(seq, token, text, seq.finished))
+            if seq.finished:
+                break
         return events
 
     def _emit_token(self, seq: Sequence, logits: torch.Tensor) -> StepEvent:
@@ -288,3 +369,5 @@ class Engine:
         self.scheduler.finish(seq, reason)
         seq.finish_time = time.perf_counter()
         self.decoders.pop(seq.request_id, None)
+        if self.speculator is not None:
+            self.speculator.release(seq)

@@ -8,27 +8,21 @@ were accepted so it can roll its own state back.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 
 import torch
 
+from tilemem.engine.drafts import Draft
 from tilemem.engine.sampling import token_probs
 from tilemem.engine.sequence import Sequence
 from tilemem.errors import ConfigError
-
-
-@dataclass
-class Draft:
-    """Proposed tokens and, when sampled, the draft distribution [V] of each."""
-
-    tokens: list[int]
-    probs: list[torch.Tensor] | None = None
 
 
 class Drafter(ABC):
     """Proposes continuation tokens for a sequence."""
 
     name: str = "drafter"
+    needs_hidden: bool = False
+    """Whether it reads the target's final hidden states (`observe`)."""
 
     @abstractmethod
     def propose(self, seq: Sequence, k: int) -> Draft:
@@ -36,6 +30,10 @@ class Drafter(ABC):
 
     def accepted(self, seq: Sequence, n: int, k: int) -> None:
         """n of the k proposed tokens were accepted (roll back drafter state)."""
+        return None
+
+    def observe(self, seq: Sequence, hidden: torch.Tensor, next_ids: list[int], start: int, cache, k: int) -> None:
+        """Hidden states [T, D] of verified positions start.., the token following each (`needs_hidden`)."""
         return None
 
     def release(self, seq: Sequence) -> None:
@@ -113,10 +111,9 @@ class DraftModelDrafter(Drafter):
 class MTPDrafter(Drafter):
     """The checkpoint's own multi-token-prediction layers, applied recursively (DeepSeek-V3 style).
 
-    The MTP block needs the main model's final hidden states: the speculator hands over those of every
-    verified position (`observe`), the MTP layer writes its own KV rows for them and drafts k tokens
-    from the last one. A new sequence is primed once by re-running the main model over its prompt
-    (same slot, same positions, so the main KV rows are rewritten identically): one extra prefill.
+    The MTP block needs the main model's final hidden states: the engine's forward pass returns them,
+    and the speculator hands over those of every prompt chunk and every verified position (`observe`);
+    the MTP layer writes its own KV rows for them and drafts k tokens from the last one.
     Greedy drafting; with sampling the drafts count as deterministic proposals.
     """
 
@@ -140,17 +137,8 @@ class MTPDrafter(Drafter):
             drafts = self.model.mtp.draft(hidden.unsqueeze(0), torch.tensor([next_ids]), ctx, max(k, 1))
         self.next[seq.request_id] = drafts[0].tolist()
 
-    def prime(self, seq: Sequence, cache, k: int) -> None:
-        """Main-model hidden states of the prompt, then MTP rows and the first drafts."""
-        from tilemem.layers.kv_cache import ForwardContext
-
-        n = seq.cached
-        ctx = ForwardContext.build(cache, [seq.slot], [0], [n])
-        _, hidden = self.model(torch.tensor([seq.tokens[:n]]), ctx, return_hidden=True)  # [1, n, D]
-        self._draft(seq, hidden[0], seq.tokens[1 : n + 1], 0, cache, k)
-
     def observe(self, seq: Sequence, hidden: torch.Tensor, next_ids: list[int], start: int, cache, k: int) -> None:
-        """Hidden states [T, D] of verified positions start.. and the token following each."""
+        """Hidden states [T, D] of positions start.. (prompt or verified) and the token following each."""
         self._draft(seq, hidden, next_ids, start, cache, k)
 
     def propose(self, seq: Sequence, k: int) -> Draft:
@@ -160,12 +148,12 @@ class MTPDrafter(Drafter):
         self.next.pop(seq.request_id, None)
 
 
-def make_drafter(spec: str, model, slots: int, length: int, dtype=None) -> Drafter:
-    """`ngram`, `mtp` or `draft:PATH`."""
-    if spec == "ngram":
+def make_drafter(method: str, model, slots: int, length: int, dtype=None) -> Drafter:
+    """The drafter of a speculative method: `ngram`, `mtp` or `draft:PATH`."""
+    if method == "ngram":
         return NgramDrafter()
-    if spec == "mtp":
+    if method == "mtp":
         return MTPDrafter(model)
-    if spec.startswith("draft:"):
-        return DraftModelDrafter(spec[6:], slots, length, dtype, model.cfg.vocab_size)
-    raise ConfigError(f"unknown speculative method '{spec}'; use ngram, mtp or draft:PATH.")
+    if method.startswith("draft:"):
+        return DraftModelDrafter(method[6:], slots, length, dtype, model.cfg.vocab_size)
+    raise ConfigError(f"unknown speculative method '{method}'; use ngram, mtp or draft:PATH.")

@@ -1,30 +1,28 @@
-"""Speculative decode steps inside the engine loop.
+"""The speculative decoding policy the engine calls: draft up to k tokens per decoding row, verify them.
 
-One step: every running sequence gets up to k drafts; one forward of the target over
-[last token, d1..dk] per row (rows of different lengths in one batch) scores them all; verification
-keeps the accepted prefix plus one target token; the KV cache rolls back by simply not counting the
-rejected positions (the next step overwrites them). With the tiered runtime, the verification pass
-routes all draft positions at once, so a tile needed by several positions is fetched once.
+The scheduler asks `propose` for each decoding row's drafts, so the row's chunk is [last token, d1..dk];
+the engine's one forward path scores them all (rows of different lengths in one batch) and, in
+post-processing, `verify` keeps the accepted prefix plus one target token. The KV cache rolls back by
+simply not counting the rejected positions (the next step overwrites them). With the tiered runtime,
+the pass routes all draft positions at once, so a tile needed by several positions is fetched once.
 """
 
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from tilemem.engine.engine import StepEvent, StepStats
+from tilemem.engine.drafts import Draft
 from tilemem.engine.sequence import Sequence
-from tilemem.layers.kv_cache import ForwardContext
-from tilemem.speculative.drafters import Draft, Drafter
+from tilemem.speculative.drafters import Drafter
 from tilemem.speculative.verify import verify
 
 
 @dataclass
-class SpecStats:
+class SpeculativeStats:
     """Acceptance and timing of speculative steps."""
 
     accepted: list[int] = field(default_factory=list)
@@ -51,71 +49,60 @@ class SpecStats:
 
 
 class Speculator:
-    """Drafts with `drafter`, verifies with the engine's model, k drafts per step."""
+    """Drafts with `drafter`, at most k drafts per row, and verifies them (`tilemem.engine.drafts.Speculation`)."""
 
     def __init__(self, drafter: Drafter, k: int = 4) -> None:
         self.drafter = drafter
         self.k = k
-        self.stats = SpecStats()
+        self.stats = SpeculativeStats()
 
-    def step(self, engine, seqs: list[Sequence]) -> list[StepEvent]:
-        """One speculative decode step for `seqs` (all decoding)."""
+    @property
+    def wants_hidden(self) -> bool:
+        """Whether the drafter reads the target's final hidden states (MTP)."""
+        return self.drafter.needs_hidden
+
+    def propose(self, seq: Sequence, limit: int) -> Draft:
+        """Up to min(k, limit) drafts following `seq.tokens`."""
         t0 = time.perf_counter()
-        hidden_wanted = getattr(self.drafter, "needs_hidden", False)
-        if hidden_wanted:
-            for seq in seqs:
-                if seq.request_id not in self.drafter.next:
-                    self.drafter.prime(seq, engine.cache, self.k)
-        drafts: list[Draft] = []
-        for seq in seqs:
-            room = engine.cache.length - seq.cached - 1
-            k = max(0, min(self.k, seq.params.max_tokens - len(seq.output_ids) - 1, room))
-            d = self.drafter.propose(seq, k) if k > 0 else Draft([])
-            d.tokens = d.tokens[:k]
-            drafts.append(d)
-        t1 = time.perf_counter()
-        rows = [seq.pending + d.tokens for seq, d in zip(seqs, drafts, strict=True)]
-        lengths = [len(r) for r in rows]
-        ids = torch.zeros(len(rows), max(lengths), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-        ctx = ForwardContext.build(engine.cache, [s.slot for s in seqs], [s.cached for s in seqs], lengths)
-        before = copy.copy(engine.runtime.counters) if engine.runtime is not None else None
-        try:
-            out = engine.model(ids, ctx, return_hidden=hidden_wanted)
-            logits, hidden = out if hidden_wanted else (out, None)  # [B, T, V], [B, T, D]
-            logits = logits.cpu()  # sampling and verification run on the CPU
-        except Exception as exc:
-            events = []
-            for seq in seqs:
-                seq.error = f"{type(exc).__name__}: {exc}"
-                engine._finish(seq, "error")
-                events.append(StepEvent(seq, None, "", True))
-            return events
-        t2 = time.perf_counter()
-        events, produced = [], 0
-        for i, seq in enumerate(seqs):
-            d = drafts[i]
-            n, nxt = verify(logits[i, : lengths[i]], d, seq.params, seq.generator)
-            self.drafter.accepted(seq, n, len(d.tokens))
-            if hidden is not None:  # verified positions: the last token and the n accepted drafts
-                self.drafter.observe(seq, hidden[i, : n + 1], d.tokens[:n] + [nxt], seq.cached, engine.cache, self.k)
-            seq.cached += 1 + n
-            self.stats.accepted.append(n + 1)
-            for j, tok in enumerate(d.tokens[:n] + [nxt]):
-                text = engine.append_token(seq, tok, logits[i, j])
-                produced += 1
-                events.append(StepEvent(seq, tok, text, seq.finished))
-                if seq.finished:
-                    self.drafter.release(seq)
-                    break
-        dt = time.perf_counter() - t0
-        self.stats.forward_s.append(t2 - t1)
-        self.stats.draft_s += t1 - t0
-        self.stats.tokens += produced
-        self.stats.seconds += dt
-        rt = engine.runtime.counters.minus(before).as_dict() if before is not None else None
-        engine.counters.steps.append(StepStats(False, len(seqs), produced, dt, rt))
-        engine.counters.decode_tokens += produced
-        engine.counters.decode_seconds += dt
-        return events
+        k = min(self.k, limit)
+        draft = self.drafter.propose(seq, k) if k > 0 else Draft([])
+        draft.tokens = draft.tokens[:k]
+        self.stats.draft_s += time.perf_counter() - t0
+        return draft
+
+    def verify(
+        self, seq: Sequence, draft: Draft, logits: torch.Tensor, hidden: torch.Tensor | None, cache
+    ) -> list[int]:
+        """logits [1 + len(draft), V] at [pending token, drafts], hidden [T, D] of the row (when the drafter
+        reads them) -> the tokens to append: the accepted drafts, then one target token.
+
+        Call before `seq.cached` advances; the drafter is told how many drafts were accepted and, when it
+        reads hidden states, gets those of the verified positions (the pending token and the accepted drafts)."""
+        n, nxt = verify(logits, draft, seq.params, seq.generator)
+        self.stats.accepted.append(n + 1)
+        t0 = time.perf_counter()
+        self.drafter.accepted(seq, n, len(draft.tokens))
+        if hidden is not None:
+            self.drafter.observe(seq, hidden[: n + 1], draft.tokens[:n] + [nxt], seq.cached, cache, self.k)
+        self.stats.draft_s += time.perf_counter() - t0
+        return draft.tokens[:n] + [nxt]
+
+    def observe_prompt(self, seq: Sequence, hidden: torch.Tensor, start: int, cache) -> None:
+        """Hidden states [T, D] of the prompt chunk at positions start..start+T-1, after `seq.cached` advanced
+        past it (and, for the last chunk, the first token was sampled): the token following each position
+        is known, so an MTP drafter writes its own KV rows and, after the last chunk, its first drafts."""
+        t0 = time.perf_counter()
+        following = seq.tokens[start + 1 : start + hidden.shape[0] + 1]
+        last_chunk = seq.cached >= len(seq.prompt_ids)
+        self.drafter.observe(seq, hidden[: len(following)], following, start, cache, self.k if last_chunk else 1)
+        self.stats.draft_s += time.perf_counter() - t0
+
+    def release(self, seq: Sequence) -> None:
+        """`seq` finished: drop its drafter state."""
+        self.drafter.release(seq)
+
+    def record_step(self, tokens: int, forward_s: float, seconds: float) -> None:
+        """A step with drafted rows: tokens they produced, seconds of their forward pass, of the step."""
+        self.stats.forward_s.append(forward_s)
+        self.stats.tokens += tokens
+        self.stats.seconds += seconds

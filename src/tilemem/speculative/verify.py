@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from tilemem.engine.drafts import Draft
 from tilemem.engine.sampling import SamplingParams, token_probs
-from tilemem.speculative.drafters import Draft
 
 
 def verify(logits: torch.Tensor, draft: Draft, params: SamplingParams, gen: torch.Generator) -> tuple[int, int]:
