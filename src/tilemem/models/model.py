@@ -21,6 +21,7 @@ from tilemem.layers.mlp import GatedMLP
 from tilemem.layers.moe import MoEBlock, ResidentExperts
 from tilemem.layers.norm import RMSNorm
 from tilemem.layers.rope import RotaryEmbedding
+from tilemem.models.topology import DENSE, SHARED
 
 if TYPE_CHECKING:
     from tilemem.models.mtp import MTPHead
@@ -199,8 +200,6 @@ class MoECausalLM(nn.Module):
 
     def always_active_ffns(self) -> dict[tuple[int, int], GatedMLP]:
         """(layer, SHARED | DENSE) -> the shared-expert or dense FFN module of the decoder layers."""
-        from tilemem.placement.tiles import DENSE, SHARED
-
         out = {}
         for i, layer in enumerate(self.model.layers):
             if isinstance(layer.mlp, GatedMLP):

@@ -15,6 +15,10 @@ import torch
 from tilemem.config import ModelConfig
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "bf16": 2, "fp16": 2, "fp32": 4}
+SHARED = -1
+"""Expert index standing for a layer's fused shared experts (the runtime and tile keys use it too)."""
+DENSE = -2
+"""Expert index standing for a dense layer's FFN."""
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,10 @@ class TierBudget:
     """Bytes the tier may hold; None = unbounded."""
 
 
+DEFAULT_CACHE_BYTES = 64 << 20
+"""Tile cache size when neither the config nor a bounded DRAM budget sets one (runtime and cost model)."""
+
+
 @dataclass(frozen=True)
 class CacheReserve:
     """Part of a tier kept free of static placement, for the runtime's dynamic tile cache."""

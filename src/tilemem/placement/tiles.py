@@ -18,14 +18,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from tilemem.models.topology import Topology
+from tilemem.models.topology import DENSE, SHARED, Topology
 from tilemem.placement.errors import PlanError
 from tilemem.placement.formats import TileFormat
 
-SHARED = -1
-"""Expert index standing for a layer's fused shared experts."""
-DENSE = -2
-"""Expert index standing for a dense layer's FFN."""
 GROUPS: tuple[str, ...] = ("gate_up", "down")
 """Projection groups: gate and up rows together, down columns."""
 _LABELS = {SHARED: "shared", DENSE: "dense"}

@@ -29,6 +29,7 @@ from tilemem import kernels
 from tilemem.errors import TileMemError
 from tilemem.layers.gpu_ffn import GATHER_MAX_PAIRS, TileSlab, gathered_ffn, stacked_ffn
 from tilemem.layers.moe import MoEBlock, PartialSums, group_by_expert
+from tilemem.placement.budgets import DEFAULT_CACHE_BYTES
 from tilemem.runtime.direct_io import AlignedSlab, DirectReader
 from tilemem.runtime.tile_cache import TileCache, TileId
 from tilemem.runtime.tile_store import StoredTile, TileStore
@@ -36,9 +37,6 @@ from tilemem.runtime.tile_store import StoredTile, TileStore
 Ranges = dict[str, list[tuple[int, int]]]
 """tier -> merged neuron ranges of one expert."""
 
-
-DEFAULT_CACHE_BYTES = 64 << 20
-"""Tile cache size when neither the config nor a bounded DRAM budget sets one."""
 
 PREFETCH_WINDOW = 32
 """Prefetched tiles over which `prefetch="auto"` judges prefetching."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from tilemem.placement.budgets import DEFAULT_CACHE_BYTES
 from tilemem.placement.plan import Plan
 from tilemem.placement.profile import Profile
 from tilemem.tmap.hardware import HardwareProfile
@@ -235,8 +236,6 @@ def _hot_tiles(
 ) -> tuple[set[tuple[int, int, int]], int, int]:
     """The disk tiles an LFU cache keeps at steady state (the most often accessed that fit), its capacity
     in tiles, and the number of disk tiles."""
-    from tilemem.runtime.tiered import DEFAULT_CACHE_BYTES
-
     cache = settings.cache_bytes if settings.cache_bytes is not None else shape.cache_bytes
     cache = DEFAULT_CACHE_BYTES if cache is None else cache
     slots = max(cache // shape.slot_bytes, settings.io_depth)
