@@ -6,14 +6,19 @@ gate rows [n, D], up rows [n, D], then down columns stored transposed as [n, D],
 contiguous [3, n, D] array readable with a single O_DIRECT request and usable without a copy.
 Blocks are ordered (layer, expert, a): a whole expert is one contiguous run.
 
-`store.json` holds the layout, per-tile sha256 and a fingerprint of the source checkpoint.
-Conversion writes `tiles.bin.partial` + a progress journal, then renames; a re-run resumes.
+`store.json` holds the layout, per-tile sha256, a fingerprint of the source checkpoint's config and
+index, and a crc32 of every source tensor (`store_sources`): opening the store against a checkpoint
+whose expert weights changed since conversion refuses it as stale.
+Conversion writes `tiles.bin.partial` + a progress journal, then renames; a re-run resumes,
+checking the journaled tiles it keeps. Re-running over a finished store verifies every tile and
+rewrites the corrupt ones; over a stale store it converts again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import zlib
 from dataclasses import dataclass
@@ -28,10 +33,12 @@ from tilemem.loader.safetensors_file import DTYPES
 from tilemem.models.topology import Topology
 from tilemem.placement.checkpoint_names import our_ffn_prefix
 from tilemem.placement.tiles import DENSE, SHARED, always_active_ffns, ffn_width
+from tilemem.runtime.store_sources import STAT_CACHE, record_sources, stale_tensors, tensor_crc
 
 ALIGN = 4096
 SCHEMA = "tilemem_store_v1"
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+log = logging.getLogger(__name__)
 
 
 class StoreError(TileMemError):
@@ -69,20 +76,22 @@ def _align(n: int) -> int:
 
 
 def checkpoint_fingerprint(ckpt: Checkpoint) -> str:
-    """sha256 over config.json, the tensor index and a 64 KiB sample of every weight file."""
+    """sha256 over config.json and the tensor index: the checkpoint's shape. The weights themselves
+    are checked tensor by tensor (`store_sources`)."""
     h = hashlib.sha256((ckpt.path / "config.json").read_bytes())
     h.update(json.dumps(sorted(ckpt.weight_map.items())).encode())
-    for name, f in sorted(ckpt.files.items()):
-        with open(f.path, "rb") as fh:
-            fh.seek(max(f.data_start, f.size - 65536))
-            h.update(name.encode() + fh.read(65536))
     return h.hexdigest()
+
+
+def expert_names(ckpt: Checkpoint, layer: int, expert: int) -> list[str]:
+    """Hub names of the gate, up and down weights of one FFN unit (routed expert, SHARED or DENSE)."""
+    prefix = our_ffn_prefix(layer, expert) + "."
+    return [ckpt.family.to_hub(prefix + p + ".weight") for p in ("gate_proj", "up_proj", "down_proj")]
 
 
 def expert_tensors(ckpt: Checkpoint, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """gate [I, D], up [I, D], down [D, I] of one FFN unit (routed expert, SHARED or DENSE), memory-mapped."""
-    prefix = our_ffn_prefix(layer, expert) + "."
-    return tuple(ckpt.tensor(ckpt.family.to_hub(prefix + p + ".weight")) for p in ("gate_proj", "up_proj", "down_proj"))
+    return tuple(ckpt.tensor(name) for name in expert_names(ckpt, layer, expert))
 
 
 def store_units(ckpt: Checkpoint) -> list[tuple[int, int, int]]:
@@ -109,27 +118,27 @@ def pack_tile(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, a: int, 
     return torch.stack([gate[a:b], up[a:b], down[:, a:b].t()]).contiguous()
 
 
+STORE_FILES = ("store.json", "store.json.tmp", "tiles.bin", "tiles.bin.partial", "convert.journal", STAT_CACHE)
+"""Every file conversion writes into a store directory (the only ones it ever removes)."""
+
+
 def convert(model: str | Path, out: str | Path, tile_size: int = 128, progress: bool = True) -> Path:
-    """Pack a checkpoint's routed experts into a tile store at `out`; resumable and atomic."""
+    """Pack a checkpoint's routed experts into a tile store at `out`; resumable and atomic.
+
+    Over a finished store of this checkpoint it verifies every tile and rewrites the corrupt ones;
+    over one that no longer matches this checkpoint's weights (stale), it converts again."""
     ckpt = Checkpoint.open(model)
     cfg = ckpt.config
     out = Path(out)
     if tile_size < 1:
         raise StoreError(f"tile size must be >= 1 neuron, got {tile_size}.")
     fingerprint = checkpoint_fingerprint(ckpt)
-    if (out / "store.json").exists():
-        try:
-            meta = json.loads((out / "store.json").read_text())
-        except json.JSONDecodeError:
-            raise StoreError(f"{out / 'store.json'} is corrupt; delete {out} and convert again.") from None
-        if meta.get("fingerprint") == fingerprint and meta.get("tile_size") == tile_size:
-            return out  # already complete
-        raise StoreError(
-            f"{out} already holds a tile store of another checkpoint or tile size; remove it or choose another --out."
-        )
+    if (out / "store.json").exists() and _keep_finished(out, ckpt, fingerprint, tile_size, progress):
+        return out
     out.mkdir(parents=True, exist_ok=True)
     data_tmp, journal = out / "tiles.bin.partial", out / "convert.journal"
     done: dict[str, dict] = {}
+    crcs: dict[str, int] = {}
     if journal.exists() and data_tmp.exists():
         for line in journal.read_text().splitlines():
             try:
@@ -160,11 +169,13 @@ def convert(model: str | Path, out: str | Path, tile_size: int = 128, progress: 
         for layer, expert, width in units:
             gate, up, down = expert_tensors(ckpt, layer, expert)
             dtype = gate.dtype
+            crcs.update({name: tensor_crc(ckpt.tensor(name)) for name in expert_names(ckpt, layer, expert)})
             for a, b in tile_ranges(width, tile_size):
                 nbytes = 3 * (b - a) * cfg.hidden_size * itemsize
                 key = f"L{layer}:E{expert}:N{a}-{b}"
                 rec = done.get(key)
-                if rec is None or rec.get("offset", offset) != offset:
+                # A journaled tile is kept only if the partial file really holds it (writes can be lost).
+                if rec is None or rec.get("offset", offset) != offset or not _holds(data, offset, nbytes, rec):
                     block = pack_tile(gate, up, down, a, b)
                     raw = block.view(torch.uint8).numpy().tobytes()
                     data.seek(offset)
@@ -195,6 +206,7 @@ def convert(model: str | Path, out: str | Path, tile_size: int = 128, progress: 
         "alignment": ALIGN,
         "bytes": offset,
         "tiles": [[t.layer, t.expert, t.start, t.end, t.offset, t.nbytes, t.sha256, t.crc32] for t in tiles],
+        "sources": record_sources(ckpt, crcs),
     }
     os.replace(data_tmp, out / "tiles.bin")
     tmp = out / "store.json.tmp"
@@ -202,6 +214,63 @@ def convert(model: str | Path, out: str | Path, tile_size: int = 128, progress: 
     os.replace(tmp, out / "store.json")
     journal.unlink()
     return out
+
+
+def _holds(data, offset: int, nbytes: int, rec: dict) -> bool:
+    """Whether `data` holds the journaled tile `rec` (its sha256) at `offset`."""
+    data.seek(offset)
+    raw = data.read(nbytes)
+    return len(raw) == nbytes and hashlib.sha256(raw).hexdigest() == rec.get("sha256")
+
+
+def _keep_finished(out: Path, ckpt: Checkpoint, fingerprint: str, tile_size: int, progress: bool) -> bool:
+    """For the finished store at `out`: True once verified (corrupt tiles rewritten); False after
+    removing a store of this checkpoint that is stale, truncated or from an older TileMEM (convert
+    again); StoreError for a store of another checkpoint or tile size."""
+    try:
+        meta = json.loads((out / "store.json").read_text())
+    except json.JSONDecodeError:
+        raise StoreError(f"{out / 'store.json'} is corrupt; delete {out} and convert again.") from None
+    same_source = meta.get("checkpoint") == str(ckpt.path.resolve())
+    other = StoreError(
+        f"{out} already holds a tile store of another checkpoint or tile size; remove it or choose another --out."
+    )
+    if meta.get("tile_size") != tile_size or (not same_source and meta.get("fingerprint") != fingerprint):
+        raise other
+    try:
+        store = TileStore(out, ckpt)
+    except StoreError as exc:
+        if not same_source:
+            raise other from None
+        log.warning("%s; converting %s again", exc, ckpt.path)
+        for name in STORE_FILES:
+            (out / name).unlink(missing_ok=True)
+        return False
+    repaired = _repair(store, ckpt, progress)
+    if repaired:
+        log.warning("rewrote %d corrupt tile(s) of %s: %s", len(repaired), out, ", ".join(repaired[:10]))
+    return True
+
+
+def _repair(store: TileStore, ckpt: Checkpoint, progress: bool) -> list[str]:
+    """Rewrite, from the checkpoint, every tile of `store` that fails its sha256; their keys."""
+    bad = [t for t in tqdm(store.tiles.values(), desc="verify", disable=not progress) if not store.intact(t)]
+    if not bad:
+        return []
+    with open(store.data_path, "r+b") as data:
+        for t in bad:
+            gate, up, down = expert_tensors(ckpt, t.layer, t.expert)
+            raw = pack_tile(gate, up, down, t.start, t.end).view(torch.uint8).numpy().tobytes()
+            if hashlib.sha256(raw).hexdigest() != t.sha256:
+                raise StoreError(
+                    f"tile {t.key} of {store.path} cannot be rebuilt from {ckpt.path} (other bytes); "
+                    f"delete {store.path} and run `tilemem convert` again."
+                )
+            data.seek(t.offset)
+            data.write(raw)
+        data.flush()
+        os.fsync(data.fileno())
+    return [t.key for t in bad]
 
 
 class TileStore:
@@ -228,12 +297,8 @@ class TileStore:
                 f"{self.data_path} is missing or truncated ({max(size, 0)} of {meta['bytes']} bytes); "
                 "re-run `tilemem convert`."
             )
-        if checkpoint is not None and checkpoint_fingerprint(checkpoint) != meta["fingerprint"]:
-            raise StoreError(
-                f"tile store {self.path} was converted from another checkpoint ({meta['checkpoint']}), not "
-                f"{checkpoint.path}; convert this checkpoint with `tilemem convert`."
-            )
         if checkpoint is not None:
+            self._check_source(checkpoint)
             want = [[layer, unit, width] for layer, unit, width in store_units(checkpoint) if unit < 0]
             if meta.get("units", []) != want:
                 raise StoreError(
@@ -244,6 +309,32 @@ class TileStore:
         self.hidden = int(meta["hidden_size"])
         self.tile_size = int(meta["tile_size"])
         self.tiles = {(t[0], t[1], t[2]): StoredTile(*t) for t in meta["tiles"]}
+
+    def _check_source(self, ckpt: Checkpoint) -> None:
+        """Refuse this store unless it was converted from `ckpt`'s config, index and current weights."""
+        meta, fix = self.meta, f"run `tilemem convert {ckpt.path} --out {self.path}` again"
+        if checkpoint_fingerprint(ckpt) != meta["fingerprint"] and "sources" in meta:
+            raise StoreError(
+                f"tile store {self.path} was converted from another checkpoint ({meta['checkpoint']}), not "
+                f"{ckpt.path}; convert this checkpoint with `tilemem convert`."
+            )
+        if "sources" not in meta:
+            raise StoreError(
+                f"tile store {self.path} has no checksums of its source weights (an older TileMEM); {fix}."
+            )
+        stale = stale_tensors(self.path, meta["sources"], ckpt)
+        if not stale:
+            return
+        if meta["checkpoint"] != str(ckpt.path.resolve()):
+            raise StoreError(
+                f"tile store {self.path} was converted from another checkpoint ({meta['checkpoint']}), not "
+                f"{ckpt.path} ({len(stale)} expert tensors differ, e.g. {stale[0]}); convert this checkpoint "
+                "with `tilemem convert`."
+            )
+        raise StoreError(
+            f"tile store {self.path} is stale: {len(stale)} expert tensor(s) of {ckpt.path} changed since it was "
+            f"converted (e.g. {stale[0]}); {fix}."
+        )
 
     def tiles_of(self, layer: int, expert: int) -> list[StoredTile]:
         """Store tiles of one expert, in neuron order."""
@@ -270,13 +361,13 @@ class TileStore:
             f.seek(tile.offset)
             return f.read(tile.nbytes)
 
+    def intact(self, tile: StoredTile) -> bool:
+        """Whether `tile`'s bytes match its sha256."""
+        return hashlib.sha256(self.read_block(tile)).hexdigest() == tile.sha256
+
     def verify(self, progress: bool = True) -> list[str]:
         """Keys of tiles whose sha256 does not match (empty: the store is intact)."""
-        bad = []
-        for t in tqdm(self.tiles.values(), desc="verify", disable=not progress):
-            if hashlib.sha256(self.read_block(t)).hexdigest() != t.sha256:
-                bad.append(t.key)
-        return bad
+        return [t.key for t in tqdm(self.tiles.values(), desc="verify", disable=not progress) if not self.intact(t)]
 
 
 def open_store_for(path: str | Path, ckpt: Checkpoint) -> TileStore:
