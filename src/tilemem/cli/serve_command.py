@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, <= 4096)")
     p.add_argument("--prefill-chunk", type=int, default=512, help="most prompt tokens per engine step")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument(
+        "--max-body-bytes", type=int, default=4 * 2**20, help="largest request body, larger ones get 413 (4 MiB)"
+    )
     p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: the checkpoint's)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when --budget gives cuda a share)")
@@ -56,7 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.plan and args.budget:
         raise ConfigError("give either --plan or --budget, not both.")
     api_key = resolve_api_key(args.api_key, args.api_key_file)
-    for name in ("max_batch", "max_queue", "prefill_chunk"):
+    for name in ("max_batch", "max_queue", "prefill_chunk", "max_body_bytes"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
     if not 0 < args.port < 65536:
@@ -71,6 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         prefill_chunk=args.prefill_chunk,
         shutdown_grace_s=args.shutdown_grace,
+        max_body_bytes=args.max_body_bytes,
         log_level=args.log_level,
     )
     serve(llm, config)

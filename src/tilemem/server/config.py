@@ -25,6 +25,8 @@ class ServerConfig:
     """Sequences that may wait for a slot; beyond that, requests get 429."""
     prefill_chunk: int = 512
     """Most prompt tokens per engine step, so a long prompt never stalls running decodes for long."""
+    max_body_bytes: int = 4 * 2**20
+    """Largest request body accepted; a larger one gets 413 before it is read in full."""
     shutdown_grace_s: float = 30.0
     """On SIGTERM: how long in-flight requests may run on before they are ended (finish_reason abort)."""
     log_level: str = "info"
@@ -33,3 +35,5 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("the API key is empty, which would turn authentication off; give a key or None.")
+        if self.max_body_bytes < 1:
+            raise ConfigError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}.")

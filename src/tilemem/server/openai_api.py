@@ -23,7 +23,14 @@ from tilemem.engine.sampling import SamplingParams
 from tilemem.engine.sequence import Sequence
 from tilemem.errors import RequestError
 from tilemem.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_body
-from tilemem.server.worker import EngineWorker, QueueFullError, RequestHandle, ShuttingDownError, TokenDelta
+from tilemem.server.worker import (
+    EngineWorker,
+    QueueFullError,
+    RequestHandle,
+    RequestTooLargeError,
+    ShuttingDownError,
+    TokenDelta,
+)
 
 
 @dataclass
@@ -62,18 +69,32 @@ class OpenAIService:
 
     async def completions(self, request: Request):
         """`POST /v1/completions`."""
-        req: CompletionRequest = parse_body(await request.body(), CompletionRequest)
-        self._check_model(req.model)
-        prompts = req.prompts()
-        logprobs = req.logprobs
-        seqs = self._sequences(prompts, req, req.max_tokens or 16, logprobs, "prompt")
-        echo = [self._prompt_text(p) for p in prompts] if req.echo else None
+        raw = await request.body()
+        # Parsing and tokenizing a large body takes a while: off the event loop, so other requests
+        # (and /health) are answered meanwhile.
+        req, seqs, echo = await asyncio.to_thread(self._prepare_completion, raw)
         return await self._respond(request, req, seqs, "text_completion", "cmpl", echo=echo)
 
     async def chat(self, request: Request):
         """`POST /v1/chat/completions`."""
-        req: ChatCompletionRequest = parse_body(await request.body(), ChatCompletionRequest)
+        raw = await request.body()
+        req, seqs = await asyncio.to_thread(self._prepare_chat, raw)  # off the event loop, as above
+        return await self._respond(request, req, seqs, "chat.completion", "chatcmpl")
+
+    # -- requests -> sequences (on a worker thread) --------------------------------------------------------
+    def _prepare_completion(self, raw: bytes) -> tuple[CompletionRequest, list[tuple[int, Sequence]], list | None]:
+        req: CompletionRequest = parse_body(raw, CompletionRequest)
         self._check_model(req.model)
+        prompts = req.prompts()
+        self._check_fits(len(prompts) * req.n, "n" if req.n > 1 else "prompt")
+        seqs = self._sequences(prompts, req, req.max_tokens or 16, req.logprobs, "prompt")
+        echo = [self._prompt_text(p) for p in prompts] if req.echo else None
+        return req, seqs, echo
+
+    def _prepare_chat(self, raw: bytes) -> tuple[ChatCompletionRequest, list[tuple[int, Sequence]]]:
+        req: ChatCompletionRequest = parse_body(raw, ChatCompletionRequest)
+        self._check_model(req.model)
+        self._check_fits(req.n, "n")
         if self.llm.tokenizer is None:
             raise APIError(400, "this checkpoint has no tokenizer, so it cannot chat; use /v1/completions.")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
@@ -85,9 +106,15 @@ class OpenAIService:
             raise APIError(400, f"the chat template rejected these messages: {exc}", param="messages") from exc
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         seqs = self._sequences([prompt], req, req.token_limit or self.llm.max_model_len, logprobs, "messages")
-        return await self._respond(request, req, seqs, "chat.completion", "chatcmpl")
+        return req, seqs
 
-    # -- requests -> sequences ----------------------------------------------------------------------------
+    def _check_fits(self, count: int, param: str) -> None:
+        """400 (not 429: retrying cannot help) for a request larger than the server's slots + queue."""
+        try:
+            self.worker.check_fits(count)
+        except RequestTooLargeError as exc:
+            raise APIError(400, str(exc), param=param, code="too_many_sequences") from exc
+
     def _check_model(self, name: str) -> None:
         if name != self.model_name:
             raise APIError(
@@ -98,7 +125,8 @@ class OpenAIService:
             )
 
     def _sequences(self, prompts, req, max_tokens: int, logprobs: int | None, param: str) -> list[tuple[int, Sequence]]:
-        """(prompt index, sequence) for every choice; 400 (naming `param`) for prompts that can never fit."""
+        """(prompt index, sequence) for every choice; 400 (naming `param`) for prompts that can never fit.
+        Each prompt is tokenized once; its other choices reuse the token ids."""
         out = []
         for pi, prompt in enumerate(prompts):
             for j in range(req.n):
@@ -120,6 +148,7 @@ class OpenAIService:
                 except RequestError as exc:
                     code = "context_length_exceeded" if "context" in str(exc) else None
                     raise APIError(400, str(exc), param=param, code=code) from exc
+                prompt = seq.prompt_ids  # tokenized and checked: the next choices reuse the ids
                 out.append((pi, seq))
         return out
 
@@ -131,6 +160,8 @@ class OpenAIService:
     def _submit(self, seqs: list[tuple[int, Sequence]]) -> RequestHandle:
         try:
             return self.worker.submit([s for _, s in seqs], asyncio.get_running_loop())
+        except RequestTooLargeError as exc:
+            raise APIError(400, str(exc), code="too_many_sequences") from exc
         except QueueFullError as exc:
             raise APIError(429, str(exc), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from exc
         except ShuttingDownError as exc:
@@ -150,6 +181,9 @@ class OpenAIService:
         failed = [c for c in choices if c.finish_reason == "error"]
         if failed:
             raise APIError(500, f"generation failed: {failed[0].error}", type="server_error", code="generation_failed")
+        cut = [c for c in choices if _ended_by_shutdown(c.finish_reason, c.error)]
+        if cut:  # not a 200 with empty text: say that the server stopped
+            raise _shutdown_error(cut[0].error)
         if echo is not None:
             for c in choices:
                 c.text = echo[c.prompt_index] + c.text
@@ -195,6 +229,11 @@ class OpenAIService:
                         yield "data: [DONE]\n\n"
                         done = True
                         return
+                    if _ended_by_shutdown(d.finish_reason, d.error):  # an error event, then the end
+                        yield _sse(_shutdown_error(d.error).body())
+                        yield "data: [DONE]\n\n"
+                        done = True
+                        return
                     chunk = fmt.delta_chunk(c, d)
                     if chunk is not None:
                         yield _sse(chunk)
@@ -205,6 +244,17 @@ class OpenAIService:
         finally:  # the client went away (or the server is stopping): free the KV-cache slots now
             if not done:
                 self.worker.abort(handle)
+
+
+def _ended_by_shutdown(finish_reason: str | None, error: str | None) -> bool:
+    """An abort that carries a reason comes from the server stopping (a client's cancel carries none)."""
+    return finish_reason == "abort" and error is not None
+
+
+def _shutdown_error(message: str | None) -> APIError:
+    return APIError(
+        503, message or "the server shut down.", "server_error", code="shutting_down", headers={"Retry-After": "5"}
+    )
 
 
 def _apply(choice: Choice, d: TokenDelta) -> int:

@@ -37,6 +37,10 @@ class ShuttingDownError(Exception):
     """The server is draining for shutdown and takes no new requests."""
 
 
+class RequestTooLargeError(Exception):
+    """One request has more sequences than the server can ever hold at once (slots + queue)."""
+
+
 @dataclass(frozen=True)
 class TokenDelta:
     """One new token of one choice (or that choice's end)."""
@@ -54,7 +58,8 @@ class TokenDelta:
     finish_reason: str | None = None
     """Set on a choice's last delta: stop, length, abort or error."""
     error: str | None = None
-    """What went wrong, when finish_reason is error."""
+    """What went wrong, when finish_reason is error; for abort, set when the server ended the choice
+    because it shut down (unset when the request was cancelled by its client)."""
 
 
 @dataclass
@@ -103,6 +108,7 @@ class EngineWorker:
         self.handles: dict[str, tuple[RequestHandle, int]] = {}  # engine thread only
         self.draining = False
         self.drain_deadline: float | None = None
+        self.drain_grace_s: float | None = None
         self.stopped = threading.Event()
         self.failed: str | None = None
         self.thread = threading.Thread(target=self._run, name="tilemem-engine", daemon=True)
@@ -113,8 +119,24 @@ class EngineWorker:
         self.thread.start()
         return self
 
+    @property
+    def capacity(self) -> int:
+        """Most sequences the server holds at once: KV-cache slots plus the queue."""
+        return self.slots + self.max_queue
+
+    def check_fits(self, count: int) -> None:
+        """Raise RequestTooLargeError when one request of `count` sequences could never be queued."""
+        if count > self.capacity:
+            raise RequestTooLargeError(
+                f"this request needs {count} sequences (one per prompt and choice: prompts x n), but the server "
+                f"holds at most {self.capacity} at once ({self.slots} KV-cache slots + {self.max_queue} waiting), "
+                "so it can never be served; send fewer prompts or a smaller n per request, or start the server "
+                "with a larger --max-queue."
+            )
+
     def submit(self, seqs: list[Sequence], loop: asyncio.AbstractEventLoop) -> RequestHandle:
-        """Queue a request's sequences; raises QueueFullError or ShuttingDownError."""
+        """Queue a request's sequences; raises RequestTooLargeError, QueueFullError or ShuttingDownError."""
+        self.check_fits(len(seqs))
         with self.lock:
             if self.draining or self.stopped.is_set():
                 raise ShuttingDownError("the server is shutting down and takes no new requests.")
@@ -138,6 +160,7 @@ class EngineWorker:
         """Take no new requests; let running ones finish for `grace_s` seconds, then end them ("abort")."""
         with self.lock:
             self.draining = True
+            self.drain_grace_s = grace_s
         self.inbox.put(("drain", time.monotonic() + grace_s))
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -156,7 +179,7 @@ class EngineWorker:
         try:
             while self._apply_commands(block=not self.engine.has_work()):
                 if self.drain_deadline is not None and time.monotonic() >= self.drain_deadline:
-                    self._end_all("abort", None)
+                    self._end_all("abort", self._shutdown_message())
                 if self.engine.has_work():
                     try:
                         self._step()
@@ -171,9 +194,14 @@ class EngineWorker:
         finally:
             with self.lock:
                 self.draining = True
-            self._end_all("abort", None)
+            self._end_all("abort", self._shutdown_message())
             self._reject_queued()
             self.stopped.set()
+
+    def _shutdown_message(self) -> str:
+        """Why a request in flight is ended at shutdown."""
+        waited = f" (in-flight requests got --shutdown-grace {self.drain_grace_s:g} s)" if self.drain_grace_s else ""
+        return f"the server shut down before this request finished{waited}; retry it once the server is back."
 
     def _reject_queued(self) -> None:
         """On exit: end requests still in the inbox, so that no handler waits forever."""
@@ -185,7 +213,8 @@ class EngineWorker:
             if cmd == "add":
                 with self.lock:
                     self.outstanding -= len(arg.seqs)
-                arg.push([TokenDelta(i, None, "", finish_reason="abort") for i in range(len(arg.seqs))])
+                error = self._shutdown_message()
+                arg.push([TokenDelta(i, None, "", finish_reason="abort", error=error) for i in range(len(arg.seqs))])
 
     def _apply_commands(self, block: bool) -> bool:
         """Apply queued commands (waiting for one when idle); False once told to stop."""
