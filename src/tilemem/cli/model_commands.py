@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from tilemem.cli.engine_flags import add_engine_args, engine_args_from_namespace
 from tilemem.engine.sampling import SamplingParams
 
 
@@ -61,32 +62,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--decode-tokens", type=int, default=32)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--tile-size", type=int, default=128)
-    p.add_argument("--store", default=None)
+    add_engine_args(p, include=("threads", "tile", "store"), defaults={"threads": 2})
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="synthesize the demo model (if needed), generate, print stats")
     p.add_argument("--dir", default="checkpoints/demo-small", help="where the demo checkpoint lives")
-    p.add_argument("--threads", type=int, default=None)
+    add_engine_args(p, include=("threads",))
     p.set_defaults(func=cmd_demo)
 
 
-def add_weight_codec_arg(p: argparse.ArgumentParser) -> None:
-    """--weight-codec, for commands that load an LLM."""
-    from tilemem.engine.llm import WEIGHT_CODECS
-
-    p.add_argument(
-        "--weight-codec",
-        default="x12",
-        choices=WEIGHT_CODECS,
-        help="how the all-resident CPU engine keeps the weights decode streams: x12 (12 bits per weight, "
-        "lossless, the default) or none (bf16 as loaded)",
-    )
-
-
 def add_generation_args(p: argparse.ArgumentParser) -> None:
-    """Prompt, sampling and engine options shared by generate-like commands."""
+    """Prompt and sampling options of generate-like commands, and the engine flags (from EngineArgs)."""
     p.add_argument("--prompt", default="def fibonacci(n):", help="prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -95,24 +81,8 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: the checkpoint's)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when --budget gives cuda a share)")
-    add_weight_codec_arg(p)
     p.add_argument("--stats", action="store_true", help="print throughput, memory and tier counters")
-    p.add_argument("--plan", default=None, help="plan directory from `tilemem plan`")
-    p.add_argument("--budget", default=None, help="tier budgets, e.g. cpu=4GiB (rest on disk)")
-    p.add_argument("--policy", default="tilepo_fine", help="placement policy used with --budget")
-    p.add_argument("--profile", default=None, help="profile.json guiding the plan")
-    p.add_argument("--store", default=None, help="tile store (default: beside the checkpoint, built if missing)")
-    p.add_argument("--tile-size", type=int, default=128, help="tile size for --budget plans")
-    p.add_argument("--cache-policy", default="lfu", help="lru, lfu or profile")
-    p.add_argument(
-        "--no-prefetch", action="store_true", help="disable next-layer prefetch (default: on while it is used)"
-    )
-    p.add_argument("--spec", default=None, help="speculative decoding: ngram, mtp or draft:PATH")
-    p.add_argument("--num-draft", type=int, default=4, help="draft tokens per speculative step (k)")
-    p.add_argument("--async-planning", action="store_true", help="re-plan from live routing in the background")
+    add_engine_args(p, exclude=("max_batch",))
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -230,6 +200,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     def split(text: str) -> tuple[str, ...]:
         return tuple(x.strip() for x in text.split(",") if x.strip())
 
+    engine = engine_args_from_namespace(args)  # range-checks --threads, --tile-size
     spec = BenchSpec(
         model=args.model,
         out=args.out,
@@ -240,9 +211,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         prompt_tokens=args.prompt_tokens,
         decode_tokens=args.decode_tokens,
-        threads=args.threads,
-        tile=args.tile_size,
-        store=args.store,
+        threads=engine.threads,
+        tile=engine.tile,
+        store=engine.store,
     )
     evidence = run_bench(spec)
     gate = evidence["gate"]
@@ -256,32 +227,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def llm_from_args(args: argparse.Namespace, **extra):
-    """An LLM for generate-like commands (and serve, with `extra` LLM options): all resident, or tiered
-    with --plan / --budget; runtime flags where the command has them."""
+    """An LLM for generate-like commands: the EngineArgs of their flags (`extra` wins), all resident or
+    tiered with --plan / --budget."""
     from tilemem.engine.llm import LLM
-    from tilemem.runtime.tiered import TieredConfig
 
-    runtime = None
-    if hasattr(args, "cache_policy"):
-        runtime = TieredConfig(cache_policy=args.cache_policy, prefetch=False if args.no_prefetch else "auto")
-    return LLM(
-        args.model,
-        dtype=args.dtype,
-        threads=args.threads,
-        plan=args.plan,
-        budget=args.budget,
-        policy=args.policy,
-        profile=args.profile,
-        store=args.store,
-        tile=args.tile_size,
-        runtime=runtime,
-        speculative=args.spec,
-        num_draft=args.num_draft,
-        async_planning=args.async_planning,
-        device=args.device,
-        weight_codec=args.weight_codec,
-        **extra,
-    )
+    return LLM.from_args(engine_args_from_namespace(args, **extra))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -8,20 +8,18 @@ for delta in llm.stream("Hello", SamplingParams(max_tokens=32)): print(delta, en
 from __future__ import annotations
 
 import copy
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import torch
-
+from tilemem.engine.args import EngineArgs
+from tilemem.engine.build import build_engine
 from tilemem.engine.engine import Engine
 from tilemem.engine.sampling import SamplingParams, make_generator
 from tilemem.engine.sequence import Sequence
-from tilemem.engine.tokenizer import TextTokenizer
-from tilemem.errors import ConfigError, RequestError
-from tilemem.loader.checkpoint import Checkpoint, load_model, require_device
+from tilemem.errors import RequestError
 
 Prompt = str | list[int]
 
@@ -97,9 +95,6 @@ class GenerationStats:
         return text
 
 
-WEIGHT_CODECS = ("x12", "none")
-
-
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process (VmHWM; ru_maxrss would inherit a parent's peak)."""
     try:
@@ -113,132 +108,52 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def device_for(plan, device: str | None) -> str:
-    """The compute device: `device` if given (checked), else `cuda` when `plan` has a GPU tier."""
-    gpu_tier = plan is not None and any(u.tier == "cuda" and (u.capacity or 0) > 0 for u in plan.tiers)
-    if device is None:
-        device = "cuda" if gpu_tier else "cpu"
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ConfigError(f"unknown device '{device}'; use 'cpu' or 'cuda'.")
-    require_device(device)  # before loading anything
-    if gpu_tier and not device.startswith("cuda"):
-        raise ConfigError("the plan computes tiles on 'cuda', so the model must run there; drop device='cpu'.")
-    return device
-
-
 class LLM:
     """A loaded model with its tokenizer, ready to generate."""
 
-    def __init__(
-        self,
-        path: str | Path,
-        dtype: str | torch.dtype | None = None,
-        threads: int | None = None,
-        max_batch: int = 8,
-        max_model_len: int | None = None,
-        prefill_chunk: int = 4096,
-        plan=None,
-        budget: str | None = None,
-        policy: str = "tilepo_fine",
-        profile=None,
-        store: str | Path | None = None,
-        tile: int = 128,
-        runtime=None,
-        async_planning: bool = False,
-        replan_interval_s: float = 2.0,
-        speculative: str | None = None,
-        num_draft: int = 4,
-        device: str | None = None,
-        weight_codec: str = "x12",
-    ) -> None:
-        """Load `path`. With `plan` (a Plan or plan directory) or `budget` (+ `policy`, `profile`), routed
-        experts follow the plan through the tiered runtime (`runtime`: a TieredConfig); else all resident.
+    def __init__(self, path: str | Path, **kwargs: Any) -> None:
+        """Load `path`; `kwargs` are `EngineArgs` fields (dtype, threads, max_batch, plan, budget, policy,
+        speculative, weight_codec, ...; see `tilemem.engine.args.EngineArgs`), checked before anything loads.
 
-        `device`: where the non-expert weights live and activations flow, `cpu` or `cuda`. None means
-        `cuda` when the plan gives the GPU a budget (`--budget cuda=20GiB,cpu=32GiB`), else `cpu`.
-
-        `weight_codec`: how the all-resident CPU engine keeps the weights a decode step streams (routed
-        experts, attention projections, LM head): "x12" (12 bits per weight, losslessly: every weight
-        decodes to its bf16 bits, and decode reads 25% fewer bytes) or "none" (bf16, as loaded). x12
-        applies to bf16 weights mapped from the checkpoint (`MoECausalLM.prepare_weights`).
-
-        `prefill_chunk`: most prompt tokens one forward pass takes, over all prompts (vLLM's
-        max_num_batched_tokens). Offline generation wants it large: every pass reads each routed
-        expert's weights once, and more tokens per expert run its GEMM closer to peak (4 prompts of 256
-        tokens in one pass prefill ~4% faster than in two of 512 on the olmoe-1b-7b shape). The server
+        With `plan` (a Plan or plan directory) or `budget` (+ `policy`, `profile`), routed experts follow
+        the plan through the tiered runtime; else all resident. `prefill_chunk` (default 4096): offline
+        generation wants it large, since every pass reads each routed expert's weights once; the server
         keeps its own, smaller one (`--prefill-chunk`), so that prompts do not stall decoding rows."""
-        if weight_codec not in WEIGHT_CODECS:
-            raise ConfigError(f"weight_codec must be one of {', '.join(WEIGHT_CODECS)} (got {weight_codec!r}).")
-        if prefill_chunk < 1:
-            raise ConfigError(f"prefill_chunk must be at least 1 token (got {prefill_chunk}).")
-        if threads:
-            torch.set_num_threads(threads)
-        self.path = Path(path)
-        self.checkpoint = Checkpoint.open(self.path)
-        self.config = self.checkpoint.config
-        self.max_model_len = min(max_model_len or 4096, self.config.max_position_embeddings)
-        self.plan = self._resolve_plan(plan, budget, policy, profile, tile, dtype)
-        skip = None
-        if self.plan is not None:  # FFN weights come from the tile store, where the plan puts them
-            from tilemem.models.topology import is_ffn_weight as skip
-        self.device = device_for(self.plan, device)
-        self.model, _ = load_model(
-            self.checkpoint, dtype, max_positions=self.max_model_len, skip=skip, device=self.device,
-            lazy_x12=self._encodes_x12(weight_codec, dtype),  # read once, to be encoded: not worth mapping first
-        )  # fmt: skip
-        self.tiered = None
-        if self.plan is None:
-            self.model.prepare_weights(weight_codec)
-        if self.plan is not None:
-            from tilemem.runtime.setup import attach_tiered, load_profile
+        self._setup(EngineArgs(model=path, **kwargs))
 
-            prof = load_profile(profile, self.plan.topology) if profile is not None else None
-            self.tiered = attach_tiered(self.model, self.checkpoint, self.plan, store, runtime, prof)
-        self.replanner = None
-        if async_planning and self.tiered is not None:
-            from tilemem.runtime.setup import start_async_planning
+    @classmethod
+    def from_args(cls, args: EngineArgs) -> LLM:
+        """An LLM built from `args`."""
+        llm = cls.__new__(cls)
+        llm._setup(args)
+        return llm
 
-            self.replanner = start_async_planning(self.tiered, self.plan, replan_interval_s)
-        self.tokenizer = TextTokenizer(self.path) if (self.path / "tokenizer.json").exists() else None
-        gen_file = self.path / "generation_config.json"
-        self.generation_config = json.loads(gen_file.read_text()) if gen_file.exists() else {}
-        eos = self.generation_config.get("eos_token_id", list(self.config.eos_token_ids))
-        self.eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
-        self.max_batch = max_batch
-        self.prefill_chunk = prefill_chunk
-        self.speculative = speculative
-        self.num_draft = num_draft
-        if speculative == "mtp" and getattr(self.model, "mtp", None) is None:
-            from tilemem.speculative.drafters import MTPDrafter
-
-            MTPDrafter(self.model)  # raises the clear "no MTP layers" error now, not at the first request
+    def _setup(self, args: EngineArgs) -> None:
+        self.args = args
+        self.parts = parts = build_engine(args)
+        self.path = parts.path
+        self.checkpoint = parts.checkpoint
+        self.config = parts.config
+        self.max_model_len = parts.max_model_len
+        self.plan = parts.plan
+        self.device = parts.device
+        self.model = parts.model
+        self.tiered = parts.tiered
+        self.tokenizer = parts.tokenizer
+        self.generation_config = parts.generation_config
+        self.eos_ids = parts.eos_ids
+        self.max_batch = args.max_batch
+        self.prefill_chunk = args.prefill_chunk
+        self.speculative = args.speculative
+        self.num_draft = args.num_draft
         self.speculator = None
-        self._dtype = dtype
         self._engine: Engine | None = None
         self._last_stats: GenerationStats | None = None
 
-    def _encodes_x12(self, codec: str, dtype) -> bool:
-        """Whether loading will encode weights as x12 (`MoECausalLM.prepare_weights`): all resident, bf16
-        weights kept in the checkpoint's dtype, on the CPU with the native kernels."""
-        from tilemem import kernels
-        from tilemem.loader.checkpoint import DTYPE_NAMES, parse_dtype
-
-        cfg = self.config
-        target = parse_dtype(dtype, cfg.torch_dtype if cfg.torch_dtype in DTYPE_NAMES else "bfloat16")
-        on_cpu = self.plan is None and self.device == "cpu" and kernels.available()
-        stored = DTYPE_NAMES.get(cfg.torch_dtype)  # what config.json declares the shards hold
-        return codec == "x12" and on_cpu and target == stored == torch.bfloat16
-
-    def _resolve_plan(self, plan, budget, policy, profile, tile, dtype):
-        if plan is None and budget is None:
-            return None
-        from tilemem.placement.plan import Plan
-        from tilemem.runtime.setup import make_plan
-
-        if plan is not None:
-            return plan if isinstance(plan, Plan) else Plan.load(plan)
-        dtype_name = None if dtype is None else str(dtype).replace("torch.", "")
-        return make_plan(self.checkpoint, budget, policy, profile, tile, dtype=dtype_name)
+    @property
+    def replanner(self):
+        """The AsyncReplanner when async planning runs, else None."""
+        return self.parts.replanner
 
     # -- engine --------------------------------------------------------------------------------
     def engine(self, slots: int | None = None, length: int | None = None) -> Engine:
@@ -250,15 +165,8 @@ class LLM:
         eng = self._engine
         if eng is None or eng.cache.slots < slots or eng.cache.length < length:
             self._engine = None  # free the old cache first
-            eng = self._engine = Engine(
-                self.model, self.tokenizer, self.eos_ids, slots, length, self.prefill_chunk, runtime=self.tiered
-            )
-            if self.speculative:
-                from tilemem.speculative.drafters import make_drafter
-                from tilemem.speculative.speculator import Speculator
-
-                drafter = make_drafter(self.speculative, self.model, slots, length, self._dtype)
-                self.speculator = eng.speculator = Speculator(drafter, self.num_draft)
+            eng = self._engine = self.parts.engine(slots, length)
+            self.speculator = eng.speculator
         return eng
 
     def _sequence(self, prompt: Prompt, params: SamplingParams) -> Sequence:
@@ -335,11 +243,7 @@ class LLM:
 
     def close(self) -> None:
         """Stop async planning and the tile I/O threads, close the tile store."""
-        if self.replanner is not None:
-            self.replanner.stop()
-            self.replanner = None
-        if self.tiered is not None:
-            self.tiered.close()
+        self.parts.close()
 
     def __enter__(self) -> LLM:
         return self

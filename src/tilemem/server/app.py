@@ -18,8 +18,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tilemem.engine.engine import Engine
-from tilemem.server.body_limit import BodyLimitMiddleware
+from tilemem.engine.args import EngineArgs
+from tilemem.engine.llm import LLM
 from tilemem.server.config import ServerConfig
 from tilemem.server.metrics import ServerMetrics
 from tilemem.server.openai_api import OpenAIService
@@ -44,26 +44,13 @@ ENDPOINTS = (
 class ServerState:
     """Everything one server instance owns (no module-level state)."""
 
-    def __init__(self, llm, config: ServerConfig) -> None:
+    def __init__(self, llm: LLM, config: ServerConfig) -> None:
         self.llm = llm
         self.config = config
         self.model_name = config.model_name or llm.path.name
-        # A dedicated engine (KV cache) for the server; the LLM must not generate while it serves.
-        engine = Engine(
-            llm.model,
-            llm.tokenizer,
-            llm.eos_ids,
-            config.max_batch,
-            llm.max_model_len,
-            prefill_chunk=config.prefill_chunk,
-            runtime=llm.tiered,
-        )
-        if llm.speculative:  # speculative decode steps in the server's engine too
-            from tilemem.speculative.drafters import make_drafter
-            from tilemem.speculative.speculator import Speculator
-
-            drafter = make_drafter(llm.speculative, llm.model, config.max_batch, llm.max_model_len)
-            engine.speculator = Speculator(drafter, llm.num_draft)
+        # A dedicated engine (KV cache) for the server, built as every engine is (`build_engine`), the
+        # speculator and its draft model included; the LLM must not generate while it serves.
+        engine = llm.parts.engine(config.max_batch, llm.max_model_len, config.prefill_chunk)
         self.engine = engine
         self.view = PlacementView(llm, self.model_name)
         self.metrics = ServerMetrics(lambda: self.worker.queue_depth(), llm.tiered)
@@ -137,9 +124,12 @@ class GuardMiddleware:
         return False
 
 
-def create_app(llm, config: ServerConfig | None = None) -> FastAPI:
-    """The ASGI app serving `llm`; its engine thread starts and stops with the app's lifespan."""
+def create_app(llm: LLM | EngineArgs, config: ServerConfig | None = None) -> FastAPI:
+    """The ASGI app serving `llm` (an LLM, or the EngineArgs to build one from); its engine thread starts
+    and stops with the app's lifespan."""
     config = config or ServerConfig()
+    if isinstance(llm, EngineArgs):
+        llm = LLM.from_args(llm)
     state = ServerState(llm, config)
 
     @asynccontextmanager
@@ -152,8 +142,7 @@ def create_app(llm, config: ServerConfig | None = None) -> FastAPI:
 
     app = FastAPI(title="TileMEM", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.tilemem = state
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
-    app.add_middleware(GuardMiddleware, state=state)  # added last: runs first (auth before reading bodies)
+    app.add_middleware(GuardMiddleware, state=state)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:

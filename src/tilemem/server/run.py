@@ -42,7 +42,8 @@ def _uvicorn_config(app, config: ServerConfig, sock_port: int | None = None) -> 
 
 
 def serve(llm, config: ServerConfig) -> None:
-    """Serve `llm` until SIGTERM / Ctrl-C, then shut down gracefully."""
+    """Serve `llm` (an LLM, or the EngineArgs to build one from) until SIGTERM / Ctrl-C, then shut down
+    gracefully."""
     app = create_app(llm, config)
     worker = app.state.tilemem.worker
     server = DrainingServer(_uvicorn_config(app, config), lambda: worker.drain(config.shutdown_grace_s))

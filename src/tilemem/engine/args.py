@@ -1,0 +1,204 @@
+"""`EngineArgs`: everything that builds an engine, in one frozen dataclass.
+
+`LLM(path, **kwargs)`, `tilemem generate/serve/bench` and the server all build from it: the CLI flags are
+generated from its fields (`tilemem.cli.engine_flags`), and every range and choice is checked here, once.
+
+args = EngineArgs("ckpt/", dtype="bf16", threads=2, budget="cpu=4GiB")
+llm = LLM.from_args(args)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from tilemem.errors import ConfigError
+
+WEIGHT_CODECS = ("x12", "none")
+"""How the all-resident CPU engine keeps the weights decode streams."""
+SPECULATIVE_KINDS = ("ngram", "mtp", "draft:PATH")
+"""What `speculative` accepts."""
+
+
+def _dtype_names() -> tuple[str, ...]:
+    from tilemem.loader.checkpoint import DTYPE_NAMES
+
+    return tuple(DTYPE_NAMES)
+
+
+def _policy_names() -> tuple[str, ...]:
+    from tilemem.placement.policies import policy_names
+
+    return (*policy_names(), "auto")
+
+
+def _cache_policies() -> tuple[str, ...]:
+    from tilemem.runtime.tile_cache import POLICIES
+
+    return tuple(POLICIES)
+
+
+def arg(default: Any, help: str, flag: str | None = None, **extra: Any) -> Any:
+    """A field whose metadata drives its CLI flag: `flag` (None: derived from the name, "" for none),
+    `help`, and optionally `choices` (a tuple or a callable giving one), `minimum` / `above` (range),
+    `unit` (for messages), `action`, `const`, `argparse_choices` (let argparse refuse a bad choice), `metavar`."""
+    return field(default=default, metadata={"help": help, "flag": flag, **extra})
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """How to load a checkpoint and run it: precision, threads, batching, placement, speculation."""
+
+    model: str | Path = arg(None, "checkpoint directory", flag="")
+    """Hugging Face checkpoint directory (positional on the command line)."""
+    dtype: str | Any | None = arg(None, "bf16, fp16 or fp32 (default: the checkpoint's)", choices=_dtype_names)
+    """Compute dtype: a name (bf16, fp16, fp32 and long forms) or a torch.dtype; None: the checkpoint's."""
+    threads: int | None = arg(None, "torch threads (default: torch's)", minimum=1, unit=" thread")
+    """Torch intra-op threads; None leaves torch's setting alone."""
+    max_batch: int = arg(8, "sequences decoded together (KV-cache slots)", minimum=1, unit=" sequence")
+    """Most sequences decoded together (KV-cache slots)."""
+    max_model_len: int | None = arg(None, "context length (default: the model's, <= 4096)", minimum=1, unit=" token")
+    """Context length in tokens; None: the model's, at most 4096."""
+    prefill_chunk: int = arg(4096, "most prompt tokens per engine step", minimum=1, unit=" token")
+    """Most prompt tokens one forward pass takes, over all prompts (vLLM's max_num_batched_tokens)."""
+    plan: Any = arg(None, "plan directory from `tilemem plan`")
+    """A Plan or a plan directory; routed experts then follow it through the tiered runtime."""
+    budget: str | None = arg(None, "tier budgets, e.g. cpu=4GiB (rest on disk)")
+    """Tier budgets to plan for (e.g. `cpu=4GiB`, `auto`); exclusive with `plan`."""
+    policy: str = arg("tilepo_fine", "placement policy used with --budget", choices=_policy_names)
+    """Placement policy used with `budget` (any registered policy, or `auto`)."""
+    profile: Any = arg(None, "profile.json guiding the plan")
+    """A Profile or a profile.json guiding the plan (None: uniform routing)."""
+    store: str | Path | None = arg(None, "tile store (default: beside the checkpoint, built if missing)")
+    """Tile store directory (None: beside the checkpoint, converted when missing)."""
+    tile: int = arg(128, "tile size for --budget plans (neurons)", flag="--tile-size", minimum=1, unit=" neuron")
+    """Neurons per tile for plans made from `budget`."""
+    cache_policy: str = arg("lfu", "tile cache eviction: lru, lfu or profile", choices=_cache_policies)
+    """Tiered runtime: eviction policy of the DRAM tile cache."""
+    prefetch: bool | str | None = arg(
+        None,
+        "disable next-layer prefetch (default: on while it is used)",
+        flag="--no-prefetch",
+        action="store_const",
+        const=False,
+        choices=(None, True, False, "auto"),
+    )
+    """Tiered runtime: next-layer prefetch, True / False / "auto"; None: as the plan says ("auto" unless
+    the plan was compiled with prefetch off)."""
+    runtime: Any = arg(None, "", flag="")
+    """A full TieredConfig (Python API only); overrides `cache_policy` and `prefetch`."""
+    async_planning: bool = arg(False, "re-plan from live routing and migrate tiles", action="store_true")
+    """Re-solve the plan from live routing in the background and migrate tiles (needs a DRAM budget)."""
+    replan_interval_s: float = arg(
+        2.0, "seconds between background re-plans", flag="--replan-interval", above=0, unit=" s"
+    )
+    """Seconds between two re-plans of async planning."""
+    speculative: str | None = arg(None, "speculative decoding: ngram, mtp or draft:PATH", flag="--spec")
+    """Speculative decoding: `ngram`, `mtp` or `draft:PATH` (a draft checkpoint, loaded with `dtype`)."""
+    num_draft: int = arg(4, "draft tokens per speculative step (k)", minimum=1, unit=" token")
+    """Draft tokens proposed per speculative step (k)."""
+    device: str | None = arg(None, "cpu or cuda (default: cuda when --budget gives cuda a share)")
+    """Where non-expert weights live and activations flow: cpu, cuda or cuda:N; None: cuda when the
+    plan gives the GPU a budget, else cpu."""
+    weight_codec: str = arg(
+        "x12",
+        "how the all-resident CPU engine keeps the weights decode streams: x12 (12 bits per weight, "
+        "lossless, the default) or none (bf16 as loaded)",
+        choices=WEIGHT_CODECS,
+        argparse_choices=True,
+    )
+    """All-resident CPU engine: x12 (12 bits per weight, lossless) or none (bf16 as loaded)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- checks --------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check every range and choice; raise ConfigError naming the field, its flag, the bad value and
+        what is allowed."""
+        if self.model is None or str(self.model) == "":
+            raise ConfigError("EngineArgs needs a model: the checkpoint directory.")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            meta = f.metadata
+            if "minimum" in meta or "above" in meta:
+                _check_number(f.name, value, meta.get("minimum"), meta.get("above"), meta.get("unit", ""))
+            if "choices" in meta and not (f.name == "dtype" and not isinstance(value, str)):
+                _check_choice(f.name, value, meta["choices"])
+        if self.speculative is not None:
+            self._check_speculative()
+        if self.device is not None:
+            d = self.device
+            if not isinstance(d, str) or not (d in ("cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())):
+                raise ConfigError(f"unknown device '{d}'; use 'cpu' or 'cuda' (or 'cuda:N') with {flag_of('device')}.")
+        if self.plan is not None and self.budget is not None:
+            raise ConfigError("give either --plan or --budget (a plan, or a budget to plan for), not both.")
+
+    def _check_speculative(self) -> None:
+        spec = self.speculative
+        if spec in ("ngram", "mtp"):
+            return
+        if isinstance(spec, str) and spec.startswith("draft:") and spec[6:]:
+            return
+        raise ConfigError(
+            f"unknown speculative method {spec!r} ({flag_of('speculative')}); use one of "
+            f"{', '.join(SPECULATIVE_KINDS)}."
+        )
+
+    # -- derived -------------------------------------------------------------------------------
+    @property
+    def draft_model(self) -> str | None:
+        """The draft checkpoint of `speculative="draft:PATH"`, else None."""
+        spec = self.speculative
+        return spec[6:] if spec is not None and spec.startswith("draft:") else None
+
+    def tiered_config(self, plan_prefetch: bool = True):
+        """The tiered runtime's settings: `runtime` if given, else `cache_policy` and `prefetch`
+        (`plan_prefetch`: what the plan says when `prefetch` is None)."""
+        from tilemem.runtime.tiered import TieredConfig
+
+        if self.runtime is not None:
+            return self.runtime
+        prefetch = self.prefetch
+        if prefetch is None:
+            prefetch = "auto" if plan_prefetch else False
+        elif prefetch is True:
+            prefetch = "auto"
+        return TieredConfig(cache_policy=self.cache_policy, prefetch=prefetch)
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of EngineArgs field `name` (`--tile-size` for `tile`)."""
+    f = ENGINE_FIELDS[name]
+    return f.metadata.get("flag") or "--" + name.replace("_", "-")
+
+
+def allowed(choices: tuple | Callable[[], tuple]) -> tuple:
+    """A field's allowed values (its `choices` metadata, called when it is a callable)."""
+    return choices() if callable(choices) else choices
+
+
+def _check_number(name: str, value: Any, minimum: float | None, above: float | None, unit: str) -> None:
+    flag = flag_of(name)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{name} ({flag}) must be a number, got {value!r}.")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}{unit} ({flag}), got {value}.")
+    if above is not None and value <= above:
+        raise ConfigError(f"{name} must be greater than {above}{unit} ({flag}), got {value}.")
+
+
+def _check_choice(name: str, value: Any, choices: tuple | Callable[[], tuple]) -> None:
+    options = allowed(choices)
+    key = value.lower() if name == "dtype" and isinstance(value, str) else value
+    if key not in options:
+        shown = ", ".join(str(o) for o in options if o is not None)
+        raise ConfigError(f"{name} must be one of {shown} ({flag_of(name)}), got {value!r}.")
+
+
+ENGINE_FIELDS = {f.name: f for f in fields(EngineArgs)}
+"""EngineArgs fields by name."""

@@ -1,0 +1,170 @@
+"""`build_engine(args)`: the one way from `EngineArgs` to a running engine.
+
+Loads the checkpoint, makes the plan and the tiered runtime (when `plan` or `budget` is set), starts
+async planning, and hands back an `EngineParts` whose `engine(slots, length)` allocates an `Engine`
+with its speculator. `LLM`, the server, the CLI and the benchmarks all go through here.
+
+parts = build_engine(EngineArgs("ckpt/", dtype="bf16", budget="cpu=4GiB"))
+engine = parts.engine(slots=8, length=2048, prefill_chunk=512)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tilemem.engine.args import EngineArgs
+from tilemem.engine.engine import Engine
+from tilemem.engine.tokenizer import TextTokenizer
+from tilemem.errors import ConfigError
+from tilemem.loader.checkpoint import Checkpoint, load_model, require_device
+
+
+@dataclass
+class EngineParts:
+    """A loaded model and everything around it, ready to allocate engines (KV caches) from."""
+
+    args: EngineArgs
+    """What it was built from."""
+    path: Path
+    """Checkpoint directory."""
+    checkpoint: Checkpoint
+    """The opened checkpoint."""
+    model: Any
+    """The loaded MoECausalLM."""
+    device: str
+    """Where non-expert weights live and activations flow."""
+    max_model_len: int
+    """Context length: `args.max_model_len` (default 4096) capped at the model's."""
+    plan: Any = None
+    """The Plan routed experts follow, or None (all resident)."""
+    tiered: Any = None
+    """The TieredExperts executor when a plan is set."""
+    replanner: Any = None
+    """The AsyncReplanner when async planning runs."""
+    tokenizer: TextTokenizer | None = None
+    """The checkpoint's tokenizer (None without tokenizer.json)."""
+    generation_config: dict = field(default_factory=dict)
+    """generation_config.json, if any."""
+    eos_ids: tuple[int, ...] = ()
+    """End-of-sequence token ids."""
+
+    @property
+    def config(self):
+        """The checkpoint's ModelConfig."""
+        return self.checkpoint.config
+
+    def engine(self, slots: int | None = None, length: int | None = None, prefill_chunk: int | None = None) -> Engine:
+        """A new Engine with `slots` KV-cache rows of `length` tokens (defaults: the args'), and the
+        speculator `args.speculative` asks for (its draft model loaded with `args.dtype`)."""
+        args = self.args
+        slots = slots or args.max_batch
+        length = length or self.max_model_len
+        eng = Engine(
+            self.model,
+            self.tokenizer,
+            self.eos_ids,
+            slots,
+            length,
+            prefill_chunk or args.prefill_chunk,
+            runtime=self.tiered,
+        )
+        if args.speculative:
+            from tilemem.speculative.drafters import make_drafter
+            from tilemem.speculative.speculator import Speculator
+
+            drafter = make_drafter(args.speculative, self.model, slots, length, args.dtype)
+            eng.speculator = Speculator(drafter, args.num_draft)
+        return eng
+
+    def close(self) -> None:
+        """Stop async planning and the tile I/O threads, close the tile store."""
+        if self.replanner is not None:
+            self.replanner.stop()
+            self.replanner = None
+        if self.tiered is not None:
+            self.tiered.close()
+
+
+def build_engine(args: EngineArgs) -> EngineParts:
+    """Load `args.model` and wire up placement as `args` says (see EngineParts)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ckpt = Checkpoint.open(args.model)
+    cfg = ckpt.config
+    max_model_len = min(args.max_model_len or 4096, cfg.max_position_embeddings)
+    plan = resolve_plan(args, ckpt)
+    skip = None
+    if plan is not None:  # FFN weights come from the tile store, where the plan puts them
+        from tilemem.models.topology import is_ffn_weight as skip
+    device = device_for(plan, args.device)
+    model, _ = load_model(
+        ckpt, args.dtype, max_positions=max_model_len, skip=skip, device=device,
+        lazy_x12=encodes_x12(args, cfg, plan, device),  # read once, to be encoded: not worth mapping first
+    )  # fmt: skip
+    parts = EngineParts(args, Path(args.model), ckpt, model, device, max_model_len, plan)
+    if plan is None:
+        model.prepare_weights(args.weight_codec)
+    else:
+        from tilemem.runtime.setup import attach_tiered, load_profile
+
+        prof = load_profile(args.profile, plan.topology) if args.profile is not None else None
+        runtime = args.tiered_config(plan_prefetch=plan.settings.get("prefetch", True))
+        parts.tiered = attach_tiered(model, ckpt, plan, args.store, runtime, prof)
+        if args.async_planning:
+            from tilemem.runtime.setup import start_async_planning
+
+            parts.replanner = start_async_planning(parts.tiered, plan, args.replan_interval_s)
+    path = parts.path
+    parts.tokenizer = TextTokenizer(path) if (path / "tokenizer.json").exists() else None
+    gen_file = path / "generation_config.json"
+    parts.generation_config = json.loads(gen_file.read_text()) if gen_file.exists() else {}
+    eos = parts.generation_config.get("eos_token_id", list(cfg.eos_token_ids))
+    parts.eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
+    if args.speculative == "mtp" and getattr(model, "mtp", None) is None:
+        from tilemem.speculative.drafters import MTPDrafter
+
+        MTPDrafter(model)  # raises the clear "no MTP layers" error now, not at the first request
+    return parts
+
+
+def resolve_plan(args: EngineArgs, ckpt: Checkpoint):
+    """The Plan of `args`: `args.plan` (a Plan or a plan directory), one made from `args.budget`, or None."""
+    if args.plan is None and args.budget is None:
+        return None
+    from tilemem.placement.plan import Plan
+    from tilemem.runtime.setup import make_plan
+
+    if args.plan is not None:
+        return args.plan if isinstance(args.plan, Plan) else Plan.load(args.plan)
+    dtype_name = None if args.dtype is None else str(args.dtype).replace("torch.", "")
+    return make_plan(ckpt, args.budget, args.policy, args.profile, args.tile, dtype=dtype_name)
+
+
+def device_for(plan, device: str | None) -> str:
+    """The compute device: `device` if given (checked), else `cuda` when `plan` has a GPU tier."""
+    gpu_tier = plan is not None and any(u.tier == "cuda" and (u.capacity or 0) > 0 for u in plan.tiers)
+    if device is None:
+        device = "cuda" if gpu_tier else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"unknown device '{device}'; use 'cpu' or 'cuda'.")
+    require_device(device)  # before loading anything
+    if gpu_tier and not device.startswith("cuda"):
+        raise ConfigError("the plan computes tiles on 'cuda', so the model must run there; drop device='cpu'.")
+    return device
+
+
+def encodes_x12(args: EngineArgs, cfg, plan, device: str) -> bool:
+    """Whether loading will encode weights as x12 (`MoECausalLM.prepare_weights`): all resident, bf16
+    weights kept in the checkpoint's dtype, on the CPU with the native kernels."""
+    from tilemem import kernels
+    from tilemem.loader.checkpoint import DTYPE_NAMES, parse_dtype
+
+    target = parse_dtype(args.dtype, cfg.torch_dtype if cfg.torch_dtype in DTYPE_NAMES else "bfloat16")
+    on_cpu = plan is None and device == "cpu" and kernels.available()
+    stored = DTYPE_NAMES.get(cfg.torch_dtype)  # what config.json declares the shards hold
+    return args.weight_codec == "x12" and on_cpu and target == stored == torch.bfloat16
