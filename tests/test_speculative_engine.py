@@ -137,3 +137,25 @@ def test_a_failing_speculative_row_fails_alone(llm):
     assert 3 <= len(bad.output_ids) < GREEDY.max_tokens
     assert [seqs[0].output_ids, seqs[2].output_ids] == [alone[0], alone[2]]
     assert sorted(eng.scheduler.free_slots) == [0, 1, 2, 3]
+
+
+def test_mtp_drafts_from_the_prefill_pass_hidden_states(make_ckpt, monkeypatch):
+    """The MTP drafter reads the hidden states of each prompt chunk from the engine's own pass (no second
+    prefill): after a chunked prefill its first drafts equal those drafted from a one-pass prompt."""
+    from tilemem.layers.kv_cache import ForwardContext
+
+    llm = LLM(make_ckpt("deepseek_v3", "fp32", mtp=True), dtype="fp32", speculative="mtp", num_draft=K, prefill_chunk=5)
+    eng = llm.engine()
+    prompt = [7, 42, 99, 13, 250, 8, 77, 301, 5, 64, 3, 9]
+    seq = llm._sequence(prompt, GREEDY)
+    eng.add(seq)
+    calls = count_forwards(monkeypatch, llm.model)
+    while seq.cached < len(prompt):
+        eng.step()
+    assert calls == [(1, 5), (1, 5), (1, 2)]  # the prompt's chunks, nothing else
+    monkeypatch.undo()
+    model = llm.model
+    ctx = ForwardContext.build(model.allocate_cache(1, 64), [0], [0], [len(prompt)])
+    _, hidden = model(torch.tensor([prompt]), ctx, return_hidden=True)  # [1, T, D]
+    following = torch.tensor([prompt[1:] + seq.output_ids[:1]])  # [1, T]
+    assert eng.speculator.drafter.propose(seq, K).tokens == model.mtp.draft(hidden, following, ctx, K)[0].tolist()
