@@ -6,17 +6,17 @@ import pytest
 
 from tilemem.models.topology import LayerTopology, Topology
 from tilemem.placement.budgets import Budgets
-from tilemem.placement.compiler import compile_spec
 from tilemem.placement.errors import PlanError, TmemSyntaxError
 from tilemem.placement.formats import tile_format
 from tilemem.placement.plan import Plan
 from tilemem.placement.planner import build_plan
 from tilemem.placement.policies import PlacementProblem
 from tilemem.placement.profile import Profile
-from tilemem.placement.spec import spec_from_dict
 from tilemem.placement.store_layout import ALIGNMENT
 from tilemem.placement.tiles import SHARED
-from tilemem.placement.tmem import format_tmem, load_tmem, parse_tmem
+from tilemem.sdk.compiler import compile_spec
+from tilemem.sdk.model_spec import spec_from_dict
+from tilemem.sdk.tmem import format_tmem, load_tmem, parse_tmem
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_tampered_artifacts_are_refused(plan, tmp_path):
 
 
 def test_manifest_records_everything_a_backend_needs(plan):
-    from tilemem.placement.mir import build_artifacts
+    from tilemem.artifacts.mir import build_artifacts
 
     _, manifest = build_artifacts(plan)
     t = manifest["tiles"][0]

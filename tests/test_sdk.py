@@ -36,10 +36,10 @@ def test_sdk_exports_the_seed_names():
 @pytest.mark.parametrize(
     "module",
     [
-        "tilemem.sdk",
-        "tilemem.placement.backends",
-        "tilemem.placement.checkpoint_names",
-        "tilemem.placement.tmem",
+        "tilemem.sdk.api",
+        "tilemem.sdk.backends",
+        "tilemem.sdk.checkpoint_names",
+        "tilemem.sdk.tmem",
         "tilemem.placement.profile",
         "tilemem.placement.policies",
     ],

@@ -59,8 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     """Run the workload on the checkpoint and write the profile."""
+    from tilemem.artifacts.report import profile_table
     from tilemem.placement.profile import Profile, merge_profiles
-    from tilemem.placement.report import profile_table
     from tilemem.tools.profiler import profile_checkpoint
     from tilemem.workloads import load_workload
 
@@ -115,10 +115,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     """Compile a model spec (.json) or plan config (.tmem) and write the artifacts."""
-    from tilemem.placement.compiler import compile_spec
-    from tilemem.placement.jsonio import read_json, write_json_atomic
-    from tilemem.placement.spec import spec_from_dict
-    from tilemem.placement.tmem import load_tmem
+    from tilemem.jsonio import read_json, write_json_atomic
+    from tilemem.sdk.compiler import compile_spec
+    from tilemem.sdk.model_spec import spec_from_dict
+    from tilemem.sdk.tmem import load_tmem
 
     path = Path(args.model_spec)
     if path.suffix == ".tmem":
@@ -138,7 +138,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def resolve_model(arg: str):
     """(ModelConfig, name) of a checkpoint directory, a config.json, or a real-shape preset name."""
-    from tilemem.placement.spec import preset_config, read_hf_config
+    from tilemem.sdk.model_spec import preset_config, read_hf_config
     from tilemem.synth.presets import REAL_SHAPES
 
     path = Path(arg)
@@ -173,7 +173,7 @@ def _dtype_name(name: str) -> str:
 
 
 def _write(plan, out: Path, heatmap: bool) -> int:
-    from tilemem.placement.report import plan_table
+    from tilemem.artifacts.report import plan_table
 
     paths = plan.save(out, heatmap=heatmap)
     print(plan_table(plan))

@@ -143,7 +143,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print()
         results.append(rec)
     if args.json:
-        from tilemem.placement.jsonio import write_json_atomic
+        from tilemem.jsonio import write_json_atomic
 
         write_json_atomic(args.json, {"hardware": hw.name, "model": name, "tables": [asdict(r) for r in results]})
         print(f"wrote {args.json}")
@@ -151,7 +151,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from tilemem.placement.jsonio import write_json_atomic
+    from tilemem.jsonio import write_json_atomic
     from tilemem.tmap.hardware import HardwareProfile
     from tilemem.tools.validate import validate
 

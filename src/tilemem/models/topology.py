@@ -21,6 +21,15 @@ DENSE = -2
 """Expert index standing for a dense layer's FFN."""
 
 
+def our_ffn_prefix(layer: int, expert: int) -> str:
+    """TileMEM module name of an FFN: routed expert, SHARED or DENSE."""
+    if expert == SHARED:
+        return f"model.layers.{layer}.mlp.shared_experts"
+    if expert == DENSE:
+        return f"model.layers.{layer}.mlp"
+    return f"model.layers.{layer}.mlp.experts.{expert}"
+
+
 @dataclass(frozen=True)
 class LayerTopology:
     """One decoder layer's FFN structure."""

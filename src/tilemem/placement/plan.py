@@ -182,19 +182,19 @@ class Plan:
     @property
     def checksum(self) -> str:
         """sha256 of the MIR (which covers the manifest): equal plans, equal checksums."""
-        from tilemem.placement.mir import build_artifacts
+        from tilemem.artifacts.mir import build_artifacts
 
         return build_artifacts(self)[0]["checksum"]
 
     def save(self, out_dir: str | Path, heatmap: bool = True) -> dict[str, Path]:
         """Write mir.json, manifest.json (and heatmap.png) atomically into `out_dir`."""
-        from tilemem.placement.mir import write_artifacts
+        from tilemem.artifacts.mir import write_artifacts
 
         return write_artifacts(self, out_dir, heatmap=heatmap)
 
     @classmethod
     def load(cls, out_dir: str | Path) -> Plan:
         """Read a plan directory, verifying both checksums."""
-        from tilemem.placement.mir import read_artifacts
+        from tilemem.artifacts.mir import read_artifacts
 
         return read_artifacts(out_dir)

@@ -15,9 +15,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from tilemem.jsonio import read_json, sha256_of, write_json_atomic
 from tilemem.models.topology import Topology
 from tilemem.placement.errors import ProfileError
-from tilemem.placement.jsonio import read_json, sha256_of, write_json_atomic
 
 PROFILE_SCHEMA = "tilemem_profile_v1"
 COACT_TOP = 64

@@ -30,8 +30,7 @@ from tqdm import tqdm
 from tilemem.errors import CheckpointError, TileMemError
 from tilemem.loader.checkpoint import Checkpoint
 from tilemem.loader.safetensors_file import DTYPES
-from tilemem.models.topology import Topology
-from tilemem.placement.checkpoint_names import our_ffn_prefix
+from tilemem.models.topology import Topology, our_ffn_prefix
 from tilemem.placement.tiles import DENSE, SHARED, always_active_ffns, ffn_width
 from tilemem.runtime.store_sources import STAT_CACHE, record_sources, stale_tensors, tensor_crc
 

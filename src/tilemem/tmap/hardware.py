@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tilemem.errors import ConfigError
-from tilemem.placement.jsonio import read_json, write_json_atomic
+from tilemem.jsonio import read_json, write_json_atomic
 
 HARDWARE_SCHEMA = "tilemem_hardware_v1"
 REFERENCE_DIR = Path(__file__).parent / "reference"

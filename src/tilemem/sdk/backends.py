@@ -16,10 +16,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from tilemem.artifacts.mir import BUILTIN_BACKEND, MANIFEST_FILE, Manifest
 from tilemem.errors import ConfigError
 from tilemem.placement.errors import PlanError
 from tilemem.placement.formats import FORMATS
-from tilemem.placement.mir import BUILTIN_BACKEND, MANIFEST_FILE, Manifest
 from tilemem.placement.tiles import GROUPS
 
 

@@ -18,7 +18,7 @@ from tilemem.placement.plan import Plan
 from tilemem.placement.planner import build_plan
 from tilemem.placement.policies import PlacementProblem
 from tilemem.placement.profile import Profile
-from tilemem.placement.spec import ModelSpec
+from tilemem.sdk.model_spec import ModelSpec
 
 DEFAULT_POLICY = "tilepo_fine"
 DEFAULT_TILE = 128

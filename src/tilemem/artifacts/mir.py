@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tilemem.jsonio import checksum_ok, read_json, with_checksum, write_json_atomic
 from tilemem.models.topology import LayerTopology, Topology
 from tilemem.placement.errors import PlanError
 from tilemem.placement.formats import tile_format
-from tilemem.placement.jsonio import checksum_ok, read_json, with_checksum, write_json_atomic
 from tilemem.placement.plan import NonExpertWeight, PlacedTile, Plan, TierUsage
 from tilemem.placement.store_layout import ALIGNMENT
 from tilemem.placement.tiles import expert_from_label, expert_label
@@ -104,7 +104,7 @@ def write_artifacts(plan: Plan, out_dir: str | Path, heatmap: bool = True) -> di
         "mir": write_json_atomic(out / MIR_FILE, mir),
     }
     if heatmap:
-        from tilemem.placement.heatmap import write_heatmap
+        from tilemem.artifacts.heatmap import write_heatmap
 
         paths["heatmap"] = write_heatmap(plan, out / HEATMAP_FILE)
     return paths

@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from tilemem.placement.jsonio import write_bytes_atomic
+from tilemem.jsonio import write_bytes_atomic
 from tilemem.placement.plan import Plan
 
 

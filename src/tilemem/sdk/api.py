@@ -7,8 +7,9 @@
     >>> compiled.mir.schema_version, len(compiled.handles)
     ('tilemem_mir_v1', 16)
 
-The implementation lives in `tilemem.placement` (and `tilemem.tmap` for `hardware_profile`); this
-module only gathers the public names.
+The implementation lives in the SDK's modules beside this one, in `tilemem.placement` (planning),
+`tilemem.artifacts` (MIR, manifest) and `tilemem.tmap` (`hardware_profile`); this module gathers the
+public names.
 """
 
 from __future__ import annotations
@@ -19,27 +20,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tilemem.artifacts.mir import Manifest, Mir, build_artifacts
+from tilemem.jsonio import write_json_atomic
 from tilemem.models.topology import Topology
-from tilemem.placement.backends import (
+from tilemem.placement.plan import Plan
+from tilemem.placement.policies import policy_names
+from tilemem.placement.profile import Profile, merge_profiles
+from tilemem.sdk.backends import (
     BackendCapability,
     BackendRegistry,
     TileHandle,
     build_tile_handles,
     register_backend,
 )
-from tilemem.placement.checkpoint_names import (
+from tilemem.sdk.checkpoint_names import (
     build_runtime_weight_aliases,
     checkpoint_weight_names,
     match_checkpoint_weights,
 )
-from tilemem.placement.compiler import compile_spec, spec_profile
-from tilemem.placement.jsonio import write_json_atomic
-from tilemem.placement.mir import Manifest, Mir, build_artifacts
-from tilemem.placement.plan import Plan
-from tilemem.placement.policies import policy_names
-from tilemem.placement.profile import Profile, merge_profiles
-from tilemem.placement.spec import ModelSpec, build_spec, parse_blocks, read_hf_config, spec_from_dict
-from tilemem.placement.tmem import format_tmem, load_tmem, parse_tmem
+from tilemem.sdk.compiler import compile_spec, spec_profile
+from tilemem.sdk.model_spec import ModelSpec, build_spec, parse_blocks, read_hf_config, spec_from_dict
+from tilemem.sdk.tmem import format_tmem, load_tmem, parse_tmem
 from tilemem.tmap import HardwareProfile, hardware_profile  # TMAP's seed-named entry point (`TM.hardware_profile`)
 
 __all__ = [
@@ -523,7 +524,7 @@ def predict_policy(
     from tilemem.tmap.recommend import recommend as _recommend
 
     if spec is None:
-        from tilemem.placement.spec import preset_config
+        from tilemem.sdk.model_spec import preset_config
 
         topology = Topology.from_config(preset_config("olmoe-1b-7b"))
     else:

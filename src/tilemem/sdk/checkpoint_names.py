@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from tilemem.errors import CheckpointError
-from tilemem.placement.tiles import DENSE, SHARED, expert_label
+from tilemem.models.topology import our_ffn_prefix
+from tilemem.placement.tiles import expert_label
 
 PROJECTIONS = {"gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
 
@@ -24,15 +25,6 @@ def _to_hub(family: str, name: str) -> str:
     from tilemem.models.registry import family_by_name
 
     return family_by_name(family).to_hub(name)
-
-
-def our_ffn_prefix(layer: int, expert: int) -> str:
-    """TileMEM module name of an FFN: routed expert, SHARED or DENSE."""
-    if expert == SHARED:
-        return f"model.layers.{layer}.mlp.shared_experts"
-    if expert == DENSE:
-        return f"model.layers.{layer}.mlp"
-    return f"model.layers.{layer}.mlp.experts.{expert}"
 
 
 def expert_tensor_names(family: str, layer: int, expert: int) -> dict[str, list[str]]:

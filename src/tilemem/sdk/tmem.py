@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tilemem.placement.errors import TmemSyntaxError
-from tilemem.placement.spec import BLOCKS, SCHEMA, ModelSpec, build_spec, coerce
+from tilemem.sdk.model_spec import BLOCKS, SCHEMA, ModelSpec, build_spec, coerce
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
