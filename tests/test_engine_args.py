@@ -197,14 +197,26 @@ def test_serve_rejects_bad_engine_flags(extra, expect, make_ckpt, capsys, monkey
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("extra", [["--threads", "0"], ["--tile-size", "-4"]])
-def test_bench_rejects_bad_engine_flags(extra, make_ckpt, capsys, monkeypatch, tmp_path):
+@pytest.mark.parametrize(
+    ("extra", "expect"),
+    [
+        (["--threads", "0"], "threads must be at least 1 thread (--threads), got 0"),
+        (["--tile-size", "-4"], "tile must be at least 1 neuron (--tile-size), got -4"),
+        (["--repeats", "0"], "repeats must be an integer >= 1 (--repeats), got 0"),
+        (["--decode-tokens", "0"], "decode_tokens must be an integer >= 1 (--decode-tokens), got 0"),
+        (["--prompt-tokens", "-1"], "prompt_tokens must be an integer >= 1 (--prompt-tokens), got -1"),
+        (["--policies", ","], "at least one entry in policies (--policies)"),
+    ],
+)
+def test_bench_rejects_bad_flags_before_running(extra, expect, make_ckpt, capsys, monkeypatch, tmp_path):
+    """`bench --repeats 0` used to run nothing and write a report; `--decode-tokens 0` failed after profiling."""
     import tilemem.bench.runner as runner
 
     monkeypatch.setattr(runner, "run_bench", lambda spec: pytest.fail("ran despite a bad flag"))
     code = main(["bench", str(make_ckpt("olmoe")), "--out", str(tmp_path / "b"), *extra])
     err = capsys.readouterr().err
-    assert code == 2 and "must be at least 1" in err and "Traceback" not in err
+    assert code == 2 and expect in err and "Traceback" not in err, err
+    assert not (tmp_path / "b").exists()
 
 
 # -- one build path: the server's draft model follows --dtype -----------------------------------------

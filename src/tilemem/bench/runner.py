@@ -61,6 +61,28 @@ class BenchSpec:
     """Share of the DRAM expert budget reserved as the dynamic tile cache."""
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        for name, flag in BENCH_COUNTS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1 ({flag}), got {value!r}.")
+        if not 0 <= self.cache_fraction < 1:
+            raise ConfigError(f"cache_fraction must be in [0, 1), got {self.cache_fraction}.")
+        for name in ("workloads", "budgets", "policies", "async_modes"):
+            if not getattr(self, name):
+                raise ConfigError(f"the bench needs at least one entry in {name} (--{name.replace('_modes', '')}).")
+
+
+BENCH_COUNTS = {
+    "repeats": "--repeats",
+    "prompt_tokens": "--prompt-tokens",
+    "decode_tokens": "--decode-tokens",
+    "threads": "--threads",
+    "tile": "--tile-size",
+    "profile_tokens": "profile_tokens",
+}
+"""BenchSpec's counts, each at least 1, and the flag that sets it."""
+
 
 def budget_text(budget: str, topo: Topology) -> tuple[str, int]:
     """`35%` -> (`cpu=<bytes>B`, bytes): non-expert + shared/dense + 35% of routed-expert bytes."""
