@@ -15,6 +15,7 @@ import pytest
 from tilemem.cli.main import main
 from tilemem.loader.checkpoint import Checkpoint
 from tilemem.loader.safetensors_file import SafetensorsFile
+from tilemem.models.topology import Topology
 from tilemem.runtime import tile_store
 from tilemem.runtime.store_sources import STAT_CACHE
 from tilemem.runtime.tile_store import StoreError, TileStore, convert
@@ -183,3 +184,23 @@ def test_reconvert_of_another_checkpoint_still_refuses_and_keeps_the_store(make_
     with pytest.raises(StoreError, match="another checkpoint"):
         convert(other, store, tile_size=TILE, progress=False)
     assert (store / "store.json").read_bytes() == before and (store / "tiles.bin").exists()
+
+
+# -- case 11: a corrupt tile met while generating --------------------------------------------------
+
+
+def test_corrupt_tile_met_by_generate_is_one_error_line_and_the_advice_works(source, clean, tmp_path, capsys, caplog):
+    store = shutil.copytree(clean, tmp_path / "store")
+    for key in [k for k in TileStore(store).tiles if k[0] == 0 and k[1] >= 0]:  # every routed tile of layer 0
+        flip_tile_byte(store, key)
+    non_expert = Topology.from_config(Checkpoint.open(source).config, "fp32").non_expert_bytes
+    argv = ["generate", str(source), "--dtype", "fp32", "--store", str(store), "--tile-size", str(TILE)]
+    argv += ["--budget", f"cpu={non_expert}B", "--prompt", "hello there", "--max-tokens", "4"]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: tile L0:E")
+    assert "fails its checksum" in err and f"tilemem convert {source.resolve()} --out {store}" in err
+    assert "forward pass failed" not in out and "Traceback" not in out + err
+    assert not [r for r in caplog.records if r.exc_info]  # no traceback logged either
+    assert main(["convert", str(source), "--out", str(store), "--tile-size", str(TILE)]) == 0
+    assert main(argv) == 0

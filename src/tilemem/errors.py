@@ -31,3 +31,7 @@ class RequestError(TileMemError):
 
 class OutputExistsError(TileMemError):
     """An output path already holds something TileMEM did not write; it refuses to replace it."""
+
+
+class GenerationError(TileMemError, RuntimeError):
+    """A forward pass failed while generating (e.g. a corrupt tile was read); the message says what to do."""

@@ -168,10 +168,12 @@ def stream_to_terminal(llm, prompt: str, params: SamplingParams, chat: bool = Fa
         prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     sys.stdout.write(prompt)
     sys.stdout.flush()
-    for delta in llm.stream(prompt, params):
-        sys.stdout.write(delta)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    try:
+        for delta in llm.stream(prompt, params):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+    finally:  # end the line even when generation fails, so the error starts on its own
+        sys.stdout.write("\n")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

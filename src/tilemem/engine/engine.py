@@ -20,6 +20,7 @@ from tilemem.engine.sampling import sample
 from tilemem.engine.scheduler import ScheduledBatch, Scheduler
 from tilemem.engine.sequence import Sequence
 from tilemem.engine.tokenizer import IncrementalDecoder, TextTokenizer
+from tilemem.errors import TileMemError
 from tilemem.layers.kv_cache import ForwardContext
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,10 @@ class Engine:
             return [(rows, self._run_rows(batch, rows))]
         except Exception as exc:  # a failing forward must not take the engine down
             if len(rows) == 1:
+                if isinstance(exc, TileMemError):  # bad input or data, said in the row's error: no traceback
+                    log.info("forward pass failed: %s", exc)
+                    failed[rows[0]] = str(exc)
+                    return []
                 log.exception("forward pass failed")
                 failed[rows[0]] = f"{type(exc).__name__}: {exc}"
                 return []

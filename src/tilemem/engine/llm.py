@@ -19,7 +19,7 @@ from tilemem.engine.build import build_engine
 from tilemem.engine.engine import Engine
 from tilemem.engine.sampling import SamplingParams, make_generator
 from tilemem.engine.sequence import Sequence
-from tilemem.errors import RequestError
+from tilemem.errors import GenerationError, RequestError
 
 Prompt = str | list[int]
 
@@ -233,7 +233,7 @@ class LLM:
             eng.abort(seq)
         self._finish_stats(eng, start)
         if seq.error:
-            raise RuntimeError(seq.error)
+            raise GenerationError(seq.error)
 
     def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None) -> RequestOutput:
         """Generate a reply to `messages` using the checkpoint's chat template."""

@@ -317,7 +317,9 @@ class TieredExperts:
         for t in tiles:
             raw = self.store.read_block(t)
             if self.config.verify_reads and zlib.crc32(raw) != t.crc32:
-                raise TileReadError(f"tile {t.key} in {self.store.path} fails its checksum; re-run `tilemem convert`.")
+                raise TileReadError(
+                    f"tile {t.key} in {self.store.data_path} fails its checksum (corrupt store); {self.store.repair_hint}."
+                )
             block = torch.frombuffer(bytearray(raw), dtype=self.store.dtype).view(3, t.end - t.start, -1)
             out[:, t.start - a : t.end - a] = block
         return out.to(self.dtype)
@@ -331,8 +333,7 @@ class TieredExperts:
             raise TileReadError(f"reading tile {tile.key} from {self.store.data_path} failed: {exc}") from exc
         if self.config.verify_reads and zlib.crc32(buf[: tile.nbytes]) != tile.crc32:
             raise TileReadError(
-                f"tile {tile.key} in {self.store.data_path} fails its checksum (corrupt store); "
-                "run `tilemem verify` and re-convert."
+                f"tile {tile.key} in {self.store.data_path} fails its checksum (corrupt store); {self.store.repair_hint}."
             )
 
     def _block(self, slot: int, tile: StoredTile) -> torch.Tensor:

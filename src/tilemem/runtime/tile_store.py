@@ -360,6 +360,12 @@ class TileStore:
             f.seek(tile.offset)
             return f.read(tile.nbytes)
 
+    @property
+    def repair_hint(self) -> str:
+        """What to run to rewrite this store's corrupt tiles from its checkpoint."""
+        ckpt = self.meta.get("checkpoint", "CHECKPOINT")
+        return f"re-run `tilemem convert {ckpt} --out {self.path} --tile-size {self.tile_size}` to rewrite it"
+
     def intact(self, tile: StoredTile) -> bool:
         """Whether `tile`'s bytes match its sha256."""
         return hashlib.sha256(self.read_block(tile)).hexdigest() == tile.sha256
