@@ -59,15 +59,15 @@ def disk_bandwidth(path: Path, request: int, depth: int = 4, total: int = 2 << 3
 def worker(args: argparse.Namespace) -> None:
     import torch
 
+    from tilemem.artifacts.mir import load_plan
     from tilemem.engine.llm import LLM, peak_rss_bytes
     from tilemem.engine.sampling import SamplingParams
-    from tilemem.placement.plan import Plan
 
     torch.set_num_threads(args.threads)
     base_rss = int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) * 1024
     kw = {}
     if args.plan:
-        kw = dict(plan=Plan.load(args.plan), store=args.store)
+        kw = dict(plan=load_plan(args.plan), store=args.store)
     t0 = time.perf_counter()
     llm = LLM(args.dir, dtype="bf16", threads=args.threads, max_batch=1, **kw)
     load_s = time.perf_counter() - t0
@@ -118,6 +118,7 @@ def spawn(args: argparse.Namespace, plan: Path | None) -> dict:
 
 def prepare(args: argparse.Namespace) -> tuple[dict[str, Path], Path, Path, dict]:
     """Checkpoint, tile store, profile and plans (built once, reused across rounds)."""
+    from tilemem.artifacts.mir import save_plan
     from tilemem.loader.checkpoint import Checkpoint
     from tilemem.models.topology import Topology
     from tilemem.runtime.setup import make_plan
@@ -153,7 +154,7 @@ def prepare(args: argparse.Namespace) -> tuple[dict[str, Path], Path, Path, dict
         cache = f"cpu={int(0.1 * (budgets[name] - fixed))}B" if name == "main" else None
         plan = make_plan(ckpt, f"cpu={budgets[name]}B", pol, profile, args.tile, cache=cache)
         d = work / f"plan_{name}_{pol}"
-        plan.save(d, heatmap=False)
+        save_plan(plan, d, heatmap=False)
         plans[f"{name}:{pol}"] = d
     from tokenizers import Tokenizer
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from tilemem.artifacts.mir import load_plan, plan_checksum
 from tilemem.cli import plan_commands
 from tilemem.errors import ConfigError
 from tilemem.placement.errors import BudgetError, PolicyError, ProfileError, TmemSyntaxError
-from tilemem.placement.plan import Plan
 
 
 def cli(*argv: str) -> int:
@@ -44,12 +44,12 @@ def test_profile_then_plan_with_byte_budget(ckpt, profile_path, tmp_path, capsys
     printed = capsys.readouterr().out
     assert "tier" in printed and "cuda" in printed and "disk" in printed and "checksum" in printed
     assert {p.name for p in out.iterdir()} == {"mir.json", "manifest.json", "heatmap.png"}
-    plan = Plan.load(out)
+    plan = load_plan(out)
     assert plan.policy == "tilepo_fine" and [u.tier for u in plan.tiers] == ["cuda", "cpu", "disk"]
     assert all(u.used <= u.capacity for u in plan.tiers if u.capacity is not None)
     # Same inputs, same plan.
     assert cli(*args, "--out", tmp_path / "again") == 0
-    assert Plan.load(tmp_path / "again").checksum == plan.checksum
+    assert plan_checksum(load_plan(tmp_path / "again")) == plan_checksum(plan)
 
 
 @pytest.mark.parametrize("policy", ["uniform", "kt_expert", "tilepo_coarse", "tilepo_hybrid", "tilepo_adaptive"])
@@ -57,7 +57,7 @@ def test_every_policy_plans_an_expert_budget(ckpt, profile_path, tmp_path, polic
     out = tmp_path / policy
     assert cli("plan", ckpt, "--profile", profile_path, "--experts-per-layer", "3", "--policy", policy,
                "--no-heatmap", "--out", out) == 0  # fmt: skip
-    plan = Plan.load(out)
+    plan = load_plan(out)
     assert plan.policy == policy and plan.budget_source == "experts_per_layer=3"
 
 
@@ -77,14 +77,14 @@ def test_compile_json_spec_and_tmem_without_checkpoint(tmp_path, capsys):
     )
     (tmp_path / "plan.tmem").write_text(tmem)
     assert cli("compile", "--model-spec", tmp_path / "plan.tmem", "--out-dir", tmp_path / "b") == 0
-    assert Plan.load(tmp_path / "a").checksum == Plan.load(tmp_path / "b").checksum
+    assert plan_checksum(load_plan(tmp_path / "a")) == plan_checksum(load_plan(tmp_path / "b"))
     assert json.loads((tmp_path / "b" / "model_spec.json").read_text())["model"]["name"] == "demo"
     assert "wrote" in capsys.readouterr().out
 
 
 def test_plan_without_weights_from_config_json(ckpt, tmp_path):
     assert cli("plan", ckpt / "config.json", "--budget", "cpu=1MiB", "--no-heatmap", "--out", tmp_path / "p") == 0
-    assert Plan.load(tmp_path / "p").tiers[0].tier == "cpu"
+    assert load_plan(tmp_path / "p").tiers[0].tier == "cpu"
 
 
 def test_bad_inputs_give_clear_errors(ckpt, profile_path, make_ckpt, tmp_path):
@@ -126,7 +126,7 @@ def test_fine_plan_offsets_match_the_converted_tile_store(ckpt, profile_path, tm
     out = tmp_path / "plan"
     assert cli("plan", ckpt, "--profile", profile_path, "--experts-per-layer", "2", "--tile-size", "8",
                "--no-heatmap", "--out", out) == 0  # fmt: skip
-    plan = Plan.load(out)
+    plan = load_plan(out)
     store = TileStore(convert(ckpt, tmp_path / "store", tile_size=8, progress=False))
     routed = [t for t in plan.tiles if t.expert >= 0]
     stored = {(s.layer, s.expert, s.start): s for lt in plan.topology.layers for e in range(lt.num_experts)

@@ -93,7 +93,12 @@ def build_artifacts(plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
     return with_checksum(_mir(plan, manifest["checksum"])), manifest
 
 
-def write_artifacts(plan: Plan, out_dir: str | Path, heatmap: bool = True) -> dict[str, Path]:
+def plan_checksum(plan: Plan) -> str:
+    """sha256 of the plan's MIR (which covers the manifest): equal plans, equal checksums."""
+    return build_artifacts(plan)[0]["checksum"]
+
+
+def save_plan(plan: Plan, out_dir: str | Path, heatmap: bool = True) -> dict[str, Path]:
     """Write mir.json and manifest.json (and heatmap.png) into `out_dir`, each atomically."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -110,8 +115,9 @@ def write_artifacts(plan: Plan, out_dir: str | Path, heatmap: bool = True) -> di
     return paths
 
 
-def read_artifacts(out_dir: str | Path) -> Plan:
-    """Rebuild the Plan from a directory written by `write_artifacts`, verifying checksums."""
+def load_plan(out_dir: str | Path) -> Plan:
+    """Rebuild the Plan from a directory written by `save_plan` (`tilemem plan` / `tilemem compile`),
+    verifying both checksums."""
     out = Path(out_dir)
     mir = read_json(out / MIR_FILE, "plan MIR", PlanError)
     manifest = read_json(out / MANIFEST_FILE, "plan manifest", PlanError)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from tilemem.artifacts.mir import plan_checksum
 from tilemem.bench.evidence import SCHEMA, Row, environment, gate, row_dict, write_json
 from tilemem.engine.llm import LLM, peak_rss_bytes
 from tilemem.engine.sampling import SamplingParams
@@ -201,7 +202,7 @@ def run_bench(spec: BenchSpec, progress: bool = True) -> dict:
                             policy=p,
                             async_planning=asyn,
                             repeat=rep,
-                            plan_checksum=plan.checksum,
+                            plan_checksum=plan_checksum(plan),
                             prompt_tokens=len(prompts[wl]),
                             peak_rss=peak_rss_bytes(),
                             **m,

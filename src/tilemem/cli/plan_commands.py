@@ -173,11 +173,12 @@ def _dtype_name(name: str) -> str:
 
 
 def _write(plan, out: Path, heatmap: bool) -> int:
+    from tilemem.artifacts.mir import plan_checksum, save_plan
     from tilemem.artifacts.report import plan_table
 
-    paths = plan.save(out, heatmap=heatmap)
+    paths = save_plan(plan, out, heatmap=heatmap)
     print(plan_table(plan))
-    print(f"checksum {plan.checksum}")
+    print(f"checksum {plan_checksum(plan)}")
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")
     return 0

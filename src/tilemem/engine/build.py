@@ -136,11 +136,12 @@ def resolve_plan(args: EngineArgs, ckpt: Checkpoint):
     """The Plan of `args`: `args.plan` (a Plan or a plan directory), one made from `args.budget`, or None."""
     if args.plan is None and args.budget is None:
         return None
+    from tilemem.artifacts.mir import load_plan
     from tilemem.placement.plan import Plan
     from tilemem.runtime.setup import make_plan
 
     if args.plan is not None:
-        return args.plan if isinstance(args.plan, Plan) else Plan.load(args.plan)
+        return args.plan if isinstance(args.plan, Plan) else load_plan(args.plan)
     dtype_name = None if args.dtype is None else str(args.dtype).replace("torch.", "")
     return make_plan(ckpt, args.budget, args.policy, args.profile, args.tile, dtype=dtype_name)
 

@@ -1,15 +1,14 @@
 """Plan: the tier of every tile, the non-expert weights, per-tier usage and the tile store layout.
 
 This is what the tiered runtime executes. Queries it needs: `tier_of(layer, expert, group, a, b)`,
-`resident_ranges(layer, expert)` (merged neuron ranges per tier) and `tiles_in(tier)`. Load one
-written by `tilemem plan` / `tilemem compile` with `Plan.load(dir)` (checksums verified).
+`resident_ranges(layer, expert)` (merged neuron ranges per tier) and `tiles_in(tier)`. Its files (MIR,
+manifest) are `tilemem.artifacts`: `save_plan`, `load_plan(dir)` (checksums verified), `plan_checksum`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 from tilemem.models.topology import Topology
@@ -178,23 +177,3 @@ class Plan:
     def slowest_tier(self) -> str:
         """The slowest tier of the plan's budget."""
         return self.tiers[-1].tier
-
-    @property
-    def checksum(self) -> str:
-        """sha256 of the MIR (which covers the manifest): equal plans, equal checksums."""
-        from tilemem.artifacts.mir import build_artifacts
-
-        return build_artifacts(self)[0]["checksum"]
-
-    def save(self, out_dir: str | Path, heatmap: bool = True) -> dict[str, Path]:
-        """Write mir.json, manifest.json (and heatmap.png) atomically into `out_dir`."""
-        from tilemem.artifacts.mir import write_artifacts
-
-        return write_artifacts(self, out_dir, heatmap=heatmap)
-
-    @classmethod
-    def load(cls, out_dir: str | Path) -> Plan:
-        """Read a plan directory, verifying both checksums."""
-        from tilemem.artifacts.mir import read_artifacts
-
-        return read_artifacts(out_dir)

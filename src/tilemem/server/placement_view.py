@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 
+from tilemem.artifacts.mir import plan_checksum
 from tilemem.models.topology import Topology
 
 
@@ -44,7 +45,7 @@ class PlacementView:
             "policy": plan.policy,
             "budget": plan.budget_source,
             "tile": plan.tile,
-            "checksum": plan.checksum,
+            "checksum": plan_checksum(plan),
             "store_bytes": plan.store_bytes,
             "expected_bytes_per_token": plan.expected_bytes_per_token,
             "tiers": [

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tilemem import sysinfo
+from tilemem.artifacts.mir import plan_checksum
 from tilemem.tmap.cost import ServingWorkload, predict
 from tilemem.tmap.hardware import HardwareProfile, Validation
 from tilemem.tmap.recommend import BASELINE
@@ -218,7 +219,7 @@ def validate(
                     wl, b, p, pred.decode_tok_s, statistics.median(tok), min(tok), max(tok), len(tok),
                     pred.hit_rate, statistics.median(float(r["hit_rate"]) for r in runs),
                     pred.p50_ms, statistics.median(float(r["p50_ms"]) for r in runs),
-                    plan.checksum == runs[0]["plan_checksum"],
+                    plan_checksum(plan) == runs[0]["plan_checksum"],
                 )  # fmt: skip
                 rows.append(row)
                 cells.append(row)
