@@ -35,3 +35,15 @@ class OutputExistsError(TileMemError):
 
 class GenerationError(TileMemError, RuntimeError):
     """A forward pass failed while generating (e.g. a corrupt tile was read); the message says what to do."""
+
+
+class KernelError(TileMemError):
+    """The native CPU kernels cannot run as built (see `tilemem.kernels`)."""
+
+
+class KernelABIError(KernelError):
+    """The loaded kernel library's interface version or struct sizes differ from what Python expects."""
+
+
+class KernelMemoryError(KernelError, MemoryError):
+    """A native kernel could not allocate its working memory."""
