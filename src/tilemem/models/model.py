@@ -6,7 +6,6 @@ Shape legend: B batch rows, T new tokens per row, D hidden, V vocab.
 
 from __future__ import annotations
 
-import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -62,9 +61,6 @@ class DecoderLayer(nn.Module):
             and (cfg.scoring_func, cfg.topk_method, cfg.router_fp32, cfg.router_bias)
             == ("softmax", "greedy", False, False)
         )
-        self._native: kernels.DecodeLayer | None = None
-        self._native_key: tuple = ()
-        self._native_sources: tuple = ()
 
     def forward(self, x, ctx, rope, cos, sin, keep: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, D] -> [B, T, D]; with `keep` [B] token offsets, [B, 1, D]: every token's keys and
@@ -81,35 +77,21 @@ class DecoderLayer(nn.Module):
                 x = (x + self.self_attn(self.input_layernorm(x), ctx, rope, cos, sin))[rows, keep].unsqueeze(1)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def native_decode(self, x: torch.Tensor, ctx: ForwardContext, rope: RotaryEmbedding) -> kernels.DecodeLayer | None:
+    def native_decode(self, rope: RotaryEmbedding) -> kernels.DecodeLayer | None:
         """The layer for the fused native decode step (the whole layer in one kernel call), or None where
-        the modules run: not bf16 on the CPU, not a softmax-routed MoE layer over the resident experts
-        (shared experts, group-limited or sigmoid routing, a tiered executor), or attention the
-        decode kernel does not cover."""
-        if not self._fusable or rope.interleave or not kernels.usable(x):
-            return None
+        the modules run: not a softmax-routed MoE layer over the resident experts (shared experts,
+        group-limited or sigmoid routing, a tiered executor), or attention the decode kernel does not cover."""
         attn, mlp = self.self_attn, self.mlp
-        if ctx.cache.keys[self.layer].dtype != torch.bfloat16 or not isinstance(mlp.executor, ResidentExperts):
+        if not self._fusable or rope.interleave or not isinstance(mlp.executor, ResidentExperts):
             return None
         if (attn_layer := attn.native()) is None or (table := mlp.executor.table(self.layer)) is None:
             return None
-        norms = (self.input_layernorm.weight, self.post_attention_layernorm.weight, mlp.gate.weight)
-        key = (id(attn_layer), id(table), rope.fp32_rotate, *(t.data_ptr() for t in norms))
-        if self._native is not None and key == self._native_key:
-            return self._native
-        if any(t.dtype != torch.bfloat16 or not t.is_contiguous() for t in norms):
-            return None
-        cfg = mlp.gate.cfg
-        attn_layer.fp32_rotate = int(rope.fp32_rotate)  # x is bf16: cos/sin are fp32 only for fp32 rotation
-        self._native = kernels.DecodeLayer(
-            attn_layer, *(t.data_ptr() for t in norms[:2]), self.input_layernorm.eps, norms[2].data_ptr(),
-            table.gate.data_ptr(), table.up.data_ptr(), table.down.data_ptr(), cfg.num_experts, cfg.top_k,
-            table.intermediate, kernels.ACTS[mlp.act_name], cfg.norm_topk_prob, cfg.router_weights_in_model_dtype,
-            cfg.routed_scaling_factor, *table.codec_ptrs,
+        cfg, norms = mlp.gate.cfg, (self.input_layernorm.weight, self.post_attention_layernorm.weight)
+        return kernels.decode_layer(
+            attn_layer, norms, self.input_layernorm.eps, mlp.gate.weight, table, mlp.act_name, cfg.num_experts,
+            cfg.top_k, cfg.norm_topk_prob, cfg.router_weights_in_model_dtype, cfg.routed_scaling_factor,
+            rope.fp32_rotate,
         )  # fmt: skip
-        self._native_key = key
-        self._native_sources = (attn_layer, table)  # alive while keyed by their ids
-        return self._native
 
 
 class Backbone(nn.Module):
@@ -142,8 +124,7 @@ class MoECausalLM(nn.Module):
         self.fused_decode = True
         """Run decode steps' softmax-routed MoE layers as one native call (`DecoderLayer.native_decode`);
         False runs every layer as modules (the same result, for comparisons)."""
-        self._stack: tuple | None = None  # (key, DecodeStack, weak ref to the cache) of the last native run
-        self._ws = kernels.Workspace()
+        self._native: kernels.NativeDecode | None = None  # built at the first decode step after load
 
     @property
     def dtype(self) -> torch.dtype:
@@ -174,6 +155,7 @@ class MoECausalLM(nn.Module):
         projections and the LM head; "none" keeps bf16 as loaded. Only bf16 weights mapped from the
         checkpoint on the CPU with the native kernels change (their file pages are let go); nothing
         changes for a tiered executor, which reads its experts from the tile store."""
+        self._native = None  # the fused decode layers point at the weights: decided again
         executor = next((b.executor for b in self.moe_blocks().values()), None)
         if not isinstance(executor, ResidentExperts):
             return
@@ -195,6 +177,7 @@ class MoECausalLM(nn.Module):
 
     def set_executor(self, executor) -> None:
         """Route every MoE block's expert computation through `executor`."""
+        self._native = None  # which layers fuse depends on the executor: decided again
         for block in self.moe_blocks().values():
             block.executor = executor
 
@@ -225,37 +208,17 @@ class MoECausalLM(nn.Module):
         index_layers = [i for i in range(layers) if cfg.has_indexer(i)]
         return KVCache.allocate(layers, slots, length, heads, kd, vd, self.dtype, index_dim, index_layers, self.device)
 
-    def _native_run(self, first: int, x: torch.Tensor, ctx: ForwardContext) -> list[kernels.DecodeLayer]:
-        """The fused decode layers (`DecoderLayer.native_decode`) from layer `first` up to the first one
-        that must run as modules."""
-        run = []
-        for layer in self.model.layers[first:]:
-            if (native := layer.native_decode(x, ctx, self.rope)) is None:
-                break
-            run.append(native)
-        return run
+    def _native_decode(self) -> kernels.NativeDecode | None:
+        """The fused decode dispatch (`kernels.NativeDecode`), decided once per set of weights and executor:
+        None where the native kernels cannot run this model (not bf16 on the CPU, no kernels)."""
+        if self._native is None and self.dtype == torch.bfloat16 and self.device.type == "cpu" and kernels.available():
+            self._native = kernels.NativeDecode([layer.native_decode(self.rope) for layer in self.model.layers])
+        return self._native
 
-    def _decode_native(self, first: int, run: list[kernels.DecodeLayer], x, ctx, cos, sin) -> torch.Tensor:
-        """Layers first .. first + len(run) - 1 of a decode step in one native call; the routed ids go to
-        each MoE block's `on_route` observer as the module path would send them."""
-        layers = range(first, first + len(run))
-        key = (first, *(id(n) for n in run))  # the stack holds these alive, so the ids stay theirs
-        # The cache by weak reference: a stack must not keep a replaced KV cache's memory alive.
-        if self._stack is None or self._stack[0] != key or self._stack[2]() is not ctx.cache:
-            keys, values = ctx.cache.keys, ctx.cache.values
-            stack = kernels.DecodeStack(run, [keys[i] for i in layers], [values[i] for i in layers])
-            self._stack = (key, stack, weakref.ref(ctx.cache))
-        stack = self._stack[1]
-        b = x.shape[0]
-        y = x.reshape(b, -1).clone()  # the residual stream, updated in place by the kernel
-        ids = kernels.decode_layers(
-            stack, y, cos.reshape(b, -1), sin.reshape(b, -1), ctx.slots, ctx.positions[:, 0].contiguous(),
-            self._ws,
-        )  # fmt: skip
-        for j, i in enumerate(layers):
-            if (observer := self.model.layers[i].mlp.on_route) is not None:
-                observer(i, ids[j])
-        return y.view(b, 1, -1)
+    def _observe_route(self, layer: int, ids: torch.Tensor) -> None:
+        """Hand a fused layer's routed ids [B, K] to its MoE block's observer, as the module path does."""
+        if (observer := self.model.layers[layer].mlp.on_route) is not None:
+            observer(layer, ids)
 
     @torch.inference_mode()
     def forward(
@@ -276,12 +239,16 @@ class MoECausalLM(nn.Module):
         # Only the logits rows are read (no MTP head wants every token's hidden state): the last layer's
         # queries and FFN, a 1/num_layers share of a prefill, run on those tokens alone.
         keep = logits_at if logits_at is not None and not return_hidden and x.shape[1] > 1 else None
+        native = self._native_decode() if self.fused_decode and x.shape[1] == 1 else None
+        cache = ctx.cache
         i = 0
         while i < len(layers):
-            run = self._native_run(i, x, ctx) if self.fused_decode and x.shape[1] == 1 else []
-            if run:  # decode: consecutive fused layers in one native call
-                x = self._decode_native(i, run, x, ctx, cos, sin)
-                i += len(run)
+            if native is not None and (n := native.run_length(i, cache, cache.keys)):  # decode: n fused layers
+                positions = ctx.positions[:, 0].contiguous()  # [B]
+                x = native.forward(
+                    i, x, cache, cache.keys, cache.values, ctx.slots, positions, cos, sin, self._observe_route
+                )
+                i += n
             else:
                 x = layers[i](x, ctx, self.rope, cos, sin, keep if i == len(layers) - 1 else None)
                 i += 1
