@@ -21,6 +21,7 @@ What it measures (medians of interleaved rounds, so a burst of other work does n
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import mmap
 import os
 import platform
@@ -515,6 +516,14 @@ def gpu_figures(dtypes: tuple[str, ...], batches: tuple[int, ...], hidden: int) 
     }
 
 
+def _version() -> str:
+    """TileMEM's installed version (from the package metadata: a tool does not import the `tilemem` package, which loads the SDK)."""
+    try:
+        return importlib.metadata.version("tilemem")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
 # ----- the probe ------------------------------------------------------------------------------------
 
 
@@ -591,8 +600,6 @@ def probe(config: ProbeConfig | None = None, log: Callable[[str], None] = print)
             f"H2D {figures['transfer_bandwidth_gbps']:.2f} GB/s ({figures['transfer_latency_us']:.1f} us), "
             f"GEMM {figures['gpu_tflops']:.1f} TFLOP/s bf16")  # fmt: skip
     seconds = time.perf_counter() - t_start
-    import tilemem
-
     return HardwareProfile(
         name=config.name or socket.gethostname(),
         measured=True,
@@ -620,7 +627,7 @@ def probe(config: ProbeConfig | None = None, log: Callable[[str], None] = print)
             "load_average": round(sysinfo.load_average(), 2),
             "torch": torch.__version__,
             "python": platform.python_version(),
-            "tilemem": getattr(tilemem, "__version__", ""),
+            "tilemem": _version(),
             "probe_seconds": round(seconds, 1),
             "hidden": config.hidden,
             "disk_dir": str(disk_dir.resolve()),
