@@ -85,8 +85,12 @@ def test_llm_keywords_are_the_engine_args_fields():
     """`LLM(path, **kw)` takes exactly EngineArgs' fields (nothing to keep in sync by hand)."""
     with pytest.raises(TypeError, match="bogus"):
         LLM("ckpt", bogus=1)
-    names = {f.name for f in fields(EngineArgs)} - {"model"}
-    assert {"dtype", "threads", "max_batch", "plan", "budget", "tile", "runtime", "speculative"} <= names
+    sig = inspect.signature(LLM)
+    assert list(sig.parameters) == ["path"] + [f.name for f in fields(EngineArgs) if f.name != "model"]
+    assert {p.name: p.default for p in sig.parameters.values() if p.name != "path"} == {
+        f.name: f.default for f in fields(EngineArgs) if f.name != "model"
+    }
+    assert {"dtype", "threads", "max_batch", "plan", "budget", "tile", "runtime", "speculative"} <= set(sig.parameters)
 
 
 def test_llm_and_from_args_build_the_same_engine(make_ckpt):

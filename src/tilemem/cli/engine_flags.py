@@ -8,6 +8,7 @@ args = engine_args_from_namespace(parser.parse_args())  # an EngineArgs, checked
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Iterable
 from dataclasses import MISSING, Field
 from typing import Any
@@ -43,16 +44,26 @@ def add_engine_args(
         f = ENGINE_FIELDS[name]
         meta = f.metadata
         default = defaults.get(name, f.default if f.default is not MISSING else None)
-        kw: dict[str, Any] = {"dest": name, "default": default, "help": meta["help"]}
+        flag = flag_of(name)
+        text = meta["help"].replace("%", "%%")  # argparse formats help with %
+        if meta.get("list_choices"):
+            text += ": " + ", ".join(str(c) for c in allowed(meta["choices"]))
+        if name in defaults:  # this command's own default replaces what the field's help says
+            text = re.sub(r" \(default: [^)]*\)", "", text)
+        if default is not None and not isinstance(default, bool) and "default" not in text:
+            text += " (default: %(default)s)"
+        kw: dict[str, Any] = {"dest": name, "default": default, "help": text}
         if "action" in meta:
             kw["action"] = meta["action"]
             if "const" in meta:
                 kw["const"] = meta["const"]
         else:
             kw["type"] = _value_type(f)
+            kw["metavar"] = flag.removeprefix("--").upper().replace("-", "_")
             if meta.get("argparse_choices"):
                 kw["choices"] = allowed(meta["choices"])
-        parser.add_argument(flag_of(name), **kw)
+                del kw["metavar"]
+        parser.add_argument(flag, **kw)
 
 
 def engine_args_from_namespace(ns: argparse.Namespace, **overrides: Any) -> EngineArgs:

@@ -9,6 +9,7 @@ llm = LLM.from_args(args)
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -43,7 +44,8 @@ def _cache_policies() -> tuple[str, ...]:
 def arg(default: Any, help: str, flag: str | None = None, **extra: Any) -> Any:
     """A field whose metadata drives its CLI flag: `flag` (None: derived from the name, "" for none),
     `help`, and optionally `choices` (a tuple or a callable giving one), `minimum` / `above` (range),
-    `unit` (for messages), `action`, `const`, `argparse_choices` (let argparse refuse a bad choice), `metavar`."""
+    `unit` (for messages), `action`, `const`, `argparse_choices` (let argparse refuse a bad choice),
+    `list_choices` (append the choices to the help)."""
     return field(default=default, metadata={"help": help, "flag": flag, **extra})
 
 
@@ -67,7 +69,7 @@ class EngineArgs:
     """A Plan or a plan directory; routed experts then follow it through the tiered runtime."""
     budget: str | None = arg(None, "tier budgets, e.g. cpu=4GiB (rest on disk)")
     """Tier budgets to plan for (e.g. `cpu=4GiB`, `auto`); exclusive with `plan`."""
-    policy: str = arg("tilepo_fine", "placement policy used with --budget", choices=_policy_names)
+    policy: str = arg("tilepo_fine", "placement policy used with --budget", choices=_policy_names, list_choices=True)
     """Placement policy used with `budget` (any registered policy, or `auto`)."""
     profile: Any = arg(None, "profile.json guiding the plan")
     """A Profile or a profile.json guiding the plan (None: uniform routing)."""
@@ -169,6 +171,21 @@ class EngineArgs:
         elif prefetch is True:
             prefetch = "auto"
         return TieredConfig(cache_policy=self.cache_policy, prefetch=prefetch)
+
+
+def keyword_signature() -> inspect.Signature:
+    """`(self, path, *, dtype=None, threads=None, ...)`: EngineArgs' fields as keywords, for callers such
+    as `LLM(path, **kwargs)` that take them (so `help(LLM)` and IDEs show every argument)."""
+    params = [
+        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter("path", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="str | Path"),
+    ]
+    for f in fields(EngineArgs):
+        if f.name != "model":
+            params.append(
+                inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+            )
+    return inspect.Signature(params, return_annotation="None")
 
 
 def flag_of(name: str) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tilemem.engine.args import EngineArgs
+from tilemem.engine.args import EngineArgs, keyword_signature
 from tilemem.engine.build import build_engine
 from tilemem.engine.engine import Engine
 from tilemem.engine.sampling import SamplingParams, make_generator
@@ -290,3 +290,6 @@ class LLM:
             for s in seqs:
                 eng.abort(s)
         self._finish_stats(eng, start)
+
+
+LLM.__init__.__signature__ = keyword_signature()  # LLM(path, **kwargs) takes exactly EngineArgs' fields
