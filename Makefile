@@ -17,6 +17,7 @@ demo: $(BIN)/tilemem
 test: $(BIN)/tilemem
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/lint-imports
 	$(BIN)/pytest
 
 format: $(BIN)/tilemem
