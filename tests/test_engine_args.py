@@ -115,6 +115,11 @@ def test_llm_and_from_args_build_the_same_engine(make_ckpt):
         ("tile", 0, r"tile must be at least 1 neuron \(--tile-size\), got 0"),
         ("num_draft", 0, r"num_draft must be at least 1 token \(--num-draft\), got 0"),
         ("replan_interval_s", 0.0, r"replan_interval_s must be greater than 0 s \(--replan-interval\), got 0.0"),
+        (
+            "replan_interval_s",
+            float("nan"),
+            r"replan_interval_s must be greater than 0 s \(--replan-interval\), got nan",
+        ),
         ("threads", "2", r"threads \(--threads\) must be a number, got '2'"),
         ("policy", "foo", r"policy must be one of uniform, kt_expert, .*auto \(--policy\), got 'foo'"),
         ("cache_policy", "bogus", r"cache_policy must be one of lru, lfu, profile \(--cache-policy\), got 'bogus'"),
@@ -199,6 +204,39 @@ def test_serve_rejects_bad_engine_flags(extra, expect, make_ckpt, capsys, monkey
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and expect in err, err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "expect"),
+    [
+        (["--shutdown-grace", "-1"], "shutdown_grace_s must be >= 0 seconds (--shutdown-grace), got -1.0"),
+        (["--log-level", "loud"], "log_level must be one of critical, error, warning, info, debug, trace"),
+        (["--port", "70000"], "port must be 1..65535"),
+    ],
+)
+def test_serve_rejects_bad_server_flags_before_loading(extra, expect, make_ckpt, capsys, monkeypatch):
+    """Server settings are checked in ServerConfig, before the model loads (a bad --log-level used to
+    surface from uvicorn after loading)."""
+    from tilemem.engine import build
+
+    monkeypatch.setattr(build, "build_engine", lambda args: pytest.fail("loaded despite a bad flag"))
+    code = main(["serve", str(make_ckpt("olmoe")), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and expect in err, err
+
+
+def test_server_config_checks_its_ranges():
+    from tilemem.server.config import ServerConfig
+
+    assert ServerConfig(port=0).port == 0  # any free port, for tests and benchmarks
+    for bad, expect in [
+        ({"max_batch": 0}, r"max_batch must be at least 1 \(--max-batch\), got 0"),
+        ({"max_queue": -2}, r"max_queue must be at least 1 \(--max-queue\), got -2"),
+        ({"prefill_chunk": 0}, r"prefill_chunk must be at least 1 \(--prefill-chunk\), got 0"),
+        ({"shutdown_grace_s": float("nan")}, "shutdown_grace_s must be >= 0 seconds"),
+    ]:
+        with pytest.raises(ConfigError, match=expect):
+            ServerConfig(**bad)
 
 
 @pytest.mark.parametrize(

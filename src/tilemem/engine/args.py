@@ -203,9 +203,9 @@ def _check_number(name: str, value: Any, minimum: float | None, above: float | N
     flag = flag_of(name)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{name} ({flag}) must be a number, got {value!r}.")
-    if minimum is not None and value < minimum:
+    if minimum is not None and not value >= minimum:  # `not >=`: NaN fails too
         raise ConfigError(f"{name} must be at least {minimum}{unit} ({flag}), got {value}.")
-    if above is not None and value <= above:
+    if above is not None and not value > above:
         raise ConfigError(f"{name} must be greater than {above}{unit} ({flag}), got {value}.")
 
 

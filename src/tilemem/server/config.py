@@ -37,3 +37,22 @@ class ServerConfig:
             raise ConfigError("the API key is empty, which would turn authentication off; give a key or None.")
         if self.max_body_bytes < 1:
             raise ConfigError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}.")
+        for name, flag in (
+            ("max_batch", "--max-batch"),
+            ("max_queue", "--max-queue"),
+            ("prefill_chunk", "--prefill-chunk"),
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1 ({flag}), got {getattr(self, name)}.")
+        if not 0 <= self.port < 65536:  # 0: any free port (BackgroundServer)
+            raise ConfigError(f"port must be 1..65535 (--port), got {self.port}.")
+        if not self.shutdown_grace_s >= 0:
+            raise ConfigError(f"shutdown_grace_s must be >= 0 seconds (--shutdown-grace), got {self.shutdown_grace_s}.")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(
+                f"log_level must be one of {', '.join(LOG_LEVELS)} (--log-level), got {self.log_level!r}."
+            )
+
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+"""uvicorn's log levels."""
