@@ -16,6 +16,7 @@ from tilemem.errors import ConfigError
 from tilemem.loader.checkpoint import Checkpoint
 from tilemem.models.topology import Topology
 from tilemem.placement.budgets import Budgets, CacheReserve, TierBudget
+from tilemem.placement.errors import PlanError
 from tilemem.placement.formats import tile_format
 from tilemem.placement.plan import Plan
 from tilemem.placement.planner import build_plan
@@ -78,6 +79,34 @@ def default_store_dir(ckpt: Checkpoint, tile: int) -> Path:
     return ckpt.path.parent / f"{ckpt.path.name}.tiles{tile}"
 
 
+def _shape(topo: Topology) -> tuple:
+    """What a plan depends on: the family (its weight names) and every layer's FFN shape."""
+    layers = tuple(
+        (lt.is_moe, lt.num_experts, lt.top_k, lt.expert_intermediate, lt.shared_intermediate, lt.dense_intermediate)
+        for lt in topo.layers
+    )
+    return topo.family, topo.hidden_size, layers
+
+
+def _describe(topo: Topology) -> str:
+    """`olmoe, 2 layers (2 MoE x 8 experts, top-2, width 32), hidden 64`."""
+    moe = [lt for lt in topo.layers if lt.is_moe]
+    experts = f" x {moe[0].num_experts} experts, top-{moe[0].top_k}, width {moe[0].expert_intermediate}" if moe else ""
+    return f"{topo.family}, {len(topo.layers)} layers ({len(moe)} MoE{experts}), hidden {topo.hidden_size}"
+
+
+def check_plan_matches(plan: Plan, ckpt: Checkpoint) -> None:
+    """Refuse a plan made for another model: its family or FFN shapes differ from `ckpt`'s."""
+    ours = Topology.from_config(ckpt.config)
+    if _shape(plan.topology) == _shape(ours):
+        return
+    raise PlanError(
+        f"plan '{plan.name}' was made for another model: {_describe(plan.topology)}, but {ckpt.path} is "
+        f"{_describe(ours)}; make a plan for this model with `tilemem plan {ckpt.path} --budget ...`, "
+        "or pass --budget instead of --plan."
+    )
+
+
 def attach_tiered(
     model,
     ckpt: Checkpoint,
@@ -88,6 +117,7 @@ def attach_tiered(
     progress: bool = True,
 ) -> TieredExperts:
     """Convert (if needed) and open the tile store, then route the model's experts through the plan."""
+    check_plan_matches(plan, ckpt)
     topo = plan.topology
     store = Path(store) if store else default_store_dir(ckpt, plan.tile)
     if not (store / "store.json").exists():
