@@ -55,7 +55,8 @@ def test_store_layout_packs_gate_up_then_down_4k_aligned():
     units = [Unit(0, 1, 0, 0, 100), Unit(0, 0, 0, 100, 150), Unit(0, 0, 0, 0, 100), Unit(0, SHARED, 0, 0, 7)]
     entries, total = layout(units, 64, fmt)
     ordered = sorted(units, key=store_order)
-    assert ordered[-1].expert == SHARED  # routed experts by (layer, expert, start), then shared/dense
+    # per layer the shared experts (and a dense FFN) first, then routed experts by (expert, start), as convert writes
+    assert [(u.expert, u.start) for u in ordered] == [(SHARED, 0), (0, 0), (0, 100), (1, 0)]
     prev_end = 0
     for u in ordered:
         gu, dn = entries[(u, "gate_up")], entries[(u, "down")]

@@ -128,10 +128,10 @@ def test_a_store_without_source_checksums_is_refused_and_reconvert_rebuilds_it(c
 def test_reconvert_rewrites_a_corrupt_tile(source, clean, tmp_path, caplog):
     store = shutil.copytree(clean, tmp_path / "store")
     flip_tile_byte(store, (0, 3, 0))
-    assert TileStore(store).verify(progress=False) == ["L0:E3:N0-16"]
+    assert TileStore(store).verify(progress=False) == ["L0:E3:S0:N0-16"]
     with caplog.at_level(logging.WARNING, logger="tilemem.runtime.tile_store"):
         convert(source, store, tile_size=TILE, progress=False)
-    assert "rewrote 1 corrupt tile(s)" in caplog.text and "L0:E3:N0-16" in caplog.text
+    assert "rewrote 1 corrupt tile(s)" in caplog.text and "L0:E3:S0:N0-16" in caplog.text
     assert (store / "tiles.bin").read_bytes() == (clean / "tiles.bin").read_bytes()
 
 

@@ -25,7 +25,7 @@ from tilemem.runtime.tile_store import StoreError, TileStore, convert
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 CORRUPT = (0, 3, 0)  # layer 0, expert 3, neurons 0-16
-CORRUPT_KEY = "L0:E3:N0-16"
+CORRUPT_KEY = "L0:E3:S0:N0-16"
 
 
 @pytest.fixture(scope="module")

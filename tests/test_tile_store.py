@@ -15,9 +15,10 @@ from tilemem.engine.llm import LLM
 from tilemem.layers.kv_cache import ForwardContext
 from tilemem.loader.checkpoint import Checkpoint
 from tilemem.models.topology import Topology
+from tilemem.placement.store_layout import ALIGNMENT
 from tilemem.runtime import direct_io
 from tilemem.runtime.direct_io import AlignedSlab, DirectReader
-from tilemem.runtime.tile_store import ALIGN, StoreError, TileStore, convert, expert_tensors, tile_ranges
+from tilemem.runtime.tile_store import StoreError, TileStore, convert, expert_tensors, tile_ranges
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +47,13 @@ def test_layout_is_aligned_ordered_and_whole_experts_are_contiguous(mixtral, sto
     ordered = sorted(ts.tiles.values(), key=lambda t: (t.layer, t.expert, t.start))
     offset = 0
     for tile in ordered:
-        assert tile.offset == offset and tile.offset % ALIGN == 0  # no gaps, every block aligned
+        assert tile.offset == offset and tile.offset % ALIGNMENT == 0  # no gaps, every block aligned
         assert tile.nbytes == 3 * (tile.end - tile.start) * cfg.hidden_size * 2
-        assert tile.padded % ALIGN == 0 and tile.nbytes <= tile.padded < tile.nbytes + ALIGN
+        assert tile.padded % ALIGNMENT == 0 and tile.nbytes <= tile.padded < tile.nbytes + ALIGNMENT
         offset += tile.padded
     assert offset == ts.meta["bytes"] == (store32 / "tiles.bin").stat().st_size
     assert [(t.start, t.end) for t in ts.tiles_of(layers[0], 5)] == [(0, 32), (32, 48)]
-    assert ts.tiles_of(layers[0], 5)[1].key == f"L{layers[0]}:E5:N32-48"
+    assert ts.tiles_of(layers[0], 5)[1].key == f"L{layers[0]}:E5:S0:N32-48"
 
 
 def test_tiles_hold_the_checkpoint_rows_with_their_checksums(mixtral, store32):
@@ -162,7 +163,25 @@ def test_direct_reader_reads_every_tile_into_aligned_slots(store32, direct, monk
             assert bytes(buf[: tile.nbytes]) == ts.read_block(tile)
         last = max(ts.tiles.values(), key=lambda t: t.offset)
         with pytest.raises(OSError, match="short read"):  # past the end of the file
-            reader.read_into(slab.buffer(0), last.offset + last.padded, ALIGN)
+            reader.read_into(slab.buffer(0), last.offset + last.padded, ALIGNMENT)
     finally:
         reader.close()
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_convert_writes_the_one_store_layout(make_ckpt, tmp_path):
+    """`convert` puts every block (dense FFN, shared experts, routed experts) where `placement.store_layout`
+    says, so a plan's manifest offsets are the store's."""
+    from tilemem.placement.formats import tile_format
+    from tilemem.placement.store_layout import layout
+    from tilemem.placement.tiles import DENSE, SHARED, Unit
+
+    path = make_ckpt("deepseek_v2", "bf16")
+    ckpt = Checkpoint.open(path)
+    ts = TileStore(convert(path, tmp_path / "store", tile_size=16, progress=False), ckpt)
+    topo = Topology.from_config(ckpt.config)
+    units = [Unit(t.layer, t.expert, 0, t.start, t.end) for t in ts.tiles.values()]
+    assert {DENSE, SHARED, 0} <= {u.expert for u in units}
+    entries, total = layout(units, topo.hidden_size, tile_format(topo.dtype))
+    assert total == ts.meta["bytes"]
+    assert {t.key: t.offset for t in ts.tiles.values()} == {u.key(): entries[(u, "gate_up")].offset for u in units}

@@ -22,7 +22,7 @@ from tilemem.placement.errors import PlanError
 from tilemem.placement.formats import tile_format
 from tilemem.placement.plan import NonExpertWeight, PlacedTile, Plan, TierUsage
 from tilemem.placement.store_layout import ALIGNMENT
-from tilemem.placement.tiles import expert_from_label, expert_label
+from tilemem.placement.tiles import expert_from_label, expert_key, expert_label
 
 MIR_SCHEMA = "tilemem_mir_v1"
 MANIFEST_SCHEMA = "tilemem_manifest_v1"
@@ -187,7 +187,7 @@ def _mir(plan: Plan, manifest_sha: str) -> dict[str, Any]:
     ffns = sorted({(t.layer, t.expert) for t in plan.tiles})
     for layer, expert in ffns:
         ranges = plan.resident_ranges(layer, expert)
-        residency[f"L{layer}:E{expert_label(expert)}"] = {k: [list(r) for r in v] for k, v in ranges.items()}
+        residency[expert_key(layer, expert)] = {k: [list(r) for r in v] for k, v in ranges.items()}
     return {
         "schema_version": MIR_SCHEMA,
         "name": plan.name,

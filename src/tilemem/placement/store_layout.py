@@ -3,9 +3,10 @@
 A block packs, for one neuron range [a, b) of one FFN: gate rows [n, D], up rows [n, D] (the
 `gate_up` tile), then the down columns down[:, a:b] stored transposed as [n, D] (the `down` tile),
 so a block is one contiguous [3, n, D] array; scales of gate_up and of down follow when the format
-has any. Routed experts come first, ordered (layer, expert, shard, start), so a whole expert is
-one contiguous run and a `tilepo_fine` plan's offsets equal those of `tilemem convert`'s store of
-the same tile size (`runtime/tile_store.py`); the shared-expert and dense-FFN blocks follow.
+has any. Blocks are ordered (layer, expert, shard, start), DENSE and SHARED before a layer's routed
+experts, so a whole expert is one contiguous run. `tilemem convert` (`runtime/tile_store.py`) writes
+its store in this order and alignment, so a plan's offsets equal those of the store of the same tile
+size (plain dtypes: no scales, one shard).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from tilemem.placement.formats import TileFormat
 from tilemem.placement.tiles import GROUPS, Unit, group_bytes
 
 ALIGNMENT = 4096
-"""Block alignment in bytes (O_DIRECT reads)."""
+"""Block alignment in bytes: every tile block, O_DIRECT read and cache slot is whole 4 KiB pages. The one
+definition (the tile store, the direct reader, the cost model and the probe use it)."""
 
 
 @dataclass(frozen=True)
@@ -39,8 +41,9 @@ def align(n: int, to: int = ALIGNMENT) -> int:
 
 
 def store_order(unit: Unit) -> tuple:
-    """Sort key of units in the store (and in a plan's tile list): routed experts first."""
-    return (unit.expert < 0, unit.layer, unit.expert, unit.shard, unit.start)
+    """Sort key of units in the store (and in a plan's tile list): by layer, then the dense FFN (DENSE),
+    the shared experts (SHARED), the routed experts by index, each by shard and neuron range."""
+    return (unit.layer, unit.expert, unit.shard, unit.start)
 
 
 def layout(units: list[Unit], hidden: int, fmt: TileFormat) -> tuple[dict[tuple[Unit, str], StoreEntry], int]:

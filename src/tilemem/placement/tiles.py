@@ -25,7 +25,7 @@ from tilemem.placement.formats import TileFormat
 GROUPS: tuple[str, ...] = ("gate_up", "down")
 """Projection groups: gate and up rows together, down columns."""
 _LABELS = {SHARED: "shared", DENSE: "dense"}
-_KEY = re.compile(r"^L(\d+):E(\d+|shared|dense):(gate_up|down):S(\d+):N(\d+)-(\d+)$")
+_KEY = re.compile(r"^L(\d+):E(\d+|shared|dense)(?::(gate_up|down))?:S(\d+):N(\d+)-(\d+)$")
 
 
 def expert_label(expert: int) -> str:
@@ -65,23 +65,30 @@ class Unit:
         """(layer, expert) of the FFN this range belongs to."""
         return self.layer, self.expert
 
-    def key(self, group: str) -> str:
-        """Stable key of this unit's tile in `group`."""
+    def key(self, group: str | None = None) -> str:
+        """Stable key of this unit's tile in `group`; without a group, of the unit (one tile-store block)."""
         return tile_key(self.layer, self.expert, group, self.shard, self.start, self.end)
 
 
-def tile_key(layer: int, expert: int, group: str, shard: int, start: int, end: int) -> str:
-    """`L3:E17:gate_up:S0:N0-128`."""
-    return f"L{layer}:E{expert_label(expert)}:{group}:S{shard}:N{start}-{end}"
+def expert_key(layer: int, expert: int) -> str:
+    """`L3:E17`, `L3:Eshared`, `L0:Edense`: the FFN part every tile key starts with."""
+    return f"L{layer}:E{expert_label(expert)}"
 
 
-def parse_tile_key(key: str) -> tuple[Unit, str]:
-    """(unit, group) of a tile key, or a PlanError showing the expected form."""
+def tile_key(layer: int, expert: int, group: str | None, shard: int, start: int, end: int) -> str:
+    """`L3:E17:gate_up:S0:N0-128` (a tile: one projection group); with group None, `L3:E17:S0:N0-128` (a
+    unit: both groups, as one tile-store block). The only place keys are formatted; `parse_tile_key` reads them."""
+    part = f":{group}" if group is not None else ""
+    return f"{expert_key(layer, expert)}{part}:S{shard}:N{start}-{end}"
+
+
+def parse_tile_key(key: str) -> tuple[Unit, str | None]:
+    """(unit, group) of a tile key (group None for a unit key), or a PlanError showing the expected form."""
     m = _KEY.match(key)
     if not m:
         raise PlanError(
-            f"'{key}' is not a tile key; keys look like L3:E17:gate_up:S0:N0-128 "
-            "(expert may be a number, 'shared' or 'dense'; group gate_up or down)."
+            f"'{key}' is not a tile key; keys look like L3:E17:gate_up:S0:N0-128, or L3:E17:S0:N0-128 for "
+            "both groups (expert may be a number, 'shared' or 'dense'; group gate_up or down)."
         )
     layer, label, group, shard, a, b = m.groups()
     return Unit(int(layer), expert_from_label(label), int(shard), int(a), int(b)), group

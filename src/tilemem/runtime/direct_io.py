@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from tilemem.placement.store_layout import ALIGNMENT, align
+
 
 class AlignedSlab:
     """One anonymous, page-aligned region split into equal slots (the DRAM tile cache's memory)."""
@@ -45,7 +47,7 @@ class DirectReader:
         fd = -1
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
-            with mmap.mmap(-1, 4096) as probe:
+            with mmap.mmap(-1, ALIGNMENT) as probe:
                 os.preadv(fd, [probe], 0)
         except OSError:
             if fd >= 0:
@@ -57,7 +59,7 @@ class DirectReader:
     def read_into(self, buf: memoryview, offset: int, nbytes: int) -> int:
         """Read `nbytes` (rounded up to 4 KiB when direct) at `offset` into `buf`; returns bytes read."""
         if self.direct:
-            length = -(-nbytes // 4096) * 4096
+            length = align(nbytes)
             n = os.preadv(self.fd, [buf[:length]], offset)
         else:
             n = os.preadv(self.fd, [buf[:nbytes]], offset)

@@ -31,10 +31,10 @@ from tilemem.errors import CheckpointError, TileMemError
 from tilemem.loader.checkpoint import Checkpoint
 from tilemem.loader.safetensors_file import DTYPES
 from tilemem.models.topology import Topology, our_ffn_prefix
-from tilemem.placement.tiles import DENSE, SHARED, always_active_ffns, ffn_width
+from tilemem.placement.store_layout import ALIGNMENT, align
+from tilemem.placement.tiles import DENSE, SHARED, always_active_ffns, ffn_width, tile_key
 from tilemem.runtime.store_sources import STAT_CACHE, record_sources, stale_tensors, tensor_crc
 
-ALIGN = 4096
 SCHEMA = "tilemem_store_v1"
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 log = logging.getLogger(__name__)
@@ -62,16 +62,12 @@ class StoredTile:
     @property
     def padded(self) -> int:
         """Bytes read with O_DIRECT (payload rounded up to the alignment)."""
-        return _align(self.nbytes)
+        return align(self.nbytes)
 
     @property
     def key(self) -> str:
-        """Stable key of the tile's FFN range, e.g. `L3:E17:N0-128`."""
-        return f"L{self.layer}:E{self.expert}:N{self.start}-{self.end}"
-
-
-def _align(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
+        """Stable key of the block (both projection groups), e.g. `L3:E17:S0:N0-128`."""
+        return tile_key(self.layer, self.expert, None, 0, self.start, self.end)
 
 
 def checkpoint_fingerprint(ckpt: Checkpoint) -> str:
@@ -171,21 +167,21 @@ def convert(model: str | Path, out: str | Path, tile_size: int = 128, progress: 
             crcs.update({name: tensor_crc(ckpt.tensor(name)) for name in expert_names(ckpt, layer, expert)})
             for a, b in tile_ranges(width, tile_size):
                 nbytes = 3 * (b - a) * cfg.hidden_size * itemsize
-                key = f"L{layer}:E{expert}:N{a}-{b}"
+                key = tile_key(layer, expert, None, 0, a, b)
                 rec = done.get(key)
                 # A journaled tile is kept only if the partial file really holds it (writes can be lost).
                 if rec is None or rec.get("offset", offset) != offset or not _holds(data, offset, nbytes, rec):
                     block = pack_tile(gate, up, down, a, b)
                     raw = block.view(torch.uint8).numpy().tobytes()
                     data.seek(offset)
-                    data.write(raw + b"\0" * (_align(nbytes) - nbytes))
+                    data.write(raw + b"\0" * (align(nbytes) - nbytes))
                     sha = hashlib.sha256(raw).hexdigest()
                     rec = {"key": key, "offset": offset, "sha256": sha, "crc32": zlib.crc32(raw)}
                     data.flush()
                     jr.write(json.dumps(rec) + "\n")
                     jr.flush()
                 tiles.append(StoredTile(layer, expert, a, b, offset, nbytes, rec["sha256"], rec["crc32"]))
-                offset += _align(nbytes)
+                offset += align(nbytes)
                 bar.update(nbytes)
         data.truncate(offset)
         os.fsync(data.fileno())
@@ -202,7 +198,7 @@ def convert(model: str | Path, out: str | Path, tile_size: int = 128, progress: 
         "layers": layers,
         "units": [[layer, unit, width] for layer, unit, width in units if unit < 0],
         "tile_size": tile_size,
-        "alignment": ALIGN,
+        "alignment": ALIGNMENT,
         "bytes": offset,
         "tiles": [[t.layer, t.expert, t.start, t.end, t.offset, t.nbytes, t.sha256, t.crc32] for t in tiles],
         "sources": record_sources(ckpt, crcs),

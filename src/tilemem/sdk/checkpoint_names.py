@@ -14,7 +14,7 @@ from typing import Any
 
 from tilemem.errors import CheckpointError
 from tilemem.models.topology import our_ffn_prefix
-from tilemem.placement.tiles import expert_label
+from tilemem.placement.tiles import expert_key
 
 PROJECTIONS = {"gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
 
@@ -114,7 +114,7 @@ def match_checkpoint_weights(
                 groups[g] = [n for n in wanted if n in present]
                 missing.extend(n for n in wanted if n not in present)
                 used.update(groups[g])
-            matched[f"L{layer}:E{expert_label(e)}"] = groups
+            matched[expert_key(layer, e)] = groups
     return WeightMatch(matched, missing, sorted(present - used))
 
 
@@ -135,7 +135,7 @@ def build_runtime_weight_aliases(
         for e in experts:
             ours = our_ffn_prefix(layer, e)
             hub_experts = _to_hub(family, f"model.layers.{layer}.mlp.experts")
-            out[f"L{layer}:E{expert_label(e)}"] = {
+            out[expert_key(layer, e)] = {
                 "hub": expert_tensor_names(family, layer, e),
                 "tilemem": {g: [f"{ours}.{p}.weight" for p in projs] for g, projs in PROJECTIONS.items()},
                 "fused_moe": {"gate_up": f"{hub_experts}.w13_weight[{e}]", "down": f"{hub_experts}.w2_weight[{e}]"},

@@ -14,16 +14,14 @@ import re
 from dataclasses import dataclass
 
 from tilemem.placement.plan import Plan
-
-ALIGN = 4096
-"""Tile store alignment: reads and cache slots are whole 4 KiB pages."""
+from tilemem.placement.store_layout import ALIGNMENT, align
 
 _LAYER = re.compile(r"\blayers\.(\d+)\.")
 
 
 def padded(nbytes: int) -> int:
     """`nbytes` rounded up to the store's 4 KiB alignment."""
-    return -(-nbytes // ALIGN) * ALIGN
+    return align(nbytes)
 
 
 @dataclass(frozen=True)
@@ -127,7 +125,7 @@ class PlanShape:
         if cpu is not None and cpu.capacity is not None:
             cache = cpu.capacity - cpu.non_expert - cpu.tiles
         widest = max((lt.expert_intermediate for lt in topo.layers if lt.is_moe), default=0)
-        slot = padded(min(store_tile, widest) * row) if widest else ALIGN
+        slot = padded(min(store_tile, widest) * row) if widest else ALIGNMENT
         return cls(tuple(layers), head, plan.tiers[0].tier, cache, slot, topo.dtype)
 
     @property

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tilemem import sysinfo
+from tilemem.placement.store_layout import ALIGNMENT
 
 GiB = 1 << 30
 
@@ -156,7 +157,7 @@ def check_o_direct(directory: Path) -> Check:
         os.close(fd)
         dfd = os.open(name, os.O_RDONLY | os.O_DIRECT)
         try:
-            with mmap.mmap(-1, 4096) as buf:
+            with mmap.mmap(-1, ALIGNMENT) as buf:
                 os.preadv(dfd, [buf], 0)
         finally:
             os.close(dfd)

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tilemem import sysinfo
+from tilemem.placement.store_layout import align
 from tilemem.tmap.hardware import DiskFigure, FetchFigure, HardwareProfile, KernelFigure
 
 MiB = 1 << 20
@@ -230,7 +231,7 @@ def cached_task_extra(hidden: int, dtype: str = "bfloat16", rows: int = 32, repe
     tdt = getattr(torch, dtype)
     nbytes = 3 * rows * hidden * tdt.itemsize
     count = 64
-    slab = AlignedSlab(count, -(-nbytes // 4096) * 4096)
+    slab = AlignedSlab(count, align(nbytes))
     resident = [torch.randn(3, rows, hidden).to(tdt) for _ in range(count)]
     for i, t in enumerate(resident):
         slab.tensor(i, nbytes, tdt).copy_(t.reshape(-1))
@@ -373,7 +374,7 @@ def fetch_pipeline(
 
     tdt = getattr(torch, dtype)
     nbytes = 3 * rows * hidden * tdt.itemsize
-    slot = -(-nbytes // 4096) * 4096
+    slot = align(nbytes)
     slab = AlignedSlab(io_depth + 1, slot)
     reader = DirectReader(path)
     positions = os.path.getsize(path) // slot
@@ -429,7 +430,7 @@ def read_interference(path: Path, rows: int, hidden: int, io_depth: int = 4, dty
 
     tdt = getattr(torch, dtype)
     nbytes = 3 * rows * hidden * tdt.itemsize
-    request = -(-nbytes // 4096) * 4096
+    request = align(nbytes)
     blocks = torch.randn(max(2, (32 * MiB) // nbytes), 3, rows, hidden).to(tdt)  # [C, 3, n, D]
     task = _TileTask(hidden, tdt)
 
@@ -517,7 +518,8 @@ def gpu_figures(dtypes: tuple[str, ...], batches: tuple[int, ...], hidden: int) 
 
 
 def _version() -> str:
-    """TileMEM's installed version (from the package metadata: a tool does not import the `tilemem` package, which loads the SDK)."""
+    """TileMEM's installed version, from the package metadata (a tool does not import the `tilemem`
+    package, which loads the SDK)."""
     try:
         return importlib.metadata.version("tilemem")
     except importlib.metadata.PackageNotFoundError:
