@@ -40,7 +40,11 @@ class RopeConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of one MoE causal LM, in TileMEM's vocabulary."""
+    """Architecture of one MoE causal LM, in TileMEM's vocabulary: what the model code is built from.
+
+    Which shape is which: `ModelConfig` (this: every hyperparameter, from a Hugging Face config) ->
+    `models.topology.Topology` (what planning needs: per-layer FFN widths and bytes) <- `sdk.ModelSpec` (a
+    model described by hand for the SDK); `tmap.shape.PlanShape` is a plan reduced for the cost model."""
 
     family: str
     """Registry key of the model family, e.g. `olmoe`."""

@@ -52,7 +52,8 @@ class LayerTopology:
 
 @dataclass(frozen=True)
 class Topology:
-    """A model's layers, widths, dtype and non-expert weights."""
+    """A model's layers, widths, dtype and non-expert weights: the shape placement plans with, without
+    tensors. Built from a `ModelConfig` (`from_config`) or an SDK `ModelSpec` (`ModelSpec.topology()`)."""
 
     family: str
     """Model family."""

@@ -151,7 +151,8 @@ class TileMEMPlan:
 
 @dataclass(frozen=True)
 class MoETopology:
-    """What `infer_moe_topology` found in a Hugging Face config."""
+    """What `infer_moe_topology` found in a Hugging Face config: the checkpoint's family and name with its
+    shape twice, as an SDK `ModelSpec` and as the `Topology` planning uses (a result, not a third shape)."""
 
     family: str
     """Model family."""

@@ -138,7 +138,8 @@ def coerce(block: str, key: str, value: Any) -> Any:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A MoE model shape and the settings to plan it with (see SCHEMA for each key)."""
+    """A MoE model shape and the settings to plan it with (see SCHEMA for each key): the SDK's hand-written
+    description of a model, from which `topology()` derives the `Topology` planning uses."""
 
     name: str
     """Plan name."""

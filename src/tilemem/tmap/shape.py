@@ -54,7 +54,7 @@ class LayerShape:
 
 @dataclass(frozen=True)
 class PlanShape:
-    """A plan reduced to bytes, blocks and tiles."""
+    """A plan reduced to bytes, blocks and tiles: the cost model's view of a `Plan` (not a model shape)."""
 
     layers: tuple[LayerShape, ...]
     """Every decoder layer."""
