@@ -25,14 +25,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from tilemem import kernels
-from tilemem.errors import TileMemError
+from tilemem import kernels, sysinfo
+from tilemem.errors import BudgetError, TileMemError
 from tilemem.layers.gpu_ffn import GATHER_MAX_PAIRS, TileSlab, gathered_ffn, stacked_ffn
 from tilemem.layers.moe import MoEBlock, PartialSums, group_by_expert
 from tilemem.placement.budgets import DEFAULT_CACHE_BYTES
 from tilemem.runtime.direct_io import AlignedSlab, DirectReader
 from tilemem.runtime.tile_cache import TileCache, TileId
 from tilemem.runtime.tile_store import StoredTile, TileStore
+from tilemem.units import format_bytes
 
 Ranges = dict[str, list[tuple[int, int]]]
 """tier -> merged neuron ranges of one expert."""
@@ -44,6 +45,19 @@ PREFETCH_MIN_USE = 0.5
 """Share of them that must be used for prefetching to continue."""
 PREFETCH_PAUSE = 256
 """MoE layer calls a pause lasts before prefetching is tried again."""
+
+
+def _cache_slab(slots: int, slot_bytes: int) -> AlignedSlab:
+    """The tile cache's memory, or a BudgetError saying the machine cannot give it."""
+    try:
+        return AlignedSlab(slots, slot_bytes)
+    except (OSError, MemoryError) as exc:
+        free = format_bytes(sysinfo.memory().available)
+        raise BudgetError(
+            f"cannot allocate the DRAM tile cache ({slots} tiles, {format_bytes(slots * slot_bytes)}): "
+            f"{getattr(exc, 'strerror', None) or exc}; this machine has {free} available: lower the cpu budget "
+            "(--budget cpu=SIZE) below what it has."
+        ) from None
 
 
 class TileReadError(TileMemError):
@@ -230,8 +244,10 @@ class TieredExperts:
         self.build_slabs()
         slot_bytes = max(t.padded for t in store.tiles.values())
         cache_bytes = DEFAULT_CACHE_BYTES if config.cache_bytes is None else config.cache_bytes
-        slots = max(cache_bytes // slot_bytes, config.io_depth)
-        self.cache = TileCache(AlignedSlab(slots, slot_bytes), config.cache_policy, staging=config.io_depth)
+        # No more slots than the store has tiles (plus staging): a budget above what the model can use
+        # must not allocate memory that no tile could fill.
+        slots = max(min(cache_bytes // slot_bytes, len(store.tiles) + config.io_depth), config.io_depth)
+        self.cache = TileCache(_cache_slab(slots, slot_bytes), config.cache_policy, staging=config.io_depth)
         self.cache.weights = config.tile_weights
         self.reader = DirectReader(store.data_path)
         self.pool = cf.ThreadPoolExecutor(max_workers=config.io_depth, thread_name_prefix="tile-io")
@@ -318,7 +334,8 @@ class TieredExperts:
             raw = self.store.read_block(t)
             if self.config.verify_reads and zlib.crc32(raw) != t.crc32:
                 raise TileReadError(
-                    f"tile {t.key} in {self.store.data_path} fails its checksum (corrupt store); {self.store.repair_hint}."
+                    f"tile {t.key} in {self.store.data_path} fails its checksum (corrupt store); "
+                    f"{self.store.repair_hint}."
                 )
             block = torch.frombuffer(bytearray(raw), dtype=self.store.dtype).view(3, t.end - t.start, -1)
             out[:, t.start - a : t.end - a] = block
@@ -333,7 +350,8 @@ class TieredExperts:
             raise TileReadError(f"reading tile {tile.key} from {self.store.data_path} failed: {exc}") from exc
         if self.config.verify_reads and zlib.crc32(buf[: tile.nbytes]) != tile.crc32:
             raise TileReadError(
-                f"tile {tile.key} in {self.store.data_path} fails its checksum (corrupt store); {self.store.repair_hint}."
+                f"tile {tile.key} in {self.store.data_path} fails its checksum (corrupt store); "
+                f"{self.store.repair_hint}."
             )
 
     def _block(self, slot: int, tile: StoredTile) -> torch.Tensor:
