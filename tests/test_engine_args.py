@@ -285,3 +285,20 @@ def test_server_draft_model_is_loaded_with_the_engine_dtype(make_ckpt, monkeypat
     assert state.llm.model.dtype == torch.bfloat16
     assert (str(draft), "bf16") in seen
     assert state.llm.args.draft_model == str(draft)
+
+
+def test_cache_policy_and_prefetch_flags_reach_the_tiered_runtime(make_ckpt, tmp_path, monkeypatch, capsys):
+    import tilemem.runtime.setup as setup
+    from tilemem.loader.checkpoint import Checkpoint
+    from tilemem.models.topology import Topology
+
+    seen = []
+    attach = setup.attach_tiered
+    monkeypatch.setattr(setup, "attach_tiered", lambda *a, **kw: seen.append(a[4]) or attach(*a, **kw))
+    path = make_ckpt("olmoe")
+    non_expert = Topology.from_config(Checkpoint.open(path).config).non_expert_bytes
+    argv = ["generate", str(path), "--prompt", "hi", "--max-tokens", "2", "--budget", f"cpu={non_expert}B"]
+    argv += ["--tile-size", "16", "--store", str(tmp_path / "store")]
+    assert main([*argv, "--cache-policy", "lru", "--no-prefetch"]) == 0
+    assert main(argv) == 0
+    assert [(c.cache_policy, c.prefetch) for c in seen] == [("lru", False), ("lfu", "auto")]
