@@ -64,22 +64,15 @@ class EngineParts:
         args = self.args
         slots = slots or args.max_batch
         length = length or self.max_model_len
-        eng = Engine(
-            self.model,
-            self.tokenizer,
-            self.eos_ids,
-            slots,
-            length,
-            prefill_chunk or args.prefill_chunk,
-            runtime=self.tiered,
-        )
+        speculator = None
         if args.speculative:
             from tilemem.speculative.drafters import make_drafter
             from tilemem.speculative.speculator import Speculator
 
             drafter = make_drafter(args.speculative, self.model, slots, length, args.dtype)
-            eng.speculator = Speculator(drafter, args.num_draft)
-        return eng
+            speculator = Speculator(drafter, args.num_draft)
+        prefill_chunk = prefill_chunk or args.prefill_chunk
+        return Engine(self.model, self.tokenizer, self.eos_ids, slots, length, prefill_chunk, self.tiered, speculator)
 
     def close(self) -> None:
         """Stop async planning and the tile I/O threads, close the tile store."""
