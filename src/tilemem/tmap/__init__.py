@@ -1,6 +1,9 @@
-"""TMAP: measured hardware profiles and a cost model that predicts, picks and explains plans.
+"""TMAP: hardware profiles and a cost model that predicts, picks and explains plans (`auto` included).
 
-hw = probe()                                   # or HardwareProfile.load("hw.json") / hardware_profile(...)
+Measuring a profile is a tool above the engine (`tilemem.tools.probe`, `tilemem doctor --probe`); TMAP
+only reads profiles and never imports the engine or the runtime.
+
+hw = HardwareProfile.load("hw.json")           # or a reference profile by name / hardware_profile(...)
 pred = predict(plan, hw, ServingWorkload(profile, batch=1))
 table = recommend(ckpt_or_topology, profile, hw, budget="cpu=4GiB")
 """
