@@ -31,8 +31,8 @@ from tilemem.errors import CheckpointError, TileMemError
 from tilemem.loader.checkpoint import Checkpoint
 from tilemem.loader.safetensors_file import DTYPES
 from tilemem.models.topology import Topology, our_ffn_prefix
-from tilemem.placement.store_layout import ALIGNMENT, align
-from tilemem.placement.tiles import DENSE, SHARED, always_active_ffns, ffn_width, tile_key
+from tilemem.placement.store_layout import ALIGNMENT, align, store_order
+from tilemem.placement.tiles import DENSE, SHARED, Unit, always_active_ffns, ffn_width, tile_key
 from tilemem.runtime.store_sources import STAT_CACHE, record_sources, stale_tensors, tensor_crc
 
 SCHEMA = "tilemem_store_v1"
@@ -90,8 +90,8 @@ def expert_tensors(ckpt: Checkpoint, layer: int, expert: int) -> tuple[torch.Ten
 
 
 def store_units(ckpt: Checkpoint) -> list[tuple[int, int, int]]:
-    """(layer, unit, width) of every FFN the store holds, in store order: per layer the dense FFN or
-    the shared experts first, then the routed experts."""
+    """(layer, unit, width) of every FFN the store holds, in store order (`placement.store_layout.store_order`:
+    per layer the dense FFN or the shared experts first, then the routed experts)."""
     topo = Topology.from_config(ckpt.config)
     always = set(always_active_ffns(topo))
     units = []
@@ -100,7 +100,7 @@ def store_units(ckpt: Checkpoint) -> list[tuple[int, int, int]]:
             if (lt.index, unit) in always:
                 units.append((lt.index, unit, ffn_width(topo, lt.index, unit)))
         units += [(lt.index, e, lt.expert_intermediate) for e in range(lt.num_experts if lt.is_moe else 0)]
-    return units
+    return sorted(units, key=lambda u: store_order(Unit(u[0], u[1], 0, 0, u[2])))
 
 
 def tile_ranges(width: int, tile: int) -> list[tuple[int, int]]:
