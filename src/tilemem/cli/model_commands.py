@@ -271,8 +271,8 @@ def demo_offload(path: Path, threads: int | None, budget_pct: float = 35.0) -> N
     from tilemem.engine.llm import LLM
     from tilemem.loader.checkpoint import Checkpoint
     from tilemem.models.topology import Topology
-    from tilemem.tools.profiler import profile_checkpoint
     from tilemem.runtime.setup import make_plan
+    from tilemem.tools.profiler import profile_checkpoint
     from tilemem.workloads.workload import load_workload
 
     ckpt = Checkpoint.open(path)
