@@ -176,11 +176,28 @@ class ModelConfig:
 
 
 class HFConfig:
-    """Read access to a Hugging Face config dict that names missing fields clearly."""
+    """Read access to a Hugging Face config dict that names missing fields clearly.
 
-    def __init__(self, data: dict[str, Any], source: str = "config.json") -> None:
+    `aliases` is the family's transformers `attribute_map` (alias -> canonical name): config.json may
+    hold either name (transformers 5 writes `num_local_experts` where older Qwen3-MoE configs say
+    `num_experts`), so both are filled in from whichever is present; the caller's dict is not changed."""
+
+    def __init__(
+        self, data: dict[str, Any], source: str = "config.json", aliases: dict[str, str] | None = None
+    ) -> None:
+        self.aliases = dict(aliases or {})
+        data = dict(data)
+        for alias, canonical in self.aliases.items():
+            for name, other in ((alias, canonical), (canonical, alias)):
+                if data.get(name) is None and data.get(other) is not None:
+                    data[name] = data[other]
         self.data = data
         self.source = source
+
+    def _also(self, name: str) -> str:
+        """` (or 'alias')` for a name with aliases, else empty."""
+        others = [a for a, c in self.aliases.items() if c == name] + [c for a, c in self.aliases.items() if a == name]
+        return "".join(f" (or '{o}')" for o in others)
 
     def req(self, *names: str) -> Any:
         """The first present key among `names`, or a ConfigError naming it."""
@@ -188,7 +205,7 @@ class HFConfig:
             if self.data.get(name) is not None:
                 return self.data[name]
         raise ConfigError(
-            f"{self.source} has no field '{names[0]}', which the "
+            f"{self.source} has no field '{names[0]}'{self._also(names[0])}, which the "
             f"{self.data.get('architectures', ['?'])[0]} architecture needs; "
             "add it (see the model's original config.json on the hub)."
         )

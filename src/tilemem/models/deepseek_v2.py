@@ -13,6 +13,15 @@ from tilemem.config import HFConfig, ModelConfig
 from tilemem.models.registry import Family
 
 
+def mla_common(hf: HFConfig) -> dict:
+    """`hf.common()` for MLA: one KV head per query head, and `head_dim` the rope width, as transformers
+    sets it (unused by MLA attention, but a config transformers saved must read as the same model)."""
+    common = hf.common()
+    common["num_kv_heads"] = common["num_heads"]
+    common["head_dim"] = int(hf.req("qk_rope_head_dim"))
+    return common
+
+
 def mla_fields(hf: HFConfig) -> dict:
     """MLA, MoE-layout and routing fields shared by DeepSeek-V2 and V3."""
     moe_inter = int(hf.req("moe_intermediate_size"))
@@ -40,8 +49,7 @@ def mla_fields(hf: HFConfig) -> dict:
 
 def config_from_hf(hf: HFConfig) -> ModelConfig:
     """V2: softmax scores; `topk_method` greedy or group_limited_greedy."""
-    common = hf.common()
-    common["num_kv_heads"] = common["num_heads"]
+    common = mla_common(hf)
     method = str(hf.get("topk_method", "greedy"))
     return ModelConfig(
         family="deepseek_v2",
@@ -60,6 +68,7 @@ FAMILY = Family(
     name="deepseek_v2",
     architecture="DeepseekV2ForCausalLM",
     model_type="deepseek_v2",
+    attribute_map={"num_experts": "n_routed_experts"},
     config_from_hf=config_from_hf,
     tiny=dict(
         hidden_size=64,

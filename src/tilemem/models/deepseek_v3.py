@@ -3,14 +3,13 @@
 applied to interleaved pairs (`rope_interleave`)."""
 
 from tilemem.config import HFConfig, ModelConfig
-from tilemem.models.deepseek_v2 import mla_fields
+from tilemem.models.deepseek_v2 import mla_common, mla_fields
 from tilemem.models.registry import Family
 
 
 def config_from_hf(hf: HFConfig) -> ModelConfig:
     """V3 routing is always sigmoid + bias-corrected group-limited top-k (noaux_tc)."""
-    common = hf.common()
-    common["num_kv_heads"] = common["num_heads"]
+    common = mla_common(hf)
     return ModelConfig(
         family="deepseek_v3",
         **common,
@@ -27,6 +26,7 @@ FAMILY = Family(
     name="deepseek_v3",
     architecture="DeepseekV3ForCausalLM",
     model_type="deepseek_v3",
+    attribute_map={"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"},
     config_from_hf=config_from_hf,
     tiny=dict(
         hidden_size=64,

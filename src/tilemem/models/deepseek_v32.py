@@ -10,7 +10,7 @@ from typing import Any
 from tilemem.config import HFConfig, ModelConfig
 from tilemem.errors import ConfigError
 from tilemem.models import deepseek_v3
-from tilemem.models.deepseek_v2 import mla_fields
+from tilemem.models.deepseek_v2 import mla_common, mla_fields
 from tilemem.models.registry import Family
 
 HF_DEFAULTS: dict[str, Any] = dict(
@@ -38,14 +38,13 @@ def dense_layers(hf: HFConfig) -> tuple[int, ...]:
 
 def dsa_config(hf: HFConfig, family: str, defaults: dict[str, Any], **changes: Any) -> ModelConfig:
     """DeepSeek-V3 routing + MLA + DSA indexer fields, for DeepSeek-V3.2 and GLM-MoE-DSA."""
-    hf = HFConfig({**defaults, **{k: v for k, v in hf.data.items() if v is not None}}, hf.source)
+    hf = HFConfig({**defaults, **{k: v for k, v in hf.data.items() if v is not None}}, hf.source, hf.aliases)
     if not hf.get("q_lora_rank"):
         raise ConfigError(f"{hf.source}: {family} needs q_lora_rank > 0 (the DSA indexer reads the query latent).")
     index_head_dim = int(hf.req("index_head_dim"))
     if index_head_dim < int(hf.req("qk_rope_head_dim")):
         raise ConfigError(f"{hf.source}: index_head_dim ({index_head_dim}) is smaller than qk_rope_head_dim.")
-    common = hf.common()
-    common["num_kv_heads"] = common["num_heads"]
+    common = mla_common(hf)
     fields = {**mla_fields(hf), "dense_layers": dense_layers(hf)}
     cfg = ModelConfig(
         family=family,
@@ -72,6 +71,7 @@ FAMILY = Family(
     name="deepseek_v32",
     architecture="DeepseekV32ForCausalLM",
     model_type="deepseek_v32",
+    attribute_map={"num_local_experts": "n_routed_experts"},
     config_from_hf=config_from_hf,
     # V3's tiny preset (without rope_interleave: V3.2 uses half-split rope) plus the indexer. Top-k below
     # the test sequences (4..43 tokens) so the indexer really drops keys; 16 heads keep exact score ties

@@ -55,6 +55,7 @@ FAMILY = Family(
     name="glm_moe_dsa",
     architecture="GlmMoeDsaForCausalLM",
     model_type="glm_moe_dsa",
+    attribute_map={"num_local_experts": "n_routed_experts"},
     config_from_hf=config_from_hf,
     # DeepSeek-V3.2's tiny preset (indexer top-k 6 below the test sequences, so it really drops keys)
     # with GLM's default rope, wider heads, 4 layers of which 1 and 3 reuse the top-k of 0 and 2.

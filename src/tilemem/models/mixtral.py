@@ -26,6 +26,7 @@ FAMILY = Family(
     name="mixtral",
     architecture="MixtralForCausalLM",
     model_type="mixtral",
+    attribute_map={"num_experts": "num_local_experts"},
     config_from_hf=config_from_hf,
     renames=(
         (".block_sparse_moe.", ".mlp."),

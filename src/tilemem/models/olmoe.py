@@ -28,6 +28,7 @@ FAMILY = Family(
     name="olmoe",
     architecture="OlmoeForCausalLM",
     model_type="olmoe",
+    attribute_map={"num_local_experts": "num_experts"},
     config_from_hf=config_from_hf,
     tiny=dict(
         hidden_size=64,

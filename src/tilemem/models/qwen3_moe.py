@@ -29,6 +29,7 @@ FAMILY = Family(
     name="qwen3_moe",
     architecture="Qwen3MoeForCausalLM",
     model_type="qwen3_moe",
+    attribute_map={"num_experts": "num_local_experts"},
     config_from_hf=config_from_hf,
     tiny=dict(
         hidden_size=64,

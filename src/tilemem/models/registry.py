@@ -26,6 +26,12 @@ class Family:
     """(hub substring, our substring) pairs applied in order to checkpoint names; reversible."""
     tiny: dict[str, Any] = field(default_factory=dict)
     """HF config fields of the `tiny` synthetic preset (unit tests)."""
+    attribute_map: dict[str, str] = field(default_factory=dict)
+    """transformers' `attribute_map` of the config class (alias -> canonical): config.json may use either."""
+
+    def read_config(self, data: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        """Translate a config.json dict of this family, accepting every attribute alias."""
+        return self.config_from_hf(HFConfig(data, source, self.attribute_map))
 
     def to_ours(self, hub_name: str) -> str:
         """Our module name for a hub tensor name."""
@@ -88,4 +94,4 @@ def config_from_hf(data: dict[str, Any], source: str = "config.json") -> ModelCo
             f"{source} has no 'architectures' list, so the model family is unknown; add e.g. "
             '"architectures": ["OlmoeForCausalLM"].'
         )
-    return family_for_architecture(archs[0]).config_from_hf(HFConfig(data, source))
+    return family_for_architecture(archs[0]).read_config(data, source)
