@@ -36,13 +36,13 @@ int tm_attn_prefill_bf16(const uint16_t *q, int64_t sqb, int64_t sqh, int64_t sq
   int64_t ngk = task_groups(T), KPv = (T + 1) / 2, ngv = (hd + GB - 1) / GB, heads = B * Hkv;
   int64_t kwords = ngk * GB * (hd / 2), vwords = ngv * KPv * GB, qblocks = (T + AQ - 1) / AQ;
   uint32_t *pk = (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * (heads * (kwords + vwords) + 16));
-  uint32_t *pv = pk + heads * kwords;
   int32_t *idx = (int32_t *)malloc(sizeof(int32_t) * (T + GB));
   if (!pk || !idx) {
     free(idx);
     free(pk);
     return TM_ENOMEM;
   }
+  uint32_t *pv = pk + heads * kwords;
   int err = TM_OK;
   for (int64_t j = 0; j < T + GB; j++) idx[j] = (int32_t)(j < T ? j : 0);
 #pragma omp parallel num_threads(nthreads)
