@@ -11,7 +11,7 @@ import pytest
 from safetensors import safe_open
 
 from tilemem.cli.main import main
-from tilemem.engine.llm import LLM
+from tilemem.engine.llm import LLM, peak_rss_bytes
 from tilemem.engine.sampling import SamplingParams
 from tilemem.loader.checkpoint import Checkpoint
 
@@ -131,7 +131,8 @@ def test_generate_streams_text_and_prints_stats(cli_ckpt, capsys, monkeypatch):
     assert stats, err
     assert int(stats[1]) == len(want.prompt_token_ids)
     assert int(stats[3]) == len(want.token_ids) - 1  # the first token comes from the prefill
-    assert float(stats[5]) > 0
+    # Peak RSS in GiB: this process's high-water mark when the line was printed (2 decimals).
+    assert abs(float(stats[5]) - peak_rss_bytes() / 2**30) <= 0.01
 
 
 def test_generate_without_stats_prints_none(cli_ckpt, capsys):

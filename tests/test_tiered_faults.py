@@ -109,23 +109,34 @@ def test_corrupt_tile_read_from_disk_fails_the_request_naming_the_tile(ckpt, sto
 # -- refused stores --------------------------------------------------------------------------------
 
 
-def test_missing_or_incomplete_stores_are_refused(store, tmp_path):
+def test_a_directory_that_does_not_exist_is_not_a_store(tmp_path):
     with pytest.raises(StoreError, match="no store.json"):
         TileStore(tmp_path / "does-not-exist")
 
+
+def test_a_store_without_store_json_is_refused(store, tmp_path):
     no_meta = copy_store(store, tmp_path / "no-meta")
     (no_meta / "store.json").unlink()
     with pytest.raises(StoreError, match="not a tile store"):
         TileStore(no_meta)
-    (no_meta / "tiles.bin").rename(no_meta / "tiles.bin.partial")
-    with pytest.raises(StoreError, match="interrupted"):
-        TileStore(no_meta)
 
+
+def test_an_interrupted_conversion_is_named_with_how_to_resume(store, tmp_path):
+    partial = copy_store(store, tmp_path / "partial")
+    (partial / "store.json").unlink()
+    (partial / "tiles.bin").rename(partial / "tiles.bin.partial")
+    with pytest.raises(StoreError, match="interrupted.*re-run `tilemem convert` to resume"):
+        TileStore(partial)
+
+
+def test_a_garbled_store_json_is_refused(store, tmp_path):
     garbled = copy_store(store, tmp_path / "garbled")
     (garbled / "store.json").write_text('{"schema_version": "tilemem_sto')
     with pytest.raises(StoreError, match="corrupt"):
         TileStore(garbled)
 
+
+def test_a_truncated_tiles_bin_is_refused_with_both_sizes(store, tmp_path):
     truncated = copy_store(store, tmp_path / "truncated")
     size = (truncated / "tiles.bin").stat().st_size
     with open(truncated / "tiles.bin", "r+b") as f:
@@ -133,29 +144,50 @@ def test_missing_or_incomplete_stores_are_refused(store, tmp_path):
     with pytest.raises(StoreError, match=f"truncated \\({size - 4096} of {size} bytes\\)"):
         TileStore(truncated)
 
+
+def test_a_missing_tiles_bin_is_refused(store, tmp_path):
     no_data = copy_store(store, tmp_path / "no-data")
     (no_data / "tiles.bin").unlink()
     with pytest.raises(StoreError, match="missing or truncated"):
         TileStore(no_data)
 
 
-def test_store_of_another_checkpoint_is_refused(ckpt, store, make_ckpt, non_expert_budget, tmp_path):
-    other = make_ckpt("olmoe", "fp32", routing_skew=1.0, seed=1)  # same shapes and config, other weights
-    assert (other / "config.json").read_text() == (ckpt / "config.json").read_text()
+@pytest.fixture(scope="module")
+def other(ckpt, make_ckpt):
+    """A checkpoint with the same shapes and config as `ckpt` but other weights."""
+    path = make_ckpt("olmoe", "fp32", routing_skew=1.0, seed=1)
+    assert (path / "config.json").read_text() == (ckpt / "config.json").read_text()
+    return path
+
+
+def test_store_of_another_checkpoint_is_refused_on_open(store, other):
     with pytest.raises(StoreError, match="another checkpoint"):
         TileStore(store, Checkpoint.open(other))
+
+
+def test_store_of_another_checkpoint_is_refused_by_llm(store, other, non_expert_budget):
     with pytest.raises(StoreError, match="another checkpoint"):
         LLM(other, dtype="fp32", budget=non_expert_budget, tile=16, store=store)
-    # convert refuses to overwrite it, for another checkpoint or another tile size ...
+
+
+def test_convert_refuses_to_overwrite_another_checkpoints_store(store, other):
     before = (store / "store.json").read_bytes()
     with pytest.raises(StoreError, match="another checkpoint or tile size"):
         convert(other, store, tile_size=16, progress=False)
+    assert (store / "store.json").read_bytes() == before
+
+
+def test_convert_refuses_to_overwrite_a_store_of_another_tile_size(ckpt, store):
+    before = (store / "store.json").read_bytes()
     with pytest.raises(StoreError, match="another checkpoint or tile size"):
         convert(ckpt, store, tile_size=32, progress=False)
     assert (store / "store.json").read_bytes() == before
-    # ... and is a no-op for the same checkpoint and tile size.
+
+
+def test_convert_over_the_same_checkpoints_intact_store_changes_nothing(ckpt, store):
+    before = {p.name: p.read_bytes() for p in store.iterdir()}
     assert convert(ckpt, store, tile_size=16, progress=False) == store
-    assert (store / "store.json").read_bytes() == before
+    assert {p.name: p.read_bytes() for p in store.iterdir()} == before
 
 
 # -- interrupted conversion ------------------------------------------------------------------------

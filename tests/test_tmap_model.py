@@ -175,12 +175,12 @@ def test_faster_disk_never_predicts_slower(policy, batch):
     topo, profile = _small_problem()
     budget = topo.non_expert_bytes + topo.shared_and_dense_bytes + topo.routed_expert_bytes // 4
     plan = plan_for(topo, profile, f"cpu={budget}B", policy, tile=16)
-    last = 0.0
+    last = last_prefill = 0.0
     for scale in (0.25, 0.5, 1.0, 2.0, 4.0, 16.0):
         pred = predict(plan, measured_like_hw(scale), ServingWorkload(profile, batch=batch))
         assert pred.decode_tok_s >= last * (1 - 1e-9)
-        assert pred.prefill_tok_s > 0
-        last = pred.decode_tok_s
+        assert pred.prefill_tok_s >= last_prefill * (1 - 1e-9)
+        last, last_prefill = pred.decode_tok_s, pred.prefill_tok_s
 
 
 def test_unmeasured_lookups_are_noted():
@@ -202,7 +202,7 @@ def test_gpu_tier_runs_in_parallel_with_cpu():
     third = topo.routed_expert_bytes // 3
     cpu_only = predict(plan_for(topo, profile, f"cpu={topo.non_expert_bytes + third}B", tile=16), hw, profile)
     gpu = predict(plan_for(topo, profile, f"cuda={topo.non_expert_bytes + third}B,cpu={third}B", tile=16), hw, profile)
-    assert gpu.decode.gpu_experts_s > 0
+    assert gpu.decode.gpu_experts_s > 0 and cpu_only.decode.gpu_experts_s == 0  # only the cuda plan uses the GPU
     assert gpu.decode_tok_s > cpu_only.decode_tok_s
 
 

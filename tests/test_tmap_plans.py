@@ -6,11 +6,11 @@ import argparse
 import json
 
 import pytest
-from test_tmap_model import _small_problem, measured_like_hw
+from test_tmap_model import _small_problem, measured_like_hw, plan_for
 
 from tilemem.placement.errors import BudgetError
 from tilemem.placement.profile import Profile
-from tilemem.tmap import HardwareError, HardwareProfile, hardware_profile, reference_profiles
+from tilemem.tmap import HardwareError, HardwareProfile, ServingWorkload, hardware_profile, predict, reference_profiles
 from tilemem.tmap.auto import auto_budget, resolve_auto
 from tilemem.tmap.recommend import ExtrapolationError, confidence, recommend
 
@@ -212,9 +212,18 @@ def test_cli_predict(tmp_path, capsys):
 
 
 def test_uniform_profile_needs_no_checkpoint():
+    """From the uniform prior alone: the table is fastest first, the best candidate heads it, and each
+    figure is exactly what `predict` gives for that policy's plan of this topology."""
     topo, _ = _small_problem()
-    rec = recommend(topo, Profile.uniform(topo), measured_like_hw(), f"cpu={topo.total_bytes // 2}B", tiles=(16,))
-    assert rec.recommended.prediction.decode_tok_s > 0
+    uniform, budget = Profile.uniform(topo), f"cpu={topo.total_bytes // 2}B"
+    rec = recommend(topo, uniform, measured_like_hw(), budget, tiles=(16,))
+    speeds = [c.prediction.decode_tok_s for c in rec.candidates]
+    assert speeds == sorted(speeds, reverse=True) and rec.best == rec.candidates[0]
+    assert rec.recommended in rec.candidates and len({c.policy for c in rec.candidates}) == len(rec.candidates) > 1
+    for c in rec.candidates:
+        plan = plan_for(topo, uniform, budget, c.policy, tile=16)
+        expected = predict(plan, measured_like_hw(), ServingWorkload(uniform)).decode_tok_s
+        assert c.prediction.decode_tok_s == pytest.approx(expected, rel=1e-9), c.policy
 
 
 def test_validation_agreement_follows_the_recommendation():
