@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-name", default=None, help="name clients use as 'model' (default: the directory name)")
     p.add_argument("--max-queue", type=int, default=64, help="sequences that may wait for a slot before 429")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument(
+        "--max-body-bytes", type=int, default=4 * 2**20, help="largest request body, larger ones get 413 (4 MiB)"
+    )
     # Engine flags, generated from EngineArgs; the server prefills in smaller chunks than offline runs.
     add_engine_args(p, defaults={"prefill_chunk": 512})
     p.add_argument("--log-level", default="info", help="uvicorn log level")
@@ -40,7 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     engine_args = engine_args_from_namespace(args)  # checks every engine flag before anything loads
     api_key = resolve_api_key(args.api_key, args.api_key_file)
-    for name in ("max_queue",):
+    for name in ("max_queue", "max_body_bytes"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
     if not 0 < args.port < 65536:
@@ -54,6 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         prefill_chunk=engine_args.prefill_chunk,
         shutdown_grace_s=args.shutdown_grace,
+        max_body_bytes=args.max_body_bytes,
         log_level=args.log_level,
     )
     serve(engine_args, config)  # the server builds the engine from engine_args (build_engine)

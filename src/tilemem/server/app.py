@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tilemem.engine.args import EngineArgs
 from tilemem.engine.llm import LLM
+from tilemem.server.body_limit import BodyLimitMiddleware
 from tilemem.server.config import ServerConfig
 from tilemem.server.metrics import ServerMetrics
 from tilemem.server.openai_api import OpenAIService
@@ -142,7 +143,8 @@ def create_app(llm: LLM | EngineArgs, config: ServerConfig | None = None) -> Fas
 
     app = FastAPI(title="TileMEM", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.tilemem = state
-    app.add_middleware(GuardMiddleware, state=state)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    app.add_middleware(GuardMiddleware, state=state)  # added last: runs first (auth before reading bodies)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
