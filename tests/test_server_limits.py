@@ -44,7 +44,7 @@ def padded_body(size: int) -> bytes:
     return json.dumps({**body, "user": "u" * pad}).encode()
 
 
-def assert_openai_error(r: httpx.Response, status: int, code: str) -> dict:
+def assert_openai_error(r: httpx.Response, status: int, code: str | None) -> dict:
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["code"] == code
@@ -110,6 +110,12 @@ def test_each_prompt_is_tokenized_once_whatever_n(server, http, monkeypatch):
     assert r.status_code == 200, r.text
     assert len(r.json()["choices"]) == 6
     assert sorted(calls) == ["one", "two"]
+
+
+def test_a_stop_token_id_outside_the_vocabulary_gets_400(http):
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 1, "stop_token_ids": [1, 10**9]}
+    err = assert_openai_error(http.post("/v1/completions", json=body), 400, None)
+    assert err["param"] == "stop_token_ids" and "1000000000 is outside the vocabulary" in err["message"]
 
 
 # -- a request larger than the server -------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from tilemem.server.body_limit import BodyLimitMiddleware
 from tilemem.server.config import ServerConfig
 from tilemem.server.metrics import ServerMetrics
 from tilemem.server.openai_api import OpenAIService
+from tilemem.server.openapi import install_openapi
 from tilemem.server.placement_view import PlacementView
 from tilemem.server.protocol import APIError
 from tilemem.server.worker import EngineWorker
@@ -34,6 +35,7 @@ ENDPOINTS = (
     "/",
     "/health",
     "/metrics",
+    "/openapi.json",
     "/v1/models",
     "/v1/completions",
     "/v1/chat/completions",
@@ -141,8 +143,9 @@ def create_app(llm: LLM | EngineArgs, config: ServerConfig | None = None) -> Fas
         finally:
             state.worker.stop()
 
-    app = FastAPI(title="TileMEM", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="TileMEM", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.tilemem = state
+    install_openapi(app, state.model_name)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
     app.add_middleware(GuardMiddleware, state=state)  # added last: runs first (auth before reading bodies)
 

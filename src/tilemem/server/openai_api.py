@@ -87,6 +87,7 @@ class OpenAIService:
         self._check_model(req.model)
         prompts = req.prompts()
         self._check_fits(len(prompts) * req.n, "n" if req.n > 1 else "prompt")
+        self._check_stop_token_ids(req)
         seqs = self._sequences(prompts, req, req.max_tokens or 16, req.logprobs, "prompt")
         echo = [self._prompt_text(p) for p in prompts] if req.echo else None
         return req, seqs, echo
@@ -95,6 +96,7 @@ class OpenAIService:
         req: ChatCompletionRequest = parse_body(raw, ChatCompletionRequest)
         self._check_model(req.model)
         self._check_fits(req.n, "n")
+        self._check_stop_token_ids(req)
         if self.llm.tokenizer is None:
             raise APIError(400, "this checkpoint has no tokenizer, so it cannot chat; use /v1/completions.")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
@@ -114,6 +116,13 @@ class OpenAIService:
             self.worker.check_fits(count)
         except RequestTooLargeError as exc:
             raise APIError(400, str(exc), param=param, code="too_many_sequences") from exc
+
+    def _check_stop_token_ids(self, req) -> None:
+        vocab = self.llm.config.vocab_size
+        bad = [t for t in req.stop_token_ids or () if t >= vocab]
+        if bad:
+            message = f"stop token id {bad[0]} is outside the vocabulary (0..{vocab - 1})."
+            raise APIError(400, message, param="stop_token_ids")
 
     def _check_model(self, name: str) -> None:
         if name != self.model_name:

@@ -1,13 +1,15 @@
 """The HTTP boundary: OpenAI request bodies as pydantic models, and OpenAI-style errors.
 
-Bodies are validated strictly (no "5" for 5): malformed JSON and unrecognized arguments get 400,
-wrong types and out-of-range values 422, each with an OpenAI error body naming the parameter.
+Bodies are validated strictly (no "5" for 5; but 16.0 is 16, JSON having one number type): malformed
+JSON and unrecognized arguments get 400, wrong types and out-of-range values 422, each with an OpenAI
+error body naming the parameter. Every numeric field's range is declared here, so that it shows in the
+server's OpenAPI schema; only bounds that depend on the model (vocabulary, context) are checked later.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -37,6 +39,10 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+TokenId = Annotated[int, Field(ge=0)]
+"""A token id (its upper bound, the vocabulary size, is the model's: checked when the request is run)."""
+
+
 class StreamOptions(BaseModel):
     """`stream_options`: whether the last chunk carries `usage`."""
 
@@ -61,10 +67,10 @@ class _Sampling(BaseModel):
     user: str | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     top_k: int | None = Field(None, ge=-1)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
 
     def check_supported(self) -> None:
         """400 for OpenAI features this server accepts only at their neutral value."""
@@ -96,11 +102,11 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     """`POST /v1/completions`."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
-    best_of: int | None = Field(None, ge=1)
+    best_of: int | None = Field(None, ge=1, le=16)
     suffix: str | None = None
 
     def check_supported(self) -> None:
@@ -170,9 +176,15 @@ class ChatCompletionRequest(_Sampling):
 def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
     """Validate a request body, raising APIError (400 bad JSON / unknown argument, 422 bad value)."""
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_float=_json_number)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise APIError(400, f"the request body is not valid JSON: {exc}.", code="invalid_json") from exc
+    except RecursionError as exc:
+        raise APIError(400, "the request body nests JSON arrays/objects too deeply.", code="invalid_json") from exc
+    except ValueError as exc:  # e.g. an integer with more digits than Python converts
+        raise APIError(
+            400, f"the request body has a number this server cannot read: {exc}.", code="invalid_json"
+        ) from exc
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object.", code="invalid_json")
     try:
@@ -181,6 +193,13 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
         raise _validation_error(exc) from exc
     req.check_supported()
     return req
+
+
+def _json_number(text: str) -> int | float:
+    """A JSON number with a fraction or exponent: JSON has one number type, so 16.0 is the integer 16
+    (as JSON Schema reads it) and passes as an integer field; 16.5 stays a float."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
 
 
 def _validation_error(exc: ValidationError) -> APIError:
@@ -193,7 +212,9 @@ def _validation_error(exc: ValidationError) -> APIError:
     if missing:
         name = ".".join(str(x) for x in missing[0]["loc"])
         return APIError(400, f"Missing required parameter: '{name}'.", param=name, code="missing_required_parameter")
-    first = errors[0]
+    # Of a union's alternatives, name the one that got furthest (a bound, not a type mismatch).
+    same_field = [e for e in errors if e["loc"][:1] == errors[0]["loc"][:1]]
+    first = next((e for e in same_field if not e["type"].endswith("_type")), errors[0])
     loc = [str(x) for x in first["loc"] if isinstance(x, int) or not _is_type_tag(str(x))]
     name = ".".join(loc)
     got = json.dumps(first.get("input"), default=str)
