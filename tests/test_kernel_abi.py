@@ -130,8 +130,8 @@ def test_prefill_attention_too_large_to_allocate_fails_cleanly():
 
 @needs_kernels
 def test_moe_too_large_to_plan_fails_cleanly():
-    """A MoE call whose token/expert plan cannot be allocated (2^46 pairs: 256 TiB of token indices) returns TM_ENOMEM before it reads
-    the routing."""
+    """A MoE call whose token/expert plan cannot be allocated (2^46 pairs: 256 TiB of token indices) returns
+    TM_ENOMEM before it reads the routing."""
     t, k, e, d, i = 1 << 45, 2, 8, 64, 32
     z = torch.zeros(64, dtype=torch.int64)  # never read: the call fails first
     p = z.data_ptr()
