@@ -28,7 +28,7 @@ class ServerConfig:
     max_body_bytes: int = 4 * 2**20
     """Largest request body accepted; a larger one gets 413 before it is read in full."""
     shutdown_grace_s: float = 30.0
-    """On SIGTERM: how long in-flight requests may run on before they are ended (finish_reason abort)."""
+    """On SIGTERM: how long in-flight requests may run on before they are ended (503 shutting_down)."""
     log_level: str = "info"
     """uvicorn log level."""
 

@@ -2,7 +2,8 @@
 on a background thread (tests, benchmarks).
 
 On SIGTERM or Ctrl-C the server stops accepting connections, lets in-flight requests run on for
-`shutdown_grace_s`, then ends the rest (finish_reason "abort", streams closed with `data: [DONE]`).
+`shutdown_grace_s`, then ends the rest, saying so (503 `shutting_down`; streams: an error event, then
+`data: [DONE]`).
 """
 
 from __future__ import annotations
