@@ -37,7 +37,7 @@ static inline void dot_block(const uint16_t *w, int64_t ld, int R, const uint16_
 /* Specialize per token count so the compiler fully unrolls the register block. */
 #define DOT_SPEC(NT_, U_)                                                                                    \
   static inline void dot_##NT_(const uint16_t *w, int64_t ld, int R, const uint16_t *const *x, int64_t K,    \
-                        float out[4][TB]) {                                                                  \
+                               float out[4][TB]) {                                                           \
     dot_block(w, ld, R, x, NT_, U_, K, out);                                                                 \
   }
 DOT_SPEC(1, 4)
