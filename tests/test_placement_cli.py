@@ -87,26 +87,59 @@ def test_plan_without_weights_from_config_json(ckpt, tmp_path):
     assert load_plan(tmp_path / "p").tiers[0].tier == "cpu"
 
 
-def test_bad_inputs_give_clear_errors(ckpt, profile_path, make_ckpt, tmp_path):
-    other = make_ckpt("qwen2_moe")
-    out = tmp_path / "x"
-    with pytest.raises(ProfileError, match="was recorded on a olmoe model with 2 layers"):
-        cli("plan", other, "--profile", profile_path, "--experts-per-layer", "2", "--out", out)
-    with pytest.raises(BudgetError, match=r"impossible budget: .* missing; raise cuda to at least"):
-        cli("plan", ckpt, "--budget", "cuda=10KiB", "--out", out)
-    with pytest.raises(PolicyError, match="unknown policy 'best'"):
-        cli("plan", ckpt, "--experts-per-layer", "2", "--policy", "best", "--out", out)
-    with pytest.raises(BudgetError, match="unknown tier 'gpu'"):
-        cli("plan", ckpt, "--budget", "gpu=1GiB", "--out", out)
+def _bad_tmem(tmp_path):
     bad = tmp_path / "bad.tmem"
     bad.write_text("model {\n  layers = 2\n  experts_per_layer: 8\n}\n")
-    with pytest.raises(TmemSyntaxError, match=r"bad.tmem:3:20: expected '=' after key 'experts_per_layer'"):
-        cli("compile", "--model-spec", bad, "--out-dir", out)
+    return bad
+
+
+def _yaml_spec(tmp_path):
     (tmp_path / "spec.yaml").write_text("")
-    with pytest.raises(ConfigError, match=r"must be a .json model spec or a .tmem"):
-        cli("compile", "--model-spec", tmp_path / "spec.yaml", "--out-dir", out)
-    with pytest.raises(ConfigError, match="is not a checkpoint directory, a config.json, or a preset"):
-        cli("plan", tmp_path / "missing", "--experts-per-layer", "2", "--out", out)
+    return tmp_path / "spec.yaml"
+
+
+BAD_INPUTS = {
+    "profile of another model": (
+        lambda c, p, m, t: ("plan", m("qwen2_moe"), "--profile", p, "--experts-per-layer", "2"),
+        ProfileError,
+        "was recorded on a olmoe model with 2 layers",
+    ),
+    "impossible budget": (
+        lambda c, p, m, t: ("plan", c, "--budget", "cuda=10KiB"),
+        BudgetError,
+        r"impossible budget: .* missing; raise cuda to at least",
+    ),
+    "unknown policy": (
+        lambda c, p, m, t: ("plan", c, "--experts-per-layer", "2", "--policy", "best"),
+        PolicyError,
+        "unknown policy 'best'",
+    ),
+    "unknown tier": (lambda c, p, m, t: ("plan", c, "--budget", "gpu=1GiB"), BudgetError, "unknown tier 'gpu'"),
+    "tmem syntax error": (
+        lambda c, p, m, t: ("compile", "--model-spec", _bad_tmem(t)),
+        TmemSyntaxError,
+        r"bad.tmem:3:20: expected '=' after key 'experts_per_layer'",
+    ),
+    "spec of unknown kind": (
+        lambda c, p, m, t: ("compile", "--model-spec", _yaml_spec(t)),
+        ConfigError,
+        r"must be a .json model spec or a .tmem",
+    ),
+    "missing model": (
+        lambda c, p, m, t: ("plan", t / "missing", "--experts-per-layer", "2"),
+        ConfigError,
+        "is not a checkpoint directory, a config.json, or a preset",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gives_a_clear_error_and_writes_nothing(case, ckpt, profile_path, make_ckpt, tmp_path):
+    argv, error, match = BAD_INPUTS[case]
+    args = argv(ckpt, profile_path, make_ckpt, tmp_path)
+    out = tmp_path / "x"
+    with pytest.raises(error, match=match):
+        cli(*args, "--out-dir" if args[0] == "compile" else "--out", out)
     assert not out.exists()  # nothing half-written
 
 

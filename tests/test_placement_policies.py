@@ -188,28 +188,38 @@ def test_ranking_fine_coarse_kt_uniform_on_skewed_profile():
     assert slow["tilepo_fine"] < slow["tilepo_coarse"] < slow["kt_expert"] < slow["uniform"]
 
 
-def test_impossible_budget_says_how_much_is_missing():
+def _one_layer(non_expert: int = 10_000) -> Topology:
     layers = (LayerTopology(0, True, 4, 2, 32, 0, 0),)
-    topo = Topology("generic", 16, "bfloat16", 2, layers, (("attn", 10_000),))
-    problem = PlacementProblem(topo, Profile.uniform(topo), Budgets.parse("cuda=4000,cpu=1MiB"), tile_format("bf16"))
+    return Topology("generic", 16, "bfloat16", 2, layers, (("attn", non_expert),) if non_expert else ())
+
+
+def _problem(topo: Topology, budget: str, **kw) -> PlacementProblem:
+    return PlacementProblem(topo, Profile.uniform(topo), Budgets.parse(budget), tile_format("bf16"), **kw)
+
+
+def test_a_budget_short_of_the_non_expert_weights_says_how_much_is_missing():
     with pytest.raises(BudgetError, match=r"non-expert weights .* 5.86 KiB \(6000 bytes\) missing"):
-        build_plan(problem, "tilepo_fine")
-    bounded = PlacementProblem(topo, Profile.uniform(topo), Budgets.parse("cuda=10000,cpu=1,disk=1"), problem.fmt)
+        build_plan(_problem(_one_layer(), "cuda=4000,cpu=1MiB"), "tilepo_fine")
+
+
+def test_bounded_tiers_that_cannot_hold_the_model_are_refused():
     with pytest.raises(BudgetError, match="cannot hold the model"):
-        build_plan(bounded, "kt_expert")
+        build_plan(_problem(_one_layer(), "cuda=10000,cpu=1,disk=1"), "kt_expert")
+
+
+def test_a_budget_with_no_compute_tier_is_refused():
     with pytest.raises(BudgetError, match="cannot compute"):
-        build_plan(PlacementProblem(topo, Profile.uniform(topo), Budgets.parse("disk=1GiB"), problem.fmt), "uniform")
+        build_plan(_problem(_one_layer(), "disk=1GiB"), "uniform")
 
 
-def test_unknown_policy_and_mode_are_clear_errors():
-    layers = (LayerTopology(0, True, 4, 2, 32, 0, 0),)
-    topo = Topology("generic", 16, "bfloat16", 2, layers, ())
-    problem = PlacementProblem(topo, Profile.uniform(topo), Budgets.parse("cuda=1MiB"), tile_format("bf16"))
+def test_an_unknown_policy_lists_the_policies():
     with pytest.raises(PolicyError, match="unknown policy 'tilepo_magic'; policies: uniform, kt_expert"):
-        build_plan(problem, "tilepo_magic")
-    bad_mode = PlacementProblem(topo, problem.profile, problem.budgets, problem.fmt, adaptive_mode="fast")
+        build_plan(_problem(_one_layer(0), "cuda=1MiB"), "tilepo_magic")
+
+
+def test_an_unknown_adaptive_mode_is_a_clear_error():
     with pytest.raises(PolicyError, match="unknown adaptive mode 'fast'"):
-        build_plan(bad_mode, "tilepo_adaptive")
+        build_plan(_problem(_one_layer(0), "cuda=1MiB", adaptive_mode="fast"), "tilepo_adaptive")
 
 
 def test_adaptive_modes_change_granularity_and_tail_latency_reserves_cache():

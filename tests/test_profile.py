@@ -64,19 +64,30 @@ def test_profile_for_another_model_is_refused(profile, make_ckpt):
         profile.merge(Profile.uniform(other))
 
 
-def test_bad_profile_files_are_clear_errors(tmp_path, profile):
+def test_a_profile_that_is_not_json_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(ProfileError, match="not valid JSON"):
         Profile.load(bad)
-    data = profile.to_dict()
-    bad.write_text(json.dumps({**data, "schema_version": "tilemem_profile_v0"}))
+
+
+def test_a_profile_of_another_schema_version_is_a_clear_error(tmp_path, profile):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**profile.to_dict(), "schema_version": "tilemem_profile_v0"}))
     with pytest.raises(ProfileError, match="schema_version 'tilemem_profile_v0'"):
         Profile.load(bad)
+
+
+def test_a_profile_with_malformed_counts_is_a_clear_error(tmp_path, profile):
+    data = profile.to_dict()
     data["layers"][0]["prefill_counts"] = [1, 2]
+    bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data))
     with pytest.raises(ProfileError, match="malformed"):
         Profile.load(bad)
+
+
+def test_a_missing_profile_file_is_a_clear_error(tmp_path):
     with pytest.raises(ProfileError, match="does not exist"):
         Profile.load(tmp_path / "missing.json")
 

@@ -142,17 +142,31 @@ def test_hf_checkpoint_topology_names_and_aliases(make_ckpt):
     assert compiled.plan.usage("cuda").non_expert == topo.topology.non_expert_bytes
 
 
-def test_spec_errors_are_clear():
-    with pytest.raises(ConfigError, match="model needs hidden_size"):
-        TM.model_spec_from_dict({"model": {"name": "x", "layers": 2, "experts_per_layer": 4, "intermediate_size": 8}})
-    with pytest.raises(ConfigError, match="unknown key 'tile_size' in block 'tile'"):
-        demo_spec(tile={"tile_size": 3})
-    with pytest.raises(ConfigError, match="top_k must be in 1..16"):
-        demo_spec(top_k=17)
-    with pytest.raises(ConfigError, match="projection_groups must be 'gate_up, down'"):
-        demo_spec(tile={"projection_groups": ["gate", "up"]})
-    with pytest.raises(ConfigError, match="does not exist|neither a checkpoint"):
-        TM.infer_moe_topology(Path("/nonexistent/ckpt"))
+SPEC_ERRORS = {
+    "no hidden size": (
+        lambda: TM.model_spec_from_dict(
+            {"model": {"name": "x", "layers": 2, "experts_per_layer": 4, "intermediate_size": 8}}
+        ),
+        "model needs hidden_size",
+    ),
+    "unknown tile key": (lambda: demo_spec(tile={"tile_size": 3}), "unknown key 'tile_size' in block 'tile'"),
+    "top_k out of range": (lambda: demo_spec(top_k=17), "top_k must be in 1..16"),
+    "bad projection groups": (
+        lambda: demo_spec(tile={"projection_groups": ["gate", "up"]}),
+        "projection_groups must be 'gate_up, down'",
+    ),
+    "missing checkpoint": (
+        lambda: TM.infer_moe_topology(Path("/nonexistent/ckpt")),
+        "does not exist|neither a checkpoint",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SPEC_ERRORS))
+def test_spec_error_is_clear(case):
+    make, match = SPEC_ERRORS[case]
+    with pytest.raises(ConfigError, match=match):
+        make()
 
 
 def test_docs_sdk_walkthrough_runs():

@@ -26,14 +26,23 @@ def test_profile_json_roundtrip_is_atomic(tmp_path):
     assert {"vram_capacity_gib", "dram_bandwidth_gbps", "transfer_bandwidth_gbps", "disk"} <= set(data)
 
 
-def test_bad_profiles_are_refused(tmp_path):
+def test_a_missing_hardware_profile_is_refused(tmp_path):
     with pytest.raises(HardwareError, match="does not exist"):
         HardwareProfile.load(tmp_path / "missing.json")
+
+
+def test_a_hardware_profile_with_a_misspelt_field_is_refused(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"name": "x", "dram_bandwith_gbps": 3}))
     with pytest.raises(HardwareError, match="unknown fields"):
         HardwareProfile.load(tmp_path / "bad.json")
+
+
+def test_a_negative_hardware_figure_is_refused():
     with pytest.raises(HardwareError, match="negative"):
         hardware_profile("neg", dram_bandwidth_gbps=-1.0)
+
+
+def test_an_unknown_hardware_figure_is_refused():
     with pytest.raises(HardwareError, match="unknown hardware figures"):
         hardware_profile("typo", dram_bandwith_gbps=1.0)
 
