@@ -92,9 +92,9 @@ def test_health_answers_while_a_prompt_is_tokenized(server, http, monkeypatch):
     slow.start()
     try:
         assert entered.wait(10)
-        t0 = time.monotonic()
-        health = httpx.get(f"{server.url}/health", timeout=5)  # times out if tokenizing holds the event loop
-        assert health.status_code == 200 and time.monotonic() - t0 < 2
+        # The tokenizer is held until /health answers: if tokenizing ran on the event loop, this would time out.
+        health = httpx.get(f"{server.url}/health", timeout=10)
+        assert health.status_code == 200
     finally:
         release.set()
         slow.join(30)
