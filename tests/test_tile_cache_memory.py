@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import errno
 
+import pytest
+
 from tilemem.cli.main import main
 from tilemem.engine.llm import LLM
+from tilemem.errors import BudgetError
 from tilemem.runtime import tiered
 
 
@@ -32,3 +35,9 @@ def test_a_cache_the_machine_cannot_allocate_is_one_clear_error(make_ckpt, monke
     err = capsys.readouterr().err
     assert err.startswith("error: cannot allocate the DRAM tile cache") and "Cannot allocate memory" in err
     assert "lower the cpu budget" in err and "available" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_plan_that_keeps_more_in_dram_than_the_machine_has_is_refused(make_ckpt, monkeypatch):
+    monkeypatch.setenv("TILEMEM_FAKE_RAM", "64KiB")  # a machine smaller than the tiny model
+    with pytest.raises(BudgetError, match="the plan keeps .* in DRAM .* more than this machine's 64.00 KiB"):
+        LLM(make_ckpt("olmoe"), dtype="fp32", budget="cpu=2GiB", tile=16)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from tilemem.errors import ConfigError
+from tilemem import sysinfo
+from tilemem.errors import BudgetError, ConfigError
 from tilemem.loader.checkpoint import Checkpoint
 from tilemem.models.topology import Topology
 from tilemem.placement.budgets import Budgets, CacheReserve, TierBudget
@@ -25,6 +26,7 @@ from tilemem.placement.profile import Profile
 from tilemem.placement.tiles import always_active_ffns, routed_ffns
 from tilemem.runtime.tiered import TieredConfig, TieredExperts
 from tilemem.runtime.tile_store import TileStore, convert
+from tilemem.units import format_bytes
 
 
 def load_profile(profile: Profile | str | Path | None, topology: Topology) -> Profile:
@@ -107,6 +109,16 @@ def check_plan_matches(plan: Plan, ckpt: Checkpoint) -> None:
     )
 
 
+def check_fits_in_ram(dram_bytes: int) -> None:
+    """Refuse a plan that keeps more in DRAM than this machine has (a budget for a bigger machine)."""
+    total = sysinfo.memory().total
+    if dram_bytes > total:
+        raise BudgetError(
+            f"the plan keeps {format_bytes(dram_bytes)} in DRAM (non-expert weights and resident tiles), more than "
+            f"this machine's {format_bytes(total)}; give a cpu budget below that (--budget cpu=SIZE)."
+        )
+
+
 def attach_tiered(
     model,
     ckpt: Checkpoint,
@@ -126,6 +138,8 @@ def attach_tiered(
     if config is None:  # a plan compiled with `prefetch = off` turns it off; else on while it is used
         config = TieredConfig(prefetch="auto" if plan.settings.get("prefetch", True) else False)
     cpu = plan.usage("cpu") if "cpu" in {u.tier for u in plan.tiers} else None
+    if cpu is not None:
+        check_fits_in_ram(cpu.non_expert + cpu.tiles)
     if cpu is not None and cpu.capacity is not None:
         # The tile cache gets what the plan leaves free in DRAM (its cache reserve plus bytes no tile
         # took), never more: the budget covers the cache too (only the staging slots may exceed it).
