@@ -204,3 +204,46 @@ def test_corrupt_tile_met_by_generate_is_one_error_line_and_the_advice_works(sou
     assert not [r for r in caplog.records if r.exc_info]  # no traceback logged either
     assert main(["convert", str(source), "--out", str(store), "--tile-size", str(TILE)]) == 0
     assert main(argv) == 0
+
+
+# -- store.json's layout: every tile owns its bytes --------------------------------------------------
+
+
+def _edit_first_tiles(store: Path, edit) -> None:
+    meta = json.loads((store / "store.json").read_text())
+    edit(meta["tiles"])
+    (store / "store.json").write_text(json.dumps(meta))
+
+
+def test_store_json_with_overlapping_tiles_is_refused(clean, tmp_path):
+    store = shutil.copytree(clean, tmp_path / "store")
+
+    def overlap(tiles):  # the second tile now claims the first one's bytes
+        tiles[1][4] = tiles[0][4]
+
+    _edit_first_tiles(store, overlap)
+    with pytest.raises(StoreError, match="store.json is corrupt: tile .* starts at byte 0, inside tile"):
+        TileStore(store)
+
+
+def test_store_json_with_a_tile_past_the_end_is_refused(clean, tmp_path):
+    store = shutil.copytree(clean, tmp_path / "store")
+    size = (store / "tiles.bin").stat().st_size
+
+    def past_end(tiles):
+        tiles[-1][4] = size  # aligned, after every other tile, but beyond tiles.bin
+
+    _edit_first_tiles(store, past_end)
+    with pytest.raises(StoreError, match="ends past the end of tiles.bin"):
+        TileStore(store)
+
+
+def test_store_json_with_a_tile_of_the_wrong_size_is_refused(clean, tmp_path):
+    store = shutil.copytree(clean, tmp_path / "store")
+
+    def shrink(tiles):
+        tiles[0][5] -= 4
+
+    _edit_first_tiles(store, shrink)
+    with pytest.raises(StoreError, match="holds .* bytes for 16 neurons"):
+        TileStore(store)

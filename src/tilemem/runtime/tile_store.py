@@ -304,6 +304,27 @@ class TileStore:
         self.hidden = int(meta["hidden_size"])
         self.tile_size = int(meta["tile_size"])
         self.tiles = {(t[0], t[1], t[2]): StoredTile(*t) for t in meta["tiles"]}
+        self._check_layout()
+
+    def _check_layout(self) -> None:
+        """Every tile must own its bytes: aligned, sized for its rows, disjoint, inside tiles.bin."""
+        itemsize = torch.empty(0, dtype=self.dtype).element_size()
+        end, prev = 0, None
+        for t in sorted(self.tiles.values(), key=lambda t: t.offset):
+            problem = None
+            if t.nbytes != 3 * (t.end - t.start) * self.hidden * itemsize:
+                problem = f"holds {t.nbytes} bytes for {t.end - t.start} neurons"
+            elif t.offset % ALIGNMENT:
+                problem = f"starts at byte {t.offset}, not a multiple of {ALIGNMENT}"
+            elif t.offset < end:
+                problem = f"starts at byte {t.offset}, inside tile {prev}"
+            elif t.offset + t.nbytes > self.meta["bytes"]:
+                problem = f"ends past the end of {self.data_path.name}"
+            if problem:
+                raise StoreError(
+                    f"{self.path / 'store.json'} is corrupt: tile {t.key} {problem}; re-run `tilemem convert`."
+                )
+            end, prev = t.offset + t.padded, t.key
 
     def _check_source(self, ckpt: Checkpoint) -> None:
         """Refuse this store unless it was converted from `ckpt`'s config, index and current weights."""
