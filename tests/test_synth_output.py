@@ -65,7 +65,9 @@ def test_synth_writes_into_an_empty_existing_directory(tmp_path):
     out = tmp_path / "empty"
     out.mkdir()
     tiny(out)
-    assert (out / "config.json").is_file()
+    listed = set(json.loads((out / MARKER).read_text())["files"])
+    assert {"config.json", "model.safetensors.index.json"} <= listed
+    assert {p.name for p in out.iterdir()} == listed | {MARKER}
 
 
 def test_synth_out_dot_writes_into_the_current_directory(tmp_path, monkeypatch, capsys):
