@@ -247,3 +247,28 @@ def test_store_json_with_a_tile_of_the_wrong_size_is_refused(clean, tmp_path):
     _edit_first_tiles(store, shrink)
     with pytest.raises(StoreError, match="holds .* bytes for 16 neurons"):
         TileStore(store)
+
+
+def test_store_json_that_is_not_an_object_is_refused(clean, tmp_path):
+    store = shutil.copytree(clean, tmp_path / "store")
+    (store / "store.json").write_text("[1, 2]")
+    with pytest.raises(StoreError, match="store.json is corrupt \\(JSON list, not an object\\)"):
+        TileStore(store)
+
+
+def test_store_json_missing_a_field_is_refused(clean, tmp_path):
+    store = shutil.copytree(clean, tmp_path / "store")
+    meta = json.loads((store / "store.json").read_text())
+    del meta["tiles"]
+    (store / "store.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="store.json is corrupt \\(KeyError\\('tiles'\\) missing or malformed\\)"):
+        TileStore(store)
+
+
+def test_reconvert_rebuilds_a_store_whose_store_json_is_garbled(source, clean, tmp_path):
+    store = shutil.copytree(clean, tmp_path / "store")
+    (store / "store.json").write_text('{"schema_version": "tilemem_sto')
+    (store / "notes.txt").write_text("mine")
+    convert(source, store, tile_size=TILE, progress=False)
+    assert (store / "tiles.bin").read_bytes() == (clean / "tiles.bin").read_bytes()
+    assert (store / "notes.txt").read_text() == "mine"  # only conversion's own files were replaced

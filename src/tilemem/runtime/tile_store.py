@@ -223,9 +223,11 @@ def _keep_finished(out: Path, ckpt: Checkpoint, fingerprint: str, tile_size: int
     removing a store of this checkpoint that is stale, truncated or from an older TileMEM (convert
     again); StoreError for a store of another checkpoint or tile size."""
     try:
-        meta = json.loads((out / "store.json").read_text())
-    except json.JSONDecodeError:
-        raise StoreError(f"{out / 'store.json'} is corrupt; delete {out} and convert again.") from None
+        meta = read_store_json(out / "store.json")
+    except StoreError as exc:  # unreadable: nothing in it can be kept
+        log.warning("%s; converting %s again", exc, ckpt.path)
+        _clear(out)
+        return False
     same_source = meta.get("checkpoint") == str(ckpt.path.resolve())
     other = StoreError(
         f"{out} already holds a tile store of another checkpoint or tile size; remove it or choose another --out."
@@ -238,13 +240,29 @@ def _keep_finished(out: Path, ckpt: Checkpoint, fingerprint: str, tile_size: int
         if not same_source:
             raise other from None
         log.warning("%s; converting %s again", exc, ckpt.path)
-        for name in STORE_FILES:
-            (out / name).unlink(missing_ok=True)
+        _clear(out)
         return False
     repaired = _repair(store, ckpt, progress)
     if repaired:
         log.warning("rewrote %d corrupt tile(s) of %s: %s", len(repaired), out, ", ".join(repaired[:10]))
     return True
+
+
+def _clear(out: Path) -> None:
+    """Remove the files conversion writes in `out` (and nothing else)."""
+    for name in STORE_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
+def read_store_json(path: Path) -> dict:
+    """store.json as a dict, or a StoreError saying it is corrupt."""
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StoreError(f"{path} is corrupt ({exc}); re-run `tilemem convert`.") from None
+    if not isinstance(meta, dict):
+        raise StoreError(f"{path} is corrupt (JSON {type(meta).__name__}, not an object); re-run `tilemem convert`.")
+    return meta
 
 
 def _repair(store: TileStore, ckpt: Checkpoint, progress: bool) -> list[str]:
@@ -278,13 +296,20 @@ class TileStore:
             partial = (self.path / "tiles.bin.partial").exists()
             hint = " (a conversion was interrupted; re-run `tilemem convert` to resume)" if partial else ""
             raise StoreError(f"{self.path} is not a tile store: no store.json{hint}; create it with `tilemem convert`.")
-        try:
-            meta = json.loads(meta_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise StoreError(f"{meta_file} is corrupt ({exc}); re-run `tilemem convert`.") from None
+        meta = read_store_json(meta_file)
         if meta.get("schema_version") != SCHEMA:
             raise StoreError(f"{meta_file} has schema {meta.get('schema_version')!r}, expected {SCHEMA}.")
         self.meta = meta
+        try:
+            self.dtype = DTYPES[meta["dtype"]]
+            self.hidden = int(meta["hidden_size"])
+            self.tile_size = int(meta["tile_size"])
+            self.tiles = {(t[0], t[1], t[2]): StoredTile(*t) for t in meta["tiles"]}
+            int(meta["bytes"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreError(
+                f"{meta_file} is corrupt ({exc!r} missing or malformed); re-run `tilemem convert`."
+            ) from None
         self.data_path = self.path / "tiles.bin"
         size = self.data_path.stat().st_size if self.data_path.exists() else -1
         if size != meta["bytes"]:
@@ -300,10 +325,6 @@ class TileStore:
                     f"tile store {self.path} has no tiles of the shared-expert / dense FFNs (converted by an "
                     "older TileMEM); delete it and run `tilemem convert` again."
                 )
-        self.dtype = DTYPES[meta["dtype"]]
-        self.hidden = int(meta["hidden_size"])
-        self.tile_size = int(meta["tile_size"])
-        self.tiles = {(t[0], t[1], t[2]): StoredTile(*t) for t in meta["tiles"]}
         self._check_layout()
 
     def _check_layout(self) -> None:
@@ -329,7 +350,7 @@ class TileStore:
     def _check_source(self, ckpt: Checkpoint) -> None:
         """Refuse this store unless it was converted from `ckpt`'s config, index and current weights."""
         meta, fix = self.meta, f"run `tilemem convert {ckpt.path} --out {self.path}` again"
-        if checkpoint_fingerprint(ckpt) != meta["fingerprint"] and "sources" in meta:
+        if checkpoint_fingerprint(ckpt) != meta.get("fingerprint") and "sources" in meta:
             raise StoreError(
                 f"tile store {self.path} was converted from another checkpoint ({meta['checkpoint']}), not "
                 f"{ckpt.path}; convert this checkpoint with `tilemem convert`."
@@ -338,10 +359,13 @@ class TileStore:
             raise StoreError(
                 f"tile store {self.path} has no checksums of its source weights (an older TileMEM); {fix}."
             )
-        stale = stale_tensors(self.path, meta["sources"], ckpt)
+        try:
+            stale = stale_tensors(self.path, meta["sources"], ckpt)
+        except (KeyError, TypeError, AttributeError, ValueError):
+            raise StoreError(f"{self.path / 'store.json'} is corrupt (its source checksums); {fix}.") from None
         if not stale:
             return
-        if meta["checkpoint"] != str(ckpt.path.resolve()):
+        if meta.get("checkpoint") != str(ckpt.path.resolve()):
             raise StoreError(
                 f"tile store {self.path} was converted from another checkpoint ({meta['checkpoint']}), not "
                 f"{ckpt.path} ({len(stale)} expert tensors differ, e.g. {stale[0]}); convert this checkpoint "
