@@ -1,7 +1,7 @@
 """Property-based fuzzing of the running server from its own OpenAPI schema (schemathesis): valid and
 invalid requests to every operation; no 5xx, no hang, and every error in the OpenAI error shape.
 
-Bounded: a tiny checkpoint with a 64-token context, a few dozen examples per operation, and a timeout
+Bounded: a tiny checkpoint with a 32-token context, a few dozen examples per operation, and a timeout
 on every call."""
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ from schemathesis import GenerationMode
 from tilemem.engine.llm import LLM
 from tilemem.server import BackgroundServer, ServerConfig
 
-CALL_TIMEOUT_S = 20.0
-"""A call that takes longer counts as a hang."""
+CALL_TIMEOUT_S = 60.0
+"""A call that takes longer counts as a hang (a generous bound: the machine may be loaded)."""
 EXAMPLES = {"GET": 3, "POST": 40}
 """Examples per operation and generation mode."""
 
 
 @pytest.fixture(scope="module")
 def server(make_ckpt):
-    llm = LLM(make_ckpt("olmoe"), dtype="fp32", max_batch=4, max_model_len=64)
+    llm = LLM(make_ckpt("olmoe"), dtype="fp32", max_batch=4, max_model_len=32)
     with BackgroundServer(llm, ServerConfig(port=0, max_batch=4, max_queue=8, log_level="warning")) as srv:
         yield srv
 
@@ -66,7 +66,7 @@ def check_response(case, response, mode: GenerationMode) -> None:
         response.json()
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=lambda m: m.value)
 def test_fuzz_every_operation(server, schema, mode):
     operations = [result.ok() for result in schema.get_all_operations()]
