@@ -10,7 +10,6 @@ engine = parts.engine(slots=8, length=2048, prefill_chunk=512)
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from tilemem.engine.args import EngineArgs
 from tilemem.engine.engine import Engine
 from tilemem.engine.tokenizer import TextTokenizer
 from tilemem.errors import ConfigError
-from tilemem.loader.checkpoint import Checkpoint, load_model, require_device
+from tilemem.loader.checkpoint import Checkpoint, load_model, read_json_object, require_device
 
 
 @dataclass
@@ -115,7 +114,7 @@ def build_engine(args: EngineArgs) -> EngineParts:
     path = parts.path
     parts.tokenizer = TextTokenizer(path) if (path / "tokenizer.json").exists() else None
     gen_file = path / "generation_config.json"
-    parts.generation_config = json.loads(gen_file.read_text()) if gen_file.exists() else {}
+    parts.generation_config = read_json_object(gen_file) if gen_file.exists() else {}
     eos = parts.generation_config.get("eos_token_id", list(cfg.eos_token_ids))
     parts.eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
     if args.speculative == "mtp" and getattr(model, "mtp", None) is None:

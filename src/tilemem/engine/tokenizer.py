@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jinja2
 from tokenizers import Tokenizer
 
 from tilemem.errors import CheckpointError, RequestError
+from tilemem.loader.checkpoint import read_json_object
 
 
 class TextTokenizer:
@@ -21,12 +21,20 @@ class TextTokenizer:
             raise CheckpointError(
                 f"{path} has no tokenizer.json; pass prompts as lists of token ids, or add the tokenizer."
             )
-        self.tok = Tokenizer.from_file(str(tok_file))
+        try:
+            self.tok = Tokenizer.from_file(str(tok_file))
+        except Exception as exc:  # tokenizers raises a bare Exception for any malformed file
+            raise CheckpointError(f"{tok_file} cannot be read ({exc}); fix or re-download it.") from None
         cfg_file = path / "tokenizer_config.json"
-        self.config = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+        self.config = read_json_object(cfg_file) if cfg_file.exists() else {}
         template = self.config.get("chat_template")
         env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
-        self.template = env.from_string(template) if isinstance(template, str) else None
+        try:
+            self.template = env.from_string(template) if isinstance(template, str) else None
+        except jinja2.TemplateSyntaxError as exc:
+            raise CheckpointError(
+                f"{cfg_file}: chat_template is not a valid Jinja template (line {exc.lineno}: {exc.message})."
+            ) from None
         eos = self.config.get("eos_token")
         if isinstance(eos, dict):
             eos = eos.get("content")

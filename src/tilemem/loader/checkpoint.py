@@ -10,11 +10,12 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from tilemem.config import ModelConfig
-from tilemem.errors import CheckpointError, ConfigError, WeightError
+from tilemem.errors import CheckpointError, ConfigError, TileMemError, WeightError
 from tilemem.loader.safetensors_file import SafetensorsFile
 from tilemem.models.registry import Family, config_from_hf, family_for_architecture
 from tilemem.pages import populate
@@ -29,6 +30,18 @@ DTYPE_NAMES = {
     "float32": torch.float32,
     "float": torch.float32,
 }
+
+
+def read_json_object(path: Path, error: type[TileMemError] = CheckpointError) -> dict[str, Any]:
+    """A checkpoint's JSON file (config, generation or tokenizer config) as a dict, or `error` saying
+    what is wrong with it."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path} is not valid JSON: {exc}.") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} is not a JSON object (it holds a {type(data).__name__}); fix or re-download it.")
+    return data
 
 
 def parse_dtype(name: str | torch.dtype | None, default: str = "bfloat16") -> torch.dtype:
@@ -70,10 +83,7 @@ class Checkpoint:
                 f"'{path}' is not a checkpoint: it has no config.json (create one with `tilemem synth`, "
                 "or pass a Hugging Face model folder)."
             )
-        try:
-            hf = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{cfg_path} is not valid JSON: {exc}.") from None
+        hf = read_json_object(cfg_path, ConfigError)
         config = config_from_hf(hf, str(cfg_path))
         family = family_for_architecture(config.architecture)
         ckpt = cls(path=path, hf_config=hf, family=family, config=config)
@@ -116,8 +126,14 @@ class Checkpoint:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
                 raise CheckpointError(f"{index} is malformed ({exc}); it needs a 'weight_map'.") from None
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+            ):
+                raise CheckpointError(
+                    f"{index} is malformed: its 'weight_map' must map tensor names to shard file names."
+                )
             for fname in sorted(set(weight_map.values())):
                 fpath = self.path / fname
                 if not fpath.exists():
