@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     except TileMemError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a path that cannot be read or written (missing folder, a file in the way, no space)
+        print(f"error: {exc}; check the paths given.", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 
