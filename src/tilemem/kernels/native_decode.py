@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from tilemem import kernels
 from tilemem.kernels.ffn import ACTS, ExpertTable
 from tilemem.kernels.library import check, lib
 from tilemem.kernels.structs import AttnLayer, DecodeLayer
@@ -151,7 +150,10 @@ class NativeDecode:
             self._stacks[first] = stack
         b = x.shape[0]
         y = x.reshape(b, -1).clone()  # the residual stream, updated in place by the kernel
-        # through the package, so that a wrapper set on `kernels.decode_layers` sees every call
+        # through the package, so that a wrapper set on `kernels.decode_layers` sees every call (imported
+        # here: the package imports this module)
+        from tilemem import kernels
+
         ids = kernels.decode_layers(stack, y, cos.reshape(b, -1), sin.reshape(b, -1), slots, positions, self._ws)
         for j in range(stack.n):
             observe(first + j, ids[j])
