@@ -10,7 +10,7 @@ def test_convert_to_a_path_that_is_a_file_is_refused(make_ckpt, tmp_path, capsys
     target.write_text("x")
     assert main(["convert", str(make_ckpt("olmoe")), "--out", str(target), "--tile-size", "16"]) == 2
     err = capsys.readouterr().err
-    assert err == f"error: tile store path {target} exists and is not a directory; choose another --out.\n"
+    assert err == f"error: tile store path {target} exists and is not a directory; give a directory for the store.\n"
     assert target.read_text() == "x"
 
 

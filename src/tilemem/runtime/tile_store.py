@@ -128,7 +128,7 @@ def convert(model: str | Path, out: str | Path, tile_size: int = 128, progress: 
     if tile_size < 1:
         raise StoreError(f"tile size must be >= 1 neuron, got {tile_size}.")
     if out.exists() and not out.is_dir():
-        raise StoreError(f"tile store path {out} exists and is not a directory; choose another --out.")
+        raise StoreError(f"tile store path {out} exists and is not a directory; give a directory for the store.")
     fingerprint = checkpoint_fingerprint(ckpt)
     if (out / "store.json").exists() and _keep_finished(out, ckpt, fingerprint, tile_size, progress):
         return out
