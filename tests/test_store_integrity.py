@@ -272,3 +272,25 @@ def test_reconvert_rebuilds_a_store_whose_store_json_is_garbled(source, clean, t
     convert(source, store, tile_size=TILE, progress=False)
     assert (store / "tiles.bin").read_bytes() == (clean / "tiles.bin").read_bytes()
     assert (store / "notes.txt").read_text() == "mine"  # only conversion's own files were replaced
+
+
+def test_resume_after_the_weights_changed_converts_from_the_start(ckpt, tmp_path, monkeypatch, caplog):
+    out = tmp_path / "resumed"
+    real, calls, half = tile_store.pack_tile, [0], len(TileStore(tmp_path / "store").tiles) // 2
+
+    def crash_midway(*args):
+        calls[0] += 1
+        if calls[0] > half:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(tile_store, "pack_tile", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        convert(ckpt, out, tile_size=TILE, progress=False)
+    monkeypatch.undo()
+    flip_tensor_byte(ckpt, "model.layers.0.mlp.experts.0.gate_proj.weight")  # in a tile the first run wrote
+    with caplog.at_level(logging.WARNING, logger="tilemem.runtime.tile_store"):
+        convert(ckpt, out, tile_size=TILE, progress=False)
+    assert "changed since the interrupted conversion" in caplog.text
+    fresh = convert(ckpt, tmp_path / "fresh", tile_size=TILE, progress=False)
+    assert (out / "tiles.bin").read_bytes() == (fresh / "tiles.bin").read_bytes()

@@ -33,7 +33,7 @@ from tilemem.loader.safetensors_file import DTYPES
 from tilemem.models.topology import Topology, our_ffn_prefix
 from tilemem.placement.store_layout import ALIGNMENT, align, store_order
 from tilemem.placement.tiles import DENSE, SHARED, Unit, always_active_ffns, ffn_width, tile_key
-from tilemem.runtime.store_sources import STAT_CACHE, record_sources, stale_tensors, tensor_crc
+from tilemem.runtime.store_sources import STAT_CACHE, file_stat, record_sources, stale_tensors, tensor_crc
 
 SCHEMA = "tilemem_store_v1"
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -136,6 +136,8 @@ def convert(model: str | Path, out: str | Path, tile_size: int = 128, progress: 
     data_tmp, journal = out / "tiles.bin.partial", out / "convert.journal"
     done: dict[str, dict] = {}
     crcs: dict[str, int] = {}
+    stats = {f: file_stat(ckpt.files[f].path) for f in sorted(ckpt.files)}
+    header = {"key": "_header", "fingerprint": fingerprint, "tile_size": tile_size, "files": stats}
     if journal.exists() and data_tmp.exists():
         for line in journal.read_text().splitlines():
             try:
@@ -151,8 +153,13 @@ def convert(model: str | Path, out: str | Path, tile_size: int = 128, progress: 
                     f"re-run with tile size {rec['tile_size']} to resume it, or delete {out}."
                 )
             done[rec["key"]] = rec
+        if done.pop("_header", {}).get("files") != stats:  # journaled tiles may hold other weights
+            if done:
+                log.warning("%s: the checkpoint's weight files changed since the interrupted conversion; "
+                            "converting from the start", out)  # fmt: skip
+            done = {}
+            journal.write_text(json.dumps(header) + "\n")
     else:
-        header = {"key": "_header", "fingerprint": fingerprint, "tile_size": tile_size}
         journal.write_text(json.dumps(header) + "\n")
     layers = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
     units = store_units(ckpt)
