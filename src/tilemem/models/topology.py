@@ -68,14 +68,10 @@ class Topology:
     non_expert: tuple[tuple[str, int], ...]
     """(checkpoint-style module name, bytes) of every weight that is not an FFN tile."""
 
-    @classmethod
-    def from_config(cls, cfg: ModelConfig, dtype: str | None = None) -> Topology:
-        """Topology of `cfg` stored in `dtype` (default: the checkpoint's dtype)."""
-        from tilemem.models.model import MoECausalLM
-
-        dtype = dtype or cfg.torch_dtype
-        nbytes = DTYPE_BYTES.get(dtype, 2)
-        layers = tuple(
+    @staticmethod
+    def layers_of(cfg: ModelConfig) -> tuple[LayerTopology, ...]:
+        """Per-layer FFN structure of `cfg` (cheap: builds no model, unlike `from_config`)."""
+        return tuple(
             LayerTopology(
                 index=i,
                 is_moe=cfg.is_moe_layer(i),
@@ -89,6 +85,15 @@ class Topology:
             )
             for i in range(cfg.num_layers)
         )
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, dtype: str | None = None) -> Topology:
+        """Topology of `cfg` stored in `dtype` (default: the checkpoint's dtype)."""
+        from tilemem.models.model import MoECausalLM
+
+        dtype = dtype or cfg.torch_dtype
+        nbytes = DTYPE_BYTES.get(dtype, 2)
+        layers = cls.layers_of(cfg)
         non_expert = []
         for name, t in MoECausalLM(cfg).state_dict(keep_vars=True).items():
             # MTP layers (`mtp.*`, experts included) are non-expert weights: the model keeps them resident.

@@ -15,7 +15,7 @@ import torch
 from tilemem import sysinfo
 from tilemem.errors import BudgetError, ConfigError
 from tilemem.loader.checkpoint import Checkpoint
-from tilemem.models.topology import Topology
+from tilemem.models.topology import LayerTopology, Topology
 from tilemem.placement.budgets import Budgets, CacheReserve, TierBudget
 from tilemem.placement.errors import PlanError
 from tilemem.placement.formats import tile_format
@@ -81,30 +81,32 @@ def default_store_dir(ckpt: Checkpoint, tile: int) -> Path:
     return ckpt.path.parent / f"{ckpt.path.name}.tiles{tile}"
 
 
-def _shape(topo: Topology) -> tuple:
+def _shape(family: str, hidden: int, layers: tuple[LayerTopology, ...]) -> tuple:
     """What a plan depends on: the family (its weight names) and every layer's FFN shape."""
-    layers = tuple(
+    ffns = tuple(
         (lt.is_moe, lt.num_experts, lt.top_k, lt.expert_intermediate, lt.shared_intermediate, lt.dense_intermediate)
-        for lt in topo.layers
+        for lt in layers
     )
-    return topo.family, topo.hidden_size, layers
+    return family, hidden, ffns
 
 
-def _describe(topo: Topology) -> str:
+def _describe(family: str, hidden: int, layers: tuple[LayerTopology, ...]) -> str:
     """`olmoe, 2 layers (2 MoE x 8 experts, top-2, width 32), hidden 64`."""
-    moe = [lt for lt in topo.layers if lt.is_moe]
+    moe = [lt for lt in layers if lt.is_moe]
     experts = f" x {moe[0].num_experts} experts, top-{moe[0].top_k}, width {moe[0].expert_intermediate}" if moe else ""
-    return f"{topo.family}, {len(topo.layers)} layers ({len(moe)} MoE{experts}), hidden {topo.hidden_size}"
+    return f"{family}, {len(layers)} layers ({len(moe)} MoE{experts}), hidden {hidden}"
 
 
 def check_plan_matches(plan: Plan, ckpt: Checkpoint) -> None:
     """Refuse a plan made for another model: its family or FFN shapes differ from `ckpt`'s."""
-    ours = Topology.from_config(ckpt.config)
-    if _shape(plan.topology) == _shape(ours):
+    topo, cfg = plan.topology, ckpt.config
+    theirs = (topo.family, topo.hidden_size, topo.layers)
+    ours = (cfg.family, cfg.hidden_size, Topology.layers_of(cfg))
+    if _shape(*theirs) == _shape(*ours):
         return
     raise PlanError(
-        f"plan '{plan.name}' was made for another model: {_describe(plan.topology)}, but {ckpt.path} is "
-        f"{_describe(ours)}; make a plan for this model with `tilemem plan {ckpt.path} --budget ...`, "
+        f"plan '{plan.name}' was made for another model: {_describe(*theirs)}, but {ckpt.path} is "
+        f"{_describe(*ours)}; make a plan for this model with `tilemem plan {ckpt.path} --budget ...`, "
         "or pass --budget instead of --plan."
     )
 
