@@ -294,3 +294,12 @@ def test_resume_after_the_weights_changed_converts_from_the_start(ckpt, tmp_path
     assert "changed since the interrupted conversion" in caplog.text
     fresh = convert(ckpt, tmp_path / "fresh", tile_size=TILE, progress=False)
     assert (out / "tiles.bin").read_bytes() == (fresh / "tiles.bin").read_bytes()
+
+
+def test_verify_with_the_model_reports_a_stale_store(ckpt, tmp_path, capsys):
+    assert main(["verify", str(tmp_path / "store"), "--model", str(ckpt)]) == 0
+    flip_tensor_byte(ckpt, EXPERT)
+    assert main(["verify", str(tmp_path / "store")]) == 0  # its tiles are intact ...
+    capsys.readouterr()
+    assert main(["verify", str(tmp_path / "store"), "--model", str(ckpt)]) == 2  # ... but of the old weights
+    assert "is stale" in capsys.readouterr().err

@@ -50,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("verify", help="check every tile's sha256 in a tile store")
     p.add_argument("store")
+    p.add_argument("--model", default=None, help="also check that the store matches this checkpoint's weights")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("bench", help="run the ablation matrix; write evidence, report, plots and the gate")
@@ -185,9 +186,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from tilemem.loader.checkpoint import Checkpoint
     from tilemem.runtime.tile_store import TileStore
 
-    store = TileStore(args.store)
+    store = TileStore(args.store, Checkpoint.open(args.model) if args.model else None)
     bad = store.verify()
     if bad:
         print(f"{len(bad)} of {len(store.tiles)} tiles fail their sha256: {', '.join(bad[:10])}", file=sys.stderr)
