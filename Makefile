@@ -18,7 +18,7 @@ test: $(BIN)/tilemem
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/lint-imports
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2  # both cores: the suite is CPU-bound, its tests independent
 
 format: $(BIN)/tilemem
 	$(BIN)/ruff format src tests benchmarks
