@@ -252,7 +252,7 @@ def test_store_json_with_a_tile_of_the_wrong_size_is_refused(clean, tmp_path):
 def test_store_json_that_is_not_an_object_is_refused(clean, tmp_path):
     store = shutil.copytree(clean, tmp_path / "store")
     (store / "store.json").write_text("[1, 2]")
-    with pytest.raises(StoreError, match="store.json is corrupt \\(JSON list, not an object\\)"):
+    with pytest.raises(StoreError, match="store.json is not a JSON object \\(it holds a list\\); the store is corrupt"):
         TileStore(store)
 
 

@@ -66,3 +66,17 @@ def read_json(path: str | Path, what: str, error: type[TileMemError] = ConfigErr
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise error(f"{what} '{path}' is not valid JSON ({exc}).") from None
+
+
+def read_json_object(
+    path: str | Path, error: type[TileMemError] = ConfigError, fix: str = "fix or re-download it"
+) -> dict:
+    """A JSON file that must hold an object, as a dict; else `error` naming the file, what is wrong and `fix`."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path} is not valid JSON ({exc}); {fix}.") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} is not a JSON object (it holds a {type(data).__name__}); {fix}.")
+    return data

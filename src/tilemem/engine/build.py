@@ -19,8 +19,9 @@ import torch
 from tilemem.engine.args import EngineArgs
 from tilemem.engine.engine import Engine
 from tilemem.engine.tokenizer import TextTokenizer
-from tilemem.errors import ConfigError
-from tilemem.loader.checkpoint import Checkpoint, load_model, read_json_object, require_device
+from tilemem.errors import CheckpointError, ConfigError
+from tilemem.jsonio import read_json_object
+from tilemem.loader.checkpoint import Checkpoint, load_model, require_device
 
 
 @dataclass
@@ -114,7 +115,7 @@ def build_engine(args: EngineArgs) -> EngineParts:
     path = parts.path
     parts.tokenizer = TextTokenizer(path) if (path / "tokenizer.json").exists() else None
     gen_file = path / "generation_config.json"
-    parts.generation_config = read_json_object(gen_file) if gen_file.exists() else {}
+    parts.generation_config = read_json_object(gen_file, CheckpointError) if gen_file.exists() else {}
     eos = parts.generation_config.get("eos_token_id", list(cfg.eos_token_ids))
     parts.eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
     if args.speculative == "mtp" and getattr(model, "mtp", None) is None:

@@ -8,7 +8,7 @@ import jinja2
 from tokenizers import Tokenizer
 
 from tilemem.errors import CheckpointError, RequestError
-from tilemem.loader.checkpoint import read_json_object
+from tilemem.jsonio import read_json_object
 
 
 class TextTokenizer:
@@ -26,7 +26,7 @@ class TextTokenizer:
         except Exception as exc:  # tokenizers raises a bare Exception for any malformed file
             raise CheckpointError(f"{tok_file} cannot be read ({exc}); fix or re-download it.") from None
         cfg_file = path / "tokenizer_config.json"
-        self.config = read_json_object(cfg_file) if cfg_file.exists() else {}
+        self.config = read_json_object(cfg_file, CheckpointError) if cfg_file.exists() else {}
         template = self.config.get("chat_template")
         env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
         try:

@@ -10,12 +10,12 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from tilemem.config import ModelConfig
-from tilemem.errors import CheckpointError, ConfigError, TileMemError, WeightError
+from tilemem.errors import CheckpointError, ConfigError, WeightError
+from tilemem.jsonio import read_json_object
 from tilemem.loader.safetensors_file import SafetensorsFile
 from tilemem.models.registry import Family, config_from_hf, family_for_architecture
 from tilemem.pages import populate
@@ -30,18 +30,6 @@ DTYPE_NAMES = {
     "float32": torch.float32,
     "float": torch.float32,
 }
-
-
-def read_json_object(path: Path, error: type[TileMemError] = CheckpointError) -> dict[str, Any]:
-    """A checkpoint's JSON file (config, generation or tokenizer config) as a dict, or `error` saying
-    what is wrong with it."""
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise error(f"{path} is not valid JSON: {exc}.") from None
-    if not isinstance(data, dict):
-        raise error(f"{path} is not a JSON object (it holds a {type(data).__name__}); fix or re-download it.")
-    return data
 
 
 def parse_dtype(name: str | torch.dtype | None, default: str = "bfloat16") -> torch.dtype:

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from tilemem.errors import CheckpointError, TileMemError
+from tilemem.jsonio import read_json_object
 from tilemem.loader.checkpoint import Checkpoint
 from tilemem.loader.safetensors_file import DTYPES
 from tilemem.models.topology import Topology, our_ffn_prefix
@@ -265,13 +266,7 @@ def _clear(out: Path) -> None:
 
 def read_store_json(path: Path) -> dict:
     """store.json as a dict, or a StoreError saying it is corrupt."""
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise StoreError(f"{path} is corrupt ({exc}); re-run `tilemem convert`.") from None
-    if not isinstance(meta, dict):
-        raise StoreError(f"{path} is corrupt (JSON {type(meta).__name__}, not an object); re-run `tilemem convert`.")
-    return meta
+    return read_json_object(path, StoreError, "the store is corrupt; re-run `tilemem convert`")
 
 
 def _repair(store: TileStore, ckpt: Checkpoint, progress: bool) -> list[str]:
