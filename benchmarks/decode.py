@@ -10,12 +10,20 @@ prefill lasts 1-8 s, and this machine's speed swings by tens of percent within s
     .venv/bin/python benchmarks/decode.py                      # olmoe-1b-7b, bf16, 2 threads
     .venv/bin/python benchmarks/decode.py --preset small --family olmoe --repeats 3
     .venv/bin/python benchmarks/decode.py --engines tilemem,tilemem-bf16 --batches 1   # x12 vs bf16 weights
+    git worktree add /tmp/before HEAD~3   # the code before a change, interleaved with it (A B A B):
+    .venv/bin/python benchmarks/decode.py --engines tilemem,tilemem-base --base-src /tmp/before/src
+    .venv/bin/python benchmarks/decode.py --preset small --family olmoe --dtype fp32   # CPUs without AVX512-BF16
+
+`--dtype fp32` computes in fp32 in both engines (the checkpoint stays bf16 on disk): on a CPU without
+AVX512-BF16, torch's bf16 GEMMs run at ~1 GFLOP/s and the native kernels are off, so a bf16 prefill of the
+full-size model would take minutes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -25,6 +33,9 @@ from pathlib import Path
 import torch
 
 from tilemem.engine.llm import peak_rss_bytes
+
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+"""Compute dtypes `--dtype` takes."""
 
 
 def dram_read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 7) -> float:
@@ -83,11 +94,11 @@ def flops_per_prefill_token(path: Path, prompt_len: int) -> float:
     return 2 * (weights + attention)
 
 
-def best_gemm_flops(threads: int, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of the machine's best bf16 GEMM (oneDNN through torch, n x n x n): a practical ceiling
+def best_gemm_flops(threads: int, dtype: str = "bf16", n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the machine's best GEMM in `dtype` (oneDNN through torch, n x n x n): a practical ceiling
     for prefill, which is GEMM-bound."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n).to(torch.bfloat16), torch.randn(n, n).to(torch.bfloat16)
+    a, b = torch.randn(n, n).to(TORCH_DTYPES[dtype]), torch.randn(n, n).to(TORCH_DTYPES[dtype])
     a @ b
     best = 0.0
     for _ in range(repeats):
@@ -118,7 +129,14 @@ def warm_page_cache(path: Path) -> None:
 
 
 def run_tilemem(
-    path: Path, batch: int, prompt_len: int, decode: int, threads: int, prefills: int, codec: str = "x12"
+    path: Path,
+    batch: int,
+    prompt_len: int,
+    decode: int,
+    threads: int,
+    prefills: int,
+    dtype: str = "bf16",
+    codec: str = "x12",
 ) -> dict:
     from tilemem.engine.llm import LLM
     from tilemem.engine.sampling import SamplingParams
@@ -129,7 +147,7 @@ def run_tilemem(
     # come from disk inside the timed prefill and decode).
     warm_page_cache(path)
     t0 = time.perf_counter()
-    llm = LLM(path, dtype="bf16", threads=threads, max_batch=batch, weight_codec=codec)
+    llm = LLM(path, dtype=dtype, threads=threads, max_batch=batch, weight_codec=codec)
     load_s = time.perf_counter() - t0
     prompts = prompt_batch(llm.config.vocab_size, batch, prompt_len)
     params = SamplingParams(max_tokens=decode, temperature=0, ignore_eos=True)
@@ -152,12 +170,14 @@ def run_tilemem(
     }  # fmt: skip
 
 
-def run_transformers(path: Path, batch: int, prompt_len: int, decode: int, threads: int, prefills: int) -> dict:
+def run_transformers(
+    path: Path, batch: int, prompt_len: int, decode: int, threads: int, prefills: int, dtype: str = "bf16"
+) -> dict:
     import transformers
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[dtype]).eval()
     load_s = time.perf_counter() - t0
     prompts = torch.tensor(prompt_batch(model.config.vocab_size, batch, prompt_len))
     with torch.inference_mode():
@@ -181,10 +201,10 @@ def run_transformers(path: Path, batch: int, prompt_len: int, decode: int, threa
 
 
 def worker(args: argparse.Namespace) -> None:
-    run = (Path(args.dir), args.batch, args.prompt_len, args.decode, args.threads, args.prefills)
+    run = (Path(args.dir), args.batch, args.prompt_len, args.decode, args.threads, args.prefills, args.dtype)
     if args.worker == "transformers":
         result = run_transformers(*run)
-    else:  # tilemem (x12 weights, the default) or tilemem-bf16 (weight_codec="none")
+    else:  # tilemem or tilemem-base (x12 weights, the default) or tilemem-bf16 (weight_codec="none")
         result = run_tilemem(*run, codec="none" if args.worker == "tilemem-bf16" else "x12")
     result.setdefault("peak_rss", peak_rss_bytes())
     print("RESULT " + json.dumps(result), flush=True)
@@ -193,8 +213,11 @@ def worker(args: argparse.Namespace) -> None:
 def spawn(args: argparse.Namespace, engine: str, batch: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", engine, "--dir", args.dir, "--batch", str(batch)]
     cmd += ["--prompt-len", str(args.prompt_len), "--decode", str(args.decode), "--threads", str(args.threads)]
-    cmd += ["--prefills", str(args.prefills)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    cmd += ["--prefills", str(args.prefills), "--dtype", args.dtype]
+    env = None
+    if engine == "tilemem-base":  # the same script, importing tilemem from the other checkout
+        env = {**os.environ, "PYTHONPATH": str(Path(args.base_src).resolve())}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -213,8 +236,12 @@ def main() -> None:
     ap.add_argument("--prefills", type=int, default=3, help="prefills per engine run (their median is reported)")
     ap.add_argument("--batches", default="1,4")
     ap.add_argument(
-        "--engines", default="tilemem,transformers", help="of tilemem, transformers, tilemem-bf16 (bf16 weights)"
+        "--engines",
+        default="tilemem,transformers",
+        help="of tilemem, transformers, tilemem-bf16 (bf16 weights), tilemem-base (tilemem from --base-src)",
     )
+    ap.add_argument("--base-src", default=None, help="for tilemem-base: another checkout's src/ (e.g. a git worktree)")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(TORCH_DTYPES), help="compute dtype of both engines")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -222,6 +249,8 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    if "tilemem-base" in args.engines.split(",") and not (args.base_src and Path(args.base_src, "tilemem").is_dir()):
+        ap.error("tilemem-base needs --base-src DIR, a checkout's src/ folder holding tilemem/")
     path = Path(args.dir)
     if not (path / "config.json").exists():
         from tilemem.synth.writer import synthesize
@@ -235,7 +264,7 @@ def main() -> None:
     bandwidths, gemms = [], []
     for r in range(args.repeats):
         bandwidths.append(dram_read_bandwidth(args.threads))
-        gemms.append(best_gemm_flops(args.threads))
+        gemms.append(best_gemm_flops(args.threads, args.dtype))
         for b in batches:
             for e in engines:  # interleaved: every engine once per round
                 res = spawn(args, e, b)
@@ -256,7 +285,7 @@ def main() -> None:
             f"{m['peak_rss'] / 2**30:.2f} | {m['peak_rss'] / ckpt_bytes:.2f} | {m['load_s']:.1f} |"
         )
     fpt, gemm = flops_per_prefill_token(path, args.prompt_len), statistics.median(gemms)
-    print(f"\nprefill: {fpt / 1e9:.2f} GFLOP per prompt token; best bf16 GEMM here {gemm / 1e9:.0f} GFLOP/s")
+    print(f"\nprefill: {fpt / 1e9:.2f} GFLOP per prompt token; best {args.dtype} GEMM here {gemm / 1e9:.0f} GFLOP/s")
     for (e, b), m in med.items():
         gf = m["prefill_tok_s"] * fpt
         print(f"  {e} batch {b}: {gf / 1e9:.0f} GFLOP/s = {100 * gf / gemm:.0f}% of the best GEMM")
@@ -296,6 +325,12 @@ def main() -> None:
                     share = 100 * t["decode_tok_s"] / (bw / read)
                     line += f"; it reads {read / 1e9:.3f} GB per token (x12 weights): {share:.0f}% of the bound"
                     line += f" those bytes give ({bw / read:.2f} tok/s)"
+            if "tilemem-base" in engines:
+                for key in ("decode_tok_s", "prefill_tok_s"):
+                    pairs = zip(runs[("tilemem", b)], runs[("tilemem-base", b)], strict=True)
+                    ratios = [x[key] / y[key] for x, y in pairs]
+                    line += f"; {key.split('_')[0]} {statistics.median(ratios):.3f}x tilemem-base (per round: "
+                    line += ", ".join(f"{r:.3f}x" for r in ratios) + ")"
             if "tilemem-bf16" in engines:
                 pairs = zip(runs[("tilemem", b)], runs[("tilemem-bf16", b)], strict=True)
                 ratios = [x["decode_tok_s"] / y["decode_tok_s"] for x, y in pairs]
