@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint format clean
+.PHONY: demo test test-kernels-emulated lint format clean
 
 $(BIN)/tilemem: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,6 +19,13 @@ test: $(BIN)/tilemem
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/lint-imports
 	$(BIN)/pytest -n 2  # both cores: the suite is CPU-bound, its tests independent
+
+# The native kernels' tests on a CPU without AVX512 (where `make test` skips them): built on SIMDe's
+# emulated AVX512 (apt-get install libsimde-dev; tests/emulated_avx512/, for tests only), AMX off.
+KERNEL_TESTS := tests/test_kernels.py tests/test_x12.py tests/test_kernel_abi.py
+KERNEL_TESTS += tests/test_parity.py::test_bf16_greedy_agrees_with_transformers  # fp32 never reaches the kernels
+test-kernels-emulated: $(BIN)/tilemem
+	TILEMEM_EMULATE_AVX512=1 $(BIN)/pytest -n 2 $(KERNEL_TESTS)
 
 format: $(BIN)/tilemem
 	$(BIN)/ruff format src tests benchmarks
