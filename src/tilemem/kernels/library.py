@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +92,12 @@ def build(force: bool = False) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [cc, *FLAGS, *map(str, sources()), "-o", tmp, "-lm"]
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as objdir:  # one object per file, all cores at once
+            objs = [str(Path(objdir) / f"{src.stem}.o") for src in sources()]
+            with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+                jobs = [[cc, *FLAGS, "-c", str(src), "-o", obj] for src, obj in zip(sources(), objs, strict=True)]
+                list(pool.map(_run, jobs))
+            _run([cc, *FLAGS, *objs, "-o", tmp, "-lm"])
         os.replace(tmp, out)
     except subprocess.CalledProcessError as exc:
         raise RuntimeError(f"compiling the kernels in {CSRC} failed:\n{exc.stderr}") from exc
@@ -100,6 +105,10 @@ def build(force: bool = False) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def _run(cmd: list[str]) -> None:
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
 
 
 def check_abi(lib: Any, where: str = "the kernel library") -> None:
