@@ -151,20 +151,26 @@ def test_cli_convert_repairs_a_corrupt_store_and_says_so(source, clean, tmp_path
     assert "match their sha256" in capsys.readouterr().out
 
 
-def test_resume_rewrites_journaled_tiles_the_partial_file_lost(source, clean, tmp_path, monkeypatch):
-    out = tmp_path / "store"
-    real, calls, half = tile_store.pack_tile, [0], len(TileStore(clean).tiles) // 2
+def convert_interrupted(ckpt, out, tiles: int, monkeypatch) -> None:
+    """Convert `ckpt` into `out`, interrupted (Ctrl-C) after `tiles` tiles were packed."""
+    real, calls = tile_store.pack_tile, [0]
 
     def crash_midway(*args):
         calls[0] += 1
-        if calls[0] > half:
+        if calls[0] > tiles:
             raise KeyboardInterrupt
         return real(*args)
 
     monkeypatch.setattr(tile_store, "pack_tile", crash_midway)
     with pytest.raises(KeyboardInterrupt):
-        convert(source, out, tile_size=TILE, progress=False)
+        convert(ckpt, out, tile_size=TILE, progress=False)
     monkeypatch.undo()
+
+
+def test_resume_rewrites_journaled_tiles_the_partial_file_lost(source, clean, tmp_path, monkeypatch):
+    out = tmp_path / "store"
+    half = len(TileStore(clean).tiles) // 2
+    convert_interrupted(source, out, half, monkeypatch)
     journal = [json.loads(line) for line in (out / "convert.journal").read_text().splitlines()[1:]]
     assert len(journal) == half
     lost = journal[::3]  # writes the journal records but the disk never got
@@ -276,18 +282,7 @@ def test_reconvert_rebuilds_a_store_whose_store_json_is_garbled(source, clean, t
 
 def test_resume_after_the_weights_changed_converts_from_the_start(ckpt, tmp_path, monkeypatch, caplog):
     out = tmp_path / "resumed"
-    real, calls, half = tile_store.pack_tile, [0], len(TileStore(tmp_path / "store").tiles) // 2
-
-    def crash_midway(*args):
-        calls[0] += 1
-        if calls[0] > half:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(tile_store, "pack_tile", crash_midway)
-    with pytest.raises(KeyboardInterrupt):
-        convert(ckpt, out, tile_size=TILE, progress=False)
-    monkeypatch.undo()
+    convert_interrupted(ckpt, out, len(TileStore(tmp_path / "store").tiles) // 2, monkeypatch)
     flip_tensor_byte(ckpt, "model.layers.0.mlp.experts.0.gate_proj.weight")  # in a tile the first run wrote
     with caplog.at_level(logging.WARNING, logger="tilemem.runtime.tile_store"):
         convert(ckpt, out, tile_size=TILE, progress=False)
