@@ -1,8 +1,11 @@
-"""The memory the process may use (`tilemem.memlimit`) on fake /proc and /sys trees."""
+"""The memory the process may use (`tilemem.memlimit`) on fake /proc and /sys trees, and `--budget auto`
+planning within it."""
 
 from __future__ import annotations
 
+import argparse
 import resource
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -232,3 +235,48 @@ def test_malformed_files_are_ignored_with_a_reason(tmp_path, monkeypatch):
 def test_this_machine_measures_without_error():
     limit = memory_limit()
     assert limit.available > 0 and limit.source in memlimit.SOURCES and limit.describe().startswith("memory limit ")
+
+
+# -- --memory-limit on the engine, and --budget auto within it --------------------------------------
+def test_memory_limit_flag_is_generated_and_checked():
+    from tilemem.cli.engine_flags import add_engine_args, engine_args_from_namespace
+    from tilemem.engine.args import EngineArgs
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    add_engine_args(parser)
+    args = engine_args_from_namespace(parser.parse_args(["ckpt", "--budget", "auto", "--memory-limit", "6GiB"]))
+    assert args.memory_limit == "6GiB"
+    for bad in ("lots", "0", -1, True):
+        with pytest.raises(ConfigError, match=r"memory_limit \(--memory-limit\) must be a positive byte size"):
+            EngineArgs("ckpt", memory_limit=bad)
+
+
+def test_budget_auto_with_memory_limit_plans_within_it(tmp_path, make_ckpt, monkeypatch, capsys):
+    from tilemem.engine.args import EngineArgs
+    from tilemem.engine.build import resolve_plan
+    from tilemem.loader.checkpoint import Checkpoint
+    from tilemem.models.topology import Topology
+    from tilemem.tmap.auto import SAFETY_MARGIN, kv_reserve
+
+    path = make_ckpt("olmoe")
+    ckpt = Checkpoint.open(path)
+    topo = Topology.from_config(ckpt.config, "fp32")
+    experts = topo.total_bytes - topo.non_expert_bytes
+    rss = 100 * MiB  # the fake tree's VmRSS, so the test does not depend on this process's size
+    want = int((topo.non_expert_bytes + experts // 2) / (1 - SAFETY_MARGIN)) + kv_reserve(topo, 4096, 1)
+    cap = want + rss
+    # the machine looks huge, unlimited and without a GPU: only --memory-limit can make the plan leave experts out
+    monkeypatch.setattr(memlimit.sysinfo, "gpu", lambda: None)
+    monkeypatch.setattr(memlimit, "memory_limit", partial(memory_limit, root=fake_tree(tmp_path, available=64 * GiB)))
+    plan = resolve_plan(EngineArgs(path, budget="auto", memory_limit=str(cap)), ckpt)
+    cpu = plan.usage("cpu")
+    assert cpu.capacity is not None and cpu.used <= cpu.capacity <= (cap - rss) * (1 - SAFETY_MARGIN)
+    assert topo.non_expert_bytes < cpu.used < topo.total_bytes  # within the limit: some experts on disk
+    assert plan.tiles_in("disk")
+    line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("--budget auto:"))
+    assert line.startswith("--budget auto: memory limit ") and "(--memory-limit " in line
+    assert "non-expert weights + " in line and "expert weights (" in line
+    # without the flag the same machine fits the whole model
+    plan = resolve_plan(EngineArgs(path, budget="auto"), ckpt)
+    assert plan.usage("cpu").capacity == topo.total_bytes and not plan.tiles_in("disk")

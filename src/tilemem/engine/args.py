@@ -69,6 +69,13 @@ class EngineArgs:
     """A Plan or a plan directory; routed experts then follow it through the tiered runtime."""
     budget: str | None = arg(None, "tier budgets, e.g. cpu=4GiB (rest on disk)")
     """Tier budgets to plan for (e.g. `cpu=4GiB`, `auto`); exclusive with `plan`."""
+    memory_limit: str | int | None = arg(
+        None,
+        "the memory the process may use, e.g. 6GiB; --budget auto plans within it (default: measured: the "
+        "cgroup's limit, RLIMIT_AS/RLIMIT_DATA or the available memory, the smallest)",
+    )
+    """The whole process's memory cap (e.g. `6GiB`) that `budget="auto"` plans within, overriding the measured
+    one (`tilemem.memlimit`); None: measured."""
     policy: str = arg("tilepo_fine", "placement policy used with --budget", choices=_policy_names, list_choices=True)
     """Placement policy used with `budget` (any registered policy, or `auto`)."""
     profile: Any = arg(None, "profile.json guiding the plan")
@@ -137,8 +144,24 @@ class EngineArgs:
             d = self.device
             if not isinstance(d, str) or not (d in ("cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())):
                 raise ConfigError(f"unknown device '{d}'; use 'cpu' or 'cuda' (or 'cuda:N') with {flag_of('device')}.")
+        if self.memory_limit is not None:
+            self._check_memory_limit()
         if self.plan is not None and self.budget is not None:
             raise ConfigError("give either --plan or --budget (a plan, or a budget to plan for), not both.")
+
+    def _check_memory_limit(self) -> None:
+        from tilemem.units import parse_bytes
+
+        value = self.memory_limit
+        try:
+            n = parse_bytes(value, "memory_limit") if isinstance(value, str | int) else None
+        except ConfigError:
+            n = None
+        if n is None or n <= 0:
+            raise ConfigError(
+                f"memory_limit ({flag_of('memory_limit')}) must be a positive byte size such as 6GiB, 512MiB or "
+                f"8000000000, got {value!r}."
+            )
 
     def _check_speculative(self) -> None:
         spec = self.speculative

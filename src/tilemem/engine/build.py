@@ -136,7 +136,9 @@ def resolve_plan(args: EngineArgs, ckpt: Checkpoint):
     if args.plan is not None:
         return args.plan if isinstance(args.plan, Plan) else load_plan(args.plan)
     dtype_name = None if args.dtype is None else str(args.dtype).replace("torch.", "")
-    return make_plan(ckpt, args.budget, args.policy, args.profile, args.tile, dtype=dtype_name)
+    return make_plan(
+        ckpt, args.budget, args.policy, args.profile, args.tile, dtype=dtype_name, memory_limit=args.memory_limit
+    )
 
 
 def device_for(plan, device: str | None) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from tilemem import sysinfo
+from tilemem import memlimit, sysinfo
 from tilemem.errors import BudgetError, ConfigError
 from tilemem.loader.checkpoint import Checkpoint
 from tilemem.models.topology import LayerTopology, Topology
@@ -47,14 +47,17 @@ def make_plan(
     tile: int = 128,
     cache: str | None = None,
     dtype: str | None = None,
+    memory_limit: str | int | None = None,
 ) -> Plan:
-    """Plan `ckpt` under `budget` (e.g. `cpu=4GiB`) with `policy`."""
+    """Plan `ckpt` under `budget` (e.g. `cpu=4GiB`, or `auto`: within `memory_limit`, e.g. `6GiB`, else
+    the limit measured here) with `policy`."""
     topo = Topology.from_config(ckpt.config, dtype)
     if budget == "auto" or policy == "auto":  # the cost model picks (tilemem.tmap)
         from tilemem.tmap.auto import resolve_auto
 
+        limit = memlimit.memory_limit(memory_limit) if budget == "auto" else None
         budget, policy, tile = resolve_auto(
-            topo, budget, policy, load_profile(profile, topo), tile, model=ckpt.path.name
+            topo, budget, policy, load_profile(profile, topo), tile, model=ckpt.path.name, limit=limit
         )
     budgets = Budgets.parse(budget, cache)
     problem = PlacementProblem(topo, load_profile(profile, topo), budgets, tile_format(topo.dtype), tile=tile)

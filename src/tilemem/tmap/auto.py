@@ -1,9 +1,10 @@
 """`--budget auto` and `--policy auto`.
 
-`--budget auto`: the largest plan that fits what this machine has free, with a stated safety margin:
-cpu = (available DRAM - KV cache reserve) x (1 - margin), capped at what the whole model needs; with a
-GPU, cuda = free VRAM x (1 - margin) the same way. It never exceeds the free memory it was given
-(`TILEMEM_FAKE_RAM` fakes a smaller machine), and refuses when even the non-expert weights do not fit.
+`--budget auto`: the largest plan that fits the memory this process may use (`tilemem.memlimit`: its
+cgroup's limit, RLIMIT_AS/RLIMIT_DATA, the machine's available memory, the smallest; or `--memory-limit`),
+with a stated safety margin: cpu = (that limit - KV cache reserve) x (1 - margin), capped at what the whole
+model needs; with a GPU, cuda = free VRAM x (1 - margin) the same way. It never exceeds the limit it was
+given (`TILEMEM_FAKE_RAM` fakes a smaller machine), and refuses when even the non-expert weights do not fit.
 `--policy auto`: the plan the cost model recommends (see `recommend`) on a hardware profile: a measured
 one if saved (`tilemem doctor --probe`), else the closest shipped reference profile. It never probes.
 """
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tilemem import sysinfo
+from tilemem.memlimit import MemoryLimit, memory_limit
 from tilemem.models.topology import Topology
 from tilemem.placement.errors import BudgetError
 from tilemem.placement.profile import Profile
@@ -23,14 +25,14 @@ from tilemem.tmap.hardware import HardwareProfile, closest_reference
 from tilemem.units import format_bytes
 
 SAFETY_MARGIN = 0.15
-"""Share of free memory `--budget auto` leaves alone (allocator slack, other processes, page cache)."""
+"""Share of the memory limit `--budget auto` leaves alone (allocator slack, other processes, page cache)."""
 DEFAULT_HARDWARE = Path.home() / ".cache" / "tilemem" / "hardware.json"
 """Where `tilemem doctor --probe` keeps this machine's profile when no --out is given."""
 
 
 @dataclass(frozen=True)
 class AutoBudget:
-    """A budget chosen from free memory, and why."""
+    """A budget chosen from the memory the process may use, and why."""
 
     text: str
     """Budget string, e.g. `cpu=1234B`."""
@@ -39,7 +41,9 @@ class AutoBudget:
     cuda_bytes: int
     """VRAM budget (0: none)."""
     explanation: str
-    """How it was computed."""
+    """How it was computed: which limit, and how the budget splits into non-expert weights and experts."""
+    limit: MemoryLimit | None = None
+    """The memory limit it was computed from."""
 
 
 def kv_reserve(topology: Topology, context: int, batch: int) -> int:
@@ -56,13 +60,15 @@ def auto_budget(
     margin: float = SAFETY_MARGIN,
     context: int = 4096,
     batch: int = 1,
-    available_ram: int | None = None,
+    limit: MemoryLimit | None = None,
     free_vram: int | None = None,
 ) -> AutoBudget:
-    """The largest budget that fits free memory less `margin` (module docstring)."""
+    """The largest budget that fits `limit` (default: `memory_limit()`, measured here) less `margin`
+    (module docstring)."""
     if not 0 <= margin < 1:
         raise BudgetError(f"safety margin must be in [0, 1), got {margin}.")
-    avail = sysinfo.memory().available if available_ram is None else available_ram
+    limit = memory_limit() if limit is None else limit
+    avail = limit.available
     kv = kv_reserve(topology, context, batch)
     room = int((avail - kv) * (1 - margin))
     need = topology.total_bytes
@@ -74,10 +80,10 @@ def auto_budget(
     fast = cuda if cuda > 0 else cpu
     if fast < topology.non_expert_bytes:
         raise BudgetError(
-            f"--budget auto: {format_bytes(avail)} free ({format_bytes(kv)} kept for the KV cache, "
-            f"{margin:.0%} margin) leaves {format_bytes(fast)}, less than the "
-            f"{format_bytes(topology.non_expert_bytes)} of non-expert weights; free memory or give an explicit "
-            "--budget."
+            f"--budget auto: {limit.describe()}; less {format_bytes(kv)} kept for the KV cache and a "
+            f"{margin:.0%} margin it leaves {format_bytes(fast)}, less than the "
+            f"{format_bytes(topology.non_expert_bytes)} of non-expert weights; free memory, raise the limit "
+            "(--memory-limit) or give an explicit --budget."
         )
     if cuda > 0:
         cuda = min(cuda, need)
@@ -86,12 +92,23 @@ def auto_budget(
     else:
         text = f"cpu={cpu}B"
     explanation = (
-        f"{format_bytes(avail)} DRAM available - {format_bytes(kv)} KV cache ({context} tokens x {batch}), "
+        f"{limit.describe()} - {format_bytes(kv)} KV cache ({context} tokens x {batch}), "
         f"x (1 - {margin:.0%} margin) = {format_bytes(room)}; model needs {format_bytes(need)}"
         + (f"; GPU {format_bytes(free_vram)} free -> cuda {format_bytes(cuda)}" if cuda else "")
-        + f" -> --budget {text}"
+        + f" -> --budget {text}: {split(topology, cuda + cpu)}"
     )
-    return AutoBudget(text, cpu, cuda, explanation)
+    return AutoBudget(text, cpu, cuda, explanation, limit)
+
+
+def split(topology: Topology, budget: int) -> str:
+    """How `budget` bytes divide: `1.20 GiB non-expert weights + 3.90 GiB of the 11.70 GiB expert weights (33%)`."""
+    experts = topology.total_bytes - topology.non_expert_bytes
+    held = max(0, min(budget, topology.total_bytes) - topology.non_expert_bytes)
+    share = held / experts if experts else 1.0
+    return (
+        f"{format_bytes(topology.non_expert_bytes)} non-expert weights + {format_bytes(held)} of the "
+        f"{format_bytes(experts)} expert weights ({share:.0%})"
+    )
 
 
 def default_hardware(path: str | Path | None = None, log: Callable[[str], None] = print) -> HardwareProfile:
@@ -125,12 +142,16 @@ def resolve_auto(
     hardware: HardwareProfile | str | Path | None = None,
     model: str = "",
     log: Callable[[str], None] = print,
+    limit: MemoryLimit | None = None,
 ) -> tuple[str, str, int]:
-    """(budget, policy, tile) with `auto` resolved: the budget from free memory, the policy (and tile)
-    from the cost model's recommendation for that budget. Logs what it chose and why."""
+    """(budget, policy, tile) with `auto` resolved: the budget from the memory limit (`limit`, default
+    measured here), the policy (and tile) from the cost model's recommendation for that budget. Logs what
+    it chose and why: one line for the budget (which limit, how it was split), one per note on the limit."""
     if budget == "auto":
-        ab = auto_budget(topology)
+        ab = auto_budget(topology, limit=limit)
         budget = ab.text
+        for note in ab.limit.notes if ab.limit is not None else ():
+            log(f"memory limit: {note}")
         log(f"--budget auto: {ab.explanation}")
     if policy == "auto":
         from tilemem.tmap.recommend import recommend
