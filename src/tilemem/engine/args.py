@@ -67,15 +67,20 @@ class EngineArgs:
     """Most prompt tokens one forward pass takes, over all prompts (vLLM's max_num_batched_tokens)."""
     plan: Any = arg(None, "plan directory from `tilemem plan`")
     """A Plan or a plan directory; routed experts then follow it through the tiered runtime."""
-    budget: str | None = arg(None, "tier budgets, e.g. cpu=4GiB (rest on disk)")
-    """Tier budgets to plan for (e.g. `cpu=4GiB`, `auto`); exclusive with `plan`."""
+    budget: str | None = arg(
+        None,
+        "tier budgets, e.g. cpu=4GiB (rest on disk) or auto (default: all resident when that fits the memory "
+        "limit, else auto)",
+    )
+    """Tier budgets to plan for (e.g. `cpu=4GiB`, `auto`); exclusive with `plan`. None (and no plan): all
+    resident when that fits the memory limit, else as `auto` (`tilemem.engine.fit`)."""
     memory_limit: str | int | None = arg(
         None,
-        "the memory the process may use, e.g. 6GiB; --budget auto plans within it (default: measured: the "
-        "cgroup's limit, RLIMIT_AS/RLIMIT_DATA or the available memory, the smallest)",
+        "the memory the process may use, e.g. 6GiB; --budget auto and the default plan within it (default: "
+        "measured: the cgroup's limit, RLIMIT_AS/RLIMIT_DATA or the available memory, the smallest)",
     )
-    """The whole process's memory cap (e.g. `6GiB`) that `budget="auto"` plans within, overriding the measured
-    one (`tilemem.memlimit`); None: measured."""
+    """The whole process's memory cap (e.g. `6GiB`) that `budget="auto"` (and no budget) plans within,
+    overriding the measured one (`tilemem.memlimit`); None: measured."""
     policy: str = arg("tilepo_fine", "placement policy used with --budget", choices=_policy_names, list_choices=True)
     """Placement policy used with `budget` (any registered policy, or `auto`)."""
     profile: Any = arg(None, "profile.json guiding the plan")

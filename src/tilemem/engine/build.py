@@ -90,7 +90,7 @@ def build_engine(args: EngineArgs) -> EngineParts:
     ckpt = Checkpoint.open(args.model)
     cfg = ckpt.config
     max_model_len = min(args.max_model_len or 4096, cfg.max_position_embeddings)
-    plan = resolve_plan(args, ckpt)
+    plan = resolve_plan(args, ckpt, max_model_len)
     skip = None
     if plan is not None:  # FFN weights come from the tile store, where the plan puts them
         from tilemem.models.topology import is_ffn_weight as skip
@@ -125,10 +125,13 @@ def build_engine(args: EngineArgs) -> EngineParts:
     return parts
 
 
-def resolve_plan(args: EngineArgs, ckpt: Checkpoint):
-    """The Plan of `args`: `args.plan` (a Plan or a plan directory), one made from `args.budget`, or None."""
+def resolve_plan(args: EngineArgs, ckpt: Checkpoint, max_model_len: int = 4096):
+    """The Plan of `args`: `args.plan` (a Plan or a plan directory), one made from `args.budget`, else
+    None when the model fits all resident, or one made automatically when it does not (`engine.fit`)."""
     if args.plan is None and args.budget is None:
-        return None
+        from tilemem.engine.fit import default_plan
+
+        return default_plan(args, ckpt, max_model_len)
     from tilemem.artifacts.mir import load_plan
     from tilemem.placement.plan import Plan
     from tilemem.runtime.setup import make_plan
@@ -137,8 +140,9 @@ def resolve_plan(args: EngineArgs, ckpt: Checkpoint):
         return args.plan if isinstance(args.plan, Plan) else load_plan(args.plan)
     dtype_name = None if args.dtype is None else str(args.dtype).replace("torch.", "")
     return make_plan(
-        ckpt, args.budget, args.policy, args.profile, args.tile, dtype=dtype_name, memory_limit=args.memory_limit
-    )
+        ckpt, args.budget, args.policy, args.profile, args.tile, dtype=dtype_name, memory_limit=args.memory_limit,
+        context=max_model_len,
+    )  # fmt: skip
 
 
 def device_for(plan, device: str | None) -> str:

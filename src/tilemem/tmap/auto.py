@@ -143,12 +143,14 @@ def resolve_auto(
     model: str = "",
     log: Callable[[str], None] = print,
     limit: MemoryLimit | None = None,
+    context: int = 4096,
 ) -> tuple[str, str, int]:
     """(budget, policy, tile) with `auto` resolved: the budget from the memory limit (`limit`, default
-    measured here), the policy (and tile) from the cost model's recommendation for that budget. Logs what
-    it chose and why: one line for the budget (which limit, how it was split), one per note on the limit."""
+    measured here) less the KV cache of one `context`-token sequence, the policy (and tile) from the cost
+    model's recommendation for that budget. Logs what it chose and why: one line for the budget (which
+    limit, how it was split), one per note on the limit."""
     if budget == "auto":
-        ab = auto_budget(topology, limit=limit)
+        ab = auto_budget(topology, context=context, limit=limit)
         budget = ab.text
         for note in ab.limit.notes if ab.limit is not None else ():
             log(f"memory limit: {note}")

@@ -1,0 +1,93 @@
+"""Default = fit (`tilemem.engine.fit`): with no --budget or --plan, a model that fits its memory limit
+runs all resident; one that does not is planned automatically, within the limit, and says so; one whose
+non-expert weights alone do not fit stops with the numbers."""
+
+from __future__ import annotations
+
+import resource
+from functools import partial
+
+import pytest
+from test_memory_limit import fake_tree
+
+from tilemem import memlimit
+from tilemem.engine import fit
+from tilemem.engine.args import EngineArgs
+from tilemem.errors import BudgetError
+from tilemem.loader.checkpoint import Checkpoint
+from tilemem.models.topology import Topology
+from tilemem.tmap.auto import SAFETY_MARGIN, kv_reserve
+
+RSS = 100 << 20  # the fake tree's VmRSS
+CONTEXT = 64
+
+
+@pytest.fixture
+def olmoe(make_ckpt, tmp_path, monkeypatch):
+    """The tiny checkpoint, its topology, and a machine that is huge, unlimited and without a GPU (only
+    --memory-limit limits it)."""
+    monkeypatch.delenv("TILEMEM_FAKE_RAM", raising=False)
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (resource.RLIM_INFINITY,) * 2)
+    measure = partial(memlimit.memory_limit, root=fake_tree(tmp_path / "root", available=64 << 30))
+    monkeypatch.setattr(memlimit, "memory_limit", measure)
+    monkeypatch.setattr(fit, "memory_limit", measure)
+    monkeypatch.setattr(memlimit.sysinfo, "gpu", lambda: None)
+    ckpt = Checkpoint.open(make_ckpt("olmoe"))
+    return ckpt, Topology.from_config(ckpt.config, "fp32")
+
+
+def cap_for(topo: Topology, resident: int) -> int:
+    """The --memory-limit under which `resident` bytes plus the KV cache just fit after the margin."""
+    return int((resident + kv_reserve(topo, CONTEXT, 1)) / (1 - SAFETY_MARGIN)) + RSS + 1
+
+
+def test_a_model_that_fits_runs_all_resident(olmoe, capsys):
+    ckpt, topo = olmoe
+    args = EngineArgs(ckpt.path, dtype="fp32", memory_limit=str(cap_for(topo, topo.total_bytes)))
+    assert fit.default_plan(args, ckpt, CONTEXT) is None
+    assert "planning automatically" not in capsys.readouterr().out
+
+
+def test_a_model_larger_than_its_limit_is_planned_within_it_and_says_so(olmoe):
+    ckpt, topo = olmoe
+    experts = topo.total_bytes - topo.non_expert_bytes
+    cap = cap_for(topo, topo.non_expert_bytes + experts // 2)
+    lines: list[str] = []
+    args = EngineArgs(ckpt.path, dtype="fp32", memory_limit=str(cap), tile=16)
+    plan = fit.default_plan(args, ckpt, CONTEXT, log=lines.append)
+    assert plan is not None and plan.tiles_in("disk")
+    cpu = plan.usage("cpu")
+    assert topo.non_expert_bytes < cpu.used <= cpu.capacity <= (cap - RSS) * (1 - SAFETY_MARGIN)
+    assert len(lines) == 1 and "planning automatically (--budget auto --policy auto)" in lines[0]
+    assert "(--memory-limit " in lines[0] and f"KV cache ({CONTEXT} tokens)" in lines[0]
+    # a policy given on the command line is kept
+    args = EngineArgs(ckpt.path, dtype="fp32", memory_limit=str(cap), tile=16, policy="kt_expert")
+    plan = fit.default_plan(args, ckpt, CONTEXT, log=lines.append)
+    assert plan.policy == "kt_expert" and "--policy kt_expert" in lines[-1]
+
+
+def test_too_small_for_the_non_expert_weights_stops_with_the_numbers(olmoe):
+    ckpt, topo = olmoe
+    cap = cap_for(topo, topo.non_expert_bytes) - 2 * kv_reserve(topo, CONTEXT // 2, 1)  # room for ~CONTEXT/2 tokens
+    args = EngineArgs(ckpt.path, dtype="fp32", memory_limit=str(cap))
+    with pytest.raises(BudgetError, match=r"cannot run within memory limit .* non-expert weights \+ .* KV cache") as e:
+        fit.default_plan(args, ckpt, CONTEXT)
+    tokens = int(str(e.value).split("--max-model-len ")[1].split(",")[0])
+    assert 0 < tokens < CONTEXT
+    assert kv_reserve(topo, tokens, 1) + topo.non_expert_bytes <= (cap - RSS) * (1 - SAFETY_MARGIN)
+
+
+def test_llm_with_only_a_memory_limit_runs_tiered_and_matches_all_resident(olmoe, tmp_path, capsys):
+    from tilemem.engine.llm import LLM
+    from tilemem.engine.sampling import SamplingParams
+
+    ckpt, topo = olmoe
+    experts = topo.total_bytes - topo.non_expert_bytes
+    cap = cap_for(topo, topo.non_expert_bytes + experts // 3)
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    small = LLM(ckpt.path, dtype="fp32", memory_limit=str(cap), max_model_len=CONTEXT, tile=16, store=tmp_path / "s")
+    assert small.tiered is not None and "planning automatically" in capsys.readouterr().out
+    resident = LLM(ckpt.path, dtype="fp32", max_model_len=CONTEXT)
+    assert resident.tiered is None
+    prompt = [1, 2, 3, 4, 5]
+    assert small.generate(prompt, greedy)[0].token_ids == resident.generate(prompt, greedy)[0].token_ids
