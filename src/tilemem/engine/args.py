@@ -170,9 +170,7 @@ class EngineArgs:
 
     def _check_speculative(self) -> None:
         spec = self.speculative
-        if spec in ("ngram", "mtp"):
-            return
-        if isinstance(spec, str) and spec.startswith("draft:") and spec[6:]:
+        if spec in ("ngram", "mtp") or (isinstance(spec, str) and self.draft_model):
             return
         raise ConfigError(
             f"unknown speculative method {spec!r} ({flag_of('speculative')}); use one of "
