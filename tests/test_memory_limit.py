@@ -114,6 +114,43 @@ def test_cgroup_v1_limit_less_usage(tmp_path):
     assert limit.describe() == "memory limit 2.50 GiB (cgroup v1 memory.limit_in_bytes 3.00 GiB, 512.00 MiB in use)"
 
 
+def test_inactive_page_cache_is_not_counted_as_in_use_v1_and_v2(tmp_path):
+    # A cold start reads torch's libraries and the checkpoint into the cgroup's page cache; the kernel reclaims
+    # its inactive part before it fails a charge, so it is not memory the process holds (the kubelet's
+    # "working set"). Active file pages still count; a stat line that is not a number is ignored with a note.
+    v1 = fake_tree(
+        tmp_path / "v1",
+        cgroup="4:memory:/app\n",
+        **{
+            "sys/fs/cgroup/memory/app/memory.limit_in_bytes": f"{4 * GiB}\n",
+            "sys/fs/cgroup/memory/app/memory.usage_in_bytes": f"{3 * GiB}\n",
+            "sys/fs/cgroup/memory/app/memory.stat": f"cache {2 * GiB}\ninactive_file 1\n"
+            f"total_inactive_file {1536 * MiB}\ntotal_active_file {512 * MiB}\n",
+        },
+    )
+    limit = memory_limit(root=v1)
+    assert (limit.available, limit.used, limit.reclaimable) == (2560 * MiB, 1536 * MiB, 1536 * MiB)
+    assert limit.describe() == (
+        "memory limit 2.50 GiB (cgroup v1 memory.limit_in_bytes 4.00 GiB, 1.50 GiB in use not counting "
+        "1.50 GiB of inactive page cache)"
+    )
+    v2 = fake_tree(
+        tmp_path / "v2",
+        cgroup="0::/app\n",
+        **{
+            "sys/fs/cgroup/app/memory.max": f"{4 * GiB}\n",
+            "sys/fs/cgroup/app/memory.current": f"{1 * GiB}\n",
+            "sys/fs/cgroup/app/memory.stat": f"anon {256 * MiB}\nfile {768 * MiB}\ninactive_file {5 * GiB}\n",
+        },
+    )
+    limit = memory_limit(root=v2)  # never more reclaimable than the usage itself
+    assert (limit.available, limit.used, limit.reclaimable) == (4 * GiB, 0, 1 * GiB)
+    (v2 / "sys/fs/cgroup/app/memory.stat").write_text("inactive_file lots\n")
+    limit = memory_limit(root=v2)
+    assert (limit.available, limit.used, limit.reclaimable) == (3 * GiB, 1 * GiB, 0)
+    assert any("inactive_file" in n and "not a number" in n for n in limit.notes), limit.notes
+
+
 def test_cgroup_v1_in_a_container_reads_the_mount_root(tmp_path):
     # A cgroup namespace shows the host's path in /proc/self/cgroup, the container's own cgroup at the mount.
     root = fake_tree(

@@ -1,5 +1,6 @@
 """The memory this process may use, measured where it runs: the smallest of its cgroup's limit (v2
-`memory.max` or v1 `memory.limit_in_bytes`, less what the cgroup already holds), `RLIMIT_AS` and
+`memory.max` or v1 `memory.limit_in_bytes`, less what the cgroup already holds but the inactive page cache the
+kernel reclaims first: the "working set" that Docker and the kubelet report), `RLIMIT_AS` and
 `RLIMIT_DATA` (less what they already count), and the machine's `MemAvailable`; or an explicit
 `--memory-limit`, which overrides them all.
 
@@ -47,6 +48,9 @@ class Bound:
     """Bytes already counted against the cap (cgroup usage, VmSize, VmData, this process's RSS; 0 for MemAvailable)."""
     where: str = ""
     """The file or call it was read from."""
+    reclaimable: int = 0
+    """Bytes of the cap's usage not counted in `used`: a cgroup's inactive file pages (page cache the kernel
+    drops before it fails a charge), from memory.stat."""
 
     @property
     def available(self) -> int:
@@ -72,6 +76,8 @@ class MemoryLimit:
     """Every cap measured, the chosen one included."""
     notes: tuple[str, ...] = ()
     """Why a file was ignored (missing files are not noted: most machines lack some)."""
+    reclaimable: int = 0
+    """Bytes of page cache the chosen cap holds that were not counted as in use (Bound.reclaimable)."""
 
     @property
     def above_machine(self) -> bool:
@@ -84,6 +90,8 @@ class MemoryLimit:
             detail = "the machine's MemAvailable; no cgroup or rlimit below it"
         else:
             detail = f"{self.source} {format_bytes(self.limit)}, {format_bytes(self.used)} in use"
+            if self.reclaimable:
+                detail += f" not counting {format_bytes(self.reclaimable)} of inactive page cache"
         if self.above_machine:
             detail += f"; above the machine's {format_bytes(self.machine_available)} available"
         return f"memory limit {format_bytes(self.available)} ({detail})"
@@ -104,7 +112,10 @@ def memory_limit(explicit: str | int | None = None, root: str | Path = "/") -> M
         bounds.append(chosen)  # used as given, even above the machine's memory (`describe` then says so)
     else:
         chosen = min(bounds, key=lambda b: b.available)
-    return MemoryLimit(chosen.available, chosen.source, chosen.limit, chosen.used, machine, tuple(bounds), tuple(notes))
+    return MemoryLimit(
+        chosen.available, chosen.source, chosen.limit, chosen.used, machine, tuple(bounds), tuple(notes),
+        chosen.reclaimable,
+    )  # fmt: skip
 
 
 # -- the machine ---------------------------------------------------------------------------------
@@ -150,17 +161,23 @@ def _cgroup_bounds(root: Path, notes: list[str]) -> list[Bound]:
             continue
         _, controllers, path = parts
         if controllers == "":
-            found += _walk(root / "sys/fs/cgroup", path, V2_MAX, "memory.max", "memory.current", notes)
+            found += _walk(root / "sys/fs/cgroup", path, V2_MAX, "memory.max", "memory.current", "inactive_file", notes)
         elif "memory" in controllers.split(","):
             found += _walk(
-                root / "sys/fs/cgroup/memory", path, V1_LIMIT, "memory.limit_in_bytes", "memory.usage_in_bytes", notes
-            )
+                root / "sys/fs/cgroup/memory", path, V1_LIMIT, "memory.limit_in_bytes", "memory.usage_in_bytes",
+                "total_inactive_file", notes,
+            )  # fmt: skip
     return [min(found, key=lambda b: b.available)] if found else []
 
 
-def _walk(mount: Path, path: str, source: str, limit_file: str, usage_file: str, notes: list[str]) -> list[Bound]:
+def _walk(
+    mount: Path, path: str, source: str, limit_file: str, usage_file: str, inactive_key: str, notes: list[str]
+) -> list[Bound]:
     """Bounds at every level from `mount`/`path` up to `mount` (a parent's limit holds its children too).
-    Inside a container the path may name a cgroup outside the mount; its missing levels are skipped."""
+    Inside a container the path may name a cgroup outside the mount; its missing levels are skipped. Usage
+    counts page cache too; the level's inactive file pages (`inactive_key` in its memory.stat) are not
+    counted as in use: the kernel reclaims them before it fails a charge (a cold start's reads of torch's
+    libraries and the checkpoint would otherwise look like memory the process holds)."""
     rel = Path(path.strip().lstrip("/"))
     levels = [mount / rel, *(mount / p for p in rel.parents)] if str(rel) not in ("", ".") else [mount]
     bounds = []
@@ -181,8 +198,23 @@ def _walk(mount: Path, path: str, source: str, limit_file: str, usage_file: str,
         if not usage_text.isdigit():
             notes.append(f"ignored {level / usage_file}: {usage_text[:40]!r} is not a number; counting 0 in use")
             usage_text = "0"
-        bounds.append(Bound(source, limit, int(usage_text), str(level / limit_file)))
+        usage = int(usage_text)
+        inactive = min(usage, _stat_field(level / "memory.stat", inactive_key, notes))
+        bounds.append(Bound(source, limit, usage - inactive, str(level / limit_file), inactive))
     return bounds
+
+
+def _stat_field(path: Path, key: str, notes: list[str]) -> int:
+    """A `key value` line of a cgroup's memory.stat, bytes; 0 where the file or line is missing or malformed."""
+    text = _read(path)
+    for line in (text or "").splitlines():
+        name, _, value = line.partition(" ")
+        if name == key:
+            if value.strip().isdigit():
+                return int(value)
+            notes.append(f"ignored {key} in {path}: {value.strip()[:40]!r} is not a number; counting 0")
+            break
+    return 0
 
 
 # -- rlimits -------------------------------------------------------------------------------------
