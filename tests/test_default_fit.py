@@ -77,6 +77,35 @@ def test_too_small_for_the_non_expert_weights_stops_with_the_numbers(olmoe):
     assert kv_reserve(topo, tokens, 1) + topo.non_expert_bytes <= (cap - RSS) * (1 - SAFETY_MARGIN)
 
 
+def test_the_server_reserves_kv_for_every_slot(olmoe, monkeypatch):
+    """The server allocates `max_batch` full-length KV slots up front, so default = fit counts all of them: a
+    model that fits all resident with one sequence's cache is planned when 2 are reserved, and a limit that
+    cannot hold 8 caches beside the non-expert weights names --max-batch among the fixes; `create_app`
+    builds with its max_batch."""
+    ckpt, topo = olmoe
+    cap = cap_for(topo, topo.total_bytes)  # all resident with one sequence's KV cache, not with two
+    args = EngineArgs(ckpt.path, dtype="fp32", memory_limit=str(cap), tile=16)
+    assert fit.default_plan(args, ckpt, CONTEXT) is None
+    lines: list[str] = []
+    plan = fit.default_plan(args, ckpt, CONTEXT, log=lines.append, sequences=2)
+    assert plan is not None and f"KV cache ({CONTEXT} tokens x 2 sequences)" in lines[0]
+    assert plan.usage("cpu").capacity <= (cap - RSS - kv_reserve(topo, CONTEXT, 2)) * (1 - SAFETY_MARGIN)
+    tight = cap_for(topo, topo.non_expert_bytes)
+    args = EngineArgs(ckpt.path, dtype="fp32", memory_limit=str(tight))
+    with pytest.raises(BudgetError, match=r"x 8 sequences.*a smaller --max-batch"):
+        fit.default_plan(args, ckpt, CONTEXT, sequences=8)
+
+    from tilemem.engine.llm import LLM
+    from tilemem.server.app import create_app
+    from tilemem.server.config import ServerConfig
+
+    seen = []
+    monkeypatch.setattr(LLM, "_setup", lambda self, a, kv_sequences=1: seen.append(kv_sequences) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        create_app(args, ServerConfig(max_batch=3))
+    assert seen == [3]
+
+
 def test_llm_with_only_a_memory_limit_runs_tiered_and_matches_all_resident(olmoe, tmp_path, capsys):
     from tilemem.engine.llm import LLM
     from tilemem.engine.sampling import SamplingParams

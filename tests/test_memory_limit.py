@@ -294,7 +294,7 @@ def test_budget_auto_with_memory_limit_plans_within_it(tmp_path, make_ckpt, monk
     from tilemem.engine.build import resolve_plan
     from tilemem.loader.checkpoint import Checkpoint
     from tilemem.models.topology import Topology
-    from tilemem.tmap.auto import SAFETY_MARGIN, kv_reserve
+    from tilemem.tmap.auto import SAFETY_MARGIN, kv_reserve, staging_reserve
 
     path = make_ckpt("olmoe")
     ckpt = Checkpoint.open(path)
@@ -302,6 +302,7 @@ def test_budget_auto_with_memory_limit_plans_within_it(tmp_path, make_ckpt, monk
     experts = topo.total_bytes - topo.non_expert_bytes
     rss = 100 * MiB  # the fake tree's VmRSS, so the test does not depend on this process's size
     want = int((topo.non_expert_bytes + experts // 2) / (1 - SAFETY_MARGIN)) + kv_reserve(topo, 4096, 1)
+    want += staging_reserve(topo, 128)
     cap = want + rss
     # the machine looks huge, unlimited and without a GPU: only --memory-limit can make the plan leave experts out
     monkeypatch.setattr(memlimit.sysinfo, "gpu", lambda: None)

@@ -83,14 +83,17 @@ class EngineParts:
             self.tiered.close()
 
 
-def build_engine(args: EngineArgs) -> EngineParts:
-    """Load `args.model` and wire up placement as `args` says (see EngineParts)."""
+def build_engine(args: EngineArgs, kv_sequences: int = 1) -> EngineParts:
+    """Load `args.model` and wire up placement as `args` says (see EngineParts). A plan made here
+    (`--budget auto`, or default = fit) keeps room for the KV cache of `kv_sequences` sequences of
+    `max_model_len` tokens: 1 for offline generation (its cache is sized to the prompts), the server's
+    `max_batch` (it allocates every slot at full length up front)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     ckpt = Checkpoint.open(args.model)
     cfg = ckpt.config
     max_model_len = min(args.max_model_len or 4096, cfg.max_position_embeddings)
-    plan = resolve_plan(args, ckpt, max_model_len)
+    plan = resolve_plan(args, ckpt, max_model_len, kv_sequences)
     skip = None
     if plan is not None:  # FFN weights come from the tile store, where the plan puts them
         from tilemem.models.topology import is_ffn_weight as skip
@@ -125,13 +128,13 @@ def build_engine(args: EngineArgs) -> EngineParts:
     return parts
 
 
-def resolve_plan(args: EngineArgs, ckpt: Checkpoint, max_model_len: int = 4096):
+def resolve_plan(args: EngineArgs, ckpt: Checkpoint, max_model_len: int = 4096, kv_sequences: int = 1):
     """The Plan of `args`: `args.plan` (a Plan or a plan directory), one made from `args.budget`, else
     None when the model fits all resident, or one made automatically when it does not (`engine.fit`)."""
     if args.plan is None and args.budget is None:
         from tilemem.engine.fit import default_plan
 
-        return default_plan(args, ckpt, max_model_len)
+        return default_plan(args, ckpt, max_model_len, sequences=kv_sequences)
     from tilemem.artifacts.mir import load_plan
     from tilemem.placement.plan import Plan
     from tilemem.runtime.setup import make_plan
@@ -141,7 +144,7 @@ def resolve_plan(args: EngineArgs, ckpt: Checkpoint, max_model_len: int = 4096):
     dtype_name = None if args.dtype is None else str(args.dtype).replace("torch.", "")
     return make_plan(
         ckpt, args.budget, args.policy, args.profile, args.tile, dtype=dtype_name, memory_limit=args.memory_limit,
-        context=max_model_len,
+        context=max_model_len, sequences=kv_sequences,
     )  # fmt: skip
 
 

@@ -3,6 +3,7 @@ the process may use (`tilemem.memlimit`), else plan automatically (as `--budget 
 say so in one line; when even no expert in memory cannot fit, stop with the numbers and what would fit.
 
 plan = default_plan(args, ckpt, max_model_len)  # None: all resident
+plan = default_plan(args, ckpt, max_model_len, sequences=8)  # the server: 8 full-length KV slots
 """
 
 from __future__ import annotations
@@ -18,23 +19,28 @@ from tilemem.tmap.auto import SAFETY_MARGIN, kv_reserve
 from tilemem.units import format_bytes
 
 
-def default_plan(args: EngineArgs, ckpt: Checkpoint, max_model_len: int, log: Callable[[str], None] = print):
-    """None when the all-resident model and the KV cache of one `max_model_len`-token sequence (the KV
-    convention of `--budget auto`) fit the memory limit less the safety margin; else a plan made as
+def default_plan(
+    args: EngineArgs, ckpt: Checkpoint, max_model_len: int, log: Callable[[str], None] = print, sequences: int = 1
+):
+    """None when the all-resident model and the KV cache of `sequences` sequences of `max_model_len` tokens
+    (as `--budget auto` counts it) fit the memory limit less the safety margin; else a plan made as
     `--budget auto` within that limit, with `--policy auto` unless a policy was given. Raises BudgetError
     when the non-expert weights and that KV cache alone do not fit."""
     dtype = None if args.dtype is None else str(args.dtype).replace("torch.", "")
     topo = Topology.from_config(ckpt.config, dtype)
     limit = memory_limit(args.memory_limit)
-    kv = kv_reserve(topo, max_model_len, 1)
+    kv = kv_reserve(topo, max_model_len, sequences)
     usable = int(limit.available * (1 - SAFETY_MARGIN))
     if topo.total_bytes + kv <= usable:
         return None
-    kv_text = f"{format_bytes(kv)} KV cache ({max_model_len} tokens)"
+    seqs = f" x {sequences} sequences" if sequences > 1 else ""
+    kv_text = f"{format_bytes(kv)} KV cache ({max_model_len} tokens{seqs})"
     if topo.non_expert_bytes + kv > usable:
-        per_token = kv_reserve(topo, 1, 1)
+        per_token = kv_reserve(topo, 1, sequences)
         tokens = (usable - topo.non_expert_bytes) // per_token if per_token else 0
         shorter = f"--max-model-len {tokens}, " if tokens >= 1 else ""
+        if sequences > 1:
+            shorter += "a smaller --max-batch, "
         raise BudgetError(
             f"{ckpt.path.name} cannot run within {limit.describe()}: even with every expert on disk it needs "
             f"{format_bytes(topo.non_expert_bytes)} of non-expert weights + {kv_text}, more than the "
@@ -51,5 +57,5 @@ def default_plan(args: EngineArgs, ckpt: Checkpoint, max_model_len: int, log: Ca
 
     return make_plan(
         ckpt, "auto", policy, args.profile, args.tile, dtype=dtype, memory_limit=args.memory_limit,
-        context=max_model_len,
+        context=max_model_len, sequences=sequences,
     )  # fmt: skip

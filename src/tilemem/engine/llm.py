@@ -122,15 +122,16 @@ class LLM:
         self._setup(EngineArgs(model=path, **kwargs))
 
     @classmethod
-    def from_args(cls, args: EngineArgs) -> LLM:
-        """An LLM built from `args`."""
+    def from_args(cls, args: EngineArgs, kv_sequences: int = 1) -> LLM:
+        """An LLM built from `args`; a plan made on the way keeps room for `kv_sequences` full-length KV
+        caches (`build_engine`)."""
         llm = cls.__new__(cls)
-        llm._setup(args)
+        llm._setup(args, kv_sequences)
         return llm
 
-    def _setup(self, args: EngineArgs) -> None:
+    def _setup(self, args: EngineArgs, kv_sequences: int = 1) -> None:
         self.args = args
-        self.parts = parts = build_engine(args)
+        self.parts = parts = build_engine(args, kv_sequences)
         self.path = parts.path
         self.checkpoint = parts.checkpoint
         self.config = parts.config

@@ -31,6 +31,9 @@ class TierBudget:
 
 DEFAULT_CACHE_BYTES = 64 << 20
 """Tile cache size when neither the config nor a bounded DRAM budget sets one (runtime and cost model)."""
+IO_DEPTH = 4
+"""Tile reads in flight by default: the runtime keeps this many staging slots, even past a DRAM budget
+whose room for the tile cache is smaller (so `--budget auto` keeps them out of the budget)."""
 
 
 @dataclass(frozen=True)

@@ -49,9 +49,10 @@ def make_plan(
     dtype: str | None = None,
     memory_limit: str | int | None = None,
     context: int = 4096,
+    sequences: int = 1,
 ) -> Plan:
     """Plan `ckpt` under `budget` (e.g. `cpu=4GiB`, or `auto`: within `memory_limit`, e.g. `6GiB`, else
-    the limit measured here, less the KV cache of one `context`-token sequence) with `policy`."""
+    the limit measured here, less the KV cache of `sequences` sequences of `context` tokens) with `policy`."""
     topo = Topology.from_config(ckpt.config, dtype)
     if budget == "auto" or policy == "auto":  # the cost model picks (tilemem.tmap)
         from tilemem.tmap.auto import resolve_auto
@@ -59,7 +60,7 @@ def make_plan(
         limit = memlimit.memory_limit(memory_limit) if budget == "auto" else None
         budget, policy, tile = resolve_auto(
             topo, budget, policy, load_profile(profile, topo), tile, model=ckpt.path.name, limit=limit,
-            context=context,
+            context=context, sequences=sequences,
         )  # fmt: skip
     budgets = Budgets.parse(budget, cache)
     problem = PlacementProblem(topo, load_profile(profile, topo), budgets, tile_format(topo.dtype), tile=tile)

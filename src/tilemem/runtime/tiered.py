@@ -29,7 +29,7 @@ from tilemem import kernels, sysinfo
 from tilemem.errors import BudgetError, TileMemError
 from tilemem.layers.gpu_ffn import GATHER_MAX_PAIRS, TileSlab, gathered_ffn, stacked_ffn
 from tilemem.layers.moe import MoEBlock, PartialSums, group_by_expert
-from tilemem.placement.budgets import DEFAULT_CACHE_BYTES
+from tilemem.placement.budgets import DEFAULT_CACHE_BYTES, IO_DEPTH
 from tilemem.runtime.direct_io import AlignedSlab, DirectReader
 from tilemem.runtime.tile_cache import TileCache, TileId
 from tilemem.runtime.tile_store import StoredTile, TileStore
@@ -107,7 +107,7 @@ class TieredConfig:
     cache_bytes: int | None = None
     """DRAM tile cache budget, staging slots for reads in flight included (at least `io_depth` slots).
     None: what the plan leaves free in DRAM (`attach_tiered`), else DEFAULT_CACHE_BYTES."""
-    io_depth: int = 4
+    io_depth: int = IO_DEPTH
     """Reads in flight (thread pool size)."""
     cache_policy: str = "lfu"
     """Eviction: lru, lfu or profile."""

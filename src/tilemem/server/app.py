@@ -132,7 +132,7 @@ def create_app(llm: LLM | EngineArgs, config: ServerConfig | None = None) -> Fas
     and stops with the app's lifespan."""
     config = config or ServerConfig()
     if isinstance(llm, EngineArgs):
-        llm = LLM.from_args(llm)
+        llm = LLM.from_args(llm, kv_sequences=config.max_batch)  # it allocates max_batch full-length slots
     state = ServerState(llm, config)
 
     @asynccontextmanager

@@ -2,9 +2,10 @@
 
 `--budget auto`: the largest plan that fits the memory this process may use (`tilemem.memlimit`: its
 cgroup's limit, RLIMIT_AS/RLIMIT_DATA, the machine's available memory, the smallest; or `--memory-limit`),
-with a stated safety margin: cpu = (that limit - KV cache reserve) x (1 - margin), capped at what the whole
-model needs; with a GPU, cuda = free VRAM x (1 - margin) the same way. It never exceeds the limit it was
-given (`TILEMEM_FAKE_RAM` fakes a smaller machine), and refuses when even the non-expert weights do not fit.
+with a stated safety margin: cpu = (that limit - KV cache reserve - staging slots) x (1 - margin), capped at
+what the whole model needs (the process's baseline, python and torch, is already in use when it is measured);
+with a GPU, cuda = free VRAM x (1 - margin) the same way. It never exceeds the limit it was given
+(`TILEMEM_FAKE_RAM` fakes a smaller machine), and refuses when even the non-expert weights do not fit.
 `--policy auto`: the plan the cost model recommends (see `recommend`) on a hardware profile: a measured
 one if saved (`tilemem doctor --probe`), else the closest shipped reference profile. It never probes.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 from tilemem import sysinfo
 from tilemem.memlimit import MemoryLimit, memory_limit
 from tilemem.models.topology import Topology
+from tilemem.placement.budgets import IO_DEPTH
 from tilemem.placement.errors import BudgetError
 from tilemem.placement.profile import Profile
 from tilemem.tmap.hardware import HardwareProfile, closest_reference
@@ -62,6 +64,7 @@ def auto_budget(
     batch: int = 1,
     limit: MemoryLimit | None = None,
     free_vram: int | None = None,
+    tile: int = 128,
 ) -> AutoBudget:
     """The largest budget that fits `limit` (default: `memory_limit()`, measured here) less `margin`
     (module docstring)."""
@@ -70,7 +73,8 @@ def auto_budget(
     limit = memory_limit() if limit is None else limit
     avail = limit.available
     kv = kv_reserve(topology, context, batch)
-    room = int((avail - kv) * (1 - margin))
+    staging = staging_reserve(topology, tile)
+    room = int((avail - kv - staging) * (1 - margin))
     need = topology.total_bytes
     cpu = max(0, min(room, need))
     if free_vram is None:
@@ -92,12 +96,21 @@ def auto_budget(
     else:
         text = f"cpu={cpu}B"
     explanation = (
-        f"{limit.describe()} - {format_bytes(kv)} KV cache ({context} tokens x {batch}), "
+        f"{limit.describe()} - {format_bytes(kv)} KV cache ({context} tokens x {batch}) - "
+        f"{format_bytes(staging)} tile staging ({IO_DEPTH} reads in flight), "
         f"x (1 - {margin:.0%} margin) = {format_bytes(room)}; model needs {format_bytes(need)}"
         + (f"; GPU {format_bytes(free_vram)} free -> cuda {format_bytes(cuda)}" if cuda else "")
         + f" -> --budget {text}: {split(topology, cuda + cpu)}"
     )
     return AutoBudget(text, cpu, cuda, explanation, limit)
+
+
+def staging_reserve(topology: Topology, tile: int) -> int:
+    """Bytes of the tile reads in flight: IO_DEPTH slots of one tile (gate, up and down rows of `tile`
+    neurons, or of a whole expert when narrower), which the runtime keeps even when a budget leaves its tile
+    cache less room (0 without experts)."""
+    widths = [lt.expert_intermediate for lt in topology.layers if lt.is_moe]
+    return IO_DEPTH * 3 * min(tile, max(widths)) * topology.hidden_size * topology.dtype_bytes if widths else 0
 
 
 def split(topology: Topology, budget: int) -> str:
@@ -144,13 +157,14 @@ def resolve_auto(
     log: Callable[[str], None] = print,
     limit: MemoryLimit | None = None,
     context: int = 4096,
+    sequences: int = 1,
 ) -> tuple[str, str, int]:
     """(budget, policy, tile) with `auto` resolved: the budget from the memory limit (`limit`, default
-    measured here) less the KV cache of one `context`-token sequence, the policy (and tile) from the cost
+    measured here) less the KV cache of `sequences` sequences of `context` tokens, the policy (and tile) from the cost
     model's recommendation for that budget. Logs what it chose and why: one line for the budget (which
     limit, how it was split), one per note on the limit."""
     if budget == "auto":
-        ab = auto_budget(topology, context=context, limit=limit)
+        ab = auto_budget(topology, context=context, batch=sequences, limit=limit, tile=tile)
         budget = ab.text
         for note in ab.limit.notes if ab.limit is not None else ():
             log(f"memory limit: {note}")
