@@ -318,3 +318,30 @@ def test_budget_auto_with_memory_limit_plans_within_it(tmp_path, make_ckpt, monk
     # without the flag the same machine fits the whole model
     plan = resolve_plan(EngineArgs(path, budget="auto"), ckpt)
     assert plan.usage("cpu").capacity == topo.total_bytes and not plan.tiles_in("disk")
+
+
+def test_plan_command_budget_auto_plans_for_the_memory_limit_given(tmp_path, make_ckpt, monkeypatch, capsys):
+    """`tilemem plan --budget auto --memory-limit` plans for another machine's limit (here: half the model's
+    experts), keeping room for `--max-batch` caches of `--max-model-len` tokens; a bad count is refused."""
+    from tilemem.artifacts.mir import load_plan
+    from tilemem.cli.main import main
+    from tilemem.loader.checkpoint import Checkpoint
+    from tilemem.models.topology import Topology
+    from tilemem.tmap.auto import SAFETY_MARGIN, kv_reserve, staging_reserve
+
+    path = make_ckpt("olmoe")
+    topo = Topology.from_config(Checkpoint.open(path).config)
+    monkeypatch.setattr(memlimit.sysinfo, "gpu", lambda: None)
+    monkeypatch.setattr(memlimit, "memory_limit", partial(memory_limit, root=fake_tree(tmp_path, available=64 * GiB)))
+    experts = topo.total_bytes - topo.non_expert_bytes
+    kv = kv_reserve(topo, 256, 2)
+    cap = int((topo.non_expert_bytes + experts // 2) / (1 - SAFETY_MARGIN)) + kv + staging_reserve(topo, 128)
+    cap += 100 * MiB  # the fake tree's VmRSS
+    flags = ["--budget", "auto", "--memory-limit", str(cap), "--max-model-len", "256", "--max-batch", "2"]
+    assert main(["plan", str(path), *flags, "--no-heatmap", "--out", str(tmp_path / "p")]) == 0
+    out = capsys.readouterr().out
+    assert "(--memory-limit " in out and "KV cache (256 tokens x 2)" in out, out
+    cpu = load_plan(tmp_path / "p").usage("cpu")
+    assert topo.non_expert_bytes < cpu.capacity <= (cap - 100 * MiB - kv) * (1 - SAFETY_MARGIN) < topo.total_bytes
+    assert main(["plan", str(path), *flags[:-1], "0", "--out", str(tmp_path / "q")]) == 2
+    assert "--max-batch must be at least 1" in capsys.readouterr().err

@@ -37,6 +37,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--experts-per-layer", type=int, help="cuda holds this many experts per layer, rest cpu")
     p.add_argument("--policy", default="tilepo_fine", help=f"one of {', '.join(policy_names())}, or auto")
     p.add_argument("--hardware", default=None, help="hardware profile JSON for --policy/--budget auto")
+    p.add_argument(
+        "--memory-limit",
+        default=None,
+        help="--budget auto: the memory the run may use, e.g. 8GiB (default: here)",
+    )
+    p.add_argument("--max-model-len", type=int, default=4096, help="--budget auto: KV cache tokens to keep room for")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=1,
+        help="--budget auto: full-length KV caches to keep room for (serve: its)",
+    )
     p.add_argument("--tile-size", type=int, default=128, help="fine tile size in neurons (default 128)")
     p.add_argument("--shard-count", type=int, default=1, help="tensor-parallel shards (default 1)")
     p.add_argument("--adaptive-mode", default="balanced", help="tilepo_adaptive: throughput, balanced, tail_latency")
@@ -88,11 +100,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     fmt = tile_format(topology.dtype)
     profile = load_profiles(args.profile, topology)
     if args.budget == "auto" or args.policy == "auto":  # the cost model picks (tilemem.tmap)
+        from tilemem.memlimit import memory_limit
         from tilemem.tmap.auto import resolve_auto
 
+        for flag in ("max_model_len", "max_batch"):
+            if getattr(args, flag) < 1:
+                raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}.")
+        limit = memory_limit(args.memory_limit) if (args.budget or "auto") == "auto" else None
         args.budget, args.policy, args.tile_size = resolve_auto(
-            topology, args.budget or "auto", args.policy, profile, args.tile_size, args.hardware, name
-        )
+            topology, args.budget or "auto", args.policy, profile, args.tile_size, args.hardware, name,
+            limit=limit, context=args.max_model_len, sequences=args.max_batch,
+        )  # fmt: skip
     if args.budget is not None:
         budgets = Budgets.parse(args.budget)
     else:
