@@ -11,8 +11,42 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tilemem import kernels
+from tilemem import kernels, sysinfo
 from tilemem.pages import drop_file_pages, file_backed
+
+_NATIVE_HALF = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+SLOW_HALF_GEMM = {dt: not set(flags) & sysinfo.cpu_flags() for dt, flags in _NATIVE_HALF.items()}
+"""Per half dtype: whether this CPU lacks the instructions oneDNN needs for a fast GEMM in it. Without them
+torch multiplies bf16/fp16 matrices by a reference path: a [1, n] x [n, D] product takes ~24x a GEMV of the
+same bytes, and 256 rows ~5x an fp32 GEMM plus the upcast (measured on a 2-core EPYC with AVX2 only)."""
+UPCAST_MIN_ROWS = 8
+"""From this many rows (and for any row count with a weight whose rows are not contiguous) `gemm` upcasts
+to fp32 on such CPUs; fewer rows run as torch's GEMV, row by row at its speed."""
+UPCAST_CHUNK_BYTES = 8 << 20
+"""fp32 copy of the weight made at once: bounded, so a large matrix (an LM head) adds no large temporary."""
+
+
+def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for a weight [out, in] of any strides, fast on CPUs whose torch bf16/fp16
+    GEMM is slow (`SLOW_HALF_GEMM`): one row runs as a GEMV (`torch.mv`, near memory bandwidth in either
+    layout); more rows, or a transposed weight, are multiplied in fp32 on the weight upcast a chunk of rows
+    at a time (bf16 and fp16 convert to fp32 exactly; fp32 accumulation, as torch's own half GEMM), and
+    the result is rounded to x's dtype once. Elsewhere, or in fp32, it is `F.linear`."""
+    if x.device.type != "cpu" or not SLOW_HALF_GEMM.get(x.dtype, False) or weight.dtype != x.dtype:
+        return F.linear(x, weight, bias)
+    rows = x.numel() // x.shape[-1]
+    if rows == 1:
+        y = torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
+        return y if bias is None else y + bias
+    if rows < UPCAST_MIN_ROWS and weight.stride(-1) == 1:
+        return F.linear(x, weight, bias)
+    xf = x.reshape(rows, x.shape[-1]).float()
+    out = torch.empty(rows, weight.shape[0], dtype=x.dtype)
+    step = max(1, UPCAST_CHUNK_BYTES // (4 * weight.shape[1]))
+    for i in range(0, weight.shape[0], step):
+        block = F.linear(xf, weight[i : i + step].float(), None if bias is None else bias[i : i + step].float())
+        out[:, i : i + step] = block
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 class Linear(nn.Linear):
@@ -49,9 +83,9 @@ def linear(
     step = kernels.MAX_ROWS
     if x12 is not None and x.device.type == "cpu" and x.dtype == torch.bfloat16:
         if rows > 4 * step:  # a GEMM
-            return F.linear(x, kernels.decoded(x12), bias)
+            return gemm(x, kernels.decoded(x12), bias)
     elif not (rows <= step and weight.dtype == torch.bfloat16 and weight.stride(1) == 1 and kernels.usable(x)):
-        return F.linear(x, weight, bias)
+        return gemm(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
     parts = [kernels.linear(flat[i : i + step], weight, x12) for i in range(0, rows, step)]
     y = parts[0] if len(parts) == 1 else torch.cat(parts)

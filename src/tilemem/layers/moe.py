@@ -10,13 +10,12 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tilemem import kernels
 from tilemem.config import ModelConfig
 from tilemem.layers.gpu_ffn import GATHER_MAX_PAIRS, gathered_ffn, padded_ffn
-from tilemem.layers.linear import Linear
+from tilemem.layers.linear import Linear, gemm
 from tilemem.layers.mlp import GatedMLP, activation
 from tilemem.layers.router import Router
 from tilemem.pages import file_backed
@@ -51,7 +50,7 @@ def group_by_expert(ids: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Te
 
 def expert_ffn(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act) -> torch.Tensor:
     """Partial or whole expert FFN: x [N, D], gate/up [i, D], down [D, i] -> [N, D]."""
-    return F.linear(act(F.linear(x, gate)) * F.linear(x, up), down)
+    return gemm(act(gemm(x, gate)) * gemm(x, up), down)
 
 
 class PartialSums:

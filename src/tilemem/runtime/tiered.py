@@ -23,11 +23,11 @@ import zlib
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from tilemem import kernels, sysinfo
 from tilemem.errors import BudgetError, TileMemError
 from tilemem.layers.gpu_ffn import GATHER_MAX_PAIRS, TileSlab, gathered_ffn, stacked_ffn
+from tilemem.layers.linear import gemm
 from tilemem.layers.moe import MoEBlock, PartialSums, group_by_expert
 from tilemem.placement.budgets import DEFAULT_CACHE_BYTES, IO_DEPTH
 from tilemem.runtime.direct_io import AlignedSlab, DirectReader
@@ -129,8 +129,8 @@ def partial_ffn(x: torch.Tensor, block: torch.Tensor, act) -> torch.Tensor:
 
     Gate and up rows are adjacent in the block, so they run as one GEMM."""
     n = block.shape[1]
-    gu = F.linear(x, block[:2].reshape(2 * n, -1))  # [N, 2n]
-    return (act(gu[:, :n]) * gu[:, n:]) @ block[2]  # [N, D]
+    gu = gemm(x, block[:2].reshape(2 * n, -1))  # [N, 2n]
+    return gemm(act(gu[:, :n]) * gu[:, n:], block[2].t())  # [N, D]: down^T rows, as a transposed weight
 
 
 class GpuAccumulator:
