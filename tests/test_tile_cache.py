@@ -202,3 +202,27 @@ def test_slab_slots_are_page_aligned_views():
         assert view.data_ptr() % 4096 == 0 and view.numel() == 4
         slab.buffer(slot)[:16] = torch.full((4,), float(slot + 1)).numpy().tobytes()
         assert torch.equal(view, torch.full((4,), float(slot + 1)))  # no copy: writes show through
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_heap_victim_is_the_scan_minimum_under_random_operations(policy):
+    """The victim kept in a heap (lazy deletion) is always the unpinned tile a full scan would pick: the
+    lowest (score, last use), through hits, admissions, pins, releases, drops and heap rebuilds."""
+    rng = random.Random(7)
+    weights = {t(i): rng.random() for i in range(60)}
+    cache = make_cache(12, policy, weights=weights)
+    pinned: list = []
+    for step in range(3000):
+        tid = t(int(rng.paretovariate(1.2)) % 60)
+        op = rng.random()
+        if op < 0.6:
+            access(cache, tid)
+        elif op < 0.75 and cache.lookup(tid) is not None:
+            pinned.append(tid)  # held across the next operations, as tiles of the layer being computed are
+        elif op < 0.9 and pinned:
+            cache.release(pinned.pop(rng.randrange(len(pinned))))
+        elif op < 0.93:
+            cache.drop(tid)
+        scan = [(cache._score(x, e.last_use), x) for x, e in cache.entries.items() if not e.pinned]
+        assert cache._victim() == (min(scan)[1] if scan else None), step
+        assert len(cache.entries) <= cache.capacity

@@ -6,11 +6,15 @@ thread touches the bookkeeping; I/O threads only fill slots they were handed.
 Admission: a fetched tile is kept only if the cache has room or its score beats the victim's, so a
 one-off cold tile does not push out a hot one (reads land in `staging` slots first).
 Scores: LRU = recency, LFU = access count (counted for every access, cached or not),
-profile = the tile's routing probability from the profile.
+profile = the tile's routing probability from the profile; ties go to the least recently used. The
+victim comes from a heap of (score, last use) with stale entries dropped lazily, so choosing one costs
+O(log n), not a scan of every cached tile (a 3.4 GiB cache holds ~2,300 OLMoE tiles and admits ~700 a
+decode step: scanning took most of the step).
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from collections import Counter
 from dataclasses import dataclass, field
@@ -65,6 +69,14 @@ class TileCache:
         self.freq: Counter[TileId] = Counter()
         self.clock = itertools.count()
         self.stats = CacheStats()
+        self._heap: list[tuple[tuple[float, int], int, TileId]] = []
+        """(score, last use, tile) for every cached tile, plus stale entries of tiles since used or dropped."""
+
+    def _push(self, tid: TileId, e: _Entry) -> None:
+        heapq.heappush(self._heap, (self._score(tid, e.last_use), e.last_use, tid))
+        if len(self._heap) > 4 * len(self.entries) + 64:  # mostly stale: rebuild from the live entries
+            self._heap = [(self._score(t, x.last_use), x.last_use, t) for t, x in self.entries.items()]
+            heapq.heapify(self._heap)
 
     def _score(self, tid: TileId, last_use: int) -> tuple[float, int]:
         if self.policy == "lru":
@@ -83,6 +95,7 @@ class TileCache:
         self.stats.hits += 1
         e.last_use = next(self.clock)
         e.pinned += 1
+        self._push(tid, e)
         return e.slot
 
     def contains(self, tid: TileId) -> bool:
@@ -96,8 +109,21 @@ class TileCache:
             e.pinned -= 1
 
     def _victim(self) -> TileId | None:
-        candidates = [(self._score(t, e.last_use), t) for t, e in self.entries.items() if not e.pinned]
-        return min(candidates)[1] if candidates else None
+        """The unpinned cached tile of the lowest (score, last use), or None."""
+        pinned, victim = [], None
+        while self._heap:
+            _score, last_use, tid = self._heap[0]
+            e = self.entries.get(tid)
+            if e is None or e.last_use != last_use:  # dropped, or used since: a newer entry stands for it
+                heapq.heappop(self._heap)
+            elif e.pinned:
+                pinned.append(heapq.heappop(self._heap))
+            else:
+                victim = tid
+                break
+        for item in pinned:
+            heapq.heappush(self._heap, item)
+        return victim
 
     @property
     def capacity(self) -> int:
@@ -124,7 +150,8 @@ class TileCache:
                 self.slab.free.append(self.entries.pop(victim).slot)
                 self.stats.evicted += 1
         if keep and self.capacity > 0:
-            self.entries[tid] = _Entry(slot, next(self.clock))
+            e = self.entries[tid] = _Entry(slot, next(self.clock))
+            self._push(tid, e)
             self.stats.admitted += 1
             return True
         self.slab.free.append(slot)
