@@ -345,3 +345,26 @@ def test_plan_command_budget_auto_plans_for_the_memory_limit_given(tmp_path, mak
     assert topo.non_expert_bytes < cpu.capacity <= (cap - 100 * MiB - kv) * (1 - SAFETY_MARGIN) < topo.total_bytes
     assert main(["plan", str(path), *flags[:-1], "0", "--out", str(tmp_path / "q")]) == 2
     assert "--max-batch must be at least 1" in capsys.readouterr().err
+
+
+def test_budget_auto_without_a_profile_learns_hot_experts_in_a_cache(make_ckpt, capsys):
+    """With the uniform prior `auto` cannot tell hot experts from cold ones: LEARNING_CACHE_SHARE of the DRAM
+    left for routed experts becomes an LFU tile cache (one line says so); a measured profile places experts
+    up front instead, and a budget that holds the whole model needs no cache."""
+    from tilemem.loader.checkpoint import Checkpoint
+    from tilemem.models.topology import Topology
+    from tilemem.placement.budgets import Budgets
+    from tilemem.placement.profile import Profile
+    from tilemem.tmap.auto import LEARNING_CACHE_SHARE, learning_cache, with_learning_cache
+
+    topo = Topology.from_config(Checkpoint.open(make_ckpt("olmoe")).config)
+    half = topo.non_expert_bytes + (topo.total_bytes - topo.non_expert_bytes) // 2
+    budgets = Budgets.parse(f"cpu={half}B")
+    uniform = Profile.uniform(topo)
+    text = learning_cache(topo, budgets, uniform)
+    assert text == f"cpu={int((half - topo.non_expert_bytes - topo.shared_and_dense_bytes) * LEARNING_CACHE_SHARE)}B"
+    cached = with_learning_cache(topo, budgets, uniform)
+    assert cached.cache_bytes("cpu") == int(text[4:-1]) and "learns the hot ones" in capsys.readouterr().out
+    assert learning_cache(topo, budgets, Profile.synthetic(topo, skew=1.0)) is None
+    assert learning_cache(topo, Budgets.parse(f"cpu={topo.total_bytes}B"), uniform) is None
+    assert learning_cache(topo, Budgets.parse("cpu=1B"), uniform) is None  # nothing left past the non-experts

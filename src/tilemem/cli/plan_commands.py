@@ -99,6 +99,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     topology = Topology.from_config(config, dtype)
     fmt = tile_format(topology.dtype)
     profile = load_profiles(args.profile, topology)
+    auto_budget = args.budget == "auto"
     if args.budget == "auto" or args.policy == "auto":  # the cost model picks (tilemem.tmap)
         from tilemem.memlimit import memory_limit
         from tilemem.tmap.auto import resolve_auto
@@ -117,6 +118,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         budgets = Budgets.from_experts_per_layer(topology, args.experts_per_layer, fmt, shard_count=args.shard_count)
     if args.cache:
         budgets = budgets.with_cache(args.cache)
+    elif auto_budget:
+        from tilemem.tmap.auto import with_learning_cache
+
+        budgets = with_learning_cache(topology, budgets, profile)
     problem = PlacementProblem(
         topology=topology,
         profile=profile,

@@ -54,16 +54,22 @@ def make_plan(
     """Plan `ckpt` under `budget` (e.g. `cpu=4GiB`, or `auto`: within `memory_limit`, e.g. `6GiB`, else
     the limit measured here, less the KV cache of `sequences` sequences of `context` tokens) with `policy`."""
     topo = Topology.from_config(ckpt.config, dtype)
+    prof = load_profile(profile, topo)
+    learn = budget == "auto" and cache is None  # with no profile, auto learns the hot experts in a cache
     if budget == "auto" or policy == "auto":  # the cost model picks (tilemem.tmap)
         from tilemem.tmap.auto import resolve_auto
 
         limit = memlimit.memory_limit(memory_limit) if budget == "auto" else None
         budget, policy, tile = resolve_auto(
-            topo, budget, policy, load_profile(profile, topo), tile, model=ckpt.path.name, limit=limit,
-            context=context, sequences=sequences,
+            topo, budget, policy, prof, tile, model=ckpt.path.name, limit=limit, context=context,
+            sequences=sequences,
         )  # fmt: skip
     budgets = Budgets.parse(budget, cache)
-    problem = PlacementProblem(topo, load_profile(profile, topo), budgets, tile_format(topo.dtype), tile=tile)
+    if learn:
+        from tilemem.tmap.auto import with_learning_cache
+
+        budgets = with_learning_cache(topo, budgets, prof)
+    problem = PlacementProblem(topo, prof, budgets, tile_format(topo.dtype), tile=tile)
     return build_plan(problem, policy, name=ckpt.path.name)
 
 
