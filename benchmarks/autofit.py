@@ -5,7 +5,8 @@ On the synthetic OLMoE-1B-7B checkpoint (bf16) and the same weights converted to
 converter, for every limit (default 4, 6 and 8 GiB):
 - `auto`: `LLM(model)` with no budget, policy or plan (default = fit: it reads the cgroup's limit itself);
 - the sweep: `budget=cpu=F x limit` for every F in --fractions and every policy in --policies, set by hand
-  as a user would (they may not fit: a run the kernel kills is reported as such);
+  as a user would (they may not fit: a run the kernel kills is reported as such), and for every F with
+  kt_expert and a tile cache of --cache-share of the budget left after the non-expert weights (`--cache`);
 - llama.cpp: `llama-bench` on the GGUF file (mmap, its default: it pages the weights in and out).
 Each run is its own process in a fresh cgroup (v1 `memory.limit_in_bytes` or v2 `memory.max`, with the exact
 byte count), the page cache dropped first. Rounds interleave every run of every limit (A B C A B C), the
@@ -126,6 +127,12 @@ def worker(args: argparse.Namespace) -> None:
 
     kw = json.loads(args.flags)
     t0 = time.perf_counter()
+    if "cache" in kw:  # a hand-set tile cache reserve: `tilemem plan --cache`, then the plan
+        from tilemem.loader.checkpoint import Checkpoint
+        from tilemem.runtime.setup import make_plan
+
+        ckpt = Checkpoint.open(args.model)
+        kw["plan"] = make_plan(ckpt, kw.pop("budget"), kw.pop("policy"), None, 128, cache=kw.pop("cache"))
     llm = LLM(args.model, threads=args.threads, max_batch=1, **kw)
     load_s = time.perf_counter() - t0
     prompt = json.loads(Path(args.prompt_file).read_text())
@@ -205,6 +212,7 @@ def main() -> None:
     ap.add_argument("--limits", default="4,6,8", help="GiB, comma-separated")
     ap.add_argument("--fractions", default="0.35,0.5,0.65,0.8", help="hand-set DRAM budgets, as shares of the limit")
     ap.add_argument("--policies", default="kt_expert,tilepo_fine")
+    ap.add_argument("--cache-share", type=float, default=0.9, help="the hand-set cache runs' share (0: none)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--decode", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=16)
@@ -225,6 +233,10 @@ def main() -> None:
         sys.exit("autofit: needs root (memory cgroups, dropping the page cache)")
     args.gguf = args.gguf or f"{args.model.rstrip('/')}-bf16.gguf"
     prepare(args)
+    from tilemem.loader.checkpoint import Checkpoint
+    from tilemem.models.topology import Topology
+
+    fixed = Topology.from_config(Checkpoint.open(args.model).config).non_expert_bytes
     cases: list[Case] = []
     for gib in (float(x) for x in args.limits.split(",")):
         limit = int(gib * GIB)
@@ -234,6 +246,11 @@ def main() -> None:
             for f in (float(x) for x in args.fractions.split(",")):
                 cases.append(Case(f"{gib:g} GiB cpu={f * gib:.2f}GiB {pol}", limit, "hand",
                                   dict(budget=f"cpu={int(f * limit)}B", policy=pol)))  # fmt: skip
+        for f in (float(x) for x in args.fractions.split(",")) if args.cache_share > 0 else ():
+            cache = int(args.cache_share * (f * limit - fixed))
+            flags = dict(budget=f"cpu={int(f * limit)}B", policy="kt_expert", cache=f"cpu={cache}B")
+            name = f"{gib:g} GiB cpu={f * gib:.2f}GiB kt_expert cache {cache / GIB:.2f}GiB"
+            cases.append(Case(name, limit, "hand", flags))
     log = Path(args.out) / "runs.jsonl"
     for r in range(args.rounds):
         for case in cases:
