@@ -287,7 +287,14 @@ def test_queue_full_gets_429(server, client):
 
 # -- cancellation, failures ------------------------------------------------------------------------------------
 def test_a_disconnected_stream_frees_its_slot_at_once(server):
-    body = {"model": MODEL, "prompt": "Tell me a story", "max_tokens": 400, "stream": True, "ignore_eos": True}
+    body = {
+        "model": MODEL,
+        "prompt": "Tell me a story",
+        "max_tokens": 400,
+        "stream": True,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
     with engine_slowed(server, 0.05):  # 400 tokens would take > 20 s
         with httpx.Client(timeout=30) as c, c.stream("POST", f"{server.url}/v1/completions", json=body) as r:
             got = 0
