@@ -144,12 +144,13 @@ def with_learning_cache(
     text = learning_cache(topology, budgets, profile)
     if text is None:
         return budgets
+    cached = budgets.with_cache(text)
     log(
         f"--budget auto: no routing profile, so {LEARNING_CACHE_SHARE:.0%} of the DRAM left for routed experts "
-        f"({format_bytes(int(text[4:-1]))}) is a tile cache that learns the hot ones from live routing (LFU); "
-        "give --profile (`tilemem profile`) to place them up front"
+        f"({format_bytes(cached.cache_bytes('cpu'))}) is a tile cache that learns the hot ones from live routing "
+        "(LFU); give --profile (`tilemem profile`) to place them up front"
     )
-    return budgets.with_cache(text)
+    return cached
 
 
 def split(topology: Topology, budget: int) -> str:
