@@ -38,9 +38,9 @@ FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"
 FLAGS += ["-fvisibility=hidden"]  # only the TM_API functions of tilemem.h are exported
 
 
-def sources() -> list[Path]:
-    """The C files compiled into the library, in a fixed order."""
-    return sorted(CSRC.glob("*.c"))
+def sources(csrc: Path = CSRC) -> list[Path]:
+    """The C files of `csrc` (default: the main library's) compiled into the library, in a fixed order."""
+    return sorted(csrc.glob("*.c"))
 
 
 def header_constant(name: str) -> int:
@@ -71,21 +71,22 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
 
 
-def library_path(cc: str) -> Path:
-    """Where the library built by compiler `cc` is cached: named by a hash of the compiler, the flags and
-    every source and header file of `csrc/` (names and bytes)."""
-    digest = hashlib.sha256(" ".join([cc, *FLAGS]).encode())
-    for path in sorted(CSRC.glob("*.[ch]")):
+def library_path(cc: str, csrc: Path = CSRC, flags: list[str] = FLAGS, name: str = "tilemem") -> Path:
+    """Where the library `name` built by compiler `cc` from `csrc` with `flags` is cached: named by a hash
+    of the compiler, the flags and every source and header file of `csrc` (names and bytes)."""
+    digest = hashlib.sha256(" ".join([cc, *flags]).encode())
+    for path in sorted(csrc.glob("*.[ch]")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return cache_dir() / f"tilemem-{digest.hexdigest()[:16]}.so"
+    return cache_dir() / f"{name}-{digest.hexdigest()[:16]}.so"
 
 
-def build(force: bool = False) -> Path:
-    """Compile the kernels (once per sources and flags) into one shared library; returns its path."""
+def build(force: bool = False, csrc: Path = CSRC, flags: list[str] = FLAGS, name: str = "tilemem") -> Path:
+    """Compile the C files of `csrc` (once per sources and flags) into one shared library; returns its
+    path. The defaults build the main (AVX512) library; `fp8.py` builds its portable one from here too."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (install gcc or set CC)")
-    out = library_path(cc)
+    out = library_path(cc, csrc, flags, name)
     if out.exists() and not force:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -93,14 +94,14 @@ def build(force: bool = False) -> Path:
     os.close(fd)
     try:
         with tempfile.TemporaryDirectory(dir=out.parent) as objdir:  # one object per file, all cores at once
-            objs = [str(Path(objdir) / f"{src.stem}.o") for src in sources()]
+            objs = [str(Path(objdir) / f"{src.stem}.o") for src in sources(csrc)]
             with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-                jobs = [[cc, *FLAGS, "-c", str(src), "-o", obj] for src, obj in zip(sources(), objs, strict=True)]
+                jobs = [[cc, *flags, "-c", str(src), "-o", obj] for src, obj in zip(sources(csrc), objs, strict=True)]
                 list(pool.map(_run, jobs))
-            _run([cc, *FLAGS, *objs, "-o", tmp, "-lm"])
+            _run([cc, *flags, *objs, "-o", tmp, "-lm"])
         os.replace(tmp, out)
     except subprocess.CalledProcessError as exc:
-        raise RuntimeError(f"compiling the kernels in {CSRC} failed:\n{exc.stderr}") from exc
+        raise RuntimeError(f"compiling the kernels in {csrc} failed:\n{exc.stderr}") from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
