@@ -34,16 +34,13 @@ def prompts(vocab: int, seed: int = 0) -> list[list[int]]:
 def hf_greedy(hf, prompt: list[int], steps: int):
     """HF greedy continuation: (tokens, per-step logits [steps, V], prefill logits [T, V])."""
     ids = torch.tensor([prompt], device=hf.device)
+    # No end-of-sequence token: greedy runs all `steps`, as ours with ignore_eos (min_new_tokens would
+    # instead forbid the EOS token, and take the runner-up where the argmax is EOS).
+    hf.generation_config.eos_token_id = None
     with torch.no_grad():
         prefill = hf(ids).logits[0]
         out = hf.generate(
-            ids,
-            max_new_tokens=steps,
-            min_new_tokens=steps,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=0,
+            ids, max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0
         )
     tokens = out.sequences[0, len(prompt) :].tolist()
     return tokens, torch.stack([lg[0] for lg in out.logits]), prefill
@@ -59,10 +56,11 @@ def test_bf16_greedy_agrees_with_transformers(family, make_ckpt):
     check_bf16_greedy(make_ckpt(family, "bf16", routing_skew=1.0))
 
 
-def check_fp32_parity(path, device: str = "cpu") -> None:
+def check_fp32_parity(path, device: str = "cpu", ref=None) -> None:
     """Our fp32 logits equal transformers' (both on `device`) for a batched prefill of unequal
-    lengths and 32 cached decode steps, and greedy generation gives transformers' 32 tokens."""
-    hf = hf_model(path, torch.float32, device)
+    lengths and 32 cached decode steps, and greedy generation gives transformers' 32 tokens.
+    Transformers loads `ref` where given (the same weights written another way), else `path`."""
+    hf = hf_model(ref or path, torch.float32, device)
     model, _ = load_model(path, "fp32", device=device)
     batch = prompts(model.cfg.vocab_size)
     refs = [hf_greedy(hf, p, DECODE_STEPS) for p in batch]
@@ -100,9 +98,10 @@ def check_fp32_parity(path, device: str = "cpu") -> None:
         assert out.token_ids == tokens
 
 
-def check_bf16_greedy(path, device: str = "cpu") -> None:
-    """In bf16, our greedy tokens equal transformers' (both on `device`) for 16 steps."""
-    hf = hf_model(path, torch.bfloat16, device)
+def check_bf16_greedy(path, device: str = "cpu", ref=None) -> None:
+    """In bf16, our greedy tokens equal transformers' (both on `device`) for 16 steps (transformers
+    loading `ref` where given, else `path`)."""
+    hf = hf_model(ref or path, torch.bfloat16, device)
     llm = LLM(path, dtype="bf16", device=device)
     batch = prompts(llm.config.vocab_size, seed=1)
     outs = llm.generate(batch, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))

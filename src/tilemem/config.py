@@ -144,7 +144,14 @@ class ModelConfig:
     mtp_own_head: bool = True
     """Each MTP layer stores `shared_head.head`; else it uses the main LM head."""
     torch_dtype: str = "bfloat16"
-    """Dtype the checkpoint is stored in."""
+    """Dtype the checkpoint is stored in (for an FP8 checkpoint: its unquantized weights and activations)."""
+    weight_format: str = ""
+    """`fp8_e4m3` where config.json declares FP8 block quantization (`quantization_config`), else empty: the
+    weights are plain `torch_dtype`."""
+    quant_block: tuple[int, int] = (0, 0)
+    """FP8 `weight_block_size` (rows, columns of one scale block)."""
+    quant_skip: tuple[str, ...] = ()
+    """Modules kept in high precision (`modules_to_not_convert` / `ignored_layers`), hub names."""
     bos_token_id: int | None = None
     """Beginning-of-sequence token."""
     eos_token_ids: tuple[int, ...] = ()
@@ -265,4 +272,40 @@ class HFConfig:
             bos_token_id=self.get("bos_token_id"),
             eos_token_ids=self.eos_ids(),
             num_mtp_layers=int(self.get("num_nextn_predict_layers", 0)),
+            **self.quantization(),
         )
+
+    def quantization(self) -> dict[str, Any]:
+        """ModelConfig fields of `quantization_config` (none: a plain checkpoint). Only FP8 e4m3 with
+        128x128 block scales runs; every other method is refused, naming it."""
+        qc = self.data.get("quantization_config")
+        if not qc:
+            return {}
+        if not isinstance(qc, dict):
+            raise ConfigError(f"{self.source}: 'quantization_config' must be an object, got {qc!r}.")
+        method = str(qc.get("quant_method", "?")).lower()
+        supported = "fp8 (e4m3, 128x128 block scales, as DeepSeek-V3/V3.2, GLM-5 and Qwen3-FP8 publish)"
+        if method != "fp8":
+            raise ConfigError(
+                f"{self.source}: quantization method '{method}' is not supported; TileMEM runs {supported}, "
+                "and GGUF files. Use the model's bf16 or FP8 release."
+            )
+        fmt = str(qc.get("fmt", "e4m3")).lower()
+        if fmt not in ("e4m3", "float8_e4m3fn"):
+            raise ConfigError(f"{self.source}: FP8 format '{fmt}' is not supported; only e4m3 runs.")
+        block = qc.get("weight_block_size")
+        if block is None or list(block) != [128, 128]:
+            raise ConfigError(
+                f"{self.source}: FP8 weight_block_size {block} is not supported; TileMEM runs {supported} "
+                "(per-tensor or per-channel FP8 scales are not)."
+            )
+        if str(qc.get("activation_scheme", "dynamic")) != "dynamic":
+            raise ConfigError(
+                f"{self.source}: FP8 activation_scheme '{qc['activation_scheme']}' is not supported; only "
+                "'dynamic' (weights quantized, activations kept in the model dtype) runs."
+            )
+        scale_fmt = qc.get("scale_fmt")
+        if scale_fmt not in (None, "ue8m0", "float32", "fp32"):
+            raise ConfigError(f"{self.source}: FP8 scale_fmt '{scale_fmt}' is not supported; use ue8m0 or float32.")
+        skip = list(qc.get("modules_to_not_convert") or []) + list(qc.get("ignored_layers") or [])
+        return {"weight_format": "fp8_e4m3", "quant_block": (128, 128), "quant_skip": tuple(map(str, skip))}

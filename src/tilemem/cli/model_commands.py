@@ -23,7 +23,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=0.0,
         help="0 = even; 1 = realistic (top quarter of experts: ~53%% of routing)",
     )
-    p.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32")
+    p.add_argument(
+        "--dtype",
+        default="bf16",
+        help="bf16, fp16, fp32, or fp8 (FP8 e4m3 with 128x128 block scales, as DeepSeek-V3 publishes)",
+    )
+    p.add_argument(
+        "--scale-fmt",
+        choices=["float32", "ue8m0"],
+        default="float32",
+        help="fp8: block scales as fp32 or ue8m0 powers of two",
+    )
     p.add_argument("--layers", type=int, default=None, help="override the number of layers")
     p.add_argument("--mtp", action="store_true", help="also write multi-token-prediction layers (DeepSeek/GLM)")
     p.add_argument(
@@ -100,6 +110,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         overrides=overrides,
         mtp=args.mtp,
         overwrite=args.overwrite,
+        scale_fmt=args.scale_fmt,
     )
     print(f"wrote {out}")
     return 0

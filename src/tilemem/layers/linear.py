@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tilemem import kernels, sysinfo
+from tilemem.layers.fp8 import FP8, Fp8Matrix, fp8_gemm
 from tilemem.pages import drop_file_pages, file_backed
 
 _NATIVE_HALF = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
@@ -26,12 +27,14 @@ UPCAST_CHUNK_BYTES = 8 << 20
 """fp32 copy of the weight made at once: bounded, so a large matrix (an LM head) adds no large temporary."""
 
 
-def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` for a weight [out, in] of any strides, fast on CPUs whose torch bf16/fp16
-    GEMM is slow (`SLOW_HALF_GEMM`): one row runs as a GEMV (`torch.mv`, near memory bandwidth in either
-    layout); more rows, or a transposed weight, are multiplied in fp32 on the weight upcast a chunk of rows
-    at a time (bf16 and fp16 convert to fp32 exactly; fp32 accumulation, as torch's own half GEMM), and
-    the result is rounded to x's dtype once. Elsewhere, or in fp32, it is `F.linear`."""
+def gemm(x: torch.Tensor, weight: torch.Tensor | Fp8Matrix, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for a weight [out, in] of any strides (an FP8 matrix: `fp8_gemm`), fast on
+    CPUs whose torch bf16/fp16 GEMM is slow (`SLOW_HALF_GEMM`): one row runs as a GEMV (`torch.mv`, near
+    memory bandwidth in either layout); more rows, or a transposed weight, are multiplied in fp32 on the
+    weight upcast a chunk of rows at a time (bf16 and fp16 convert to fp32 exactly; fp32 accumulation, as
+    torch's own half GEMM), and the result is rounded to x's dtype once. Elsewhere, or in fp32, it is `F.linear`."""
+    if isinstance(weight, Fp8Matrix):
+        return fp8_gemm(x, weight, bias)
     if x.device.type != "cpu" or not SLOW_HALF_GEMM.get(x.dtype, False) or weight.dtype != x.dtype:
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
@@ -51,11 +54,20 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
 class Linear(nn.Linear):
     """`nn.Linear` on `meta` (the loader assigns the weights) with the decode fast path, and optionally
-    its weight in x12 (`compress`)."""
+    its weight in x12 (`compress`), or in FP8: `weight` float8_e4m3fn [out, in] with the buffer
+    `weight_scale_inv` (fp32 block scales, `layers.fp8`), as FP8 checkpoints name them."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__(in_features, out_features, bias=bias, device="meta")
         self.x12: kernels.X12Matrix | None = None
+        self.register_buffer("weight_scale_inv", None)
+
+    @property
+    def matrix(self) -> torch.Tensor | Fp8Matrix:
+        """The weight as `gemm` takes it: the tensor, or an `Fp8Matrix` for an FP8 weight."""
+        if self.weight.dtype == FP8:
+            return Fp8Matrix(self.weight, self.weight_scale_inv)
+        return self.weight
 
     def compress(self) -> bool:
         """Keep the weight as a `kernels.X12Matrix` (12 bits per weight, the same bits) and let go of its
@@ -70,6 +82,8 @@ class Linear(nn.Linear):
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == FP8:
+            return fp8_gemm(x, self.matrix, self.bias)
         return linear(x, self.weight, self.bias, self.x12)
 
 

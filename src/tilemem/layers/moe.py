@@ -14,6 +14,7 @@ from torch import nn
 
 from tilemem import kernels
 from tilemem.config import ModelConfig
+from tilemem.layers.fp8 import FP8, Fp8Matrix
 from tilemem.layers.gpu_ffn import GATHER_MAX_PAIRS, gathered_ffn, padded_ffn
 from tilemem.layers.linear import Linear, gemm
 from tilemem.layers.mlp import GatedMLP, activation
@@ -48,8 +49,11 @@ def group_by_expert(ids: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Te
     return groups
 
 
-def expert_ffn(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act) -> torch.Tensor:
-    """Partial or whole expert FFN: x [N, D], gate/up [i, D], down [D, i] -> [N, D]."""
+Matrix = torch.Tensor | Fp8Matrix
+
+
+def expert_ffn(x: torch.Tensor, gate: Matrix, up: Matrix, down: Matrix, act) -> torch.Tensor:
+    """Partial or whole expert FFN: x [N, D], gate/up [i, D], down [D, i] (tensors or FP8 matrices) -> [N, D]."""
     return gemm(act(gemm(x, gate)) * gemm(x, up), down)
 
 
@@ -155,7 +159,7 @@ class ResidentExperts:
         block = self.blocks[layer]
         if kernels.usable(x) and (table := self.table(layer)) is not None:
             return kernels.moe(x, weights, ids, table, block.act_name, self.workspace)
-        if x.is_cuda:
+        if x.is_cuda and block.experts[0].gate_proj.weight.dtype != FP8:
             gate_up, down_t = self._stack(layer)
             if ids.numel() > GATHER_MAX_PAIRS:  # prefill
                 return padded_ffn(x, gate_up, down_t, weights, ids, block.act)
@@ -168,7 +172,7 @@ class ResidentExperts:
         for expert, tok, slot in group_by_expert(ids):
             e = block.experts[expert]
             xs = x[tok]  # [N, D]
-            y = expert_ffn(xs, e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight, block.act)
+            y = expert_ffn(xs, e.gate_proj.matrix, e.up_proj.matrix, e.down_proj.matrix, block.act)
             out.add(tok, y * weights[tok, slot, None])
         return out.result()
 

@@ -7,6 +7,8 @@ the family's table, checks names and shapes, and assigns them (no second copy wh
 from __future__ import annotations
 
 import json
+import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +18,13 @@ import torch
 from tilemem.config import ModelConfig
 from tilemem.errors import CheckpointError, ConfigError, WeightError
 from tilemem.jsonio import read_json_object
+from tilemem.layers.fp8 import FP8, scale_to_fp32
+from tilemem.layers.fp8 import dequantize as dequantize_fp8
 from tilemem.loader.safetensors_file import SafetensorsFile
 from tilemem.models.registry import Family, config_from_hf, family_for_architecture
 from tilemem.pages import populate
+
+log = logging.getLogger(__name__)
 
 DTYPE_NAMES = {
     "bf16": torch.bfloat16,
@@ -172,8 +178,13 @@ def load_model(
     skip: callable | None = None,
     device: str | torch.device = "cpu",
     lazy_x12: bool = False,
+    dequantize: bool = False,
 ):
     """Build the model on meta and assign checkpoint weights. Returns (model, checkpoint).
+
+    An FP8 checkpoint's quantized weights stay FP8 (one byte per weight, their block scales beside them:
+    `layers.fp8`); `dtype` is then the activation dtype. With `dequantize`, they are dequantized to `dtype`
+    at load instead (twice the memory or more).
 
     `skip(our_name) -> bool` leaves some tensors unassigned (the tiered runtime loads experts from
     the tile store instead); they stay on `meta`. With a CUDA `device`, every assigned weight is
@@ -190,8 +201,17 @@ def load_model(
     model = MoECausalLM(cfg).requires_grad_(False)
     expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
     state: dict[str, torch.Tensor] = {}
+    scales: dict[str, torch.Tensor] = {}  # our weight name -> its fp32 block scales
     unexpected = []
     for hub_name, tensor in ckpt.tensors():
+        if hub_name.endswith(SCALE_SUFFIX):
+            weight_hub = hub_name[: -len(SCALE_SUFFIX)] + ".weight"
+            ours = ckpt.to_ours(weight_hub)
+            if ours not in expected:
+                unexpected.append(hub_name)
+            elif not (skip is not None and skip(ours) and not is_mtp_name(ours)):
+                scales[ours] = scale_to_fp32(tensor)
+            continue
         ours = ckpt.to_ours(hub_name)
         if ours not in expected:
             if is_mtp_name(ours):
@@ -209,6 +229,9 @@ def load_model(
                 "intermediate sizes and expert counts)."
             )
         if skip is not None and skip(ours) and not is_mtp_name(ours):  # MTP weights always stay resident
+            continue
+        if tensor.dtype == FP8:
+            state[ours] = tensor
             continue
         want = torch.float32 if ours.endswith(FP32_BUFFERS) else target
         state[ours] = tensor if tensor.dtype == want else tensor.to(want)
@@ -228,7 +251,15 @@ def load_model(
             f"{ckpt.path} is missing tensors: {shown}{more}; the checkpoint is incomplete or does not "
             "match config.json."
         )
+    fp8 = fp8_scales(ckpt, state, scales)
+    if dequantize and fp8:
+        log.info("dequantizing %d FP8 weights of %s to %s at load (--dequantize)", len(fp8), ckpt.path, target)
+        for name, scale in fp8.items():
+            state[name] = dequantize_fp8(state[name], scale).to(target)
+        fp8 = {}
     model.load_state_dict(state, strict=False, assign=True)
+    for name, scale in fp8.items():
+        model.get_submodule(name.removesuffix(".weight")).weight_scale_inv = scale
     device = torch.device(device)
     if device.type == "cpu":
         # The embedding table is a gather: only the rows used are touched (a tied lm_head is populated as lm_head).
@@ -239,6 +270,48 @@ def load_model(
     if device.type != "cpu":
         move_to(model, device)
     return model, ckpt
+
+
+SCALE_SUFFIX = ".weight_scale_inv"
+
+
+def fp8_scales(ckpt: Checkpoint, state: dict[str, torch.Tensor], scales: dict[str, torch.Tensor]) -> dict:
+    """Pair every FP8 weight of `state` with its block scales (our weight name -> fp32 scales), checking
+    the config declares FP8, every FP8 weight has a scale of the declared block grid, and every scale a
+    FP8 weight."""
+    fp8 = {name for name, t in state.items() if t.dtype == FP8}
+    where = ckpt.path
+    if fp8 and ckpt.config.weight_format != "fp8_e4m3":
+        name = ckpt.to_hub(sorted(fp8)[0])
+        raise WeightError(
+            f"tensor '{name}' in {where} is float8_e4m3fn, but config.json declares no FP8 quantization_config "
+            '(quant_method "fp8", weight_block_size [128, 128]); add it as the model\'s original config has it.'
+        )
+    block = ckpt.config.quant_block
+    out = {}
+    for name in sorted(fp8):
+        hub = ckpt.to_hub(name)
+        if name not in scales:
+            raise WeightError(
+                f"FP8 weight '{hub}' in {where} has no '{hub.removesuffix('.weight')}{SCALE_SUFFIX}' (its block "
+                "scales); the checkpoint is incomplete: re-download it."
+            )
+        rows, cols = state[name].shape
+        want = (math.ceil(rows / block[0]), math.ceil(cols / block[1]))
+        if tuple(scales[name].shape) != want:
+            raise WeightError(
+                f"'{hub.removesuffix('.weight')}{SCALE_SUFFIX}' in {where} has shape {list(scales[name].shape)}, "
+                f"but weight [{rows}, {cols}] in {block[0]}x{block[1]} blocks (config.json weight_block_size) "
+                f"needs {list(want)}; the scales were written for another block size or another weight."
+            )
+        out[name] = scales[name].contiguous()
+    stray = sorted(set(scales) - fp8)
+    if stray:
+        raise WeightError(
+            f"'{ckpt.to_hub(stray[0]).removesuffix('.weight')}{SCALE_SUFFIX}' in {where} scales a weight that is "
+            "not float8_e4m3fn; the checkpoint mixes quantized and dequantized tensors: re-download it."
+        )
+    return out
 
 
 def require_device(device: str | torch.device) -> None:

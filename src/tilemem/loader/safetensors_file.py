@@ -27,7 +27,10 @@ DTYPES: dict[str, torch.dtype] = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
 }
+if hasattr(torch, "float8_e8m0fnu"):
+    DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
 
 MAX_HEADER = 100 * 1024 * 1024
 
@@ -60,6 +63,12 @@ class SafetensorsFile:
         self.data_start = 8 + header_len
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for name, info in header.items():
+            if isinstance(info, dict) and isinstance(info.get("dtype"), str) and info["dtype"] not in DTYPES:
+                raise CheckpointError(
+                    f"{self.path}: tensor '{name}' is stored as {info['dtype']}, which TileMEM does not read "
+                    f"(it reads {', '.join(DTYPES)}); a checkpoint quantized another way needs its bf16 or FP8 "
+                    "release."
+                )
             try:
                 dtype = DTYPES[info["dtype"]]
                 shape = tuple(int(s) for s in info["shape"])

@@ -19,6 +19,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from tilemem.config import HFConfig
+from tilemem.errors import ConfigError
+from tilemem.layers.fp8 import E8M0, quantize
 from tilemem.loader.checkpoint import parse_dtype
 from tilemem.models.model import MoECausalLM
 from tilemem.models.mtp import ours_to_hub
@@ -29,6 +31,22 @@ from tilemem.synth.tokenizer import EOS, write_tokenizer
 
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 INIT_STD = 0.02
+
+
+FP8_SKIP = ("lm_head", "mlp.gate", "shared_expert_gate", "weights_proj", "eh_proj", "shared_head.head")
+"""Linear modules an FP8 checkpoint keeps in bf16 (`modules_to_not_convert`): the LM heads, routers and the
+small gates, as the published FP8 checkpoints do; every other Linear (attention, MLA, the DSA indexer's
+wq_b/wk, dense, shared and routed experts) is FP8."""
+FP8_TINY = {"hidden_size": 192, "intermediate_size": 288, "moe_intermediate_size": 160}
+"""`tiny` in FP8: widths past one 128-block and not multiples of it, so tests see partial blocks cropped."""
+
+
+def quantization_config(scale_fmt: str) -> dict[str, Any]:
+    """config.json's `quantization_config` of a synthetic FP8 checkpoint (DeepSeek-V3's, plus the skips)."""
+    qc = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}
+    if scale_fmt == "ue8m0":
+        qc["scale_fmt"] = "ue8m0"
+    return {**qc, "modules_to_not_convert": list(FP8_SKIP)}
 
 
 def hf_config(family: str, fields: dict[str, Any], dtype: torch.dtype, eos_id: int) -> dict[str, Any]:
@@ -97,6 +115,21 @@ class SkewInjector:
         return w + torch.outer(bias / along_u, self.u)
 
 
+def fp8_weight_names(model: MoECausalLM, cfg) -> set[str]:
+    """Our names of the weights an FP8 checkpoint of `model` quantizes: every Linear's but those whose
+    hub module name ends with one of `cfg.quant_skip` (transformers' `modules_to_not_convert` rule)."""
+    from tilemem.layers.linear import Linear
+
+    fam = family_by_name(cfg.family)
+    out = set()
+    for name, module in model.named_modules():
+        if isinstance(module, Linear):
+            hub = fam.to_hub(ours_to_hub(f"{name}.weight", cfg)).removesuffix(".weight")
+            if not any(hub.endswith(k) or hub.startswith(k + ".") for k in cfg.quant_skip):
+                out.add(f"{name}.weight")
+    return out
+
+
 def synthesize(
     family: str | None,
     preset: str,
@@ -109,6 +142,7 @@ def synthesize(
     progress: bool = True,
     mtp: bool = False,
     overwrite: bool = False,
+    scale_fmt: str = "float32",
 ) -> Path:
     """Write a synthetic checkpoint to `out` (atomically: a temp folder renamed at the end).
 
@@ -118,17 +152,27 @@ def synthesize(
 
     With `mtp`, also `num_nextn_predict_layers` (the preset's, at least 1) multi-token-prediction
     layers under their hub names `model.layers.{num_hidden_layers + i}.*` (DeepSeek-V3 layout, with
-    their own `embed_tokens` and `shared_head.head`); without it, none (whatever the preset declares)."""
+    their own `embed_tokens` and `shared_head.head`); without it, none (whatever the preset declares).
+
+    `dtype="fp8"` writes the published FP8 layout: every Linear but `FP8_SKIP` as float8_e4m3fn with its
+    `weight_scale_inv` (128x128 blocks; `scale_fmt` float32 or ue8m0), the rest bf16; `tiny` then takes the
+    widths of `FP8_TINY`."""
     fam_name, fields = resolve_preset(family, preset)
+    fp8 = dtype.lower() in ("fp8", "fp8_e4m3", "float8_e4m3fn")
+    if fp8 and preset == "tiny":
+        fields.update({k: v for k, v in FP8_TINY.items() if k in fields or k == "hidden_size"})
     fields.update(overrides or {})
     if mtp:
         fields["num_nextn_predict_layers"] = max(1, int(fields.get("num_nextn_predict_layers") or 0))
-    torch_dtype = parse_dtype(dtype)
+    if scale_fmt not in ("float32", "ue8m0"):
+        raise ConfigError(f"scale_fmt '{scale_fmt}' is not one of float32, ue8m0")
+    torch_dtype = torch.bfloat16 if fp8 else parse_dtype(dtype)
+    quant = quantization_config(scale_fmt) if fp8 else None
     out = resolve_out(out)
     check_out(out, overwrite)
     tmp = staging_dir(out)
     try:
-        _write(tmp, fam_name, preset, fields, torch_dtype, seed, routing_skew, shard_bytes, progress, mtp)
+        _write(tmp, fam_name, preset, fields, torch_dtype, seed, routing_skew, shard_bytes, progress, mtp, quant)
     except BaseException:  # failed or interrupted: leave neither a half-written OUT nor its staging folder
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -147,16 +191,21 @@ def _write(
     shard_bytes: int,
     progress: bool,
     mtp: bool = False,
+    quant: dict[str, Any] | None = None,
 ) -> None:
-    """Write every file of the checkpoint into `tmp`."""
+    """Write every file of the checkpoint into `tmp` (FP8 where `quant`, a `quantization_config`, says)."""
     special = write_tokenizer(tmp, int(fields["vocab_size"]))
     eos = special[EOS]
     config = hf_config(fam_name, fields, torch_dtype, eos)
+    if quant is not None:
+        config["quantization_config"] = quant
     fam = family_by_name(fam_name)
     cfg = fam.config_from_hf(HFConfig(config))
     if not mtp:
         cfg = cfg.with_(num_mtp_layers=0)
-    shapes = {k: tuple(v.shape) for k, v in MoECausalLM(cfg).state_dict(keep_vars=True).items()}
+    model = MoECausalLM(cfg)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    quantized = fp8_weight_names(model, cfg) if quant is not None else set()
     if cfg.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
     itemsize = torch.empty(0, dtype=torch_dtype).element_size()
@@ -185,8 +234,16 @@ def _write(
             elif name.endswith("mlp.gate.weight"):
                 t = skew.router(t)
             keep_fp32 = name.endswith("e_score_correction_bias")
-            t = t.to(torch.float32 if keep_fp32 else torch_dtype).contiguous()
-            tensors[fam.to_hub(ours_to_hub(name, cfg))] = t
+            hub = fam.to_hub(ours_to_hub(name, cfg))
+            if name in quantized:
+                data, scale = quantize(t, ue8m0=quant.get("scale_fmt") == "ue8m0")
+                scale = scale.to(E8M0) if quant.get("scale_fmt") == "ue8m0" else scale
+                tensors[hub.removesuffix(".weight") + ".weight_scale_inv"] = scale
+                written += scale.numel() * scale.element_size()
+                t = data
+            else:
+                t = t.to(torch.float32 if keep_fp32 else torch_dtype).contiguous()
+            tensors[hub] = t
             written += t.numel() * t.element_size()
             bar.update(math.prod(shapes[name]) * itemsize)
         save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
