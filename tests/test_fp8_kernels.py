@@ -1,0 +1,132 @@
+"""FP8 kernels (e4m3 + 128x128 block scales, `kernels/fp8.py`) against fp32 torch references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tilemem.kernels import fp8
+
+pytestmark = pytest.mark.skipif(not fp8.available(), reason="needs AVX2 + FMA + F16C and a C compiler")
+
+TOL = 1e-5  # max abs error / max abs reference: fp32 accumulation in another order
+NAN_BYTES = (0x7F, 0xFF)
+SHAPES = [(300, 200), (129, 257), (64, 96), (256, 384)]  # [R, C]: ragged last blocks, and whole ones
+TOKENS = [1, 2, 3, 5, 8, 17, 40]  # 17 and 40 take the prefill path (dequantized blocks + torch GEMM)
+
+
+def fp8_bytes(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """Random e4m3 [rows, cols] over every byte but NaN: subnormals and -0 included."""
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randint(0, 254, (rows, cols), generator=g, dtype=torch.int32)
+    b = b + (b >= 0x7F).int()  # 0..253 -> 0x00..0xFE without 0x7F
+    return b.to(torch.uint8).view(torch.float8_e4m3fn)
+
+
+def random_weight(rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed + 1)
+    scale = torch.rand(-(-rows // 128), -(-cols // 128), generator=g) * 2 + 0.01  # [R/128, C/128]
+    return fp8_bytes(rows, cols, seed), scale
+
+
+def reference(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """W as fp32 [R, C]: each element times its block's scale, computed by torch."""
+    rows, cols = data.shape
+    per_element = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[:rows, :cols]  # [R, C]
+    return data.float() * per_element
+
+
+def error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+def test_decode_is_exact_for_every_byte() -> None:
+    b = torch.tensor([v for v in range(256) if v not in NAN_BYTES], dtype=torch.uint8).reshape(1, 254)
+    data = b.view(torch.float8_e4m3fn)
+    got = fp8.dequantize(data, torch.ones(1, 2))
+    assert torch.equal(got.view(torch.int32), data.float().view(torch.int32))  # bit for bit: -0, subnormals
+    scale = torch.tensor([[0.75, 3.0]])
+    assert torch.equal(fp8.dequantize(data, scale), reference(data, scale))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_dequantize(shape: tuple[int, int]) -> None:
+    data, scale = random_weight(*shape)
+    want = reference(data, scale)
+    assert torch.equal(fp8.dequantize(data, scale), want)
+    assert torch.equal(fp8.dequantize(data, scale, slice(128, None)), want[128:])
+    assert torch.equal(fp8.dequantize(data, scale, slice(37, 131)), want[37:131])
+    assert fp8.dequantize(data, scale, slice(5, 5)).shape == (0, shape[1])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matmuls(shape: tuple[int, int]) -> None:
+    data, scale = random_weight(*shape, seed=shape[0])
+    w = reference(data, scale)
+    rows, cols = shape
+    g = torch.Generator().manual_seed(7)
+    for n in TOKENS:
+        x = torch.randn(n, cols, generator=g)  # [N, C]
+        assert error(fp8.matmul_nt(x, data, scale), x @ w.T) < TOL, f"matmul_nt N={n}"
+        x = torch.randn(n, rows, generator=g)  # [N, R]
+        assert error(fp8.matmul_nn(x, data, scale), x @ w) < TOL, f"matmul_nn N={n}"
+
+
+def test_strided_rows_and_threads() -> None:
+    """A row slice of a wider matrix (stride(0) > C), on two threads (rows / columns split between them)."""
+    big, big_scale = random_weight(384, 320, seed=3)
+    data, scale = big[128:300, :200], big_scale[1:3, :2].contiguous()  # rows 128..299, columns 0..199
+    assert data.stride(0) == 320
+    w = reference(big, big_scale)[128:300, :200]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert torch.equal(fp8.dequantize(data, scale), w)
+        for n in (1, 4, 17):
+            x = torch.randn(n, 200)
+            assert error(fp8.matmul_nt(x, data, scale), x @ w.T) < TOL
+            x = torch.randn(n, 172)
+            assert error(fp8.matmul_nn(x, data, scale), x @ w) < TOL
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_wrong_block_scale_is_caught() -> None:
+    """The comparison can fail: the scale of the neighbouring block row gives a large error."""
+    data, scale = random_weight(300, 200)
+    w = reference(data, scale)
+    wrong = scale.roll(1, dims=0)
+    x = torch.randn(3, 200)
+    assert error(fp8.matmul_nt(x, data, wrong), x @ w.T) > 1e-2
+    x = torch.randn(3, 300)
+    assert error(fp8.matmul_nn(x, data, wrong), x @ w) > 1e-2
+    assert error(fp8.dequantize(data, wrong), w) > 1e-2
+
+
+def test_empty_shapes() -> None:
+    data, scale = random_weight(64, 96)
+    assert fp8.matmul_nt(torch.zeros(0, 96), data, scale).shape == (0, 64)
+    assert fp8.matmul_nn(torch.zeros(0, 64), data, scale).shape == (0, 96)
+    empty, empty_scale = random_weight(0, 96)
+    assert torch.equal(fp8.matmul_nn(torch.zeros(2, 0), empty, empty_scale), torch.zeros(2, 96))
+
+
+def test_invalid_inputs() -> None:
+    data, scale = random_weight(300, 200)
+    x = torch.randn(2, 200)
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        fp8.matmul_nt(x, data.view(torch.uint8), scale)
+    with pytest.raises(ValueError, match="scale has shape"):
+        fp8.matmul_nt(x, data, scale[:2])
+    with pytest.raises(ValueError, match="scale must be a float32"):
+        fp8.dequantize(data, scale.double())
+    with pytest.raises(ValueError, match="x has shape"):
+        fp8.matmul_nt(torch.randn(2, 300), data, scale)
+    with pytest.raises(ValueError, match="x has shape"):
+        fp8.matmul_nn(x, data, scale)
+    with pytest.raises(ValueError, match="x must be a float32"):
+        fp8.matmul_nt(x.bfloat16(), data, scale)
+    with pytest.raises(ValueError, match="rows must be contiguous"):
+        fp8.matmul_nt(torch.randn(2, 300), data.t(), scale.t().contiguous())
+    with pytest.raises(ValueError, match="step 1"):
+        fp8.dequantize(data, scale, slice(0, 10, 2))
