@@ -46,8 +46,9 @@ def test_tile_bytes_are_exact_for_the_dtype():
     bf16, fp32, fp8 = tile_format("bfloat16"), tile_format("fp32"), tile_format("fp8_e4m3")
     assert unit_bytes(128, 2048, bf16) == 3 * 128 * 2048 * 2
     assert unit_bytes(128, 2048, fp32) == 3 * 128 * 2048 * 4
-    # fp8: 1 byte per weight plus one fp32 scale per 32 neurons per hidden column, per projection.
-    assert unit_bytes(128, 2048, fp8) == 3 * 128 * 2048 + 3 * 4 * 2048 * 4
+    # fp8: 1 byte per weight plus one fp32 scale per 128 x 128 block (neurons x hidden), per projection.
+    assert unit_bytes(128, 2048, fp8) == 3 * 128 * 2048 + 3 * 4 * 16
+    assert unit_bytes(160, 200, fp8) == 3 * 160 * 200 + 3 * 4 * 2 * 2  # partial blocks count whole
 
 
 def test_store_layout_packs_gate_up_then_down_4k_aligned():

@@ -164,9 +164,10 @@ def store_dir(tmp_path_factory):
     return lambda family, tile: root / f"{family}-t{tile}"
 
 
-def make_tiered_llm(path, combo: Combo, store) -> LLM:
+def make_tiered_llm(path, combo: Combo, store, weights: str | None = "fp32") -> LLM:
+    """The tiered LLM of `combo` (fp32 activations; the plan counts the weights as `weights`, None: as stored)."""
     ckpt = Checkpoint.open(path)
-    topo = Topology.from_config(ckpt.config, "fp32")
+    topo = Topology.from_config(ckpt.config, weights)
     width = topo.layers[topo.moe_layers[0]].expert_intermediate
     tile = width if combo.tile == "full" else int(combo.tile)
     ffn = topo.routed_expert_bytes + topo.shared_and_dense_bytes
@@ -174,7 +175,7 @@ def make_tiered_llm(path, combo: Combo, store) -> LLM:
     budget = f"cpu={topo.non_expert_bytes + room}B"
     cache = f"cpu={int(combo.cache_share * room)}B" if combo.cache_share else None
     profile = Profile.synthetic(topo, skew=1.2, seed=11) if combo.skewed_profile else None
-    plan = make_plan(ckpt, budget, combo.policy, profile, tile, cache=cache, dtype="fp32")
+    plan = make_plan(ckpt, budget, combo.policy, profile, tile, cache=cache, dtype=weights)
     runtime = TieredConfig(prefetch=combo.prefetch, io_depth=combo.io_depth, cache_policy=combo.cache_policy)
     return LLM(
         path,

@@ -249,8 +249,10 @@ def _mir(plan: Plan, manifest_sha: str) -> dict[str, Any]:
 def _manifest(plan: Plan) -> dict[str, Any]:
     fmt = plan.fmt
     fallback = tile_format(plan.topology.dtype)
-    # Plain dtypes run on the built-in backend; other formats name the spec's backend (or `external`).
-    backend = BUILTIN_BACKEND if fmt.plain else plan.settings.get("backend") or "external"
+    # Plain dtypes run on the built-in backend; other formats name the spec's backend (else the built-in one
+    # where it computes the format, FP8 included, or `external`).
+    default = BUILTIN_BACKEND if fmt.builtin else "external"
+    backend = BUILTIN_BACKEND if fmt.plain else plan.settings.get("backend") or default
     return {
         "schema_version": MANIFEST_SCHEMA,
         "name": plan.name,

@@ -55,8 +55,14 @@ class EngineArgs:
 
     model: str | Path = arg(None, "checkpoint directory", flag="")
     """Hugging Face checkpoint directory (positional on the command line)."""
-    dtype: str | Any | None = arg(None, "bf16, fp16 or fp32 (default: the checkpoint's)", choices=_dtype_names)
-    """Compute dtype: a name (bf16, fp16, fp32 and long forms) or a torch.dtype; None: the checkpoint's."""
+    dtype: str | Any | None = arg(
+        None, "bf16, fp16 or fp32 (default: the checkpoint's; FP8 checkpoints: the activations')", choices=_dtype_names
+    )
+    """Compute dtype: a name (bf16, fp16, fp32 and long forms) or a torch.dtype; None: the checkpoint's. On an
+    FP8 checkpoint, the activations' dtype (bf16 by default, fp32 for exact comparisons): its weights stay FP8."""
+    dequantize: bool = arg(False, "FP8 checkpoint: dequantize its weights to --dtype at load (2x the memory)")
+    """FP8 checkpoint: dequantize the weights loaded into memory to `dtype` at load instead of computing on FP8
+    (a tile store keeps the tiles as the checkpoint has them)."""
     threads: int | None = arg(None, "torch threads (default: torch's)", minimum=1, unit=" thread")
     """Torch intra-op threads; None leaves torch's setting alone."""
     max_batch: int = arg(8, "sequences decoded together (KV-cache slots)", minimum=1, unit=" sequence")

@@ -101,6 +101,7 @@ def build_engine(args: EngineArgs, kv_sequences: int = 1) -> EngineParts:
     model, _ = load_model(
         ckpt, args.dtype, max_positions=max_model_len, skip=skip, device=device,
         lazy_x12=encodes_x12(args, cfg, plan, device),  # read once, to be encoded: not worth mapping first
+        dequantize=args.dequantize,
     )  # fmt: skip
     parts = EngineParts(args, Path(args.model), ckpt, model, device, max_model_len, plan)
     if plan is None:
@@ -141,7 +142,8 @@ def resolve_plan(args: EngineArgs, ckpt: Checkpoint, max_model_len: int = 4096, 
 
     if args.plan is not None:
         return args.plan if isinstance(args.plan, Plan) else load_plan(args.plan)
-    dtype_name = None if args.dtype is None else str(args.dtype).replace("torch.", "")
+    fp8 = ckpt.config.weight_format and not args.dequantize  # FP8 weights: `dtype` is the activations'
+    dtype_name = None if args.dtype is None or fp8 else str(args.dtype).replace("torch.", "")
     return make_plan(
         ckpt, args.budget, args.policy, args.profile, args.tile, dtype=dtype_name, memory_limit=args.memory_limit,
         context=max_model_len, sequences=kv_sequences,

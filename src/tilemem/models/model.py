@@ -259,3 +259,20 @@ class MoECausalLM(nn.Module):
             x = x[torch.arange(x.shape[0], device=x.device), logits_at.to(x.device)]  # [B, D]
         logits = self.lm_head(self.model.norm(x)).float()
         return (logits, hidden) if return_hidden else logits
+
+
+def quantized_weight_names(model: MoECausalLM, cfg: ModelConfig) -> set[str]:
+    """Our names of the weights an FP8 checkpoint of `model` quantizes: every Linear's but those whose hub
+    module name ends with one of `cfg.quant_skip` (transformers' `modules_to_not_convert` rule). The loader
+    keeps whatever the file holds; this is what synth writes and what plans count before loading."""
+    from tilemem.models.mtp import ours_to_hub
+    from tilemem.models.registry import family_by_name
+
+    fam = family_by_name(cfg.family)
+    out = set()
+    for name, module in model.named_modules():
+        if isinstance(module, Linear):
+            hub = fam.to_hub(ours_to_hub(f"{name}.weight", cfg)).removesuffix(".weight")
+            if not any(hub.endswith(k) or hub.startswith(k + ".") for k in cfg.quant_skip):
+                out.add(f"{name}.weight")
+    return out

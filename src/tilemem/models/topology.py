@@ -13,8 +13,21 @@ from dataclasses import dataclass
 import torch
 
 from tilemem.config import ModelConfig
+from tilemem.layers.fp8 import scale_shape
 
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "bf16": 2, "fp16": 2, "fp32": 4}
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "bf16": 2, "fp16": 2, "fp32": 4, "fp8_e4m3": 1}
+FP8_FORMAT = "fp8_e4m3"
+"""Topology.dtype of an FP8 checkpoint: one byte per weight plus an fp32 scale per 128x128 block."""
+
+
+def matrix_bytes(rows: int, cols: int, dtype: str) -> int:
+    """Bytes of an [rows, cols] weight stored in `dtype` (FP8: its block scales included)."""
+    nbytes = rows * cols * DTYPE_BYTES.get(dtype, 2)
+    if dtype == FP8_FORMAT:
+        nbytes += 4 * math.prod(scale_shape(rows, cols))
+    return nbytes
+
+
 SHARED = -1
 """Expert index standing for a layer's fused shared experts (the runtime and tile keys use it too)."""
 DENSE = -2
@@ -67,6 +80,8 @@ class Topology:
     """Per-layer FFN structure."""
     non_expert: tuple[tuple[str, int], ...]
     """(checkpoint-style module name, bytes) of every weight that is not an FFN tile."""
+    non_expert_params: int | None = None
+    """Parameters of `non_expert` (None: its bytes over `dtype_bytes`, fp32 biases over 4)."""
 
     @staticmethod
     def layers_of(cfg: ModelConfig) -> tuple[LayerTopology, ...]:
@@ -88,30 +103,40 @@ class Topology:
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, dtype: str | None = None) -> Topology:
-        """Topology of `cfg` stored in `dtype` (default: the checkpoint's dtype)."""
-        from tilemem.models.model import MoECausalLM
+        """Topology of `cfg` stored in `dtype` (default: the checkpoint's: `fp8_e4m3` for an FP8 checkpoint,
+        whose quantized weights count one byte each plus their scales, its other weights `torch_dtype`)."""
+        from tilemem.models.model import MoECausalLM, quantized_weight_names
 
-        dtype = dtype or cfg.torch_dtype
-        nbytes = DTYPE_BYTES.get(dtype, 2)
+        dtype = dtype or cfg.weight_format or cfg.torch_dtype
+        plain = cfg.torch_dtype if dtype == FP8_FORMAT else dtype
+        model = MoECausalLM(cfg)
+        fp8 = quantized_weight_names(model, cfg) if dtype == FP8_FORMAT else set()
         layers = cls.layers_of(cfg)
-        non_expert = []
-        for name, t in MoECausalLM(cfg).state_dict(keep_vars=True).items():
+        non_expert, params = [], 0
+        for name, t in model.state_dict(keep_vars=True).items():
             # MTP layers (`mtp.*`, experts included) are non-expert weights: the model keeps them resident.
             if (is_ffn_weight(name) and not name.startswith("mtp.")) or (
                 cfg.tie_word_embeddings and name == "lm_head.weight"
             ):
                 continue
-            size = 4 if name.endswith("e_score_correction_bias") else nbytes
-            non_expert.append((name, math.prod(t.shape) * size))
-        return cls(cfg.family, cfg.hidden_size, dtype, nbytes, layers, tuple(non_expert))
+            if name in fp8:
+                nbytes = matrix_bytes(*t.shape, FP8_FORMAT)
+            else:
+                size = 4 if name.endswith("e_score_correction_bias") else DTYPE_BYTES.get(plain, 2)
+                nbytes = math.prod(t.shape) * size
+            non_expert.append((name, nbytes))
+            params += math.prod(t.shape)
+        return cls(cfg.family, cfg.hidden_size, dtype, DTYPE_BYTES.get(dtype, 2), layers, tuple(non_expert), params)
 
     def expert_bytes(self, layer: int) -> int:
         """Bytes of one routed expert (gate, up, down) in `layer`."""
-        return 3 * self.hidden_size * self.layers[layer].expert_intermediate * self.dtype_bytes
+        return self.ffn_bytes(self.layers[layer].expert_intermediate)
 
     def ffn_bytes(self, intermediate: int) -> int:
-        """Bytes of a gated FFN of width `intermediate`."""
-        return 3 * self.hidden_size * intermediate * self.dtype_bytes
+        """Bytes of a gated FFN of width `intermediate` (FP8: with the scales of its three matrices)."""
+        if not intermediate:
+            return 0
+        return 3 * matrix_bytes(intermediate, self.hidden_size, self.dtype)
 
     @property
     def moe_layers(self) -> list[int]:
@@ -141,16 +166,20 @@ class Topology:
     @property
     def total_params(self) -> int:
         """Parameter count (e_score_correction_bias counted as parameters)."""
+        d = self.hidden_size
+        ffn = sum(3 * d * (lt.num_experts * lt.expert_intermediate + lt.shared_intermediate + lt.dense_intermediate)
+                  for lt in self.layers)  # fmt: skip
+        if self.non_expert_params is not None:
+            return ffn + self.non_expert_params
         fp32 = sum(b for n, b in self.non_expert if n.endswith("e_score_correction_bias"))
-        return (self.total_bytes - fp32) // self.dtype_bytes + fp32 // 4
+        return ffn + (self.non_expert_bytes - fp32) // self.dtype_bytes + fp32 // 4
 
     @property
     def active_params(self) -> int:
         """Parameters of one token's forward: top-k routed experts, embedding and LM head both counted
         (DeepSeek's published figures leave the embedding out)."""
-        routed_active = sum(lt.top_k * self.expert_bytes(lt.index) for lt in self.layers)
-        routed_all = self.routed_expert_bytes
-        return self.total_params - (routed_all - routed_active) // self.dtype_bytes
+        idle = sum(3 * self.hidden_size * (lt.num_experts - lt.top_k) * lt.expert_intermediate for lt in self.layers)
+        return self.total_params - idle
 
 
 def is_ffn_weight(name: str) -> bool:

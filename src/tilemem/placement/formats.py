@@ -1,9 +1,9 @@
 """Tile storage formats: element width and scale metadata. The plan's byte counts come from here.
 
-Plain dtypes (bf16, fp16, fp32) carry no scales and run on the built-in backend. Block-scaled
-low-precision formats are integration contracts for external kernels (see `backends.py`); their
-scales sit right after the weights of the same tile, one fp32 per `scale_block` neurons per hidden
-column.
+Plain dtypes (bf16, fp16, fp32) carry no scales. `fp8_e4m3` is FP8 as DeepSeek-V3, GLM-5 and Qwen3-FP8
+publish it: one byte per weight and one fp32 scale per 128 x 128 block of each projection (neurons x
+hidden columns, the last blocks partial); a tile's scales sit right after its weights. Tiles of an FP8
+model start on 128-neuron boundaries.
 """
 
 from __future__ import annotations
@@ -29,11 +29,13 @@ class TileFormat:
     scale_granularity: str = "none"
     """`none`, `block` (one scale per block of neurons) or `tensor`."""
     scale_block: int = 0
-    """Neurons per scale block (0: no scales)."""
+    """Neurons (and, with `scale_granularity` `block2d`, hidden columns too) per scale block (0: none)."""
     scale_bytes_each: int = 0
     """Bytes of one scale value."""
     plain: bool = True
-    """A plain dtype the built-in backend computes with directly."""
+    """A plain dtype (no scales)."""
+    builtin: bool = True
+    """TileMEM's own runtime computes tiles in this format (else only an external backend does)."""
 
     def weight_bytes(self, neurons: int, hidden: int) -> int:
         """Bytes of one projection restricted to `neurons` neurons."""
@@ -43,7 +45,8 @@ class TileFormat:
         """Bytes of that projection's scales."""
         if not self.scale_block:
             return 0
-        return math.ceil(neurons / self.scale_block) * hidden * self.scale_bytes_each
+        cols = math.ceil(hidden / self.scale_block) if self.scale_granularity == "block2d" else hidden
+        return math.ceil(neurons / self.scale_block) * cols * self.scale_bytes_each
 
 
 FORMATS: dict[str, TileFormat] = {
@@ -55,9 +58,9 @@ FORMATS: dict[str, TileFormat] = {
         TileFormat(
             "fp8_e4m3",
             8,
-            scale_layout="block_n32_fp32",
-            scale_granularity="block",
-            scale_block=32,
+            scale_layout="block128x128_fp32",
+            scale_granularity="block2d",
+            scale_block=128,
             scale_bytes_each=4,
             plain=False,
         ),

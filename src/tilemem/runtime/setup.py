@@ -15,7 +15,7 @@ import torch
 from tilemem import memlimit, sysinfo
 from tilemem.errors import BudgetError, ConfigError
 from tilemem.loader.checkpoint import Checkpoint
-from tilemem.models.topology import LayerTopology, Topology
+from tilemem.models.topology import FP8_FORMAT, LayerTopology, Topology
 from tilemem.placement.budgets import Budgets, CacheReserve, TierBudget
 from tilemem.placement.errors import PlanError
 from tilemem.placement.formats import tile_format
@@ -25,6 +25,7 @@ from tilemem.placement.policies import PlacementProblem
 from tilemem.placement.profile import Profile
 from tilemem.placement.tiles import always_active_ffns, routed_ffns
 from tilemem.runtime.tiered import TieredConfig, TieredExperts
+from tilemem.runtime.tile_format import fp8_tile_size_message
 from tilemem.runtime.tile_store import TileStore, convert
 from tilemem.units import format_bytes
 
@@ -69,6 +70,8 @@ def make_plan(
         from tilemem.tmap.auto import with_learning_cache
 
         budgets = with_learning_cache(topo, budgets, prof)
+    if topo.dtype == FP8_FORMAT and tile % 128:
+        raise ConfigError(fp8_tile_size_message(tile) + ".")
     problem = PlacementProblem(topo, prof, budgets, tile_format(topo.dtype), tile=tile)
     return build_plan(problem, policy, name=ckpt.path.name)
 

@@ -32,6 +32,7 @@ from tilemem.layers.moe import MoEBlock, PartialSums, group_by_expert
 from tilemem.placement.budgets import DEFAULT_CACHE_BYTES, IO_DEPTH
 from tilemem.runtime.direct_io import AlignedSlab, DirectReader
 from tilemem.runtime.tile_cache import TileCache, TileId
+from tilemem.runtime.tile_format import Block, Fp8Tile, block_nbytes
 from tilemem.runtime.tile_store import StoredTile, TileStore
 from tilemem.units import format_bytes
 
@@ -124,10 +125,14 @@ class TieredConfig:
     GPU and computed there (a tile's FLOPs grow with its tokens, its copy does not)."""
 
 
-def partial_ffn(x: torch.Tensor, block: torch.Tensor, act) -> torch.Tensor:
+def partial_ffn(x: torch.Tensor, block: Block, act) -> torch.Tensor:
     """FFN over one tile or merged range: x [N, D], block [3, n, D] (gate, up, down^T) -> [N, D].
 
-    Gate and up rows are adjacent in the block, so they run as one GEMM."""
+    Gate and up rows are adjacent in the block, so they run as one GEMM (an FP8 tile's as two: a partial
+    last scale block would straddle them)."""
+    if isinstance(block, Fp8Tile):
+        gate, up, down = block.matrices()
+        return gemm(act(gemm(x, gate)) * gemm(x, up), down)  # [N, D]
     n = block.shape[1]
     gu = gemm(x, block[:2].reshape(2 * n, -1))  # [N, 2n]
     return gemm(act(gu[:, :n]) * gu[:, n:], block[2].t())  # [N, D]: down^T rows, as a transposed weight
@@ -192,7 +197,7 @@ class Accumulator:
         """out[tok] += scale * tile FFN of x[tok]; block [3, n, D], tok [N], scale [N]."""
         if self.to_gpu(tok):
             self.gpu.add_host(block, tok, scale)
-        elif self.native_act is None:
+        elif self.native_act is None or isinstance(block, Fp8Tile):
             self.sums.add(tok, partial_ffn(self.x[tok], block, self.act) * scale[:, None])
         else:
             self.tasks.append((block, tok.to(torch.int32), scale.to(torch.float32)))
@@ -269,14 +274,14 @@ class TieredExperts:
         tensors, the rest stays on disk."""
         layer, expert = key
         old = self.resident.pop(key, [])
-        self.resident_bytes -= sum(t.numel() * t.element_size() for t in old)
+        self.resident_bytes -= sum(block_nbytes(t) for t in old)
         del old
         if blocks is None:
             blocks = self.load_blocks(key, ranges)
         if self.device.type == "cuda":  # pinned: copies of these to the GPU (prefill) run asynchronously
             blocks = [b if b.is_pinned() else b.pin_memory() for b in blocks]
         self.resident[key] = blocks
-        self.resident_bytes += sum(t.numel() * t.element_size() for t in blocks)
+        self.resident_bytes += sum(block_nbytes(t) for t in blocks)
         if ranges.get("cuda") and self.device.type != "cuda":
             raise TileMemError(f"expert {key} has tiles on 'cuda' but the model runs on {self.device}.")
         if ranges.get("cuda") or self.ranges.get(key, {}).get("cuda"):
@@ -294,6 +299,11 @@ class TieredExperts:
 
     def build_slabs(self) -> None:
         """(Re)build the VRAM slab of every layer whose `cuda` ranges changed, tile by tile from the store."""
+        if self.stale_slabs and self.store.codec.fp8:
+            raise TileMemError(
+                "the cuda tier does not hold FP8 tiles yet (their DRAM and disk tiers do); plan without a cuda "
+                "budget for this checkpoint."
+            )
         for layer in sorted(self.stale_slabs):
             self.slabs.pop(layer, None)
             tiles: dict[int, list[torch.Tensor]] = {}
@@ -316,9 +326,11 @@ class TieredExperts:
 
     def bytes_of(self, ranges: Ranges) -> int:
         """DRAM bytes `ranges` would take."""
+        spans = ranges.get("cpu", [])
+        if self.store.codec.fp8:
+            return sum(self.store.codec.payload_bytes(b - a) for a, b in spans)
         itemsize = torch.empty(0, dtype=self.dtype).element_size()
-        n = sum(b - a for a, b in ranges.get("cpu", []))
-        return 3 * n * self.store.hidden * itemsize
+        return 3 * sum(b - a for a, b in spans) * self.store.hidden * itemsize
 
     def between_steps(self) -> None:
         """Engine hook between steps: apply pending migrations (and rebuild VRAM slabs they changed)."""
@@ -327,19 +339,19 @@ class TieredExperts:
         if self.stale_slabs:
             self.build_slabs()
 
-    def _load_range(self, layer: int, expert: int, a: int, b: int) -> torch.Tensor:
-        tiles = self.store.covering(layer, expert, a, b)
-        out = torch.empty(3, b - a, self.store.hidden, dtype=self.store.dtype)  # [3, n, D]
-        for t in tiles:
+    def _load_range(self, layer: int, expert: int, a: int, b: int) -> Block:
+        """Neurons [a, b) of one expert read from the store, checked, as one block in memory of its own."""
+        parts = []
+        for t in self.store.covering(layer, expert, a, b):
             raw = self.store.read_block(t)
             if self.config.verify_reads and zlib.crc32(raw) != t.crc32:
                 raise TileReadError(
                     f"tile {t.key} in {self.store.data_path} fails its checksum (corrupt store); "
                     f"{self.store.repair_hint}."
                 )
-            block = torch.frombuffer(bytearray(raw), dtype=self.store.dtype).view(3, t.end - t.start, -1)
-            out[:, t.start - a : t.end - a] = block
-        return out.to(self.dtype)
+            parts.append(self.store.codec.view(torch.frombuffer(bytearray(raw), dtype=torch.uint8), t.end - t.start))
+        out = self.store.codec.concat(parts) if len(parts) > 1 else parts[0]
+        return out if isinstance(out, Fp8Tile) else out.to(self.dtype)
 
     # -- I/O ---------------------------------------------------------------------------------------
     def _read(self, tile: StoredTile, slot: int) -> None:
@@ -354,9 +366,9 @@ class TieredExperts:
                 f"{self.store.repair_hint}."
             )
 
-    def _block(self, slot: int, tile: StoredTile) -> torch.Tensor:
-        t = self.cache.slab.tensor(slot, tile.nbytes, self.store.dtype).view(3, tile.end - tile.start, -1)
-        return t if t.dtype == self.dtype else t.to(self.dtype)
+    def _block(self, slot: int, tile: StoredTile) -> Block:
+        t = self.store.codec.view(self.cache.slab.tensor(slot, tile.nbytes, torch.uint8), tile.end - tile.start)
+        return t if isinstance(t, Fp8Tile) or t.dtype == self.dtype else t.to(self.dtype)
 
     def _harvest_prefetches(self) -> None:
         for tid, (fut, slot, _) in list(self.prefetching.items()):
@@ -436,8 +448,8 @@ class TieredExperts:
         for expert, tok, scale in groups:
             for block in self.resident.get((layer, expert), []):
                 ready.append((tok, scale, block))
-                c.dram_bytes += block.numel() * block.element_size()
-                c.h2d_bytes += block.numel() * block.element_size() if out.to_gpu(tok) else 0
+                c.dram_bytes += block_nbytes(block)
+                c.h2d_bytes += block_nbytes(block) if out.to_gpu(tok) else 0
             for tile in self.on_disk.get((layer, expert), []):
                 tid = (layer, expert, tile.start)
                 slot = self.cache.lookup(tid)

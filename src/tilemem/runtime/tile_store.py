@@ -1,9 +1,10 @@
 """The tile store (weight converter output): FFN weights packed tile by tile: every routed expert,
 and the shared experts (unit SHARED) and dense FFN layers (unit DENSE), which the plan places too.
 
-One block per (layer, unit, neuron range [a, b)), 4 KiB aligned, dtype kept:
+One block per (layer, unit, neuron range [a, b)), 4 KiB aligned, weight format kept (`tile_format`):
 gate rows [n, D], up rows [n, D], then down columns stored transposed as [n, D], so a tile is one
-contiguous [3, n, D] array readable with a single O_DIRECT request and usable without a copy.
+contiguous [3, n, D] array readable with a single O_DIRECT request and usable without a copy; an FP8
+tile's 128 x 128 block scales follow its e4m3 bytes (tiles then start on 128-neuron boundaries).
 Blocks are ordered (layer, expert, a): a whole expert is one contiguous run.
 
 `store.json` holds the layout, per-tile sha256, a fingerprint of the source checkpoint's config and
@@ -29,12 +30,14 @@ from tqdm import tqdm
 
 from tilemem.errors import CheckpointError, TileMemError
 from tilemem.jsonio import read_json_object
+from tilemem.layers.fp8 import scale_to_fp32
 from tilemem.loader.checkpoint import Checkpoint
 from tilemem.loader.safetensors_file import DTYPES
 from tilemem.models.topology import Topology, our_ffn_prefix
 from tilemem.placement.store_layout import ALIGNMENT, align, store_order
 from tilemem.placement.tiles import DENSE, SHARED, Unit, always_active_ffns, ffn_width, tile_key
 from tilemem.runtime.store_sources import STAT_CACHE, file_stat, record_sources, stale_tensors, tensor_crc
+from tilemem.runtime.tile_format import TileCodec
 
 SCHEMA = "tilemem_store_v1"
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -55,7 +58,7 @@ class StoredTile:
     end: int
     offset: int
     nbytes: int
-    """Payload bytes (3 * n * D * itemsize)."""
+    """Payload bytes (3 * n * D * itemsize; FP8: 3 * n * D, then the block scales)."""
     sha256: str
     crc32: int
     """zlib.crc32 of the payload, checked on every runtime read (sha256 by `tilemem verify`)."""
@@ -109,9 +112,25 @@ def tile_ranges(width: int, tile: int) -> list[tuple[int, int]]:
     return [(a, min(a + tile, width)) for a in range(0, width, tile)]
 
 
-def pack_tile(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, a: int, b: int) -> torch.Tensor:
-    """The [3, n, D] block of neurons [a, b)."""
-    return torch.stack([gate[a:b], up[a:b], down[:, a:b].t()]).contiguous()
+def expert_scales(ckpt: Checkpoint, layer: int, expert: int) -> tuple[torch.Tensor, ...] | None:
+    """fp32 block scales of one FFN unit's gate, up and down (None: its weights are not FP8)."""
+    names = [n.removesuffix(".weight") + ".weight_scale_inv" for n in expert_names(ckpt, layer, expert)]
+    if names[0] not in ckpt.weight_map:
+        return None
+    return tuple(scale_to_fp32(ckpt.tensor(n)) for n in names)
+
+
+def pack_tile(ckpt: Checkpoint, codec: TileCodec, layer: int, expert: int, a: int, b: int) -> bytes:
+    """The stored bytes of neurons [a, b) of one FFN unit."""
+    gate, up, down = expert_tensors(ckpt, layer, expert)
+    raw = codec.pack(gate, up, down, a, b, expert_scales(ckpt, layer, expert) if codec.fp8 else None)
+    return raw.numpy().tobytes()
+
+
+def store_codec(ckpt: Checkpoint) -> TileCodec:
+    """How `ckpt`'s FFN weights are packed into tiles: their stored dtype (FP8 stays FP8)."""
+    layer = next(i for i in range(ckpt.config.num_layers) if ckpt.config.is_moe_layer(i))
+    return TileCodec(expert_tensors(ckpt, layer, 0)[0].dtype, ckpt.config.hidden_size)
 
 
 STORE_FILES = ("store.json", "store.json.tmp", "tiles.bin", "tiles.bin.partial", "convert.journal", STAT_CACHE)
@@ -128,6 +147,11 @@ def convert(model: str | Path, out: str | Path, tile_size: int = 128, progress: 
     out = Path(out)
     if tile_size < 1:
         raise StoreError(f"tile size must be >= 1 neuron, got {tile_size}.")
+    codec = store_codec(ckpt)
+    try:
+        codec.check_tile_size(tile_size)
+    except ValueError as exc:
+        raise StoreError(f"{exc}.") from None
     if out.exists() and not out.is_dir():
         raise StoreError(f"tile store path {out} exists and is not a directory; give a directory for the store.")
     fingerprint = checkpoint_fingerprint(ckpt)
@@ -164,25 +188,20 @@ def convert(model: str | Path, out: str | Path, tile_size: int = 128, progress: 
         journal.write_text(json.dumps(header) + "\n")
     layers = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
     units = store_units(ckpt)
-    itemsize = expert_tensors(ckpt, layers[0], 0)[0].element_size()
-    dtype = None
     tiles: list[StoredTile] = []
     offset = 0
-    total = sum(3 * width * cfg.hidden_size * itemsize for _, _, width in units)
+    total = sum(codec.payload_bytes(b - a) for _, _, width in units for a, b in tile_ranges(width, tile_size))
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress)
     with open(data_tmp, "r+b" if data_tmp.exists() else "w+b") as data, open(journal, "a") as jr:
         for layer, expert, width in units:
-            gate, up, down = expert_tensors(ckpt, layer, expert)
-            dtype = gate.dtype
             crcs.update({name: tensor_crc(ckpt.tensor(name)) for name in expert_names(ckpt, layer, expert)})
             for a, b in tile_ranges(width, tile_size):
-                nbytes = 3 * (b - a) * cfg.hidden_size * itemsize
+                nbytes = codec.payload_bytes(b - a)
                 key = tile_key(layer, expert, None, 0, a, b)
                 rec = done.get(key)
                 # A journaled tile is kept only if the partial file really holds it (writes can be lost).
                 if rec is None or rec.get("offset", offset) != offset or not _holds(data, offset, nbytes, rec):
-                    block = pack_tile(gate, up, down, a, b)
-                    raw = block.view(torch.uint8).numpy().tobytes()
+                    raw = pack_tile(ckpt, codec, layer, expert, a, b)
                     data.seek(offset)
                     data.write(raw + b"\0" * (align(nbytes) - nbytes))
                     sha = hashlib.sha256(raw).hexdigest()
@@ -201,7 +220,7 @@ def convert(model: str | Path, out: str | Path, tile_size: int = 128, progress: 
         "checkpoint": str(ckpt.path.resolve()),
         "fingerprint": fingerprint,
         "family": cfg.family,
-        "dtype": DTYPE_NAMES[dtype],
+        "dtype": DTYPE_NAMES[codec.dtype],
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.moe_intermediate_size,
         "num_experts": cfg.num_experts,
@@ -276,8 +295,7 @@ def _repair(store: TileStore, ckpt: Checkpoint, progress: bool) -> list[str]:
         return []
     with open(store.data_path, "r+b") as data:
         for t in bad:
-            gate, up, down = expert_tensors(ckpt, t.layer, t.expert)
-            raw = pack_tile(gate, up, down, t.start, t.end).view(torch.uint8).numpy().tobytes()
+            raw = pack_tile(ckpt, store.codec, t.layer, t.expert, t.start, t.end)
             if hashlib.sha256(raw).hexdigest() != t.sha256:
                 raise StoreError(
                     f"tile {t.key} of {store.path} cannot be rebuilt from {ckpt.path} (other bytes); "
@@ -307,6 +325,7 @@ class TileStore:
         try:
             self.dtype = DTYPES[meta["dtype"]]
             self.hidden = int(meta["hidden_size"])
+            self.codec = TileCodec(self.dtype, self.hidden)
             self.tile_size = int(meta["tile_size"])
             self.tiles = {(t[0], t[1], t[2]): StoredTile(*t) for t in meta["tiles"]}
             int(meta["bytes"])
@@ -333,11 +352,10 @@ class TileStore:
 
     def _check_layout(self) -> None:
         """Every tile must own its bytes: aligned, sized for its rows, disjoint, inside tiles.bin."""
-        itemsize = torch.empty(0, dtype=self.dtype).element_size()
         end, prev = 0, None
         for t in sorted(self.tiles.values(), key=lambda t: t.offset):
             problem = None
-            if t.nbytes != 3 * (t.end - t.start) * self.hidden * itemsize:
+            if t.nbytes != self.codec.payload_bytes(t.end - t.start):
                 problem = f"holds {t.nbytes} bytes for {t.end - t.start} neurons"
             elif t.offset % ALIGNMENT:
                 problem = f"starts at byte {t.offset}, not a multiple of {ALIGNMENT}"

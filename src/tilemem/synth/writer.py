@@ -22,7 +22,7 @@ from tilemem.config import HFConfig
 from tilemem.errors import ConfigError
 from tilemem.layers.fp8 import E8M0, quantize
 from tilemem.loader.checkpoint import parse_dtype
-from tilemem.models.model import MoECausalLM
+from tilemem.models.model import MoECausalLM, quantized_weight_names
 from tilemem.models.mtp import ours_to_hub
 from tilemem.models.registry import family_by_name
 from tilemem.synth.output import MARKER, check_out, install, resolve_out, staging_dir
@@ -115,21 +115,6 @@ class SkewInjector:
         return w + torch.outer(bias / along_u, self.u)
 
 
-def fp8_weight_names(model: MoECausalLM, cfg) -> set[str]:
-    """Our names of the weights an FP8 checkpoint of `model` quantizes: every Linear's but those whose
-    hub module name ends with one of `cfg.quant_skip` (transformers' `modules_to_not_convert` rule)."""
-    from tilemem.layers.linear import Linear
-
-    fam = family_by_name(cfg.family)
-    out = set()
-    for name, module in model.named_modules():
-        if isinstance(module, Linear):
-            hub = fam.to_hub(ours_to_hub(f"{name}.weight", cfg)).removesuffix(".weight")
-            if not any(hub.endswith(k) or hub.startswith(k + ".") for k in cfg.quant_skip):
-                out.add(f"{name}.weight")
-    return out
-
-
 def synthesize(
     family: str | None,
     preset: str,
@@ -205,7 +190,7 @@ def _write(
         cfg = cfg.with_(num_mtp_layers=0)
     model = MoECausalLM(cfg)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
-    quantized = fp8_weight_names(model, cfg) if quant is not None else set()
+    quantized = quantized_weight_names(model, cfg) if quant is not None else set()
     if cfg.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
     itemsize = torch.empty(0, dtype=torch_dtype).element_size()

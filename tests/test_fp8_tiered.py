@@ -1,0 +1,124 @@
+"""FP8 placement exactness: the tiered runtime on an FP8 checkpoint (FP8 tiles in the store, the DRAM cache
+and resident DRAM ranges) gives the all-resident FP8 engine's logits and greedy tokens, for every family,
+every policy, DRAM budgets from 0 to 100%, tile sizes, prefetch and async planning on and off."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from test_tiered_exactness import GREEDY, REL_TOL, Combo, forward_logits, make_tiered_llm, prompts, rel_err
+
+from tilemem.engine.llm import LLM
+from tilemem.errors import ConfigError
+from tilemem.models.registry import families
+from tilemem.placement.policies import policy_names
+from tilemem.runtime.tile_format import Fp8Tile
+from tilemem.runtime.tile_store import StoreError, convert
+
+FAMILIES = sorted(families())
+
+
+def fp8_combos() -> list[Combo]:
+    """One combination per family, the other axes cycled so that each value occurs."""
+    policies = itertools.cycle(policy_names())
+    axes = zip(
+        itertools.cycle(["128", "256"]),
+        itertools.cycle([0.0, 0.45, 1.0, 0.7]),
+        itertools.cycle([0.0, 0.5, 0.0]),
+        itertools.cycle([True, False]),
+        itertools.cycle([False, True, False]),
+        itertools.cycle([1, 4, 2]),
+        itertools.cycle(["lfu", "lru", "profile"]),
+        itertools.cycle([True, False, False]),
+    )
+    out = []
+    for family, (tile, budget, cache, pf, asy, io, cp, skew) in zip(FAMILIES, axes, strict=False):
+        out.append(Combo(family, next(policies), tile, budget, cache if 0 < budget < 1 else 0.0, pf, asy, io, cp, skew))
+    return out
+
+
+COMBOS = fp8_combos()
+
+
+@pytest.fixture(scope="module")
+def fp8_reference(make_ckpt):
+    refs: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family not in refs:
+            path = make_ckpt(family, "fp8", routing_skew=1.0)
+            llm = LLM(path, dtype="fp32")
+            batch = prompts(llm.config.vocab_size)
+            tokens = [o.token_ids for o in llm.generate(batch, GREEDY)]
+            refs[family] = (path, batch, forward_logits(llm.model, batch, tokens), tokens)
+        return refs[family]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fp8-stores")
+    return lambda family, tile: root / f"{family}-t{tile}"
+
+
+def test_sample_covers_every_axis():
+    assert len({c.policy for c in COMBOS}) == min(len(COMBOS), len(policy_names()))
+    assert {c.tile for c in COMBOS} == {"128", "256"} and {c.prefetch for c in COMBOS} == {True, False}
+    assert {c.async_planning for c in COMBOS} == {True, False}
+    assert {0.0, 1.0} <= {c.budget for c in COMBOS} and any(0 < c.budget < 1 for c in COMBOS)
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=str)
+def test_fp8_tiered_matches_resident_fp8(combo, fp8_reference, store_dir):
+    path, batch, ref_logits, ref_tokens = fp8_reference(combo.family)
+    llm = make_tiered_llm(path, combo, store_dir, weights=None)
+    try:
+        ex = llm.tiered
+        assert ex.store.codec.fp8 and llm.plan.topology.dtype == "fp8_e4m3"
+        if combo.budget == 0.0:
+            assert ex.resident_bytes == 0
+        if combo.budget == 1.0:
+            assert not any(ex.on_disk.values())
+            assert all(isinstance(b, Fp8Tile) for blocks in ex.resident.values() for b in blocks)
+        ours = forward_logits(llm.model, batch, ref_tokens)
+        for i, (a, b) in enumerate(zip(ours, ref_logits, strict=True)):
+            assert rel_err(a, b) < REL_TOL, f"logits block {i}: rel err {rel_err(a, b):.2e}"
+        for _ in range(3 if llm.replanner is not None and 0 < combo.budget < 1 else 1):
+            outs = llm.generate(batch, GREEDY)
+            assert [o.token_ids for o in outs] == ref_tokens
+        runtime = llm.stats().runtime
+        assert runtime["tiles_computed"] > 0
+        if combo.budget < 1.0:  # disk bytes are FP8 bytes: about half what bf16 tiles would read
+            assert runtime["disk_bytes"] > 0
+    finally:
+        if llm.replanner is not None:
+            llm.replanner.stop()
+        llm.tiered.close()
+
+
+def test_fp8_store_holds_fp8_tiles_and_their_scales(make_ckpt, tmp_path):
+    """A store tile is the e4m3 bytes and the fp32 scales of its blocks: 1 byte per weight plus 12 bytes per
+    128 x 128 block triple, checksummed."""
+    from tilemem.runtime.tile_store import TileStore
+
+    path = make_ckpt("olmoe", "fp8", routing_skew=1.0)
+    store = TileStore(convert(path, tmp_path / "s", tile_size=128, progress=False))
+    assert store.meta["dtype"] == "F8_E4M3"
+    d = store.hidden
+    for t in store.tiles.values():
+        n = t.end - t.start
+        assert t.start % 128 == 0
+        assert 3 * n * d <= t.nbytes <= 3 * n * d + 16 + 12 * -(-n // 128) * -(-d // 128)
+        assert store.intact(t)
+
+
+@pytest.mark.parametrize("tile", [16, 96, 200])
+def test_fp8_tile_size_off_the_block_grid_is_refused(make_ckpt, tmp_path, tile):
+    path = make_ckpt("olmoe", "fp8", routing_skew=1.0)
+    nearest = f"{tile // 128 * 128} or {tile // 128 * 128 + 128}" if tile > 128 else "128"
+    with pytest.raises(StoreError, match=f"tile size {tile} does not fall on .* 128-neuron scale blocks.*{nearest}"):
+        convert(path, tmp_path / "s", tile_size=tile, progress=False)
+    with pytest.raises(ConfigError, match=f"tile size {tile} does not fall .*{nearest}"):
+        LLM(path, dtype="fp32", budget="cpu=1GiB", tile=tile)
