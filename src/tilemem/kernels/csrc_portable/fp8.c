@@ -18,6 +18,7 @@
 #define INLINE static inline __attribute__((always_inline))
 #define MAXT 8   /* tokens per pass over the weights */
 #define BLOCK 128 /* rows and columns per scale */
+#define NN_PREFETCH 16 /* rows ahead matmul_nn prefetches its column chunk */
 
 /* 16 bytes -> 16 floats (each e4m3 / 256) in natural order: lo = bytes 0..7, hi = bytes 8..15.
  * 128-bit integer ops: on Zen 1 a 256-bit op is two of them anyway, and this form needs no lane crossing.
@@ -190,6 +191,8 @@ INLINE void nn_tile(const int NV, const int NT, const int TAIL, const uint8_t *w
     uint8_t buf[16] = {0};
     for (int64_t r = 0; r < R; r++) {
         const uint8_t *wr = w + r * ldw;
+        /* rows are a page apart or more: the hardware prefetcher stops at page boundaries, so ask ahead */
+        if (!TAIL && r + NN_PREFETCH < R) _mm_prefetch((const char *)(wr + NN_PREFETCH * ldw), _MM_HINT_T0);
         if (TAIL) {
             memcpy(buf, wr, (size_t)width);
             wr = buf;
