@@ -57,6 +57,9 @@ def test_dequantize(shape: tuple[int, int]) -> None:
     assert torch.equal(fp8.dequantize(data, scale, slice(128, None)), want[128:])
     assert torch.equal(fp8.dequantize(data, scale, slice(37, 131)), want[37:131])
     assert fp8.dequantize(data, scale, slice(5, 5)).shape == (0, shape[1])
+    buf = torch.full((200, shape[1]), float("nan"))
+    assert fp8.dequantize(data, scale, slice(20, 60), out=buf[:40]).data_ptr() == buf.data_ptr()
+    assert torch.equal(buf[:40], want[20:60])
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -130,3 +133,5 @@ def test_invalid_inputs() -> None:
         fp8.matmul_nt(torch.randn(2, 300), data.t(), scale.t().contiguous())
     with pytest.raises(ValueError, match="step 1"):
         fp8.dequantize(data, scale, slice(0, 10, 2))
+    with pytest.raises(ValueError, match="out must be"):
+        fp8.dequantize(data, scale, slice(0, 10), out=torch.empty(10, 199))

@@ -125,14 +125,24 @@ def _rows(data: torch.Tensor) -> int:
     return max(BLOCK, PREFILL_BYTES // (4 * max(data.shape[1], 1)) // BLOCK * BLOCK)
 
 
-def dequantize(data: torch.Tensor, scale: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
-    """W[rows] as fp32 [r, C] (`rows`: a slice with step 1, any start; default all R rows)."""
+def dequantize(
+    data: torch.Tensor, scale: torch.Tensor, rows: slice | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """W[rows] as fp32 [r, C] (`rows`: a slice with step 1, any start; default all R rows), written into
+    `out` where given (fp32 [r, C] with contiguous rows: reusing a buffer saves its page faults)."""
     scale = _check_weight(data, scale, "fp8 dequantize")
     start, stop, step = (rows or slice(None)).indices(data.shape[0])
     if step != 1:
         raise ValueError(f"fp8 dequantize: rows must be a slice with step 1, got {rows}")
     stop = max(start, stop)
-    out = torch.empty(stop - start, data.shape[1], dtype=torch.float32)  # [r, C]
+    shape = (stop - start, data.shape[1])
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32)  # [r, C]
+    elif out.dtype != torch.float32 or tuple(out.shape) != shape or (shape[1] > 1 and out.stride(1) != 1):
+        raise ValueError(
+            f"fp8 dequantize: out must be a float32 tensor of shape {shape} with contiguous rows, got "
+            f"{out.dtype} {tuple(out.shape)} with strides {out.stride()}"
+        )
     if out.numel() == 0:
         return out
     status = _kernels("fp8 dequantize").tmp_fp8_dequantize(
@@ -155,8 +165,10 @@ def matmul_nt(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> torch
     if n > SMALL_N:
         y = torch.empty(n, r, dtype=torch.float32)  # [N, R]
         step = _rows(data)
+        buf = torch.empty(min(step, r), c, dtype=torch.float32)  # [rows, C], reused
         for r0 in range(0, r, step):
-            y[:, r0 : r0 + step] = torch.nn.functional.linear(x, dequantize(data, scale, slice(r0, r0 + step)))
+            w = dequantize(data, scale, slice(r0, r0 + step), buf[: min(step, r - r0)])  # [rows, C]
+            y[:, r0 : r0 + step] = torch.nn.functional.linear(x, w)
         return y
     y = torch.zeros(n, r, dtype=torch.float32)  # [N, R]
     if y.numel() == 0 or c == 0:
@@ -181,8 +193,10 @@ def matmul_nn(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> torch
     y = torch.zeros(n, c, dtype=torch.float32)  # [N, C]
     if n > SMALL_N:
         step = _rows(data)
+        buf = torch.empty(min(step, r), c, dtype=torch.float32)  # [rows, C], reused
         for r0 in range(0, r, step):
-            y.addmm_(x[:, r0 : r0 + step], dequantize(data, scale, slice(r0, r0 + step)))
+            w = dequantize(data, scale, slice(r0, r0 + step), buf[: min(step, r - r0)])  # [rows, C]
+            y.addmm_(x[:, r0 : r0 + step], w)
         return y
     if y.numel() == 0 or r == 0:
         return y
