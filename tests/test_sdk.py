@@ -92,14 +92,14 @@ def test_low_precision_tiles_dispatch_only_where_a_backend_declares_them():
     handles = TM.build_tile_handles(compiled.manifest)
     assert not any(h.dispatchable for h in handles)
     assert handles[0].backend == "customer_cuda_fp8" and handles[0].fallback_backend == "tilemem_builtin"
-    assert handles[0].scale_layout == "block_n32_fp32" and handles[0].scale_bytes > 0
+    assert handles[0].scale_layout == "block128x128_fp32" and handles[0].scale_bytes > 0
     registry = TM.BackendRegistry()
     TM.register_backend(
         TM.BackendCapability(
             name="customer_cuda_fp8",
             formats=["fp8_e4m3"],
-            layouts=["block_n32_fp32"],
-            scale_granularities=["block"],
+            layouts=["block128x128_fp32"],
+            scale_granularities=["block2d"],
             projection_groups=["gate_up"],
             runtime_entrypoint="kernels/gemm_fp8.cu:tilemem_launch_gemm_fp8",
             hardware_targets=["cuda_sm90"],

@@ -27,9 +27,9 @@ from tilemem.placement.tiles import GROUPS
 class BackendCapability:
     """What one backend can run.
 
-    >>> cap = BackendCapability(name="my_fp8", formats=["fp8_e4m3"], layouts=["block_n32_fp32"],
-    ...                         scale_granularities=["block"], projection_groups=["gate_up"])
-    >>> cap.supports("fp8_e4m3", "row_major", "block_n32_fp32", "block", "gate_up")
+    >>> cap = BackendCapability(name="my_fp8", formats=["fp8_e4m3"], layouts=["block128x128_fp32"],
+    ...                         scale_granularities=["block2d"], projection_groups=["gate_up"])
+    >>> cap.supports("fp8_e4m3", "row_major", "block128x128_fp32", "block2d", "gate_up")
     True
     """
 
