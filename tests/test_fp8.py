@@ -210,3 +210,26 @@ def test_fp8_tensor_without_quantization_config_is_refused(fp8_ckpt, tmp_path):
     bad = _rewrite(path, tmp_path, edit_config=lambda c: c.pop("quantization_config"))
     with pytest.raises(WeightError, match="float8_e4m3fn, but config.json declares no FP8 quantization_config"):
         load_model(bad)
+
+
+def test_native_fp8_path_matches_the_reference_path(fp8_ckpt, monkeypatch):
+    """The whole model through the native FP8 kernels (where they run) and through the reference path (torch
+    dequantizes blocks, fp32 GEMM): the same logits to 1e-5 (only the summation order differs)."""
+    from tilemem.kernels import fp8 as native
+    from tilemem.layers import fp8 as fp8_layer
+    from tilemem.layers.kv_cache import ForwardContext
+
+    if not native.available():
+        pytest.skip("the native FP8 kernels need AVX2 + FMA and a C compiler")
+    path, _ = fp8_ckpt("deepseek_v3")
+    model, _ = load_model(path, "fp32")
+    ids = torch.randint(5, model.cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(5))
+
+    def logits():
+        ctx = ForwardContext.build(model.allocate_cache(2, 8), [0, 1], [0, 0], [7, 7])
+        with torch.no_grad():
+            return model(ids, ctx)
+
+    fast = logits()
+    monkeypatch.setattr(fp8_layer, "_native", lambda: None)
+    assert rel_err(fast, logits()) < 1e-5

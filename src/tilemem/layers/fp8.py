@@ -5,11 +5,11 @@ A quantized matrix W [R, C] is `data` (torch.float8_e4m3fn [R, C], one byte per 
 W[i, j] = float(data[i, j]) * scale[i // 128, j // 128]. Shapes that are not multiples of the block were
 zero-padded per block before quantization, so the last block row/column is cropped.
 
-`fp8_gemm` multiplies by such a matrix without ever holding it in a wider dtype: a few rows (decode)
-through the portable native kernel (`kernels.fp8`, AVX2), which decodes e4m3 in registers; more rows
-(prefill) on fp32 row blocks dequantized one 128-row block range at a time, bounded in size; the reference
-path (`TILEMEM_KERNELS=0`, or no kernel) dequantizes with torch, block by block, and multiplies in fp32.
-Activations are multiplied in fp32 and the result rounded to their dtype once.
+`fp8_gemm` multiplies by such a matrix without ever holding it in a wider dtype: through the portable
+native kernels (`kernels.fp8`, AVX2 + FMA): a few rows (decode) stream the e4m3 bytes, decoded in
+registers; more rows (prefill) multiply fp32 row blocks dequantized a bounded range at a time. The
+reference path (`TILEMEM_KERNELS=0`, or no kernel) dequantizes with torch, block by block, and multiplies
+in fp32. Activations are multiplied in fp32 and the result rounded to their dtype once.
 
 Shape legend: N activation rows, R matrix rows (outputs), C matrix columns (inputs).
 """
@@ -109,35 +109,30 @@ def scale_to_fp32(scale: torch.Tensor) -> torch.Tensor:
 
 
 def _native():
-    try:  # TEMP until kernels.fp8 lands
-        from tilemem.kernels import fp8 as native
-    except ImportError:
-        return None
+    from tilemem.kernels import fp8 as native
 
     return native if native.available() else None
 
 
-NATIVE_MAX_ROWS = 16
-"""Activation rows up to which the native kernel streams the FP8 bytes itself (decode, small batches);
-more rows run on fp32 row blocks dequantized once per call (a GEMM is compute-bound there)."""
-
-
 def fp8_gemm(x: torch.Tensor, w: Fp8Matrix, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, W, bias)` for an FP8 matrix W [R, C] (row-major, or `t()` of one): x [..., C] -> [..., R]
-    in x's dtype, computed in fp32."""
+    in x's dtype, computed in fp32: through the native kernel on the CPU where it runs (`kernels.fp8`),
+    else the reference path (torch dequantizes a bounded range of whole blocks at a time)."""
     rows = x.numel() // x.shape[-1]
     xf = x.reshape(rows, x.shape[-1]).float()  # [N, C]
     native = _native() if x.device.type == "cpu" and w.data.device.type == "cpu" else None
-    if native is not None and rows <= NATIVE_MAX_ROWS:
-        y = native.matmul_nn(xf, w.data.t(), w.scale.t()) if w.transposed else native.matmul_nt(xf, w.data, w.scale)
+    if native is None:
+        y = _blocked(xf, w)
+    elif w.transposed:
+        y = native.matmul_nn(xf, w.data.t(), w.scale.t())
     else:
-        y = _blocked(xf, w, native)
+        y = native.matmul_nt(xf, w.data, w.scale)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).view(*x.shape[:-1], w.shape[0])
 
 
-def _blocked(xf: torch.Tensor, w: Fp8Matrix, native) -> torch.Tensor:
+def _blocked(xf: torch.Tensor, w: Fp8Matrix) -> torch.Tensor:
     """xf [N, C] fp32 times W^T, W dequantized to fp32 a bounded range of whole scale blocks at a time."""
     rows_out, cols = w.shape
     if w.transposed:  # W = S^T for row-major S [C, R]: y = xf @ S, S's rows (W's columns) a range at a time
@@ -146,13 +141,11 @@ def _blocked(xf: torch.Tensor, w: Fp8Matrix, native) -> torch.Tensor:
         y = torch.zeros(xf.shape[0], rows_out, dtype=torch.float32, device=xf.device)
         for i in range(0, cols, step):
             part = s.rows(i, min(cols, i + step))
-            deq = native.dequantize(part.data, part.scale) if native else dequantize(part.data, part.scale)
-            y.addmm_(xf[:, i : i + step], deq)
+            y.addmm_(xf[:, i : i + step], dequantize(part.data, part.scale))
         return y
     step = max(BLOCK, DEQUANT_CHUNK_BYTES // (4 * cols) // BLOCK * BLOCK)
     y = torch.empty(xf.shape[0], rows_out, dtype=torch.float32, device=xf.device)
     for i in range(0, rows_out, step):
         part = w.rows(i, min(rows_out, i + step))
-        deq = native.dequantize(part.data, part.scale) if native else dequantize(part.data, part.scale)
-        y[:, i : i + step] = F.linear(xf, deq)
+        y[:, i : i + step] = F.linear(xf, dequantize(part.data, part.scale))
     return y
