@@ -233,3 +233,22 @@ def test_native_fp8_path_matches_the_reference_path(fp8_ckpt, monkeypatch):
     fast = logits()
     monkeypatch.setattr(fp8_layer, "_native", lambda: None)
     assert rel_err(fast, logits()) < 1e-5
+
+
+def test_inspect_and_convert_take_fp8_checkpoints(fp8_ckpt, tmp_path, capsys):
+    """`tilemem inspect` names the format and counts FP8 bytes per expert; the TileRT-style converter takes
+    an FP8 DeepSeek-V3.2 checkpoint and writes FP8 tiles."""
+    from tilemem.cli.main import main
+    from tilemem.convert import main as convert_main
+    from tilemem.runtime.tile_store import TileStore
+
+    path, _ = fp8_ckpt("deepseek_v32")
+    assert main(["inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    cfg = load_model(path)[1].config
+    d, i = cfg.hidden_size, cfg.moe_intermediate_size
+    per_expert = 3 * (d * i + 4 * math.ceil(d / 128) * math.ceil(i / 128))  # one byte a weight, fp32 scales
+    assert "fp8_e4m3: FP8 weights with 128x128 block scales" in text and f"({per_expert:,} B)" in text
+    args = ["--model_type", "deepseek-v32", "--model_dir", str(path), "--save_dir", str(tmp_path / "store")]
+    assert convert_main(args) == 0
+    assert TileStore(tmp_path / "store").codec.fp8

@@ -137,7 +137,12 @@ def describe(cfg, topo) -> str:
         ("shared experts", f"{shared} x width {cfg.shared_intermediate_size}" if shared else "none"),
         ("hidden / expert width", f"{cfg.hidden_size} / {cfg.moe_intermediate_size}"),
         ("attention", "MLA" if cfg.is_mla else f"{cfg.num_heads} heads, {cfg.num_kv_heads} kv heads"),
-        ("dtype", topo.dtype),
+        (
+            "dtype",
+            topo.dtype
+            if not cfg.weight_format
+            else f"{topo.dtype}: FP8 weights with 128x128 block scales, the rest and activations {cfg.torch_dtype}",
+        ),
         ("bytes per expert", fmt_bytes(topo.expert_bytes(moe[0])) if moe else "-"),
         ("routed expert bytes", fmt_bytes(topo.routed_expert_bytes)),
         ("shared + dense FFN bytes", fmt_bytes(topo.shared_and_dense_bytes)),
