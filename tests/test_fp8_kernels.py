@@ -13,7 +13,8 @@ TOL = 1e-5  # max abs error / max abs reference: fp32 accumulation in another or
 NAN_BYTES = (0x7F, 0xFF)
 SHAPES = [(300, 200), (129, 257), (64, 96), (256, 384), (700, 136)]  # [R, C]: ragged and whole blocks;
 # 700 rows: matmul_nn takes them in two passes (512 + 188), adding the second to the first
-TOKENS = [1, 2, 3, 5, 8, 17, 40]  # 17 and 40 take the prefill path (dequantized blocks + torch GEMM)
+TOKENS = [1, 2, 3, 5, 8, 17, 40, 70]  # matmul_nn: 40 and 70 go the prefill way (dequantized blocks +
+# torch GEMM), matmul_nt: 70
 
 
 def fp8_bytes(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -86,7 +87,7 @@ def test_strided_rows_and_threads() -> None:
     torch.set_num_threads(2)
     try:
         assert torch.equal(fp8.dequantize(data, scale), w)
-        for n in (1, 4, 17):
+        for n in (1, 4, 30, 70):  # 30: matmul_nn prefill; 70: both
             x = torch.randn(n, 200)
             assert error(fp8.matmul_nt(x, data, scale), x @ w.T) < TOL
             x = torch.randn(n, 172)

@@ -31,9 +31,13 @@ CSRC = Path(__file__).with_name("csrc_portable")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-fvisibility=hidden"]
 BLOCK = 128
 """Rows and columns of W per scale."""
-SMALL_N = 16
-"""Most tokens the matmuls stream the fp8 weights for (8 per pass); more (prefill) dequantize rows of W
-`PREFILL_BYTES` at a time and run torch's fp32 GEMM on them."""
+NT_MAX_TOKENS = 64
+"""Most tokens matmul_nt streams the fp8 weights for (8 per pass); more (prefill) dequantize rows of W
+`PREFILL_BYTES` at a time and run torch's fp32 GEMM on them. Where the two meet on one Zen 1 core (the
+kernel: ~13 GMAC/s at any N; torch: 12 at 64 tokens, 14 at 128)."""
+NN_MAX_TOKENS = 24
+"""Most tokens matmul_nn streams the fp8 weights for; more go the prefill way (the kernel: ~9-11 GMAC/s on
+one Zen 1 core; torch: 10 at 32 tokens)."""
 PREFILL_BYTES = 8 << 20
 """fp32 bytes of W a prefill matmul dequantizes at once."""
 
@@ -156,13 +160,13 @@ def dequantize(
 def matmul_nt(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """y = x @ W^T, fp32 [N, R], for x fp32 [N, C] (a linear layer's forward).
 
-    Up to SMALL_N tokens (decode), W's fp8 rows are streamed once per 8 tokens, split over threads by rows;
-    more tokens (prefill) dequantize W in row blocks and call torch's fp32 GEMM on each.
+    Up to NT_MAX_TOKENS tokens (decode), W's fp8 rows are streamed once per 8 tokens, split over threads by
+    rows; more tokens (prefill) dequantize W in row blocks and call torch's fp32 GEMM on each.
     """
     scale = _check_weight(data, scale, "fp8 matmul_nt")
     x = _check_x(x, data.shape[1], "C", "fp8 matmul_nt")
     n, (r, c) = x.shape[0], data.shape
-    if n > SMALL_N:
+    if n > NT_MAX_TOKENS:
         y = torch.empty(n, r, dtype=torch.float32)  # [N, R]
         step = _rows(data)
         buf = torch.empty(min(step, r), c, dtype=torch.float32)  # [rows, C], reused
@@ -184,14 +188,14 @@ def matmul_nt(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> torch
 def matmul_nn(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """y = x @ W, fp32 [N, C], for x fp32 [N, R] (e.g. an FFN's down projection stored as [neurons, D]).
 
-    Up to SMALL_N tokens (decode), threads split W's columns and each runs over all R rows, 8 tokens per
-    pass; more tokens (prefill) dequantize W in row blocks and accumulate torch's fp32 GEMMs.
+    Up to NN_MAX_TOKENS tokens (decode), threads split W's columns and each runs over all R rows, 8 tokens
+    per pass; more tokens (prefill) dequantize W in row blocks and accumulate torch's fp32 GEMMs.
     """
     scale = _check_weight(data, scale, "fp8 matmul_nn")
     x = _check_x(x, data.shape[0], "R", "fp8 matmul_nn")
     n, (r, c) = x.shape[0], data.shape
     y = torch.zeros(n, c, dtype=torch.float32)  # [N, C]
-    if n > SMALL_N:
+    if n > NN_MAX_TOKENS:
         step = _rows(data)
         buf = torch.empty(min(step, r), c, dtype=torch.float32)  # [rows, C], reused
         for r0 in range(0, r, step):
