@@ -7,7 +7,10 @@ import torch
 
 from tilemem.kernels import fp8
 
-pytestmark = pytest.mark.skipif(not fp8.available(), reason="needs AVX2 + FMA + F16C and a C compiler")
+pytestmark = pytest.mark.skipif(
+    not fp8.available(),
+    reason="fp8 kernels off: they need AVX2 + FMA + F16C and a C compiler, and TILEMEM_KERNELS != 0",
+)
 
 TOL = 1e-5  # max abs error / max abs reference: fp32 accumulation in another order
 NAN_BYTES = (0x7F, 0xFF)
