@@ -57,7 +57,7 @@ def bytes_per_token(path: Path) -> int:
 
     cfg = Checkpoint.open(path).config
     topo = Topology.from_config(cfg)
-    embed = cfg.vocab_size * cfg.hidden_size * topo.dtype_bytes
+    embed = dict(topo.non_expert)["model.embed_tokens.weight"]  # its own dtype (bf16 in an FP8 checkpoint)
     routed = sum(lt.top_k * topo.expert_bytes(lt.index) for lt in topo.layers)
     return topo.non_expert_bytes - embed + routed + topo.shared_and_dense_bytes
 

@@ -196,8 +196,8 @@ def _write(
     itemsize = torch.empty(0, dtype=torch_dtype).element_size()
     shards: list[list[str]] = [[]]
     size = 0
-    for name, shape in shapes.items():
-        nbytes = math.prod(shape) * itemsize
+    sizes = {name: math.prod(shape) * (1 if name in quantized else itemsize) for name, shape in shapes.items()}
+    for name, nbytes in sizes.items():
         if shards[-1] and size + nbytes > shard_bytes:
             shards.append([])
             size = 0
@@ -206,7 +206,7 @@ def _write(
     gen = torch.Generator().manual_seed(seed)
     skew = SkewInjector(cfg.hidden_size, routing_skew, seed)
     weight_map: dict[str, str] = {}
-    total = sum(math.prod(s) * itemsize for s in shapes.values())
+    total = sum(sizes.values())
     written = 0
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"synth {preset}", disable=not progress)
     for i, names in enumerate(shards):
@@ -230,7 +230,7 @@ def _write(
                 t = t.to(torch.float32 if keep_fp32 else torch_dtype).contiguous()
             tensors[hub] = t
             written += t.numel() * t.element_size()
-            bar.update(math.prod(shapes[name]) * itemsize)
+            bar.update(sizes[name])
         save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
         weight_map.update({n: fname for n in tensors})
         del tensors
