@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -140,3 +142,108 @@ def test_invalid_inputs() -> None:
         fp8.dequantize(data, scale, slice(0, 10, 2))
     with pytest.raises(ValueError, match="out must be"):
         fp8.dequantize(data, scale, slice(0, 10), out=torch.empty(10, 199))
+
+
+# ---- fused expert FFNs ----
+
+TORCH_ACTS = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu, "relu": torch.nn.functional.relu}
+
+
+def ffn_task(n: int, d: int, tok: list[int], down_t: bool, seed: int) -> fp8.FfnTask:
+    """A task of random fp8 weights (gate, up [n, D]; down [D, n] or, transposed, [n, D])."""
+    g = torch.Generator().manual_seed(seed + 100)
+    down = random_weight(n, d, seed + 2) if down_t else random_weight(d, n, seed + 2)
+    weight = torch.rand(len(tok), generator=g) + 0.5
+    return fp8.FfnTask(
+        random_weight(n, d, seed), random_weight(n, d, seed + 1), down, torch.tensor(tok, dtype=torch.int32),
+        weight, down_t,
+    )  # fmt: skip
+
+
+def ffn_reference(x: torch.Tensor, tasks: list[fp8.FfnTask], act: str) -> torch.Tensor:
+    """Every task's FFN of its tokens, summed: weights dequantized by torch, fp32 math."""
+    out = torch.zeros_like(x)
+    for task in tasks:
+        gate, up, down = (reference(*w) for w in (task.gate, task.up, task.down))
+        xt = x[task.tok.long()]  # [N, D]
+        h = TORCH_ACTS[act](xt @ gate.T) * (xt @ up.T)  # [N, n]
+        y = h @ down if task.down_t else h @ down.T  # [N, D]
+        out.index_add_(0, task.tok.long(), y * task.weight[:, None])
+    return out
+
+
+def ffn_error(x: torch.Tensor, tasks: list[fp8.FfnTask], act: str) -> float:
+    got = torch.full_like(x, 0.25)  # accumulated into
+    fp8.ffn_tasks(x, tasks, act, got)
+    return error(got - 0.25, ffn_reference(x, tasks, act))
+
+
+@pytest.mark.parametrize("act", sorted(fp8.ACTS))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_ffn_tasks(act: str, threads: int) -> None:
+    """Several tasks of odd widths (partial blocks), both down layouts, 1..5 tokens sharing rows of x."""
+    d = 192
+    x = torch.randn(7, d, generator=torch.Generator().manual_seed(5))  # [T, D]
+    tasks = [
+        ffn_task(160, d, [3], False, seed=1),
+        ffn_task(160, d, [0, 3, 6], True, seed=2),
+        ffn_task(128, d, [1, 2], False, seed=3),
+        ffn_task(37, d, [6, 5, 4, 3, 2], True, seed=4),
+        ffn_task(300, d, [2, 3, 4, 5], False, seed=5),
+        ffn_task(4, d, [0], True, seed=6),
+    ]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert ffn_error(x, tasks, act) < TOL
+        for q, task in enumerate(tasks):  # each alone
+            assert ffn_error(x, [task], act) < TOL, f"task {q}"
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("down_t", [False, True])
+def test_ffn_tasks_many_tokens(down_t: bool) -> None:
+    """9 and 20 tokens: two and three passes of 8 in the kernel; 30: the matmuls (prefill) path."""
+    d = 200
+    x = torch.randn(32, d, generator=torch.Generator().manual_seed(6))  # [T, D]
+    for ntok in (9, 20, 30):
+        tok = torch.randperm(32, generator=torch.Generator().manual_seed(ntok))[:ntok].tolist()
+        tasks = [ffn_task(136, d, tok, down_t, seed=ntok), ffn_task(64, d, tok[:3], not down_t, seed=1)]
+        assert ffn_error(x, tasks, "silu") < TOL, f"{ntok} tokens"
+
+
+def test_ffn_tasks_wrong_block_scale_is_caught() -> None:
+    """The comparison can fail: the neighbouring block row's scales give a large error."""
+    d = 192
+    x = torch.randn(3, d)
+    for down_t in (False, True):
+        task = ffn_task(160, d, [0, 2], down_t, seed=8)
+        want = ffn_reference(x, [task], "silu")
+        for field in ("gate", "up", "down"):
+            data, scale = getattr(task, field)
+            wrong = dataclasses.replace(task, **{field: (data, scale.roll(1, dims=0).contiguous())})
+            got = torch.zeros_like(x)
+            fp8.ffn_tasks(x, [wrong], "silu", got)
+            assert error(got, want) > 1e-2, f"{field} down_t={down_t}"
+
+
+def test_ffn_tasks_invalid_inputs() -> None:
+    d = 192
+    x, out = torch.randn(3, d), torch.zeros(3, d)
+    task = ffn_task(160, d, [0, 2], False, seed=9)
+    with pytest.raises(ValueError, match="act must be"):
+        fp8.ffn_tasks(x, [task], "tanh", out)
+    with pytest.raises(ValueError, match=r"token rows must be in \[0, 3\)"):
+        fp8.ffn_tasks(x, [dataclasses.replace(task, tok=torch.tensor([0, 3], dtype=torch.int32))], "silu", out)
+    with pytest.raises(ValueError, match="tok must be a torch.int32"):
+        fp8.ffn_tasks(x, [dataclasses.replace(task, tok=task.tok.long())], "silu", out)
+    with pytest.raises(ValueError, match="weight must be a contiguous vector of 2"):
+        fp8.ffn_tasks(x, [dataclasses.replace(task, weight=torch.ones(3))], "silu", out)
+    with pytest.raises(ValueError, match=r"down: shape \(160, 192\), but the task needs \[192, 160\]"):
+        fp8.ffn_tasks(x, [dataclasses.replace(task, down_t=False, down=task.gate)], "silu", out)
+    with pytest.raises(ValueError, match="out has shape"):
+        fp8.ffn_tasks(x, [task], "silu", torch.zeros(2, d))
+    with pytest.raises(ValueError, match="x must be a 2-D float32"):
+        fp8.ffn_tasks(x.bfloat16(), [task], "silu", out)
+    assert torch.equal(out, torch.zeros(3, d))  # nothing written by a refused call

@@ -8,7 +8,9 @@ The kernels (`csrc_portable/fp8.c`) need only AVX2 + FMA + F16C, so they are a l
 built by `library.build` apart from the main AVX512 one: they run on every x86-64 CPU of the last decade.
 Where they cannot (CPU, compiler, `TILEMEM_KERNELS=0`), `available()` is False and callers use torch.
 
-Shape legend: N tokens, R rows of W, C columns of W.
+`ffn_tasks` runs a MoE layer's routed experts (or tiles of them) as gated FFNs in one native call.
+
+Shape legend: N tokens, R rows of W, C columns of W; for FFNs T tokens, D hidden, n neurons of a task.
 """
 
 from __future__ import annotations
@@ -17,9 +19,13 @@ import ctypes
 import functools
 import logging
 import os
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from tilemem import sysinfo
 from tilemem.errors import KernelError, KernelMemoryError
@@ -40,6 +46,14 @@ NN_MAX_TOKENS = 24
 one Zen 1 core; torch: 10 at 32 tokens)."""
 PREFILL_BYTES = 8 << 20
 """fp32 bytes of W a prefill matmul dequantizes at once."""
+FFN_MAX_TOKENS = 24
+"""Most tokens an `ffn_tasks` task runs with in the fused kernel (8 per pass over its weights); a task with
+more (prefill) runs as matmuls from Python (dequantized blocks + torch's GEMM where they have that many)."""
+ACTS = {"silu": 0, "gelu": 1, "relu": 2}
+"""Activation name -> the kernel's code (`tmp_act` in csrc_portable/fp8.h): torch's F.silu, F.gelu, F.relu."""
+_TORCH_ACTS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+_TASK_WORDS = 17
+"""int64 words of a `tmp_fp8_ffn_task`: 3 matrices of 4, then n, down_t, ntok, tok, weight."""
 
 _vp, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
@@ -67,6 +81,11 @@ def lib() -> ctypes.CDLL | None:
     out.tmp_fp8_dequantize.argtypes = [_vp, _i64, _vp, _i64, _i64, _i64, _i64, _vp, _i64, _int]
     matmul = [_vp, _i64, _i64, _vp, _i64, _i64, _i64, _vp, _i64, _vp, _i64, _int]
     out.tmp_fp8_matmul_nt.argtypes = out.tmp_fp8_matmul_nn.argtypes = matmul
+    out.tmp_fp8_ffn_tasks.argtypes = [_vp, _i64, _vp, _i64, _i64, _i64, _vp, _i64, _int, _int]
+    out.tmp_fp8_ffn_task_size.restype = _i64
+    if out.tmp_fp8_ffn_task_size() != 8 * _TASK_WORDS:
+        log.warning("fp8 kernels unavailable, using torch: tmp_fp8_ffn_task is not %d int64 words", _TASK_WORDS)
+        return None
     return out
 
 
@@ -210,3 +229,115 @@ def matmul_nn(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> torch
     )  # fmt: skip
     _check_status(status, "fp8 matmul_nn")
     return y
+
+
+Weight = tuple[torch.Tensor, torch.Tensor]
+"""An fp8 matrix as (data float8_e4m3fn [R, C] with contiguous rows, scale fp32 [ceil(R/128), ceil(C/128)])."""
+
+
+@dataclass(frozen=True)
+class FfnTask:
+    """One expert (or tile of one) and its tokens for `ffn_tasks`:
+    out[tok[j]] += weight[j] * down(act(gate x) * (up x)) for x = x[tok[j]]."""
+
+    gate: Weight
+    """[n, D]."""
+    up: Weight
+    """[n, D]."""
+    down: Weight
+    """[D, n] (a checkpoint's down_proj), or [n, D] with `down_t` (a tile's down^T rows)."""
+    tok: torch.Tensor
+    """int32 [N]: the rows of x and out, in [0, T)."""
+    weight: torch.Tensor
+    """fp32 [N]: the routing weights."""
+    down_t: bool = False
+    """Whether `down` is stored transposed, [n, D]."""
+
+
+def _matrix(w: Weight, rows: int, cols: int, what: str, keep: list[torch.Tensor]) -> list[int]:
+    """A `tmp_fp8_matrix` (w, ldw, scale, lds) of an [rows, cols] weight; raise ValueError unless it is one."""
+    data, scale = w
+    _check_weight(data, scale, what)
+    if tuple(data.shape) != (rows, cols):
+        raise ValueError(f"{what}: shape {tuple(data.shape)}, but the task needs [{rows}, {cols}]")
+    if scale.dim() == 2 and scale.shape[1] > 1 and scale.stride(1) != 1:
+        scale = scale.contiguous()
+        keep.append(scale)
+    return [data.data_ptr(), data.stride(0), scale.data_ptr(), scale.stride(0)]
+
+
+def _vector(v: torch.Tensor, dtype: torch.dtype, n: int, what: str) -> None:
+    if not isinstance(v, torch.Tensor) or v.dtype != dtype or v.device.type != "cpu":
+        got = f"{v.dtype} on {v.device}" if isinstance(v, torch.Tensor) else type(v).__name__
+        raise ValueError(f"{what} must be a {dtype} CPU tensor, got {got}")
+    if v.dim() != 1 or v.numel() != n or (n > 1 and v.stride(0) != 1):
+        raise ValueError(f"{what} must be a contiguous vector of {n} values, got shape {tuple(v.shape)}")
+
+
+def _check_tokens(tok: torch.Tensor, t: int, what: str) -> None:
+    if tok.numel() and (int(tok.min()) < 0 or int(tok.max()) >= t):
+        raise ValueError(f"{what}: token rows must be in [0, {t}) (the rows of x), got {tok.tolist()}")
+
+
+def _ffn_matmuls(x: torch.Tensor, task: FfnTask, act: str, out: torch.Tensor) -> None:
+    """One prefill-sized task by the matmuls (their prefill paths: dequantized blocks + torch's GEMM)."""
+    tok = task.tok.long()
+    xt = x.index_select(0, tok)  # [N, D]
+    h = _TORCH_ACTS[act](matmul_nt(xt, *task.gate)) * matmul_nt(xt, *task.up)  # [N, n]
+    y = matmul_nn(h, *task.down) if task.down_t else matmul_nt(h, *task.down)  # [N, D]
+    out.index_add_(0, tok, y * task.weight[:, None])
+
+
+def ffn_tasks(x: torch.Tensor, tasks: Sequence[FfnTask], act: str, out: torch.Tensor) -> None:
+    """out [T, D] += every task's gated FFN of its tokens' rows of x [T, D] (both fp32 with contiguous rows).
+
+    Tasks of up to FFN_MAX_TOKENS tokens run in one native call (one parallel region: threads split each
+    task's neurons, then the checkpoint-layout downs by output rows); the others, prefill-sized, as matmuls.
+    `act`: "silu", "gelu" (erf) or "relu". Tasks may share tokens; out's rows are summed into, never set.
+    """
+    what = "fp8 ffn_tasks"
+    if act not in ACTS:
+        raise ValueError(f"{what}: act must be one of {sorted(ACTS)}, got {act!r}")
+    for name, v in (("x", x), ("out", out)):
+        if not isinstance(v, torch.Tensor) or v.dtype != torch.float32 or v.device.type != "cpu" or v.dim() != 2:
+            got = f"{v.dtype} {tuple(v.shape)} on {v.device}" if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"{what}: {name} must be a 2-D float32 CPU tensor [T, D], got {got}")
+        if v.shape[1] > 1 and v.stride(1) != 1:
+            raise ValueError(f"{what}: {name}'s rows must be contiguous, got strides {v.stride()}")
+    if out.shape != x.shape:
+        raise ValueError(f"{what}: out has shape {tuple(out.shape)}, but x has {tuple(x.shape)}")
+    t, d = x.shape
+    words: list[int] = []
+    keep: list[torch.Tensor] = []  # scales made contiguous, alive until the call returns
+    big: list[FfnTask] = []
+    for q, task in enumerate(tasks):
+        where = f"{what} task {q}"
+        if not isinstance(task, FfnTask):
+            raise ValueError(f"{where}: expected an fp8.FfnTask, got {type(task).__name__}")
+        n = task.gate[0].shape[0] if isinstance(task.gate[0], torch.Tensor) else -1
+        gate = _matrix(task.gate, n, d, f"{where} gate", keep)
+        up = _matrix(task.up, n, d, f"{where} up", keep)
+        down = _matrix(task.down, *((n, d) if task.down_t else (d, n)), f"{where} down", keep)
+        ntok = task.tok.numel() if isinstance(task.tok, torch.Tensor) else -1
+        _vector(task.tok, torch.int32, ntok, f"{where}: tok")
+        _vector(task.weight, torch.float32, ntok, f"{where}: weight")
+        if ntok == 0 or n == 0:
+            continue
+        if ntok > FFN_MAX_TOKENS:
+            _check_tokens(task.tok, t, where)
+            big.append(task)
+            continue
+        words += gate + up + down
+        words += [n, int(task.down_t), ntok, task.tok.data_ptr(), task.weight.data_ptr()]
+    if words:
+        packed = array("q", words)  # [tasks, _TASK_WORDS]
+        status = _kernels(what).tmp_fp8_ffn_tasks(
+            x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), t, d, packed.buffer_info()[0],
+            len(packed) // _TASK_WORDS, ACTS[act], torch.get_num_threads(),
+        )  # fmt: skip
+        if status == 2:
+            for q, task in enumerate(tasks):
+                _check_tokens(task.tok, t, f"{what} task {q}")
+        _check_status(status, what)
+    for task in big:
+        _ffn_matmuls(x, task, act, out)

@@ -9,42 +9,15 @@
  * Shapes: N tokens, W [R, C] (R rows, C columns), x [N, C] (nt) or [N, R] (nn).
  */
 #include "fp8.h"
+#include "fp8_internal.h"
 
 #include <immintrin.h>
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define INLINE static inline __attribute__((always_inline))
-#define MAXT 8   /* tokens per pass over the weights */
-#define BLOCK 128 /* rows and columns per scale */
 #define NN_ROWS 512 /* rows of W per pass of matmul_nn's column chunks */
 #define NN_PREFETCH 16 /* rows ahead matmul_nn prefetches its column chunk */
-
-/* 16 bytes -> 16 floats (each e4m3 / 256) in natural order: lo = bytes 0..7, hi = bytes 8..15.
- * 128-bit integer ops: on Zen 1 a 256-bit op is two of them anyway, and this form needs no lane crossing.
- * Each byte goes to the high half of a 16-bit lane (b << 8); an arithmetic shift by 1 puts eeeemmm at bits
- * 7..13 and copies the sign into bits 15 and 14; clearing bit 14 leaves the fp16 s|0eeee|mmm0000000. */
-INLINE void decode16(const uint8_t *p, __m256 *lo, __m256 *hi) {
-    const __m128i raw = _mm_loadu_si128((const __m128i *)p), zero = _mm_setzero_si128();
-    const __m128i keep = _mm_set1_epi16((short)0xBFFF);
-    *lo = _mm256_cvtph_ps(_mm_and_si128(_mm_srai_epi16(_mm_unpacklo_epi8(zero, raw), 1), keep));
-    *hi = _mm256_cvtph_ps(_mm_and_si128(_mm_srai_epi16(_mm_unpackhi_epi8(zero, raw), 1), keep));
-}
-
-/* One byte -> e4m3 value (exact), for row tails. */
-INLINE float decode1(uint8_t b) {
-    return _cvtsh_ss((unsigned short)((b + (b & 0x80)) << 7)) * 256.0f;
-}
-
-INLINE float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 int tmp_fp8_dequantize(const uint8_t *w, int64_t ldw, const float *scale, int64_t lds, int64_t r0, int64_t nrows,
                        int64_t C, float *out, int64_t ldo, int nthreads) {
@@ -72,68 +45,6 @@ static void fill_xs_nt(float *xs, int64_t Cp, const float *x, int64_t ldx, int n
     for (int n = 0; n < nt; n++) {
         for (int64_t c = 0; c < C; c++) xs[n * Cp + c] = x[n * ldx + c] * (sr[c / BLOCK] * 256.0f);
         for (int64_t c = C; c < Cp; c++) xs[n * Cp + c] = 0.0f;
-    }
-}
-
-/* y[n, i] = sum_c xs[n, c] * w[i, c] for RB rows and NT tokens. A2: two accumulators per (row, token),
- * for short FMA chains where there are few (row, token) pairs. */
-INLINE void nt_tile(const int RB, const int NT, const int A2, const uint8_t *w, int64_t ldw, const float *xs,
-                    int64_t Cp, int64_t C, float *y, int64_t ldy) {
-    __m256 acc[4][MAXT][2];
-#pragma GCC unroll 4
-    for (int i = 0; i < RB; i++)
-#pragma GCC unroll 8
-        for (int n = 0; n < NT; n++) acc[i][n][0] = acc[i][n][1] = _mm256_setzero_ps();
-    const int64_t C16 = C & ~(int64_t)15;
-    for (int64_t c = 0; c < Cp; c += 16) {
-        __m256 wl[4], wh[4];
-        if (c < C16) {
-#pragma GCC unroll 4
-            for (int i = 0; i < RB; i++) decode16(w + i * ldw + c, &wl[i], &wh[i]);
-        } else { /* the row's last C % 16 bytes: never read past them (xs is zero there) */
-            uint8_t buf[16] = {0};
-#pragma GCC unroll 4
-            for (int i = 0; i < RB; i++) {
-                memcpy(buf, w + i * ldw + c, (size_t)(C - c));
-                decode16(buf, &wl[i], &wh[i]);
-            }
-        }
-#pragma GCC unroll 8
-        for (int n = 0; n < NT; n++) {
-            __m256 xl = _mm256_load_ps(xs + n * Cp + c), xh = _mm256_load_ps(xs + n * Cp + c + 8);
-#pragma GCC unroll 4
-            for (int i = 0; i < RB; i++) {
-                acc[i][n][0] = _mm256_fmadd_ps(xl, wl[i], acc[i][n][0]);
-                acc[i][n][A2] = _mm256_fmadd_ps(xh, wh[i], acc[i][n][A2]);
-            }
-        }
-    }
-#pragma GCC unroll 4
-    for (int i = 0; i < RB; i++)
-#pragma GCC unroll 8
-        for (int n = 0; n < NT; n++) y[n * ldy + i] = hsum(A2 ? _mm256_add_ps(acc[i][n][0], acc[i][n][1]) : acc[i][n][0]);
-}
-
-/* Rows [0, nrows) of w (all in one 128-row block) for NT tokens: RB rows at a time, then single rows. */
-#define NT_ROWS(NT, RB, A2, A2_1)                                                                                  \
-    case NT: {                                                                                                     \
-        int64_t i = 0;                                                                                             \
-        for (; i + RB <= nrows; i += RB) nt_tile(RB, NT, A2, w + i * ldw, ldw, xs, Cp, C, y + i, ldy);             \
-        for (; i < nrows; i++) nt_tile(1, NT, A2_1, w + i * ldw, ldw, xs, Cp, C, y + i, ldy);                      \
-        break;                                                                                                     \
-    }
-
-static void nt_rows(int nt, const uint8_t *w, int64_t ldw, int64_t nrows, const float *xs, int64_t Cp, int64_t C,
-                    float *y, int64_t ldy) {
-    switch (nt) { /* register budget: RB * 2 decoded + RB * NT * (1 + A2) accumulators <= ~14 of 16 */
-        NT_ROWS(1, 4, 1, 1)
-        NT_ROWS(2, 2, 1, 1)
-        NT_ROWS(3, 2, 0, 1)
-        NT_ROWS(4, 2, 0, 1)
-        NT_ROWS(5, 1, 0, 0)
-        NT_ROWS(6, 1, 0, 0)
-        NT_ROWS(7, 1, 0, 0)
-        NT_ROWS(8, 1, 0, 0)
     }
 }
 

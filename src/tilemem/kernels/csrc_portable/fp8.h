@@ -15,7 +15,7 @@
 
 #define TMP_API __attribute__((visibility("default")))
 
-enum tmp_status { TMP_OK = 0, TMP_ENOMEM = 1 };
+enum tmp_status { TMP_OK = 0, TMP_ENOMEM = 1, TMP_EINVAL = 2 };
 
 /* out[i, j] = W[r0 + i, j] for i < nrows, j < C (out: fp32, row stride ldo). */
 TMP_API int tmp_fp8_dequantize(const uint8_t *w, int64_t ldw, const float *scale, int64_t lds, int64_t r0,
@@ -28,5 +28,39 @@ TMP_API int tmp_fp8_matmul_nt(const float *x, int64_t ldx, int64_t N, const uint
 /* y [N, C] = x [N, R] @ W (x, y: fp32, row strides ldx, ldy). Threads own column ranges of y. */
 TMP_API int tmp_fp8_matmul_nn(const float *x, int64_t ldx, int64_t N, const uint8_t *w, int64_t ldw, int64_t R,
                               int64_t C, const float *scale, int64_t lds, float *y, int64_t ldy, int nthreads);
+
+/* ---- fused gated FFNs (fp8_ffn.c) ---- */
+
+enum tmp_act { TMP_ACT_SILU = 0, TMP_ACT_GELU = 1, TMP_ACT_RELU = 2 }; /* torch's F.silu, F.gelu (erf), F.relu */
+
+/* One fp8 matrix W [R, C]: W[i, j] = e4m3(w[i * ldw + j]) * scale[(i / 128) * lds + j / 128]. */
+typedef struct {
+    const uint8_t *w;
+    int64_t ldw;
+    const float *scale;
+    int64_t lds;
+} tmp_fp8_matrix;
+
+/* One expert (or tile of one) and its tokens: out[tok[j]] += weight[j] * down(act(gate x) * (up x)) for
+ * x = x[tok[j]], j < ntok. Every field is 64 bits wide (the Python side packs tasks as int64 arrays). */
+typedef struct {
+    tmp_fp8_matrix gate, up; /* [n, D] */
+    tmp_fp8_matrix down;     /* down_t = 0: [D, n] (checkpoint down_proj); 1: [n, D] (a tile's down^T rows) */
+    int64_t n;               /* neurons (rows of gate and up) */
+    int64_t down_t;
+    int64_t ntok;
+    const int32_t *tok;      /* [ntok] rows of x and out, in [0, T) */
+    const float *weight;     /* [ntok] routing weights */
+} tmp_fp8_ffn_task;
+
+/* out [T, D] += every task's FFN (x, out: fp32, row strides ldx, ldo); act: a tmp_act. One parallel region:
+ * threads split each task's neurons (gate, up, and a transposed down into per-thread partial sums), then
+ * the checkpoint-layout downs by output rows. Streams the weights once per 8 tokens of a task.
+ * TMP_EINVAL (nothing written) for an unknown act or a token outside [0, T). */
+TMP_API int tmp_fp8_ffn_tasks(const float *x, int64_t ldx, float *out, int64_t ldo, int64_t T, int64_t D,
+                              const tmp_fp8_ffn_task *tasks, int64_t ntasks, int act, int nthreads);
+
+/* sizeof(tmp_fp8_ffn_task), for the Python side's check. */
+TMP_API int64_t tmp_fp8_ffn_task_size(void);
 
 #endif
