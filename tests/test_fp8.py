@@ -252,3 +252,20 @@ def test_inspect_and_convert_take_fp8_checkpoints(fp8_ckpt, tmp_path, capsys):
     args = ["--model_type", "deepseek-v32", "--model_dir", str(path), "--save_dir", str(tmp_path / "store")]
     assert convert_main(args) == 0
     assert TileStore(tmp_path / "store").codec.fp8
+
+
+@pytest.mark.parametrize("extra", [[], ["--dequantize"], ["--budget", "cpu=1MiB,disk=1GiB", "--policy", "kt_expert"]])
+def test_generate_cli_runs_fp8_checkpoints(fp8_ckpt, capsys, tmp_path, extra):
+    """`tilemem generate` on an FP8 checkpoint: FP8 weights, dequantized ones, or a tiered plan (FP8 tiles on
+    disk) print the greedy text of the resident FP8 engine."""
+    from tilemem.cli.main import main
+    from tilemem.engine.llm import LLM
+    from tilemem.engine.sampling import SamplingParams
+
+    path, _ = fp8_ckpt("qwen3_moe")
+    want = LLM(path, dtype="fp32").generate("hi", SamplingParams(max_tokens=6, temperature=0))[0]
+    argv = ["generate", str(path), "--prompt", "hi", "--max-tokens", "6", "--temperature", "0", "--dtype", "fp32"]
+    if extra[:1] == ["--budget"]:
+        extra = [*extra, "--store", str(tmp_path / "store")]
+    assert main(argv + extra) == 0
+    assert capsys.readouterr().out == "hi" + want.text + "\n"

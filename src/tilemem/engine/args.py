@@ -60,7 +60,9 @@ class EngineArgs:
     )
     """Compute dtype: a name (bf16, fp16, fp32 and long forms) or a torch.dtype; None: the checkpoint's. On an
     FP8 checkpoint, the activations' dtype (bf16 by default, fp32 for exact comparisons): its weights stay FP8."""
-    dequantize: bool = arg(False, "FP8 checkpoint: dequantize its weights to --dtype at load (2x the memory)")
+    dequantize: bool = arg(
+        False, "FP8 checkpoint: dequantize its weights to --dtype at load (2x the memory)", action="store_true"
+    )
     """FP8 checkpoint: dequantize the weights loaded into memory to `dtype` at load instead of computing on FP8
     (a tile store keeps the tiles as the checkpoint has them)."""
     threads: int | None = arg(None, "torch threads (default: torch's)", minimum=1, unit=" thread")
