@@ -87,7 +87,7 @@ def test_fp8_bf16_greedy_agrees_with_transformers(family, fp8_ckpt):
     check_bf16_greedy(path, ref=ref)
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe", "glm_moe_dsa"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_fp8_ue8m0_scales(family, fp8_ckpt):
     path, ref = fp8_ckpt(family, "ue8m0")
     scales = [t for f in path.glob("*.safetensors") for n, t in load_file(f).items() if n.endswith("_scale_inv")]
