@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -153,21 +151,19 @@ def ffn_task(n: int, d: int, tok: list[int], down_t: bool, seed: int) -> fp8.Ffn
     """A task of random fp8 weights (gate, up [n, D]; down [D, n] or, transposed, [n, D])."""
     g = torch.Generator().manual_seed(seed + 100)
     down = random_weight(n, d, seed + 2) if down_t else random_weight(d, n, seed + 2)
-    weight = torch.rand(len(tok), generator=g) + 0.5
-    return fp8.FfnTask(
-        random_weight(n, d, seed), random_weight(n, d, seed + 1), down, torch.tensor(tok, dtype=torch.int32),
-        weight, down_t,
-    )  # fmt: skip
+    weights = fp8.FfnWeights(random_weight(n, d, seed), random_weight(n, d, seed + 1), down, down_t)
+    return fp8.FfnTask(weights, torch.tensor(tok, dtype=torch.int32), torch.rand(len(tok), generator=g) + 0.5)
 
 
 def ffn_reference(x: torch.Tensor, tasks: list[fp8.FfnTask], act: str) -> torch.Tensor:
     """Every task's FFN of its tokens, summed: weights dequantized by torch, fp32 math."""
     out = torch.zeros_like(x)
     for task in tasks:
-        gate, up, down = (reference(*w) for w in (task.gate, task.up, task.down))
+        w = task.weights
+        gate, up, down = (reference(*m) for m in (w.gate, w.up, w.down))
         xt = x[task.tok.long()]  # [N, D]
         h = TORCH_ACTS[act](xt @ gate.T) * (xt @ up.T)  # [N, n]
-        y = h @ down if task.down_t else h @ down.T  # [N, D]
+        y = h @ down if w.down_t else h @ down.T  # [N, D]
         out.index_add_(0, task.tok.long(), y * task.weight[:, None])
     return out
 
@@ -220,30 +216,69 @@ def test_ffn_tasks_wrong_block_scale_is_caught() -> None:
     for down_t in (False, True):
         task = ffn_task(160, d, [0, 2], down_t, seed=8)
         want = ffn_reference(x, [task], "silu")
+        w = task.weights
         for field in ("gate", "up", "down"):
-            data, scale = getattr(task, field)
-            wrong = dataclasses.replace(task, **{field: (data, scale.roll(1, dims=0).contiguous())})
+            data, scale = getattr(w, field)
+            wrong = fp8.FfnWeights(**{"gate": w.gate, "up": w.up, "down": w.down, field: (data, scale.roll(1, 0))},
+                                   down_t=down_t)  # fmt: skip
             got = torch.zeros_like(x)
-            fp8.ffn_tasks(x, [wrong], "silu", got)
+            fp8.ffn_tasks(x, [task._replace(weights=wrong)], "silu", got)
             assert error(got, want) > 1e-2, f"{field} down_t={down_t}"
+
+
+def test_ffn_tasks_strided_weights() -> None:
+    """Checkpoint-style slices: gate/up row blocks and the matching down columns (row stride > n, scale
+    columns a strided view), a tile's [3, n, D] block."""
+    d, full = 192, 384
+    x = torch.randn(2, d)
+    gate, up, down = random_weight(full, d, 1), random_weight(full, d, 2), random_weight(d, full, 3)
+    part = fp8.FfnWeights(
+        (gate[0][128:288], gate[1][1:3]), (up[0][128:288], up[1][1:3]), (down[0][:, 128:288], down[1][:, 1:3])
+    )
+    assert part.down[0].stride(0) == full and part.down[1].stride(0) == 3  # rows of 2 of 3 blocks
+    whole = fp8.FfnWeights(
+        (gate[0][128:288].contiguous(), gate[1][1:3].contiguous()), (up[0][128:288].contiguous(), up[1][1:3]),
+        (down[0][:, 128:288].contiguous(), down[1][:, 1:3].contiguous()),
+    )  # fmt: skip
+    tok, wt = torch.tensor([1, 0], dtype=torch.int32), torch.tensor([0.5, 2.0])
+    got, want = torch.zeros(2, d), torch.zeros(2, d)
+    fp8.ffn_tasks(x, [fp8.FfnTask(part, tok, wt)], "gelu", got)
+    fp8.ffn_tasks(x, [fp8.FfnTask(whole, tok, wt)], "gelu", want)
+    assert torch.equal(got, want)
+    data = torch.stack([gate[0][:160], up[0][:160], down[0][:, :160].t().contiguous()])  # a tile: [3, n, D]
+    scale = torch.stack([gate[1][:2], up[1][:2], down[1][:, :2].t().contiguous()])
+    tile = fp8.FfnTask(fp8.FfnWeights((data[0], scale[0]), (data[1], scale[1]), (data[2], scale[2]), True), tok, wt)
+    assert ffn_error(x, [tile], "relu") < TOL
+    view = down[1][:, :2].t()  # a transposed scale view (stride(1) != 1): packed as a kept contiguous copy
+    tile = tile._replace(weights=fp8.FfnWeights((data[0], scale[0]), (data[1], scale[1]), (data[2], view), True))
+    assert ffn_error(x, [tile], "relu") < TOL
 
 
 def test_ffn_tasks_invalid_inputs() -> None:
     d = 192
     x, out = torch.randn(3, d), torch.zeros(3, d)
     task = ffn_task(160, d, [0, 2], False, seed=9)
+    w = task.weights
     with pytest.raises(ValueError, match="act must be"):
         fp8.ffn_tasks(x, [task], "tanh", out)
     with pytest.raises(ValueError, match=r"token rows must be in \[0, 3\)"):
-        fp8.ffn_tasks(x, [dataclasses.replace(task, tok=torch.tensor([0, 3], dtype=torch.int32))], "silu", out)
+        fp8.ffn_tasks(x, [task._replace(tok=torch.tensor([0, 3], dtype=torch.int32))], "silu", out)
     with pytest.raises(ValueError, match="tok must be a torch.int32"):
-        fp8.ffn_tasks(x, [dataclasses.replace(task, tok=task.tok.long())], "silu", out)
-    with pytest.raises(ValueError, match="weight must be a contiguous vector of 2"):
-        fp8.ffn_tasks(x, [dataclasses.replace(task, weight=torch.ones(3))], "silu", out)
-    with pytest.raises(ValueError, match=r"down: shape \(160, 192\), but the task needs \[192, 160\]"):
-        fp8.ffn_tasks(x, [dataclasses.replace(task, down_t=False, down=task.gate)], "silu", out)
+        fp8.ffn_tasks(x, [task._replace(tok=task.tok.long())], "silu", out)
+    with pytest.raises(ValueError, match="weight has 3 values for 2 tokens"):
+        fp8.ffn_tasks(x, [task._replace(weight=torch.ones(3))], "silu", out)
+    with pytest.raises(ValueError, match="hidden size 192, but x has 100"):
+        fp8.ffn_tasks(torch.randn(3, 100), [task], "silu", torch.zeros(3, 100))
+    with pytest.raises(ValueError, match="expected an fp8.FfnTask"):
+        fp8.ffn_tasks(x, [(w.gate, task.tok, task.weight)], "silu", out)
     with pytest.raises(ValueError, match="out has shape"):
         fp8.ffn_tasks(x, [task], "silu", torch.zeros(2, d))
     with pytest.raises(ValueError, match="x must be a 2-D float32"):
         fp8.ffn_tasks(x.bfloat16(), [task], "silu", out)
     assert torch.equal(out, torch.zeros(3, d))  # nothing written by a refused call
+    with pytest.raises(ValueError, match=r"down: shape \(160, 192\), but the task needs \[192, 160\]"):
+        fp8.FfnWeights(w.gate, w.up, w.gate)
+    with pytest.raises(ValueError, match="scale has shape"):
+        fp8.FfnWeights(w.gate, (w.up[0], w.up[1][:1]), w.down)
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        fp8.FfnWeights(w.gate, (w.up[0].view(torch.uint8), w.up[1]), w.down)

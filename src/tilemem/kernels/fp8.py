@@ -21,8 +21,9 @@ import logging
 import os
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -235,10 +236,10 @@ Weight = tuple[torch.Tensor, torch.Tensor]
 """An fp8 matrix as (data float8_e4m3fn [R, C] with contiguous rows, scale fp32 [ceil(R/128), ceil(C/128)])."""
 
 
-@dataclass(frozen=True)
-class FfnTask:
-    """One expert (or tile of one) and its tokens for `ffn_tasks`:
-    out[tok[j]] += weight[j] * down(act(gate x) * (up x)) for x = x[tok[j]]."""
+@dataclass(frozen=True, eq=False)
+class FfnWeights:
+    """One expert's (or tile's) fp8 FFN weights, checked once here (ValueError) and packed for the kernel:
+    build it when the weights are loaded or placed, and pair it with each step's tokens in an `FfnTask`."""
 
     gate: Weight
     """[n, D]."""
@@ -246,12 +247,40 @@ class FfnTask:
     """[n, D]."""
     down: Weight
     """[D, n] (a checkpoint's down_proj), or [n, D] with `down_t` (a tile's down^T rows)."""
-    tok: torch.Tensor
-    """int32 [N]: the rows of x and out, in [0, T)."""
-    weight: torch.Tensor
-    """fp32 [N]: the routing weights."""
     down_t: bool = False
     """Whether `down` is stored transposed, [n, D]."""
+    n: int = field(init=False)
+    """Neurons (rows of gate and up)."""
+    hidden: int = field(init=False)
+    """D (columns of gate and up)."""
+    words: tuple[int, ...] = field(init=False, repr=False)
+    """The three `tmp_fp8_matrix` structs and n, down_t (pointers into the tensors above)."""
+    _keep: tuple[torch.Tensor, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not all(isinstance(w, tuple) and len(w) == 2 for w in (self.gate, self.up, self.down)):
+            raise ValueError("fp8 FfnWeights: gate, up and down must each be a (data, scale) pair of tensors")
+        data = self.gate[0]
+        if not isinstance(data, torch.Tensor) or data.dim() != 2:
+            raise ValueError(f"fp8 FfnWeights: gate data must be a 2-D tensor [n, D], got {data!r:.80}")
+        n, d = data.shape
+        keep: list[torch.Tensor] = []
+        words = _matrix(self.gate, n, d, "fp8 FfnWeights gate", keep) + _matrix(
+            self.up, n, d, "fp8 FfnWeights up", keep
+        )
+        words += _matrix(self.down, *((n, d) if self.down_t else (d, n)), "fp8 FfnWeights down", keep)
+        for name, value in (("n", n), ("hidden", d), ("words", (*words, n, int(self.down_t))), ("_keep", tuple(keep))):
+            object.__setattr__(self, name, value)
+
+
+class FfnTask(NamedTuple):
+    """One `ffn_tasks` task: out[tok[j]] += weight[j] * down(act(gate x) * (up x)) for x = x[tok[j]]."""
+
+    weights: FfnWeights
+    tok: torch.Tensor
+    """int32 [N], contiguous: the rows of x and out, in [0, T)."""
+    weight: torch.Tensor
+    """fp32 [N], contiguous: the routing weights."""
 
 
 def _matrix(w: Weight, rows: int, cols: int, what: str, keep: list[torch.Tensor]) -> list[int]:
@@ -262,16 +291,25 @@ def _matrix(w: Weight, rows: int, cols: int, what: str, keep: list[torch.Tensor]
         raise ValueError(f"{what}: shape {tuple(data.shape)}, but the task needs [{rows}, {cols}]")
     if scale.dim() == 2 and scale.shape[1] > 1 and scale.stride(1) != 1:
         scale = scale.contiguous()
-        keep.append(scale)
+    keep += [data, scale]
     return [data.data_ptr(), data.stride(0), scale.data_ptr(), scale.stride(0)]
 
 
-def _vector(v: torch.Tensor, dtype: torch.dtype, n: int, what: str) -> None:
-    if not isinstance(v, torch.Tensor) or v.dtype != dtype or v.device.type != "cpu":
-        got = f"{v.dtype} on {v.device}" if isinstance(v, torch.Tensor) else type(v).__name__
-        raise ValueError(f"{what} must be a {dtype} CPU tensor, got {got}")
-    if v.dim() != 1 or v.numel() != n or (n > 1 and v.stride(0) != 1):
-        raise ValueError(f"{what} must be a contiguous vector of {n} values, got shape {tuple(v.shape)}")
+def _check_task(task: FfnTask, d: int, what: str) -> None:
+    """Raise ValueError unless task is an FfnTask for hidden size d (the detailed checks of a bad one)."""
+    if not isinstance(task, tuple) or len(task) != 3 or not isinstance(task[0], FfnWeights):
+        raise ValueError(f"{what}: expected an fp8.FfnTask(FfnWeights, tok, weight), got {type(task).__name__}")
+    weights, tok, weight = task
+    if weights.hidden != d:
+        raise ValueError(f"{what}: its weights have hidden size {weights.hidden}, but x has {d} columns")
+    for name, v, dtype in (("tok", tok, torch.int32), ("weight", weight, torch.float32)):
+        if not isinstance(v, torch.Tensor) or v.dtype != dtype or not v.is_cpu:
+            got = f"{v.dtype} on {v.device}" if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"{what}: {name} must be a {dtype} CPU tensor, got {got}")
+        if v.dim() != 1 or not v.is_contiguous():
+            raise ValueError(f"{what}: {name} must be a contiguous vector, got shape {tuple(v.shape)}")
+    if weight.shape != tok.shape:
+        raise ValueError(f"{what}: weight has {weight.numel()} values for {tok.numel()} tokens")
 
 
 def _check_tokens(tok: torch.Tensor, t: int, what: str) -> None:
@@ -281,10 +319,10 @@ def _check_tokens(tok: torch.Tensor, t: int, what: str) -> None:
 
 def _ffn_matmuls(x: torch.Tensor, task: FfnTask, act: str, out: torch.Tensor) -> None:
     """One prefill-sized task by the matmuls (their prefill paths: dequantized blocks + torch's GEMM)."""
-    tok = task.tok.long()
+    w, tok = task.weights, task.tok.long()
     xt = x.index_select(0, tok)  # [N, D]
-    h = _TORCH_ACTS[act](matmul_nt(xt, *task.gate)) * matmul_nt(xt, *task.up)  # [N, n]
-    y = matmul_nn(h, *task.down) if task.down_t else matmul_nt(h, *task.down)  # [N, D]
+    h = _TORCH_ACTS[act](matmul_nt(xt, *w.gate)) * matmul_nt(xt, *w.up)  # [N, n]
+    y = matmul_nn(h, *w.down) if w.down_t else matmul_nt(h, *w.down)  # [N, D]
     out.index_add_(0, tok, y * task.weight[:, None])
 
 
@@ -294,12 +332,13 @@ def ffn_tasks(x: torch.Tensor, tasks: Sequence[FfnTask], act: str, out: torch.Te
     Tasks of up to FFN_MAX_TOKENS tokens run in one native call (one parallel region: threads split each
     task's neurons, then the checkpoint-layout downs by output rows); the others, prefill-sized, as matmuls.
     `act`: "silu", "gelu" (erf) or "relu". Tasks may share tokens; out's rows are summed into, never set.
+    The weights were checked when their FfnWeights was built; per call only x, out, tok and weight are.
     """
     what = "fp8 ffn_tasks"
     if act not in ACTS:
         raise ValueError(f"{what}: act must be one of {sorted(ACTS)}, got {act!r}")
     for name, v in (("x", x), ("out", out)):
-        if not isinstance(v, torch.Tensor) or v.dtype != torch.float32 or v.device.type != "cpu" or v.dim() != 2:
+        if not isinstance(v, torch.Tensor) or v.dtype != torch.float32 or not v.is_cpu or v.dim() != 2:
             got = f"{v.dtype} {tuple(v.shape)} on {v.device}" if isinstance(v, torch.Tensor) else type(v).__name__
             raise ValueError(f"{what}: {name} must be a 2-D float32 CPU tensor [T, D], got {got}")
         if v.shape[1] > 1 and v.stride(1) != 1:
@@ -308,27 +347,29 @@ def ffn_tasks(x: torch.Tensor, tasks: Sequence[FfnTask], act: str, out: torch.Te
         raise ValueError(f"{what}: out has shape {tuple(out.shape)}, but x has {tuple(x.shape)}")
     t, d = x.shape
     words: list[int] = []
-    keep: list[torch.Tensor] = []  # scales made contiguous, alive until the call returns
     big: list[FfnTask] = []
+    i32, f32 = torch.int32, torch.float32
     for q, task in enumerate(tasks):
-        where = f"{what} task {q}"
-        if not isinstance(task, FfnTask):
-            raise ValueError(f"{where}: expected an fp8.FfnTask, got {type(task).__name__}")
-        n = task.gate[0].shape[0] if isinstance(task.gate[0], torch.Tensor) else -1
-        gate = _matrix(task.gate, n, d, f"{where} gate", keep)
-        up = _matrix(task.up, n, d, f"{where} up", keep)
-        down = _matrix(task.down, *((n, d) if task.down_t else (d, n)), f"{where} down", keep)
-        ntok = task.tok.numel() if isinstance(task.tok, torch.Tensor) else -1
-        _vector(task.tok, torch.int32, ntok, f"{where}: tok")
-        _vector(task.weight, torch.float32, ntok, f"{where}: weight")
-        if ntok == 0 or n == 0:
+        try:  # the common case in few attribute reads; anything else gets the detailed checks
+            weights, tok, weight = task
+            ok = (
+                weights.hidden == d and tok.dtype == i32 and weight.dtype == f32 and tok.is_cpu and weight.is_cpu
+                and tok.dim() == 1 and weight.shape == tok.shape and tok.is_contiguous() and weight.is_contiguous()
+            )  # fmt: skip
+        except (AttributeError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            _check_task(task, d, f"{what} task {q}")
+            weights, tok, weight = task
+        ntok = tok.numel()
+        if ntok == 0 or weights.n == 0:
             continue
         if ntok > FFN_MAX_TOKENS:
-            _check_tokens(task.tok, t, where)
+            _check_tokens(tok, t, f"{what} task {q}")
             big.append(task)
             continue
-        words += gate + up + down
-        words += [n, int(task.down_t), ntok, task.tok.data_ptr(), task.weight.data_ptr()]
+        words += weights.words
+        words += (ntok, tok.data_ptr(), weight.data_ptr())
     if words:
         packed = array("q", words)  # [tasks, _TASK_WORDS]
         status = _kernels(what).tmp_fp8_ffn_tasks(
