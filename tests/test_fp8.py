@@ -213,8 +213,9 @@ def test_fp8_tensor_without_quantization_config_is_refused(fp8_ckpt, tmp_path):
 
 
 def test_native_fp8_path_matches_the_reference_path(fp8_ckpt, monkeypatch):
-    """The whole model through the native FP8 kernels (where they run) and through the reference path (torch
-    dequantizes blocks, fp32 GEMM): the same logits to 1e-5 (only the summation order differs)."""
+    """The whole model through the native FP8 kernels (where they run: linears, and each MoE layer's experts in
+    one fused call) and through the reference path (torch dequantizes blocks, fp32 GEMMs): the same logits to
+    1e-5 (only the summation order differs)."""
     from tilemem.kernels import fp8 as native
     from tilemem.layers import fp8 as fp8_layer
     from tilemem.layers.kv_cache import ForwardContext
@@ -231,7 +232,8 @@ def test_native_fp8_path_matches_the_reference_path(fp8_ckpt, monkeypatch):
             return model(ids, ctx)
 
     fast = logits()
-    monkeypatch.setattr(fp8_layer, "_native", lambda: None)
+    monkeypatch.setattr(native, "available", lambda: False)  # linears and the experts' fused FFN alike
+    assert fp8_layer._native() is None
     assert rel_err(fast, logits()) < 1e-5
 
 

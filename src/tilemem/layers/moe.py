@@ -14,6 +14,7 @@ from torch import nn
 
 from tilemem import kernels
 from tilemem.config import ModelConfig
+from tilemem.kernels import fp8 as fp8_kernels
 from tilemem.layers.fp8 import FP8, Fp8Matrix
 from tilemem.layers.gpu_ffn import GATHER_MAX_PAIRS, gathered_ffn, padded_ffn
 from tilemem.layers.linear import Linear, gemm
@@ -93,6 +94,12 @@ def accumulate(out: torch.Tensor, tok: torch.Tensor, y: torch.Tensor) -> None:
         out.index_add_(0, tok, y.float())
 
 
+def fp8_native_act(act: str, x: torch.Tensor) -> bool:
+    """Whether FP8 experts (or tiles) with activation `act` run through the portable native FP8 kernel
+    (`kernels.fp8.ffn_tasks`) for activations `x`: on the CPU, where the kernel runs."""
+    return x.device.type == "cpu" and act in fp8_kernels.ACTS and fp8_kernels.available()
+
+
 class ResidentExperts:
     """Runs every routed expert from resident weights (the all-resident engine): the native kernel
     on the CPU (bf16), `gathered_ffn` on a GPU at a few tokens, else a loop over the routed experts.
@@ -106,6 +113,7 @@ class ResidentExperts:
         self.compress = compress
         self.tables: dict[int, kernels.ExpertTable | None] = {}
         self.stacks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.fp8: dict[int, list[fp8_kernels.FfnWeights]] = {}  # layer -> its FP8 experts, packed for the kernel
         self.workspace = kernels.Workspace()
 
     def _stack(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,8 +163,24 @@ class ResidentExperts:
             total += table.nbytes if table is not None else 0
         return total
 
+    def fp8_weights(self, layer: int) -> list[fp8_kernels.FfnWeights]:
+        """The layer's FP8 experts packed for the native FP8 FFN kernel (built once)."""
+        if layer not in self.fp8:
+            mats = [[getattr(e, n) for n in ("gate_proj", "up_proj", "down_proj")] for e in self.blocks[layer].experts]
+            self.fp8[layer] = [fp8_kernels.FfnWeights(*((m.weight, m.weight_scale_inv) for m in ms)) for ms in mats]
+        return self.fp8[layer]
+
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         block = self.blocks[layer]
+        if block.experts[0].gate_proj.weight.dtype == FP8 and fp8_native_act(block.act_name, x):
+            packed = self.fp8_weights(layer)
+            tasks = [
+                fp8_kernels.FfnTask(packed[e], tok.to(torch.int32), weights[tok, slot].to(torch.float32))
+                for e, tok, slot in group_by_expert(ids)
+            ]
+            out = torch.zeros(x.shape, dtype=torch.float32)  # [T, D]
+            fp8_kernels.ffn_tasks(x.float().contiguous(), tasks, block.act_name, out)
+            return out
         if kernels.usable(x) and (table := self.table(layer)) is not None:
             return kernels.moe(x, weights, ids, table, block.act_name, self.workspace)
         if x.is_cuda and block.experts[0].gate_proj.weight.dtype != FP8:

@@ -26,9 +26,10 @@ import torch
 
 from tilemem import kernels, sysinfo
 from tilemem.errors import BudgetError, TileMemError
+from tilemem.kernels import fp8 as fp8_kernels
 from tilemem.layers.gpu_ffn import GATHER_MAX_PAIRS, TileSlab, gathered_ffn, stacked_ffn
 from tilemem.layers.linear import gemm
-from tilemem.layers.moe import MoEBlock, PartialSums, group_by_expert
+from tilemem.layers.moe import MoEBlock, PartialSums, fp8_native_act, group_by_expert
 from tilemem.placement.budgets import DEFAULT_CACHE_BYTES, IO_DEPTH
 from tilemem.runtime.direct_io import AlignedSlab, DirectReader
 from tilemem.runtime.tile_cache import TileCache, TileId
@@ -182,12 +183,16 @@ class Accumulator:
         ws: kernels.Workspace,
         gpu: GpuAccumulator | None = None,
         gpu_min_tokens: int = 0,
+        fp8_act: str | None = None,
     ) -> None:
         self.x = x  # [T, D]
         self.act, self.native_act, self.ws = act, native_act, ws
         self.sums = PartialSums(x.shape)
         self.tasks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.gpu, self.gpu_min_tokens = gpu, gpu_min_tokens
+        self.fp8_act = fp8_act  # FP8 tiles go to the portable FP8 kernel with this activation (None: torch)
+        self.fp8_tasks: list[fp8_kernels.FfnTask] = []
+        self.xf: torch.Tensor | None = None  # x in fp32, made once for the FP8 kernel
 
     def to_gpu(self, tok: torch.Tensor) -> bool:
         """Whether a tile used by `tok` is computed on the GPU."""
@@ -197,6 +202,9 @@ class Accumulator:
         """out[tok] += scale * tile FFN of x[tok]; block [3, n, D], tok [N], scale [N]."""
         if self.to_gpu(tok):
             self.gpu.add_host(block, tok, scale)
+        elif isinstance(block, Fp8Tile) and self.fp8_act is not None:
+            task = fp8_kernels.FfnTask(block.ffn_weights, tok.to(torch.int32), scale.to(torch.float32))
+            self.fp8_tasks.append(task)
         elif self.native_act is None or isinstance(block, Fp8Tile):
             self.sums.add(tok, partial_ffn(self.x[tok], block, self.act) * scale[:, None])
         else:
@@ -204,6 +212,11 @@ class Accumulator:
 
     def flush(self) -> None:
         """Run the queued tasks."""
+        if self.fp8_tasks:
+            if self.xf is None:
+                self.xf = self.x.float().contiguous()  # [T, D]
+            fp8_kernels.ffn_tasks(self.xf, self.fp8_tasks, self.fp8_act, self.sums.out)
+            self.fp8_tasks = []
         if self.tasks:
             kernels.ffn_tasks(self.x, self.tasks, self.native_act, self.ws, self.sums.out)
             self.tasks = []
@@ -442,7 +455,8 @@ class TieredExperts:
         c = self.counters
         self._harvest_prefetches()
         native = self.act_name if self.act_name in kernels.ACTS and kernels.usable(x) else None
-        out = Accumulator(x, self.act, native, self.workspace, gpu, self.config.gpu_min_tokens)  # [T, D] fp32
+        fp8_act = self.act_name if self.store.codec.fp8 and fp8_native_act(self.act_name, x) else None
+        out = Accumulator(x, self.act, native, self.workspace, gpu, self.config.gpu_min_tokens, fp8_act)  # [T, D] fp32
         pending: list[tuple[TileId, StoredTile, torch.Tensor, torch.Tensor]] = []
         ready = []
         for expert, tok, scale in groups:

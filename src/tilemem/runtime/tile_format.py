@@ -13,11 +13,13 @@ Shape legend: n tile neurons, D hidden, nb = ceil(n/128), Db = ceil(D/128).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
+from tilemem.kernels import fp8 as fp8_kernels
 from tilemem.layers.fp8 import BLOCK, FP8, Fp8Matrix
 
 SCALE_ALIGN = 16
@@ -38,6 +40,12 @@ class Fp8Tile:
     @property
     def nbytes(self) -> int:
         return self.data.numel() + 4 * self.scale.numel()
+
+    @functools.cached_property
+    def ffn_weights(self) -> fp8_kernels.FfnWeights:
+        """The tile packed for the native FP8 FFN kernel (down as stored: its transposed rows); built once
+        per tile object (a resident range keeps its own; a cache slot's view is built per use)."""
+        return fp8_kernels.FfnWeights(*((self.data[i], self.scale[i]) for i in range(3)), down_t=True)
 
     def matrices(self) -> tuple[Fp8Matrix, Fp8Matrix, Fp8Matrix]:
         """gate [n, D], up [n, D] and down [D, n] (a transposed view of the stored down^T rows)."""
