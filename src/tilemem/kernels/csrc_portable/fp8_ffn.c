@@ -158,13 +158,17 @@ int tmp_fp8_ffn_tasks(const float *x, int64_t ldx, float *out, int64_t ldo, int6
     int64_t *hoff = malloc(sizeof(int64_t) * (size_t)(ntasks + 1)); /* h of task q at h + hoff[q] */
     float *h = malloc(sizeof(float) * (size_t)total);
     float **parts = calloc((size_t)nthreads, sizeof(float *)); /* per-thread partial sums (transposed downs) */
-    int failed = !hoff || !h || !parts;
+    uint8_t *touched = any_t ? calloc((size_t)T, 1) : NULL; /* rows of out with partial sums to add */
+    int failed = !hoff || !h || !parts || (any_t && !touched);
     if (failed) {
         free(hoff);
         free(h);
         free(parts);
+        free(touched);
         return TMP_ENOMEM;
     }
+    for (int64_t q = 0; q < ntasks && any_t; q++)
+        for (int64_t j = 0; tasks[q].down_t && tasks[q].n > 0 && j < tasks[q].ntok; j++) touched[tasks[q].tok[j]] = 1;
     hoff[0] = 0;
     for (int64_t q = 0; q < ntasks; q++)
         hoff[q + 1] = hoff[q] + (tasks[q].n > 0 && tasks[q].ntok > 0 ? tasks[q].n * tasks[q].ntok : 0);
@@ -204,8 +208,8 @@ int tmp_fp8_ffn_tasks(const float *x, int64_t ldx, float *out, int64_t ldo, int6
         if (any_t && nth > 1) {
 #pragma omp barrier
 #pragma omp for schedule(static)
-            for (int64_t r = 0; r < T; r++)
-                for (int k = 1; k < nth; k++)
+            for (int64_t r = 0; r < T; r++) /* only touched rows: calloc leaves the others' pages unmapped */
+                for (int k = 1; k < nth && touched[r]; k++)
                     if (parts[k])
                         for (int64_t d = 0; d < D; d++) out[r * ldo + d] += parts[k][r * D + d];
         }
@@ -215,5 +219,6 @@ int tmp_fp8_ffn_tasks(const float *x, int64_t ldx, float *out, int64_t ldo, int6
     free(hoff);
     free(h);
     free(parts);
+    free(touched);
     return failed ? TMP_ENOMEM : TMP_OK;
 }
