@@ -249,6 +249,12 @@ def test_ffn_tasks_strided_weights() -> None:
     scale = torch.stack([gate[1][:2], up[1][:2], down[1][:, :2].t().contiguous()])
     tile = fp8.FfnTask(fp8.FfnWeights((data[0], scale[0]), (data[1], scale[1]), (data[2], scale[2]), True), tok, wt)
     assert ffn_error(x, [tile], "relu") < TOL
+    packed = fp8.FfnWeights.from_tile(data, scale)
+    assert packed.words == tile.weights.words and (packed.n, packed.hidden, packed.down_t) == (160, d, True)
+    with pytest.raises(ValueError, match="scale \\[3, ceil"):
+        fp8.FfnWeights.from_tile(data, scale[:, :1])
+    with pytest.raises(ValueError, match="rows of data and scale must be contiguous"):
+        fp8.FfnWeights.from_tile(data.transpose(1, 2).contiguous().transpose(1, 2), scale)
     view = down[1][:, :2].t()  # a transposed scale view (stride(1) != 1): packed as a kept contiguous copy
     tile = tile._replace(weights=fp8.FfnWeights((data[0], scale[0]), (data[1], scale[1]), (data[2], view), True))
     assert ffn_error(x, [tile], "relu") < TOL
