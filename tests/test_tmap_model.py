@@ -222,3 +222,65 @@ def test_hand_computed_measured_fetch_path():
     pipeline = 0.25 * 50e-6 + 0.25 * 200e-6  # first tile + per tile, 0.25 expected misses
     moe = max(ready + miss_compute + interference, pipeline)
     assert pred.decode.total_s == pytest.approx(150e-6 + 384 * ns + moe, rel=1e-9)
+
+
+def fp8_topology() -> Topology:
+    """One MoE layer, 2 experts of width 256, hidden 256, in FP8: its attention projection too (one byte per
+    weight plus a 2 x 2 grid of fp32 block scales), the LM head in bf16."""
+    layer = LayerTopology(0, True, 2, 1, 256, 0, 0)
+    non_expert = (("model.layers.0.self_attn.k_proj.weight", 256 * 256 + 4 * 4), ("lm_head.weight", 64 * 256 * 2))
+    return Topology("olmoe", 256, "fp8_e4m3", 1, (layer,), non_expert)
+
+
+def test_fp8_plan_shape_counts_weights_and_scales():
+    topo = fp8_topology()
+    profile = skewed_profile(topo)
+    tile = 3 * 128 * 256 + 3 * 2 * 4  # a 128-neuron tile: gate/up/down bytes + one row of 2 fp32 scales each
+    plan = plan_for(topo, profile, f"cpu={topo.non_expert_bytes + 2 * tile}B", tile=128)  # expert 0 resident
+    shape = PlanShape.of(plan)
+    assert shape.moe_layers[0].experts[0].blocks == {"cpu": (2 * tile,)}
+    assert shape.moe_layers[0].experts[1].disk_tiles == (102400, 102400)  # 98328 B each, read in 4 KiB pages
+    assert shape.slot_bytes == 102400
+    assert (shape.dtype, shape.head_dtype) == ("fp8_e4m3", "bfloat16")
+    assert shape.layers[0].kv_bytes_per_token == 256 * 2  # the KV cache holds bf16 activations, not FP8
+
+
+def test_fp8_plan_streams_each_format_at_its_own_rate():
+    """FP8 experts and attention at the FP8 kernel's rate, the bf16 LM head at bf16's; a profile without FP8
+    figures falls back to bf16's rate per byte, and says so."""
+    topo = fp8_topology()
+    profile = skewed_profile(topo)
+    tile = 3 * 128 * 256 + 3 * 2 * 4
+    plan = plan_for(topo, profile, f"cpu={topo.non_expert_bytes + 4 * tile}B", tile=128)  # all resident
+    figures = [KernelFigure("cpu", "bfloat16", 1, 2.0, 2.0, 10.0), KernelFigure("cpu", "fp8_e4m3", 1, 1.0, 2.0, 20.0)]
+    pred = predict(plan, simple_hw(kernels=figures), ServingWorkload(profile, prompt_tokens=1, decode_tokens=0))
+    ns = 1e-9
+    non_expert = 64 * 256 * 2 * ns / 2 + (256 * 256 + 16) * ns + 512 * ns  # head at 2 GB/s, attention, KV
+    moe = (0.75 + 0.25) * (20e-6 + 2 * tile * ns)
+    assert pred.decode.non_expert_s == pytest.approx(non_expert, rel=1e-9)
+    assert pred.decode.total_s == pytest.approx(150e-6 + non_expert + moe, rel=1e-9)
+    assert not pred.extrapolated
+    bf16_only = predict(plan, simple_hw(kernels=figures[:1]), profile)
+    assert any("no cpu kernel figures for fp8_e4m3" in n for n in bf16_only.notes)
+
+
+def test_cold_cache_hit_probability():
+    """A fresh engine: a tile's first access in the run hits only if the prefill left it cached; after it a hot
+    tile stays cached, a cold one does not. The steady state is the limit of a long run."""
+    from tilemem.tmap.cost import hit_probability
+
+    assert hit_probability(True, 0.5) == 1.0 and hit_probability(False, 0.5) == 0.0  # steady state
+    first = (1 - 0.5**4) / (4 * 0.5)  # 4 steps at q = 0.5: 1.875 expected accesses, the first of them a share
+    assert hit_probability(True, 0.5, 4, 0.25) == pytest.approx(1 - first * 0.75)
+    assert hit_probability(False, 0.5, 4, 0.25) == pytest.approx(first * 0.25)
+    assert hit_probability(True, 0.5, 10_000, 0.0) == pytest.approx(1.0, abs=1e-3)
+    topo = tiny_topology()
+    profile = skewed_profile(topo)
+    plan = plan_for(topo, profile, "cpu=768B")  # expert 1 on disk: one tile, the one hot tile of 4 cache slots
+    settings = RuntimeSettings(cache_bytes=8 * 4096)
+    warm = predict(plan, simple_hw(), ServingWorkload(profile, decode_tokens=5), settings)
+    cold = predict(plan, simple_hw(), ServingWorkload(profile, decode_tokens=5, cold_cache=True), settings)
+    h = hit_probability(True, 0.25, 4, 1.0)  # 4 decode steps; the prefill's one tile fits the cache
+    assert warm.hit_rate == 1.0 and cold.hit_rate == pytest.approx(h) == 1.0
+    tight = predict(plan, simple_hw(), ServingWorkload(profile, decode_tokens=5, cold_cache=True))
+    assert tight.hit_rate == 0.0  # no room beyond the staging slots: nothing is ever cached

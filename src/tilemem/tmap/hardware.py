@@ -17,6 +17,7 @@ from typing import Any
 
 from tilemem.errors import ConfigError
 from tilemem.jsonio import read_json, write_json_atomic
+from tilemem.models.topology import DTYPE_BYTES
 
 HARDWARE_SCHEMA = "tilemem_hardware_v1"
 REFERENCE_DIR = Path(__file__).parent / "reference"
@@ -33,7 +34,7 @@ class KernelFigure:
     device: str
     """`cpu` or `cuda`."""
     dtype: str
-    """Weight dtype, e.g. `bfloat16`."""
+    """Weight format, e.g. `bfloat16`, or `fp8_e4m3` (bytes then count the FP8 weights and their scales)."""
     batch: int
     """Tokens per expert call (1 = GEMV)."""
     bandwidth_gbps: float
@@ -197,7 +198,7 @@ class HardwareProfile:
         notes.append(f"{device} {dtype} kernels not measured: roofline of {bw:g} GB/s memory bandwidth")
         spb = 1 / (bw * 1e9)
         if peak > 0:  # 2 FLOP per weight per token
-            weight_bytes = 4 if "32" in dtype else 2
+            weight_bytes = DTYPE_BYTES.get(dtype, 2)
             spb = max(spb, 2 * batch / (weight_bytes * peak * 1e9))
         return spb, self.task_overhead_us * 1e-6, notes
 

@@ -6,6 +6,11 @@ Per layer: the non-expert bytes read every step (attention, norms, router) and t
 (shared experts, dense layers), modelled as resident: every policy places them first (they run for
 every token), so they reach the disk only under a budget below non-expert + shared/dense bytes, a case
 the model does not cover. Per step: the LM head and final norm.
+
+Bytes come from the plan's tile format (`placement.formats`): FP8 tiles count one byte per weight plus
+their fp32 block scales, as the tile store holds them. In an FP8 model the layers' non-expert matrices
+(attention projections) are FP8 too, while the LM head stays in the plain dtype (`head_dtype`), and the
+KV cache is in the activation dtype, so each is looked up at its own kernel rate.
 """
 
 from __future__ import annotations
@@ -13,8 +18,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from tilemem.models.topology import DTYPE_BYTES, FP8_FORMAT
 from tilemem.placement.plan import Plan
 from tilemem.placement.store_layout import ALIGNMENT, align
+from tilemem.placement.tiles import unit_bytes
+
+PLAIN_DTYPE = "bfloat16"
+"""Dtype of an FP8 model's unquantized weights (LM head, embeddings, norms) and of its activations and KV
+cache: every published FP8 checkpoint keeps them in bf16."""
 
 _LAYER = re.compile(r"\blayers\.(\d+)\.")
 
@@ -67,14 +78,22 @@ class PlanShape:
     slot_bytes: int
     """Bytes of one tile-cache slot (the largest store tile)."""
     dtype: str
-    """Weight dtype."""
+    """Weight format of the experts and the layers' non-expert matrices (`bfloat16`, `fp8_e4m3`, ...)."""
+    head_dtype: str = ""
+    """Dtype of the LM head (an FP8 model's is `PLAIN_DTYPE`; empty: `dtype`)."""
 
     @classmethod
     def of(cls, plan: Plan, store_tile: int | None = None) -> PlanShape:
         """Reduce `plan`; disk ranges are read in store tiles of `store_tile` neurons (default the plan's)."""
         topo = plan.topology
         store_tile = store_tile or plan.tile
-        row = 3 * topo.hidden_size * topo.dtype_bytes  # bytes per neuron of a gated FFN (gate, up, down)
+        fp8 = topo.dtype == FP8_FORMAT
+
+        def ffn(neurons: int) -> int:  # bytes of `neurons` neurons of a gated FFN (gate, up, down), scales included
+            return unit_bytes(neurons, topo.hidden_size, plan.fmt)
+
+        # the KV cache holds activations: the plain dtype's bytes per element, whatever the weights' format
+        kv_bytes = DTYPE_BYTES[PLAIN_DTYPE] if fp8 else topo.dtype_bytes
         per_layer: dict[int, int] = {}
         kv: dict[int, int] = {}
         head = 0
@@ -86,7 +105,8 @@ class PlanShape:
                 layer = int(m.group(1))
                 per_layer[layer] = per_layer.get(layer, 0) + nbytes
                 if name.endswith(("k_proj.weight", "v_proj.weight", "kv_a_proj_with_mqa.weight")):
-                    kv[layer] = kv.get(layer, 0) + nbytes // topo.hidden_size  # out width x dtype bytes
+                    width = nbytes // (topo.hidden_size * topo.dtype_bytes)  # out width (FP8: scales round off)
+                    kv[layer] = kv.get(layer, 0) + width * kv_bytes
             elif "embed_tokens" in name:
                 head += nbytes if tied else 0  # a tied embedding is the LM head; else one row is read
             else:
@@ -97,7 +117,7 @@ class PlanShape:
             if t.group != "gate_up":
                 continue
             if t.expert < 0:
-                always[t.layer] = always.get(t.layer, 0) + (t.end - t.start) * row
+                always[t.layer] = always.get(t.layer, 0) + ffn(t.end - t.start)
                 continue
             spans = ranges.setdefault((t.layer, t.expert), {}).setdefault(t.tier, [])
             spans.append((t.start, t.end))
@@ -111,9 +131,9 @@ class PlanShape:
                     merged = _merge(spans)
                     if tier == "disk":  # the runtime reads every whole store tile a disk range touches
                         starts = sorted({s for a, b in merged for s in range(a - a % store_tile, b, store_tile)})
-                        disk += [padded((min(s + store_tile, lt.expert_intermediate) - s) * row) for s in starts]
+                        disk += [padded(ffn(min(s + store_tile, lt.expert_intermediate) - s)) for s in starts]
                     else:
-                        blocks[tier] = tuple((b - a) * row for a, b in merged)
+                        blocks[tier] = tuple(ffn(b - a) for a, b in merged)
                 experts.append(ExpertShape(e, blocks, tuple(disk)))
             layers.append(
                 LayerShape(
@@ -125,8 +145,9 @@ class PlanShape:
         if cpu is not None and cpu.capacity is not None:
             cache = cpu.capacity - cpu.non_expert - cpu.tiles
         widest = max((lt.expert_intermediate for lt in topo.layers if lt.is_moe), default=0)
-        slot = padded(min(store_tile, widest) * row) if widest else ALIGNMENT
-        return cls(tuple(layers), head, plan.tiers[0].tier, cache, slot, topo.dtype)
+        slot = padded(ffn(min(store_tile, widest))) if widest else ALIGNMENT
+        head_dtype = PLAIN_DTYPE if fp8 else topo.dtype
+        return cls(tuple(layers), head, plan.tiers[0].tier, cache, slot, topo.dtype, head_dtype)
 
     @property
     def moe_layers(self) -> list[LayerShape]:
