@@ -6,6 +6,7 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from tilemem.tmap.hardware import HardwareProfile
 from tilemem.tools.doctor import Check, check_o_direct, format_checks, run_checks
@@ -66,6 +67,20 @@ def test_fit_recovers_overhead_and_bandwidth():
     assert abs(a - 10e-6) < 1e-12 and abs(b - 1e-9) < 1e-15
     a, b = _fit([(1000, 3e-6), (2000, 2e-6)])  # noise: never a negative slope
     assert a == 0 and b == pytest.approx(5e-6 / 3000)  # the line through the origin: total time / total size
+
+
+def test_fp8_kernel_figures_count_weights_and_scales():
+    """The probe times FP8 tiles as the runtime holds them (`Fp8Tile`s), their bytes as the plan counts them."""
+    from tilemem.placement.formats import tile_format
+    from tilemem.placement.tiles import unit_bytes
+    from tilemem.runtime.tile_format import Fp8Tile
+    from tilemem.tools.probe import kernel_sweep, tile_blocks
+
+    blocks, act = tile_blocks("fp8_e4m3", 2, 128, 192)
+    assert all(isinstance(b, Fp8Tile) for b in blocks) and act == torch.bfloat16
+    assert blocks[0].nbytes == unit_bytes(128, 192, tile_format("fp8_e4m3")) == 3 * 128 * 192 + 3 * 1 * 2 * 4
+    (fig,) = kernel_sweep("cpu", ("fp8_e4m3",), (1,), 192, working_set=1 * MiB, rounds=1)
+    assert (fig.dtype, fig.batch) == ("fp8_e4m3", 1) and fig.bandwidth_gbps > 0
 
 
 def test_small_probe_writes_a_measured_profile(tmp_path):

@@ -38,7 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tilemem import sysinfo
+from tilemem.models.topology import FP8_FORMAT
+from tilemem.placement.formats import tile_format
 from tilemem.placement.store_layout import align
+from tilemem.placement.tiles import unit_bytes
 from tilemem.tmap.hardware import DiskFigure, FetchFigure, HardwareProfile, KernelFigure
 
 MiB = 1 << 20
@@ -57,8 +60,10 @@ class ProbeConfig:
     The probe reads back a file in a temporary directory it makes inside, and removes both."""
     hidden: int = 1024
     """Hidden size of the probed tile kernel."""
-    dtypes: tuple[str, ...] = ("bfloat16", "float32")
-    """Weight dtypes of the kernel sweep."""
+    dtypes: tuple[str, ...] = ("bfloat16", FP8_FORMAT, "float32")
+    """Weight formats of the kernel sweep (the first also times the engine overheads and the miss path). FP8
+    tiles run the FP8 kernels (`kernels.fp8`) where they can, else torch's reference path: what the runtime
+    would run here either way. The GPU sweep leaves FP8 out (its cuda tier holds no FP8 tiles yet)."""
     batches: tuple[int, ...] = (1, 4, 16, 64)
     """Tokens per expert call of the kernel sweep."""
     request_sizes: tuple[int, ...] = (4096, 65536, 393216, 1048576, 4194304)
@@ -69,6 +74,11 @@ class ProbeConfig:
     """Size of the temporary file read back."""
     engine: bool = True
     """Measure the engine's per-step/per-layer overhead on a tiny synthetic model."""
+    expert_width: int = 32
+    """Routed expert width (neurons) of that model; `tmap validate` gives the checked model's, so the tile tasks
+    the overheads are measured beside are the ones it predicts."""
+    top_k: int = 2
+    """Experts per token of that model (`tmap validate`: the checked model's)."""
     seconds_per_point: float = 0.4
     """Time box of one disk measurement."""
     dram_bytes: int = 256 * MiB
@@ -162,6 +172,23 @@ def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
     return a, b
 
 
+def tile_blocks(dtype: str, count: int, rows: int, hidden: int, device: str = "cpu"):
+    """`count` random tiles of `rows` neurons at width `hidden` in weight format `dtype`, as the runtime holds
+    them ([3, n, D] tensors, or `Fp8Tile`s with their fp32 block scales for `fp8_e4m3`), and the activation
+    dtype that computes them (an FP8 model's is bf16)."""
+    import torch
+
+    if dtype == FP8_FORMAT:
+        from tilemem.layers.fp8 import BLOCK, FP8
+        from tilemem.runtime.tile_format import Fp8Tile
+
+        data = torch.randn(count, 3, rows, hidden).to(FP8)  # [C, 3, n, D]
+        scale = torch.rand(count, 3, -(-rows // BLOCK), -(-hidden // BLOCK)) + 0.5  # [C, 3, nb, Db]
+        return [Fp8Tile(data[i], scale[i]) for i in range(count)], torch.bfloat16
+    tdt = getattr(torch, dtype)
+    return list(torch.randn(count, 3, rows, hidden, dtype=torch.float32, device=device).to(tdt)), tdt  # [3, n, D]
+
+
 def kernel_sweep(
     device: str,
     dtypes: tuple[str, ...],
@@ -170,9 +197,10 @@ def kernel_sweep(
     working_set: int = 64 * MiB,
     rounds: int = 3,
 ) -> list[KernelFigure]:
-    """Fit the engine's tile task (partial FFN + scaled fp32 accumulate) per dtype and batch over three block
-    sizes. Every (dtype, batch, size) point is timed once per round and rounds repeat, so a burst of other
-    work on the machine hits one round of every point rather than every round of one point."""
+    """Fit the engine's tile task (partial FFN + scaled fp32 accumulate) per weight format and batch over three
+    block sizes (bytes as the tile store counts them: FP8 weights with their scales). Every (dtype, batch, size)
+    point is timed once per round and rounds repeat, so a burst of other work on the machine hits one round of
+    every point rather than every round of one point."""
     import torch
 
     from tilemem.runtime.tiered import partial_ffn
@@ -180,11 +208,11 @@ def kernel_sweep(
     act = torch.nn.functional.silu
     runs = {}
     for dtype in dtypes:
-        tdt = getattr(torch, dtype)
-        for rows in (32, 128, 512):
-            nbytes = 3 * rows * hidden * tdt.itemsize
+        # FP8 tiles are whole 128-neuron scale blocks (a 32-row one would pay a whole block's scale work)
+        for rows in (32, 128, 512) if dtype != FP8_FORMAT else (128, 256, 512):
+            nbytes = unit_bytes(rows, hidden, tile_format(dtype))
             count = max(2, working_set // nbytes)
-            blocks = torch.randn(count, 3, rows, hidden, dtype=torch.float32, device=device).to(tdt)  # [C, 3, n, D]
+            blocks, tdt = tile_blocks(dtype, count, rows, hidden, device)
             for batch in batches:
                 if device == "cpu":  # every block in one batch, as the runtime runs its DRAM tiles
                     run = functools.partial(_TileTask(hidden, tdt, batch), *blocks)
@@ -205,7 +233,7 @@ def kernel_sweep(
             times[key].append(_median_time(run, 1) / count)
     out = []
     for dtype in dtypes:
-        itemsize = getattr(torch, dtype).itemsize
+        itemsize = tile_format(dtype).element_bits / 8
         for batch in batches:
             points = [(nb, statistics.median(t)) for (d, b, nb), t in times.items() if d == dtype and b == batch]
             a, slope = _fit(points)
@@ -250,13 +278,16 @@ def cached_task_extra(hidden: int, dtype: str = "bfloat16", rows: int = 32, repe
 
 
 def engine_overheads(
-    threads: int | None, kernel: KernelFigure, hidden: int, dtype: str = "bfloat16"
-) -> tuple[float, float]:
+    threads: int | None, kernel: KernelFigure, hidden: int, dtype: str = "bfloat16", expert_width: int = 32,
+    top_k: int = 2,
+) -> tuple[float, float]:  # fmt: skip
     """(seconds per step, seconds per layer) of dispatch overhead: decode of a small synthetic OLMoE model
-    of width `hidden` (tiny experts and vocabulary) through the tiered runtime, every tile resident, at 2
-    and 6 layers (mean step over 8 interleaved rounds). The weight streaming the cost model counts
-    separately (attention, LM head and the routed tiles, at `kernel`'s bandwidth and task overhead) is
-    taken out."""
+    of width `hidden` (`top_k` routed experts of `expert_width` neurons, a tiny vocabulary) in weight format
+    `dtype` through the tiered runtime, every tile resident, at 2 and 6 layers (median of 8 interleaved
+    rounds after 3 warm-up ones). A step is the forward pass, as decode tok/s counts it
+    (`GenerationStats.decode_tok_s`: sampling and detokenizing are not in it). The weight streaming the cost
+    model counts separately (attention, LM head and the routed tiles, at `kernel`'s bandwidth and task
+    overhead) is taken out."""
     from tilemem.engine.llm import LLM
     from tilemem.engine.sampling import SamplingParams
     from tilemem.loader.checkpoint import Checkpoint
@@ -267,7 +298,8 @@ def engine_overheads(
 
     heads = max(4, hidden // 64)
     spb, task = 1 / (kernel.bandwidth_gbps * 1e9), kernel.task_overhead_us * 1e-6
-    short = {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "fp32")
+    short = {"bfloat16": "bf16", "float16": "fp16", FP8_FORMAT: "fp8"}.get(dtype, "fp32")
+    tile = 128 if dtype == FP8_FORMAT else 16  # FP8 tiles fall on its 128-neuron scale blocks
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     llms, streamed = {}, {}
     samples: dict[int, list[float]] = {2: [], 6: []}
@@ -275,31 +307,34 @@ def engine_overheads(
         try:
             for layers in (2, 6):
                 overrides = {"num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": heads,
-                             "num_key_value_heads": heads}  # fmt: skip
+                             "num_key_value_heads": heads, "intermediate_size": expert_width,
+                             "num_experts": max(8, top_k), "num_experts_per_tok": top_k}  # fmt: skip
                 path = synthesize(
                     "olmoe", "tiny", Path(tmp) / f"m{layers}", dtype=short, progress=False, overrides=overrides
                 )
                 store = Path(tmp) / f"m{layers}.tiles"
-                convert(path, store, 16, progress=False)
+                convert(path, store, tile, progress=False)
                 ckpt = Checkpoint.open(path)
-                plan = make_plan(ckpt, "cpu=1GiB", "kt_expert", None, 16)
+                plan = make_plan(ckpt, "cpu=1GiB", "kt_expert", None, tile)
                 shape = PlanShape.of(plan)
                 # what the cost model counts as weight streaming: attention/LM head bytes, top_k resident tasks
                 streamed[layers] = (shape.head_bytes + sum(lay.non_expert_bytes for lay in shape.layers)) * spb
+                # (an FP8 model's LM head is bf16; at this vocabulary its bytes are too few to matter)
                 for lay in shape.moe_layers:
                     block = max(b for e in lay.experts for b in e.blocks.get("cpu", (0,)))
                     streamed[layers] += ckpt.config.top_k * (task + block * spb)
                 llms[layers] = LLM(path, threads=threads, plan=plan, store=store, max_batch=1)
-                llms[layers].generate([[1, 2, 3, 4]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+                for _ in range(3):  # a fresh engine's first decode steps run up to 10x slower (measured)
+                    llms[layers].generate([[1, 2, 3, 4]], params)
             for _ in range(8):  # interleaved rounds: a burst of other work hits both layer counts alike
                 for layers, llm in llms.items():
                     llm.generate([[1, 2, 3, 4]], params)
-                    samples[layers] += [s["seconds"] for s in llm.stats().steps if not s["prefill"]]
+                    samples[layers].append(1 / llm.stats().decode_tok_s)  # mean forward pass per token
         finally:
             for llm in llms.values():
                 llm.tiered.close()
-    # the mean step, as decode tok/s (tokens / time) counts it
-    steps = {n: statistics.fmean(v) - streamed[n] for n, v in samples.items()}
+    # the median round: a burst of other work, or a late warm-up, moves one round, not the figure
+    steps = {n: statistics.median(v) - streamed[n] for n, v in samples.items()}
     per_layer = max(0.0, (steps[6] - steps[2]) / 4)
     per_step = max(0.0, steps[2] - 2 * per_layer)
     return per_step, per_layer
@@ -553,8 +588,11 @@ def probe(config: ProbeConfig | None = None, log: Callable[[str], None] = print)
     step = layer = 0.0
     if config.engine:
         k1 = next(k for k in kernels if k.dtype == config.dtypes[0] and k.batch == min(config.batches))
-        step, layer = engine_overheads(config.threads, k1, config.hidden, config.dtypes[0])
+        step, layer = engine_overheads(
+            config.threads, k1, config.hidden, config.dtypes[0], config.expert_width, config.top_k
+        )
         log(f"engine overhead          {step * 1e6:8.1f} us/step, {layer * 1e6:.1f} us/layer (width {config.hidden})")
+    plain = next((d for d in config.dtypes if d != FP8_FORMAT), "bfloat16")  # the miss path's tiles: plain ones
     disk_dir = Path(config.disk_dir or tempfile.gettempdir())
     disk_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".tilemem-probe-", dir=disk_dir))
@@ -578,13 +616,13 @@ def probe(config: ProbeConfig | None = None, log: Callable[[str], None] = print)
                 )
         fetch = []
         for rows in config.fetch_rows:
-            f = fetch_pipeline(path, rows, config.hidden, config.io_depth, config.dtypes[0])
+            f = fetch_pipeline(path, rows, config.hidden, config.io_depth, plain)
             fetch.append(f)
             log(
                 f"fetch {f.tile_bytes // 1024:>5d} KiB tiles      {f.per_tile_us:8.1f} us/tile + {f.first_us:.1f} us "
                 f"first (read + crc32 + compute, qd{config.io_depth})"
             )
-        interference = read_interference(path, 128, config.hidden, config.io_depth, config.dtypes[0])
+        interference = read_interference(path, 128, config.hidden, config.io_depth, plain)
         log(f"read interference        {interference * 1e6:8.1f} us of engine time per MiB read meanwhile")
         seq = disk_point(path, MiB, 1, config.seconds_per_point * 2, sequential=True)
         log(f"disk sequential 1 MiB    {seq.bandwidth_gbps:8.3f} GB/s (qd1, as `dd bs=1M iflag=direct`)")
@@ -595,7 +633,7 @@ def probe(config: ProbeConfig | None = None, log: Callable[[str], None] = print)
     log(f"crc32                    {crc / 1e9:8.2f} GB/s per thread")
     figures: dict = {}
     if torch.cuda.is_available():
-        figures = gpu_figures(config.dtypes, config.batches, config.hidden)
+        figures = gpu_figures(tuple(d for d in config.dtypes if d != FP8_FORMAT), config.batches, config.hidden)
         torch.cuda.empty_cache()  # the probe's buffers are gone with gpu_figures' frame
         kernels += figures.pop("kernels")
         log(f"gpu {figures['gpu_name']}: {figures['vram_bandwidth_gbps']:.1f} GB/s memory, "

@@ -175,7 +175,14 @@ def validate(
         from tilemem.tools.probe import ProbeConfig, probe
 
         log("probing this machine first (pass --hardware hw.json to reuse a profile) ...")
-        hardware = probe(ProbeConfig(threads=threads, hidden=topo.hidden_size, disk_dir=str(store_dir.parent)), log=log)
+        # the model's own weight format first: the engine overheads are timed on a model in it
+        dtypes = (topo.dtype, *(d for d in ProbeConfig.dtypes if d != topo.dtype))
+        moe = next(lt for lt in topo.layers if lt.is_moe)  # and its experts' shape: tasks like the ones predicted
+        config = ProbeConfig(
+            threads=threads, hidden=topo.hidden_size, disk_dir=str(store_dir.parent), dtypes=dtypes,
+            expert_width=moe.expert_intermediate, top_k=moe.top_k,
+        )  # fmt: skip
+        hardware = probe(config, log=log)
         hardware.save(Path(out) / "hardware.json")
     spec = BenchSpec(
         model=str(ckpt.path),
@@ -212,7 +219,8 @@ def validate(
                 if not runs:
                     continue
                 plan = make_plan(ckpt, text, p, profile, tile, cache=cache)
-                wk = ServingWorkload(profile, 1, int(runs[0]["prompt_tokens"]), decode_tokens, wl)
+                # each bench run is a fresh engine: its tile cache starts cold
+                wk = ServingWorkload(profile, 1, int(runs[0]["prompt_tokens"]), decode_tokens, wl, cold_cache=True)
                 pred = predict(plan, hardware, wk)
                 tok = [float(r["decode_tok_s"]) for r in runs]
                 row = ValidationRow(
