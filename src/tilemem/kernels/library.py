@@ -38,9 +38,10 @@ FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"
 FLAGS += ["-fvisibility=hidden"]  # only the TM_API functions of tilemem.h are exported
 
 
-def sources(csrc: Path = CSRC) -> list[Path]:
-    """The C files of `csrc` (default: the main library's) compiled into the library, in a fixed order."""
-    return sorted(csrc.glob("*.c"))
+def sources(csrc: Path | None = None) -> list[Path]:
+    """The C files of `csrc` (default: the main library's, `CSRC` as it is now) compiled into the library, in
+    a fixed order."""
+    return sorted((csrc or CSRC).glob("*.c"))
 
 
 def header_constant(name: str) -> int:
@@ -71,16 +72,17 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
 
 
-def library_path(cc: str, csrc: Path = CSRC, flags: list[str] = FLAGS, name: str = "tilemem") -> Path:
-    """Where the library `name` built by compiler `cc` from `csrc` with `flags` is cached: named by a hash
-    of the compiler, the flags and every source and header file of `csrc` (names and bytes)."""
+def library_path(cc: str, csrc: Path | None = None, flags: list[str] = FLAGS, name: str = "tilemem") -> Path:
+    """Where the library `name` built by compiler `cc` from `csrc` (default `CSRC`) with `flags` is cached:
+    named by a hash of the compiler, the flags and every source and header file of `csrc` (names and bytes)."""
+    csrc = csrc or CSRC
     digest = hashlib.sha256(" ".join([cc, *flags]).encode())
     for path in sorted(csrc.glob("*.[ch]")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return cache_dir() / f"{name}-{digest.hexdigest()[:16]}.so"
 
 
-def build(force: bool = False, csrc: Path = CSRC, flags: list[str] = FLAGS, name: str = "tilemem") -> Path:
+def build(force: bool = False, csrc: Path | None = None, flags: list[str] = FLAGS, name: str = "tilemem") -> Path:
     """Compile the C files of `csrc` (once per sources and flags) into one shared library; returns its
     path. The defaults build the main (AVX512) library; `fp8.py` builds its portable one from here too."""
     cc = _compiler()
@@ -101,7 +103,7 @@ def build(force: bool = False, csrc: Path = CSRC, flags: list[str] = FLAGS, name
             _run([cc, *flags, *objs, "-o", tmp, "-lm"])
         os.replace(tmp, out)
     except subprocess.CalledProcessError as exc:
-        raise RuntimeError(f"compiling the kernels in {csrc} failed:\n{exc.stderr}") from exc
+        raise RuntimeError(f"compiling the kernels in {csrc or CSRC} failed:\n{exc.stderr}") from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
