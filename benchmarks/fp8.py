@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -30,15 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from decode import bytes_per_token, dram_read_bandwidth, prompt_batch, warm_page_cache, warmup_batch  # noqa: E402
 
-
-def drop_page_cache() -> bool:
-    """Drop clean page-cache pages (root only); whether it did."""
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
+from tilemem.bench.runner import drop_page_cache  # noqa: E402
 
 
 def run_case(args: argparse.Namespace) -> dict:

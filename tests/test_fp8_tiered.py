@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from test_tiered_exactness import GREEDY, REL_TOL, Combo, forward_logits, make_tiered_llm, prompts, rel_err
+from test_tiered_exactness import GREEDY, REL_TOL, Combo, forward_logits, make_tiered_llm, rel_err, resident_references
 
 from tilemem.engine.llm import LLM
 from tilemem.errors import ConfigError
@@ -43,18 +43,7 @@ COMBOS = fp8_combos()
 
 @pytest.fixture(scope="module")
 def fp8_reference(make_ckpt):
-    refs: dict[str, tuple] = {}
-
-    def get(family: str):
-        if family not in refs:
-            path = make_ckpt(family, "fp8", routing_skew=1.0)
-            llm = LLM(path, dtype="fp32")
-            batch = prompts(llm.config.vocab_size)
-            tokens = [o.token_ids for o in llm.generate(batch, GREEDY)]
-            refs[family] = (path, batch, forward_logits(llm.model, batch, tokens), tokens)
-        return refs[family]
-
-    return get
+    return resident_references(make_ckpt, "fp8")
 
 
 @pytest.fixture(scope="module")

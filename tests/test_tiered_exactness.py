@@ -140,14 +140,14 @@ def forward_logits(model, batch: list[list[int]], teacher: list[list[int]]) -> l
     return out
 
 
-@pytest.fixture(scope="module")
-def reference(make_ckpt):
-    """Per family: (checkpoint path, prompts, resident logits, resident greedy tokens)."""
+def resident_references(make_ckpt, weights: str):
+    """get(family) -> (checkpoint path, prompts, resident logits, resident greedy tokens) of the family's tiny
+    checkpoint stored in `weights` (fp32 activations), computed once per family."""
     refs: dict[str, tuple] = {}
 
     def get(family: str):
         if family not in refs:
-            path = make_ckpt(family, "fp32", routing_skew=1.0)
+            path = make_ckpt(family, weights, routing_skew=1.0)
             llm = LLM(path, dtype="fp32")
             batch = prompts(llm.config.vocab_size)
             tokens = [o.token_ids for o in llm.generate(batch, GREEDY)]
@@ -155,6 +155,12 @@ def reference(make_ckpt):
         return refs[family]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def reference(make_ckpt):
+    """Per family: (checkpoint path, prompts, resident logits, resident greedy tokens)."""
+    return resident_references(make_ckpt, "fp32")
 
 
 @pytest.fixture(scope="module")
