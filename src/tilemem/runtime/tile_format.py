@@ -45,7 +45,7 @@ class Fp8Tile:
     def ffn_weights(self) -> fp8_kernels.FfnWeights:
         """The tile packed for the native FP8 FFN kernel (down as stored: its transposed rows); built once
         per tile object (a resident range keeps its own; a cache slot's view is built per use)."""
-        return fp8_kernels.FfnWeights(*((self.data[i], self.scale[i]) for i in range(3)), down_t=True)
+        return fp8_kernels.FfnWeights.from_tile(self.data, self.scale)
 
     def matrices(self) -> tuple[Fp8Matrix, Fp8Matrix, Fp8Matrix]:
         """gate [n, D], up [n, D] and down [D, n] (a transposed view of the stored down^T rows)."""
