@@ -138,7 +138,7 @@ def test_fp8_weights_stay_fp8(fp8_ckpt):
 
 def test_fp8_dequantize_at_load_says_so(fp8_ckpt, caplog):
     path, ref = fp8_ckpt("qwen3_moe")
-    with caplog.at_level("INFO"):
+    with caplog.at_level("WARNING"):
         model, _ = load_model(path, "fp32", dequantize=True)
     assert "dequantizing" in caplog.text
     assert all(m.weight.dtype == torch.float32 for m in model.modules() if isinstance(m, Linear))
@@ -271,3 +271,18 @@ def test_generate_cli_runs_fp8_checkpoints(fp8_ckpt, capsys, tmp_path, extra):
         extra = [*extra, "--store", str(tmp_path / "store")]
     assert main(argv + extra) == 0
     assert capsys.readouterr().out == "hi" + want.text + "\n"
+
+
+def test_plans_count_fp8_bytes_whatever_the_activation_dtype(fp8_ckpt):
+    """`--dtype` on an FP8 checkpoint is the activations' dtype: plans and the fit check count the weights as
+    stored (FP8 + scales), unless `--dequantize` makes them `dtype`."""
+    from tilemem.engine.args import EngineArgs
+    from tilemem.loader.checkpoint import Checkpoint
+    from tilemem.models.topology import Topology
+
+    path, _ = fp8_ckpt("olmoe")
+    cfg = Checkpoint.open(path).config
+    assert EngineArgs(path, dtype="fp32").weights_dtype(cfg) is None
+    assert EngineArgs(path, dtype="fp32", dequantize=True).weights_dtype(cfg) == "fp32"
+    fp8, fp32 = Topology.from_config(cfg), Topology.from_config(cfg, "fp32")
+    assert fp8.dtype == "fp8_e4m3" and 3.9 < fp32.routed_expert_bytes / fp8.routed_expert_bytes < 4

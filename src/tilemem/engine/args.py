@@ -192,6 +192,14 @@ class EngineArgs:
         spec = self.speculative
         return spec[6:] if spec is not None and spec.startswith("draft:") else None
 
+    def weights_dtype(self, cfg) -> str | None:
+        """The dtype plans count the weights of a checkpoint with config `cfg` in: None (as stored) for an FP8
+        checkpoint, whose weights stay FP8 whatever `dtype` (the activations') says, unless `dequantize`;
+        else `dtype`'s name (None: the checkpoint's)."""
+        if self.dtype is None or (cfg.weight_format and not self.dequantize):
+            return None
+        return str(self.dtype).replace("torch.", "")
+
     def tiered_config(self, plan_prefetch: bool = True):
         """The tiered runtime's settings: `runtime` if given, else `cache_policy` and `prefetch`
         (`plan_prefetch`: what the plan says when `prefetch` is None)."""

@@ -142,10 +142,9 @@ def resolve_plan(args: EngineArgs, ckpt: Checkpoint, max_model_len: int = 4096, 
 
     if args.plan is not None:
         return args.plan if isinstance(args.plan, Plan) else load_plan(args.plan)
-    fp8 = ckpt.config.weight_format and not args.dequantize  # FP8 weights: `dtype` is the activations'
-    dtype_name = None if args.dtype is None or fp8 else str(args.dtype).replace("torch.", "")
     return make_plan(
-        ckpt, args.budget, args.policy, args.profile, args.tile, dtype=dtype_name, memory_limit=args.memory_limit,
+        ckpt, args.budget, args.policy, args.profile, args.tile, dtype=args.weights_dtype(ckpt.config),
+        memory_limit=args.memory_limit,
         context=max_model_len, sequences=kv_sequences,
     )  # fmt: skip
 

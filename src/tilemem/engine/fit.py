@@ -26,7 +26,7 @@ def default_plan(
     (as `--budget auto` counts it) fit the memory limit less the safety margin; else a plan made as
     `--budget auto` within that limit, with `--policy auto` unless a policy was given. Raises BudgetError
     when the non-expert weights and that KV cache alone do not fit."""
-    dtype = None if args.dtype is None else str(args.dtype).replace("torch.", "")
+    dtype = args.weights_dtype(ckpt.config)
     topo = Topology.from_config(ckpt.config, dtype)
     limit = memory_limit(args.memory_limit)
     kv = kv_reserve(topo, max_model_len, sequences)

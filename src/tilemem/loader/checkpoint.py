@@ -253,7 +253,10 @@ def load_model(
         )
     fp8 = fp8_scales(ckpt, state, scales)
     if dequantize and fp8:
-        log.info("dequantizing %d FP8 weights of %s to %s at load (--dequantize)", len(fp8), ckpt.path, target)
+        log.warning(
+            "dequantizing the %d FP8 weights of %s to %s at load (--dequantize): %dx their memory",
+            len(fp8), ckpt.path, target, target.itemsize,
+        )  # fmt: skip
         for name, scale in fp8.items():
             state[name] = dequantize_fp8(state[name], scale).to(target)
         fp8 = {}
