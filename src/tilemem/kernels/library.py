@@ -72,22 +72,24 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
 
 
-def library_path(cc: str, csrc: Path | None = None, flags: list[str] = FLAGS, name: str = "tilemem") -> Path:
-    """Where the library `name` built by compiler `cc` from `csrc` (default `CSRC`) with `flags` is cached:
-    named by a hash of the compiler, the flags and every source and header file of `csrc` (names and bytes)."""
-    csrc = csrc or CSRC
+def library_path(cc: str, csrc: Path | None = None, flags: list[str] | None = None, name: str = "tilemem") -> Path:
+    """Where the library `name` built by compiler `cc` from `csrc` (default `CSRC`) with `flags` (default `FLAGS`,
+    both as they are when called) is cached: named by a hash of the compiler, the flags and every source and
+    header file of `csrc` (names and bytes)."""
+    csrc, flags = csrc or CSRC, FLAGS if flags is None else flags
     digest = hashlib.sha256(" ".join([cc, *flags]).encode())
     for path in sorted(csrc.glob("*.[ch]")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return cache_dir() / f"{name}-{digest.hexdigest()[:16]}.so"
 
 
-def build(force: bool = False, csrc: Path | None = None, flags: list[str] = FLAGS, name: str = "tilemem") -> Path:
+def build(force: bool = False, csrc: Path | None = None, flags: list[str] | None = None, name: str = "tilemem") -> Path:
     """Compile the C files of `csrc` (once per sources and flags) into one shared library; returns its
     path. The defaults build the main (AVX512) library; `fp8.py` builds its portable one from here too."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (install gcc or set CC)")
+    flags = FLAGS if flags is None else flags
     out = library_path(cc, csrc, flags, name)
     if out.exists() and not force:
         return out
