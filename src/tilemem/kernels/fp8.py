@@ -177,6 +177,17 @@ def dequantize(
     return out
 
 
+def _streamed(kind: str, x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """y (zeroed) = the native `tmp_fp8_<kind>` of x and W (data, scale), streaming W's fp8 bytes once."""
+    r, c = data.shape
+    status = getattr(_kernels(f"fp8 {kind}"), f"tmp_fp8_{kind}")(
+        x.data_ptr(), x.stride(0), x.shape[0], data.data_ptr(), data.stride(0), r, c, scale.data_ptr(),
+        scale.stride(0), y.data_ptr(), y.stride(0), torch.get_num_threads(),
+    )  # fmt: skip
+    _check_status(status, f"fp8 {kind}")
+    return y
+
+
 def matmul_nt(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """y = x @ W^T, fp32 [N, R], for x fp32 [N, C] (a linear layer's forward).
 
@@ -197,12 +208,7 @@ def matmul_nt(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> torch
     y = torch.zeros(n, r, dtype=torch.float32)  # [N, R]
     if y.numel() == 0 or c == 0:
         return y
-    status = _kernels("fp8 matmul_nt").tmp_fp8_matmul_nt(
-        x.data_ptr(), x.stride(0), n, data.data_ptr(), data.stride(0), r, c, scale.data_ptr(), scale.stride(0),
-        y.data_ptr(), y.stride(0), torch.get_num_threads(),
-    )  # fmt: skip
-    _check_status(status, "fp8 matmul_nt")
-    return y
+    return _streamed("matmul_nt", x, data, scale, y)
 
 
 def matmul_nn(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -224,12 +230,7 @@ def matmul_nn(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> torch
         return y
     if y.numel() == 0 or r == 0:
         return y
-    status = _kernels("fp8 matmul_nn").tmp_fp8_matmul_nn(
-        x.data_ptr(), x.stride(0), n, data.data_ptr(), data.stride(0), r, c, scale.data_ptr(), scale.stride(0),
-        y.data_ptr(), y.stride(0), torch.get_num_threads(),
-    )  # fmt: skip
-    _check_status(status, "fp8 matmul_nn")
-    return y
+    return _streamed("matmul_nn", x, data, scale, y)
 
 
 Weight = tuple[torch.Tensor, torch.Tensor]
