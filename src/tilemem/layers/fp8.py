@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tilemem.kernels import fp8 as native
+
 FP8 = torch.float8_e4m3fn
 E8M0 = getattr(torch, "float8_e8m0fnu", None)
 BLOCK = 128
@@ -65,10 +67,6 @@ class Fp8Matrix:
             raise ValueError(f"FP8 row slices start on a {BLOCK}-row block boundary, not at row {start}")
         return Fp8Matrix(self.data[start:stop], self.scale[start // BLOCK : math.ceil(stop / BLOCK)])
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The whole matrix in `dtype` (computed in fp32, rounded once)."""
-        return dequantize(self.data, self.scale).to(dtype)
-
 
 def scale_shape(rows: int, cols: int, block: tuple[int, int] = (BLOCK, BLOCK)) -> tuple[int, int]:
     """Shape of the scale grid of an [rows, cols] matrix."""
@@ -103,14 +101,8 @@ def quantize(weight: torch.Tensor, ue8m0: bool = False) -> tuple[torch.Tensor, t
     return data[:rows, :cols].contiguous(), scale.contiguous()
 
 
-def scale_to_fp32(scale: torch.Tensor) -> torch.Tensor:
-    """A checkpoint's `weight_scale_inv` (fp32, bf16, or ue8m0 powers of two) as fp32, exactly."""
-    return scale if scale.dtype == torch.float32 else scale.float()
-
-
 def _native():
-    from tilemem.kernels import fp8 as native
-
+    """The native FP8 kernels where they run here, else None (the reference path)."""
     return native if native.available() else None
 
 
@@ -136,7 +128,7 @@ def _blocked(xf: torch.Tensor, w: Fp8Matrix) -> torch.Tensor:
     """xf [N, C] fp32 times W^T, W dequantized to fp32 a bounded range of whole scale blocks at a time."""
     rows_out, cols = w.shape
     if w.transposed:  # W = S^T for row-major S [C, R]: y = xf @ S, S's rows (W's columns) a range at a time
-        s = Fp8Matrix(w.data.t(), w.scale.t())
+        s = w.t()
         step = max(BLOCK, DEQUANT_CHUNK_BYTES // (4 * rows_out) // BLOCK * BLOCK)
         y = torch.zeros(xf.shape[0], rows_out, dtype=torch.float32, device=xf.device)
         for i in range(0, cols, step):

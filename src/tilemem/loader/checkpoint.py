@@ -18,7 +18,7 @@ import torch
 from tilemem.config import ModelConfig
 from tilemem.errors import CheckpointError, ConfigError, WeightError
 from tilemem.jsonio import read_json_object
-from tilemem.layers.fp8 import FP8, scale_to_fp32
+from tilemem.layers.fp8 import FP8
 from tilemem.layers.fp8 import dequantize as dequantize_fp8
 from tilemem.loader.safetensors_file import SafetensorsFile
 from tilemem.models.registry import Family, config_from_hf, family_for_architecture
@@ -210,7 +210,7 @@ def load_model(
             if ours not in expected:
                 unexpected.append(hub_name)
             elif not (skip is not None and skip(ours) and not is_mtp_name(ours)):
-                scales[ours] = scale_to_fp32(tensor)
+                scales[ours] = tensor.float()  # fp32, bf16 or ue8m0 powers of two: exact in fp32
             continue
         ours = ckpt.to_ours(hub_name)
         if ours not in expected:

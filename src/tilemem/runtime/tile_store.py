@@ -30,7 +30,6 @@ from tqdm import tqdm
 
 from tilemem.errors import CheckpointError, TileMemError
 from tilemem.jsonio import read_json_object
-from tilemem.layers.fp8 import scale_to_fp32
 from tilemem.loader.checkpoint import Checkpoint
 from tilemem.loader.safetensors_file import DTYPES
 from tilemem.models.topology import Topology, our_ffn_prefix
@@ -117,14 +116,17 @@ def expert_scales(ckpt: Checkpoint, layer: int, expert: int) -> tuple[torch.Tens
     names = [n.removesuffix(".weight") + ".weight_scale_inv" for n in expert_names(ckpt, layer, expert)]
     if names[0] not in ckpt.weight_map:
         return None
-    return tuple(scale_to_fp32(ckpt.tensor(n)) for n in names)
+    return tuple(ckpt.tensor(n).float() for n in names)
 
 
-def pack_tile(ckpt: Checkpoint, codec: TileCodec, layer: int, expert: int, a: int, b: int) -> bytes:
-    """The stored bytes of neurons [a, b) of one FFN unit."""
-    gate, up, down = expert_tensors(ckpt, layer, expert)
-    raw = codec.pack(gate, up, down, a, b, expert_scales(ckpt, layer, expert) if codec.fp8 else None)
-    return raw.numpy().tobytes()
+def unit_weights(ckpt: Checkpoint, codec: TileCodec, layer: int, expert: int) -> tuple:
+    """(gate, up, down, their fp32 block scales or None) of one FFN unit, as `pack_tile` takes them."""
+    return (*expert_tensors(ckpt, layer, expert), expert_scales(ckpt, layer, expert) if codec.fp8 else None)
+
+
+def pack_tile(codec: TileCodec, weights: tuple, a: int, b: int) -> bytes:
+    """The stored bytes of neurons [a, b) of one FFN unit (`unit_weights`)."""
+    return codec.pack(*weights[:3], a, b, weights[3]).numpy().tobytes()
 
 
 def store_codec(ckpt: Checkpoint) -> TileCodec:
@@ -195,13 +197,14 @@ def convert(model: str | Path, out: str | Path, tile_size: int = 128, progress: 
     with open(data_tmp, "r+b" if data_tmp.exists() else "w+b") as data, open(journal, "a") as jr:
         for layer, expert, width in units:
             crcs.update({name: tensor_crc(ckpt.tensor(name)) for name in expert_names(ckpt, layer, expert)})
+            weights = unit_weights(ckpt, codec, layer, expert)  # once per unit, not per tile
             for a, b in tile_ranges(width, tile_size):
                 nbytes = codec.payload_bytes(b - a)
                 key = tile_key(layer, expert, None, 0, a, b)
                 rec = done.get(key)
                 # A journaled tile is kept only if the partial file really holds it (writes can be lost).
                 if rec is None or rec.get("offset", offset) != offset or not _holds(data, offset, nbytes, rec):
-                    raw = pack_tile(ckpt, codec, layer, expert, a, b)
+                    raw = pack_tile(codec, weights, a, b)
                     data.seek(offset)
                     data.write(raw + b"\0" * (align(nbytes) - nbytes))
                     sha = hashlib.sha256(raw).hexdigest()
@@ -295,7 +298,7 @@ def _repair(store: TileStore, ckpt: Checkpoint, progress: bool) -> list[str]:
         return []
     with open(store.data_path, "r+b") as data:
         for t in bad:
-            raw = pack_tile(ckpt, store.codec, t.layer, t.expert, t.start, t.end)
+            raw = pack_tile(store.codec, unit_weights(ckpt, store.codec, t.layer, t.expert), t.start, t.end)
             if hashlib.sha256(raw).hexdigest() != t.sha256:
                 raise StoreError(
                     f"tile {t.key} of {store.path} cannot be rebuilt from {ckpt.path} (other bytes); "
