@@ -1,0 +1,301 @@
+/* Internals shared by the ggml-block kernels (ggml_quant.c, ggml_quant_ffn.c): block decoding, activation
+ * quantization and the per-row dot products of the exact and the fast way. Not part of the interface.
+ *
+ * Every type is handled as groups of 32 weights: group_q gives a group's 32 integer quants (u8, or s8 for
+ * Q8_0) without their offset, and each weight is A * (q - off) (+ B or - B), A per 16 or 32 weights.
+ * Compiled with -ffp-contract=off: a decoded weight is the same fp32 products and sums as gguf's numpy
+ * reference, never an FMA of them.
+ */
+#ifndef TILEMEM_GGML_QUANT_INTERNAL_H
+#define TILEMEM_GGML_QUANT_INTERNAL_H
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define INLINE static inline __attribute__((always_inline))
+#define GMAXT 8 /* tokens per pass over the weights */
+
+enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14 };
+
+static inline int64_t gmin64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+INLINE int is_k(const int TY) { return TY == T_Q4_K || TY == T_Q5_K || TY == T_Q6_K; }
+
+/* Weights and bytes of a block. */
+INLINE int64_t bw_of(const int TY) { return is_k(TY) ? 256 : 32; }
+INLINE int64_t bb_of(const int TY) {
+    switch (TY) {
+    case T_Q4_0: return 18;
+    case T_Q4_1: return 20;
+    case T_Q5_0: return 22;
+    case T_Q5_1: return 24;
+    case T_Q8_0: return 34;
+    case T_Q4_K: return 144;
+    case T_Q5_K: return 176;
+    case T_Q6_K: return 210;
+    }
+    return 0;
+}
+
+INLINE float f16(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+INLINE float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* 32 nibbles of 16 bytes: bytes 0..15 = low nibbles, 16..31 = high nibbles. */
+INLINE __m256i nibbles16(const uint8_t *p) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)p), m = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+}
+
+/* Byte j = 0x10 where bit j of the little-endian uint32 at p is set, else 0. */
+INLINE __m256i bits32(const uint8_t *p) {
+    uint32_t x;
+    memcpy(&x, p, 4);
+    const __m256i shuf = _mm256_setr_epi64x(0, 0x0101010101010101LL, 0x0202020202020202LL, 0x0303030303030303LL);
+    const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)x), shuf);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit), _mm256_set1_epi8(0x10));
+}
+
+/* The 6-bit scale and min of sub-block j of a Q4_K / Q5_K block's 12 scale bytes s (ggml's get_scale_min_k4). */
+INLINE void scale_min_k4(const uint8_t *s, int j, int *sc, int *mn) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *mn = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
+        *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+/* Group g's 32 quants of block b, before their offset (Q4_0: 0..15 for -8..7; Q6_K: 0..63 for -32..31). */
+INLINE __m256i group_q(const int TY, const uint8_t *b, int g) {
+    switch (TY) {
+    case T_Q8_0: return _mm256_loadu_si256((const __m256i *)(b + 2));
+    case T_Q4_0: return nibbles16(b + 2);
+    case T_Q4_1: return nibbles16(b + 4);
+    case T_Q5_0: return _mm256_or_si256(nibbles16(b + 6), bits32(b + 2));
+    case T_Q5_1: return _mm256_or_si256(nibbles16(b + 8), bits32(b + 4));
+    case T_Q4_K:
+    case T_Q5_K: {
+        const int64_t qs = TY == T_Q4_K ? 16 : 48;
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(b + qs + 32 * (g >> 1))), m = _mm256_set1_epi8(0x0F);
+        __m256i q = _mm256_and_si256(g & 1 ? _mm256_srli_epi16(v, 4) : v, m);
+        if (TY == T_Q5_K) { /* bit g of qh[i] is bit 4 of weight i of group g */
+            const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 16));
+            const __m256i hb = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(g)), _mm256_set1_epi8(1));
+            q = _mm256_or_si256(q, _mm256_slli_epi16(hb, 4));
+        }
+        return q;
+    }
+    case T_Q6_K: { /* group g = 4h + k: low 4 bits in ql[64h + 32 (k & 1) + i] (nibble k >> 1), high 2 in qh */
+        const int h = g >> 2, k = g & 3;
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(b + 64 * h + 32 * (k & 1)));
+        const __m256i lo = _mm256_and_si256(k >> 1 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0x0F));
+        const __m256i qh = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * h));
+        const __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * k)), _mm256_set1_epi8(3));
+        return _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
+    }
+    }
+    return _mm256_setzero_si256();
+}
+
+/* A block's scales for the exact decode: weight i of group g = a[2g + i / 16] * (q - off) + b[g]. */
+typedef struct {
+    float a[16], b[8];
+} tmg_scales;
+
+INLINE void block_scales(const int TY, const uint8_t *blk, tmg_scales *s) {
+    switch (TY) {
+    case T_Q8_0:
+    case T_Q4_0:
+    case T_Q5_0: s->a[0] = s->a[1] = f16(blk), s->b[0] = 0.0f; break;
+    case T_Q4_1:
+    case T_Q5_1: s->a[0] = s->a[1] = f16(blk), s->b[0] = f16(blk + 2); break;
+    case T_Q4_K:
+    case T_Q5_K: {
+        const float d = f16(blk), dmin = f16(blk + 2);
+        for (int j = 0; j < 8; j++) {
+            int sc, mn;
+            scale_min_k4(blk + 4, j, &sc, &mn);
+            s->a[2 * j] = s->a[2 * j + 1] = d * (float)sc;
+            s->b[j] = dmin * (float)mn; /* subtracted */
+        }
+        break;
+    }
+    case T_Q6_K: {
+        const float d = f16(blk + 208);
+        for (int j = 0; j < 16; j++) s->a[j] = d * (float)(int8_t)blk[192 + j];
+        break;
+    }
+    }
+}
+
+/* 32 integer bytes (u8, or s8 where SIGNED) -> 4 x 8 floats, in order. */
+INLINE void bytes_to_f(const int SIGNED, __m256i q, __m256 f[4]) {
+    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+    const __m128i p[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int k = 0; k < 4; k++)
+        f[k] = _mm256_cvtepi32_ps(SIGNED ? _mm256_cvtepi8_epi32(p[k]) : _mm256_cvtepu8_epi32(p[k]));
+}
+
+/* Group g of block blk as 4 x 8 exact fp32 weights (the numpy reference's operations, in its order). */
+INLINE void group_f(const int TY, const uint8_t *blk, int g, const tmg_scales *s, __m256 w[4]) {
+    __m256 f[4];
+    bytes_to_f(TY == T_Q8_0, group_q(TY, blk, g), f);
+    const int gi = is_k(TY) ? g : 0;
+    const __m256 a0 = _mm256_set1_ps(s->a[2 * gi]), a1 = _mm256_set1_ps(s->a[2 * gi + 1]);
+    const __m256 b = _mm256_set1_ps(s->b[gi]);
+    const float off = TY == T_Q4_0 ? 8.0f : TY == T_Q5_0 ? 16.0f : TY == T_Q6_K ? 32.0f : 0.0f;
+    for (int k = 0; k < 4; k++) {
+        __m256 q = off != 0.0f ? _mm256_sub_ps(f[k], _mm256_set1_ps(off)) : f[k]; /* exact: small integers */
+        __m256 v = _mm256_mul_ps(k < 2 ? a0 : a1, q);
+        if (TY == T_Q4_1 || TY == T_Q5_1) v = _mm256_add_ps(v, b);
+        if (TY == T_Q4_K || TY == T_Q5_K) v = _mm256_sub_ps(v, b);
+        w[k] = v;
+    }
+}
+
+/* ---- exact: y[n] = sum_c x[n, c] * W[row, c] for NT tokens (x row stride ldx), nb blocks ---- */
+
+INLINE void row_exact(const int TY, const int NT, const uint8_t *wr, int64_t nb, const float *x, int64_t ldx,
+                      float *y, int64_t ldy) {
+    __m256 acc[GMAXT][2];
+    for (int n = 0; n < NT; n++) acc[n][0] = acc[n][1] = _mm256_setzero_ps();
+    const int64_t G = bw_of(TY) / 32, BB = bb_of(TY);
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *blk = wr + i * BB;
+        tmg_scales s;
+        block_scales(TY, blk, &s);
+        for (int g = 0; g < G; g++) {
+            __m256 w[4];
+            group_f(TY, blk, g, &s, w);
+            const float *xc = x + (i * G + g) * 32;
+            for (int n = 0; n < NT; n++)
+                for (int k = 0; k < 4; k++)
+                    acc[n][k & 1] = _mm256_fmadd_ps(_mm256_loadu_ps(xc + n * ldx + 8 * k), w[k], acc[n][k & 1]);
+        }
+    }
+    for (int n = 0; n < NT; n++) y[n * ldy] = hsum(_mm256_add_ps(acc[n][0], acc[n][1]));
+}
+
+/* ---- fast: activations as int8 blocks ---- */
+
+/* Quantized activations: row n's int8 values q + n * ldq, its scale per block of 32 (or 256 for K-quants)
+ * d + n * ldd, its sums per 16 values s + n * lds. */
+typedef struct {
+    const int8_t *q;
+    const float *d;
+    const int16_t *s;
+    int64_t ldq, ldd, lds;
+} tmg_xq;
+
+/* Row x [C] into q (int8 [C]), d ([C / QB]), s (int16 [C / 16]): per block of QB values d = max|x| / 127,
+ * q = round(x / d) (to nearest even). */
+static inline void quantize_x(const float *x, int64_t C, int64_t QB, int8_t *q, float *d, int16_t *s) {
+    for (int64_t c0 = 0; c0 < C; c0 += QB) {
+        float amax = 0.0f;
+        for (int64_t c = c0; c < c0 + QB; c++) amax = fmaxf(amax, fabsf(x[c]));
+        const float dd = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        d[c0 / QB] = dd;
+        for (int64_t c = c0; c < c0 + QB; c += 8) {
+            const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + c), _mm256_set1_ps(id)));
+            int32_t t[8];
+            _mm256_storeu_si256((__m256i *)t, v);
+            for (int k = 0; k < 8; k++) q[c + k] = (int8_t)(t[k] > 127 ? 127 : t[k] < -127 ? -127 : t[k]);
+        }
+        for (int64_t c = c0; c < c0 + QB; c += 16) {
+            int sum = 0;
+            for (int k = 0; k < 16; k++) sum += q[c + k];
+            s[c / 16] = (int16_t)sum;
+        }
+    }
+}
+
+/* 32 products q * x summed by pairs into 16 int16 (q: the group's quants, u8 or s8 for Q8_0). */
+INLINE __m256i dot_pairs(const int TY, __m256i q, __m256i x) {
+    if (TY == T_Q8_0) return _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
+    return _mm256_maddubs_epi16(q, x);
+}
+
+INLINE void row_fast(const int TY, const int NT, const uint8_t *wr, int64_t nb, const tmg_xq *X, float *y,
+                     int64_t ldy) {
+    __m256 acc[GMAXT];
+    float corr[GMAXT];
+    for (int n = 0; n < NT; n++) acc[n] = _mm256_setzero_ps(), corr[n] = 0.0f;
+    const int64_t BB = bb_of(TY);
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t i = 0; i < nb; i++) {
+        const uint8_t *blk = wr + i * BB;
+        if (!is_k(TY)) {
+            const __m256i q = group_q(TY, blk, 0);
+            const float dw = f16(blk);
+            for (int n = 0; n < NT; n++) {
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(X->q + n * X->ldq + 32 * i));
+                const __m256i s32 = _mm256_madd_epi16(dot_pairs(TY, q, xv), ones);
+                const float dx = X->d[n * X->ldd + i];
+                acc[n] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx), _mm256_cvtepi32_ps(s32), acc[n]);
+                if (TY != T_Q8_0) {
+                    const int16_t *s = X->s + n * X->lds + 2 * i;
+                    const float sx = (float)(s[0] + s[1]);
+                    if (TY == T_Q4_0 || TY == T_Q5_0) corr[n] -= dw * dx * (TY == T_Q4_0 ? 8.0f : 16.0f) * sx;
+                    else corr[n] += f16(blk + 2) * dx * sx; /* Q4_1, Q5_1: + m * sum(x) */
+                }
+            }
+        } else {
+            __m256i sc[8];
+            int mins[8] = {0};
+            float d, dmin = 0.0f;
+            if (TY == T_Q6_K) {
+                d = f16(blk + 208);
+                for (int g = 0; g < 8; g++)
+                    sc[g] = _mm256_set_m128i(_mm_set1_epi16((int8_t)blk[192 + 2 * g + 1]),
+                                             _mm_set1_epi16((int8_t)blk[192 + 2 * g]));
+            } else {
+                d = f16(blk), dmin = f16(blk + 2);
+                for (int g = 0; g < 8; g++) {
+                    int s, m;
+                    scale_min_k4(blk + 4, g, &s, &m);
+                    sc[g] = _mm256_set1_epi16((short)s);
+                    mins[g] = m;
+                }
+            }
+            __m256i iacc[GMAXT];
+            for (int n = 0; n < NT; n++) iacc[n] = _mm256_setzero_si256();
+            for (int g = 0; g < 8; g++) {
+                const __m256i q = group_q(TY, blk, g);
+                for (int n = 0; n < NT; n++) {
+                    const __m256i xv = _mm256_loadu_si256((const __m256i *)(X->q + n * X->ldq + 256 * i + 32 * g));
+                    iacc[n] = _mm256_add_epi32(iacc[n], _mm256_madd_epi16(dot_pairs(TY, q, xv), sc[g]));
+                }
+            }
+            for (int n = 0; n < NT; n++) {
+                const float dx = X->d[n * X->ldd + i];
+                const int16_t *s = X->s + n * X->lds + 16 * i;
+                acc[n] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(iacc[n]), acc[n]);
+                int off = 0;
+                if (TY == T_Q6_K) {
+                    for (int k = 0; k < 16; k++) off += (int8_t)blk[192 + k] * s[k];
+                    corr[n] -= d * dx * 32.0f * (float)off;
+                } else {
+                    for (int g = 0; g < 8; g++) off += mins[g] * (s[2 * g] + s[2 * g + 1]);
+                    corr[n] -= dmin * dx * (float)off;
+                }
+            }
+        }
+    }
+    for (int n = 0; n < NT; n++) y[n * ldy] = hsum(acc[n]) + corr[n];
+}
+
+#endif

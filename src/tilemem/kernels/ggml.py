@@ -1,0 +1,200 @@
+"""llama.cpp (ggml) quantized weights on the CPU: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (blocks of 32 weights) and
+Q4_K, Q5_K, Q6_K (super-blocks of 256), dequantized and multiplied by native kernels.
+
+A weight W [R, C] of type `qtype` is `data` (torch.uint8 [R, row_bytes], rows contiguous; a row slice of a
+bigger matrix is fine), each row C / BLOCK_WEIGHTS[qtype] blocks of BLOCK_BYTES[qtype] bytes laid out
+exactly as ggml stores them (a GGUF tensor's bytes, one row of the tensor per row of `data`).
+
+Two ways to multiply (`exact`):
+- exact=True: every weight decoded in registers to the fp32 value `gguf.quants.dequantize` gives, fp32 FMAs
+  with the fp32 activations: within ~1e-6 relative of dequantize-then-matmul;
+- exact=False: llama.cpp's way: the activations quantized to int8 per block (32 values, or 256 with sums
+  per 16 for the K-quants), integer dot products, fp32 scaling per block: the activations' rounding costs
+  ~0.3-0.5% relative error of the outputs (FAST_TOL; measured on random data, see tests/test_ggml_kernels.py),
+  as llama.cpp's CPU backend has.
+
+The kernels (`csrc_portable/ggml_quant*.c`) need only AVX2 + FMA + F16C: a library of their own
+(`tilemem-ggml`), built by `library.build` apart from the main AVX512 one. Where they cannot run (CPU,
+compiler, `TILEMEM_KERNELS=0`), `available()` is False and callers use torch.
+
+Shape legend: N tokens, R rows of W, C columns of W; for FFNs T tokens, D hidden, n neurons of a task.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from tilemem import sysinfo
+from tilemem.errors import KernelError, KernelMemoryError
+from tilemem.kernels import library
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).with_name("csrc_portable")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-fvisibility=hidden"]
+FLAGS += ["-ffp-contract=off"]  # decoded weights bit for bit as numpy's: no product and sum fused unasked
+TYPE_IDS = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14}
+"""Type name -> ggml's type id (GGMLQuantizationType)."""
+QTYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
+"""The types the kernels read."""
+BLOCK_WEIGHTS = {"q8_0": 32, "q4_0": 32, "q4_1": 32, "q5_0": 32, "q5_1": 32, "q4_k": 256, "q5_k": 256, "q6_k": 256}
+"""Weights per block."""
+BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24, "q4_k": 144, "q5_k": 176, "q6_k": 210}
+"""Bytes per block."""
+FAST_TOL = 2e-2
+"""Bound on the fast path's error (max abs error / max abs output, random data) against the exact path."""
+NT_MAX_TOKENS = 32
+"""Most tokens matmul_nt streams the quantized weights for (8 per pass); more (prefill) dequantize rows of W
+`PREFILL_BYTES` at a time and run torch's fp32 GEMM on them (both ways: prefill is exact)."""
+PREFILL_BYTES = 8 << 20
+"""fp32 bytes of W a prefill matmul dequantizes at once."""
+
+_vp, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+
+
+def cpu_supported() -> bool:
+    """Whether this CPU reports the instruction sets the kernels use (AVX2, FMA, F16C)."""
+    return {"avx2", "fma", "f16c"} <= sysinfo.cpu_flags()
+
+
+def build(force: bool = False) -> Path:
+    """Compile `csrc_portable/` (once per sources and flags) into the cached ggml library; returns its path."""
+    return library.build(force, CSRC, FLAGS, "tilemem-ggml")
+
+
+@functools.cache
+def lib() -> ctypes.CDLL | None:
+    """The loaded ggml library, or None where it cannot run here (CPU, compiler, `TILEMEM_KERNELS=0`)."""
+    if os.environ.get("TILEMEM_KERNELS", "1") == "0" or not cpu_supported():
+        return None
+    try:
+        out = ctypes.CDLL(str(build()))
+    except (RuntimeError, OSError) as exc:
+        log.warning("ggml kernels unavailable, using torch: %s", exc)
+        return None
+    out.tmg_block_bytes.argtypes = out.tmg_block_weights.argtypes = [_int]
+    out.tmg_block_bytes.restype = out.tmg_block_weights.restype = _i64
+    for name, t in TYPE_IDS.items():
+        if (out.tmg_block_bytes(t), out.tmg_block_weights(t)) != (BLOCK_BYTES[name], BLOCK_WEIGHTS[name]):
+            log.warning("ggml kernels unavailable, using torch: the library's %s blocks differ from ggml.py's", name)
+            return None
+    out.tmg_dequantize.argtypes = [_int, _vp, _i64, _i64, _i64, _i64, _vp, _i64, _int]
+    out.tmg_matmul_nt.argtypes = [_int, _int, _vp, _i64, _i64, _vp, _i64, _i64, _i64, _vp, _i64, _int]
+    return out
+
+
+def available() -> bool:
+    """Whether the ggml kernels can run here (CPU with AVX2 + FMA + F16C, a C compiler, not disabled)."""
+    return lib() is not None
+
+
+def _kernels(what: str) -> ctypes.CDLL:
+    out = lib()
+    if out is None:
+        raise KernelError(f"{what}: the ggml kernels cannot run here (see ggml.available()); use the torch path")
+    return out
+
+
+def _check_status(status: int, what: str) -> None:
+    if status == 1:
+        raise KernelMemoryError(f"{what}: the ggml kernel could not allocate its working memory; free memory")
+    if status != 0:
+        raise KernelError(f"{what}: the ggml kernel refused its arguments (status {status})")
+
+
+def row_bytes(qtype: str, cols: int) -> int:
+    """Bytes of one row of C = `cols` weights of `qtype` (KernelError unless cols is a multiple of its block)."""
+    if qtype not in TYPE_IDS:
+        raise KernelError(f"unknown ggml quant type {qtype!r}: the kernels read {', '.join(QTYPES)}")
+    if not isinstance(cols, int) or cols <= 0 or cols % BLOCK_WEIGHTS[qtype]:
+        raise KernelError(
+            f"{qtype}: a row of {cols} weights is not a whole number of {BLOCK_WEIGHTS[qtype]}-weight blocks; "
+            "pass the tensor's true column count (ggml quantizes rows in whole blocks)"
+        )
+    return cols // BLOCK_WEIGHTS[qtype] * BLOCK_BYTES[qtype]
+
+
+def check_weight(qtype: str, data: torch.Tensor, cols: int, what: str) -> None:
+    """Raise KernelError unless `data` is a [R, row_bytes] uint8 CPU tensor of `qtype` rows of `cols` weights
+    with contiguous rows."""
+    nbytes = row_bytes(qtype, cols)
+    if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or not data.is_cpu or data.dim() != 2:
+        got = f"{data.dtype} {tuple(data.shape)}" if isinstance(data, torch.Tensor) else type(data).__name__
+        raise KernelError(f"{what}: data must be a 2-D torch.uint8 CPU tensor [R, row_bytes], got {got}")
+    if data.shape[1] != nbytes:
+        raise KernelError(
+            f"{what}: rows of {data.shape[1]} bytes, but {cols} {qtype} weights take {nbytes} bytes a row; "
+            "check the type and the column count"
+        )
+    if data.shape[0] > 1 and data.stride(1) != 1 or data.stride(0) < nbytes and data.shape[0] > 1:
+        raise KernelError(f"{what}: data's rows must be contiguous bytes, got strides {data.stride()}")
+
+
+def _check_x(x: torch.Tensor, cols: int, what: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or not x.is_cpu or x.dim() != 2:
+        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise KernelError(f"{what}: x must be a 2-D float32 CPU tensor [N, C], got {got}")
+    if x.shape[1] != cols:
+        raise KernelError(f"{what}: x has shape {tuple(x.shape)}, but W has {cols} columns")
+    return x if x.stride(1) == 1 or cols <= 1 else x.contiguous()
+
+
+def dequantize(qtype: str, data: torch.Tensor, cols: int, rows: slice | None = None) -> torch.Tensor:
+    """W[rows] as fp32 [r, cols] (`rows`: a slice with step 1; default all): bit for bit the values of
+    `gguf.quants.dequantize`."""
+    what = f"ggml dequantize {qtype}"
+    check_weight(qtype, data, cols, what)
+    start, stop, step = (rows or slice(None)).indices(data.shape[0])
+    if step != 1:
+        raise KernelError(f"{what}: rows must be a slice with step 1, got {rows}")
+    out = torch.empty(max(0, stop - start), cols, dtype=torch.float32)  # [r, C]
+    return _dequantize_into(qtype, data, cols, start, out, what)
+
+
+def _dequantize_into(
+    qtype: str, data: torch.Tensor, cols: int, start: int, out: torch.Tensor, what: str
+) -> torch.Tensor:
+    """out [r, C] = W[start : start + r] (out: fp32 with contiguous rows)."""
+    if out.numel():
+        status = _kernels(what).tmg_dequantize(
+            TYPE_IDS[qtype], data.data_ptr(), data.stride(0), start, out.shape[0], cols, out.data_ptr(),
+            out.stride(0), torch.get_num_threads(),
+        )  # fmt: skip
+        _check_status(status, what)
+    return out
+
+
+def matmul_nt(x: torch.Tensor, qtype: str, data: torch.Tensor, cols: int, exact: bool = True) -> torch.Tensor:
+    """y = x @ W^T, fp32 [N, R], for x fp32 [N, C] (a linear layer's forward); W `qtype` rows of `cols` weights.
+
+    Up to NT_MAX_TOKENS tokens (decode), W's blocks are streamed once per 8 tokens, split over threads by rows,
+    exact or fast (see the module docstring); more tokens (prefill) dequantize W in row blocks and call
+    torch's fp32 GEMM on each (exact either way).
+    """
+    what = f"ggml matmul_nt {qtype}"
+    check_weight(qtype, data, cols, what)
+    x = _check_x(x, cols, what)
+    n, r = x.shape[0], data.shape[0]
+    if n > NT_MAX_TOKENS:
+        y = torch.empty(n, r, dtype=torch.float32)  # [N, R]
+        step = max(1, PREFILL_BYTES // (4 * cols))
+        buf = torch.empty(min(step, r), cols, dtype=torch.float32)  # [rows, C], reused
+        for r0 in range(0, r, step):
+            w = _dequantize_into(qtype, data, cols, r0, buf[: min(step, r - r0)], what)  # [rows, C]
+            y[:, r0 : r0 + step] = torch.nn.functional.linear(x, w)
+        return y
+    y = torch.empty(n, r, dtype=torch.float32)  # [N, R]
+    if y.numel() == 0:
+        return y
+    status = _kernels(what).tmg_matmul_nt(
+        TYPE_IDS[qtype], int(exact), x.data_ptr(), x.stride(0), n, data.data_ptr(), data.stride(0), r, cols,
+        y.data_ptr(), y.stride(0), torch.get_num_threads(),
+    )  # fmt: skip
+    _check_status(status, what)
+    return y
