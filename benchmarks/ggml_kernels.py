@@ -1,0 +1,83 @@
+"""ggml quant kernels (`kernels/ggml.py`): GB/s of the weights a matmul_nt reads, exact vs fast, at a few
+token counts, next to torch's bf16 matmul on the same shape. Small and synthetic (random blocks); rounds
+interleave every case (A B A B) as this machine's memory bandwidth drifts.
+
+    .venv/bin/python benchmarks/ggml_kernels.py
+    .venv/bin/python benchmarks/ggml_kernels.py --rows 4096 --cols 4096 --tokens 1,4,8 --rounds 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from tilemem.kernels import ggml
+
+
+def random_blocks(qtype: str, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """Random valid rows of `qtype` blocks: random quant bytes, finite fp16 scales."""
+    rng = np.random.default_rng(seed)
+    nb, bb = cols // ggml.BLOCK_WEIGHTS[qtype], ggml.BLOCK_BYTES[qtype]
+    raw = rng.integers(0, 256, (rows, nb, bb), dtype=np.uint8)  # [R, blocks, bytes]
+    scales = {"q6_k": [208], "q4_k": [0, 2], "q5_k": [0, 2], "q4_1": [0, 2], "q5_1": [0, 2]}.get(qtype, [0])
+    for p in scales:
+        raw[:, :, p : p + 2] = (rng.standard_normal((rows, nb, 1)) * 0.01).astype(np.float16).view(np.uint8)
+    return torch.from_numpy(raw.reshape(rows, nb * bb))
+
+
+def seconds(fn: Callable[[], object], repeat: int) -> float:
+    """Best-of-3 mean seconds of `repeat` calls."""
+    fn()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / repeat)
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=2048)
+    p.add_argument("--cols", type=int, default=2048)
+    p.add_argument("--tokens", default="1,4")
+    p.add_argument("--types", default="q8_0,q4_k,q6_k")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=20)
+    args = p.parse_args()
+    if not ggml.available():
+        raise SystemExit("the ggml kernels cannot run here (ggml.available() is False)")
+    r, c = args.rows, args.cols
+    tokens = [int(t) for t in args.tokens.split(",")]
+    wb = torch.randn(r, c).bfloat16()  # [R, C]
+    cases: dict[str, tuple[int, Callable[[], object]]] = {}
+    for n in tokens:
+        xb = torch.randn(n, c).bfloat16()  # [N, C]
+        cases[f"bf16 torch N={n}"] = (wb.numel() * 2, lambda xb=xb: torch.nn.functional.linear(xb, wb))
+        for qtype in args.types.split(","):
+            data = random_blocks(qtype, r, c)
+            x = torch.randn(n, c)  # [N, C]
+            for exact in (True, False):
+                name = f"{qtype} {'exact' if exact else 'fast'} N={n}"
+                fn = lambda x=x, q=qtype, d=data, e=exact: ggml.matmul_nt(x, q, d, c, e)  # noqa: E731
+                cases[name] = (data.numel(), fn)
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(args.rounds):
+        for name, (_, fn) in cases.items():
+            times[name].append(seconds(fn, args.repeat))
+    print(f"W [{r}, {c}], {torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds")
+    print(f"{'case':<22} {'MiB':>7} {'us':>9} {'GB/s':>7} {'GMAC/s':>7}")
+    for name, (nbytes, _) in cases.items():
+        t = statistics.median(times[name])
+        n = int(name.rsplit("=", 1)[1])
+        print(f"{name:<22} {nbytes / 2**20:7.2f} {t * 1e6:9.1f} {nbytes / t / 1e9:7.2f} {n * r * c / t / 1e9:7.2f}")
+
+
+if __name__ == "__main__":
+    main()
