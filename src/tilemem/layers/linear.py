@@ -13,6 +13,7 @@ from torch import nn
 
 from tilemem import kernels, sysinfo
 from tilemem.layers.fp8 import FP8, Fp8Matrix, fp8_gemm
+from tilemem.layers.ggml import GgmlMatrix, embedding_rows, ggml_gemm
 from tilemem.pages import drop_file_pages, file_backed
 
 _NATIVE_HALF = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
@@ -27,7 +28,9 @@ UPCAST_CHUNK_BYTES = 8 << 20
 """fp32 copy of the weight made at once: bounded, so a large matrix (an LM head) adds no large temporary."""
 
 
-def gemm(x: torch.Tensor, weight: torch.Tensor | Fp8Matrix, bias: torch.Tensor | None = None) -> torch.Tensor:
+def gemm(
+    x: torch.Tensor, weight: torch.Tensor | Fp8Matrix | GgmlMatrix, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for a weight [out, in] of any strides (an FP8 matrix: `fp8_gemm`), fast on
     CPUs whose torch bf16/fp16 GEMM is slow (`SLOW_HALF_GEMM`): one row runs as a GEMV (`torch.mv`, near
     memory bandwidth in either layout); more rows, or a transposed weight, are multiplied in fp32 on the
@@ -35,6 +38,8 @@ def gemm(x: torch.Tensor, weight: torch.Tensor | Fp8Matrix, bias: torch.Tensor |
     torch's own half GEMM), and the result is rounded to x's dtype once. Elsewhere, or in fp32, it is `F.linear`."""
     if isinstance(weight, Fp8Matrix):
         return fp8_gemm(x, weight, bias)
+    if isinstance(weight, GgmlMatrix):
+        return ggml_gemm(x, weight, bias)
     if x.device.type != "cpu" or not SLOW_HALF_GEMM.get(x.dtype, False) or weight.dtype != x.dtype:
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
@@ -55,16 +60,26 @@ def gemm(x: torch.Tensor, weight: torch.Tensor | Fp8Matrix, bias: torch.Tensor |
 class Linear(nn.Linear):
     """`nn.Linear` on `meta` (the loader assigns the weights) with the decode fast path, and optionally
     its weight in x12 (`compress`), or in FP8: `weight` float8_e4m3fn [out, in] with the buffer
-    `weight_scale_inv` (fp32 block scales, `layers.fp8`), as FP8 checkpoints name them."""
+    `weight_scale_inv` (fp32 block scales, `layers.fp8`), as FP8 checkpoints name them, or in a GGUF block type
+    (`qtype`, `layers.ggml`): `weight` uint8 [out, row bytes], the blocks as the file stores them."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__(in_features, out_features, bias=bias, device="meta")
         self.x12: kernels.X12Matrix | None = None
         self.register_buffer("weight_scale_inv", None)
+        self.qtype: str | None = None
+
+    def set_quantized(self, m: GgmlMatrix) -> None:
+        """Take a GGUF quantized weight (its blocks, not a copy)."""
+        self.weight = nn.Parameter(m.data, requires_grad=False)
+        self.qtype = m.qtype
 
     @property
-    def matrix(self) -> torch.Tensor | Fp8Matrix:
-        """The weight as `gemm` takes it: the tensor, or an `Fp8Matrix` for an FP8 weight."""
+    def matrix(self) -> torch.Tensor | Fp8Matrix | GgmlMatrix:
+        """The weight as `gemm` takes it: the tensor, an `Fp8Matrix` for an FP8 weight, a `GgmlMatrix` for a
+        GGUF-quantized one."""
+        if self.qtype is not None:
+            return GgmlMatrix(self.weight, self.qtype, self.in_features)
         if self.weight.dtype == FP8:
             return Fp8Matrix(self.weight, self.weight_scale_inv)
         return self.weight
@@ -82,6 +97,8 @@ class Linear(nn.Linear):
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qtype is not None:
+            return ggml_gemm(x, self.matrix, self.bias)
         if self.weight.dtype == FP8:
             return fp8_gemm(x, self.matrix, self.bias)
         return linear(x, self.weight, self.bias, self.x12)
@@ -106,3 +123,28 @@ def linear(
     if bias is not None:
         y = y + bias
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+class Embedding(nn.Embedding):
+    """`nn.Embedding` on `meta`, whose table may also be GGUF-quantized (`set_quantized`): then only the rows
+    looked up are decoded, into `dtype`."""
+
+    def __init__(self, num: int, dim: int, dtype: torch.dtype | None = None) -> None:
+        super().__init__(num, dim, device="meta")
+        self.qtype: str | None = None
+        self.out_dtype = dtype
+
+    def set_quantized(self, m: GgmlMatrix) -> None:
+        """Take a GGUF quantized table (its blocks, not a copy)."""
+        self.weight = nn.Parameter(m.data, requires_grad=False)
+        self.qtype = m.qtype
+
+    @property
+    def matrix(self) -> torch.Tensor | GgmlMatrix:
+        """The table as `gemm` takes it (a tied LM head)."""
+        return GgmlMatrix(self.weight, self.qtype, self.embedding_dim) if self.qtype is not None else self.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.qtype is not None:
+            return embedding_rows(self.matrix, ids, self.out_dtype or torch.float32)
+        return super().forward(ids)

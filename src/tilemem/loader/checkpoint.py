@@ -20,6 +20,9 @@ from tilemem.errors import CheckpointError, ConfigError, WeightError
 from tilemem.jsonio import read_json_object
 from tilemem.layers.fp8 import FP8
 from tilemem.layers.fp8 import dequantize as dequantize_fp8
+from tilemem.layers.ggml import GgmlMatrix
+from tilemem.loader.gguf_checkpoint import GgufCheckpoint
+from tilemem.loader.gguf_file import is_gguf
 from tilemem.loader.safetensors_file import SafetensorsFile
 from tilemem.models.registry import Family, config_from_hf, family_for_architecture
 from tilemem.pages import populate
@@ -61,15 +64,17 @@ class Checkpoint:
     """Hub tensor name -> file name."""
 
     @classmethod
-    def open(cls, path: str | Path) -> Checkpoint:
-        """Validate `path` as a checkpoint directory and index its tensors."""
+    def open(cls, path: str | Path) -> Checkpoint | GgufCheckpoint:
+        """Validate `path` as a checkpoint directory and index its tensors (a `.gguf` file: `GgufCheckpoint`)."""
         path = Path(path)
+        if is_gguf(path):
+            return GgufCheckpoint.open(path)
         if not path.exists():
             raise CheckpointError(f"checkpoint path '{path}' does not exist; pass a checkpoint directory.")
         if not path.is_dir():
             raise CheckpointError(
                 f"'{path}' is a file, not a checkpoint directory; pass the folder that holds config.json "
-                "and *.safetensors."
+                "and *.safetensors, or a .gguf file."
             )
         cfg_path = path / "config.json"
         if not cfg_path.exists():
@@ -195,13 +200,14 @@ def load_model(
     from tilemem.models.model import MoECausalLM
     from tilemem.models.mtp import is_mtp_name
 
-    ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
+    ckpt = path if isinstance(path, (Checkpoint, GgufCheckpoint)) else Checkpoint.open(path)
     cfg = ckpt.config
     target = parse_dtype(dtype, cfg.torch_dtype if cfg.torch_dtype in DTYPE_NAMES else "bfloat16")
     model = MoECausalLM(cfg).requires_grad_(False)
     expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
     state: dict[str, torch.Tensor] = {}
     scales: dict[str, torch.Tensor] = {}  # our weight name -> its fp32 block scales
+    quantized: dict[str, GgmlMatrix] = {}  # our weight name -> its GGUF blocks
     unexpected = []
     for hub_name, tensor in ckpt.tensors():
         if hub_name.endswith(SCALE_SUFFIX):
@@ -230,6 +236,9 @@ def load_model(
             )
         if skip is not None and skip(ours) and not is_mtp_name(ours):  # MTP weights always stay resident
             continue
+        if isinstance(tensor, GgmlMatrix):
+            quantized[ours] = tensor
+            continue
         if tensor.dtype == FP8:
             state[ours] = tensor
             continue
@@ -241,9 +250,17 @@ def load_model(
             f"{ckpt.path} has tensors the {cfg.architecture} model does not use: {shown}; the checkpoint "
             "does not match its config.json (wrong architecture or layer count?)."
         )
-    if cfg.tie_word_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    missing = [k for k in expected if k not in state and not (skip is not None and skip(k) and not is_mtp_name(k))]
+    for table in (state, quantized):
+        if cfg.tie_word_embeddings and "lm_head.weight" not in table and "model.embed_tokens.weight" in table:
+            table["lm_head.weight"] = table["model.embed_tokens.weight"]
+    if dequantize and quantized:
+        log.warning(
+            "decoding the %d quantized weights of %s to %s at load (--dequantize)", len(quantized), ckpt.path, target
+        )
+        state.update({name: m.dequantize().to(target) for name, m in quantized.items()})
+        quantized = {}
+    loaded = state.keys() | quantized.keys()
+    missing = [k for k in expected if k not in loaded and not (skip is not None and skip(k) and not is_mtp_name(k))]
     if missing:
         shown = ", ".join(ckpt.to_hub(m) for m in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -263,12 +280,16 @@ def load_model(
     model.load_state_dict(state, strict=False, assign=True)
     for name, scale in fp8.items():
         model.get_submodule(name.removesuffix(".weight")).weight_scale_inv = scale
+    for name, m in quantized.items():
+        model.get_submodule(name.removesuffix(".weight")).set_quantized(m)
+    model.model.embed_tokens.out_dtype = target
     device = torch.device(device)
     if device.type == "cpu":
         # The embedding table is a gather: only the rows used are touched (a tied lm_head is populated as lm_head).
         lazy = model.x12_weight_names() if lazy_x12 else set()
         eager = (n for n in state if not n.endswith("embed_tokens.weight") and n not in lazy)
         populate(state[n] for n in eager if state[n].device.type == "cpu")
+        populate(m.data for n, m in quantized.items() if not n.endswith("embed_tokens.weight"))
     model.finish_loading(max_positions or cfg.max_position_embeddings)
     if device.type != "cpu":
         move_to(model, device)

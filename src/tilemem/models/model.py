@@ -15,7 +15,7 @@ from tilemem import kernels
 from tilemem.config import ModelConfig
 from tilemem.layers.attention import Attention
 from tilemem.layers.kv_cache import ForwardContext, KVCache
-from tilemem.layers.linear import Linear
+from tilemem.layers.linear import Embedding, Linear
 from tilemem.layers.mlp import GatedMLP
 from tilemem.layers.moe import MoEBlock, ResidentExperts
 from tilemem.layers.norm import RMSNorm
@@ -99,7 +99,7 @@ class Backbone(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device="meta")
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -128,8 +128,8 @@ class MoECausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """Dtype of the loaded weights."""
-        return self.model.embed_tokens.weight.dtype
+        """Dtype of the loaded weights (of the activations, for FP8 or GGUF-quantized ones)."""
+        return self.model.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
