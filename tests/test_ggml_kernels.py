@@ -143,3 +143,121 @@ def test_empty_and_invalid_inputs() -> None:
         ggml.matmul_nt(x, qtype, torch.from_numpy(random_data(qtype, 4, 128))[:, ::2], cols)
     with pytest.raises(KernelError, match="step 1"):
         ggml.dequantize(qtype, data, cols, slice(0, 4, 2))
+
+
+# ---- fused expert FFNs ----
+
+TORCH_ACTS = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu, "relu": torch.nn.functional.relu}
+
+
+def quant_weight(qtype: str, rows: int, cols: int, seed: int) -> ggml.QuantWeight:
+    return qtype, torch.from_numpy(random_data(qtype, rows, cols, seed))
+
+
+def ffn_task(types: tuple[str, str], n: int, d: int, tok: list[int], seed: int) -> ggml.FfnTask:
+    """A task of random blocks: gate, up [n, D] of types[0]; down [D, n] of types[1]."""
+    gate, up = quant_weight(types[0], n, d, seed), quant_weight(types[0], n, d, seed + 1)
+    weights = ggml.FfnWeights(gate, up, quant_weight(types[1], d, n, seed + 2))
+    weight = torch.rand(len(tok), generator=torch.Generator().manual_seed(seed)) + 0.5
+    return ggml.FfnTask(weights, torch.tensor(tok, dtype=torch.int32), weight)
+
+
+def ffn_reference(x: torch.Tensor, tasks: list[ggml.FfnTask], act: str) -> np.ndarray:
+    """Every task's FFN of its tokens, summed: gguf's dequantized weights, float64 math."""
+    out = torch.zeros(x.shape, dtype=torch.float64)  # [T, D]
+    for task in tasks:
+        w = task.weights
+        gate, up, down = (torch.from_numpy(reference(q, data.numpy())).double() for q, data in (w.gate, w.up, w.down))
+        xt = x[task.tok.long()].double()  # [N, D]
+        h = TORCH_ACTS[act](xt @ gate.T) * (xt @ up.T)  # [N, n]
+        out.index_add_(0, task.tok.long(), (h @ down.T) * task.weight[:, None].double())
+    return out.numpy()
+
+
+def ffn_error(x: torch.Tensor, tasks: list[ggml.FfnTask], act: str, exact: bool = True) -> float:
+    got = torch.full_like(x, 0.25)  # accumulated into
+    ggml.ffn_tasks(x, tasks, act, got, exact)
+    return error(got - 0.25, ffn_reference(x, tasks, act))
+
+
+FFN_TYPES = [("q4_k", "q6_k"), ("q8_0", "q4_0"), ("q5_1", "q5_k"), ("q6_k", "q8_0"), ("q4_1", "q5_0")]
+# the fast way chains two quantized products: twice the matmul's bound
+
+
+@pytest.mark.parametrize("act", sorted(ggml.ACTS))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_ffn_tasks(act: str, threads: int) -> None:
+    """Tasks of mixed types (gate/up and down of different block sizes), 1..5 tokens sharing rows of x."""
+    d = 512
+    x = torch.randn(7, d, generator=torch.Generator().manual_seed(5))  # [T, D]
+    toks = [[3], [0, 3, 6], [1, 2, 4, 5, 6], [2], [6, 0]]
+    widths = [256, 96, 512, 32, 64]  # n: a multiple of the down type's block
+    cases = enumerate(zip(FFN_TYPES, widths, toks, strict=True))
+    tasks = [ffn_task(types, n, d, tok, seed=10 * q) for q, (types, n, tok) in cases]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert ffn_error(x, tasks, act) < TOL
+        assert ffn_error(x, tasks, act, exact=False) < 2 * ggml.FAST_TOL
+        for q, task in enumerate(tasks):  # each alone
+            assert ffn_error(x, [task], act) < TOL, f"task {q}"
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_ffn_tasks_many_tokens() -> None:
+    """9 and 20 tokens: two and three passes of 8 in the kernel; 60: the matmuls (prefill) path."""
+    d = 256
+    x = torch.randn(64, d, generator=torch.Generator().manual_seed(6))  # [T, D]
+    for ntok in (9, 20, 60):
+        tok = torch.randperm(64, generator=torch.Generator().manual_seed(ntok))[:ntok].tolist()
+        tasks = [ffn_task(("q4_k", "q8_0"), 96, d, tok, seed=ntok), ffn_task(("q8_0", "q6_k"), 256, d, tok[:3], 1)]
+        assert ffn_error(x, tasks, "silu") < TOL, f"{ntok} tokens"
+        assert ffn_error(x, tasks, "silu", exact=False) < 2 * ggml.FAST_TOL, f"{ntok} tokens, fast"
+
+
+def test_ffn_tasks_flipped_scale_is_caught() -> None:
+    """The comparison can fail: a flipped scale bit in any of the three matrices changes the result."""
+    d = 256
+    x = torch.randn(3, d, generator=torch.Generator().manual_seed(8))  # [T, D]
+    task = ffn_task(("q4_k", "q6_k"), 256, d, [0, 2], seed=8)
+    want = ffn_reference(x, [task], "silu")
+    w = task.weights
+    for name, offset in (("gate", 1), ("up", 4), ("down", 209)):
+        qtype, data = getattr(w, name)
+        bad = data.clone()
+        bad[0, offset] ^= 0x04 if offset in (1, 209) else 0x20  # d's exponent; sub-block 0's scale +-32
+        wrong = ggml.FfnWeights(**{"gate": w.gate, "up": w.up, "down": w.down, name: (qtype, bad)})
+        got = torch.zeros_like(x)
+        ggml.ffn_tasks(x, [task._replace(weights=wrong)], "silu", got)
+        assert error(got, want) > 1e-4, name
+
+
+def test_ffn_tasks_invalid_inputs() -> None:
+    d = 256
+    x, out = torch.randn(3, d), torch.zeros(3, d)
+    task = ffn_task(("q4_0", "q8_0"), 64, d, [0, 2], seed=9)
+    w = task.weights
+    with pytest.raises(KernelError, match="act must be"):
+        ggml.ffn_tasks(x, [task], "tanh", out)
+    with pytest.raises(KernelError, match=r"token rows must be in \[0, 3\)"):
+        ggml.ffn_tasks(x, [task._replace(tok=torch.tensor([0, 3], dtype=torch.int32))], "silu", out)
+    with pytest.raises(KernelError, match="tok must be a torch.int32"):
+        ggml.ffn_tasks(x, [task._replace(tok=task.tok.long())], "silu", out)
+    with pytest.raises(KernelError, match="weight has 3 values for 2 tokens"):
+        ggml.ffn_tasks(x, [task._replace(weight=torch.ones(3))], "silu", out)
+    with pytest.raises(KernelError, match="hidden size 256, but x has 128"):
+        ggml.ffn_tasks(torch.randn(3, 128), [task], "silu", torch.zeros(3, 128))
+    with pytest.raises(KernelError, match="expected a ggml.FfnTask"):
+        ggml.ffn_tasks(x, [(w.gate, task.tok, task.weight)], "silu", out)
+    with pytest.raises(KernelError, match="out has shape"):
+        ggml.ffn_tasks(x, [task], "silu", torch.zeros(2, d))
+    with pytest.raises(KernelError, match="x must be a 2-D float32"):
+        ggml.ffn_tasks(x.bfloat16(), [task], "silu", out)
+    assert torch.equal(out, torch.zeros(3, d))  # nothing written by a refused call
+    with pytest.raises(KernelError, match=r"down: \[64, 256\] weights, but the task needs \[256, 64\]"):
+        ggml.FfnWeights(w.gate, w.up, w.gate)
+    with pytest.raises(KernelError, match="not rows of whole q6_k blocks"):
+        ggml.FfnWeights(w.gate, ("q6_k", w.up[1]), w.down)
+    with pytest.raises(KernelError, match="unknown ggml quant type 'f16'"):
+        ggml.FfnWeights(w.gate, ("f16", w.up[1]), w.down)

@@ -26,9 +26,14 @@ import ctypes
 import functools
 import logging
 import os
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from tilemem import sysinfo
 from tilemem.errors import KernelError, KernelMemoryError
@@ -56,6 +61,14 @@ meet on this 2-thread Zen 1 (Q4_K / Q6_K 2048 x 2048: 32 tokens 7.0-7.9 ms strea
 GEMM; 64 tokens: 11.9-12.1 vs 11.7-12.1)."""
 PREFILL_BYTES = 8 << 20
 """fp32 bytes of W a prefill matmul dequantizes at once."""
+FFN_MAX_TOKENS = NT_MAX_TOKENS
+"""Most tokens an `ffn_tasks` task runs with in the fused kernel (8 per pass over its weights); a task with
+more (prefill) runs as matmuls from Python (dequantized blocks + torch's GEMM)."""
+ACTS = {"silu": 0, "gelu": 1, "relu": 2}
+"""Activation name -> the kernel's code (`tmg_act` in csrc_portable/ggml_quant.h): torch's F.silu, F.gelu, F.relu."""
+_TORCH_ACTS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+_TASK_WORDS = 13
+"""int64 words of a `tmg_ffn_task`: 3 matrices of 3, then n, ntok, tok, weight."""
 
 _vp, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
@@ -88,6 +101,11 @@ def lib() -> ctypes.CDLL | None:
             return None
     out.tmg_dequantize.argtypes = [_int, _vp, _i64, _i64, _i64, _i64, _vp, _i64, _int]
     out.tmg_matmul_nt.argtypes = [_int, _int, _vp, _i64, _i64, _vp, _i64, _i64, _i64, _vp, _i64, _int]
+    out.tmg_ffn_tasks.argtypes = [_vp, _i64, _vp, _i64, _i64, _i64, _vp, _i64, _int, _int, _int]
+    out.tmg_ffn_task_size.restype = _i64
+    if out.tmg_ffn_task_size() != 8 * _TASK_WORDS:
+        log.warning("ggml kernels unavailable, using torch: tmg_ffn_task is not %d int64 words", _TASK_WORDS)
+        return None
     return out
 
 
@@ -200,3 +218,143 @@ def matmul_nt(x: torch.Tensor, qtype: str, data: torch.Tensor, cols: int, exact:
     )  # fmt: skip
     _check_status(status, what)
     return y
+
+
+QuantWeight = tuple[str, torch.Tensor]
+"""A ggml matrix as (qtype, data uint8 [R, row_bytes] with contiguous rows); its columns follow from the bytes."""
+
+
+def weight_cols(w: QuantWeight, what: str) -> int:
+    """Columns of the ggml matrix w (KernelError unless it is one: a known type, whole blocks a row)."""
+    if not (isinstance(w, tuple) and len(w) == 2 and isinstance(w[1], torch.Tensor)):
+        raise KernelError(f"{what}: expected a (qtype, data) pair, got {type(w).__name__}")
+    qtype, data = w
+    row_bytes(qtype, BLOCK_WEIGHTS.get(qtype, 1))  # the type's check
+    nbytes = data.shape[1] if data.dim() == 2 else -1
+    if nbytes <= 0 or nbytes % BLOCK_BYTES[qtype]:
+        raise KernelError(
+            f"{what}: data of shape {tuple(data.shape)} is not rows of whole {qtype} blocks "
+            f"({BLOCK_BYTES[qtype]} bytes each)"
+        )
+    cols = nbytes // BLOCK_BYTES[qtype] * BLOCK_WEIGHTS[qtype]
+    check_weight(qtype, data, cols, what)
+    return cols
+
+
+@dataclass(frozen=True, eq=False)
+class FfnWeights:
+    """One expert's ggml FFN weights, checked once here (KernelError) and packed for the kernel: build it when
+    the weights are loaded, and pair it with each step's tokens in an `FfnTask`. The three matrices may be of
+    different types (a Q4_K_M file keeps some downs in Q6_K)."""
+
+    gate: QuantWeight
+    """[n, D]."""
+    up: QuantWeight
+    """[n, D]."""
+    down: QuantWeight
+    """[D, n] (a checkpoint's ffn_down): n is a multiple of its type's block."""
+    n: int = field(init=False)
+    """Neurons (rows of gate and up)."""
+    hidden: int = field(init=False)
+    """D (columns of gate and up)."""
+    words: tuple[int, ...] = field(init=False, repr=False)
+    """The three `tmg_matrix` structs and n (pointers into the tensors above)."""
+
+    def __post_init__(self) -> None:
+        what = "ggml FfnWeights"
+        d = weight_cols(self.gate, f"{what} gate")
+        n = self.gate[1].shape[0]
+        words: list[int] = []
+        for name, w, want in (("gate", self.gate, (n, d)), ("up", self.up, (n, d)), ("down", self.down, (d, n))):
+            cols = weight_cols(w, f"{what} {name}")
+            got = (w[1].shape[0], cols)
+            if got != want:
+                raise KernelError(
+                    f"{what} {name}: [{got[0]}, {got[1]}] weights, but the task needs [{want[0]}, {want[1]}] "
+                    "(gate, up: [n, D]; down: [D, n])"
+                )
+            words += [w[1].data_ptr(), w[1].stride(0), TYPE_IDS[w[0]]]
+        for attr, value in (("n", n), ("hidden", d), ("words", (*words, n))):
+            object.__setattr__(self, attr, value)
+
+
+class FfnTask(NamedTuple):
+    """One `ffn_tasks` task: out[tok[j]] += weight[j] * down(act(gate x) * (up x)) for x = x[tok[j]]."""
+
+    weights: FfnWeights
+    tok: torch.Tensor
+    """int32 [N], contiguous: the rows of x and out, in [0, T)."""
+    weight: torch.Tensor
+    """fp32 [N], contiguous: the routing weights."""
+
+
+def _check_task(task: FfnTask, t: int, d: int, what: str) -> None:
+    """Raise KernelError unless task is an FfnTask for hidden size d with tokens in [0, t)."""
+    if not isinstance(task, tuple) or len(task) != 3 or not isinstance(task[0], FfnWeights):
+        raise KernelError(f"{what}: expected a ggml.FfnTask(FfnWeights, tok, weight), got {type(task).__name__}")
+    weights, tok, weight = task
+    if weights.hidden != d:
+        raise KernelError(f"{what}: its weights have hidden size {weights.hidden}, but x has {d} columns")
+    for name, v, dtype in (("tok", tok, torch.int32), ("weight", weight, torch.float32)):
+        if not isinstance(v, torch.Tensor) or v.dtype != dtype or not v.is_cpu:
+            got = f"{v.dtype} on {v.device}" if isinstance(v, torch.Tensor) else type(v).__name__
+            raise KernelError(f"{what}: {name} must be a {dtype} CPU tensor, got {got}")
+        if v.dim() != 1 or not v.is_contiguous():
+            raise KernelError(f"{what}: {name} must be a contiguous vector, got shape {tuple(v.shape)}")
+    if weight.shape != tok.shape:
+        raise KernelError(f"{what}: weight has {weight.numel()} values for {tok.numel()} tokens")
+    if tok.numel() and (int(tok.min()) < 0 or int(tok.max()) >= t):
+        raise KernelError(f"{what}: token rows must be in [0, {t}) (the rows of x), got {tok.tolist()}")
+
+
+def _ffn_matmuls(x: torch.Tensor, task: FfnTask, act: str, out: torch.Tensor, exact: bool) -> None:
+    """One prefill-sized task by the matmuls."""
+    w, tok = task.weights, task.tok.long()
+    xt = x.index_select(0, tok)  # [N, D]
+    gate = matmul_nt(xt, w.gate[0], w.gate[1], w.hidden, exact)  # [N, n]
+    h = _TORCH_ACTS[act](gate) * matmul_nt(xt, w.up[0], w.up[1], w.hidden, exact)  # [N, n]
+    y = matmul_nt(h, w.down[0], w.down[1], w.n, exact)  # [N, D]
+    out.index_add_(0, tok, y * task.weight[:, None])
+
+
+def ffn_tasks(x: torch.Tensor, tasks: Sequence[FfnTask], act: str, out: torch.Tensor, exact: bool = True) -> None:
+    """out [T, D] += every task's gated FFN of its tokens' rows of x [T, D] (both fp32 with contiguous rows).
+
+    Tasks of up to FFN_MAX_TOKENS tokens run in one native call (one parallel region: threads split each
+    task's neurons, then the downs' output rows); the others, prefill-sized, as matmuls. `act`: "silu",
+    "gelu" (erf) or "relu"; `exact` as for matmul_nt. Tasks may share tokens; out's rows are summed into.
+    Nothing is written when an argument is refused (KernelError).
+    """
+    what = "ggml ffn_tasks"
+    if act not in ACTS:
+        raise KernelError(f"{what}: act must be one of {sorted(ACTS)}, got {act!r}")
+    for name, v in (("x", x), ("out", out)):
+        if not isinstance(v, torch.Tensor) or v.dtype != torch.float32 or not v.is_cpu or v.dim() != 2:
+            got = f"{v.dtype} {tuple(v.shape)} on {v.device}" if isinstance(v, torch.Tensor) else type(v).__name__
+            raise KernelError(f"{what}: {name} must be a 2-D float32 CPU tensor [T, D], got {got}")
+        if v.shape[1] > 1 and v.stride(1) != 1:
+            raise KernelError(f"{what}: {name}'s rows must be contiguous, got strides {v.stride()}")
+    if out.shape != x.shape:
+        raise KernelError(f"{what}: out has shape {tuple(out.shape)}, but x has {tuple(x.shape)}")
+    t, d = x.shape
+    words: list[int] = []
+    big: list[FfnTask] = []
+    for q, task in enumerate(tasks):
+        _check_task(task, t, d, f"{what} task {q}")
+        weights, tok, _ = task
+        if tok.numel() == 0 or weights.n == 0:
+            continue
+        if tok.numel() > FFN_MAX_TOKENS:
+            big.append(task)
+            continue
+        words += weights.words
+        words += (tok.numel(), tok.data_ptr(), task.weight.data_ptr())
+    if words:
+        packed = array("q", words)  # [tasks, _TASK_WORDS]
+        status = _kernels(what).tmg_ffn_tasks(
+            x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), t, d, packed.buffer_info()[0],
+            len(packed) // _TASK_WORDS, ACTS[act], int(exact), torch.get_num_threads(),
+        )  # fmt: skip
+        _check_status(status, what)
+    for task in big:
+        _ffn_matmuls(x, task, act, out, exact)

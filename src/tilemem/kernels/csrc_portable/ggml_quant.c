@@ -83,20 +83,9 @@ INSTANCES(q4_k, T_Q4_K)
 INSTANCES(q5_k, T_Q5_K)
 INSTANCES(q6_k, T_Q6_K)
 
-typedef void (*exact_fn)(int, const uint8_t *, int64_t, int64_t, int64_t, int64_t, const float *, int64_t, float *,
-                         int64_t);
-typedef void (*fast_fn)(int, const uint8_t *, int64_t, int64_t, int64_t, int64_t, const tmg_xq *, float *, int64_t);
-typedef void (*dequant_fn)(const uint8_t *, int64_t, float *);
-
-typedef struct {
-    exact_fn exact;
-    fast_fn fast;
-    dequant_fn dequant;
-} kernels;
-
-static int lookup(int type, kernels *k) {
+int tmg_lookup(int type, tmg_kernels *k) {
 #define K(TY, NAME)                                                                                                \
-    case TY: *k = (kernels){exact_##NAME, fast_##NAME, dequant_##NAME}; return 1;
+    case TY: *k = (tmg_kernels){exact_##NAME, fast_##NAME, dequant_##NAME}; return 1;
     switch (type) {
         K(T_Q4_0, q4_0)
         K(T_Q4_1, q4_1)
@@ -113,16 +102,15 @@ static int lookup(int type, kernels *k) {
 
 int tmg_dequantize(int type, const uint8_t *w, int64_t ldw, int64_t r0, int64_t nrows, int64_t C, float *out,
                    int64_t ldo, int nthreads) {
-    kernels k;
-    if (!lookup(type, &k) || C % tmg_block_weights(type)) return TMG_EINVAL;
+    tmg_kernels k;
+    if (!tmg_lookup(type, &k) || C % tmg_block_weights(type)) return TMG_EINVAL;
     const int64_t nb = C / tmg_block_weights(type);
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t i = 0; i < nrows; i++) k.dequant(w + (r0 + i) * ldw, nb, out + i * ldo);
     return TMG_OK;
 }
 
-/* The quantized activations of x [N, C] for `type` (fast path): one allocation, freed with free(X->q). */
-static int quantize_rows(int type, const float *x, int64_t ldx, int64_t N, int64_t C, tmg_xq *X, int nthreads) {
+int tmg_quantize_rows(int type, const float *x, int64_t ldx, int64_t N, int64_t C, tmg_xq *X, int nthreads) {
     const int64_t QB = tmg_block_weights(type);
     int8_t *q = malloc((size_t)(N * C) + (size_t)(N * (C / QB)) * sizeof(float) + (size_t)(N * (C / 16)) * 2 + 64);
     if (q == NULL) return TMG_ENOMEM;
@@ -136,13 +124,13 @@ static int quantize_rows(int type, const float *x, int64_t ldx, int64_t N, int64
 
 int tmg_matmul_nt(int type, int exact, const float *x, int64_t ldx, int64_t N, const uint8_t *w, int64_t ldw,
                   int64_t R, int64_t C, float *y, int64_t ldy, int nthreads) {
-    kernels k;
-    if (!lookup(type, &k) || C % tmg_block_weights(type)) return TMG_EINVAL;
+    tmg_kernels k;
+    if (!tmg_lookup(type, &k) || C % tmg_block_weights(type)) return TMG_EINVAL;
     if (N <= 0 || R <= 0 || C <= 0) return TMG_OK;
     const int64_t nb = C / tmg_block_weights(type);
     tmg_xq X = {0};
     if (!exact) {
-        const int status = quantize_rows(type, x, ldx, N, C, &X, nthreads);
+        const int status = tmg_quantize_rows(type, x, ldx, N, C, &X, nthreads);
         if (status != TMG_OK) return status;
     }
     const int64_t most = (R + 15) / 16; /* at least 16 rows a thread */

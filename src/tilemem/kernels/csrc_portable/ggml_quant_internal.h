@@ -298,4 +298,26 @@ INLINE void row_fast(const int TY, const int NT, const uint8_t *wr, int64_t nb, 
     for (int n = 0; n < NT; n++) y[n * ldy] = hsum(acc[n]) + corr[n];
 }
 
+/* ---- per-type kernels (ggml_quant.c) ---- */
+
+/* Rows [r0, r1) of W (nb blocks a row) for nt <= GMAXT tokens: y[n * ldy + r] (exact: x rows at x + n * ldx). */
+typedef void (*tmg_exact_fn)(int nt, const uint8_t *w, int64_t ldw, int64_t r0, int64_t r1, int64_t nb,
+                             const float *x, int64_t ldx, float *y, int64_t ldy);
+typedef void (*tmg_fast_fn)(int nt, const uint8_t *w, int64_t ldw, int64_t r0, int64_t r1, int64_t nb, const tmg_xq *X,
+                            float *y, int64_t ldy);
+/* One row of nb blocks into o [nb * block_weights]. */
+typedef void (*tmg_dequant_fn)(const uint8_t *w, int64_t nb, float *o);
+
+typedef struct {
+    tmg_exact_fn exact;
+    tmg_fast_fn fast;
+    tmg_dequant_fn dequant;
+} tmg_kernels;
+
+/* The kernels of ggml type `type` into k; 0 for a type this library does not know. */
+int tmg_lookup(int type, tmg_kernels *k);
+
+/* The quantized activations of x [N, C] for `type` (fast path): one allocation, freed with free(X->q). */
+int tmg_quantize_rows(int type, const float *x, int64_t ldx, int64_t N, int64_t C, tmg_xq *X, int nthreads);
+
 #endif
