@@ -1,4 +1,5 @@
-"""Tokenizer from the checkpoint's tokenizer.json (tokenizers) and chat template (jinja2)."""
+"""Tokenizer from the checkpoint's tokenizer.json, or a GGUF file's metadata (tokenizers), and chat template
+(jinja2)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,19 @@ from tokenizers import Tokenizer
 
 from tilemem.errors import CheckpointError, RequestError
 from tilemem.jsonio import read_json_object
+from tilemem.loader.gguf_tokenizer import read_metadata, tokenizer_from_metadata
 
 
 class TextTokenizer:
     """Encodes prompts, decodes ids, applies the chat template, and detokenizes incrementally."""
 
     def __init__(self, path: str | Path) -> None:
+        """`path`: a checkpoint directory (tokenizer.json, tokenizer_config.json) or a .gguf file (the first
+        file of a split set)."""
         path = Path(path)
+        if path.suffix == ".gguf" or path.is_file():
+            self._init_gguf(path)
+            return
         tok_file = path / "tokenizer.json"
         if not tok_file.exists():
             raise CheckpointError(
@@ -28,18 +35,20 @@ class TextTokenizer:
         cfg_file = path / "tokenizer_config.json"
         self.config = read_json_object(cfg_file, CheckpointError) if cfg_file.exists() else {}
         template = self.config.get("chat_template")
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
-        try:
-            self.template = env.from_string(template) if isinstance(template, str) else None
-        except jinja2.TemplateSyntaxError as exc:
-            raise CheckpointError(
-                f"{cfg_file}: chat_template is not a valid Jinja template (line {exc.lineno}: {exc.message})."
-            ) from None
+        self.template = _compile_template(template, f"{cfg_file}: chat_template")
         eos = self.config.get("eos_token")
         if isinstance(eos, dict):
             eos = eos.get("content")
         self.eos_token = eos
         self.eos_id = self.tok.token_to_id(eos) if eos else None
+
+    def _init_gguf(self, path: Path) -> None:
+        vocab = tokenizer_from_metadata(read_metadata(path), str(path))
+        self.tok = vocab.tokenizer
+        self.config = {"bos_token": vocab.bos_token, "eos_token": vocab.eos_token, "chat_template": vocab.chat_template}
+        self.template = _compile_template(vocab.chat_template, f"{path}: tokenizer.chat_template")
+        self.eos_token = vocab.eos_token
+        self.eos_id = self.tok.token_to_id(vocab.eos_token) if vocab.eos_token else None
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (no special tokens added)."""
@@ -52,13 +61,25 @@ class TextTokenizer:
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The prompt text for a chat, from the checkpoint's template."""
         if self.template is None:
-            raise RequestError("this checkpoint's tokenizer_config.json has no chat_template; use a plain prompt.")
+            raise RequestError(
+                "this checkpoint has no chat template (tokenizer_config.json chat_template, or a GGUF file's "
+                "tokenizer.chat_template); use a plain prompt."
+            )
         return self.template.render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.config.get("bos_token") or "",
             eos_token=self.eos_token or "",
         )
+
+
+def _compile_template(template: object, where: str) -> jinja2.Template | None:
+    """The chat template compiled, or None when there is none; `where` names it in the error."""
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    try:
+        return env.from_string(template) if isinstance(template, str) else None
+    except jinja2.TemplateSyntaxError as exc:
+        raise CheckpointError(f"{where} is not a valid Jinja template (line {exc.lineno}: {exc.message}).") from None
 
 
 class IncrementalDecoder:
