@@ -223,9 +223,10 @@ static inline void quantize_x(const float *x, int64_t C, int64_t QB, int8_t *q, 
     }
 }
 
-/* 32 products q * x summed by pairs into 16 int16 (q: the group's quants, u8 or s8 for Q8_0). */
+/* 32 products q * x summed by pairs into 16 int16 (q: the group's quants, s8 for Q8_0 and, offset, Q4_0 and
+ * Q5_0: their signs moved onto x; else u8). */
 INLINE __m256i dot_pairs(const int TY, __m256i q, __m256i x) {
-    if (TY == T_Q8_0) return _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
+    if (TY == T_Q8_0 || TY == T_Q4_0 || TY == T_Q5_0) return _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
     return _mm256_maddubs_epi16(q, x);
 }
 
@@ -239,37 +240,39 @@ INLINE void row_fast(const int TY, const int NT, const uint8_t *wr, int64_t nb, 
     for (int64_t i = 0; i < nb; i++) {
         const uint8_t *blk = wr + i * BB;
         if (!is_k(TY)) {
-            const __m256i q = group_q(TY, blk, 0);
+            __m256i q = group_q(TY, blk, 0);
+            if (TY == T_Q4_0 || TY == T_Q5_0) q = _mm256_sub_epi8(q, _mm256_set1_epi8(TY == T_Q4_0 ? 8 : 16));
             const float dw = f16(blk);
             for (int n = 0; n < NT; n++) {
                 const __m256i xv = _mm256_loadu_si256((const __m256i *)(X->q + n * X->ldq + 32 * i));
                 const __m256i s32 = _mm256_madd_epi16(dot_pairs(TY, q, xv), ones);
                 const float dx = X->d[n * X->ldd + i];
                 acc[n] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx), _mm256_cvtepi32_ps(s32), acc[n]);
-                if (TY != T_Q8_0) {
+                if (TY == T_Q4_1 || TY == T_Q5_1) { /* + m * sum(x) */
                     const int16_t *s = X->s + n * X->lds + 2 * i;
-                    const float sx = (float)(s[0] + s[1]);
-                    if (TY == T_Q4_0 || TY == T_Q5_0) corr[n] -= dw * dx * (TY == T_Q4_0 ? 8.0f : 16.0f) * sx;
-                    else corr[n] += f16(blk + 2) * dx * sx; /* Q4_1, Q5_1: + m * sum(x) */
+                    corr[n] += f16(blk + 2) * dx * (float)(s[0] + s[1]);
                 }
             }
         } else {
-            __m256i sc[8];
-            int mins[8] = {0};
+            __m256i sc[8], off; /* off: Q6_K: -32 * scale per 16; Q4_K, Q5_K: min per 16 (each twice) */
             float d, dmin = 0.0f;
             if (TY == T_Q6_K) {
                 d = f16(blk + 208);
                 for (int g = 0; g < 8; g++)
                     sc[g] = _mm256_set_m128i(_mm_set1_epi16((int8_t)blk[192 + 2 * g + 1]),
                                              _mm_set1_epi16((int8_t)blk[192 + 2 * g]));
+                const __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
+                off = _mm256_mullo_epi16(s16, _mm256_set1_epi16(-32));
             } else {
                 d = f16(blk), dmin = f16(blk + 2);
+                int16_t mins[16];
                 for (int g = 0; g < 8; g++) {
                     int s, m;
                     scale_min_k4(blk + 4, g, &s, &m);
                     sc[g] = _mm256_set1_epi16((short)s);
-                    mins[g] = m;
+                    mins[2 * g] = mins[2 * g + 1] = (int16_t)m;
                 }
+                off = _mm256_loadu_si256((const __m256i *)mins);
             }
             __m256i iacc[GMAXT];
             for (int n = 0; n < NT; n++) iacc[n] = _mm256_setzero_si256();
@@ -282,15 +285,14 @@ INLINE void row_fast(const int TY, const int NT, const uint8_t *wr, int64_t nb, 
             }
             for (int n = 0; n < NT; n++) {
                 const float dx = X->d[n * X->ldd + i];
-                const int16_t *s = X->s + n * X->lds + 16 * i;
-                acc[n] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(iacc[n]), acc[n]);
-                int off = 0;
-                if (TY == T_Q6_K) {
-                    for (int k = 0; k < 16; k++) off += (int8_t)blk[192 + k] * s[k];
-                    corr[n] -= d * dx * 32.0f * (float)off;
-                } else {
-                    for (int g = 0; g < 8; g++) off += mins[g] * (s[2 * g] + s[2 * g + 1]);
-                    corr[n] -= dmin * dx * (float)off;
+                const __m256i bs = _mm256_loadu_si256((const __m256i *)(X->s + n * X->lds + 16 * i)); /* sums per 16 */
+                const __m256i ob = _mm256_madd_epi16(bs, off);
+                if (TY == T_Q6_K) { /* sum_k scale_k * (dot_k - 32 * bsum_k) */
+                    acc[n] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(_mm256_add_epi32(iacc[n], ob)),
+                                             acc[n]);
+                } else { /* d * sum_g scale_g * dot_g - dmin * sum_g min_g * bsum_g */
+                    acc[n] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(iacc[n]), acc[n]);
+                    acc[n] = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * dx), _mm256_cvtepi32_ps(ob), acc[n]);
                 }
             }
         }
