@@ -34,6 +34,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="float32",
         help="fp8: block scales as fp32 or ue8m0 powers of two",
     )
+    p.add_argument(
+        "--format", choices=["hf", "gguf"], default="hf", help="hf: a safetensors folder; gguf: one .gguf file (--out)"
+    )
+    p.add_argument(
+        "--quant",
+        default="q4_k_m",
+        help="gguf: f32, f16, bf16, q8_0, q4_0, q4_k_m, q5_k_m or q6_k (llama.cpp's mixes)",
+    )
     p.add_argument("--layers", type=int, default=None, help="override the number of layers")
     p.add_argument("--mtp", action="store_true", help="also write multi-token-prediction layers (DeepSeek/GLM)")
     p.add_argument(
@@ -100,6 +108,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from tilemem.synth.writer import synthesize
 
     overrides = {"num_hidden_layers": args.layers} if args.layers else None
+    if args.format == "gguf":
+        from tilemem.synth.gguf_writer import synthesize_gguf
+
+        out = synthesize_gguf(args.family, args.preset, args.out, args.quant, args.seed, args.routing_skew, overrides)
+        print(f"wrote {out}")
+        return 0
     out = synthesize(
         args.family,
         args.preset,
