@@ -50,7 +50,10 @@ def main() -> None:
     p.add_argument("--types", default="q8_0,q4_k,q6_k")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--threads", type=int, default=0, help="torch (and kernel) threads; 0: torch's default")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not ggml.available():
         raise SystemExit("the ggml kernels cannot run here (ggml.available() is False)")
     r, c = args.rows, args.cols
