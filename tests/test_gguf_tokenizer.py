@@ -240,7 +240,10 @@ def test_llamacpp_converted_checkpoint(tmp_path: Path) -> None:
 
 # Real vocabularies llama.cpp ships for its own tokenizer tests, with the ids the model's original
 # tokenizer gives for each test text (DIR/llama.cpp/models/ggml-vocab-NAME.gguf{,.inp,.out}).
-LLAMACPP_VOCABS = ["llama-spm", "llama-bpe", "qwen2", "deepseek-llm", "deepseek-coder", "gpt-2", "mpt"]
+LLAMACPP_VOCABS = [
+    *("llama-spm", "phi-3", "llama-bpe", "qwen2", "qwen35", "deepseek-llm", "deepseek-coder"),
+    *("gpt-2", "mpt", "falcon", "starcoder", "refact"),
+]
 
 
 @pytest.mark.parametrize("name", LLAMACPP_VOCABS)

@@ -57,13 +57,11 @@ _GPT4O_SPLIT = (
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+_GPT2_WORDS = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_STARCODER_SPLITS = (r"\p{N}", _GPT2_WORDS)
+_FALCON_SPLITS = (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2_WORDS, r"[0-9][0-9][0-9]")
 # llama.cpp's LLAMA_VOCAB_PRE_TYPE_DEFAULT (also what it uses when a file names no pre-tokenizer).
-_DEFAULT_SPLITS = (
-    r"[\p{P}\$\+<=>\^~\|]+",
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
-    r"\p{N}+",
-    r"[0-9][0-9][0-9]",
-)
+_DEFAULT_SPLITS = (r"[\p{P}\$\+<=>\^~\|]+", _GPT2_WORDS, r"\p{N}+", r"[0-9][0-9][0-9]")
 # Written with escapes: an editor's Unicode normalisation would break the ranges (U+1FD3 -> U+0390).
 _DEEPSEEK_LLM_SPLITS = (
     "[\r\n]",
@@ -101,6 +99,8 @@ PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
     "qwen35": (_QWEN35_SPLIT,),
     "tekken": (_TEKKEN_SPLIT,),
     **_names("gpt-4o llama4 kanana2 minimax-m2", (_GPT4O_SPLIT,)),
+    **_names("starcoder refact command-r smollm codeshell exaone minerva-7b mellum2", _STARCODER_SPLITS),
+    "falcon": _FALCON_SPLITS,
     "default": _DEFAULT_SPLITS,
     "deepseek-llm": _DEEPSEEK_LLM_SPLITS,
     **_names("deepseek-v3 hunyuan-dense", _DEEPSEEK_V3_SPLITS),
