@@ -55,8 +55,8 @@ def quantize(src: Path, dst: Path, qtype: str, threads: int = 2, timeout: float 
 def tokenize(gguf_file: Path, text: str, tmp_dir: Path, timeout: float = 60) -> list[int]:
     """llama.cpp's token ids of `text` in `gguf_file` (`llama-tokenize`: no BOS, special tokens parsed)."""
     prompt = tmp_dir / "llama_tokenize_prompt.txt"
-    prompt.write_bytes(text.encode("utf-8"))  # read verbatim: no escape processing, no trailing newline stripped
+    prompt.write_bytes(text.encode("utf-8"))  # -f keeps a trailing newline; --no-escape keeps a literal \\n
     cmd = [str(llamacpp_dir() / "bin" / "llama-tokenize"), "-m", str(gguf_file), "-f", str(prompt)]
-    done = _run([*cmd, "--ids", "--no-bos", "--log-disable"], "llama-tokenize", timeout)
+    done = _run([*cmd, "--ids", "--no-bos", "--no-escape", "--log-disable"], "llama-tokenize", timeout)
     line = done.stdout.strip().splitlines()[-1]
     return [int(t) for t in line.strip("[]").split(",") if t.strip()]

@@ -23,7 +23,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from tilemem.engine.tokenizer import TextTokenizer
 from tilemem.errors import CheckpointError
 from tilemem.loader.gguf_tokenizer import read_metadata, tokenizer_from_metadata
-from tilemem.synth.corpus import docstrings
+from tilemem.synth.corpus import docstrings, stdlib_sources
 from tilemem.synth.tokenizer import CHAT_TEMPLATE, trained_json
 from tilemem.synth.writer import synthesize
 
@@ -247,7 +247,7 @@ LLAMACPP_VOCABS = [
 
 
 @pytest.mark.parametrize("name", LLAMACPP_VOCABS)
-def test_real_vocabularies_match_original_tokenizers(name: str) -> None:
+def test_real_vocabularies_match_original_tokenizers(name: str, long_text: str, tmp_path: Path) -> None:
     models_dir = llamacpp_tools.llamacpp_dir() / "llama.cpp" / "models"
     path = models_dir / f"ggml-vocab-{name}.gguf"
     if not path.exists():
@@ -260,6 +260,18 @@ def test_real_vocabularies_match_original_tokenizers(name: str) -> None:
     for text, ids in zip(texts, expected, strict=False):
         assert tok.encode(text) == ids, text
         assert tok.decode(ids) == text, text
+    got = tok.encode(long_text)
+    assert got == llamacpp_tools.tokenize(path, long_text, tmp_path)
+    assert tok.decode(got) == long_text
+
+
+@pytest.fixture(scope="module")
+def long_text() -> str:
+    """About 40k characters: English prose, Python source, and the multilingual text of TEXTS (without special
+    tokens: llama.cpp strips spaces around some of Phi-3's, its tokenizer.json does not)."""
+    prose = "".join(docstrings(20_000))[:20_000]
+    code = "".join(stdlib_sources(40_000))[:15_000]
+    return prose + code + "".join(t for t in TEXTS if "<|" not in t) * 20
 
 
 def test_chat_template_and_special_tokens(spm_vocab: Vocab, tmp_path: Path) -> None:

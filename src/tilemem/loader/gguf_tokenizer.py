@@ -5,15 +5,17 @@ Two models cover the MoE files people run:
 
 - `gpt2`: byte-level BPE with `tokenizer.ggml.merges`; the pre-tokenizer (how text is split before the
   merges) is named by `tokenizer.ggml.pre` and spelled out here as in llama.cpp's `llama-vocab.cpp`.
-- `llama`: a SentencePiece vocabulary with `tokenizer.ggml.scores`, spaces as U+2581, and `<0xNN>` byte
-  tokens for what the vocabulary lacks. As transformers does, merges are recovered from the scores and
-  the text gets one U+2581 in front (only at its very start: after a special token in the text llama.cpp
-  adds another, transformers does not; we follow transformers).
+- `llama`: a SentencePiece vocabulary with `tokenizer.ggml.scores`, spaces as U+2581 and `<0xNN>` byte
+  tokens for what the vocabulary lacks; BPE merges are recovered from the scores, as transformers does.
 
-Token ids match transformers' own GGUF conversion (`PreTrainedTokenizerFast.from_pretrained(dir,
-gguf_file=...)`) wherever transformers knows the pre-tokenizer; where it does not (`default`,
-`deepseek-llm`, `deepseek-v3`, `deepseek-coder`) it falls back to GPT-2's split and we follow llama.cpp,
-which matches the model's original tokenizer.json.
+Token ids equal the model's original tokenizer and llama.cpp's (checked on llama.cpp's reference
+vocabularies) and transformers' GGUF conversion (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`)
+except where transformers differs from both: a SentencePiece vocabulary gets a U+2581 before text that
+starts with a space and after each special token (transformers: only at offset 0, and not when the text
+starts with a space); llama3-style pre-tokenizers keep a word the vocabulary holds whole (`ignore_merges`);
+`default`, `deepseek-llm`, `deepseek-v3`, `deepseek-coder`, `falcon`, `starcoder` split text with llama.cpp's
+regexes (transformers falls back to GPT-2's); a control token outside the byte alphabet (DeepSeek's
+`<｜begin▁of▁sentence｜>`) stays a special token (transformers respells it as bytes).
 """
 
 from __future__ import annotations
@@ -106,10 +108,10 @@ PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
     **_names("deepseek-v3 hunyuan-dense", _DEEPSEEK_V3_SPLITS),
     "deepseek-coder": _DEEPSEEK_CODER_SPLITS,
 }
-# Pre-tokenizers for which llama.cpp adds a BOS token when the file does not say (`add_bos_token`).
 # Pre-tokenizers whose words found whole in the vocabulary skip the merges (llama.cpp's ignore_merges, and
 # the original tokenizer.json's; transformers' GGUF conversion misses it: "Cửa Việt" splits differently).
 _IGNORE_MERGES = frozenset("llama3 llama-v3 llama-bpe falcon3 falcon-h1 pixtral midm-2.0 lfm2 tekken".split())
+# Pre-tokenizers for which llama.cpp adds a BOS token when the file does not say (`add_bos_token`).
 _BPE_ADD_BOS = frozenset("llama3 llama-v3 llama-bpe falcon3 falcon-h1 pixtral midm-2.0 lfm2 tekken".split())
 
 
@@ -243,7 +245,7 @@ def tokenizer_from_metadata(meta: Mapping[str, Any], source: str) -> GgufVocab:
     if add_bos:
         bos_id = meta["tokenizer.ggml.bos_token_id"]
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+            single=[bos, "$A"], pair=[bos, "$A", bos, "$B"], special_tokens=[(bos, bos_id)]
         )
     template = meta.get("tokenizer.chat_template")
     return GgufVocab(
@@ -303,7 +305,7 @@ def _byte_level(meta: Mapping[str, Any], tokens: list[str], token_types: list[in
 
 
 def _sentencepiece(meta: Mapping[str, Any], tokens: list[str], token_types: list[int], source: str) -> Tokenizer:
-    """A SentencePiece vocabulary (`tokenizer.ggml.model = llama`) as BPE with byte fallback, like transformers."""
+    """A SentencePiece vocabulary (`tokenizer.ggml.model = llama`) as BPE with byte fallback."""
     scores = meta.get("tokenizer.ggml.scores")
     if not isinstance(scores, list) or len(scores) < len(tokens):
         raise CheckpointError(
