@@ -258,21 +258,28 @@ INLINE void row_fast(const int TY, const int NT, const uint8_t *wr, int64_t nb, 
             float d, dmin = 0.0f;
             if (TY == T_Q6_K) {
                 d = f16(blk + 208);
-                for (int g = 0; g < 8; g++)
+                const __m128i s8 = _mm_loadu_si128((const __m128i *)(blk + 192));
+                for (int g = 0; g < 8; g++) /* int16 lanes: scale 2g (low 128 bits), 2g + 1 (high) */
                     sc[g] = _mm256_set_m128i(_mm_set1_epi16((int8_t)blk[192 + 2 * g + 1]),
                                              _mm_set1_epi16((int8_t)blk[192 + 2 * g]));
-                const __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
-                off = _mm256_mullo_epi16(s16, _mm256_set1_epi16(-32));
+                off = _mm256_slli_epi16(_mm256_sub_epi16(_mm256_setzero_si256(), _mm256_cvtepi8_epi16(s8)), 5);
             } else {
                 d = f16(blk), dmin = f16(blk + 2);
-                int16_t mins[16];
-                for (int g = 0; g < 8; g++) {
-                    int s, m;
-                    scale_min_k4(blk + 4, g, &s, &m);
-                    sc[g] = _mm256_set1_epi16((short)s);
-                    mins[2 * g] = mins[2 * g + 1] = (int16_t)m;
-                }
-                off = _mm256_loadu_si256((const __m256i *)mins);
+                /* ggml's unpacking of the 12 scale bytes into 8 scales (bytes 0..7) and 8 mins (bytes 8..15) */
+                uint32_t u[4];
+                memcpy(u, blk + 4, 12);
+                const uint32_t k1 = 0x3f3f3f3f, k2 = 0x0f0f0f0f, k3 = 0x03030303;
+                u[3] = ((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4);
+                const uint32_t m03 = u[1] & k1;
+                u[1] = (u[2] & k2) | (((u[0] >> 6) & k3) << 4);
+                u[2] = m03;
+                u[0] &= k1;
+                const __m256i sm = _mm256_cvtepu8_epi16(_mm_set_epi32((int)u[3], (int)u[2], (int)u[1], (int)u[0]));
+                const __m128i sc16 = _mm256_castsi256_si128(sm), mn16 = _mm256_extracti128_si256(sm, 1);
+                const __m256i both = _mm256_broadcastsi128_si256(sc16);
+                for (int g = 0; g < 8; g++) /* int16 scale g in every lane */
+                    sc[g] = _mm256_shuffle_epi8(both, _mm256_set1_epi16((short)(0x0100 + 0x0202 * g)));
+                off = _mm256_set_m128i(_mm_unpackhi_epi16(mn16, mn16), _mm_unpacklo_epi16(mn16, mn16));
             }
             __m256i iacc[GMAXT];
             for (int n = 0; n < NT; n++) iacc[n] = _mm256_setzero_si256();
