@@ -62,6 +62,8 @@ class Checkpoint:
     files: dict[str, SafetensorsFile] = field(default_factory=dict)
     weight_map: dict[str, str] = field(default_factory=dict)
     """Hub tensor name -> file name."""
+    config_source = "config.json"
+    """Where the config comes from (for messages)."""
 
     @classmethod
     def open(cls, path: str | Path) -> Checkpoint | GgufCheckpoint:
@@ -230,8 +232,8 @@ def load_model(
                     ckpt, hub_name, ours, f"has shape {list(tensor.shape)}, expected {list(expected[ours])}"
                 )
             raise WeightError(
-                f"tensor '{hub_name}' in {ckpt.path} has shape {list(tensor.shape)}, but config.json implies "
-                f"{list(expected[ours])}; the weights do not match the config (check hidden_size, "
+                f"tensor '{ckpt.to_hub(ours)}' in {ckpt.path} has shape {list(tensor.shape)}, but {ckpt.config_source} "
+                f"implies {list(expected[ours])}; the weights do not match the config (check hidden_size, "
                 "intermediate sizes and expert counts)."
             )
         if skip is not None and skip(ours) and not is_mtp_name(ours):  # MTP weights always stay resident

@@ -31,6 +31,7 @@ class GgufCheckpoint:
     config: ModelConfig
     names: dict[str, str] = field(default_factory=dict)
     """Our module name -> the GGUF tensor it comes from (for messages)."""
+    config_source = "the GGUF metadata"
 
     @classmethod
     def open(cls, path: str | Path) -> GgufCheckpoint:
