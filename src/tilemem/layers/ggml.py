@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tilemem.kernels import ggml as native
+
 QK_K = 256
 """Weights per K-quant super-block."""
 
@@ -181,10 +183,6 @@ def dequantize(qtype: str, data: torch.Tensor, cols: int) -> torch.Tensor:
 
 def _native():
     """The native GGML kernels where they run here, else None (the reference path)."""
-    try:
-        from tilemem.kernels import ggml as native
-    except ImportError:  # pragma: no cover - built with the kernels
-        return None
     return native if native.available() else None
 
 
@@ -193,9 +191,9 @@ def ggml_gemm(x: torch.Tensor, w: GgmlMatrix, bias: torch.Tensor | None = None) 
     fp32: through the native kernels on the CPU where they run (`FAST` picks their path), else the reference."""
     rows = x.numel() // x.shape[-1]
     xf = x.reshape(rows, x.shape[-1]).float().contiguous()  # [N, C]
-    native = _native() if x.device.type == "cpu" and w.data.device.type == "cpu" else None
-    if native is not None and w.qtype in native.QTYPES:
-        y = native.matmul_nt(xf, w.qtype, w.data, w.cols, exact=not FAST)
+    kernels = _native() if x.device.type == "cpu" and w.data.device.type == "cpu" else None
+    if kernels is not None and w.qtype in kernels.QTYPES:
+        y = kernels.matmul_nt(xf, w.qtype, w.data, w.cols, exact=not FAST)
     else:
         y = reference_gemm(xf, w)
     if bias is not None:

@@ -15,6 +15,8 @@ from torch import nn
 from tilemem import kernels
 from tilemem.config import ModelConfig
 from tilemem.kernels import fp8 as fp8_kernels
+from tilemem.kernels import ggml as ggml_kernels
+from tilemem.layers import ggml
 from tilemem.layers.fp8 import FP8, Fp8Matrix
 from tilemem.layers.gpu_ffn import GATHER_MAX_PAIRS, gathered_ffn, padded_ffn
 from tilemem.layers.linear import Linear, gemm
@@ -50,7 +52,7 @@ def group_by_expert(ids: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Te
     return groups
 
 
-Matrix = torch.Tensor | Fp8Matrix
+Matrix = torch.Tensor | Fp8Matrix | ggml.GgmlMatrix
 
 
 def expert_ffn(x: torch.Tensor, gate: Matrix, up: Matrix, down: Matrix, act) -> torch.Tensor:
@@ -100,6 +102,12 @@ def fp8_native_act(act: str, x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and act in fp8_kernels.ACTS and fp8_kernels.available()
 
 
+def ggml_native_act(act: str, x: torch.Tensor) -> bool:
+    """Whether GGUF-quantized experts with activation `act` run through the native ggml FFN kernel
+    (`kernels.ggml.ffn_tasks`) for activations `x`: on the CPU, where the kernel runs."""
+    return x.device.type == "cpu" and act in ggml_kernels.ACTS and ggml._native() is not None
+
+
 class ResidentExperts:
     """Runs every routed expert from resident weights (the all-resident engine): the native kernel
     on the CPU (bf16), `gathered_ffn` on a GPU at a few tokens, else a loop over the routed experts.
@@ -114,6 +122,7 @@ class ResidentExperts:
         self.tables: dict[int, kernels.ExpertTable | None] = {}
         self.stacks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.fp8: dict[int, list[fp8_kernels.FfnWeights]] = {}  # layer -> its FP8 experts, packed for the kernel
+        self.ggml: dict[int, list[ggml_kernels.FfnWeights]] = {}  # layer -> its GGUF experts, packed likewise
         self.workspace = kernels.Workspace()
 
     def _stack(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,8 +179,24 @@ class ResidentExperts:
             self.fp8[layer] = [fp8_kernels.FfnWeights(*((m.weight, m.weight_scale_inv) for m in ms)) for ms in mats]
         return self.fp8[layer]
 
+    def ggml_weights(self, layer: int) -> list[ggml_kernels.FfnWeights]:
+        """The layer's GGUF-quantized experts packed for the native ggml FFN kernel (built once)."""
+        if layer not in self.ggml:
+            mats = [[getattr(e, n) for n in ("gate_proj", "up_proj", "down_proj")] for e in self.blocks[layer].experts]
+            self.ggml[layer] = [ggml_kernels.FfnWeights(*((m.qtype, m.weight) for m in ms)) for ms in mats]
+        return self.ggml[layer]
+
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         block = self.blocks[layer]
+        if block.experts[0].gate_proj.qtype is not None and ggml_native_act(block.act_name, x):
+            packed = self.ggml_weights(layer)
+            tasks = [
+                ggml_kernels.FfnTask(packed[e], tok.to(torch.int32), weights[tok, slot].to(torch.float32))
+                for e, tok, slot in group_by_expert(ids)
+            ]
+            out = torch.zeros(x.shape, dtype=torch.float32)  # [T, D]
+            ggml_kernels.ffn_tasks(x.float().contiguous(), tasks, block.act_name, out, exact=not ggml.FAST)
+            return out
         if block.experts[0].gate_proj.weight.dtype == FP8 and fp8_native_act(block.act_name, x):
             packed = self.fp8_weights(layer)
             tasks = [
