@@ -68,17 +68,6 @@ INLINE __m256i bits32(const uint8_t *p) {
     return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit), _mm256_set1_epi8(0x10));
 }
 
-/* The 6-bit scale and min of sub-block j of a Q4_K / Q5_K block's 12 scale bytes s (ggml's get_scale_min_k4). */
-INLINE void scale_min_k4(const uint8_t *s, int j, int *sc, int *mn) {
-    if (j < 4) {
-        *sc = s[j] & 63;
-        *mn = s[j + 4] & 63;
-    } else {
-        *sc = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
-        *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-    }
-}
-
 /* Group g's 32 quants of block b, before their offset (Q4_0: 0..15 for -8..7; Q6_K: 0..63 for -32..31). */
 INLINE __m256i group_q(const int TY, const uint8_t *b, int g) {
     switch (TY) {
@@ -111,32 +100,47 @@ INLINE __m256i group_q(const int TY, const uint8_t *b, int g) {
     return _mm256_setzero_si256();
 }
 
-/* A block's scales for the exact decode: weight i of group g = a[2g + i / 16] * (q - off) + b[g]. */
+/* ggml's unpacking of a Q4_K / Q5_K block's 12 scale bytes: u as 16 bytes = 8 scales, then 8 mins. */
+INLINE void unpack_k4(const uint8_t *scales, uint32_t u[4]) {
+    memcpy(u, scales, 12);
+    const uint32_t k1 = 0x3f3f3f3f, k2 = 0x0f0f0f0f, k3 = 0x03030303;
+    u[3] = ((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4);
+    const uint32_t m03 = u[1] & k1;
+    u[1] = (u[2] & k2) | (((u[0] >> 6) & k3) << 4);
+    u[2] = m03;
+    u[0] &= k1;
+}
+
+/* A block's scales for the exact decode: weight i of group g = (i < 16 ? a : a2)[g] * (q - off) + b[g]. */
 typedef struct {
-    float a[16], b[8];
+    float a[8], a2[8], b[8];
 } tmg_scales;
 
 INLINE void block_scales(const int TY, const uint8_t *blk, tmg_scales *s) {
     switch (TY) {
     case T_Q8_0:
     case T_Q4_0:
-    case T_Q5_0: s->a[0] = s->a[1] = f16(blk), s->b[0] = 0.0f; break;
+    case T_Q5_0: s->a[0] = s->a2[0] = f16(blk), s->b[0] = 0.0f; break;
     case T_Q4_1:
-    case T_Q5_1: s->a[0] = s->a[1] = f16(blk), s->b[0] = f16(blk + 2); break;
+    case T_Q5_1: s->a[0] = s->a2[0] = f16(blk), s->b[0] = f16(blk + 2); break;
     case T_Q4_K:
-    case T_Q5_K: {
-        const float d = f16(blk), dmin = f16(blk + 2);
-        for (int j = 0; j < 8; j++) {
-            int sc, mn;
-            scale_min_k4(blk + 4, j, &sc, &mn);
-            s->a[2 * j] = s->a[2 * j + 1] = d * (float)sc;
-            s->b[j] = dmin * (float)mn; /* subtracted */
-        }
+    case T_Q5_K: { /* a = d * scale, b = dmin * min: fp32 products as numpy's */
+        uint32_t u[4];
+        unpack_k4(blk + 4, u);
+        const __m128i sm = _mm_set_epi32((int)u[3], (int)u[2], (int)u[1], (int)u[0]);
+        const __m256 a = _mm256_mul_ps(_mm256_set1_ps(f16(blk)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sm)));
+        const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8)));
+        _mm256_storeu_ps(s->a, a);
+        _mm256_storeu_ps(s->a2, a);
+        _mm256_storeu_ps(s->b, _mm256_mul_ps(_mm256_set1_ps(f16(blk + 2)), mn));
         break;
     }
     case T_Q6_K: {
         const float d = f16(blk + 208);
-        for (int j = 0; j < 16; j++) s->a[j] = d * (float)(int8_t)blk[192 + j];
+        for (int j = 0; j < 8; j++) {
+            s->a[j] = d * (float)(int8_t)blk[192 + 2 * j];
+            s->a2[j] = d * (float)(int8_t)blk[192 + 2 * j + 1];
+        }
         break;
     }
     }
@@ -155,7 +159,7 @@ INLINE void group_f(const int TY, const uint8_t *blk, int g, const tmg_scales *s
     __m256 f[4];
     bytes_to_f(TY == T_Q8_0, group_q(TY, blk, g), f);
     const int gi = is_k(TY) ? g : 0;
-    const __m256 a0 = _mm256_set1_ps(s->a[2 * gi]), a1 = _mm256_set1_ps(s->a[2 * gi + 1]);
+    const __m256 a0 = _mm256_set1_ps(s->a[gi]), a1 = _mm256_set1_ps(s->a2[gi]);
     const __m256 b = _mm256_set1_ps(s->b[gi]);
     const float off = TY == T_Q4_0 ? 8.0f : TY == T_Q5_0 ? 16.0f : TY == T_Q6_K ? 32.0f : 0.0f;
     for (int k = 0; k < 4; k++) {
@@ -265,15 +269,8 @@ INLINE void row_fast(const int TY, const int NT, const uint8_t *wr, int64_t nb, 
                 off = _mm256_slli_epi16(_mm256_sub_epi16(_mm256_setzero_si256(), _mm256_cvtepi8_epi16(s8)), 5);
             } else {
                 d = f16(blk), dmin = f16(blk + 2);
-                /* ggml's unpacking of the 12 scale bytes into 8 scales (bytes 0..7) and 8 mins (bytes 8..15) */
                 uint32_t u[4];
-                memcpy(u, blk + 4, 12);
-                const uint32_t k1 = 0x3f3f3f3f, k2 = 0x0f0f0f0f, k3 = 0x03030303;
-                u[3] = ((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4);
-                const uint32_t m03 = u[1] & k1;
-                u[1] = (u[2] & k2) | (((u[0] >> 6) & k3) << 4);
-                u[2] = m03;
-                u[0] &= k1;
+                unpack_k4(blk + 4, u);
                 const __m256i sm = _mm256_cvtepu8_epi16(_mm_set_epi32((int)u[3], (int)u[2], (int)u[1], (int)u[0]));
                 const __m128i sc16 = _mm256_castsi256_si128(sm), mn16 = _mm256_extracti128_si256(sm, 1);
                 const __m256i both = _mm256_broadcastsi128_si256(sc16);
