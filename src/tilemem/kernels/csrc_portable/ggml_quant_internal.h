@@ -230,7 +230,8 @@ static inline void quantize_x(const float *x, int64_t C, int64_t QB, int8_t *q, 
 /* 32 products q * x summed by pairs into 16 int16 (q: the group's quants, s8 for Q8_0 and, offset, Q4_0 and
  * Q5_0: their signs moved onto x; else u8). */
 INLINE __m256i dot_pairs(const int TY, __m256i q, __m256i x) {
-    if (TY == T_Q8_0 || TY == T_Q4_0 || TY == T_Q5_0) return _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
+    if (TY == T_Q8_0 || TY == T_Q4_0 || TY == T_Q5_0)
+        return _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
     return _mm256_maddubs_epi16(q, x);
 }
 
