@@ -254,6 +254,9 @@ def test_ffn_tasks_invalid_inputs() -> None:
         ggml.ffn_tasks(x, [task], "silu", torch.zeros(2, d))
     with pytest.raises(KernelError, match="x must be a 2-D float32"):
         ggml.ffn_tasks(x.bfloat16(), [task], "silu", out)
+    big = ffn_task(("q4_0", "q8_0"), 64, d, [0] * 59 + [3], seed=9)  # prefill-sized: checked in Python
+    with pytest.raises(KernelError, match=r"task 1: token rows must be in \[0, 3\)"):
+        ggml.ffn_tasks(x, [task, big], "silu", out)
     assert torch.equal(out, torch.zeros(3, d))  # nothing written by a refused call
     with pytest.raises(KernelError, match=r"down: \[64, 256\] weights, but the task needs \[256, 64\]"):
         ggml.FfnWeights(w.gate, w.up, w.gate)

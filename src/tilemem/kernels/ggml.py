@@ -289,8 +289,8 @@ class FfnTask(NamedTuple):
     """fp32 [N], contiguous: the routing weights."""
 
 
-def _check_task(task: FfnTask, t: int, d: int, what: str) -> None:
-    """Raise KernelError unless task is an FfnTask for hidden size d with tokens in [0, t)."""
+def _check_task(task: FfnTask, d: int, what: str) -> None:
+    """Raise KernelError unless task is an FfnTask for hidden size d (the detailed checks of a bad one)."""
     if not isinstance(task, tuple) or len(task) != 3 or not isinstance(task[0], FfnWeights):
         raise KernelError(f"{what}: expected a ggml.FfnTask(FfnWeights, tok, weight), got {type(task).__name__}")
     weights, tok, weight = task
@@ -304,6 +304,9 @@ def _check_task(task: FfnTask, t: int, d: int, what: str) -> None:
             raise KernelError(f"{what}: {name} must be a contiguous vector, got shape {tuple(v.shape)}")
     if weight.shape != tok.shape:
         raise KernelError(f"{what}: weight has {weight.numel()} values for {tok.numel()} tokens")
+
+
+def _check_tokens(tok: torch.Tensor, t: int, what: str) -> None:
     if tok.numel() and (int(tok.min()) < 0 or int(tok.max()) >= t):
         raise KernelError(f"{what}: token rows must be in [0, {t}) (the rows of x), got {tok.tolist()}")
 
@@ -340,22 +343,37 @@ def ffn_tasks(x: torch.Tensor, tasks: Sequence[FfnTask], act: str, out: torch.Te
     t, d = x.shape
     words: list[int] = []
     big: list[FfnTask] = []
+    i32, f32 = torch.int32, torch.float32
     for q, task in enumerate(tasks):
-        _check_task(task, t, d, f"{what} task {q}")
-        weights, tok, _ = task
+        try:  # the common case in few attribute reads; anything else gets the detailed checks
+            weights, tok, weight = task
+            ok = (
+                isinstance(weights, FfnWeights) and weights.hidden == d and tok.dtype == i32 and weight.dtype == f32
+                and tok.is_cpu and weight.is_cpu and tok.dim() == 1 and weight.shape == tok.shape
+                and tok.is_contiguous() and weight.is_contiguous()
+            )  # fmt: skip
+        except (AttributeError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            _check_task(task, d, f"{what} task {q}")
+            weights, tok, weight = task
         if tok.numel() == 0 or weights.n == 0:
             continue
-        if tok.numel() > FFN_MAX_TOKENS:
+        if tok.numel() > FFN_MAX_TOKENS:  # checked here; the kernel checks its own tasks' tokens
+            _check_tokens(tok, t, f"{what} task {q}")
             big.append(task)
             continue
         words += weights.words
-        words += (tok.numel(), tok.data_ptr(), task.weight.data_ptr())
+        words += (tok.numel(), tok.data_ptr(), weight.data_ptr())
     if words:
         packed = array("q", words)  # [tasks, _TASK_WORDS]
         status = _kernels(what).tmg_ffn_tasks(
             x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), t, d, packed.buffer_info()[0],
             len(packed) // _TASK_WORDS, ACTS[act], int(exact), torch.get_num_threads(),
         )  # fmt: skip
+        if status == 2:  # refused, nothing written: say which task
+            for q, task in enumerate(tasks):
+                _check_tokens(task.tok, t, f"{what} task {q}")
         _check_status(status, what)
     for task in big:
         _ffn_matmuls(x, task, act, out, exact)
