@@ -209,8 +209,12 @@ typedef struct {
  * q = round(x / d) (to nearest even). */
 static inline void quantize_x(const float *x, int64_t C, int64_t QB, int8_t *q, float *d, int16_t *s) {
     for (int64_t c0 = 0; c0 < C; c0 += QB) {
-        float amax = 0.0f;
-        for (int64_t c = c0; c < c0 + QB; c++) amax = fmaxf(amax, fabsf(x[c]));
+        __m256 m = _mm256_setzero_ps();
+        for (int64_t c = c0; c < c0 + QB; c += 8)
+            m = _mm256_max_ps(m, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_loadu_ps(x + c)));
+        float amax = 0.0f, lanes[8];
+        _mm256_storeu_ps(lanes, m);
+        for (int k = 0; k < 8; k++) amax = fmaxf(amax, lanes[k]);
         const float dd = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
         d[c0 / QB] = dd;
         for (int64_t c = c0; c < c0 + QB; c += 8) {
