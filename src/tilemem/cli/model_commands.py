@@ -136,6 +136,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     ckpt = Checkpoint.open(args.model)
     print(describe(ckpt.config, Topology.from_config(ckpt.config)))
+    if hasattr(ckpt, "quant_types"):  # a GGUF file: its tensor types and what one expert really takes
+        types = ", ".join(f"{k} x{n}" for k, n in sorted(ckpt.quant_types().items(), key=lambda kv: -kv[1]))
+        g = ckpt.file
+        stacks = [t for name, t in g.tensors.items() if name.endswith("_exps.weight")]  # blk.L.ffn_*_exps: [E, ...]
+        layer = min(int(t.name.split(".")[1]) for t in stacks)
+        per_expert = sum(t.nbytes // t.shape[0] for t in stacks if int(t.name.split(".")[1]) == layer)
+        print(f"{'GGUF file':<24}  {fmt_bytes(g.nbytes)} in {len(g.parts)} part(s); tensor types: {types}")
+        print(f"{'GGUF bytes per expert':<24}  {fmt_bytes(per_expert)} as stored (layer {layer})")
     return 0
 
 
