@@ -128,7 +128,7 @@ def test_torch_reference_equals_the_native_exact_path(files, monkeypatch, exact)
 
 FAST_MAX_REL = 2e-2
 """How far the fast path's logits may be from the exact ones (8-bit activations per block, as llama.cpp):
-measured ~2e-3 on these files (docs/formats.md)."""
+measured ~2e-3 on these files (README, "Run a GGUF model")."""
 
 
 def forced_logits(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:

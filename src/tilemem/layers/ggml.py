@@ -8,7 +8,7 @@ bounded range of rows: through the native kernels where they run (`kernels.ggml`
 The native kernels have two paths: `exact` (the fp32 activations times the weights decoded in registers: the
 reference's numbers up to the order of fp32 sums) and the fast one llama.cpp uses (activations quantized to
 8 bits per block, integer dot products); `FAST` picks the fast one (`TILEMEM_GGML_EXACT=1` turns it off).
-docs/formats.md states how far its logits are from the reference.
+The README's "Run a GGUF model" states how far its logits are from the reference.
 
 Block layouts (ggml-common.h), per block of `weights` weights in `nbytes` bytes (d, dmin, m: fp16):
   q8_0 [d, int8 q[32]]                         w = d * q
