@@ -21,7 +21,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from tilemem.engine.tokenizer import TextTokenizer
-from tilemem.errors import CheckpointError
+from tilemem.errors import CheckpointError, RequestError
 from tilemem.loader.gguf_tokenizer import read_metadata, tokenizer_from_metadata
 from tilemem.synth.corpus import docstrings, stdlib_sources
 from tilemem.synth.tokenizer import CHAT_TEMPLATE, trained_json
@@ -283,6 +283,61 @@ def test_chat_template_and_special_tokens(spm_vocab: Vocab, tmp_path: Path) -> N
     assert ids[0] == 1 and spm_vocab.tokens.index("<|assistant|>") in ids
     # Special tokens skipped; each stretch of text after one got a U+2581 (a space), only the first is stripped.
     assert tok.decode(ids) == "\nhi \n \n"
+
+
+# MoE families of issue 21 first, then templates that use raise_exception (gemma-2 refuses a system turn),
+# strftime_now (Llama 3.1), {% generation %} (LFM2.5), loop controls, or iterate `tools` (Hermes: a TypeError).
+CHAT_TEMPLATES = [
+    *("Qwen-Qwen3-0.6B", "Qwen3-Coder", "deepseek-ai-DeepSeek-V3.1", "deepseek-ai-DeepSeek-V3.2", "MiniMax-M2"),
+    *("moonshotai-Kimi-K2", "GLM-4.6", "openai-gpt-oss-120b", "google-gemma-2-2b-it"),
+    *("meta-llama-Llama-3.1-8B-Instruct", "LFM2.5-8B-A1B", "NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use"),
+    *("mistralai-Mistral-Nemo-Instruct-2407", "Cohere2MoE", "ibm-granite-granite-4.0"),
+]
+
+
+def test_chat_templates_render_as_transformers(bpe_vocab: Vocab, tmp_path: Path) -> None:
+    """The chat templates llama.cpp collects from real models (Qwen3, DeepSeek-V3, Llama 3.1, ...) render from a
+    GGUF file exactly as transformers renders them, refusals (raise_exception) included."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    folder = llamacpp_tools.llamacpp_dir() / "llama.cpp" / "models" / "templates"
+    templates = [folder / f"{name}.jinja" for name in CHAT_TEMPLATES if (folder / f"{name}.jinja").exists()]
+    if len(templates) < 6:
+        pytest.skip(f"{folder} lacks the chat templates this test reads")
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Hello! <b>x</b>"},
+        {"role": "user", "content": "2+2?"},
+    ]
+    rendered = 0
+    for template in templates:
+        source = template.read_text(encoding="utf-8")
+        tok = TextTokenizer(write_gguf(tmp_path / "t.gguf", with_(bpe_vocab, template=source, ids={"eos": 0})))
+        try:
+            want = render_jinja_template(
+                [chat], chat_template=source, add_generation_prompt=True, bos_token="", eos_token=tok.eos_token
+            )
+        except Exception:  # the template refuses this chat (e.g. no system role): so must we, clearly
+            with pytest.raises(RequestError, match="the chat template cannot render these messages"):
+                tok.apply_chat_template(chat)
+            continue
+        assert tok.apply_chat_template(chat) == want[0][0], template.name
+        rendered += 1
+    assert rendered >= len(templates) // 2
+
+
+def test_chat_template_refusal_and_optional_variables(bpe_vocab: Vocab, tmp_path: Path) -> None:
+    template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% if tools %}TOOLS{% endif %}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% if enable_thinking is false %}<think></think>{% endif %}"
+        "{% endif %}"
+    )
+    tok = TextTokenizer(write_gguf(tmp_path / "t.gguf", with_(bpe_vocab, template=template)))
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "[user]hi[assistant]"
+    with pytest.raises(RequestError, match="System role not supported"):
+        tok.apply_chat_template([{"role": "system", "content": "x"}])
 
 
 def test_file_without_template_or_add_bos(bpe_vocab: Vocab, tmp_path: Path) -> None:

@@ -3,9 +3,15 @@
 
 from __future__ import annotations
 
+import datetime
+import json
 from pathlib import Path
+from typing import Any
 
 import jinja2
+import jinja2.ext
+import jinja2.nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from tilemem.errors import CheckpointError, RequestError
@@ -65,17 +71,53 @@ class TextTokenizer:
                 "this checkpoint has no chat template (tokenizer_config.json chat_template, or a GGUF file's "
                 "tokenizer.chat_template); use a plain prompt."
             )
-        return self.template.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.config.get("bos_token") or "",
-            eos_token=self.eos_token or "",
-        )
+        try:
+            return self.template.render(
+                messages=messages,
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.config.get("bos_token") or "",
+                eos_token=self.eos_token or "",
+            )
+        except (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError, ArithmeticError) as exc:
+            # raise_exception() in the template (e.g. "System role not supported"), or the template's own bug
+            raise RequestError(f"the chat template cannot render these messages: {exc}") from None
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (transformers marks assistant turns with it): the body as is."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller: Any) -> str:
+        return caller()
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+def _tojson(
+    x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False
+) -> str:
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _compile_template(template: object, where: str) -> jinja2.Template | None:
-    """The chat template compiled, or None when there is none; `where` names it in the error."""
-    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    """The chat template compiled as transformers does (sandboxed, undefined names are empty, its globals
+    raise_exception and strftime_now, its tojson), or None when there is none; `where` names it in errors."""
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     try:
         return env.from_string(template) if isinstance(template, str) else None
     except jinja2.TemplateSyntaxError as exc:
