@@ -1,4 +1,4 @@
-"""llama.cpp's own tools for tests: its HF->GGUF converter, `llama-quantize` and `llama-tokenize`.
+"""llama.cpp's own tools for tests: its HF->GGUF converter, `llama-quantize`, `llama-gguf-split`, `llama-tokenize`.
 
 Tests that need them call `llamacpp_dir()`, which skips the test unless TILEMEM_LLAMACPP points at a build
 made by `../shared/tools/build_llamacpp.sh DIR`. Outputs go wherever the caller says (a `tmp_path`)."""
@@ -22,7 +22,8 @@ def llamacpp_dir() -> Path:
     if not value:
         pytest.skip(SKIP_REASON)
     root = Path(value)
-    missing = [p for p in ("convert_gguf.py", "bin/llama-quantize", "bin/llama-tokenize") if not (root / p).exists()]
+    tools = ("convert_gguf.py", "bin/llama-quantize", "bin/llama-tokenize", "bin/llama-gguf-split")
+    missing = [p for p in tools if not (root / p).exists()]
     if missing:
         pytest.skip(f"TILEMEM_LLAMACPP={root} lacks {', '.join(missing)}; {SKIP_REASON}")
     return root
@@ -50,6 +51,14 @@ def quantize(src: Path, dst: Path, qtype: str, threads: int = 2, timeout: float 
     cmd = [str(llamacpp_dir() / "bin" / "llama-quantize"), str(src), str(dst), qtype, str(threads)]
     _run(cmd, "llama-quantize", timeout)
     return dst
+
+
+def split(src: Path, out_prefix: Path, max_tensors: int, timeout: float = 300) -> list[Path]:
+    """`src` cut by `llama-gguf-split` into parts of at most `max_tensors` tensors: OUT_PREFIX-0000i-of-0000N.gguf
+    (the metadata in the first); returns the parts in order."""
+    cmd = [str(llamacpp_dir() / "bin" / "llama-gguf-split"), "--split", "--split-max-tensors", str(max_tensors)]
+    _run([*cmd, str(src), str(out_prefix)], "llama-gguf-split", timeout)
+    return sorted(out_prefix.parent.glob(f"{out_prefix.name}-*-of-*.gguf"))
 
 
 def tokenize(gguf_file: Path, text: str, tmp_dir: Path, timeout: float = 60) -> list[int]:

@@ -236,6 +236,15 @@ def test_llamacpp_converted_checkpoint(tmp_path: Path) -> None:
     chat = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]
     assert from_file.apply_chat_template(chat) == from_dir.apply_chat_template(chat)
     assert (from_file.eos_token, from_file.eos_id) == (from_dir.eos_token, from_dir.eos_id)
+    # llama-quantize and llama-gguf-split keep the tokenizer; a later part of a split set names the first.
+    quantized = TextTokenizer(llamacpp_tools.quantize(path, tmp_path / "olmoe-q8_0.gguf", "Q8_0"))
+    assert [quantized.encode(t) for t in texts] == got
+    first, second = llamacpp_tools.split(path, tmp_path / "part", max_tensors=14)
+    assert [TextTokenizer(first).encode(t) for t in texts] == got
+    with pytest.raises(
+        CheckpointError, match=r"part-00002-of-00002\.gguf is part 2 of a split GGUF set.*part-00001-of"
+    ):
+        TextTokenizer(second)
 
 
 # Real vocabularies llama.cpp ships for its own tokenizer tests, with the ids the model's original

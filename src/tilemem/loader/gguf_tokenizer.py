@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -216,6 +217,12 @@ def tokenizer_from_metadata(meta: Mapping[str, Any], source: str) -> GgufVocab:
     """The tokenizer described by GGUF metadata `meta` (from `read_metadata`); `source` names the file in errors."""
     model = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
+    part = meta.get("split.no")
+    if model is None and isinstance(part, int) and part > 0:
+        first = re.sub(r"-(\d{5})-of-(\d{5})\.gguf$", r"-00001-of-\2.gguf", source)
+        raise CheckpointError(
+            f"{source} is part {part + 1} of a split GGUF set; its metadata is in the first part: pass {first}."
+        )
     if model is None or not isinstance(tokens, list) or not tokens:
         raise CheckpointError(
             f"{source} has no tokenizer (tokenizer.ggml.model / tokenizer.ggml.tokens); of a split set pass "
