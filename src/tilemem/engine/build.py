@@ -22,7 +22,6 @@ from tilemem.engine.tokenizer import TextTokenizer
 from tilemem.errors import CheckpointError, ConfigError
 from tilemem.jsonio import read_json_object
 from tilemem.loader.checkpoint import Checkpoint, load_model, require_device
-from tilemem.loader.gguf_file import is_gguf as path_is_gguf
 
 
 @dataclass
@@ -98,12 +97,6 @@ def build_engine(args: EngineArgs, kv_sequences: int = 1) -> EngineParts:
     skip = None
     if plan is not None:  # FFN weights come from the tile store, where the plan puts them
         from tilemem.models.topology import is_ffn_weight as skip
-    if plan is not None and path_is_gguf(args.model):
-        raise ConfigError(
-            f"{args.model} needs a placement plan (a budget was given, or it does not fit in memory), and GGUF models "
-            "run all-resident for now: tiles of GGUF blocks are not built yet. Give it the memory it needs (no "
-            "--budget / --plan, a larger --memory-limit), or use the safetensors checkpoint with a plan."
-        )
     device = device_for(plan, args.device)
     model, _ = load_model(
         ckpt, args.dtype, max_positions=max_model_len, skip=skip, device=device,

@@ -14,6 +14,7 @@ import torch
 
 from tilemem.config import ModelConfig
 from tilemem.layers.fp8 import scale_shape
+from tilemem.layers.ggml import QUANT_TYPES
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "bf16": 2, "fp16": 2, "fp32": 4, "fp8_e4m3": 1}
 FP8_FORMAT = "fp8_e4m3"
@@ -21,7 +22,10 @@ FP8_FORMAT = "fp8_e4m3"
 
 
 def matrix_bytes(rows: int, cols: int, dtype: str) -> int:
-    """Bytes of an [rows, cols] weight stored in `dtype` (FP8: its block scales included)."""
+    """Bytes of an [rows, cols] weight stored in `dtype` (FP8: its block scales included; a GGUF quant type such
+    as `q4_k`: its blocks, `cols` a multiple of the type's block)."""
+    if dtype in QUANT_TYPES:
+        return rows * QUANT_TYPES[dtype].row_bytes(cols)
     nbytes = rows * cols * DTYPE_BYTES.get(dtype, 2)
     if dtype == FP8_FORMAT:
         nbytes += 4 * math.prod(scale_shape(rows, cols))
@@ -82,6 +86,10 @@ class Topology:
     """(checkpoint-style module name, bytes) of every weight that is not an FFN tile."""
     non_expert_params: int | None = None
     """Parameters of `non_expert` (None: its bytes over `dtype_bytes`, fp32 biases over 4)."""
+    ffn_types: tuple[tuple[int, int, str, str, str], ...] = ()
+    """GGUF: (layer, unit, gate type, up type, down type) of every FFN, quant types such as `q4_k` (unit: 0 for
+    the routed experts, which share their layer's types, SHARED or DENSE); FFN bytes are then their blocks'.
+    Empty: every FFN is stored in `dtype`."""
 
     @staticmethod
     def layers_of(cfg: ModelConfig) -> tuple[LayerTopology, ...]:
@@ -102,9 +110,12 @@ class Topology:
         )
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, dtype: str | None = None) -> Topology:
+    def from_config(
+        cls, cfg: ModelConfig, dtype: str | None = None, ffn_types: dict[tuple[int, int], tuple[str, ...]] | None = None
+    ) -> Topology:
         """Topology of `cfg` stored in `dtype` (default: the checkpoint's: `fp8_e4m3` for an FP8 checkpoint,
-        whose quantized weights count one byte each plus their scales, its other weights `torch_dtype`)."""
+        whose quantized weights count one byte each plus their scales, its other weights `torch_dtype`).
+        `ffn_types`: a GGUF file's quant types per FFN unit ((layer, unit) -> gate, up, down; see `ffn_types`)."""
         from tilemem.models.model import MoECausalLM, quantized_weight_names
 
         dtype = dtype or cfg.weight_format or cfg.torch_dtype
@@ -126,16 +137,27 @@ class Topology:
                 nbytes = math.prod(t.shape) * size
             non_expert.append((name, nbytes))
             params += math.prod(t.shape)
-        return cls(cfg.family, cfg.hidden_size, dtype, DTYPE_BYTES.get(dtype, 2), layers, tuple(non_expert), params)
+        types = tuple(sorted((layer, unit, *t) for (layer, unit), t in (ffn_types or {}).items()))
+        return cls(
+            cfg.family, cfg.hidden_size, dtype, DTYPE_BYTES.get(dtype, 2), layers, tuple(non_expert), params, types
+        )
 
     def expert_bytes(self, layer: int) -> int:
         """Bytes of one routed expert (gate, up, down) in `layer`."""
-        return self.ffn_bytes(self.layers[layer].expert_intermediate)
+        return self.ffn_bytes(self.layers[layer].expert_intermediate, self._types(layer, 0))
 
-    def ffn_bytes(self, intermediate: int) -> int:
-        """Bytes of a gated FFN of width `intermediate` (FP8: with the scales of its three matrices)."""
+    def _types(self, layer: int, unit: int) -> tuple[str, str, str] | None:
+        """The quant types of one FFN unit (GGUF), else None."""
+        return next((tuple(t[2:]) for t in self.ffn_types if t[0] == layer and t[1] == unit), None)
+
+    def ffn_bytes(self, intermediate: int, types: tuple[str, str, str] | None = None) -> int:
+        """Bytes of a gated FFN of width `intermediate` (FP8: with the scales of its three matrices; `types`:
+        GGUF gate, up and down quant types, their blocks)."""
         if not intermediate:
             return 0
+        if types is not None:
+            d = self.hidden_size
+            return sum(matrix_bytes(intermediate, d, q) for q in types[:2]) + matrix_bytes(d, intermediate, types[2])
         return 3 * matrix_bytes(intermediate, self.hidden_size, self.dtype)
 
     @property
@@ -151,7 +173,12 @@ class Topology:
     @property
     def shared_and_dense_bytes(self) -> int:
         """Shared experts plus dense FFN layers."""
-        return sum(self.ffn_bytes(lt.shared_intermediate + lt.dense_intermediate) for lt in self.layers)
+        return sum(
+            self.ffn_bytes(
+                lt.shared_intermediate + lt.dense_intermediate, self._types(lt.index, SHARED if lt.is_moe else DENSE)
+            )
+            for lt in self.layers
+        )
 
     @property
     def non_expert_bytes(self) -> int:

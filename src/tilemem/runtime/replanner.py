@@ -162,7 +162,7 @@ class AsyncReplanner:
             self.stats.demoted += len(demote)
         # 2) grow each expert to its new ranges, only while the budget has room.
         for key, ranges in promote:
-            need = self.executor.bytes_of(ranges) - self.executor.bytes_of(self.executor_ranges(key))
+            need = self.executor.bytes_of(ranges, key) - self.executor.bytes_of(self.executor_ranges(key), key)
             if self.executor.resident_bytes + need > self.resident_budget:
                 continue  # would pass the budget (e.g. another promotion not applied yet): skip
             blocks = self.executor.load_blocks(key, ranges)

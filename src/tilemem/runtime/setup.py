@@ -24,9 +24,10 @@ from tilemem.placement.planner import build_plan
 from tilemem.placement.policies import PlacementProblem
 from tilemem.placement.profile import Profile
 from tilemem.placement.tiles import always_active_ffns, routed_ffns
+from tilemem.runtime.gguf_source import GgufSource, gguf_tile_format, plan_types, store_source
 from tilemem.runtime.tiered import TieredConfig, TieredExperts
 from tilemem.runtime.tile_format import fp8_tile_size_message
-from tilemem.runtime.tile_store import TileStore, convert
+from tilemem.runtime.tile_store import TileStore, convert, store_codec
 from tilemem.units import format_bytes
 
 
@@ -53,8 +54,12 @@ def make_plan(
     sequences: int = 1,
 ) -> Plan:
     """Plan `ckpt` under `budget` (e.g. `cpu=4GiB`, or `auto`: within `memory_limit`, e.g. `6GiB`, else
-    the limit measured here, less the KV cache of `sequences` sequences of `context` tokens) with `policy`."""
-    topo = Topology.from_config(ckpt.config, dtype)
+    the limit measured here, less the KV cache of `sequences` sequences of `context` tokens) with `policy`.
+    A GGUF model's FFN bytes are its quant blocks' (`dtype` counts its other weights)."""
+    source = store_source(ckpt)
+    codec = store_codec(source) if isinstance(source, GgufSource) else None
+    gguf = codec is not None and codec.gguf
+    topo = Topology.from_config(ckpt.config, dtype, plan_types(codec.ggml_units) if gguf else None)
     prof = load_profile(profile, topo)
     learn = budget == "auto" and cache is None  # with no profile, auto learns the hot experts in a cache
     if budget == "auto" or policy == "auto":  # the cost model picks (tilemem.tmap)
@@ -72,7 +77,13 @@ def make_plan(
         budgets = with_learning_cache(topo, budgets, prof)
     if topo.dtype == FP8_FORMAT and tile % 128:
         raise ConfigError(fp8_tile_size_message(tile) + ".")
-    problem = PlacementProblem(topo, prof, budgets, tile_format(topo.dtype), tile=tile)
+    if gguf:
+        try:
+            codec.check_tile_size(tile)
+        except ValueError as exc:
+            raise ConfigError(f"{exc}.") from None
+    fmt = gguf_tile_format(codec.ggml_units) if gguf else tile_format(topo.dtype)
+    problem = PlacementProblem(topo, prof, budgets, fmt, tile=tile)
     return build_plan(problem, policy, name=ckpt.path.name)
 
 

@@ -12,6 +12,10 @@ GPU works while the CPU computes its DRAM tiles and streams disk tiles. A DRAM o
 many tokens use (at least `gpu_min_tokens`, prefill) is copied to the GPU on a side stream and
 computed there instead: at that batch the copy costs less than CPU compute.
 
+Tiles keep the checkpoint's weight format (`tile_format`): FP8 tiles run through the native FP8 kernel, GGUF
+tiles (quantized blocks) through the native ggml kernel (`kernels.ggml.ffn_tasks`, exact unless `layers.ggml.FAST`),
+each with a torch fallback; both are computed on the host only (no cuda tier for them yet).
+
 Shape legend: T tokens, N tokens routed to one expert, n tile neurons, D hidden.
 """
 
@@ -27,13 +31,15 @@ import torch
 from tilemem import kernels, sysinfo
 from tilemem.errors import BudgetError, TileMemError
 from tilemem.kernels import fp8 as fp8_kernels
+from tilemem.kernels import ggml as ggml_kernels
+from tilemem.layers import ggml
 from tilemem.layers.gpu_ffn import GATHER_MAX_PAIRS, TileSlab, gathered_ffn, stacked_ffn
 from tilemem.layers.linear import gemm
-from tilemem.layers.moe import MoEBlock, PartialSums, fp8_native_act, group_by_expert
+from tilemem.layers.moe import MoEBlock, PartialSums, fp8_native_act, ggml_native_act, group_by_expert
 from tilemem.placement.budgets import DEFAULT_CACHE_BYTES, IO_DEPTH
 from tilemem.runtime.direct_io import AlignedSlab, DirectReader
 from tilemem.runtime.tile_cache import TileCache, TileId
-from tilemem.runtime.tile_format import Block, Fp8Tile, block_nbytes
+from tilemem.runtime.tile_format import Block, Fp8Tile, GgmlTile, block_nbytes
 from tilemem.runtime.tile_store import StoredTile, TileStore
 from tilemem.units import format_bytes
 
@@ -130,8 +136,8 @@ def partial_ffn(x: torch.Tensor, block: Block, act) -> torch.Tensor:
     """FFN over one tile or merged range: x [N, D], block [3, n, D] (gate, up, down^T) -> [N, D].
 
     Gate and up rows are adjacent in the block, so they run as one GEMM (an FP8 tile's as two: a partial
-    last scale block would straddle them)."""
-    if isinstance(block, Fp8Tile):
+    last scale block would straddle them; a GGUF tile's as two quantized matrices)."""
+    if isinstance(block, (Fp8Tile, GgmlTile)):
         gate, up, down = block.matrices()
         return gemm(act(gemm(x, gate)) * gemm(x, up), down)  # [N, D]
     n = block.shape[1]
@@ -184,6 +190,7 @@ class Accumulator:
         gpu: GpuAccumulator | None = None,
         gpu_min_tokens: int = 0,
         fp8_act: str | None = None,
+        ggml_act: str | None = None,
     ) -> None:
         self.x = x  # [T, D]
         self.act, self.native_act, self.ws = act, native_act, ws
@@ -192,31 +199,39 @@ class Accumulator:
         self.gpu, self.gpu_min_tokens = gpu, gpu_min_tokens
         self.fp8_act = fp8_act  # FP8 tiles go to the portable FP8 kernel with this activation (None: torch)
         self.fp8_tasks: list[fp8_kernels.FfnTask] = []
-        self.xf: torch.Tensor | None = None  # x in fp32, made once for the FP8 kernel
+        self.ggml_act = ggml_act  # GGUF tiles go to the native ggml kernel with this activation (None: torch)
+        self.ggml_tasks: list[ggml_kernels.FfnTask] = []
+        self.xf: torch.Tensor | None = None  # x in fp32, made once for the FP8 and ggml kernels
 
     def to_gpu(self, tok: torch.Tensor) -> bool:
         """Whether a tile used by `tok` is computed on the GPU."""
         return self.gpu is not None and tok.numel() >= self.gpu_min_tokens
 
-    def add(self, block: torch.Tensor, tok: torch.Tensor, scale: torch.Tensor) -> None:
+    def add(self, block: Block, tok: torch.Tensor, scale: torch.Tensor) -> None:
         """out[tok] += scale * tile FFN of x[tok]; block [3, n, D], tok [N], scale [N]."""
         if self.to_gpu(tok):
             self.gpu.add_host(block, tok, scale)
         elif isinstance(block, Fp8Tile) and self.fp8_act is not None:
             task = fp8_kernels.FfnTask(block.ffn_weights, tok.to(torch.int32), scale.to(torch.float32))
             self.fp8_tasks.append(task)
-        elif self.native_act is None or isinstance(block, Fp8Tile):
+        elif isinstance(block, GgmlTile) and self.ggml_act is not None:
+            task = ggml_kernels.FfnTask(block.ffn_weights, tok.to(torch.int32), scale.to(torch.float32))
+            self.ggml_tasks.append(task)
+        elif self.native_act is None or isinstance(block, (Fp8Tile, GgmlTile)):
             self.sums.add(tok, partial_ffn(self.x[tok], block, self.act) * scale[:, None])
         else:
             self.tasks.append((block, tok.to(torch.int32), scale.to(torch.float32)))
 
     def flush(self) -> None:
         """Run the queued tasks."""
+        if (self.fp8_tasks or self.ggml_tasks) and self.xf is None:
+            self.xf = self.x.float().contiguous()  # [T, D]
         if self.fp8_tasks:
-            if self.xf is None:
-                self.xf = self.x.float().contiguous()  # [T, D]
             fp8_kernels.ffn_tasks(self.xf, self.fp8_tasks, self.fp8_act, self.sums.out)
             self.fp8_tasks = []
+        if self.ggml_tasks:
+            ggml_kernels.ffn_tasks(self.xf, self.ggml_tasks, self.ggml_act, self.sums.out, exact=not ggml.FAST)
+            self.ggml_tasks = []
         if self.tasks:
             kernels.ffn_tasks(self.x, self.tasks, self.native_act, self.ws, self.sums.out)
             self.tasks = []
@@ -312,9 +327,10 @@ class TieredExperts:
 
     def build_slabs(self) -> None:
         """(Re)build the VRAM slab of every layer whose `cuda` ranges changed, tile by tile from the store."""
-        if self.stale_slabs and self.store.codec.fp8:
+        if self.stale_slabs and (self.store.codec.fp8 or self.store.codec.gguf):
+            kind = "FP8" if self.store.codec.fp8 else "GGUF (quantized)"
             raise TileMemError(
-                "the cuda tier does not hold FP8 tiles yet (their DRAM and disk tiers do); plan without a cuda "
+                f"the cuda tier does not hold {kind} tiles yet (their DRAM and disk tiers do); plan without a cuda "
                 "budget for this checkpoint."
             )
         for layer in sorted(self.stale_slabs):
@@ -337,11 +353,12 @@ class TieredExperts:
         """[3, n, D] tensors of an expert's DRAM (`cpu`) ranges, read from the store."""
         return [self._load_range(*key, a, b) for a, b in ranges.get("cpu", [])]
 
-    def bytes_of(self, ranges: Ranges) -> int:
-        """DRAM bytes `ranges` would take."""
+    def bytes_of(self, ranges: Ranges, key: tuple[int, int]) -> int:
+        """DRAM bytes `ranges` of unit `key` (layer, expert) would take."""
         spans = ranges.get("cpu", [])
-        if self.store.codec.fp8:
-            return sum(self.store.codec.payload_bytes(b - a) for a, b in spans)
+        if self.store.codec.fp8 or self.store.codec.gguf:
+            codec = self.store.codec.unit(*key)
+            return sum(codec.payload_bytes(b - a) for a, b in spans)
         itemsize = torch.empty(0, dtype=self.dtype).element_size()
         return 3 * sum(b - a for a, b in spans) * self.store.hidden * itemsize
 
@@ -355,6 +372,7 @@ class TieredExperts:
     def _load_range(self, layer: int, expert: int, a: int, b: int) -> Block:
         """Neurons [a, b) of one expert read from the store, checked, as one block in memory of its own."""
         parts = []
+        codec = self.store.codec.unit(layer, expert)
         for t in self.store.covering(layer, expert, a, b):
             raw = self.store.read_block(t)
             if self.config.verify_reads and zlib.crc32(raw) != t.crc32:
@@ -362,9 +380,9 @@ class TieredExperts:
                     f"tile {t.key} in {self.store.data_path} fails its checksum (corrupt store); "
                     f"{self.store.repair_hint}."
                 )
-            parts.append(self.store.codec.view(torch.frombuffer(bytearray(raw), dtype=torch.uint8), t.end - t.start))
-        out = self.store.codec.concat(parts) if len(parts) > 1 else parts[0]
-        return out if isinstance(out, Fp8Tile) else out.to(self.dtype)
+            parts.append(codec.view(torch.frombuffer(bytearray(raw), dtype=torch.uint8), t.end - t.start))
+        out = codec.concat(parts) if len(parts) > 1 else parts[0]
+        return out if isinstance(out, (Fp8Tile, GgmlTile)) else out.to(self.dtype)
 
     # -- I/O ---------------------------------------------------------------------------------------
     def _read(self, tile: StoredTile, slot: int) -> None:
@@ -380,8 +398,9 @@ class TieredExperts:
             )
 
     def _block(self, slot: int, tile: StoredTile) -> Block:
-        t = self.store.codec.view(self.cache.slab.tensor(slot, tile.nbytes, torch.uint8), tile.end - tile.start)
-        return t if isinstance(t, Fp8Tile) or t.dtype == self.dtype else t.to(self.dtype)
+        codec = self.store.codec.unit(tile.layer, tile.expert)
+        t = codec.view(self.cache.slab.tensor(slot, tile.nbytes, torch.uint8), tile.end - tile.start)
+        return t if isinstance(t, (Fp8Tile, GgmlTile)) or t.dtype == self.dtype else t.to(self.dtype)
 
     def _harvest_prefetches(self) -> None:
         for tid, (fut, slot, _) in list(self.prefetching.items()):
@@ -456,7 +475,12 @@ class TieredExperts:
         self._harvest_prefetches()
         native = self.act_name if self.act_name in kernels.ACTS and kernels.usable(x) else None
         fp8_act = self.act_name if self.store.codec.fp8 and fp8_native_act(self.act_name, x) else None
-        out = Accumulator(x, self.act, native, self.workspace, gpu, self.config.gpu_min_tokens, fp8_act)  # [T, D] fp32
+        ggml_act = self.act_name if self.store.codec.gguf and ggml_native_act(self.act_name, x) else None
+        if self.store.codec.gguf:
+            gpu = None  # GGUF tiles are computed on the host (their blocks are not decoded for the GPU yet)
+        out = Accumulator(
+            x, self.act, native, self.workspace, gpu, self.config.gpu_min_tokens, fp8_act, ggml_act
+        )  # [T, D] fp32
         pending: list[tuple[TileId, StoredTile, torch.Tensor, torch.Tensor]] = []
         ready = []
         for expert, tok, scale in groups:

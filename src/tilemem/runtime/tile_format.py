@@ -7,6 +7,11 @@ A tile is neurons [a, b) of one FFN: gate rows, up rows and down columns (stored
   rows' scale rows, and the down columns' scale columns transposed. Tiles start on 128-neuron boundaries,
   so a tile's scale blocks are whole blocks of the checkpoint's (the last tile of an odd width is partial,
   as the checkpoint's last block is). `Fp8Tile` is the viewed form; its projections are `Fp8Matrix`es.
+- GGUF (llama.cpp's quantized blocks, `layers.ggml`): the gate rows [n, row_bytes(D)], the up rows, then down's
+  D rows cut to the blocks covering the tile's neurons [D, row_bytes(n)] (down stays [D, n]: quant blocks run
+  along a row and cannot be transposed). Blocks are kept as the file stores them; gate/up and down may be of
+  different types (Q4_K_M), and types may differ per layer, so a GGUF codec is bound to one FFN unit
+  (`TileCodec.unit`). Tiles start on down's block boundaries (32 or 256 neurons). `GgmlTile` is the viewed form.
 
 Shape legend: n tile neurons, D hidden, nb = ceil(n/128), Db = ceil(D/128).
 """
@@ -15,12 +20,15 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from tilemem.kernels import fp8 as fp8_kernels
+from tilemem.kernels import ggml as ggml_kernels
 from tilemem.layers.fp8 import BLOCK, FP8, Fp8Matrix
+from tilemem.layers.ggml import QUANT_TYPES, GgmlMatrix, QuantType
 
 SCALE_ALIGN = 16
 """Byte alignment of an FP8 tile's scales after its weights."""
@@ -67,25 +75,102 @@ class Fp8Tile:
         self.scale.record_stream(stream)
 
 
-Block = torch.Tensor | Fp8Tile
-"""A tile (or a merged range of an expert's tiles) as computed: [3, n, D] plain, or an `Fp8Tile`."""
+@dataclass(frozen=True)
+class GgmlTile:
+    """One GGUF tile: gate [n, D] and up [n, D] (whole quantized rows), down [D, n] (each row's blocks that
+    cover the tile's neurons), as `GgmlMatrix`es of the file's types."""
+
+    gate: GgmlMatrix
+    up: GgmlMatrix
+    down: GgmlMatrix
+
+    @property
+    def shape(self) -> torch.Size:
+        """[3, n, D], as a plain tile's."""
+        return torch.Size((3, *self.gate.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate.nbytes + self.up.nbytes + self.down.nbytes
+
+    @functools.cached_property
+    def ffn_weights(self) -> ggml_kernels.FfnWeights:
+        """The tile packed for the native ggml FFN kernel; built once per tile object."""
+        return ggml_kernels.FfnWeights(*((m.qtype, m.data) for m in (self.gate, self.up, self.down)))
+
+    def matrices(self) -> tuple[GgmlMatrix, GgmlMatrix, GgmlMatrix]:
+        """gate [n, D], up [n, D], down [D, n] (for `layers.linear.gemm`: the torch reference path)."""
+        return self.gate, self.up, self.down
+
+    def _map(self, fn) -> GgmlTile:
+        return GgmlTile(*(GgmlMatrix(fn(m.data), m.qtype, m.cols) for m in (self.gate, self.up, self.down)))
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> GgmlTile:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> GgmlTile:
+        return self._map(lambda t: t.pin_memory())
+
+    def is_pinned(self) -> bool:
+        return self.gate.data.is_pinned()
+
+    def record_stream(self, stream) -> None:
+        for m in (self.gate, self.up, self.down):
+            m.data.record_stream(stream)
+
+
+Block = torch.Tensor | Fp8Tile | GgmlTile
+"""A tile (or a merged range of an expert's tiles) as computed: [3, n, D] plain, an `Fp8Tile` or a `GgmlTile`."""
+
+GgmlTypes = tuple[str, str, str]
+"""The quant types of one FFN unit's gate, up and down."""
 
 
 def block_nbytes(block: Block) -> int:
-    """Bytes a viewed tile holds (FP8: weights and scales)."""
-    return block.nbytes if isinstance(block, Fp8Tile) else block.numel() * block.element_size()
+    """Bytes a viewed tile holds (FP8: weights and scales; GGUF: its blocks)."""
+    return block.nbytes if isinstance(block, (Fp8Tile, GgmlTile)) else block.numel() * block.element_size()
 
 
 @dataclass(frozen=True)
 class TileCodec:
-    """Packs and views the tiles of one store: its `dtype` (the stored element type) and `hidden` width."""
+    """Packs and views the tiles of one store: its `dtype` (the stored element type) and `hidden` width.
+
+    A GGUF store (`ggml_units` set, `dtype` uint8) packs each FFN unit in its own types: `unit(layer, unit)` is
+    the codec of one unit's tiles (`ggml` set), which `payload_bytes`, `pack` and `view` need."""
 
     dtype: torch.dtype
     hidden: int
+    ggml_units: Mapping[tuple[int, int], GgmlTypes] = field(default_factory=dict, compare=False)
+    """GGUF: (layer, unit) -> its gate, up and down quant types (empty: not a GGUF store)."""
+    ggml: GgmlTypes | None = None
+    """The types of the unit this codec is bound to (`unit`)."""
 
     @property
     def fp8(self) -> bool:
         return self.dtype == FP8
+
+    @property
+    def gguf(self) -> bool:
+        """Whether tiles hold GGUF quant blocks."""
+        return bool(self.ggml_units)
+
+    def unit(self, layer: int, unit: int) -> TileCodec:
+        """The codec of one FFN unit's tiles (itself but for a GGUF store)."""
+        if not self.gguf:
+            return self
+        return replace(self, ggml=self.ggml_units[(layer, unit)])
+
+    def _types(self) -> tuple[QuantType, QuantType, QuantType]:
+        if self.ggml is None:
+            raise ValueError("a GGUF tile codec must be bound to an FFN unit first (TileCodec.unit)")
+        return tuple(QUANT_TYPES[q] for q in self.ggml)
+
+    @property
+    def tile_block(self) -> int:
+        """Neurons tiles must start on: 128 (FP8 scale blocks), the largest down block (GGUF), else 1."""
+        if self.gguf:
+            return max(QUANT_TYPES[t[2]].weights for t in self.ggml_units.values())
+        return BLOCK if self.fp8 else 1
 
     def scale_offset(self, n: int) -> int:
         """Byte offset of an FP8 tile's scales."""
@@ -93,6 +178,9 @@ class TileCodec:
 
     def payload_bytes(self, n: int) -> int:
         """Bytes of a tile of `n` neurons."""
+        if self.ggml_units:
+            g, u, dq = self._types()
+            return n * (g.row_bytes(self.hidden) + u.row_bytes(self.hidden)) + self.hidden * dq.row_bytes(n)
         if self.fp8:
             return self.scale_offset(n) + 4 * 3 * math.ceil(n / BLOCK) * math.ceil(self.hidden / BLOCK)
         return 3 * n * self.hidden * self.dtype.itemsize
@@ -107,7 +195,10 @@ class TileCodec:
         scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The bytes (uint8 [payload_bytes(b - a)]) of neurons [a, b) of gate [I, D], up [I, D], down [D, I];
-        FP8 needs their fp32 block scales gate/up [ceil(I/128), Db], down [Db, ceil(I/128)]."""
+        FP8 needs their fp32 block scales gate/up [ceil(I/128), Db], down [Db, ceil(I/128)]; GGUF takes
+        `GgmlMatrix`es (gate/up [I, D], down [D, I]) and cuts down's rows at blocks boundaries."""
+        if self.ggml_units:
+            return self._pack_ggml(gate, up, down, a, b)
         block = torch.stack([gate[a:b], up[a:b], down[:, a:b].t()]).contiguous()  # [3, n, D]
         raw = block.view(torch.uint8).reshape(-1)
         if not self.fp8:
@@ -120,9 +211,29 @@ class TileCodec:
         pad = torch.zeros(self.scale_offset(b - a) - raw.numel(), dtype=torch.uint8)
         return torch.cat([raw, pad, scale.view(torch.uint8).reshape(-1)])
 
+    def _pack_ggml(self, gate: GgmlMatrix, up: GgmlMatrix, down: GgmlMatrix, a: int, b: int) -> torch.Tensor:
+        got = (gate.qtype, up.qtype, down.qtype)
+        if got != self.ggml:
+            raise ValueError(f"GGUF tile of types {got}, but the codec is bound to {self.ggml}")
+        q = QUANT_TYPES[down.qtype]
+        if a % q.weights or (b % q.weights and b != down.cols):
+            raise ValueError(f"GGUF tiles fall on down's {q.weights}-weight {q.name} blocks, not on [{a}, {b})")
+        cut = down.data[:, a // q.weights * q.nbytes : math.ceil(b / q.weights) * q.nbytes]  # [D, row_bytes(n)]
+        parts = (gate.data[a:b], up.data[a:b], cut)
+        return torch.cat([p.contiguous().reshape(-1) for p in parts])
+
     def view(self, raw: torch.Tensor, n: int) -> Block:
         """The tile of `n` neurons in `raw` (uint8, at least payload_bytes(n); a view, no copy)."""
         d = self.hidden
+        if self.ggml_units:
+            g, u, dq = self._types()
+            sizes = (n * g.row_bytes(d), n * u.row_bytes(d), d * dq.row_bytes(n))
+            gate, up, down = raw[: sum(sizes)].split(sizes)
+            return GgmlTile(
+                GgmlMatrix(gate.view(n, -1), g.name, d),
+                GgmlMatrix(up.view(n, -1), u.name, d),
+                GgmlMatrix(down.view(d, -1), dq.name, n),
+            )
         if not self.fp8:
             return raw[: 3 * n * d * self.dtype.itemsize].view(self.dtype).view(3, n, d)
         off = self.scale_offset(n)
@@ -134,21 +245,42 @@ class TileCodec:
     def concat(self, blocks: list[Block]) -> Block:
         """Consecutive tiles of one expert as one block (FP8: their scale rows follow, as the tiles start on
         block boundaries)."""
+        if isinstance(blocks[0], GgmlTile):
+            g, u, dn = blocks[0].matrices()
+            return GgmlTile(
+                GgmlMatrix(torch.cat([b.gate.data for b in blocks]), g.qtype, g.cols),
+                GgmlMatrix(torch.cat([b.up.data for b in blocks]), u.qtype, u.cols),
+                GgmlMatrix(torch.cat([b.down.data for b in blocks], 1), dn.qtype, sum(b.down.cols for b in blocks)),
+            )  # down's rows: each tile's blocks of that row, in neuron order
         if not self.fp8:
             return torch.cat(blocks, dim=1)
         return Fp8Tile(torch.cat([b.data for b in blocks], 1), torch.cat([b.scale for b in blocks], 1))
 
     def check_tile_size(self, tile_size: int) -> None:
-        """Refuse a tile size whose boundaries would cut FP8 scale blocks, naming the nearest valid sizes."""
+        """Refuse a tile size whose boundaries would cut FP8 scale blocks or GGUF down blocks, naming the
+        nearest valid sizes."""
+        if self.gguf and tile_size % self.tile_block:
+            raise ValueError(gguf_tile_size_message(tile_size, self.tile_block))
         if self.fp8 and tile_size % BLOCK:
             raise ValueError(fp8_tile_size_message(tile_size))
 
 
+def _nearest(tile_size: int, block: int) -> str:
+    lower = tile_size // block * block
+    return " or ".join(str(s) for s in (lower, lower + block) if s > 0)
+
+
 def fp8_tile_size_message(tile_size: int) -> str:
     """Why `tile_size` cannot tile an FP8 model, and the nearest sizes that can."""
-    lower = tile_size // BLOCK * BLOCK
-    near = [s for s in (lower, lower + BLOCK) if s > 0]
     return (
         f"tile size {tile_size} does not fall on the FP8 checkpoint's {BLOCK}-neuron scale blocks; use a "
-        f"multiple of {BLOCK}: {' or '.join(map(str, near))}"
+        f"multiple of {BLOCK}: {_nearest(tile_size, BLOCK)}"
+    )
+
+
+def gguf_tile_size_message(tile_size: int, block: int) -> str:
+    """Why `tile_size` cannot tile a GGUF model whose down projections have `block`-weight quant blocks."""
+    return (
+        f"tile size {tile_size} does not fall on the GGUF file's {block}-weight quant blocks of ffn_down (a tile's "
+        f"down columns are whole blocks); use a multiple of {block}: {_nearest(tile_size, block)}"
     )

@@ -4,7 +4,9 @@ and the shared experts (unit SHARED) and dense FFN layers (unit DENSE), which th
 One block per (layer, unit, neuron range [a, b)), 4 KiB aligned, weight format kept (`tile_format`):
 gate rows [n, D], up rows [n, D], then down columns stored transposed as [n, D], so a tile is one
 contiguous [3, n, D] array readable with a single O_DIRECT request and usable without a copy; an FP8
-tile's 128 x 128 block scales follow its e4m3 bytes (tiles then start on 128-neuron boundaries).
+tile's 128 x 128 block scales follow its e4m3 bytes (tiles then start on 128-neuron boundaries); a GGUF
+file's tiles keep its quantized blocks (`tile_format`: gate and up rows, then down's rows cut to the tile's
+blocks; tiles start on down's block boundaries), read through `gguf_source`.
 Blocks are ordered (layer, expert, a): a whole expert is one contiguous run.
 
 `store.json` holds the layout, per-tile sha256, a fingerprint of the source checkpoint's config and
@@ -35,6 +37,7 @@ from tilemem.loader.safetensors_file import DTYPES
 from tilemem.models.topology import Topology, our_ffn_prefix
 from tilemem.placement.store_layout import ALIGNMENT, align, store_order
 from tilemem.placement.tiles import DENSE, SHARED, Unit, always_active_ffns, ffn_width, tile_key
+from tilemem.runtime.gguf_source import GgufSource, store_source
 from tilemem.runtime.store_sources import STAT_CACHE, file_stat, record_sources, stale_tensors, tensor_crc
 from tilemem.runtime.tile_format import TileCodec
 
@@ -73,22 +76,30 @@ class StoredTile:
         return tile_key(self.layer, self.expert, None, 0, self.start, self.end)
 
 
-def checkpoint_fingerprint(ckpt: Checkpoint) -> str:
-    """sha256 over config.json and the tensor index: the checkpoint's shape. The weights themselves
-    are checked tensor by tensor (`store_sources`)."""
+def checkpoint_fingerprint(ckpt: Checkpoint | GgufSource) -> str:
+    """sha256 over config.json and the tensor index: the checkpoint's shape (GGUF: its implied config and
+    tensor table). The weights themselves are checked tensor by tensor (`store_sources`)."""
+    if isinstance(ckpt, GgufSource):
+        return ckpt.fingerprint()
     h = hashlib.sha256((ckpt.path / "config.json").read_bytes())
     h.update(json.dumps(sorted(ckpt.weight_map.items())).encode())
     return h.hexdigest()
 
 
-def expert_names(ckpt: Checkpoint, layer: int, expert: int) -> list[str]:
-    """Hub names of the gate, up and down weights of one FFN unit (routed expert, SHARED or DENSE)."""
+def expert_names(ckpt: Checkpoint | GgufSource, layer: int, expert: int) -> list[str]:
+    """Hub names of the gate, up and down weights of one FFN unit (routed expert, SHARED or DENSE; GGUF: the
+    tensors holding them, a routed expert's the layer's stacks)."""
+    if isinstance(ckpt, GgufSource):
+        return ckpt.ffn_names(layer, expert)
     prefix = our_ffn_prefix(layer, expert) + "."
     return [ckpt.family.to_hub(prefix + p + ".weight") for p in ("gate_proj", "up_proj", "down_proj")]
 
 
-def expert_tensors(ckpt: Checkpoint, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """gate [I, D], up [I, D], down [D, I] of one FFN unit (routed expert, SHARED or DENSE), memory-mapped."""
+def expert_tensors(ckpt: Checkpoint | GgufSource, layer: int, expert: int) -> tuple:
+    """gate [I, D], up [I, D], down [D, I] of one FFN unit (routed expert, SHARED or DENSE), memory-mapped
+    (GGUF: quantized ones as `GgmlMatrix` blocks)."""
+    if isinstance(ckpt, GgufSource):
+        return ckpt.unit_weights(layer, expert)
     return tuple(ckpt.tensor(name) for name in expert_names(ckpt, layer, expert))
 
 
@@ -129,9 +140,20 @@ def pack_tile(codec: TileCodec, weights: tuple, a: int, b: int) -> bytes:
     return codec.pack(*weights[:3], a, b, weights[3]).numpy().tobytes()
 
 
-def store_codec(ckpt: Checkpoint) -> TileCodec:
-    """How `ckpt`'s FFN weights are packed into tiles: their stored dtype (FP8 stays FP8)."""
+def store_codec(ckpt: Checkpoint | GgufSource) -> TileCodec:
+    """How `ckpt`'s FFN weights are packed into tiles: their stored dtype (FP8 stays FP8, GGUF blocks stay
+    blocks, in each unit's types)."""
     layer = next(i for i in range(ckpt.config.num_layers) if ckpt.config.is_moe_layer(i))
+    if isinstance(ckpt, GgufSource):
+        types = {(lay, unit): ckpt.ggml_types(lay, unit) for lay, unit, _ in store_units(ckpt)}
+        if all(t is not None for t in types.values()):
+            return TileCodec(torch.uint8, ckpt.config.hidden_size, ggml_units=types)
+        if any(t is not None for t in types.values()):
+            lay, unit = next(k for k, t in types.items() if t is None)
+            raise StoreError(
+                f"{ckpt.path} stores the FFN weights of layer {lay} unquantized and others quantized; the tile store "
+                "packs one kind: re-quantize the file (e.g. `llama-quantize IN OUT Q4_K_M`)."
+            )
     return TileCodec(expert_tensors(ckpt, layer, 0)[0].dtype, ckpt.config.hidden_size)
 
 
@@ -144,7 +166,7 @@ def convert(model: str | Path, out: str | Path, tile_size: int = 128, progress: 
 
     Over a finished store of this checkpoint it verifies every tile and rewrites the corrupt ones;
     over one that no longer matches this checkpoint's weights (stale), it converts again."""
-    ckpt = Checkpoint.open(model)
+    ckpt = store_source(Checkpoint.open(model))
     cfg = ckpt.config
     out = Path(out)
     if tile_size < 1:
@@ -192,19 +214,23 @@ def convert(model: str | Path, out: str | Path, tile_size: int = 128, progress: 
     units = store_units(ckpt)
     tiles: list[StoredTile] = []
     offset = 0
-    total = sum(codec.payload_bytes(b - a) for _, _, width in units for a, b in tile_ranges(width, tile_size))
+    spans = [(layer, unit, a, b) for layer, unit, width in units for a, b in tile_ranges(width, tile_size)]
+    total = sum(codec.unit(layer, unit).payload_bytes(b - a) for layer, unit, a, b in spans)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress)
     with open(data_tmp, "r+b" if data_tmp.exists() else "w+b") as data, open(journal, "a") as jr:
         for layer, expert, width in units:
-            crcs.update({name: tensor_crc(ckpt.tensor(name)) for name in expert_names(ckpt, layer, expert)})
+            for name in expert_names(ckpt, layer, expert):  # a GGUF stack: once for all its experts
+                if name not in crcs:
+                    crcs[name] = tensor_crc(ckpt.tensor(name))
             weights = unit_weights(ckpt, codec, layer, expert)  # once per unit, not per tile
+            unit_codec = codec.unit(layer, expert)
             for a, b in tile_ranges(width, tile_size):
-                nbytes = codec.payload_bytes(b - a)
+                nbytes = unit_codec.payload_bytes(b - a)
                 key = tile_key(layer, expert, None, 0, a, b)
                 rec = done.get(key)
                 # A journaled tile is kept only if the partial file really holds it (writes can be lost).
                 if rec is None or rec.get("offset", offset) != offset or not _holds(data, offset, nbytes, rec):
-                    raw = pack_tile(codec, weights, a, b)
+                    raw = pack_tile(unit_codec, weights, a, b)
                     data.seek(offset)
                     data.write(raw + b"\0" * (align(nbytes) - nbytes))
                     sha = hashlib.sha256(raw).hexdigest()
@@ -235,6 +261,8 @@ def convert(model: str | Path, out: str | Path, tile_size: int = 128, progress: 
         "tiles": [[t.layer, t.expert, t.start, t.end, t.offset, t.nbytes, t.sha256, t.crc32] for t in tiles],
         "sources": record_sources(ckpt, crcs),
     }
+    if codec.gguf:
+        meta["ggml_types"] = [[layer, unit, *types] for (layer, unit), types in codec.ggml_units.items()]
     os.replace(data_tmp, out / "tiles.bin")
     tmp = out / "store.json.tmp"
     tmp.write_text(json.dumps(meta))
@@ -250,7 +278,7 @@ def _holds(data, offset: int, nbytes: int, rec: dict) -> bool:
     return len(raw) == nbytes and hashlib.sha256(raw).hexdigest() == rec.get("sha256")
 
 
-def _keep_finished(out: Path, ckpt: Checkpoint, fingerprint: str, tile_size: int, progress: bool) -> bool:
+def _keep_finished(out: Path, ckpt: Checkpoint | GgufSource, fingerprint: str, tile_size: int, progress: bool) -> bool:
     """For the finished store at `out`: True once verified (corrupt tiles rewritten); False after
     removing a store of this checkpoint that is stale, truncated or from an older TileMEM (convert
     again); StoreError for a store of another checkpoint or tile size."""
@@ -291,14 +319,15 @@ def read_store_json(path: Path) -> dict:
     return read_json_object(path, StoreError, "the store is corrupt; re-run `tilemem convert`")
 
 
-def _repair(store: TileStore, ckpt: Checkpoint, progress: bool) -> list[str]:
+def _repair(store: TileStore, ckpt: Checkpoint | GgufSource, progress: bool) -> list[str]:
     """Rewrite, from the checkpoint, every tile of `store` that fails its sha256; their keys."""
     bad = [t for t in tqdm(store.tiles.values(), desc="verify", disable=not progress) if not store.intact(t)]
     if not bad:
         return []
     with open(store.data_path, "r+b") as data:
         for t in bad:
-            raw = pack_tile(store.codec, unit_weights(ckpt, store.codec, t.layer, t.expert), t.start, t.end)
+            codec = store.codec.unit(t.layer, t.expert)
+            raw = pack_tile(codec, unit_weights(ckpt, codec, t.layer, t.expert), t.start, t.end)
             if hashlib.sha256(raw).hexdigest() != t.sha256:
                 raise StoreError(
                     f"tile {t.key} of {store.path} cannot be rebuilt from {ckpt.path} (other bytes); "
@@ -314,8 +343,9 @@ def _repair(store: TileStore, ckpt: Checkpoint, progress: bool) -> list[str]:
 class TileStore:
     """An opened tile store: layout lookup, O_DIRECT-capable path, checksum verification."""
 
-    def __init__(self, path: str | Path, checkpoint: Checkpoint | None = None) -> None:
+    def __init__(self, path: str | Path, checkpoint: Checkpoint | GgufSource | None = None) -> None:
         self.path = Path(path)
+        checkpoint = store_source(checkpoint) if checkpoint is not None else None
         meta_file = self.path / "store.json"
         if not meta_file.exists():
             partial = (self.path / "tiles.bin.partial").exists()
@@ -328,7 +358,8 @@ class TileStore:
         try:
             self.dtype = DTYPES[meta["dtype"]]
             self.hidden = int(meta["hidden_size"])
-            self.codec = TileCodec(self.dtype, self.hidden)
+            ggml = {(int(t[0]), int(t[1])): (str(t[2]), str(t[3]), str(t[4])) for t in meta.get("ggml_types", [])}
+            self.codec = TileCodec(self.dtype, self.hidden, ggml_units=ggml)
             self.tile_size = int(meta["tile_size"])
             self.tiles = {(t[0], t[1], t[2]): StoredTile(*t) for t in meta["tiles"]}
             int(meta["bytes"])
@@ -358,7 +389,9 @@ class TileStore:
         end, prev = 0, None
         for t in sorted(self.tiles.values(), key=lambda t: t.offset):
             problem = None
-            if t.nbytes != self.codec.payload_bytes(t.end - t.start):
+            if self.codec.gguf and (t.layer, t.expert) not in self.codec.ggml_units:
+                problem = "has no quant types (ggml_types)"
+            elif t.nbytes != self.codec.unit(t.layer, t.expert).payload_bytes(t.end - t.start):
                 problem = f"holds {t.nbytes} bytes for {t.end - t.start} neurons"
             elif t.offset % ALIGNMENT:
                 problem = f"starts at byte {t.offset}, not a multiple of {ALIGNMENT}"
@@ -372,7 +405,7 @@ class TileStore:
                 )
             end, prev = t.offset + t.padded, t.key
 
-    def _check_source(self, ckpt: Checkpoint) -> None:
+    def _check_source(self, ckpt: Checkpoint | GgufSource) -> None:
         """Refuse this store unless it was converted from `ckpt`'s config, index and current weights."""
         meta, fix = self.meta, f"run `tilemem convert {ckpt.path} --out {self.path}` again"
         if checkpoint_fingerprint(ckpt) != meta.get("fingerprint") and "sources" in meta:
