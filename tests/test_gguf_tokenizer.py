@@ -287,7 +287,7 @@ def test_chat_template_and_special_tokens(spm_vocab: Vocab, tmp_path: Path) -> N
     tok = TextTokenizer(write_gguf(tmp_path / "spm.gguf", spm_vocab))
     prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}])
     assert prompt == "<s><|user|>\nhi<|end|>\n<|assistant|>\n"
-    assert (tok.eos_token, tok.eos_id) == ("</s>", 2)
+    assert (tok.eos_token, tok.eos_id, tok.add_bos) == ("</s>", 2, True)
     ids = tok.encode(prompt)
     assert ids[0] == 1 and spm_vocab.tokens.index("<|assistant|>") in ids
     # Special tokens skipped; each stretch of text after one got a U+2581 (a space), only the first is stripped.

@@ -47,6 +47,7 @@ class TextTokenizer:
             eos = eos.get("content")
         self.eos_token = eos
         self.eos_id = self.tok.token_to_id(eos) if eos else None
+        self.add_bos = False  # the model's BOS before a plain prompt (GGUF: add_bos_token); encode() never adds it
 
     def _init_gguf(self, path: Path) -> None:
         vocab = tokenizer_from_metadata(read_metadata(path), str(path))
@@ -55,6 +56,7 @@ class TextTokenizer:
         self.template = _compile_template(vocab.chat_template, f"{path}: tokenizer.chat_template")
         self.eos_token = vocab.eos_token
         self.eos_id = self.tok.token_to_id(vocab.eos_token) if vocab.eos_token else None
+        self.add_bos = vocab.add_bos
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (no special tokens added)."""
