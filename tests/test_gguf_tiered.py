@@ -25,11 +25,11 @@ from tilemem.loader.checkpoint import Checkpoint
 from tilemem.models.topology import Topology
 from tilemem.placement.profile import Profile
 from tilemem.runtime import tiered
-from tilemem.runtime.gguf_source import plan_types, store_source
+from tilemem.runtime.gguf_source import ffn_types, store_source
 from tilemem.runtime.setup import make_plan
 from tilemem.runtime.tiered import TieredConfig, TileReadError
 from tilemem.runtime.tile_format import GgmlTile
-from tilemem.runtime.tile_store import StoreError, TileStore, convert, store_codec
+from tilemem.runtime.tile_store import StoreError, TileStore, convert
 from tilemem.synth.gguf_writer import synthesize_gguf
 
 FILES = {"q4_k_m": "deepseek_v2", "q8_0": "olmoe"}
@@ -114,7 +114,7 @@ def reference(files):
 def gguf_topology(path) -> Topology:
     """The file's topology with its FFN quant types (what `make_plan` counts)."""
     ckpt = Checkpoint.open(path)
-    return Topology.from_config(ckpt.config, None, plan_types(store_codec(store_source(ckpt)).ggml_units))
+    return Topology.from_config(ckpt.config, None, ffn_types(ckpt))
 
 
 def make_llm(path, combo: Combo, store) -> LLM:

@@ -95,6 +95,17 @@ def store_source(ckpt: Checkpoint | GgufCheckpoint | GgufSource) -> Checkpoint |
     return GgufSource(ckpt) if isinstance(ckpt, GgufCheckpoint) else ckpt
 
 
+def ffn_types(ckpt: Checkpoint | GgufCheckpoint) -> dict[tuple[int, int], tuple[str, str, str]] | None:
+    """A GGUF model's FFN quant types as `Topology.from_config(cfg, dtype, ffn_types)` takes them (its FFN bytes
+    are then its blocks'); None for a safetensors checkpoint or a GGUF file whose FFN weights are float."""
+    if not isinstance(ckpt, GgufCheckpoint):
+        return None
+    from tilemem.runtime.tile_store import store_codec  # tile_store reads GGUF files through this module
+
+    codec = store_codec(GgufSource(ckpt))
+    return plan_types(codec.ggml_units) if codec.gguf else None
+
+
 def plan_types(units: dict[tuple[int, int], tuple[str, str, str]]) -> dict[tuple[int, int], tuple[str, str, str]]:
     """The quant types `Topology.ffn_types` takes, from a GGUF store codec's `ggml_units`: per layer its routed
     experts' (unit 0; a stack shares one type), its shared experts' and its dense FFN's."""
