@@ -17,6 +17,7 @@ import pytest
 import torch
 from test_tiered_exactness import GREEDY, REL_TOL, forward_logits, prompts, rel_err
 
+from tilemem.artifacts.mir import load_plan, save_plan
 from tilemem.engine.llm import LLM
 from tilemem.errors import ConfigError
 from tilemem.layers import ggml
@@ -223,6 +224,22 @@ def test_gguf_store_holds_the_files_blocks(files, tmp_path):
         gate_up = WIDTH * (QUANT_TYPES[g].row_bytes(d) + QUANT_TYPES[u].row_bytes(d))
         assert topo.expert_bytes(layer) == gate_up + d * QUANT_TYPES[dn].row_bytes(WIDTH)
     assert sum(t.nbytes for t in store.tiles.values()) == topo.routed_expert_bytes + topo.shared_and_dense_bytes
+
+
+def test_a_saved_gguf_plan_loads_and_runs(reference, tmp_path):
+    """A plan of a GGUF model, written and read back (its tile format `gguf_<widest type>`), runs exactly."""
+    path, batch, _, ref_tokens = reference("q4_k_m")
+    combo = Combo("q4_k_m", "tilepo_fine", 256, 0.35, False, False)
+    llm = make_llm(path, combo, tmp_path / "store")
+    close(llm)
+    save_plan(llm.plan, tmp_path / "plan", heatmap=False)
+    loaded = load_plan(tmp_path / "plan")
+    assert loaded.fmt == llm.plan.fmt and loaded.fmt.name == "gguf_q6_k"  # Q4_K_M's widest type
+    llm = LLM(path, dtype="fp32", plan=tmp_path / "plan", store=tmp_path / "store")
+    try:
+        assert [o.token_ids for o in llm.generate(batch, GREEDY)] == ref_tokens
+    finally:
+        close(llm)
 
 
 BAD_SIZES = [("q4_k_m", 100, "256"), ("q4_k_m", 384, "256 or 512"), ("q8_0", 40, "32 or 64")]

@@ -3,7 +3,8 @@
 Plain dtypes (bf16, fp16, fp32) carry no scales. `fp8_e4m3` is FP8 as DeepSeek-V3, GLM-5 and Qwen3-FP8
 publish it: one byte per weight and one fp32 scale per 128 x 128 block of each projection (neurons x
 hidden columns, the last blocks partial); a tile's scales sit right after its weights. Tiles of an FP8
-model start on 128-neuron boundaries.
+model start on 128-neuron boundaries. `gguf_<type>` (`gguf_q4_k`, ...) counts llama.cpp's quant blocks of
+that type: a GGUF model's plans count every projection in its widest type (`runtime.gguf_source`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 from tilemem.errors import ConfigError
+from tilemem.layers.ggml import QUANT_TYPES
 
 
 @dataclass(frozen=True)
@@ -69,9 +71,24 @@ FORMATS: dict[str, TileFormat] = {
 DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
 
 
+def gguf_format(qtype: str) -> TileFormat:
+    """The format of llama.cpp's `qtype` blocks (`q4_k`, ...): a type of `bits` bits per weight plus `extra`
+    bytes (its scales) per 256 weights counts as `bits` + `extra` bytes per 16 x 16 block of weights: exact
+    for projections whose sides are multiples of 16."""
+    q = QUANT_TYPES[qtype]
+    bits = 8 * q.nbytes // q.weights
+    extra = (8 * q.nbytes - bits * q.weights) * 256 // (8 * q.weights)
+    return TileFormat(
+        f"gguf_{qtype}", bits, scale_layout=f"ggml_{qtype}_blocks", scale_granularity="block2d", scale_block=16,
+        scale_bytes_each=extra, plain=False,
+    )  # fmt: skip
+
+
 def tile_format(name: str) -> TileFormat:
-    """The format called `name` (torch-style dtype names such as `bfloat16` are accepted)."""
+    """The format called `name` (torch-style dtype names such as `bfloat16` are accepted; `gguf_<type>`)."""
     key = DTYPE_ALIASES.get(name, name)
+    if key.startswith("gguf_") and key[5:] in QUANT_TYPES:
+        return gguf_format(key[5:])
     if key not in FORMATS:
         raise ConfigError(f"unknown tile format '{name}'; formats: {', '.join(FORMATS)}.")
     return FORMATS[key]

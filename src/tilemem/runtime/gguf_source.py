@@ -20,7 +20,7 @@ from tilemem.layers.ggml import QUANT_TYPES, GgmlMatrix
 from tilemem.loader.checkpoint import Checkpoint
 from tilemem.loader.gguf_checkpoint import GgufCheckpoint
 from tilemem.models.topology import DENSE, SHARED
-from tilemem.placement.formats import TileFormat
+from tilemem.placement.formats import TileFormat, tile_format
 
 Weight = torch.Tensor | GgmlMatrix
 """One FFN matrix as stored: a float tensor, or quantized blocks."""
@@ -113,19 +113,8 @@ def plan_types(units: dict[tuple[int, int], tuple[str, str, str]]) -> dict[tuple
 
 
 def gguf_tile_format(units: dict[tuple[int, int], tuple[str, str, str]]) -> TileFormat:
-    """A tile format the planner counts a GGUF model's tile bytes with: the file's widest quant type (most bytes
+    """The tile format the planner counts a GGUF model's tile bytes with: the file's widest quant type (most bytes
     per weight among its FFN matrices) for every projection, so a plan never counts fewer bytes than a tile
-    holds (exact where one type stores every FFN matrix, as in a Q8_0 file). A type of `bits` + `extra`
-    bytes per 256 weights is `bits` bits per weight plus `extra` bytes per 16 x 16 block."""
+    holds (exact where one type stores every FFN matrix, as in a Q8_0 file)."""
     widest = max((QUANT_TYPES[q] for types in units.values() for q in types), key=lambda q: q.nbytes / q.weights)
-    bits = 8 * widest.nbytes // widest.weights
-    extra = (widest.nbytes * 8 - bits * widest.weights) * 256 // (8 * widest.weights)
-    return TileFormat(
-        f"gguf_{widest.name}",
-        bits,
-        scale_layout=f"ggml_{widest.name}_blocks",
-        scale_granularity="block2d",
-        scale_block=16,
-        scale_bytes_each=extra,
-        plain=False,
-    )
+    return tile_format(f"gguf_{widest.name}")
