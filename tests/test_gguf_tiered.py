@@ -242,6 +242,25 @@ def test_a_saved_gguf_plan_loads_and_runs(reference, tmp_path):
         close(llm)
 
 
+def test_a_gguf_store_follows_its_files_expert_weights(files, tmp_path):
+    """The store records a crc32 per GGUF tensor it packed: an edited expert stack makes it stale; converting
+    again brings it up to date."""
+    from gguf import GGUFReader
+
+    path = shutil.copy(files("q8_0"), tmp_path / "model.gguf")
+    store = convert(path, tmp_path / "s", tile_size=256, progress=False)
+    TileStore(store, Checkpoint.open(path))  # current
+    reader = GGUFReader(path, "r+")
+    data = next(t for t in reader.tensors if t.name == "blk.1.ffn_up_exps.weight").data
+    data.reshape(-1)[100] ^= 0xFF  # one byte of expert blocks, through the file's mapping
+    reader.data.flush()
+    del reader, data
+    with pytest.raises(StoreError, match="is stale: 1 expert tensor.*blk.1.ffn_up_exps.weight"):
+        TileStore(store, Checkpoint.open(path))
+    convert(path, store, tile_size=256, progress=False)
+    TileStore(store, Checkpoint.open(path))
+
+
 BAD_SIZES = [("q4_k_m", 100, "256"), ("q4_k_m", 384, "256 or 512"), ("q8_0", 40, "32 or 64")]
 
 
