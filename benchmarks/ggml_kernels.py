@@ -4,6 +4,12 @@ interleave every case (A B A B) as this machine's memory bandwidth drifts.
 
     .venv/bin/python benchmarks/ggml_kernels.py
     .venv/bin/python benchmarks/ggml_kernels.py --rows 4096 --cols 4096 --tokens 1,4,8 --rounds 7
+
+Session 14, 2 threads of a Zen 1 EPYC (AVX2), W 2048 x 2048, GB/s of weights read (GMAC/s):
+    N=1: bf16 torch 12.9 (6.4); q8_0 exact 11.0 (10.3), fast 20.2 (19.0); q4_k exact 4.0 (7.1), fast 11.4 (20.3);
+         q6_k exact 4.6 (5.6), fast 13.9 (17.0)
+    N=4: bf16 torch 3.3 (6.6); q8_0 exact 6.4 (24.1), fast 6.6 (24.7); q4_k exact 2.7 (19.4), fast 3.9 (27.8);
+         q6_k exact 3.2 (15.5), fast 5.7 (27.6)
 """
 
 from __future__ import annotations
