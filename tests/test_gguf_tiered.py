@@ -25,7 +25,7 @@ from tilemem.layers.ggml import QUANT_TYPES
 from tilemem.loader.checkpoint import Checkpoint
 from tilemem.models.topology import Topology
 from tilemem.placement.profile import Profile
-from tilemem.runtime import tiered
+from tilemem.runtime import accumulator, tiered
 from tilemem.runtime.gguf_source import ffn_types, store_source
 from tilemem.runtime.setup import make_plan
 from tilemem.runtime.tiered import TieredConfig, TileReadError
@@ -149,8 +149,8 @@ def close(llm: LLM) -> None:
 @pytest.mark.parametrize("combo", COMBOS, ids=str)
 def test_gguf_tiered_matches_resident_gguf(combo, reference, tmp_path_factory, monkeypatch):
     path, batch, ref_logits, ref_tokens = reference(combo.mix)
-    native, real = [], tiered.ggml_kernels.ffn_tasks
-    monkeypatch.setattr(tiered.ggml_kernels, "ffn_tasks", lambda *a, **kw: native.append(kw) or real(*a, **kw))
+    native, real = [], accumulator.ggml_kernels.ffn_tasks
+    monkeypatch.setattr(accumulator.ggml_kernels, "ffn_tasks", lambda *a, **kw: native.append(kw) or real(*a, **kw))
     store = tmp_path_factory.getbasetemp() / f"store-{combo.mix}-t{combo.tile}"  # shared by combos of a tile size
     llm = make_llm(path, combo, store)
     try:
@@ -179,9 +179,8 @@ def test_torch_reference_path_where_the_native_kernels_do_not_run(reference, tmp
     """GGUF tiles computed by the torch reference (`ggml_gemm` on the tile's matrices) give the same logits."""
     path, batch, ref_logits, ref_tokens = reference("q4_k_m")
     monkeypatch.setattr(tiered, "ggml_native_act", lambda act, x: False)
-    calls = []
-    real = tiered.partial_ffn
-    monkeypatch.setattr(tiered, "partial_ffn", lambda x, block, act: calls.append(type(block)) or real(x, block, act))
+    calls, real = [], accumulator.partial_ffn
+    monkeypatch.setattr(accumulator, "partial_ffn", lambda x, blk, act: calls.append(type(blk)) or real(x, blk, act))
     llm = make_llm(path, Combo("q4_k_m", "tilepo_fine", 256, 0.35, False, False), tmp_path / "s")
     try:
         ours = forward_logits(llm.model, batch, ref_tokens)
