@@ -239,6 +239,42 @@ INLINE __m256i dot_pairs(const int TY, __m256i q, __m256i x) {
     return _mm256_maddubs_epi16(q, x);
 }
 
+/* 8 blocks of 32 from block i (w8) for NT tokens into acc: each block's int32 dot products reduced across
+ * the 8 blocks at once (hadd), then scaled by the 8 blocks' d_w * d_x in one vector FMA. */
+INLINE void fast8(const int TY, const int NT, const uint8_t *w8, int64_t i, const tmg_xq *X, __m256 *acc) {
+    const int64_t BB = bb_of(TY);
+    const int MIN = TY == T_Q4_1 || TY == T_Q5_1; /* + m * sum(x) */
+    const __m256i ones = _mm256_set1_epi16(1);
+    uint16_t hd[8], hm[8] = {0};
+    __m256i q[8];
+    for (int k = 0; k < 8; k++) {
+        const uint8_t *blk = w8 + k * BB;
+        memcpy(&hd[k], blk, 2);
+        if (MIN) memcpy(&hm[k], blk + 2, 2);
+        q[k] = group_q(TY, blk, 0);
+        if (TY == T_Q4_0 || TY == T_Q5_0) q[k] = _mm256_sub_epi8(q[k], _mm256_set1_epi8(TY == T_Q4_0 ? 8 : 16));
+    }
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)hd));
+    const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)hm));
+    for (int n = 0; n < NT; n++) {
+        const int8_t *xq = X->q + n * X->ldq + 32 * i;
+        __m256i s[8];
+        for (int k = 0; k < 8; k++)
+            s[k] = _mm256_madd_epi16(dot_pairs(TY, q[k], _mm256_loadu_si256((const __m256i *)(xq + 32 * k))), ones);
+        /* a: per 128-bit lane, the sums of blocks 0..3; b: of blocks 4..7; then the two lanes added */
+        const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
+        const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(s[4], s[5]), _mm256_hadd_epi32(s[6], s[7]));
+        const __m256i t =
+            _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+        const __m256 dx = _mm256_loadu_ps(X->d + n * X->ldd + i);
+        acc[n] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(t), acc[n]);
+        if (MIN) { /* the blocks' sums of x: their two sums per 16, added */
+            const __m256i s16 = _mm256_loadu_si256((const __m256i *)(X->s + n * X->lds + 2 * i));
+            acc[n] = _mm256_fmadd_ps(_mm256_mul_ps(mw, dx), _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)), acc[n]);
+        }
+    }
+}
+
 INLINE void row_fast(const int TY, const int NT, const uint8_t *wr, int64_t nb, const tmg_xq *X, float *y,
                      int64_t ldy) {
     __m256 acc[GMAXT];
@@ -246,7 +282,10 @@ INLINE void row_fast(const int TY, const int NT, const uint8_t *wr, int64_t nb, 
     for (int n = 0; n < NT; n++) acc[n] = _mm256_setzero_ps(), corr[n] = 0.0f;
     const int64_t BB = bb_of(TY);
     const __m256i ones = _mm256_set1_epi16(1);
-    for (int64_t i = 0; i < nb; i++) {
+    int64_t i = 0;
+    if (!is_k(TY))
+        for (; i + 8 <= nb; i += 8) fast8(TY, NT, wr + i * BB, i, X, acc);
+    for (; i < nb; i++) { /* K-quants; the last nb % 8 blocks of the others */
         const uint8_t *blk = wr + i * BB;
         if (!is_k(TY)) {
             __m256i q = group_q(TY, blk, 0);
