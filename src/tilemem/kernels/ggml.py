@@ -15,8 +15,9 @@ Two ways to multiply (`exact`):
   (255 x 2048 weights, 1-8 tokens; FAST_TOL bounds it), as llama.cpp's CPU backend has.
 
 The kernels (`csrc_portable/ggml_quant*.c`) need only AVX2 + FMA + F16C: a library of their own
-(`tilemem-ggml`), built by `library.build` apart from the main AVX512 one. Where they cannot run (CPU,
-compiler, `TILEMEM_KERNELS=0`), `available()` is False and callers use torch.
+(`tilemem-ggml`), built by `library.build` apart from the main AVX512 one (from the whole folder, as the fp8
+library is: each holds the other's code, unexported; -ffp-contract=off is this one's). Where they cannot run
+(CPU, compiler, `TILEMEM_KERNELS=0`), `available()` is False and callers use torch.
 
 Shape legend: N tokens, R rows of W, C columns of W; for FFNs T tokens, D hidden, n neurons of a task.
 """
