@@ -60,7 +60,7 @@ class StoredTile:
     end: int
     offset: int
     nbytes: int
-    """Payload bytes (3 * n * D * itemsize; FP8: 3 * n * D, then the block scales)."""
+    """Payload bytes (3 * n * D * itemsize; FP8: 3 * n * D, then the block scales; GGUF: the blocks of its rows)."""
     sha256: str
     crc32: int
     """zlib.crc32 of the payload, checked on every runtime read (sha256 by `tilemem verify`)."""
