@@ -63,7 +63,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="pack a checkpoint's experts into a tile store (resumable)")
     p.add_argument("model")
     p.add_argument("--out", required=True, help="tile store directory")
-    p.add_argument("--tile-size", type=int, default=128, help="neurons per tile")
+    p.add_argument(
+        "--tile-size", type=int, default=None, help="neurons per tile (default 128; a K-quant GGUF file: 256)"
+    )
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("verify", help="check every tile's sha256 in a tile store")
@@ -218,7 +220,13 @@ def stream_to_terminal(llm, prompt: str, params: SamplingParams, chat: bool = Fa
 def cmd_convert(args: argparse.Namespace) -> int:
     from tilemem.runtime.tile_store import convert
 
-    out = convert(args.model, args.out, args.tile_size)
+    tile = args.tile_size
+    if tile is None:
+        from tilemem.loader.checkpoint import Checkpoint
+        from tilemem.runtime.setup import default_tile
+
+        tile = default_tile(Checkpoint.open(args.model))
+    out = convert(args.model, args.out, tile)
     print(f"wrote tile store {out}")
     return 0
 
@@ -254,7 +262,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         prompt_tokens=args.prompt_tokens,
         decode_tokens=args.decode_tokens,
         threads=engine.threads,
-        tile=engine.tile,
+        tile=engine.tile or 128,  # the placement benchmark's fine tiles (a GGUF model: give --tile-size)
         store=engine.store,
     )
     evidence = run_bench(spec)

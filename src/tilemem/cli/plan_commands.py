@@ -9,6 +9,7 @@ tilemem compile --model-spec spec.json|plan.tmem --out-dir build/plan
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from tilemem.errors import ConfigError
@@ -49,7 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=1,
         help="--budget auto: full-length KV caches to keep room for (serve: its)",
     )
-    p.add_argument("--tile-size", type=int, default=128, help="fine tile size in neurons (default 128)")
+    p.add_argument(
+        "--tile-size", type=int, default=None, help="fine tile size in neurons (default 128; K-quant GGUF: 256)"
+    )
     p.add_argument("--shard-count", type=int, default=1, help="tensor-parallel shards (default 1)")
     p.add_argument("--adaptive-mode", default="balanced", help="tilepo_adaptive: throughput, balanced, tail_latency")
     p.add_argument("--cache", default=None, help="dynamic tile cache reserve, e.g. cuda=10%%,cpu=1GiB")
@@ -88,6 +91,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Plan a checkpoint (or config / preset) for a budget and write the artifacts."""
+    from tilemem.layers.ggml import QUANT_TYPES
     from tilemem.models.topology import Topology
     from tilemem.placement.budgets import Budgets
     from tilemem.placement.formats import tile_format
@@ -96,8 +100,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     config, name = resolve_model(args.model)
     dtype = _dtype_name(args.dtype) if args.dtype else None
-    topology = Topology.from_config(config, dtype)
-    fmt = tile_format(topology.dtype)
+    units = gguf_units(args.model)  # a GGUF file: its FFNs' quant types, counted as their blocks
+    if units:
+        from tilemem.runtime.gguf_source import gguf_tile_format, plan_types
+
+        topology = Topology.from_config(config, dtype, plan_types(units))
+        fmt = gguf_tile_format(units)
+    else:
+        topology = Topology.from_config(config, dtype)
+        fmt = tile_format(topology.dtype)
+    if args.tile_size is None:
+        grid = max(QUANT_TYPES[types[2]].weights for types in units.values()) if units else 1
+        args.tile_size = math.lcm(128, grid)
+    elif units:
+        grid = max(QUANT_TYPES[types[2]].weights for types in units.values())
+        if args.tile_size % grid:
+            raise ConfigError(
+                f"--tile-size {args.tile_size} does not split {args.model}'s down projections into whole blocks of "
+                f"{grid} weights; use a multiple of {grid}."
+            )
     profile = load_profiles(args.profile, topology)
     auto_budget = args.budget == "auto"
     if args.budget == "auto" or args.policy == "auto":  # the cost model picks (tilemem.tmap)
@@ -159,12 +180,32 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return code
 
 
+def gguf_units(arg: str) -> dict | None:
+    """A GGUF file's FFN quant types per unit (as its tile store packs them), or None for anything else."""
+    from tilemem.loader.gguf_file import is_gguf
+
+    if not is_gguf(arg) or not Path(arg).exists():
+        return None
+    from tilemem.loader.checkpoint import Checkpoint
+    from tilemem.runtime.gguf_source import GgufSource, store_source
+    from tilemem.runtime.tile_store import store_codec
+
+    source = store_source(Checkpoint.open(arg))
+    codec = store_codec(source) if isinstance(source, GgufSource) else None
+    return dict(codec.ggml_units) if codec is not None and codec.gguf else None
+
+
 def resolve_model(arg: str):
-    """(ModelConfig, name) of a checkpoint directory, a config.json, or a real-shape preset name."""
+    """(ModelConfig, name) of a checkpoint directory, a GGUF file, a config.json, or a real-shape preset name."""
+    from tilemem.loader.gguf_file import is_gguf
     from tilemem.sdk.model_spec import preset_config, read_hf_config
     from tilemem.synth.presets import REAL_SHAPES
 
     path = Path(arg)
+    if is_gguf(path) and path.exists():
+        from tilemem.loader.checkpoint import Checkpoint
+
+        return Checkpoint.open(path).config, path.stem
     if path.exists():
         return read_hf_config(path)
     if arg in REAL_SHAPES:

@@ -53,8 +53,8 @@ def arg(default: Any, help: str, flag: str | None = None, **extra: Any) -> Any:
 class EngineArgs:
     """How to load a checkpoint and run it: precision, threads, batching, placement, speculation."""
 
-    model: str | Path = arg(None, "checkpoint directory", flag="")
-    """Hugging Face checkpoint directory (positional on the command line)."""
+    model: str | Path = arg(None, "checkpoint directory or .gguf file", flag="")
+    """Hugging Face checkpoint directory or GGUF file (positional on the command line)."""
     dtype: str | Any | None = arg(
         None, "bf16, fp16 or fp32 (default: the checkpoint's; FP8 checkpoints: the activations')", choices=_dtype_names
     )
@@ -95,8 +95,14 @@ class EngineArgs:
     """A Profile or a profile.json guiding the plan (None: uniform routing)."""
     store: str | Path | None = arg(None, "tile store (default: beside the checkpoint, built if missing)")
     """Tile store directory (None: beside the checkpoint, converted when missing)."""
-    tile: int = arg(128, "tile size for --budget plans (neurons)", flag="--tile-size", minimum=1, unit=" neuron")
-    """Neurons per tile for plans made from `budget`."""
+    tile: int | None = arg(
+        None,
+        "tile size for --budget plans (neurons; default 128, or a GGUF model's down block if larger: 256 for K-quants)",
+        flag="--tile-size",
+        minimum=1,
+        unit=" neuron",
+    )
+    """Neurons per tile for plans made from `budget`; None: `runtime.setup.make_plan`'s default."""
     cache_policy: str = arg("lfu", "tile cache eviction: lru, lfu or profile", choices=_cache_policies)
     """Tiered runtime: eviction policy of the DRAM tile cache."""
     prefetch: bool | str | None = arg(

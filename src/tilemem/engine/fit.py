@@ -26,8 +26,10 @@ def default_plan(
     (as `--budget auto` counts it) fit the memory limit less the safety margin; else a plan made as
     `--budget auto` within that limit, with `--policy auto` unless a policy was given. Raises BudgetError
     when the non-expert weights and that KV cache alone do not fit."""
+    from tilemem.runtime.gguf_source import ffn_types
+
     dtype = args.weights_dtype(ckpt.config)
-    topo = Topology.from_config(ckpt.config, dtype)
+    topo = Topology.from_config(ckpt.config, dtype, ffn_types(ckpt))  # a GGUF model's FFNs: their blocks' bytes
     limit = memory_limit(args.memory_limit)
     kv = kv_reserve(topo, max_model_len, sequences)
     usable = int(limit.available * (1 - SAFETY_MARGIN))

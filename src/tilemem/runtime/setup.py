@@ -6,6 +6,7 @@ executor = attach_tiered(model, ckpt, plan, store_dir)
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -41,12 +42,26 @@ def load_profile(profile: Profile | str | Path | None, topology: Topology) -> Pr
     return Profile.load(profile, topology)
 
 
+DEFAULT_TILE = 128
+"""Neurons per tile when none is given (a multiple of FP8's 128-blocks)."""
+
+
+def default_tile(codec_or_ckpt) -> int:
+    """Neurons per tile when none is given: DEFAULT_TILE, or a GGUF model's down-projection block where that is
+    larger (256 for K-quants). Takes a store codec or a checkpoint."""
+    codec = codec_or_ckpt
+    if not hasattr(codec, "tile_block"):
+        source = store_source(codec_or_ckpt)
+        codec = store_codec(source) if isinstance(source, GgufSource) else None
+    return math.lcm(DEFAULT_TILE, codec.tile_block) if codec is not None and codec.gguf else DEFAULT_TILE
+
+
 def make_plan(
     ckpt: Checkpoint,
     budget: str,
     policy: str = "tilepo_fine",
     profile: Profile | str | Path | None = None,
-    tile: int = 128,
+    tile: int | None = None,
     cache: str | None = None,
     dtype: str | None = None,
     memory_limit: str | int | None = None,
@@ -55,10 +70,13 @@ def make_plan(
 ) -> Plan:
     """Plan `ckpt` under `budget` (e.g. `cpu=4GiB`, or `auto`: within `memory_limit`, e.g. `6GiB`, else
     the limit measured here, less the KV cache of `sequences` sequences of `context` tokens) with `policy`.
-    A GGUF model's FFN bytes are its quant blocks' (`dtype` counts its other weights)."""
+    A GGUF model's FFN bytes are its quant blocks' (`dtype` counts its other weights). `tile` None: 128 neurons,
+    or a GGUF model's down-projection block where that is larger (256 for K-quants)."""
     source = store_source(ckpt)
     codec = store_codec(source) if isinstance(source, GgufSource) else None
     gguf = codec is not None and codec.gguf
+    if tile is None:
+        tile = default_tile(codec)
     topo = Topology.from_config(ckpt.config, dtype, plan_types(codec.ggml_units) if gguf else None)
     prof = load_profile(profile, topo)
     learn = budget == "auto" and cache is None  # with no profile, auto learns the hot experts in a cache
