@@ -11,6 +11,11 @@ Both use `--threads` threads; page cache warm (the file read once first).
     .venv/bin/python benchmarks/llamacpp.py --llamacpp /work/llamacpp \\
         --gguf Q8_0=/work/gguf/olmoe-q8_0.gguf --gguf Q4_K_M=/work/gguf/olmoe-q4_k_m.gguf --rounds 2
 
+`--memory-share 0.5` instead runs both inside a hard memory limit of that share of each file's size (a fresh
+cgroup that counts the page cache, page cache dropped first: `benchmarks/autofit.py`'s `run_limited`), batch-1
+decode after a 16-token prompt: llama.cpp as it runs by default (mmap, paging), TileMEM with no flags (it
+reads the limit and plans automatically: tiles beyond the budget are read from its tile store, built first).
+
 Make the files with llama.cpp's own tools from a synthetic checkpoint (`tilemem synth olmoe --preset
 olmoe-1b-7b --out CKPT`): `python DIR/convert_gguf.py CKPT --outtype bf16 --outfile m-bf16.gguf`, then
 `DIR/bin/llama-quantize m-bf16.gguf m-q4_k_m.gguf Q4_K_M 2` (and Q8_0).
@@ -47,7 +52,8 @@ def run_case(args: argparse.Namespace) -> dict:
 
     ggml.FAST = not args.exact
     path = Path(args.file)
-    warm(path)
+    if not args.cold:
+        warm(path)
     t0 = time.perf_counter()
     llm = LLM(str(path), dtype="bf16", threads=args.threads, max_batch=args.batch)
     load_s = time.perf_counter() - t0
@@ -90,6 +96,51 @@ def llama_batched(args: argparse.Namespace, path: str, batch: int) -> float:
     return float(rows[-1]["speed_tg"])
 
 
+def limited(args: argparse.Namespace, files: dict[str, str]) -> None:
+    """Both engines inside a memory limit of `--memory-share` of each file (needs root: cgroups, drop_caches)."""
+    from autofit import run_limited
+
+    from tilemem.loader.checkpoint import Checkpoint
+    from tilemem.runtime.setup import default_store_dir, default_tile
+    from tilemem.runtime.tile_store import convert
+
+    for path in files.values():  # the tile store, built once outside the limit (`tilemem convert`)
+        ckpt = Checkpoint.open(path)
+        tile = default_tile(ckpt)
+        convert(path, default_store_dir(ckpt, tile), tile)
+    runs: dict[tuple[str, str], list[float]] = {(n, e): [] for n in files for e in ("llama.cpp", "TileMEM")}
+    for r in range(args.rounds):
+        for name, path in files.items():
+            limit = int(args.memory_share * Path(path).stat().st_size)
+            bench = [str(Path(args.llamacpp) / "bin" / "llama-bench"), "-m", path, "-t", str(args.threads), "-p", "0"]
+            ll = run_limited([*bench, "-n", str(args.decode), "-r", "1", "-o", "json"], limit, args.timeout)
+            ll_tok = float(json.loads(ll.out[ll.out.index("[") :])[0]["avg_ts"]) if ll.rc == 0 else 0.0
+            cmd = [sys.executable, __file__, "--worker", "--file", path, "--batch", "1", "--threads", str(args.threads)]
+            ours = run_limited(
+                [*cmd, "--prompt-len", "16", "--decode", str(args.decode), "--cold"], limit, args.timeout
+            )
+            res = json.loads(ours.out.strip().splitlines()[-1]) if ours.rc == 0 else {"decode_tok_s": 0.0}
+            said = [line for line in ours.out.splitlines() if "planning automatically" in line]
+            runs[(name, "llama.cpp")].append(ll_tok)
+            runs[(name, "TileMEM")].append(res["decode_tok_s"])
+            print(f"round {r + 1} {name} in {limit / 2**30:.2f} GiB: TileMEM {res['decode_tok_s']:.2f} tok/s "
+                  f"(rc {ours.rc}, working set peak {ours.working_set_peak / 2**30:.2f} GiB, OOM kills "
+                  f"{ours.oom_kills}), llama.cpp {ll_tok:.2f} tok/s (rc {ll.rc}, OOM kills {ll.oom_kills})",
+                  flush=True)  # fmt: skip
+            if said and r == 0:
+                print("  TileMEM said:", said[0][:300])
+    print(f"\nbatch-1 decode of {args.decode} tokens inside a memory limit of {args.memory_share:.0%} of the file, "
+          f"cold page cache, {args.threads} threads; tok/s, medians (per round)")  # fmt: skip
+    print("| file | limit | llama.cpp | TileMEM | ratio |")
+    print("|---|---|---|---|---|")
+    for name, path in files.items():
+        a, b = runs[(name, "llama.cpp")], runs[(name, "TileMEM")]
+        per = ", ".join(f"{y / x:.2f}" if x else "-" for x, y in zip(a, b, strict=True))
+        ma, mb = statistics.median(a), statistics.median(b)
+        limit = args.memory_share * Path(path).stat().st_size / 2**30
+        print(f"| {name} | {limit:.2f} GiB | {ma:.2f} | {mb:.2f} | {mb / ma if ma else float('inf'):.2f} ({per}) |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--llamacpp", help="a llama.cpp build (../shared/tools/build_llamacpp.sh DIR)")
@@ -99,6 +150,11 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--exact", action="store_true", help="TileMEM's exact path (fp32 activations) instead")
+    ap.add_argument(
+        "--memory-share", type=float, default=None, help="run inside a memory limit of this share of the file"
+    )
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per limited run")
+    ap.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--file", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
@@ -109,6 +165,9 @@ def main() -> None:
     if not args.llamacpp or not args.gguf:
         ap.error("give --llamacpp DIR and at least one --gguf NAME=PATH")
     files = dict(g.split("=", 1) for g in args.gguf)
+    if args.memory_share:
+        limited(args, files)
+        return
     keys = ("pp", "tg1", "tg4")
     runs: dict[tuple[str, str], list[dict]] = {(n, e): [] for n in files for e in ("llama.cpp", "TileMEM")}
     for r in range(args.rounds):
