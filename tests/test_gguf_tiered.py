@@ -26,7 +26,7 @@ from tilemem.loader.checkpoint import Checkpoint
 from tilemem.models.topology import Topology
 from tilemem.placement.profile import Profile
 from tilemem.runtime import accumulator, tiered
-from tilemem.runtime.gguf_source import ffn_types, store_source
+from tilemem.runtime.gguf_source import ffn_types, quantized_bytes, store_source
 from tilemem.runtime.setup import make_plan
 from tilemem.runtime.tiered import TieredConfig, TileReadError
 from tilemem.runtime.tile_format import GgmlTile
@@ -113,9 +113,9 @@ def reference(files):
 
 
 def gguf_topology(path) -> Topology:
-    """The file's topology with its FFN quant types (what `make_plan` counts)."""
+    """The file's topology with its FFN quant types and quantized weights' bytes (what `make_plan` counts)."""
     ckpt = Checkpoint.open(path)
-    return Topology.from_config(ckpt.config, None, ffn_types(ckpt))
+    return Topology.from_config(ckpt.config, None, ffn_types(ckpt), quantized_bytes(ckpt))
 
 
 def make_llm(path, combo: Combo, store) -> LLM:

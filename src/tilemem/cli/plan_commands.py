@@ -102,9 +102,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     dtype = _dtype_name(args.dtype) if args.dtype else None
     units = gguf_units(args.model)  # a GGUF file: its FFNs' quant types, counted as their blocks
     if units:
-        from tilemem.runtime.gguf_source import gguf_tile_format, plan_types
+        from tilemem.loader.checkpoint import Checkpoint
+        from tilemem.runtime.gguf_source import gguf_tile_format, plan_types, quantized_bytes
 
-        topology = Topology.from_config(config, dtype, plan_types(units))
+        topology = Topology.from_config(config, dtype, plan_types(units), quantized_bytes(Checkpoint.open(args.model)))
         fmt = gguf_tile_format(units)
     else:
         topology = Topology.from_config(config, dtype)

@@ -26,10 +26,11 @@ def default_plan(
     (as `--budget auto` counts it) fit the memory limit less the safety margin; else a plan made as
     `--budget auto` within that limit, with `--policy auto` unless a policy was given. Raises BudgetError
     when the non-expert weights and that KV cache alone do not fit."""
-    from tilemem.runtime.gguf_source import ffn_types
+    from tilemem.runtime.gguf_source import ffn_types, quantized_bytes
 
     dtype = args.weights_dtype(ckpt.config)
-    topo = Topology.from_config(ckpt.config, dtype, ffn_types(ckpt))  # a GGUF model's FFNs: their blocks' bytes
+    # a GGUF model's FFNs and other quantized weights: their blocks' bytes
+    topo = Topology.from_config(ckpt.config, dtype, ffn_types(ckpt), quantized_bytes(ckpt))
     limit = memory_limit(args.memory_limit)
     kv = kv_reserve(topo, max_model_len, sequences)
     usable = int(limit.available * (1 - SAFETY_MARGIN))

@@ -111,11 +111,16 @@ class Topology:
 
     @classmethod
     def from_config(
-        cls, cfg: ModelConfig, dtype: str | None = None, ffn_types: dict[tuple[int, int], tuple[str, ...]] | None = None
+        cls,
+        cfg: ModelConfig,
+        dtype: str | None = None,
+        ffn_types: dict[tuple[int, int], tuple[str, ...]] | None = None,
+        quantized: dict[str, int] | None = None,
     ) -> Topology:
         """Topology of `cfg` stored in `dtype` (default: the checkpoint's: `fp8_e4m3` for an FP8 checkpoint,
         whose quantized weights count one byte each plus their scales, its other weights `torch_dtype`).
-        `ffn_types`: a GGUF file's quant types per FFN unit ((layer, unit) -> gate, up, down; see `ffn_types`)."""
+        `ffn_types`: a GGUF file's quant types per FFN unit ((layer, unit) -> gate, up, down; see `ffn_types`);
+        `quantized`: its other quantized weights' bytes as stored (our name -> bytes)."""
         from tilemem.models.model import MoECausalLM, quantized_weight_names
 
         dtype = dtype or cfg.weight_format or cfg.torch_dtype
@@ -130,7 +135,9 @@ class Topology:
                 cfg.tie_word_embeddings and name == "lm_head.weight"
             ):
                 continue
-            if name in fp8:
+            if quantized and name in quantized:
+                nbytes = quantized[name]
+            elif name in fp8:
                 nbytes = matrix_bytes(*t.shape, FP8_FORMAT)
             else:
                 size = 4 if name.endswith("e_score_correction_bias") else DTYPE_BYTES.get(plain, 2)

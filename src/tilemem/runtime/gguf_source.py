@@ -106,6 +106,16 @@ def ffn_types(ckpt: Checkpoint | GgufCheckpoint) -> dict[tuple[int, int], tuple[
     return plan_types(codec.ggml_units) if codec.gguf else None
 
 
+def quantized_bytes(ckpt: Checkpoint | GgufCheckpoint) -> dict[str, int] | None:
+    """A GGUF model's quantized weights' bytes as stored (our name -> bytes), as `Topology.from_config` takes
+    them for its non-expert weights; None for a safetensors checkpoint."""
+    if not isinstance(ckpt, GgufCheckpoint):
+        return None
+    from tilemem.layers.ggml import GgmlMatrix
+
+    return {name: v.nbytes for name, v in ckpt.tensors() if isinstance(v, GgmlMatrix)}
+
+
 def plan_types(units: dict[tuple[int, int], tuple[str, str, str]]) -> dict[tuple[int, int], tuple[str, str, str]]:
     """The quant types `Topology.ffn_types` takes, from a GGUF store codec's `ggml_units`: per layer its routed
     experts' (unit 0; a stack shares one type), its shared experts' and its dense FFN's."""

@@ -25,7 +25,7 @@ from tilemem.placement.planner import build_plan
 from tilemem.placement.policies import PlacementProblem
 from tilemem.placement.profile import Profile
 from tilemem.placement.tiles import always_active_ffns, routed_ffns
-from tilemem.runtime.gguf_source import GgufSource, gguf_tile_format, plan_types, store_source
+from tilemem.runtime.gguf_source import GgufSource, gguf_tile_format, plan_types, quantized_bytes, store_source
 from tilemem.runtime.tiered import TieredConfig, TieredExperts
 from tilemem.runtime.tile_format import fp8_tile_size_message
 from tilemem.runtime.tile_store import TileStore, convert, store_codec
@@ -77,7 +77,9 @@ def make_plan(
     gguf = codec is not None and codec.gguf
     if tile is None:
         tile = default_tile(codec)
-    topo = Topology.from_config(ckpt.config, dtype, plan_types(codec.ggml_units) if gguf else None)
+    topo = Topology.from_config(
+        ckpt.config, dtype, plan_types(codec.ggml_units) if gguf else None, quantized_bytes(ckpt) if gguf else None
+    )
     prof = load_profile(profile, topo)
     learn = budget == "auto" and cache is None  # with no profile, auto learns the hot experts in a cache
     if budget == "auto" or policy == "auto":  # the cost model picks (tilemem.tmap)
