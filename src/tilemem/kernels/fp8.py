@@ -4,8 +4,8 @@ dequantized and multiplied by native kernels.
 A weight W [R, C] is `data` (torch.float8_e4m3fn [R, C], rows contiguous; a row slice of a bigger matrix
 is fine) and `scale` (fp32 [ceil(R/128), ceil(C/128)]): W[i, j] = float(data[i, j]) * scale[i // 128, j // 128].
 
-The kernels (`csrc_portable/fp8.c`) need only AVX2 + FMA + F16C, so they are a library of their own,
-built by `library.build` apart from the main AVX512 one: they run on every x86-64 CPU of the last decade.
+The kernels (`csrc_portable/fp8.c`) need only AVX2 + FMA + F16C: they are in the portable library
+(`kernels.portable`, with the GGUF kernels), apart from the main AVX512 one: every x86-64 CPU of the last decade.
 Where they cannot (CPU, compiler, `TILEMEM_KERNELS=0`), `available()` is False and callers use torch.
 
 `ffn_tasks` runs a MoE layer's routed experts (or tiles of them) as gated FFNs in one native call.
@@ -18,24 +18,18 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import os
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
-from tilemem import sysinfo
 from tilemem.errors import KernelError, KernelMemoryError
-from tilemem.kernels import library
+from tilemem.kernels import portable
 
 log = logging.getLogger(__name__)
 
-CSRC = Path(__file__).with_name("csrc_portable")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-fvisibility=hidden"]
 BLOCK = 128
 """Rows and columns of W per scale."""
 NT_MAX_TOKENS = 64
@@ -50,34 +44,19 @@ PREFILL_BYTES = 8 << 20
 FFN_MAX_TOKENS = 24
 """Most tokens an `ffn_tasks` task runs with in the fused kernel (8 per pass over its weights); a task with
 more (prefill) runs as matmuls from Python (dequantized blocks + torch's GEMM where they have that many)."""
-ACTS = {"silu": 0, "gelu": 1, "relu": 2}
-"""Activation name -> the kernel's code (`tmp_act` in csrc_portable/fp8.h): torch's F.silu, F.gelu, F.relu."""
-_TORCH_ACTS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+ACTS = portable.ACTS
+_TORCH_ACTS = portable.TORCH_ACTS
 _TASK_WORDS = 17
 """int64 words of a `tmp_fp8_ffn_task`: 3 matrices of 4, then n, down_t, ntok, tok, weight."""
 
 _vp, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
-def cpu_supported() -> bool:
-    """Whether this CPU reports the instruction sets the fp8 kernels use (AVX2, FMA, F16C)."""
-    return {"avx2", "fma", "f16c"} <= sysinfo.cpu_flags()
-
-
-def build(force: bool = False) -> Path:
-    """Compile `csrc_portable/` (once per sources and flags) into the cached fp8 library; returns its path."""
-    return library.build(force, CSRC, FLAGS, "tilemem-fp8")
-
-
 @functools.cache
 def lib() -> ctypes.CDLL | None:
     """The loaded fp8 library, or None where it cannot run here (CPU, compiler, `TILEMEM_KERNELS=0`)."""
-    if os.environ.get("TILEMEM_KERNELS", "1") == "0" or not cpu_supported():
-        return None
-    try:
-        out = ctypes.CDLL(str(build()))
-    except (RuntimeError, OSError) as exc:
-        log.warning("fp8 kernels unavailable, using torch: %s", exc)
+    out = portable.load()
+    if out is None:
         return None
     out.tmp_fp8_dequantize.argtypes = [_vp, _i64, _vp, _i64, _i64, _i64, _i64, _vp, _i64, _int]
     matmul = [_vp, _i64, _i64, _vp, _i64, _i64, _i64, _vp, _i64, _vp, _i64, _int]

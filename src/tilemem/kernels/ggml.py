@@ -14,9 +14,8 @@ Two ways to multiply (`exact`):
   0.71% (K-quants) relative RMS error of the outputs, up to 1.0% of the largest output in max-abs terms
   (255 x 2048 weights, 1-8 tokens; FAST_TOL bounds it), as llama.cpp's CPU backend has.
 
-The kernels (`csrc_portable/ggml_quant*.c`) need only AVX2 + FMA + F16C: a library of their own
-(`tilemem-ggml`), built by `library.build` apart from the main AVX512 one (from the whole folder, as the fp8
-library is: each holds the other's code, unexported; -ffp-contract=off is this one's). Where they cannot run
+The kernels (`csrc_portable/ggml_quant*.c`) need only AVX2 + FMA + F16C: they are in the portable library
+(`kernels.portable`, with the FP8 kernels), apart from the main AVX512 one. Where they cannot run
 (CPU, compiler, `TILEMEM_KERNELS=0`), `available()` is False and callers use torch.
 
 Shape legend: N tokens, R rows of W, C columns of W; for FFNs T tokens, D hidden, n neurons of a task.
@@ -27,25 +26,18 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import os
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
-from tilemem import sysinfo
 from tilemem.errors import KernelError, KernelMemoryError
-from tilemem.kernels import library
+from tilemem.kernels import portable
 
 log = logging.getLogger(__name__)
 
-CSRC = Path(__file__).with_name("csrc_portable")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-fvisibility=hidden"]
-FLAGS += ["-ffp-contract=off"]  # decoded weights bit for bit as numpy's: no product and sum fused unasked
 TYPE_IDS = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14}
 """Type name -> ggml's type id (GGMLQuantizationType)."""
 QTYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
@@ -66,34 +58,19 @@ PREFILL_BYTES = 8 << 20
 FFN_MAX_TOKENS = NT_MAX_TOKENS
 """Most tokens an `ffn_tasks` task runs with in the fused kernel (8 per pass over its weights); a task with
 more (prefill) runs as matmuls from Python (dequantized blocks + torch's GEMM)."""
-ACTS = {"silu": 0, "gelu": 1, "relu": 2}
-"""Activation name -> the kernel's code (`tmg_act` in csrc_portable/ggml_quant.h): torch's F.silu, F.gelu, F.relu."""
-_TORCH_ACTS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+ACTS = portable.ACTS
+_TORCH_ACTS = portable.TORCH_ACTS
 _TASK_WORDS = 13
 """int64 words of a `tmg_ffn_task`: 3 matrices of 3, then n, ntok, tok, weight."""
 
 _vp, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
-def cpu_supported() -> bool:
-    """Whether this CPU reports the instruction sets the kernels use (AVX2, FMA, F16C)."""
-    return {"avx2", "fma", "f16c"} <= sysinfo.cpu_flags()
-
-
-def build(force: bool = False) -> Path:
-    """Compile `csrc_portable/` (once per sources and flags) into the cached ggml library; returns its path."""
-    return library.build(force, CSRC, FLAGS, "tilemem-ggml")
-
-
 @functools.cache
 def lib() -> ctypes.CDLL | None:
     """The loaded ggml library, or None where it cannot run here (CPU, compiler, `TILEMEM_KERNELS=0`)."""
-    if os.environ.get("TILEMEM_KERNELS", "1") == "0" or not cpu_supported():
-        return None
-    try:
-        out = ctypes.CDLL(str(build()))
-    except (RuntimeError, OSError) as exc:
-        log.warning("ggml kernels unavailable, using torch: %s", exc)
+    out = portable.load()
+    if out is None:
         return None
     out.tmg_block_bytes.argtypes = out.tmg_block_weights.argtypes = [_int]
     out.tmg_block_bytes.restype = out.tmg_block_weights.restype = _i64

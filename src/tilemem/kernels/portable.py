@@ -1,0 +1,51 @@
+"""The portable native library: `csrc_portable/` (the FP8 and GGUF kernels) built for AVX2 + FMA + F16C, which
+every x86-64 CPU of the last decade has, AVX512 ones included, apart from the main AVX512 library.
+
+`fp8.py` and `ggml.py` wrap its functions; this module builds and loads it once, and holds what they share.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+from pathlib import Path
+
+import torch.nn.functional as F
+
+from tilemem import sysinfo
+from tilemem.kernels import library
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).with_name("csrc_portable")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-fvisibility=hidden", "-ffp-contract=off"]
+"""`-ffp-contract=off`: GGUF blocks decode bit for bit as numpy decodes them (no product and sum fused unasked;
+the kernels' explicit FMA intrinsics stay fused)."""
+NAME = "tilemem-portable"
+ACTS = {"silu": 0, "gelu": 1, "relu": 2}
+"""Activation name -> the kernels' code (`tmp_act` / `tmg_act` in the headers): torch's F.silu, F.gelu, F.relu."""
+TORCH_ACTS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+
+
+def cpu_supported() -> bool:
+    """Whether this CPU reports the instruction sets the kernels use (AVX2, FMA, F16C)."""
+    return {"avx2", "fma", "f16c"} <= sysinfo.cpu_flags()
+
+
+def build(force: bool = False) -> Path:
+    """Compile `csrc_portable/` (once per sources and flags) into the cached library; returns its path."""
+    return library.build(force, CSRC, FLAGS, NAME)
+
+
+@functools.cache
+def load() -> ctypes.CDLL | None:
+    """The loaded library, or None where it cannot run here (CPU, compiler, `TILEMEM_KERNELS=0`)."""
+    if os.environ.get("TILEMEM_KERNELS", "1") == "0" or not cpu_supported():
+        return None
+    try:
+        return ctypes.CDLL(str(build()))
+    except (RuntimeError, OSError) as exc:
+        log.warning("portable kernels (FP8, GGUF) unavailable, using torch: %s", exc)
+        return None
