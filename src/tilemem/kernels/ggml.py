@@ -269,24 +269,11 @@ class FfnTask(NamedTuple):
 
 def _check_task(task: FfnTask, d: int, what: str) -> None:
     """Raise KernelError unless task is an FfnTask for hidden size d (the detailed checks of a bad one)."""
-    if not isinstance(task, tuple) or len(task) != 3 or not isinstance(task[0], FfnWeights):
-        raise KernelError(f"{what}: expected a ggml.FfnTask(FfnWeights, tok, weight), got {type(task).__name__}")
-    weights, tok, weight = task
-    if weights.hidden != d:
-        raise KernelError(f"{what}: its weights have hidden size {weights.hidden}, but x has {d} columns")
-    for name, v, dtype in (("tok", tok, torch.int32), ("weight", weight, torch.float32)):
-        if not isinstance(v, torch.Tensor) or v.dtype != dtype or not v.is_cpu:
-            got = f"{v.dtype} on {v.device}" if isinstance(v, torch.Tensor) else type(v).__name__
-            raise KernelError(f"{what}: {name} must be a {dtype} CPU tensor, got {got}")
-        if v.dim() != 1 or not v.is_contiguous():
-            raise KernelError(f"{what}: {name} must be a contiguous vector, got shape {tuple(v.shape)}")
-    if weight.shape != tok.shape:
-        raise KernelError(f"{what}: weight has {weight.numel()} values for {tok.numel()} tokens")
+    portable.check_task(task, d, what, FfnWeights, KernelError)
 
 
 def _check_tokens(tok: torch.Tensor, t: int, what: str) -> None:
-    if tok.numel() and (int(tok.min()) < 0 or int(tok.max()) >= t):
-        raise KernelError(f"{what}: token rows must be in [0, {t}) (the rows of x), got {tok.tolist()}")
+    portable.check_tokens(tok, t, what, KernelError)
 
 
 def _ffn_matmuls(x: torch.Tensor, task: FfnTask, act: str, out: torch.Tensor, exact: bool) -> None:

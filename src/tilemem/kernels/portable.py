@@ -12,6 +12,7 @@ import logging
 import os
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 
 from tilemem import sysinfo
@@ -49,3 +50,29 @@ def load() -> ctypes.CDLL | None:
     except (RuntimeError, OSError) as exc:
         log.warning("portable kernels (FP8, GGUF) unavailable, using torch: %s", exc)
         return None
+
+
+def check_task(task, d: int, what: str, weights_type: type, error: type[Exception]) -> None:
+    """Raise `error` unless `task` is a (weights, tok, weight) FFN task of `weights_type` for hidden size d: tok
+    int32 and weight fp32, contiguous CPU vectors of one length (the detailed checks of a refused call)."""
+    if not isinstance(task, tuple) or len(task) != 3 or not isinstance(task[0], weights_type):
+        kind = weights_type.__module__.rsplit(".", 1)[-1]  # fp8 / ggml
+        article = "an" if kind == "fp8" else "a"  # "an eff-pee-eight", "a gee-gee-em-el"
+        raise error(f"{what}: expected {article} {kind}.FfnTask(FfnWeights, tok, weight), got {type(task).__name__}")
+    weights, tok, weight = task
+    if weights.hidden != d:
+        raise error(f"{what}: its weights have hidden size {weights.hidden}, but x has {d} columns")
+    for name, v, dtype in (("tok", tok, torch.int32), ("weight", weight, torch.float32)):
+        if not isinstance(v, torch.Tensor) or v.dtype != dtype or not v.is_cpu:
+            got = f"{v.dtype} on {v.device}" if isinstance(v, torch.Tensor) else type(v).__name__
+            raise error(f"{what}: {name} must be a {dtype} CPU tensor, got {got}")
+        if v.dim() != 1 or not v.is_contiguous():
+            raise error(f"{what}: {name} must be a contiguous vector, got shape {tuple(v.shape)}")
+    if weight.shape != tok.shape:
+        raise error(f"{what}: weight has {weight.numel()} values for {tok.numel()} tokens")
+
+
+def check_tokens(tok: torch.Tensor, t: int, what: str, error: type[Exception]) -> None:
+    """Raise `error` unless every token row of `tok` is in [0, t)."""
+    if tok.numel() and (int(tok.min()) < 0 or int(tok.max()) >= t):
+        raise error(f"{what}: token rows must be in [0, {t}) (the rows of x), got {tok.tolist()}")
