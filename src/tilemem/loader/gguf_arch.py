@@ -50,8 +50,8 @@ SOFTMAX, SIGMOID = 1, 2
 
 
 def _common(g: GgufFile) -> dict[str, Any]:
-    vocab = g.get("tokenizer.ggml.tokens")
-    vocab_size = g.get(".vocab_size") or (len(vocab) if vocab else g.tensor("token_embd.weight").shape[0])
+    # the embedding's rows are the model's vocabulary (a tokenizer may list fewer tokens than a padded table)
+    vocab_size = g.tensor("token_embd.weight").shape[0]
     heads = int(g.req(".attention.head_count"))
     return {
         "hidden_size": int(g.req(".embedding_length")),
