@@ -305,11 +305,6 @@ def _matrix(w: Weight, rows: int, cols: int, what: str, keep: list[torch.Tensor]
     return [data.data_ptr(), data.stride(0), scale.data_ptr(), scale.stride(0)]
 
 
-def _check_task(task: FfnTask, d: int, what: str) -> None:
-    """Raise ValueError unless task is an FfnTask for hidden size d (the detailed checks of a bad one)."""
-    portable.check_task(task, d, what, FfnWeights, ValueError)
-
-
 def _check_tokens(tok: torch.Tensor, t: int, what: str) -> None:
     portable.check_tokens(tok, t, what, ValueError)
 
@@ -332,41 +327,8 @@ def ffn_tasks(x: torch.Tensor, tasks: Sequence[FfnTask], act: str, out: torch.Te
     The weights were checked when their FfnWeights was built; per call only x, out, tok and weight are.
     """
     what = "fp8 ffn_tasks"
-    if act not in ACTS:
-        raise ValueError(f"{what}: act must be one of {sorted(ACTS)}, got {act!r}")
-    for name, v in (("x", x), ("out", out)):
-        if not isinstance(v, torch.Tensor) or v.dtype != torch.float32 or not v.is_cpu or v.dim() != 2:
-            got = f"{v.dtype} {tuple(v.shape)} on {v.device}" if isinstance(v, torch.Tensor) else type(v).__name__
-            raise ValueError(f"{what}: {name} must be a 2-D float32 CPU tensor [T, D], got {got}")
-        if v.shape[1] > 1 and v.stride(1) != 1:
-            raise ValueError(f"{what}: {name}'s rows must be contiguous, got strides {v.stride()}")
-    if out.shape != x.shape:
-        raise ValueError(f"{what}: out has shape {tuple(out.shape)}, but x has {tuple(x.shape)}")
+    words, big = portable.pack_tasks(x, tasks, act, out, what, FfnWeights, ValueError, FFN_MAX_TOKENS)
     t, d = x.shape
-    words: list[int] = []
-    big: list[FfnTask] = []
-    i32, f32 = torch.int32, torch.float32
-    for q, task in enumerate(tasks):
-        try:  # the common case in few attribute reads; anything else gets the detailed checks
-            weights, tok, weight = task
-            ok = (
-                weights.hidden == d and tok.dtype == i32 and weight.dtype == f32 and tok.is_cpu and weight.is_cpu
-                and tok.dim() == 1 and weight.shape == tok.shape and tok.is_contiguous() and weight.is_contiguous()
-            )  # fmt: skip
-        except (AttributeError, TypeError, ValueError):
-            ok = False
-        if not ok:
-            _check_task(task, d, f"{what} task {q}")
-            weights, tok, weight = task
-        ntok = tok.numel()
-        if ntok == 0 or weights.n == 0:
-            continue
-        if ntok > FFN_MAX_TOKENS:
-            _check_tokens(tok, t, f"{what} task {q}")
-            big.append(task)
-            continue
-        words += weights.words
-        words += (ntok, tok.data_ptr(), weight.data_ptr())
     if words:
         packed = array("q", words)  # [tasks, _TASK_WORDS]
         status = _kernels(what).tmp_fp8_ffn_tasks(

@@ -76,3 +76,56 @@ def check_tokens(tok: torch.Tensor, t: int, what: str, error: type[Exception]) -
     """Raise `error` unless every token row of `tok` is in [0, t)."""
     if tok.numel() and (int(tok.min()) < 0 or int(tok.max()) >= t):
         raise error(f"{what}: token rows must be in [0, {t}) (the rows of x), got {tok.tolist()}")
+
+
+def pack_tasks(
+    x: torch.Tensor,
+    tasks,
+    act: str,
+    out: torch.Tensor,
+    what: str,
+    weights_type: type,
+    error: type[Exception],
+    max_tokens: int,
+) -> tuple[list[int], list]:
+    """The argument checks and packing an `ffn_tasks` call shares between the FP8 and GGUF kernels: x and out
+    [T, D] fp32 with contiguous rows, `act` known, every task checked (the common case in a few attribute reads,
+    a bad one by `check_task`). Returns (the int64 words of the tasks of up to `max_tokens` tokens, each its
+    weights' `words` then ntok, tok and weight pointers; the larger tasks, for matmuls). Raises `error`."""
+    if act not in ACTS:
+        raise error(f"{what}: act must be one of {sorted(ACTS)}, got {act!r}")
+    for name, v in (("x", x), ("out", out)):
+        if not isinstance(v, torch.Tensor) or v.dtype != torch.float32 or not v.is_cpu or v.dim() != 2:
+            got = f"{v.dtype} {tuple(v.shape)} on {v.device}" if isinstance(v, torch.Tensor) else type(v).__name__
+            raise error(f"{what}: {name} must be a 2-D float32 CPU tensor [T, D], got {got}")
+        if v.shape[1] > 1 and v.stride(1) != 1:
+            raise error(f"{what}: {name}'s rows must be contiguous, got strides {v.stride()}")
+    if out.shape != x.shape:
+        raise error(f"{what}: out has shape {tuple(out.shape)}, but x has {tuple(x.shape)}")
+    t, d = x.shape
+    words: list[int] = []
+    big: list = []
+    i32, f32 = torch.int32, torch.float32
+    for q, task in enumerate(tasks):
+        try:  # the common case in few attribute reads; anything else gets the detailed checks
+            weights, tok, weight = task
+            ok = (
+                isinstance(weights, weights_type) and weights.hidden == d and tok.dtype == i32
+                and weight.dtype == f32 and tok.is_cpu and weight.is_cpu and tok.dim() == 1
+                and weight.shape == tok.shape and tok.is_contiguous() and weight.is_contiguous()
+            )  # fmt: skip
+        except (AttributeError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            check_task(task, d, f"{what} task {q}", weights_type, error)
+            weights, tok, weight = task
+        ntok = tok.numel()
+        if ntok == 0 or weights.n == 0:
+            continue
+        if ntok > max_tokens:  # checked here; the kernel checks its own tasks' tokens
+            check_tokens(tok, t, f"{what} task {q}", error)
+            big.append(task)
+            continue
+        words += weights.words
+        words += (ntok, tok.data_ptr(), weight.data_ptr())
+    return words, big

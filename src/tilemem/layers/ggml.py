@@ -212,6 +212,12 @@ def reference_gemm(xf: torch.Tensor, w: GgmlMatrix) -> torch.Tensor:
 
 
 def embedding_rows(w: GgmlMatrix, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Rows `ids` of a quantized embedding table, decoded: ids [...] -> [..., C] in `dtype`."""
-    flat = ids.reshape(-1)
-    return dequantize(w.qtype, w.data[flat], w.cols).to(dtype).view(*ids.shape, w.cols)
+    """Rows `ids` of a quantized embedding table, decoded: ids [...] -> [..., C] in `dtype` (by the native
+    kernels where they run: the same values bit for bit, without torch's per-block temporaries)."""
+    rows = w.data[ids.reshape(-1)]  # [N, row_bytes]
+    kernels = _native() if rows.device.type == "cpu" else None
+    if kernels is not None and w.qtype in kernels.QTYPES:
+        out = kernels.dequantize(w.qtype, rows, w.cols)
+    else:
+        out = dequantize(w.qtype, rows, w.cols)
+    return out.to(dtype).view(*ids.shape, w.cols)
