@@ -47,3 +47,7 @@ class KernelABIError(KernelError):
 
 class KernelMemoryError(KernelError, MemoryError):
     """A native kernel could not allocate its working memory."""
+
+
+class RankError(TileMemError):
+    """A rank of a distributed run died, hung past the timeout, or disagrees with the others; the run stops."""

@@ -139,6 +139,32 @@ class EngineArgs:
     )
     """All-resident CPU engine: x12 (12 bits per weight, lossless) or none (bf16 as loaded)."""
 
+    world_size: int | None = arg(
+        None,
+        "expert parallelism: ranks in the run (default: 1, or torchrun's WORLD_SIZE); without --rank, rank 0 starts "
+        "the others on this machine",
+        minimum=1,
+        unit=" rank",
+    )
+    """Processes sharing the routed experts (torch.distributed); None: 1, or torchrun's `WORLD_SIZE`. Without `rank`
+    (and outside torchrun), this process is rank 0 and starts ranks 1..N-1 on this machine."""
+    rank: int | None = arg(None, "this process's rank (0 schedules and serves; the others follow it)", minimum=0)
+    """This process's rank (rank 0 owns the scheduler, tokenizer and server); None: torchrun's `RANK`, or 0 with
+    the other ranks started here."""
+    master_addr: str | None = arg(None, "rank 0's host, where the ranks meet (default: 127.0.0.1 or MASTER_ADDR)")
+    """Rank 0's host (its TCP store); None: torchrun's `MASTER_ADDR`, else 127.0.0.1."""
+    master_port: int | None = arg(
+        None, "rank 0's TCP port for the rendezvous (default: 29500 or MASTER_PORT)", minimum=1
+    )
+    """Rank 0's TCP store port; None: torchrun's `MASTER_PORT`, else 29500 (a free port for ranks started here)."""
+    dist_timeout: float = arg(60.0, "seconds a rank waits for a silent rank before the run stops", above=0, unit=" s")
+    """Seconds start-up and each all-reduce wait for a silent (dead or hung) rank before the run stops."""
+    rank_split: str = arg(
+        "tile", "how experts are shared out among ranks: expert (whole) or tile (hot ones split too)",
+        choices=("expert", "tile"),
+    )  # fmt: skip
+    """Expert parallelism: `expert` partitions whole routed experts; `tile` also splits hot experts by tiles."""
+
     def __post_init__(self) -> None:
         self.validate()
 

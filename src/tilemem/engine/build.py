@@ -10,6 +10,7 @@ engine = parts.engine(slots=8, length=2048, prefill_chunk=512)
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import torch
 from tilemem.engine.args import EngineArgs
 from tilemem.engine.engine import Engine
 from tilemem.engine.tokenizer import TextTokenizer
-from tilemem.errors import CheckpointError, ConfigError
+from tilemem.errors import CheckpointError, ConfigError, TileMemError
 from tilemem.jsonio import read_json_object
 from tilemem.loader.checkpoint import Checkpoint, load_model, require_device
 
@@ -52,6 +53,10 @@ class EngineParts:
     """generation_config.json, if any."""
     eos_ids: tuple[int, ...] = ()
     """End-of-sequence token ids."""
+    ranks: Any = None
+    """Expert parallelism: this process's `parallel.RankGroup`, or None (one process)."""
+    followers: list = field(default_factory=list)
+    """Expert parallelism: the ranks rank 0 started on this machine (subprocesses)."""
 
     @property
     def config(self):
@@ -72,15 +77,41 @@ class EngineParts:
             drafter = make_drafter(args.speculative, self.model, slots, length, args.dtype)
             speculator = Speculator(drafter, args.num_draft)
         prefill_chunk = prefill_chunk or args.prefill_chunk
-        return Engine(self.model, self.tokenizer, self.eos_ids, slots, length, prefill_chunk, self.tiered, speculator)
+        leader = self.leader
+        return Engine(
+            self.model, self.tokenizer, self.eos_ids, slots, length, prefill_chunk, self.tiered, speculator, leader
+        )
+
+    @property
+    def leader(self):
+        """Expert parallelism on rank 0: the `engine.ranks.Leader` its engines mirror their steps through."""
+        if self.ranks is None or self.ranks.rank != 0:
+            return None
+        from tilemem.engine.ranks import Leader
+
+        return Leader(self.ranks)
 
     def close(self) -> None:
-        """Stop async planning and the tile I/O threads, close the tile store."""
+        """Stop async planning and the tile I/O threads, close the tile store; rank 0 of a distributed run tells
+        the other ranks to stop (and waits for those it started)."""
         if self.replanner is not None:
             self.replanner.stop()
             self.replanner = None
+        if self.ranks is not None:
+            ranks, self.ranks = self.ranks, None
+            try:
+                if ranks.rank == 0 and not ranks.closed:
+                    from tilemem.engine.ranks import Leader, stop_followers
+
+                    Leader(ranks).stop()
+                    stop_followers(self.followers)
+            except TileMemError:
+                pass  # a rank is gone already: nothing to tell it
+            finally:
+                ranks.close()
         if self.tiered is not None:
             self.tiered.close()
+            self.tiered = None
 
 
 def build_engine(args: EngineArgs, kv_sequences: int = 1) -> EngineParts:
@@ -90,10 +121,35 @@ def build_engine(args: EngineArgs, kv_sequences: int = 1) -> EngineParts:
     `max_batch` (it allocates every slot at full length up front)."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    ranks, followers = None, []
+    if args.world_size not in (None, 1) or "WORLD_SIZE" in os.environ:
+        from tilemem.engine.ranks import start_ranks
+
+        ranks, followers = start_ranks(args)
+    try:
+        return _build(args, kv_sequences, ranks, followers)
+    except BaseException:
+        if ranks is not None:  # the other ranks fail at start-up too (they wait on this one): leave the run
+            from tilemem.engine.ranks import stop_followers
+
+            ranks.close()
+            stop_followers(followers, 0.0)
+        raise
+
+
+def _build(args: EngineArgs, kv_sequences: int, ranks, followers: list) -> EngineParts:
     ckpt = Checkpoint.open(args.model)
     cfg = ckpt.config
     max_model_len = min(args.max_model_len or 4096, cfg.max_position_embeddings)
-    plan = resolve_plan(args, ckpt, max_model_len, kv_sequences)
+    if ranks is None:
+        plan = resolve_plan(args, ckpt, max_model_len, kv_sequences)
+    else:
+        from tilemem.engine.ranks import rank_plan, run_facts
+
+        if args.async_planning:
+            raise ConfigError("async planning does not run with expert parallelism yet; drop --async-planning.")
+        plan = rank_plan(args, ckpt, ranks, max_model_len, kv_sequences)
+        ranks.agree(run_facts(ckpt, plan))
     skip = None
     if plan is not None:  # FFN weights come from the tile store, where the plan puts them
         from tilemem.models.topology import is_ffn_weight as skip
@@ -103,15 +159,25 @@ def build_engine(args: EngineArgs, kv_sequences: int = 1) -> EngineParts:
         lazy_x12=encodes_x12(args, cfg, plan, device),  # read once, to be encoded: not worth mapping first
         dequantize=args.dequantize,
     )  # fmt: skip
-    parts = EngineParts(args, Path(args.model), ckpt, model, device, max_model_len, plan)
+    parts = EngineParts(args, Path(args.model), ckpt, model, device, max_model_len, plan, ranks=ranks)
+    parts.followers = followers
     if plan is None:
         model.prepare_weights(args.weight_codec)
     else:
-        from tilemem.runtime.setup import attach_tiered, load_profile
+        from tilemem.runtime.setup import attach_tiered, ensure_store, load_profile
 
+        if ranks is not None:  # one process per machine builds a missing tile store, the others wait for it
+            if ranks.setup.local_rank == 0:
+                ensure_store(ckpt, plan, args.store)
+            ranks.barrier()
         prof = load_profile(args.profile, plan.topology) if args.profile is not None else None
         runtime = args.tiered_config(plan_prefetch=plan.settings.get("prefetch", True))
-        parts.tiered = attach_tiered(model, ckpt, plan, args.store, runtime, prof)
+        parts.tiered = attach_tiered(
+            model, ckpt, plan, args.store, runtime, prof, progress=ranks is None or ranks.rank == 0
+        )
+        if ranks is not None:
+            for block in model.moe_blocks().values():
+                block.reduce = ranks.all_reduce
         if args.async_planning:
             from tilemem.runtime.setup import start_async_planning
 

@@ -107,12 +107,17 @@ class Engine:
         prefill_chunk: int = 512,
         runtime=None,
         speculator: Speculation | None = None,
+        leader=None,
     ) -> None:
         self.model = model
         self.runtime = runtime
         self.tokenizer = tokenizer
         self.eos_ids = set(eos_ids)
         self.max_model_len = max_model_len
+        self.leader = leader
+        """Expert parallelism on rank 0 (`engine.ranks.Leader`): the other ranks mirror every cache and forward."""
+        if leader is not None:
+            leader.allocate(max_batch, max_model_len)
         self.cache = model.allocate_cache(max_batch, max_model_len)
         self.scheduler = Scheduler(max_batch, prefill_chunk, slot_length=self.cache.length)
         self.speculator = speculator
@@ -210,6 +215,8 @@ class Engine:
         try:
             return [(rows, self._run_rows(batch, rows))]
         except Exception as exc:  # a failing forward must not take the engine down
+            if self.leader is not None:  # the other ranks ran (or wait in) this pass: no retry can line up with them
+                raise
             if len(rows) == 1:
                 if isinstance(exc, TileMemError):  # bad input or data, said in the row's error: no traceback
                     log.info("forward pass failed: %s", exc)
@@ -236,7 +243,10 @@ class Engine:
         last = torch.tensor(lengths) - 1  # [R]
         every = any(batch.draft(i) is not None for i in rows)  # drafts are verified at every position
         kw = {"return_hidden": True} if self.speculator is not None and self.speculator.wants_hidden else {}
-        res = self.model(ids, ctx, logits_at=None if every else last, **kw)
+        logits_at = None if every else last
+        if self.leader is not None:
+            self.leader.forward(ids, [s.slot for s in seqs], [s.cached for s in seqs], lengths, logits_at, bool(kw))
+        res = self.model(ids, ctx, logits_at=logits_at, **kw)
         logits, hidden = res if kw else (res, None)  # [R, T, V] or [R, V]; [R, T, D]
         logits = logits.cpu()  # sampling and verification run on the CPU
         outputs = []

@@ -246,6 +246,9 @@ class MoEBlock(nn.Module):
         self.shared_expert_gate = Linear(cfg.hidden_size, 1, False) if cfg.shared_expert_gate else None
         self.executor: ExpertExecutor | None = None
         self.on_route = None  # optional observer (profiling): called with (layer, ids [T, K])
+        self.reduce = None
+        """Expert parallelism: sums a [P, T, D] fp32 tensor of this rank's partial outputs (routed, then shared)
+        over the ranks in place (`tilemem.parallel`); None in a single process."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -253,6 +256,8 @@ class MoEBlock(nn.Module):
         weights, ids = self.gate(x)  # [T, K], [T, K]
         if self.on_route is not None:
             self.on_route(self.layer, ids)
+        if self.reduce is not None:
+            return self._reduced(x, weights, ids).reshape(shape)
         out = self.executor(self.layer, x, weights, ids).to(x.dtype)  # [T, D]
         if self.shared_experts is not None:
             # Like transformers: round the routed sum to the model dtype, then add the shared output.
@@ -261,3 +266,21 @@ class MoEBlock(nn.Module):
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             out = out + shared
         return out.reshape(shape)
+
+    def _reduced(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Expert parallelism: this rank's share of the routed experts (and of the shared experts, placed as
+        tiles) in fp32, summed over the ranks by one all-reduce, then rounded as `forward` rounds. x [T, D]."""
+        routed = self.executor(self.layer, x, weights, ids)  # [T, D] fp32: this rank's share
+        parts = [routed]
+        if self.shared_experts is not None:
+            if self.shared_experts.tiled is None:
+                raise TypeError("expert parallelism places shared experts as tiles; attach the tiered runtime first")
+            parts.append(self.shared_experts.tiled(x).float())  # [T, D] fp32: this rank's share
+        both = self.reduce(torch.stack(parts))  # [P, T, D], summed over ranks
+        out = both[0].to(x.dtype)
+        if self.shared_experts is not None:
+            shared = both[1].to(x.dtype)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        return out

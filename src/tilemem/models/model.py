@@ -227,11 +227,14 @@ class MoECausalLM(nn.Module):
         ctx: ForwardContext,
         logits_at: torch.Tensor | None = None,
         return_hidden: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        head: bool = True,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
         """input_ids [B, T] -> logits [B, T, V] (or [B, V] at `logits_at` [B] token offsets).
 
         With `return_hidden`, also the final-normed hidden states [B, T, D] of every token (what the
-        MTP head reads): (logits, hidden). Inputs may live on the CPU; outputs are on `self.device`."""
+        MTP head reads): (logits, hidden). Inputs may live on the CPU; outputs are on `self.device`. `head=False`
+        (the ranks that follow rank 0 in expert parallelism): the layers only, for their KV cache and their
+        share of the experts; nothing is returned."""
         input_ids = input_ids.to(self.device)
         x = self.model.embed_tokens(input_ids)  # [B, T, D]
         cos, sin = self.rope.table(ctx.positions, x.dtype)
@@ -252,6 +255,8 @@ class MoECausalLM(nn.Module):
             else:
                 x = layers[i](x, ctx, self.rope, cos, sin, keep if i == len(layers) - 1 else None)
                 i += 1
+        if not head:
+            return None
         hidden = self.model.norm(x) if return_hidden else None  # [B, T, D]
         if keep is not None:
             x = x[:, 0]  # [B, D]

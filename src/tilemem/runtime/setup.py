@@ -72,6 +72,23 @@ def make_plan(
     the limit measured here, less the KV cache of `sequences` sequences of `context` tokens) with `policy`.
     A GGUF model's FFN bytes are its quant blocks' (`dtype` counts its other weights). `tile` None: 128 neurons,
     or a GGUF model's down-projection block where that is larger (256 for K-quants)."""
+    problem, policy = plan_problem(ckpt, budget, policy, profile, tile, cache, dtype, memory_limit, context, sequences)
+    return build_plan(problem, policy, name=ckpt.path.name)
+
+
+def plan_problem(
+    ckpt: Checkpoint,
+    budget: str,
+    policy: str = "tilepo_fine",
+    profile: Profile | str | Path | None = None,
+    tile: int | None = None,
+    cache: str | None = None,
+    dtype: str | None = None,
+    memory_limit: str | int | None = None,
+    context: int = 4096,
+    sequences: int = 1,
+) -> tuple[PlacementProblem, str]:
+    """What `make_plan` solves, and with which policy (`auto` resolved)."""
     source = store_source(ckpt)
     codec = store_codec(source) if isinstance(source, GgufSource) else None
     gguf = codec is not None and codec.gguf
@@ -103,8 +120,51 @@ def make_plan(
         except ValueError as exc:
             raise ConfigError(f"{exc}.") from None
     fmt = gguf_tile_format(codec.ggml_units) if gguf else tile_format(topo.dtype)
-    problem = PlacementProblem(topo, prof, budgets, fmt, tile=tile)
-    return build_plan(problem, policy, name=ckpt.path.name)
+    return PlacementProblem(topo, prof, budgets, fmt, tile=tile), policy
+
+
+def rank_budget(
+    ckpt: Checkpoint,
+    budget: str | None,
+    tile: int | None = None,
+    dtype: str | None = None,
+    memory_limit: str | int | None = None,
+    context: int = 4096,
+    sequences: int = 1,
+) -> str:
+    """Expert parallelism: this rank's budget as text: `budget`, or (None, `auto`) what `--budget auto` makes of this
+    machine's memory limit, resolved here because rank 0 plans for every rank."""
+    if budget not in (None, "auto"):
+        return budget
+    from tilemem.tmap.auto import auto_budget
+
+    source = store_source(ckpt)
+    codec = store_codec(source) if isinstance(source, GgufSource) else None
+    gguf = codec is not None and codec.gguf
+    topo = Topology.from_config(
+        ckpt.config, dtype, plan_types(codec.ggml_units) if gguf else None, quantized_bytes(ckpt) if gguf else None
+    )
+    limit = memlimit.memory_limit(memory_limit)
+    tile = tile or default_tile(codec)
+    return auto_budget(topo, context=context, batch=sequences, limit=limit, tile=tile).text
+
+
+def make_rank_plans(
+    ckpt: Checkpoint,
+    budgets: list[str],
+    policy: str = "tilepo_fine",
+    profile: Profile | str | Path | None = None,
+    tile: int | None = None,
+    dtype: str | None = None,
+    split: str = "tile",
+    replicate: bool = True,
+) -> list[Plan]:
+    """Expert parallelism: one plan per rank, rank r within `budgets[r]` (texts, `rank_budget`), the routed experts
+    shared out by `placement.ranks.build_rank_plans` (`split`: whole experts, or hot experts split by tiles too)."""
+    from tilemem.placement.ranks import build_rank_plans
+
+    solved = [plan_problem(ckpt, b, policy, profile, tile, dtype=dtype) for b in budgets]
+    return build_rank_plans([p for p, _ in solved], solved[0][1], ckpt.path.name, split=split, replicate=replicate)
 
 
 def residency_of(plan: Plan, topology: Topology) -> dict[tuple[int, int], dict[str, list[tuple[int, int]]]]:
@@ -167,6 +227,14 @@ def check_fits_in_ram(dram_bytes: int) -> None:
         )
 
 
+def ensure_store(ckpt: Checkpoint, plan: Plan, store: str | Path | None = None, progress: bool = True) -> Path:
+    """The plan's tile store directory (`store`, else beside the checkpoint), converted first when missing."""
+    store = Path(store) if store else default_store_dir(ckpt, plan.tile)
+    if not (store / "store.json").exists():
+        convert(ckpt.path, store, tile_size=plan.tile, progress=progress)
+    return store
+
+
 def attach_tiered(
     model,
     ckpt: Checkpoint,
@@ -179,9 +247,7 @@ def attach_tiered(
     """Convert (if needed) and open the tile store, then route the model's experts through the plan."""
     check_plan_matches(plan, ckpt)
     topo = plan.topology
-    store = Path(store) if store else default_store_dir(ckpt, plan.tile)
-    if not (store / "store.json").exists():
-        convert(ckpt.path, store, tile_size=plan.tile, progress=progress)
+    store = ensure_store(ckpt, plan, store, progress)
     opened = TileStore(store, ckpt)
     if config is None:  # a plan compiled with `prefetch = off` turns it off; else on while it is used
         config = TieredConfig(prefetch="auto" if plan.settings.get("prefetch", True) else False)
@@ -204,6 +270,10 @@ def attach_tiered(
         config = replace(config, tile_weights=probs)
     residency = residency_of(plan, topo)
     executor = TieredExperts(model.moe_blocks(), opened, residency, config, model.dtype, model.device)
+    if plan.world_size > 1:  # expert parallelism: the tokens of this rank's replicas
+        executor.replicas = {
+            (layer, e): share for layer, e in routed_ffns(topo) if (share := plan.replica_of(layer, e)) is not None
+        }
     model.set_executor(executor)
     for (layer, unit), mlp in model.always_active_ffns().items():
         mlp.tiled = partial(executor.unit, layer, unit)

@@ -160,6 +160,9 @@ class TieredExperts:
         self.ranges: dict[tuple[int, int], Ranges] = {}
         self.resident_bytes = 0
         self.step_hook = None  # called between engine steps (async planning applies migrations here)
+        self.replicas: dict[tuple[int, int], tuple[int, int]] = {}
+        """Expert parallelism: (layer, expert) -> (i, n) for an expert replicated on n ranks, this rank replica i:
+        it computes the expert for the tokens j (in the expert's token group) with j % n == i."""
         self.set_residency(residency)
         self.build_slabs()
         slot_bytes = max(t.padded for t in store.tiles.values())
@@ -303,11 +306,24 @@ class TieredExperts:
         """The routed experts of one MoE layer: x [T, D], weights / ids [T, K] -> [T, D] fp32."""
         ids_h, weights_h = ids.cpu(), weights.cpu()
         groups = [(e, tok, weights_h[tok, k]) for e, tok, k in group_by_expert(ids_h)]
+        if self.replicas:
+            groups = self._my_tokens(layer, groups)
         self._score_prediction(layer, {e for e, _, _ in groups})
         out = self._run(layer, x, groups)
         self._release_landed(layer)
         if self._prefetch_now():
             self._prefetch(layer, x)
+        return out
+
+    def _my_tokens(self, layer: int, groups: list) -> list:
+        """Expert parallelism: of a replicated expert's tokens, those this rank's replica computes."""
+        out = []
+        for e, tok, w in groups:
+            share = self.replicas.get((layer, e))
+            if share is not None:
+                tok, w = tok[share[0] :: share[1]], w[share[0] :: share[1]]
+            if len(tok):
+                out.append((e, tok, w))
         return out
 
     def unit(self, layer: int, unit: int, x: torch.Tensor) -> torch.Tensor:

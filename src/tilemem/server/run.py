@@ -14,6 +14,7 @@ import time
 
 import uvicorn
 
+from tilemem.errors import RankError
 from tilemem.server.app import create_app
 from tilemem.server.config import ServerConfig
 
@@ -46,9 +47,16 @@ def serve(llm, config: ServerConfig) -> None:
     """Serve `llm` (an LLM, or the EngineArgs to build one from) until SIGTERM / Ctrl-C, then shut down
     gracefully."""
     app = create_app(llm, config)
-    worker = app.state.tilemem.worker
+    state = app.state.tilemem
+    worker = state.worker
     server = DrainingServer(_uvicorn_config(app, config), lambda: worker.drain(config.shutdown_grace_s))
-    server.run()
+    worker.on_fatal = lambda message: setattr(server, "should_exit", True)  # a rank is gone: stop serving
+    try:
+        server.run()
+    finally:
+        state.llm.close()  # a distributed run's other ranks stop too
+    if worker.fatal is not None:
+        raise RankError(worker.fatal)  # `tilemem serve` exits non-zero
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from tilemem.engine.engine import Engine, StepEvent
 from tilemem.engine.sequence import Sequence
+from tilemem.errors import RankError
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,10 @@ class EngineWorker:
         self.drain_grace_s: float | None = None
         self.stopped = threading.Event()
         self.failed: str | None = None
+        self.fatal: str | None = None
+        """Why the engine can never step again (a rank of a distributed run is gone), once it happened."""
+        self.on_fatal: Callable[[str], None] | None = None
+        """Called on the engine thread with `fatal`'s message (the server then exits non-zero)."""
         self.thread = threading.Thread(target=self._run, name="tilemem-engine", daemon=True)
 
     # -- any thread ---------------------------------------------------------------------------------
@@ -183,11 +188,18 @@ class EngineWorker:
                 if self.engine.has_work():
                     try:
                         self._step()
+                    except RankError:
+                        raise  # a rank is gone: no step can run again
                     except Exception as exc:  # a bug outside the forward pass: fail what is in flight, go on
                         log.exception("engine step failed")
                         self._end_all("error", f"the engine step failed: {type(exc).__name__}: {exc}")
                 elif self.on_idle is not None:
                     self.on_idle()
+        except RankError as exc:
+            log.error("%s", exc)
+            self.failed = self.fatal = str(exc)
+            if self.on_fatal is not None:
+                self.on_fatal(self.fatal)
         except Exception as exc:
             log.exception("engine thread crashed")
             self.failed = f"{type(exc).__name__}: {exc}"
@@ -200,6 +212,10 @@ class EngineWorker:
 
     def _shutdown_message(self) -> str:
         """Why a request in flight is ended at shutdown."""
+        if self.fatal is not None:
+            return (
+                f"the server lost a rank of its distributed run and is stopping ({self.fatal}); retry once it is back."
+            )
         waited = f" (in-flight requests got --shutdown-grace {self.drain_grace_s:g} s)" if self.drain_grace_s else ""
         return f"the server shut down before this request finished{waited}; retry it once the server is back."
 
