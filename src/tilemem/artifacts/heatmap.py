@@ -1,5 +1,6 @@
 """Residency heatmap: layers x routed experts, one panel per tier, cell = share of the expert's
-bytes resident in that tier (split experts show as partial shares). Written with matplotlib's Agg
+bytes resident in that tier (split experts show as partial shares); a rank plan adds a `remote` panel
+(what the other ranks compute) and names its rank in the title. Written with matplotlib's Agg
 backend (no display needed), atomically."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from tilemem.jsonio import write_bytes_atomic
 from tilemem.placement.plan import Plan
+from tilemem.placement.tiers import REMOTE
 
 
 def residency_matrix(plan: Plan, tier: str) -> list[list[float]]:
@@ -37,6 +39,8 @@ def write_heatmap(plan: Plan, path: str | Path) -> Path:
     from matplotlib.ticker import MaxNLocator
 
     tiers = [u.tier for u in plan.tiers]
+    if plan.world_size > 1:  # a rank plan: one more panel, what the other ranks compute
+        tiers.append(REMOTE)
     n_layers = len(plan.topology.layers)
     size = (3.5 * len(tiers) + 1.5, 2.2 + 0.22 * n_layers)
     fig, axes = plt.subplots(1, len(tiers), figsize=size, squeeze=False, layout="constrained")
@@ -48,8 +52,9 @@ def write_heatmap(plan: Plan, path: str | Path) -> Path:
         ax.set_ylabel("layer")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    who = f" rank {plan.rank} of {plan.world_size}" if plan.world_size > 1 else ""
     fig.suptitle(
-        f"{plan.name}: {plan.policy}, {plan.budget_source}\nshare of each expert's bytes per tier", fontsize=10
+        f"{plan.name}{who}: {plan.policy}, {plan.budget_source}\nshare of each expert's bytes per tier", fontsize=10
     )
     if image is not None:
         fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9)

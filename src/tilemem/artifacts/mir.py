@@ -3,6 +3,8 @@
 - `mir.json`: the model structure, tiling, tiers with budgets and use, policy, profile reference,
   non-expert weights, residency per FFN (neuron ranges per tier), the objective, and the
   manifest's sha256.
+  A rank plan (`world_size` > 1) adds `ranks`: its rank, the world size and its expert replicas; tiles
+  other ranks compute are in tier `remote`. `load_rank_plan(dir, r)` reads `dir/rank{r}`.
 - `manifest.json`: one record per tile: key, tier, byte offset and size in the tile store, dtype,
   format, layout, scale metadata, preferred backend and fallback.
 
@@ -178,7 +180,41 @@ def plan_from_artifacts(mir: dict[str, Any], manifest: dict[str, Any]) -> Plan:
         profile=mir["profile"],
         expected_bytes_per_token=mir["expected_bytes_per_token"],
         settings=mir["settings"],
+        **_ranks_from(mir),
     )
+
+
+def _ranks_from(mir: dict[str, Any]) -> dict[str, Any]:
+    """Plan fields of a rank plan's `ranks` section (absent: a single-process plan, rank 0 of 1)."""
+    ranks = mir.get("ranks")
+    if ranks is None:
+        return {}
+    return {
+        "rank": int(ranks["rank"]),
+        "world_size": int(ranks["world_size"]),
+        "replicas": tuple(tuple(int(x) for x in rep) for rep in ranks["replicas"]),
+    }
+
+
+def load_rank_plan(out_dir: str | Path, rank: int) -> Plan:
+    """Rank `rank`'s plan from a directory written by `tilemem plan --world-size N` (`DIR/rank{rank}/`),
+    checked to be that rank's."""
+    out = Path(out_dir)
+    path = out / f"rank{rank}"
+    if not (path / MIR_FILE).exists():
+        found = sorted(p.name for p in out.glob("rank*") if p.is_dir()) if out.is_dir() else []
+        has = f"it has {', '.join(found)}" if found else "it has no rank directories"
+        raise PlanError(
+            f"{out}: no plan for rank {rank} ({path / MIR_FILE} is missing; {has}); write one with "
+            f"`tilemem plan MODEL --budget ... --world-size N --out {out}` where N > {rank}."
+        )
+    plan = load_plan(path)
+    if plan.rank != rank or plan.world_size <= rank:
+        raise PlanError(
+            f"{path}: this is the plan of rank {plan.rank} of {plan.world_size}, not of rank {rank}; the directory "
+            "was renamed or mixed up: re-create the plans with `tilemem plan ... --world-size N`."
+        )
+    return plan
 
 
 def _mir(plan: Plan, manifest_sha: str) -> dict[str, Any]:
@@ -188,7 +224,7 @@ def _mir(plan: Plan, manifest_sha: str) -> dict[str, Any]:
     for layer, expert in ffns:
         ranges = plan.resident_ranges(layer, expert)
         residency[expert_key(layer, expert)] = {k: [list(r) for r in v] for k, v in ranges.items()}
-    return {
+    out = {
         "schema_version": MIR_SCHEMA,
         "name": plan.name,
         "model": {
@@ -244,6 +280,13 @@ def _mir(plan: Plan, manifest_sha: str) -> dict[str, Any]:
         "settings": plan.settings,
         "manifest": {"file": MANIFEST_FILE, "sha256": manifest_sha},
     }
+    if plan.world_size > 1:  # a rank plan (single-process MIRs keep their form, and their checksums)
+        out["ranks"] = {
+            "rank": plan.rank,
+            "world_size": plan.world_size,
+            "replicas": [list(rep) for rep in plan.replicas],
+        }
+    return out
 
 
 def _manifest(plan: Plan) -> dict[str, Any]:

@@ -37,6 +37,24 @@ def plan_table(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def rank_table(plans: list[Plan], balance: dict) -> str:
+    """Expert parallelism: the ranks' balance (`placement.ranks.balance`) and each rank's share."""
+    notes = plans[0].policy_params.get("ranks", {})
+    lines = [
+        f"{len(plans)} ranks, split {notes.get('split', '?')}, replicate {'on' if notes.get('replicate') else 'off'}: "
+        f"max/mean rank load {balance['max_over_mean']:.3f} (load-weighted over layers), worst layer "
+        f"{balance['worst_layer']:.3f}; experts split {notes.get('experts_split', 0)}, "
+        f"replicated {notes.get('experts_replicated', 0)}",
+        "rank  budget  FFN bytes computed  expected FFN bytes/token  replicas",
+    ]
+    for plan, nbytes, load in zip(plans, balance["bytes_per_rank"], balance["load_per_rank"], strict=True):
+        lines.append(
+            f"{plan.rank:>4}  {plan.budget_source}  {format_bytes(nbytes):>18}  {format_bytes(load):>24}  "
+            f"{len(plan.replicas):>8}"
+        )
+    return "\n".join(lines)
+
+
 def profile_table(profile: Profile) -> str:
     """Per-layer tokens, top-quarter routing share and mean reuse distance."""
     lines = [

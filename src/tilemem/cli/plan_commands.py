@@ -3,6 +3,7 @@
 tilemem profile MODEL --workload mixed --tokens 2048 --out profile.json
 tilemem plan MODEL --profile profile.json --budget cuda=20GiB,cpu=8GiB --policy tilepo_fine --out plan/
 tilemem plan MODEL --profile profile.json --experts-per-layer 8 --policy kt_expert --out plan_kt/
+tilemem plan MODEL --budget cpu=4GiB --world-size 2 --rank-budget 1=cpu=6GiB --out plans/  (plans/rank0, rank1)
 tilemem compile --model-spec spec.json|plan.tmem --out-dir build/plan
 """
 
@@ -60,6 +61,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, help="weight dtype to plan for (default: the checkpoint's)")
     p.add_argument("--name", default=None, help="plan name (default: the model's)")
     p.add_argument("--no-heatmap", action="store_true", help="skip heatmap.png")
+    p.add_argument(
+        "--world-size", type=int, default=1, help="expert parallelism: plan N ranks into OUT/rank0 .. rankN-1"
+    )
+    p.add_argument(
+        "--rank-budget",
+        action="append",
+        default=[],
+        metavar="R=SPEC",
+        help="rank R's own budget, e.g. 1=cpu=6GiB (repeat; other ranks use --budget)",
+    )
+    p.add_argument(
+        "--rank-split",
+        default="tile",
+        choices=["expert", "tile"],
+        help="divide routed experts among ranks whole, or also split hot ones by tiles (default tile)",
+    )
+    p.add_argument("--no-replicate", action="store_true", help="never hold a hot expert on several ranks")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_plan)
 
@@ -98,6 +116,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from tilemem.placement.planner import build_plan
     from tilemem.placement.policies import PlacementProblem
 
+    rank_budgets = parse_rank_budgets(args.world_size, args.rank_budget)
     config, name = resolve_model(args.model)
     dtype = _dtype_name(args.dtype) if args.dtype else None
     units = gguf_units(args.model)  # a GGUF file: its FFNs' quant types, counted as their blocks
@@ -134,28 +153,69 @@ def cmd_plan(args: argparse.Namespace) -> int:
             topology, args.budget or "auto", args.policy, profile, args.tile_size, args.hardware, name,
             limit=limit, context=args.max_model_len, sequences=args.max_batch,
         )  # fmt: skip
-    if args.budget is not None:
-        budgets = Budgets.parse(args.budget)
-    else:
-        budgets = Budgets.from_experts_per_layer(topology, args.experts_per_layer, fmt, shard_count=args.shard_count)
-    if args.cache:
-        budgets = budgets.with_cache(args.cache)
-    elif auto_budget:
-        from tilemem.tmap.auto import with_learning_cache
 
-        budgets = with_learning_cache(topology, budgets, profile)
-    problem = PlacementProblem(
-        topology=topology,
-        profile=profile,
-        budgets=budgets,
-        fmt=fmt,
-        tile=args.tile_size,
-        shard_count=args.shard_count,
-        phase=args.phase,
-        adaptive_mode=args.adaptive_mode,
+    def budgets_of(text: str | None) -> Budgets:
+        if text is not None:
+            budgets = Budgets.parse(text)
+        else:
+            budgets = Budgets.from_experts_per_layer(
+                topology, args.experts_per_layer, fmt, shard_count=args.shard_count
+            )
+        if args.cache:
+            budgets = budgets.with_cache(args.cache)
+        elif auto_budget:
+            from tilemem.tmap.auto import with_learning_cache
+
+            budgets = with_learning_cache(topology, budgets, profile)
+        return budgets
+
+    problems = [
+        PlacementProblem(
+            topology=topology,
+            profile=profile,
+            budgets=budgets_of(rank_budgets.get(r, args.budget)),
+            fmt=fmt,
+            tile=args.tile_size,
+            shard_count=args.shard_count,
+            phase=args.phase,
+            adaptive_mode=args.adaptive_mode,
+        )
+        for r in range(args.world_size)
+    ]
+    settings = {"workload": ",".join(profile.workloads)}
+    if args.world_size == 1:
+        plan = build_plan(problems[0], args.policy, args.name or name, settings)
+        return _write(plan, Path(args.out), not args.no_heatmap)
+    from tilemem.placement.ranks import build_rank_plans
+
+    plans = build_rank_plans(
+        problems, args.policy, args.name or name, args.rank_split, not args.no_replicate, settings=settings
     )
-    plan = build_plan(problem, args.policy, args.name or name, {"workload": ",".join(problem.profile.workloads)})
-    return _write(plan, Path(args.out), not args.no_heatmap)
+    return _write_ranks(plans, profile, Path(args.out), not args.no_heatmap)
+
+
+def parse_rank_budgets(world_size: int, entries: list[str]) -> dict[int, str]:
+    """`--rank-budget R=SPEC` entries as {rank: budget text}, checked against `--world-size`."""
+    if world_size < 1:
+        raise ConfigError(f"--world-size must be at least 1, got {world_size}.")
+    out: dict[int, str] = {}
+    for entry in entries:
+        rank, sep, spec = entry.partition("=")
+        if not sep or not rank.strip().isdigit() or not spec.strip():
+            raise ConfigError(
+                f"--rank-budget '{entry}' is not RANK=BUDGET; write e.g. --rank-budget 1=cpu=6GiB "
+                "(rank 1's budget; the other ranks use --budget)."
+            )
+        r = int(rank)
+        if r >= world_size:
+            raise ConfigError(
+                f"--rank-budget '{entry}' names rank {r}, but --world-size {world_size} has ranks 0..{world_size - 1}; "
+                "raise --world-size or drop the entry."
+            )
+        if r in out:
+            raise ConfigError(f"--rank-budget gives rank {r} twice ('{out[r]}' and '{spec}'); give it once.")
+        out[r] = spec.strip()
+    return out
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -235,6 +295,23 @@ def _dtype_name(name: str) -> str:
     if short not in long or not FORMATS[short].plain:
         raise ConfigError(f"--dtype '{name}' is not one of bf16, fp16, fp32.")
     return long[short]
+
+
+def _write_ranks(plans, profile, out: Path, heatmap: bool) -> int:
+    """Each rank's plan into OUT/rank{r}, with the ranks' balance."""
+    from tilemem.artifacts.mir import plan_checksum, save_plan
+    from tilemem.artifacts.report import plan_table, rank_table
+    from tilemem.placement.ranks import balance
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output '{out}' exists and is not a directory; choose another --out.")
+    for plan in plans:
+        paths = save_plan(plan, out / f"rank{plan.rank}", heatmap=heatmap)
+        print(f"rank {plan.rank}: " + plan_table(plan))
+        print(f"checksum {plan_checksum(plan)}")
+        print(f"wrote rank {plan.rank}: {', '.join(str(p) for p in paths.values())}")
+    print(rank_table(plans, balance(plans, profile)))
+    return 0
 
 
 def _write(plan, out: Path, heatmap: bool) -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from tilemem.models.topology import Topology
 from tilemem.placement.errors import BudgetError
 from tilemem.placement.formats import TileFormat
-from tilemem.placement.tiers import tier, tier_rank
+from tilemem.placement.tiers import budget_tier, tier_rank
 from tilemem.placement.tiles import always_active_ffns, ffn_width, unit_bytes, units_of
 from tilemem.units import format_bytes, parse_bytes
 
@@ -84,7 +84,7 @@ class Budgets:
                     f"budget entry '{part.strip()}' has no '='; write tier=size pairs such as cuda=20GiB."
                 )
             name, value = (s.strip() for s in part.split("=", 1))
-            tier(name)
+            budget_tier(name)
             if name in seen:
                 raise BudgetError(f"tier '{name}' appears twice in budget '{text}'; give it once.")
             unbounded = value.lower() in UNBOUNDED
@@ -105,8 +105,8 @@ class Budgets:
         shard_count: int = 1,
     ) -> Budgets:
         """Room in `fast` for the non-expert weights, shared/dense FFNs and k routed experts per MoE layer."""
-        tier(fast)
-        tier(slow)
+        budget_tier(fast)
+        budget_tier(slow)
         if tier_rank(fast) >= tier_rank(slow):
             raise BudgetError(f"fast tier '{fast}' must be faster than slow tier '{slow}'.")
         moe = [lt for lt in topology.layers if lt.is_moe]

@@ -125,6 +125,23 @@ class Plan:
     """Expected bytes read per token from each tier (non-expert weights included)."""
     settings: dict[str, Any] = field(default_factory=dict)
     """Schedule/runtime settings carried to the runtime (prefetch, async planning, backend)."""
+    rank: int = 0
+    """The rank this plan is for (0 in a single process). Tiles other ranks compute are in tier `remote`."""
+    world_size: int = 1
+    """Ranks sharing the model (1: a single process)."""
+    replicas: tuple[tuple[int, int, int, int], ...] = ()
+    """(layer, expert, replica index, replica count) of each routed expert this rank holds whole as one of
+    several replicas (tokens are split among them)."""
+
+    @cached_property
+    def _replicas(self) -> dict[tuple[int, int], tuple[int, int]]:
+        return {(layer, e): (i, n) for layer, e, i, n in self.replicas}
+
+    def replica_of(self, layer: int, expert: int) -> tuple[int, int] | None:
+        """(this rank's replica index i, replica count n) of a replicated routed expert: replica i computes the
+        tokens at positions j of the expert's token group with j % n == i. None: not replicated here (this
+        rank computes whatever ranges it holds for every token routed to the expert)."""
+        return self._replicas.get((layer, expert))
 
     @cached_property
     def _by_range(self) -> dict[tuple[int, int, str, int, int], PlacedTile]:

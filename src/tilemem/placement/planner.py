@@ -13,9 +13,9 @@ from typing import Any
 from tilemem.placement.errors import BudgetError, PlanError
 from tilemem.placement.objective import expected_bytes_per_token
 from tilemem.placement.plan import NonExpertWeight, PlacedTile, Plan, TierUsage
-from tilemem.placement.policies import PlacementProblem, create_policy
+from tilemem.placement.policies import PlacementProblem, Policy, create_policy
 from tilemem.placement.store_layout import layout, store_order
-from tilemem.placement.tiers import tier
+from tilemem.placement.tiers import REMOTE, tier
 from tilemem.placement.tiles import GROUPS, always_active_ffns, ffn_width, routed_ffns, split_ranges
 from tilemem.units import format_bytes
 
@@ -24,6 +24,14 @@ def build_plan(
     problem: PlacementProblem, policy_name: str, name: str = "", settings: dict[str, Any] | None = None
 ) -> Plan:
     """Place `problem` with the policy called `policy_name`."""
+    policy, problem, free = prepare(problem, policy_name)
+    result = policy.assign(problem, free)
+    return assemble(problem, policy_name, {**policy.params(problem), **result.notes}, result.assignment, name, settings)
+
+
+def prepare(problem: PlacementProblem, policy_name: str) -> tuple[Policy, PlacementProblem, dict[str, int | None]]:
+    """(the policy, the problem with its default cache reserves, the free bytes of every tier after the
+    non-expert weights and caches), or a BudgetError saying what does not fit."""
     if problem.tile < 1:
         raise BudgetError(f"tile size must be >= 1 neuron, got {problem.tile}.")
     if problem.shard_count < 1:
@@ -62,8 +70,7 @@ def build_plan(
                 f"budget leaves ({format_bytes(tb.capacity - fixed)}); reserve less."
             )
         free[tb.tier] = tb.capacity - fixed - cache
-    result = policy.assign(problem, free)
-    return assemble(problem, policy_name, {**policy.params(problem), **result.notes}, result.assignment, name, settings)
+    return policy, problem, free
 
 
 def assemble(
@@ -137,7 +144,9 @@ def assemble(
             "tokens": profile.total_tokens,
             "phase": problem.phase,
         },
-        expected_bytes_per_token=expected_bytes_per_token(tiles, non_expert, profile, budgets.names, problem.phase),
+        expected_bytes_per_token=expected_bytes_per_token(
+            [t for t in tiles if t.tier != REMOTE], non_expert, profile, budgets.names, problem.phase
+        ),
         settings=dict(settings or {}),
     )
 

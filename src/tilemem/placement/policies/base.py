@@ -12,6 +12,7 @@ bytes, where P is the routing probability from the profile (1 for shared experts
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -23,6 +24,8 @@ from tilemem.placement.tiles import Unit
 
 Assignment = dict[Unit, str]
 """Tier name of every unit."""
+OwnedRanges = Mapping[tuple[int, int], tuple[tuple[int, int], ...]]
+"""(layer, expert) -> the sorted, disjoint neuron ranges [a, b) of that FFN one rank computes."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,9 @@ class PlacementProblem:
     """Which routing counts give the probabilities: `all`, `prefill` or `decode`."""
     adaptive_mode: str = "balanced"
     """Mode of `tilepo_adaptive`: `throughput`, `balanced` or `tail_latency`."""
+    owned: OwnedRanges | None = None
+    """Multi-rank plans: the neuron ranges this rank computes (FFNs absent: other ranks'); policies place only
+    these. None: every FFN whole (a single-process plan)."""
 
 
 class Policy(ABC):

@@ -33,7 +33,11 @@ class SameCountPerLayer(Policy):
         out: Assignment = {}
         left = first_fit(problem, space, [u for u, _, _ in always_active(problem, None)], out)
         probs = probabilities(problem)
-        queue = {layer: [split(problem, layer, e, None) for e in self.expert_order(p)] for layer, p in probs.items()}
+        # Experts another rank computes split into no units here; leave them out of the count.
+        queue = {
+            layer: [units for e in self.expert_order(p) if (units := split(problem, layer, e, None))]
+            for layer, p in probs.items()
+        }
         taken = dict.fromkeys(queue, 0)
         for tier, room in space.items():
             pending = [layer for layer in queue if taken[layer] < len(queue[layer])]
@@ -41,9 +45,13 @@ class SameCountPerLayer(Policy):
                 break
             if room is None:
                 k = max(len(queue[layer]) - taken[layer] for layer in pending)
-            else:
-                per_rank = sum(size_of(problem, u) for layer in pending for u in queue[layer][taken[layer]])
-                k = min(room // per_rank, min(len(queue[layer]) - taken[layer] for layer in pending))
+            else:  # the largest k whose next k experts of every layer fit (a rank's partial experts differ in size)
+                k, used, most = 0, 0, min(len(queue[layer]) - taken[layer] for layer in pending)
+                while k < most:
+                    step = sum(size_of(problem, u) for layer in pending for u in queue[layer][taken[layer] + k])
+                    if used + step > room:
+                        break
+                    k, used = k + 1, used + step
             for layer in pending:
                 for units in queue[layer][taken[layer] : taken[layer] + k]:
                     for u in units:

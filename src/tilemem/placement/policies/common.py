@@ -34,9 +34,19 @@ def size_of(problem: PlacementProblem, unit: Unit) -> int:
 
 
 def split(problem: PlacementProblem, layer: int, expert: int, tile: int | None) -> list[Unit]:
-    """Units of one FFN with `tile` neurons each (None: the whole FFN, one unit per shard)."""
+    """Units of one FFN with `tile` neurons each (None: the whole FFN, one unit per shard), clipped to the
+    ranges the problem owns (a rank of a multi-rank plan; empty when other ranks compute the FFN)."""
     size = tile if tile else ffn_width(problem.topology, layer, expert)
-    return units_of(problem.topology, layer, expert, size, problem.shard_count)
+    units = units_of(problem.topology, layer, expert, size, problem.shard_count)
+    if problem.owned is None:
+        return units
+    ranges = problem.owned.get((layer, expert), ())
+    return [
+        Unit(layer, expert, u.shard, max(u.start, a), min(u.end, b))
+        for u in units
+        for a, b in ranges
+        if max(u.start, a) < min(u.end, b)
+    ]
 
 
 def always_active(problem: PlacementProblem, tile: int | None) -> list[Candidate]:
