@@ -1,13 +1,14 @@
 """Rank balance: does splitting hot experts by tiles balance expert-parallel ranks better than whole experts?
 
-Pure planning, no checkpoint: the OLMoE-1B-7B shape (16 MoE layers x 64 experts, top-8, bf16) and a
-Zipf-skewed synthetic routing profile (a different expert order per layer, fixed seed). For world sizes
-2, 3, 4, split `expert` vs `tile`, replication off/on, it prints the max rank load over the mean rank load
-(per layer; the load-weighted mean over layers and the worst layer; 1.00 = perfect, the step waits for the
-slowest rank in every layer) and the FFN bytes each rank computes. Each rank's budget: its non-expert
-weights plus `--room` x (the model's FFN bytes / world size) of DRAM, the rest on disk.
+Pure planning, no checkpoint: the OLMoE-1B-7B shape (16 MoE layers x 64 experts, top-8, bf16) and the
+Mixtral-8x7B shape (32 layers x 8 experts, top-2: few, large experts), each with a Zipf-skewed synthetic
+routing profile (a different expert order per layer, fixed seed). For world sizes 2, 3, 4, split `expert`
+vs `tile`, replication off/on, it prints the max rank load over the mean rank load (per layer; the
+load-weighted mean over layers and the worst layer; 1.00 = perfect, the step waits for the slowest rank in
+every layer), the bytes the ranks' policies left on disk and the FFN bytes each rank computes. Each rank's
+budget: its non-expert weights plus `--room` x (the model's FFN bytes / world size) of DRAM, the rest on disk.
 
-    python benchmarks/rank_balance.py --skew 1.0 --room 1.3
+    python benchmarks/rank_balance.py --preset olmoe-1b-7b --skew 1.0 --room 1.3
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from tilemem.units import format_bytes
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="olmoe-1b-7b", help="real-shape preset (default olmoe-1b-7b)")
+    ap.add_argument(
+        "--preset", nargs="+", default=["olmoe-1b-7b", "mixtral-8x7b"], help="real-shape presets (default: both)"
+    )
     ap.add_argument("--skew", type=float, nargs="+", default=[1.0, 2.0], help="Zipf exponents of the profile")
     ap.add_argument("--room", type=float, default=1.3, help="DRAM per rank as a multiple of its even FFN share")
     ap.add_argument("--policy", default="tilepo_fine", help="per-rank placement policy")
@@ -36,14 +39,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    topo = Topology.from_config(preset_config(args.preset))
+    for preset in args.preset:
+        run(preset, args)
+    return 0
+
+
+def run(preset: str, args: argparse.Namespace) -> None:
+    """The table of one preset."""
+    topo = Topology.from_config(preset_config(preset))
     fmt = tile_format(topo.dtype)
     ffn = topo.routed_expert_bytes + topo.shared_and_dense_bytes
-    print(f"{args.preset}: FFN bytes {format_bytes(ffn)}, non-expert {format_bytes(topo.non_expert_bytes)}")
+    print(f"{preset}: FFN bytes {format_bytes(ffn)}, non-expert {format_bytes(topo.non_expert_bytes)}")
     print(f"policy {args.policy}, tile {args.tile}, DRAM per rank = non-expert + {args.room:g} x FFN bytes / N")
     print()
-    print(f"{'skew':>5} {'N':>2} {'split':>6} {'repl':>5} {'max/mean':>9} {'worst':>6} {'split#':>6} {'repl#':>5}  "
-          "bytes per rank (FFN tiles computed)")  # fmt: skip
+    head = f"{'skew':>5} {'N':>2} {'split':>6} {'repl':>5} {'max/mean':>9} {'worst':>6} {'split#':>6} {'repl#':>5}"
+    print(f"{head} {'on disk':>10}  bytes per rank (FFN tiles computed)")
     for skew in args.skew:
         profile = Profile.synthetic(topo, skew=skew, tokens=100_000, seed=args.seed)
         for world in args.world_sizes:
@@ -53,17 +63,17 @@ def main(argv: list[str] | None = None) -> int:
             for split in ("expert", "tile"):
                 for replicate in (False, True):
                     t0 = time.perf_counter()
-                    plans = build_rank_plans(problems, args.policy, args.preset, split=split, replicate=replicate)
+                    plans = build_rank_plans(problems, args.policy, preset, split=split, replicate=replicate)
                     took = time.perf_counter() - t0
                     b = balance(plans, profile)
                     notes = plans[0].policy_params["ranks"]
                     per_rank = " ".join(format_bytes(n) for n in b["bytes_per_rank"])
+                    disk = format_bytes(sum(p.usage("disk").tiles for p in plans))
                     print(
                         f"{skew:>5g} {world:>2} {split:>6} {'on' if replicate else 'off':>5} "
                         f"{b['max_over_mean']:>9.3f} {b['worst_layer']:>6.3f} {notes['experts_split']:>6} "
-                        f"{notes['experts_replicated']:>5}  {per_rank}  ({took:.1f} s)"
+                        f"{notes['experts_replicated']:>5} {disk:>10}  {per_rank}  ({took:.1f} s)"
                     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -202,6 +202,10 @@ def test_bad_input_is_refused_clearly():
     other = problems(topology(experts=6, width=16), profile, "cpu=inf")
     with pytest.raises(PlanError, match="rank 1's placement problem has another topology"):
         build_rank_plans(problems(topo, profile, "cpu=inf") + other, "tilepo_fine")
+    with pytest.raises(BudgetError, match=r"^rank 1: impossible budget: the non-expert weights"):
+        build_rank_plans(problems(topo, profile, "cpu=inf", "cpu=500"), "tilepo_fine")
+    with pytest.raises(BudgetError, match=r"^rank 0: the tiers cannot hold the model"):
+        build_rank_plans(problems(topo, profile, "cpu=2000,disk=100", "cpu=inf"), "tilepo_fine")
     assert tier(REMOTE).compute is False
     with pytest.raises(BudgetError, match="'remote' is not a memory tier a budget can name"):
         Budgets.parse("cpu=1GiB,remote=2GiB")

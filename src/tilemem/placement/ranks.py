@@ -12,8 +12,9 @@ keeps the whole tile store): the tiles it computes in its own tiers, the others 
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from tilemem.models.topology import DENSE
 from tilemem.placement.errors import BudgetError, PlanError, PolicyError
@@ -26,6 +27,7 @@ from tilemem.placement.tiers import REMOTE, tier
 from tilemem.placement.tiles import Unit, always_active_ffns, routed_ffns, unit_bytes, units_of
 
 __all__ = ["SPLITS", "balance", "build_rank_plans"]
+T = TypeVar("T")
 
 
 def build_rank_plans(
@@ -47,14 +49,14 @@ def build_rank_plans(
     if len(problems) == 1:
         return [build_plan(problems[0], policy_name, name, settings)]
     _check_same_model(problems)
-    prepared = [prepare(p, policy_name) for p in problems]
+    prepared = [_for_rank(r, prepare, p, policy_name) for r, p in enumerate(problems)]
     quotas = [_quota(problem, free) for _, problem, free in prepared]
     shares = partition(prepared[0][1], quotas, split, replicate)
     world = len(problems)
     plans = []
     for r, (policy, problem, free) in enumerate(prepared):
         mine = replace(problem, owned=shares.owned[r])
-        result = policy.assign(mine, free)
+        result = _for_rank(r, policy.assign, mine, free)
         assignment = _on_grid(mine, result.assignment)
         params = {**policy.params(mine), **result.notes, "ranks": {"rank": r, "world_size": world, **shares.notes}}
         plan = assemble(mine, policy_name, params, assignment, name, settings)
@@ -104,6 +106,14 @@ def balance(plans: list[Plan], profile: Profile) -> dict[str, Any]:
         "bytes_per_rank": nbytes,
         "load_per_rank": [round(sum(loads[layer][r] for layer in loads), 3) for r in range(len(plans))],
     }
+
+
+def _for_rank(rank: int, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)`, a budget error naming the rank whose budget it is about."""
+    try:
+        return fn(*args)
+    except BudgetError as exc:
+        raise BudgetError(f"rank {rank}: {exc}") from None
 
 
 def _check_same_model(problems: list[PlacementProblem]) -> None:
