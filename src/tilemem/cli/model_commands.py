@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tilemem.cli.engine_flags import add_engine_args, engine_args_from_namespace
 from tilemem.engine.sampling import SamplingParams
+from tilemem.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -59,6 +60,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model")
     add_generation_args(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "follow",
+        help="run one rank (not 0) of a distributed run: compute its share of the experts for rank 0's steps",
+    )
+    p.add_argument("model")
+    add_engine_args(p)
+    p.set_defaults(func=cmd_follow)
 
     p = sub.add_parser("convert", help="pack a checkpoint's experts into a tile store (resumable)")
     p.add_argument("model")
@@ -285,12 +294,28 @@ def llm_from_args(args: argparse.Namespace, **extra):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    llm = llm_from_args(args)
-    stream_to_terminal(llm, args.prompt, sampling_from_args(args), args.chat)
-    if args.stats:
-        print(llm.stats().line(), file=sys.stderr)
-    if llm.speculator is not None:
-        print(llm.speculator.stats.line(), file=sys.stderr)
+    from tilemem.engine.ranks import follow_run
+
+    if follow_run(engine_args_from_namespace(args)):  # a rank other than 0: it computes, rank 0 prints
+        return 0
+    with llm_from_args(args) as llm:
+        stream_to_terminal(llm, args.prompt, sampling_from_args(args), args.chat)
+        if args.stats:
+            print(llm.stats().line(), file=sys.stderr)
+        if llm.speculator is not None:
+            print(llm.speculator.stats.line(), file=sys.stderr)
+    return 0
+
+
+def cmd_follow(args: argparse.Namespace) -> int:
+    from tilemem.engine.ranks import follow_run
+
+    engine_args = engine_args_from_namespace(args)
+    if not follow_run(engine_args):
+        raise ConfigError(
+            "`tilemem follow` runs a rank other than 0: give --world-size N --rank R (R from 1 to N-1) and rank 0's "
+            "--master-addr/--master-port, or launch under torchrun; rank 0 runs `tilemem generate` or `serve`."
+        )
     return 0
 
 

@@ -42,6 +42,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tilemem.server.api_key import resolve_api_key
 
     engine_args = engine_args_from_namespace(args)  # checks every engine flag before anything loads
+    from tilemem.engine.ranks import follow_run
+
+    if follow_run(engine_args):  # a rank other than 0: it computes, rank 0 serves
+        return 0
     api_key = resolve_api_key(args.api_key, args.api_key_file)
     for name in ("max_queue", "max_body_bytes"):
         if getattr(args, name) < 1:

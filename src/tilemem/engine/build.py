@@ -10,6 +10,7 @@ engine = parts.engine(slots=8, length=2048, prefill_chunk=512)
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,6 +162,8 @@ def _build(args: EngineArgs, kv_sequences: int, ranks, followers: list) -> Engin
     )  # fmt: skip
     parts = EngineParts(args, Path(args.model), ckpt, model, device, max_model_len, plan, ranks=ranks)
     parts.followers = followers
+    if ranks is not None:  # the other ranks stop when this process ends, even if nobody closed the parts
+        atexit.register(parts.close)
     if plan is None:
         model.prepare_weights(args.weight_codec)
     else:

@@ -96,7 +96,8 @@ def rank_setup(args: EngineArgs) -> RankSetup | None:
 def start_ranks(args: EngineArgs) -> tuple[RankGroup | None, list[subprocess.Popen]]:
     """Join the run `args` asks for: (group, []) or, for `world_size` N without `rank` outside torchrun, start ranks
     1..N-1 on this machine first: (group, their processes). (None, []) for a single process."""
-    spawn = args.world_size not in (None, 1) and args.rank is None and "WORLD_SIZE" not in os.environ
+    local = args.master_addr in (None, "127.0.0.1", "localhost")
+    spawn = args.world_size not in (None, 1) and args.rank is None and local and "WORLD_SIZE" not in os.environ
     if spawn:
         port = args.master_port or free_port()
         args = replace(args, rank=0, master_addr=args.master_addr or "127.0.0.1", master_port=port)
@@ -196,8 +197,12 @@ def _given_plan(plan: Any, group: RankGroup):
 def run_facts(ckpt, plan) -> dict[str, str]:
     """What every rank must share, as checksums: TileMEM's version, the checkpoint (its config and tensor table),
     the plan's layout (which tiles, where in the store, on how many ranks)."""
-    import tilemem
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        ours = version("tilemem")
+    except PackageNotFoundError:  # run from a source tree without installing
+        ours = "source"
     tensors = hashlib.sha256(f"{ckpt.config!r}:{ckpt.nbytes()}:".encode())
     for name in sorted(getattr(ckpt, "weight_map", ())):
         tensors.update(f"{name};".encode())
@@ -205,24 +210,34 @@ def run_facts(ckpt, plan) -> dict[str, str]:
     for t in plan.tiles:
         layout.update(f"{t.key}@{t.offset}+{t.nbytes};".encode())
     return {
-        "TileMEM version": tilemem.__version__,
+        "TileMEM version": ours,
         "checkpoint": tensors.hexdigest()[:16],
         "plan layout": layout.hexdigest()[:16],
     }
 
 
-def _main(path: str) -> int:
-    """A rank started by rank 0 on this machine: build from the pickled EngineArgs, follow, exit."""
+def follow_run(args: EngineArgs) -> bool:
+    """If `args` make this process a rank other than 0: build its share, follow rank 0 until it stops, return True.
+    False (nothing done) for rank 0 or a single process: the caller runs as usual."""
+    setup = rank_setup(args)
+    if setup is None or setup.rank == 0:
+        return False
     from tilemem.engine.build import build_engine
 
+    parts = build_engine(args)
+    try:
+        follow(parts.model, parts.ranks)
+    finally:
+        parts.close()
+    return True
+
+
+def _main(path: str) -> int:
+    """A rank started by rank 0 on this machine: build from the pickled EngineArgs, follow, exit."""
     args = pickle.loads(Path(path).read_bytes())
     Path(path).unlink(missing_ok=True)
     try:
-        parts = build_engine(args)
-        try:
-            follow(parts.model, parts.ranks)
-        finally:
-            parts.close()
+        follow_run(args)
     except TileMemError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

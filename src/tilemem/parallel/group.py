@@ -116,8 +116,9 @@ class ReduceStats:
 
 
 class RankGroup:
-    """This process's membership in the run: the default group (the all-reduces, `timeout_s`) and a control
-    group (rank 0's step messages, no practical timeout: a server idles)."""
+    """This process's membership in the run: the default group (the all-reduces, `timeout_s`), a control group
+    (rank 0's step messages: `timeout_s` on rank 0, no practical timeout on the others: a server idles) and a
+    start-up group (plans, checksums, waiting for a tile store: no practical timeout)."""
 
     def __init__(self, setup: RankSetup, device: str = "cpu") -> None:
         self.setup = setup
@@ -137,7 +138,11 @@ class RankGroup:
                 f"within {setup.timeout_s:g} s ({_first_line(exc)}); start every rank with the same --world-size, "
                 "--master-addr and --master-port (rank 0 listens there), check the firewall, or raise --dist-timeout."
             ) from None
-        self.control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+        # Step messages: rank 0 gives up on a rank that does not take one within the timeout (each process enforces
+        # its own timeout), the other ranks wait as long as rank 0 idles. Start-up (which may wait for a tile store
+        # being built) waits long on every rank.
+        self.control = dist.new_group(backend="gloo", timeout=timeout if setup.leader else IDLE_TIMEOUT)
+        self.startup = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
         self.stats = ReduceStats()
         self.closed = False
 
@@ -176,7 +181,7 @@ class RankGroup:
         """Every rank's `value`, in rank order, on every rank."""
         out: list[Any] = [None] * self.world_size
         try:
-            dist.all_gather_object(out, value, group=self.control)
+            dist.all_gather_object(out, value, group=self.startup)
         except Exception as exc:  # noqa: BLE001
             raise self._lost("start-up", exc) from None
         return out
@@ -185,7 +190,7 @@ class RankGroup:
         """Rank 0's `value` on every rank."""
         box = [value if self.rank == 0 else None]
         try:
-            dist.broadcast_object_list(box, src=0, group=self.control)
+            dist.broadcast_object_list(box, src=0, group=self.startup)
         except Exception as exc:  # noqa: BLE001
             raise self._lost("start-up", exc) from None
         return box[0]
