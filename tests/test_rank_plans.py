@@ -3,13 +3,15 @@ rank, each rank within its own budget, world size 1 = build_plan, tile splitting
 whole experts, rank plans round-trip through their files, and `tilemem plan --world-size` writes them."""
 
 import argparse
+import json
 import shutil
 from collections import defaultdict
+from dataclasses import replace
 
 import pytest
 
-from tilemem.artifacts.heatmap import residency_matrix, write_heatmap
-from tilemem.artifacts.mir import load_rank_plan, plan_checksum, save_plan
+from tilemem.artifacts.heatmap import residency_matrix
+from tilemem.artifacts.mir import load_plan, load_rank_plan, plan_checksum, save_plan
 from tilemem.cli import plan_commands
 from tilemem.errors import ConfigError
 from tilemem.models.topology import DENSE, SHARED, LayerTopology, Topology
@@ -187,9 +189,15 @@ def test_rank_plans_round_trip_through_files(tmp_path):
     shutil.copytree(tmp_path / "rank1", tmp_path / "rank2")
     with pytest.raises(PlanError, match="plan of rank 1 of 3, not of rank 2"):
         load_rank_plan(tmp_path, 2)
-    # A single-process plan's heatmap is unchanged: no remote panel.
+    # The checksum covers the rank fields.
+    assert plan_checksum(replace(plans[1], rank=2)) != plan_checksum(plans[1])
+    assert plan_checksum(replace(plans[1], replicas=())) != plan_checksum(plans[1])
+    # A single-process plan's files keep their form (no `ranks` section) and load as rank 0 of 1.
     single = build_plan(problems(topo, profile, "cpu=inf")[0], "tilepo_fine")
-    assert write_heatmap(single, tmp_path / "single.png").exists()
+    save_plan(single, tmp_path / "single")
+    assert "ranks" not in json.loads((tmp_path / "single" / "mir.json").read_text())
+    loaded = load_plan(tmp_path / "single")
+    assert loaded == single and (loaded.rank, loaded.world_size, loaded.replicas) == (0, 1, ())
 
 
 def test_bad_input_is_refused_clearly():

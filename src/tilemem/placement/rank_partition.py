@@ -23,7 +23,7 @@ rest to its disk tier. Dense FFNs run whole on every rank.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tilemem.models.topology import DENSE, SHARED
 from tilemem.placement.policies.base import OwnedRanges, PlacementProblem
@@ -57,14 +57,14 @@ class _Item:
     prob: float
     tiles: tuple[tuple[int, int, int], ...]
     """(start, end, bytes) of each grid tile, in neuron order."""
+    nbytes: int = field(init=False)
+    """Bytes of the whole FFN."""
+    load: float = field(init=False)
+    """Expected bytes read per token: prob x nbytes."""
 
-    @property
-    def nbytes(self) -> int:
-        return sum(b for _, _, b in self.tiles)
-
-    @property
-    def load(self) -> float:
-        return self.prob * self.nbytes
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nbytes", sum(b for _, _, b in self.tiles))
+        object.__setattr__(self, "load", self.prob * self.nbytes)
 
 
 class _Layer:
