@@ -113,6 +113,20 @@ def test_each_tile_is_computed_once_or_by_each_replica(split, replicate, policy)
                 assert all(a[1] == b[0] for a, b in zip(covered, covered[1:], strict=False))
 
 
+def test_even_split_gives_every_rank_an_equal_range_of_every_expert():
+    """`even`: each of 2 ranks computes half of every routed and shared expert, whatever the profile, so the ranks
+    balance for every token (not only on average); both halves together cover each FFN once."""
+    topo = topology(experts=6)
+    profile = skewed(topo, (90, 40, 30, 20, 15, 5))
+    plans = build_rank_plans(problems(topo, profile, "cpu=inf", "cpu=inf"), "tilepo_fine", split="even")
+    for layer in (1, 2, 3):
+        for expert, width in [(SHARED, 16), *((e, 32) for e in range(6))]:
+            mine = [[r for t, rs in p.resident_ranges(layer, expert).items() if t != REMOTE for r in rs] for p in plans]
+            assert [sum(b - a for a, b in rs) for rs in mine] == [width // 2] * 2
+            assert sorted(r for rs in mine for r in rs) in ([(0, width // 2), (width // 2, width)],)
+    assert balance(plans, profile)["max_over_mean"] == pytest.approx(1.0)
+
+
 def test_each_rank_keeps_its_own_budget_and_spills_in_proportion():
     topo = topology()
     profile = skewed(topo, (90, 40, 30, 20, 15, 5))

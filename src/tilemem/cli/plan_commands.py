@@ -74,8 +74,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--rank-split",
         default="tile",
-        choices=["expert", "tile"],
-        help="divide routed experts among ranks whole, or also split hot ones by tiles (default tile)",
+        choices=["expert", "tile", "even"],
+        help="divide routed experts among ranks whole (expert), also split hot ones by tiles (tile, the default), or "
+        "split every expert evenly (even: balanced for every token)",
     )
     p.add_argument("--no-replicate", action="store_true", help="never hold a hot expert on several ranks")
     p.add_argument("--out", required=True, help="output directory")

@@ -160,10 +160,12 @@ class EngineArgs:
     dist_timeout: float = arg(60.0, "seconds a rank waits for a silent rank before the run stops", above=0, unit=" s")
     """Seconds start-up and each all-reduce wait for a silent (dead or hung) rank before the run stops."""
     rank_split: str = arg(
-        "tile", "how experts are shared out among ranks: expert (whole) or tile (hot ones split too)",
-        choices=("expert", "tile"),
+        "tile", "how experts are shared out among ranks: expert (whole), tile (hot ones split too where that balances "
+        "the expected load) or even (every expert split evenly: balanced for every token)",
+        choices=("expert", "tile", "even"),
     )  # fmt: skip
-    """Expert parallelism: `expert` partitions whole routed experts; `tile` also splits hot experts by tiles."""
+    """Expert parallelism: `expert` partitions whole routed experts; `tile` also splits hot experts by tiles; `even`
+    gives each rank an equal tile range of every expert."""
 
     def __post_init__(self) -> None:
         self.validate()

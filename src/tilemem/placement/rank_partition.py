@@ -12,7 +12,11 @@ Per layer, items (routed experts and the shared experts) go hottest first:
 - `split="expert"`: the whole item to the least loaded rank with byte room (LPT);
 - `split="tile"`: whole to the least loaded rank when that keeps it under the mean, else cut at tile
   boundaries into contiguous ranges that fill the ranks' deficits, largest first (the partial FFNs over
-  disjoint neuron ranges sum in the all-reduce).
+  disjoint neuron ranges sum in the all-reduce);
+- `split="even"`: every expert (and the shared experts) cut into equal tile ranges, one per rank: each rank
+  computes 1/N of every routed expert, so the ranks balance for every token at batch 1, where an expected-load
+  balance of whole experts leaves the few experts one token routes to unevenly spread (8 of OLMoE's 64 experts
+  on 2 ranks: 5 and 3 as often as 4 and 4).
 
 Byte room: each rank's compute tiers (cuda, cpu) after its non-expert weights, caches and dense FFNs.
 Where the ranks together hold the model, a rank takes at most its room (spread over the layers in
@@ -29,8 +33,9 @@ from tilemem.models.topology import DENSE, SHARED
 from tilemem.placement.policies.base import OwnedRanges, PlacementProblem
 from tilemem.placement.tiles import ffn_width, unit_bytes, units_of
 
-SPLITS: tuple[str, ...] = ("expert", "tile")
-"""How routed experts are divided among ranks: whole experts, or also by tile ranges."""
+SPLITS: tuple[str, ...] = ("expert", "tile", "even")
+"""How routed experts are divided among ranks: whole experts, also by tile ranges where that balances the expected
+load, or every expert in equal tile ranges on every rank (`even`: balanced for every token, not only on average)."""
 _EPS = 1e-9
 _BETTER = 1e-3
 """A layer takes a more split (or replicated) partition only when its max rank load is this much lower."""
@@ -144,6 +149,8 @@ def partition(problem: PlacementProblem, quotas: list[int | None], split: str, r
     remaining = list(quotas)
     split_count = 0
     variants = [(m, rep, 0) for m in SPLITS[: SPLITS.index(split) + 1] for rep in (False, True)[: 1 + replicate]]
+    if split == "even":
+        variants = []
     for items in layers.values():
         layer_bytes = sum(item.nbytes for item in items)
         tau = sum(item.load for item in items) / world
@@ -151,6 +158,8 @@ def partition(problem: PlacementProblem, quotas: list[int | None], split: str, r
         hot = sum(1 for it in items if it.load * layer_bytes > it.nbytes * tau * world)  # denser than the mean
         evens = [(split, rep, k) for k in _powers(hot) for rep in (False, True)[: 1 + replicate]]
         trials = [_Layer(caps, tau).run(items, mode, rep, k) for mode, rep, k in variants + evens * (split == "tile")]
+        if split == "even":
+            trials = [_Layer(caps, tau).run(items, "tile", False, len(items))]
         # Spill: past what a rank has left for the whole model where the ranks hold it, else past the layer's caps.
         bounded = [q for q in remaining if q is not None]
         fits = len(bounded) < world or sum(bounded) >= rest
