@@ -97,7 +97,7 @@ def main() -> None:
     p.add_argument("--budget", default=None, help="(set from --budget-share)")
     p.add_argument("--world-size", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="threads of the one-process baseline")
-    p.add_argument("--rank-split", default="tile", choices=("expert", "tile"))
+    p.add_argument("--rank-split", default="tile", choices=("expert", "tile", "even"))
     p.add_argument("--prompt", type=int, default=16)
     p.add_argument("--decode", type=int, default=32)
     p.add_argument("--batches", default="1,4")
