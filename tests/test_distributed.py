@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -185,6 +186,47 @@ def test_killed_rank_stops_rank_0_with_a_clear_error(tiny, tmp_path):
     assert time.monotonic() - t0 < 25
     llm.close()  # no hang: nothing left to tell
     assert not list(tmp_path.glob("s/*.tmp*"))  # no half-written artifact
+
+
+def test_server_answers_503_and_exits_non_zero_when_a_rank_dies(tiny, tmp_path):
+    """`tilemem serve` on rank 0 of 2: rank 1 killed while a request runs -> that request gets 503, the server
+    exits non-zero, naming rank 1."""
+    httpx = pytest.importorskip("httpx")
+    path = str(tiny("olmoe"))
+    port, http = str(free_port()), free_port()
+    flags = ["--dtype", "fp32", "--threads", "1", "--budget", "cpu=2GiB", "--store", str(tmp_path / "s")]
+    flags += ["--world-size", "2", "--master-port", port, "--max-model-len", "4096", "--max-batch", "2"]
+    rank1 = tilemem("follow", path, *flags, "--rank", "1")
+    rank0 = tilemem("serve", path, *flags, "--rank", "0", "--port", str(http), "--log-level", "warning")
+    url = f"http://127.0.0.1:{http}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert rank0.poll() is None and time.monotonic() < deadline, rank0.stderr.read() if rank0.poll() else ""
+            time.sleep(0.3)
+        body = {"model": "ckpt", "prompt": [1, 2, 3], "max_tokens": 3000, "temperature": 0, "ignore_eos": True}
+        result = {}
+        sender = threading.Thread(
+            target=lambda: result.update(r=httpx.post(f"{url}/v1/completions", json=body, timeout=120))
+        )
+        sender.start()
+        time.sleep(2.0)  # the request is decoding
+        rank1.send_signal(signal.SIGKILL)
+        sender.join(60)
+        assert result["r"].status_code == 503, result["r"].text
+        assert "rank 1" in result["r"].text
+        rank0.wait(timeout=60)
+        err = rank0.stderr.read()
+        assert rank0.returncode not in (0, None) and "rank 1" in err, err
+    finally:
+        for p in (rank0, rank1):
+            if p.poll() is None:
+                p.kill()
 
 
 def test_hung_rank_times_out(tiny, tmp_path):
