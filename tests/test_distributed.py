@@ -111,6 +111,7 @@ def test_speculative_decoding_across_ranks(tiny, tmp_path):
 def test_openai_server_on_rank_0(tiny, tmp_path):
     """The OpenAI server on rank 0 of 2 answers the official client with the single-process tokens."""
     openai = pytest.importorskip("openai")
+    httpx = pytest.importorskip("httpx")
     from tilemem.server import BackgroundServer, ServerConfig
 
     path = tiny("mixtral")
@@ -121,7 +122,13 @@ def test_openai_server_on_rank_0(tiny, tmp_path):
             client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
             name = server.state.model_name
             out = client.completions.create(model=name, prompt=PROMPTS[0], max_tokens=8, temperature=0)
+            page = httpx.get(f"{server.url}/v1/tilemem/plan", timeout=30).json()  # what the live page draws
         (follower,) = llm.parts.followers
+    ranks = page["ranks"]
+    assert (ranks["rank"], ranks["world_size"]) == (0, 2) and "remote" in page["tiers"]
+    for layer in range(len(page["layers"])):  # each expert computed exactly once over the ranks
+        for e in range(page["experts"]):
+            assert ranks["share"][0][layer][e] + ranks["share"][1][layer][e] == pytest.approx(1.0)
     assert out.choices[0].text == want
     assert out.usage.completion_tokens == 8
     assert follower.returncode == 0  # closing rank 0 told rank 1 to stop, and it did

@@ -58,6 +58,8 @@ class EngineParts:
     """Expert parallelism: this process's `parallel.RankGroup`, or None (one process)."""
     followers: list = field(default_factory=list)
     """Expert parallelism: the ranks rank 0 started on this machine (subprocesses)."""
+    rank_plans: list | None = None
+    """Expert parallelism, rank 0: every rank's plan where rank 0 made them (or was given them all), else None."""
 
     @property
     def config(self):
@@ -142,6 +144,7 @@ def _build(args: EngineArgs, kv_sequences: int, ranks, followers: list) -> Engin
     ckpt = Checkpoint.open(args.model)
     cfg = ckpt.config
     max_model_len = min(args.max_model_len or 4096, cfg.max_position_embeddings)
+    rank_plans = None
     if ranks is None:
         plan = resolve_plan(args, ckpt, max_model_len, kv_sequences)
     else:
@@ -149,7 +152,7 @@ def _build(args: EngineArgs, kv_sequences: int, ranks, followers: list) -> Engin
 
         if args.async_planning:
             raise ConfigError("async planning does not run with expert parallelism yet; drop --async-planning.")
-        plan = rank_plan(args, ckpt, ranks, max_model_len, kv_sequences)
+        plan, rank_plans = rank_plan(args, ckpt, ranks, max_model_len, kv_sequences)
         ranks.agree(run_facts(ckpt, plan))
     skip = None
     if plan is not None:  # FFN weights come from the tile store, where the plan puts them
@@ -162,6 +165,7 @@ def _build(args: EngineArgs, kv_sequences: int, ranks, followers: list) -> Engin
     )  # fmt: skip
     parts = EngineParts(args, Path(args.model), ckpt, model, device, max_model_len, plan, ranks=ranks)
     parts.followers = followers
+    parts.rank_plans = rank_plans
     if ranks is not None:  # the other ranks stop when this process ends, even if nobody closed the parts
         atexit.register(parts.close)
     if plan is None:

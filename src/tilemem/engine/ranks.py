@@ -149,13 +149,21 @@ def stop_followers(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None
 
 
 # -- the plan ---------------------------------------------------------------------------------------
-def rank_plan(args: EngineArgs, ckpt, group: RankGroup, max_model_len: int, kv_sequences: int):
-    """This rank's plan: from `args.plan` (a directory of `tilemem plan --world-size N`, or a list of rank plans),
-    else made by rank 0 for every rank from each rank's own budget (`--budget`, default auto: its memory limit)."""
+def rank_plan(args: EngineArgs, ckpt, group: RankGroup, max_model_len: int, kv_sequences: int) -> tuple:
+    """(this rank's plan, every rank's plans on rank 0 where it has them, else None): from `args.plan` (a directory
+    of `tilemem plan --world-size N`, or a list of rank plans), else made by rank 0 for every rank from each rank's
+    own budget (`--budget`, default auto: its memory limit)."""
     from tilemem.runtime.setup import make_rank_plans, rank_budget
 
+    plans = None
     if args.plan is not None:
         plan = _given_plan(args.plan, group)
+        if group.rank == 0 and isinstance(args.plan, list | tuple):
+            plans = list(args.plan)
+        elif group.rank == 0 and isinstance(args.plan, str | Path):
+            from tilemem.artifacts.mir import load_rank_plan
+
+            plans = [load_rank_plan(args.plan, r) for r in range(group.world_size)]
     else:
         mine = rank_budget(ckpt, args.budget, args.tile, args.weights_dtype(ckpt.config), args.memory_limit,
                            max_model_len, kv_sequences)  # fmt: skip
@@ -179,7 +187,7 @@ def rank_plan(args: EngineArgs, ckpt, group: RankGroup, max_model_len: int, kv_s
             f"{group.world_size}; make one with `tilemem plan MODEL --world-size {group.world_size} ...` and give "
             "every rank the same plan directory."
         )
-    return plan
+    return plan, plans if group.rank == 0 else None
 
 
 def _given_plan(plan: Any, group: RankGroup):

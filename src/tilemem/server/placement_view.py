@@ -25,6 +25,7 @@ class PlacementView:
         self.layers = [lt.index for lt in self.topology.layers if lt.is_moe]
         self.experts = max((lt.num_experts for lt in self.topology.layers), default=0)
         self.summary = self._summary()
+        self.ranks = self._ranks()
         self.lock = threading.Lock()
         self.version = 0
         self._signature: tuple | None = None
@@ -34,7 +35,30 @@ class PlacementView:
     def _tiers(self) -> list[str]:
         if self.plan is None:
             return ["cpu"]
-        return list(dict.fromkeys("cpu" if u.tier == "cuda" else u.tier for u in self.plan.tiers))
+        tiers = list(dict.fromkeys("cpu" if u.tier == "cuda" else u.tier for u in self.plan.tiers))
+        return tiers + ["remote"] * (self.plan.world_size > 1)  # what the other ranks compute
+
+    def _ranks(self) -> dict | None:
+        """Expert parallelism: this rank, the world size and, where rank 0 has every rank's plan, the share of each
+        routed expert's neurons each rank computes ([rank][MoE layer][expert])."""
+        plan = self.plan
+        if plan is None or plan.world_size == 1:
+            return None
+        plans = getattr(self.llm.parts, "rank_plans", None) or []
+        share = []
+        for p in plans:
+            rows = []
+            for lt in self.topology.layers:
+                if lt.is_moe:
+                    row = [0.0] * self.experts
+                    for e in range(lt.num_experts):
+                        spans = [
+                            s for tier, ss in p.resident_ranges(lt.index, e).items() if tier != "remote" for s in ss
+                        ]
+                        row[e] = round(sum(b - a for a, b in spans) / lt.expert_intermediate, 4)
+                    rows.append(row)
+            share.append(rows)
+        return {"rank": plan.rank, "world_size": plan.world_size, "share": share}
 
     def _summary(self) -> dict | None:
         plan = self.plan
@@ -46,6 +70,8 @@ class PlacementView:
             "budget": plan.budget_source,
             "tile": plan.tile,
             "checksum": plan_checksum(plan),
+            "rank": plan.rank,
+            "world_size": plan.world_size,
             "store_bytes": plan.store_bytes,
             "expected_bytes_per_token": plan.expected_bytes_per_token,
             "tiers": [
@@ -105,4 +131,5 @@ class PlacementView:
             "experts": self.experts,
             "residency": residency,
             "version": version,
+            "ranks": self.ranks,
         }
