@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tilemem import kernels, sysinfo
+from tilemem.kernels import bf16 as bf16_kernels
 from tilemem.layers.fp8 import FP8, Fp8Matrix, fp8_gemm
 from tilemem.layers.ggml import GgmlMatrix, embedding_rows, ggml_gemm
 from tilemem.pages import drop_file_pages, file_backed
@@ -32,8 +33,9 @@ def gemm(
     x: torch.Tensor, weight: torch.Tensor | Fp8Matrix | GgmlMatrix, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for a weight [out, in] of any strides (an FP8 matrix: `fp8_gemm`), fast on
-    CPUs whose torch bf16/fp16 GEMM is slow (`SLOW_HALF_GEMM`): one row runs as a GEMV (`torch.mv`, near
-    memory bandwidth in either layout); more rows, or a transposed weight, are multiplied in fp32 on the
+    CPUs whose torch bf16/fp16 GEMM is slow (`SLOW_HALF_GEMM`): up to `kernels.bf16.MAX_ROWS` bf16 rows run
+    through the portable AVX2 kernels (the weights widened in registers, 2-2.5x torch's bf16 GEMV on one core),
+    one fp16 row as a GEMV (`torch.mv`); more rows, or a transposed weight, are multiplied in fp32 on the
     weight upcast a chunk of rows at a time (bf16 and fp16 convert to fp32 exactly; fp32 accumulation, as
     torch's own half GEMM), and the result is rounded to x's dtype once. Elsewhere, or in fp32, it is `F.linear`."""
     if isinstance(weight, Fp8Matrix):
@@ -43,6 +45,17 @@ def gemm(
     if x.device.type != "cpu" or not SLOW_HALF_GEMM.get(x.dtype, False) or weight.dtype != x.dtype:
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
+    if rows <= bf16_kernels.MAX_ROWS and x.dtype == torch.bfloat16 and bf16_kernels.available():
+        flat = x.reshape(rows, x.shape[-1]).float()  # [rows, in]
+        if weight.stride(-1) == 1:  # [out, in] rows: y = x @ W^T
+            y = bf16_kernels.matmul_nt(flat, weight)
+        elif weight.stride(0) == 1:  # a transposed [in, out] matrix (a tile's down^T rows): y = x @ W^T = x @ W.t()
+            y = bf16_kernels.matmul_nn(flat, weight.t())
+        else:
+            y = None
+        if y is not None:  # [rows, out] fp32, rounded once as torch's half GEMV rounds
+            y = y if bias is None else y + bias.float()
+            return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
     if rows == 1:
         y = torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
         return y if bias is None else y + bias

@@ -63,4 +63,14 @@ TMP_API int tmp_fp8_ffn_tasks(const float *x, int64_t ldx, float *out, int64_t l
 /* sizeof(tmp_fp8_ffn_task), for the Python side's check. */
 TMP_API int64_t tmp_fp8_ffn_task_size(void);
 
+/* ---- bf16 weights, decode-sized (bf16.c) ---- */
+
+/* y [M, R] = x [M, C] @ W^T, W bf16 [R, C] (row stride ldw); x, y fp32 (row strides ldx, ldy). Threads split rows. */
+TMP_API int tmp_bf16_matmul_nt(const uint16_t *w, int64_t ldw, int64_t R, int64_t C, const float *x, int64_t ldx,
+                               int64_t M, float *y, int64_t ldy, int nthreads);
+
+/* y [M, C] = x [M, R] @ W, W bf16 [R, C] (row stride ldw); x, y fp32. Threads split columns. */
+TMP_API int tmp_bf16_matmul_nn(const uint16_t *w, int64_t ldw, int64_t R, int64_t C, const float *x, int64_t ldx,
+                               int64_t M, float *y, int64_t ldy, int nthreads);
+
 #endif
