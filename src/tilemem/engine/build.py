@@ -185,6 +185,7 @@ def _build(args: EngineArgs, kv_sequences: int, ranks, followers: list) -> Engin
         if ranks is not None:
             for block in model.moe_blocks().values():
                 block.reduce = ranks.all_reduce
+            model.head_split = ranks
         if args.async_planning:
             from tilemem.runtime.setup import start_async_planning
 

@@ -14,8 +14,9 @@ from torch import nn
 from tilemem import kernels
 from tilemem.config import ModelConfig
 from tilemem.layers.attention import Attention
+from tilemem.layers.fp8 import FP8
 from tilemem.layers.kv_cache import ForwardContext, KVCache
-from tilemem.layers.linear import Embedding, Linear
+from tilemem.layers.linear import Embedding, Linear, gemm
 from tilemem.layers.mlp import GatedMLP
 from tilemem.layers.moe import MoEBlock, ResidentExperts
 from tilemem.layers.norm import RMSNorm
@@ -121,6 +122,9 @@ class MoECausalLM(nn.Module):
 
             self.mtp = MTPHead(cfg)
         self.rope: RotaryEmbedding | None = None
+        self.head_split = None
+        """Expert parallelism (`parallel.RankGroup`): every rank computes its share of the LM head's vocabulary
+        columns and rank 0 gathers the logits, instead of rank 0 computing them all while the others wait."""
         self.fused_decode = True
         """Run decode steps' softmax-routed MoE layers as one native call (`DecoderLayer.native_decode`);
         False runs every layer as modules (the same result, for comparisons)."""
@@ -255,15 +259,28 @@ class MoECausalLM(nn.Module):
             else:
                 x = layers[i](x, ctx, self.rope, cos, sin, keep if i == len(layers) - 1 else None)
                 i += 1
-        if not head:
+        split = self.head_split if self.head_split is not None and self._splittable_head() else None
+        if not head and split is None:
             return None
-        hidden = self.model.norm(x) if return_hidden else None  # [B, T, D]
+        hidden = self.model.norm(x) if return_hidden and head else None  # [B, T, D]
         if keep is not None:
             x = x[:, 0]  # [B, D]
         elif logits_at is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logits_at.to(x.device)]  # [B, D]
-        logits = self.lm_head(self.model.norm(x)).float()
+        if split is not None:  # this rank's vocabulary columns; rank 0 gathers them all
+            a, b = split.span(self.cfg.vocab_size)
+            part = gemm(self.model.norm(x), self.lm_head.weight[a:b]).float()  # [B, (T,) b - a]
+            logits = split.gather_columns(part, self.cfg.vocab_size)  # rank 0: [B, (T,) V]; else None
+            if not head:
+                return None
+        else:
+            logits = self.lm_head(self.model.norm(x)).float()
         return (logits, hidden) if return_hidden else logits
+
+    def _splittable_head(self) -> bool:
+        """Whether the LM head's rows can be cut by vocabulary (a plain weight, not x12, FP8 or GGUF blocks)."""
+        lm = self.lm_head
+        return lm.qtype is None and lm.x12 is None and lm.weight.dtype != FP8
 
 
 def quantized_weight_names(model: MoECausalLM, cfg: ModelConfig) -> set[str]:

@@ -159,6 +159,27 @@ class RankGroup:
         self.stats.seconds += time.perf_counter() - t0
         return t
 
+    def span(self, n: int) -> tuple[int, int]:
+        """This rank's [a, b) of n columns cut into world_size equal parts (the last may be shorter or empty)."""
+        per = -(-n // self.world_size)
+        a = min(n, self.rank * per)
+        return a, min(n, a + per)
+
+    def gather_columns(self, part: torch.Tensor, n: int) -> torch.Tensor | None:
+        """Rank 0: every rank's `part` [..., b - a] (its `span(n)` of the last dimension) side by side, [..., n];
+        the other ranks send theirs and get None."""
+        per = -(-n // self.world_size)
+        padded = torch.zeros(*part.shape[:-1], per, dtype=part.dtype, device=part.device)
+        padded[..., : part.shape[-1]] = part
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)] if self.rank == 0 else None
+        t0 = time.perf_counter()
+        try:
+            dist.gather(padded, parts, dst=0)
+        except Exception as exc:  # noqa: BLE001
+            raise self._lost("gathering the logits", exc) from None
+        self.stats.seconds += time.perf_counter() - t0
+        return torch.cat(parts, dim=-1)[..., :n] if parts is not None else None
+
     def send(self, message: Any) -> None:
         """Rank 0: give every rank `message` (any picklable object)."""
         try:
