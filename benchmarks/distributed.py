@@ -131,9 +131,8 @@ def main() -> None:
                 for b in args.batches
             )
             print(f"round {r + 1} {name}: load {res['load_s']:.1f} s, {line}", flush=True)
-    print(
-        "\n| batch | A: 1 process tok/s | B: ranks tok/s | B / A (per round) | all-reduce ms per decode step | share of step |"
-    )
+    head = "| batch | A: 1 process tok/s | B: ranks tok/s | B / A (per round) | all-reduce ms per decode step"
+    print(f"\n{head} | share of step |")
     print("|---|---|---|---|---|---|")
     for b in args.batches:
         a = [x[f"b{b}"]["decode_tok_s"] for x in runs["A"]]

@@ -21,8 +21,11 @@ from tilemem.engine.llm import LLM
 from tilemem.engine.ranks import free_port
 from tilemem.engine.sampling import SamplingParams
 from tilemem.errors import ConfigError, RankError
+from tilemem.loader.checkpoint import Checkpoint
 from tilemem.models.registry import families
+from tilemem.models.topology import Topology
 from tilemem.parallel.group import RankSetup
+from tilemem.placement.profile import LayerProfile, ModelSignature, Profile
 from tilemem.synth.writer import synthesize
 
 FAMILIES = sorted(families())
@@ -93,6 +96,27 @@ def test_three_ranks_experts_not_divisible(seven_experts, tmp_path):
         got = llm.generate(PROMPTS, greedy(vocab=llm.config.vocab_size))
         assert llm.stats().runtime["disk_bytes"] > 0
     assert_same(ref, got)
+
+
+def test_replicated_hot_experts_split_their_tokens(tiny, tmp_path):
+    """A profile with one expert per layer hotter than half the layer: it is replicated on both ranks (tokens split
+    between the replicas, taking turns at batch 1), and the output is still the single-process one."""
+    path = tiny("olmoe")  # no shared experts: they would be the layer's hottest item
+    ref = reference(path)
+    topo = Topology.from_config(Checkpoint.open(path).config)
+    sig = ModelSignature.of(topo)
+    counts = tuple([400] + [1] * (sig.num_experts - 1))
+    layers = tuple(LayerProfile(i, counts, (0,) * len(counts), 100, 0) for i in sig.moe_layers)
+    hot = Profile(sig, layers, ("hot",), "test")
+    with LLM(
+        path, dtype="fp32", world_size=2, threads=1, budget="cpu=2GiB", profile=hot, rank_split="expert",
+        store=tmp_path / "s",
+    ) as llm:  # fmt: skip
+        assert llm.plan.replicas  # expert 0 of every MoE layer, on both ranks
+        got = llm.generate(PROMPTS, greedy(vocab=llm.config.vocab_size))
+        single = llm.generate([PROMPTS[1]], greedy(vocab=llm.config.vocab_size))  # batch 1: replicas take turns
+    assert_same(ref, got)
+    assert_same(ref[1:2], single)
 
 
 def test_speculative_decoding_across_ranks(tiny, tmp_path):

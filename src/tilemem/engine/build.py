@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,7 +168,8 @@ def _build(args: EngineArgs, kv_sequences: int, ranks, followers: list) -> Engin
     parts.followers = followers
     parts.rank_plans = rank_plans
     if ranks is not None:  # the other ranks stop when this process ends, even if nobody closed the parts
-        atexit.register(parts.close)
+        ref = weakref.ref(parts)
+        atexit.register(lambda: (p := ref()) is not None and p.close())
     if plan is None:
         model.prepare_weights(args.weight_codec)
     else:

@@ -139,8 +139,9 @@ class Plan:
 
     def replica_of(self, layer: int, expert: int) -> tuple[int, int] | None:
         """(this rank's replica index i, replica count n) of a replicated routed expert: replica i computes the
-        tokens at positions j of the expert's token group with j % n == i. None: not replicated here (this
-        rank computes whatever ranges it holds for every token routed to the expert)."""
+        tokens at positions j of the expert's token group with (j + turn) % n == i (turn: the runtime's MoE calls
+        so far, the same on every rank). None: not replicated here (this rank computes whatever ranges it holds
+        for every token routed to the expert)."""
         return self._replicas.get((layer, expert))
 
     @cached_property

@@ -162,7 +162,10 @@ class TieredExperts:
         self.step_hook = None  # called between engine steps (async planning applies migrations here)
         self.replicas: dict[tuple[int, int], tuple[int, int]] = {}
         """Expert parallelism: (layer, expert) -> (i, n) for an expert replicated on n ranks, this rank replica i:
-        it computes the expert for the tokens j (in the expert's token group) with j % n == i."""
+        it computes the expert for the tokens j (in the expert's token group) with (j + turn) % n == i, `turn`
+        counting this executor's calls (the same on every rank: they run the same passes), so that at batch 1
+        the replicas take turns rather than replica 0 computing every token."""
+        self.turn = 0
         self.set_residency(residency)
         self.build_slabs()
         slot_bytes = max(t.padded for t in store.tiles.values())
@@ -308,6 +311,7 @@ class TieredExperts:
         groups = [(e, tok, weights_h[tok, k]) for e, tok, k in group_by_expert(ids_h)]
         if self.replicas:
             groups = self._my_tokens(layer, groups)
+            self.turn += 1
         self._score_prediction(layer, {e for e, _, _ in groups})
         out = self._run(layer, x, groups)
         self._release_landed(layer)
@@ -321,7 +325,8 @@ class TieredExperts:
         for e, tok, w in groups:
             share = self.replicas.get((layer, e))
             if share is not None:
-                tok, w = tok[share[0] :: share[1]], w[share[0] :: share[1]]
+                first = (share[0] - self.turn) % share[1]
+                tok, w = tok[first :: share[1]], w[first :: share[1]]
             if len(tok):
                 out.append((e, tok, w))
         return out
