@@ -89,14 +89,10 @@ def plan_problem(
     sequences: int = 1,
 ) -> tuple[PlacementProblem, str]:
     """What `make_plan` solves, and with which policy (`auto` resolved)."""
-    source = store_source(ckpt)
-    codec = store_codec(source) if isinstance(source, GgufSource) else None
-    gguf = codec is not None and codec.gguf
+    topo, codec = _topology(ckpt, dtype)
+    gguf = codec is not None
     if tile is None:
         tile = default_tile(codec)
-    topo = Topology.from_config(
-        ckpt.config, dtype, plan_types(codec.ggml_units) if gguf else None, quantized_bytes(ckpt) if gguf else None
-    )
     prof = load_profile(profile, topo)
     learn = budget == "auto" and cache is None  # with no profile, auto learns the hot experts in a cache
     if budget == "auto" or policy == "auto":  # the cost model picks (tilemem.tmap)
@@ -123,6 +119,16 @@ def plan_problem(
     return PlacementProblem(topo, prof, budgets, fmt, tile=tile), policy
 
 
+def _topology(ckpt: Checkpoint, dtype: str | None):
+    """(what planning knows of `ckpt`'s shapes and bytes, the GGUF store codec or None): a GGUF model's FFN bytes
+    are its quant blocks' (`dtype` counts its other weights)."""
+    source = store_source(ckpt)
+    codec = store_codec(source) if isinstance(source, GgufSource) else None
+    if codec is None or not codec.gguf:
+        return Topology.from_config(ckpt.config, dtype), None
+    return Topology.from_config(ckpt.config, dtype, plan_types(codec.ggml_units), quantized_bytes(ckpt)), codec
+
+
 def rank_budget(
     ckpt: Checkpoint,
     budget: str | None,
@@ -138,12 +144,7 @@ def rank_budget(
         return budget
     from tilemem.tmap.auto import auto_budget
 
-    source = store_source(ckpt)
-    codec = store_codec(source) if isinstance(source, GgufSource) else None
-    gguf = codec is not None and codec.gguf
-    topo = Topology.from_config(
-        ckpt.config, dtype, plan_types(codec.ggml_units) if gguf else None, quantized_bytes(ckpt) if gguf else None
-    )
+    topo, codec = _topology(ckpt, dtype)
     limit = memlimit.memory_limit(memory_limit)
     tile = tile or default_tile(codec)
     return auto_budget(topo, context=context, batch=sequences, limit=limit, tile=tile).text
