@@ -232,7 +232,8 @@ def follow_run(args: EngineArgs) -> bool:
         return False
     from tilemem.engine.build import build_engine
 
-    parts = build_engine(args)
+    # An automatic budget keeps room for the KV cache rank 0 may ask for: every slot, if it serves.
+    parts = build_engine(args, kv_sequences=args.max_batch)
     try:
         follow(parts.model, parts.ranks)
     finally:

@@ -125,6 +125,8 @@ class RankGroup:
         self.rank, self.world_size = setup.rank, setup.world_size
         self.device = torch.device(device)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if self.device.type == "cuda":  # NCCL: one GPU per rank; `cuda` means this machine's local_rank-th
+            torch.cuda.set_device(self.device.index if self.device.index is not None else setup.local_rank)
         timeout = timedelta(seconds=setup.timeout_s)
         url = f"tcp://{setup.master_addr}:{setup.master_port}"
         try:
