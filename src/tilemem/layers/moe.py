@@ -256,31 +256,27 @@ class MoEBlock(nn.Module):
         weights, ids = self.gate(x)  # [T, K], [T, K]
         if self.on_route is not None:
             self.on_route(self.layer, ids)
-        if self.reduce is not None:
-            return self._reduced(x, weights, ids).reshape(shape)
-        out = self.executor(self.layer, x, weights, ids).to(x.dtype)  # [T, D]
-        if self.shared_experts is not None:
+        if self.reduce is None:
+            out = self.executor(self.layer, x, weights, ids).to(x.dtype)  # [T, D]
+            shared = self.shared_experts(x) if self.shared_experts is not None else None  # [T, D]
+        else:
+            out, shared = self._reduced(x, weights, ids)
+        if shared is not None:
             # Like transformers: round the routed sum to the model dtype, then add the shared output.
-            shared = self.shared_experts(x)
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             out = out + shared
         return out.reshape(shape)
 
-    def _reduced(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Expert parallelism: this rank's share of the routed experts (and of the shared experts, placed as
-        tiles) in fp32, summed over the ranks by one all-reduce, then rounded as `forward` rounds. x [T, D]."""
-        routed = self.executor(self.layer, x, weights, ids)  # [T, D] fp32: this rank's share
-        parts = [routed]
+    def _reduced(
+        self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Expert parallelism: (routed, shared) outputs in the model dtype, each the sum over the ranks of their
+        shares (the shared experts are placed as tiles too), summed in fp32 by one all-reduce. x [T, D]."""
+        parts = [self.executor(self.layer, x, weights, ids)]  # [T, D] fp32: this rank's share
         if self.shared_experts is not None:
             if self.shared_experts.tiled is None:
                 raise TypeError("expert parallelism places shared experts as tiles; attach the tiered runtime first")
             parts.append(self.shared_experts.tiled(x).float())  # [T, D] fp32: this rank's share
         both = self.reduce(torch.stack(parts))  # [P, T, D], summed over ranks
-        out = both[0].to(x.dtype)
-        if self.shared_experts is not None:
-            shared = both[1].to(x.dtype)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
-            out = out + shared
-        return out
+        return both[0].to(x.dtype), (both[1].to(x.dtype) if len(parts) > 1 else None)
