@@ -314,6 +314,10 @@ def test_torchrun_environment_is_read():
     env = {"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29600"}
     s = RankSetup.resolve(env=env)
     assert (s.world_size, s.rank, s.local_rank, s.master_addr, s.master_port) == (4, 2, 0, "10.0.0.1", 29600)
+    assert s.local_world == 1  # one rank per machine unless torchrun says otherwise
+    assert RankSetup.resolve(env={**env, "LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "1"}).local_world == 2
+    here = RankSetup.resolve(world_size=3, rank=1, env={})  # rank 0 on 127.0.0.1: every rank on this machine
+    assert (here.local_rank, here.local_world) == (1, 3)
     assert RankSetup.resolve(env={}) is None
     assert RankSetup.resolve(world_size=1, env=env) is None  # a flag wins over the environment
 
@@ -337,6 +341,25 @@ def test_all_reduce_sums_over_ranks_in_threads():
     outs = [p.communicate(timeout=60)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     assert outs[1].strip() == "hi"
+
+
+def test_automatic_budgets_share_the_machine_among_its_ranks(tiny, monkeypatch):
+    """Ranks on one machine each plan within their share of its memory (rank_budget's `share`), not all of it: with
+    2 MB available (a tiny model of 0.8 MB), one rank may hold it all, each of two ranks only part."""
+    import dataclasses
+
+    from tilemem.placement.budgets import Budgets
+    from tilemem.runtime import setup
+
+    measured = setup.memlimit.memory_limit()
+    monkeypatch.setattr(
+        setup.memlimit, "memory_limit", lambda explicit=None: dataclasses.replace(measured, available=2_000_000)
+    )
+    ckpt = Checkpoint.open(tiny("olmoe"))
+    budgets = [setup.rank_budget(ckpt, None, context=256, share=n) for n in (1, 2)]
+    one, two = (Budgets.parse(b).tiers[0].capacity for b in budgets)
+    assert two < one <= ckpt.nbytes() + 4096
+    assert setup.rank_budget(ckpt, "cpu=1GiB", share=2) == "cpu=1GiB"  # a budget given is each rank's own
 
 
 def test_world_size_one_is_one_process(tiny):

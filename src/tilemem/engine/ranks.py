@@ -104,6 +104,8 @@ def start_ranks(args: EngineArgs) -> tuple[RankGroup | None, list[subprocess.Pop
     setup = rank_setup(args)
     if setup is None:
         return None, []
+    if spawn and not args.threads:  # rank 0 too takes its share of the cores, as spawn_followers gives the others
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.world_size))
     procs = spawn_followers(args) if spawn else []
     try:
         group = RankGroup(setup, args.device or "cpu")
@@ -165,8 +167,10 @@ def rank_plan(args: EngineArgs, ckpt, group: RankGroup, max_model_len: int, kv_s
 
             plans = [load_rank_plan(args.plan, r) for r in range(group.world_size)]
     else:
+        # An automatic budget within the machine's measured memory: split among the ranks that share it.
+        share = group.setup.local_world if args.memory_limit is None else 1
         mine = rank_budget(ckpt, args.budget, args.tile, args.weights_dtype(ckpt.config), args.memory_limit,
-                           max_model_len, kv_sequences)  # fmt: skip
+                           max_model_len, kv_sequences, share)  # fmt: skip
         budgets = group.gather(mine)
         plans = None
         if group.rank == 0:

@@ -51,6 +51,8 @@ class RankSetup:
     """Rank among the processes of this machine (the one that builds a shared tile store)."""
     timeout_s: float = DEFAULT_TIMEOUT_S
     """Seconds start-up and every collective wait for a silent rank."""
+    local_world: int = 1
+    """Ranks on this machine, sharing its memory (torchrun's LOCAL_WORLD_SIZE; every rank where rank 0 is local)."""
 
     @classmethod
     def resolve(
@@ -88,10 +90,11 @@ class RankSetup:
         )
         if not 0 < port < 65536:
             raise ConfigError(f"master port must be between 1 and 65535 (--master-port), got {port}.")
-        local = (
-            _env_int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else (rank if addr in ("127.0.0.1", "localhost") else 0)
-        )
-        return cls(world_size, rank, addr, port, local, DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s)
+        here = addr in ("127.0.0.1", "localhost")  # every rank on this machine, else (unless torchrun says) one per
+        local = _env_int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else (rank if here else 0)
+        local_world = _env_int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else (world_size if here else 1)
+        timeout = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
+        return cls(world_size, rank, addr, port, local, timeout, max(1, local_world))
 
     @property
     def leader(self) -> bool:

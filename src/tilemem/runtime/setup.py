@@ -137,15 +137,19 @@ def rank_budget(
     memory_limit: str | int | None = None,
     context: int = 4096,
     sequences: int = 1,
+    share: int = 1,
 ) -> str:
-    """Expert parallelism: this rank's budget as text: `budget`, or (None, `auto`) what `--budget auto` makes of this
-    machine's memory limit, resolved here because rank 0 plans for every rank."""
+    """Expert parallelism: this rank's budget as text: `budget`, or (None, `auto`) what `--budget auto` makes of
+    this machine's memory limit divided among the `share` ranks that run on it, resolved here because rank 0 plans
+    for every rank."""
     if budget not in (None, "auto"):
         return budget
     from tilemem.tmap.auto import auto_budget
 
     topo, codec = _topology(ckpt, dtype)
     limit = memlimit.memory_limit(memory_limit)
+    if share > 1:
+        limit = replace(limit, available=limit.available // share)
     tile = tile or default_tile(codec)
     return auto_budget(topo, context=context, batch=sequences, limit=limit, tile=tile).text
 
