@@ -83,13 +83,14 @@ def test_two_ranks_match_one_process(family, tiny, tmp_path):
     assert_same(ref, got)
 
 
-def test_three_ranks_experts_not_divisible(seven_experts, tmp_path):
-    """7 experts on 3 ranks, whole experts (no tile split), and each rank's budget too small for its share, so
+@pytest.mark.parametrize(("world", "split"), [(2, "tile"), (3, "expert")])
+def test_experts_not_divisible_with_tiles_on_disk(world, split, seven_experts, tmp_path):
+    """7 experts on 2 ranks (tile split) and on 3 (whole experts), each rank's budget too small for its share, so
     tiles stream from disk on every rank."""
     path = seven_experts
     ref = reference(path)
     with LLM(
-        path, dtype="fp32", world_size=3, threads=1, budget="cpu=450KiB", rank_split="expert", store=tmp_path / "s"
+        path, dtype="fp32", world_size=world, threads=1, budget="cpu=450KiB", rank_split=split, store=tmp_path / "s"
     ) as llm:
         tiers = [t.tier for t in llm.plan.tiles]
         assert "disk" in tiers and "remote" in tiers
