@@ -16,7 +16,6 @@ import hashlib
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,9 +28,12 @@ import torch
 from tilemem.engine.args import EngineArgs
 from tilemem.errors import ConfigError, RankError, TileMemError
 from tilemem.layers.kv_cache import ForwardContext
-from tilemem.parallel.group import RankGroup, RankSetup
+from tilemem.parallel.group import RankGroup, RankSetup, free_port
 
 STOP = ("stop",)
+SPAWN_JOIN_S = 60.0
+"""Rank 0 waits at least this long for the ranks it starts itself to join (each imports torch and TileMEM first,
+slow on a loaded machine), whatever a short --dist-timeout says for the collectives."""
 """Rank 0's last message: the run is over."""
 
 
@@ -105,10 +107,11 @@ def start_ranks(args: EngineArgs) -> tuple[RankGroup | None, list[subprocess.Pop
     if setup is None:
         return None, []
     if spawn and not args.threads:  # rank 0 too takes its share of the cores, as spawn_followers gives the others
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.world_size))
+        torch.set_num_threads(local_threads(args.world_size))
     procs = spawn_followers(args) if spawn else []
     try:
-        group = RankGroup(setup, args.device or "cpu")
+        join = max(setup.timeout_s, SPAWN_JOIN_S) if spawn else None
+        group = RankGroup(setup, args.device or "cpu", join)
     except RankError as exc:
         stop_followers(procs)
         failed = [p.args[-1] for p in procs if p.poll() not in (None, 0)]
@@ -117,17 +120,15 @@ def start_ranks(args: EngineArgs) -> tuple[RankGroup | None, list[subprocess.Pop
     return group, procs
 
 
-def free_port() -> int:
-    """A TCP port free on this machine now (for ranks that all run here)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def local_threads(ranks: int) -> int:
+    """Threads of each of `ranks` ranks started on this machine: its cores shared out."""
+    return max(1, (os.cpu_count() or 1) // ranks)
 
 
 def spawn_followers(args: EngineArgs) -> list[subprocess.Popen]:
     """Start ranks 1..N-1 of `args` on this machine, each with its share of the cores unless `threads` says."""
     n = args.world_size
-    threads = args.threads or max(1, (os.cpu_count() or 1) // n)
+    threads = args.threads or local_threads(n)
     procs = []
     for r in range(1, n):
         rank_args = replace(args, rank=r, threads=threads)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -123,7 +124,8 @@ class RankGroup:
     (rank 0's step messages: `timeout_s` on rank 0, no practical timeout on the others: a server idles) and a
     start-up group (plans, checksums, waiting for a tile store: no practical timeout)."""
 
-    def __init__(self, setup: RankSetup, device: str = "cpu") -> None:
+    def __init__(self, setup: RankSetup, device: str = "cpu", join_timeout_s: float | None = None) -> None:
+        """Join the run: wait up to `join_timeout_s` (default `setup.timeout_s`) for every rank to arrive."""
         self.setup = setup
         self.rank, self.world_size = setup.rank, setup.world_size
         self.device = torch.device(device)
@@ -131,16 +133,17 @@ class RankGroup:
         if self.device.type == "cuda":  # NCCL: one GPU per rank; `cuda` means this machine's local_rank-th
             torch.cuda.set_device(self.device.index if self.device.index is not None else setup.local_rank)
         timeout = timedelta(seconds=setup.timeout_s)
-        url = f"tcp://{setup.master_addr}:{setup.master_port}"
-        try:
-            dist.init_process_group(
-                backend, init_method=url, world_size=self.world_size, rank=self.rank, timeout=timeout
+        join = setup.timeout_s if join_timeout_s is None else join_timeout_s
+        try:  # the rendezvous waits `join`; the collectives, `timeout`
+            store = dist.TCPStore(
+                setup.master_addr, setup.master_port, self.world_size, setup.leader, timedelta(seconds=join)
             )
+            dist.init_process_group(backend, store=store, world_size=self.world_size, rank=self.rank, timeout=timeout)
         except (RuntimeError, ValueError, OSError) as exc:  # torch raises DistStoreError (a RuntimeError) on timeout
             raise RankError(
                 f"rank {self.rank} of {self.world_size} could not join the run at "
                 f"{setup.master_addr}:{setup.master_port} "
-                f"within {setup.timeout_s:g} s ({_first_line(exc)}); start every rank with the same --world-size, "
+                f"within {join:g} s ({_first_line(exc)}); start every rank with the same --world-size, "
                 "--master-addr and --master-port (rank 0 listens there), check the firewall, or raise --dist-timeout."
             ) from None
         # Step messages: rank 0 gives up on a rank that does not take one within the timeout (each process enforces
@@ -259,6 +262,13 @@ class RankGroup:
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001 - a broken group cannot be torn down cleanly; the process ends anyway
                 pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (a rendezvous for ranks on this machine, a test server)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -168,16 +168,25 @@ class Plan:
             )
         return hit.tier
 
+    @cached_property
+    def _gate_up_of(self) -> dict[tuple[int, int], list[PlacedTile]]:
+        """(layer, expert) -> its gate_up tiles in store order (one pass; asked once per FFN by the runtime,
+        the rank planner and the live page)."""
+        out: dict[tuple[int, int], list[PlacedTile]] = {}
+        for t in self.tiles:
+            if t.group == "gate_up":
+                out.setdefault((t.layer, t.expert), []).append(t)
+        return out
+
     def resident_ranges(self, layer: int, expert: int) -> dict[str, list[tuple[int, int]]]:
         """Neuron ranges of one FFN per tier, adjacent ranges merged (gate_up and down agree)."""
         out: dict[str, list[tuple[int, int]]] = {}
-        for t in self.tiles:
-            if t.layer == layer and t.expert == expert and t.group == "gate_up":
-                ranges = out.setdefault(t.tier, [])
-                if ranges and ranges[-1][1] == t.start:
-                    ranges[-1] = (ranges[-1][0], t.end)
-                else:
-                    ranges.append((t.start, t.end))
+        for t in self._gate_up_of.get((layer, expert), ()):
+            ranges = out.setdefault(t.tier, [])
+            if ranges and ranges[-1][1] == t.start:
+                ranges[-1] = (ranges[-1][0], t.end)
+            else:
+                ranges.append((t.start, t.end))
         return {k: sorted(v) for k, v in sorted(out.items(), key=lambda kv: tier_info(kv[0]).rank)}
 
     def tiles_in(self, tier: str) -> list[PlacedTile]:

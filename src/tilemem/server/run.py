@@ -8,13 +8,13 @@ On SIGTERM or Ctrl-C the server stops accepting connections, lets in-flight requ
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import uvicorn
 
 from tilemem.errors import RankError
+from tilemem.parallel.group import free_port
 from tilemem.server.app import create_app
 from tilemem.server.config import ServerConfig
 
@@ -57,13 +57,6 @@ def serve(llm, config: ServerConfig) -> None:
         state.llm.close()  # a distributed run's other ranks stop too
     if worker.fatal is not None:
         raise RankError(worker.fatal)  # `tilemem serve` exits non-zero
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class BackgroundServer:
