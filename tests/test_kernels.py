@@ -341,6 +341,126 @@ def test_decode_attention_kernel_matches_the_torch_path(case, monkeypatch):
         assert torch.equal(changed, (want != old).any(-1)) and changed.sum() == 3 * cfg.num_kv_heads
 
 
+def _paged_copy(contiguous: torch.Tensor, slots: list[int], tables: torch.Tensor, blocks: int) -> torch.Tensor:
+    """The rows `slots` of a slot cache [S, Hkv, L, hd] in a pool [blocks, Hkv, bs, hd] at their block tables
+    [B, M] (entries < 0: no block; the rest of the pool random)."""
+    bs = contiguous.shape[2] // tables.shape[1]
+    pool = torch.randn(blocks, *contiguous.shape[1:2], bs, contiguous.shape[3]).to(contiguous.dtype)
+    for b, slot in enumerate(slots):
+        for j, blk in enumerate(tables[b].tolist()):
+            if blk >= 0:
+                pool[blk] = contiguous[slot, :, j * bs : (j + 1) * bs]
+    return pool
+
+
+def _gathered(pool: torch.Tensor, tables: torch.Tensor, j: int) -> torch.Tensor:
+    """Row j's blocks of a pool [N, Hkv, bs, hd] laid end to end: [Hkv, M * bs, hd] (missing blocks zero)."""
+    blocks = [pool[k] if k >= 0 else torch.zeros_like(pool[0]) for k in tables[j].tolist()]
+    return torch.cat(blocks, dim=1)
+
+
+PAGED_SLOTS, PAGED_POSITIONS, PAGED_BS, PAGED_M = [2, 0, 3], [5, 40, 17], 16, 3  # rows of 1, 3 and 2 blocks
+
+
+def _shuffled_tables(blocks: int, seed: int) -> torch.Tensor:
+    """Block tables [3, M] of distinct shuffled blocks for PAGED_POSITIONS, the entries past a row's last
+    block -1 (never read)."""
+    gen = torch.Generator().manual_seed(seed)
+    tables = torch.randperm(blocks, generator=gen)[: 3 * PAGED_M].view(3, PAGED_M)
+    for b, pos in enumerate(PAGED_POSITIONS):
+        tables[b, pos // PAGED_BS + 1 :] = -1
+    return tables
+
+
+def test_decode_attention_reads_and_writes_a_paged_cache_as_the_slot_cache():
+    """The decode attention kernel on a paged cache (blocks of 16 positions, shuffled non-contiguous block
+    tables, rows of 6, 41 and 18 positions, unused table entries -1) gives the same bits as on the slot
+    cache holding the same data ([S, Hkv, L, hd] with tables = slots.view(B, 1)), and writes each row's new
+    key and value at the same place of its blocks; tables that do not fit the pool raise KernelError."""
+    from dataclasses import replace
+
+    from tilemem.errors import KernelError
+    from tilemem.layers.attention import Attention
+    from tilemem.layers.rope import RotaryEmbedding
+
+    base = dict(family="olmoe", architecture="x", vocab_size=8, hidden_size=96, num_layers=1, num_heads=4)
+    base.update(num_kv_heads=2, head_dim=32, intermediate_size=8, moe_intermediate_size=8, num_experts=2, top_k=1)
+    cfg = replace(ModelConfig(**base), qk_norm="head")
+    attn = Attention(cfg, 0)
+    gen = torch.Generator().manual_seed(7)
+    for name, p in list(attn.named_parameters()):
+        mod, attr = attn.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
+        value = torch.randn(p.shape, generator=gen)
+        value = 1 + 0.1 * value if "norm" in name else 0.2 * value
+        setattr(mod, attr, torch.nn.Parameter(value.to(torch.bfloat16), requires_grad=False))
+    layer = attn.native()
+    rope = RotaryEmbedding(cfg.rope, cfg.head_dim, 64)
+    L, blocks = PAGED_BS * PAGED_M, 20
+    slot_k, slot_v = (torch.randn(4, 2, L, 32, generator=gen).to(torch.bfloat16) for _ in range(2))
+    tables = _shuffled_tables(blocks, seed=1)
+    pool_k, pool_v = (_paged_copy(c, PAGED_SLOTS, tables, blocks) for c in (slot_k, slot_v))
+    positions = torch.tensor(PAGED_POSITIONS)
+    x = torch.randn(3, 96, generator=gen).to(torch.bfloat16)
+    cos, sin = (t.reshape(3, -1) for t in rope.table(positions.view(3, 1), torch.bfloat16))
+    ws = kernels.Workspace()
+    slots = torch.tensor(PAGED_SLOTS)
+    want = kernels.attn_decode(layer, x, cos, sin, slot_k, slot_v, slots.view(-1, 1), positions, ws)
+    got = kernels.attn_decode(layer, x, cos, sin, pool_k, pool_v, tables, positions, ws)
+    assert torch.equal(got, want)
+    for b, (slot, pos) in enumerate(zip(PAGED_SLOTS, PAGED_POSITIONS, strict=True)):
+        for pool, contiguous in ((pool_k, slot_k), (pool_v, slot_v)):
+            assert torch.equal(_gathered(pool, tables, b)[:, : pos + 1], contiguous[slot, :, : pos + 1])
+    assert torch.equal(kernels.attn_decode(layer, x, cos, sin, slot_k, slot_v, slots, positions, ws), want)  # [B]
+
+    for bad, match in [
+        (torch.where(tables == tables[1, 2], blocks, tables), "outside the KV cache's pool"),  # a block past N
+        (torch.where(tables == tables[2, 1], -1, tables), "outside the KV cache's pool"),  # a used entry -1
+        (tables[:, :2], "position is past its block table"),  # row 1's position 40 needs 3 blocks
+        (tables.int(), "int64 block tables"),
+        (tables[:2], r"block tables \[3, M\]"),
+    ]:
+        with pytest.raises(KernelError, match=match):
+            kernels.attn_decode(layer, x, cos, sin, pool_k, pool_v, bad, positions, ws)
+
+
+def test_fused_decode_layers_read_and_write_a_paged_cache_as_the_slot_cache(make_ckpt):
+    """The fused decoder layers on paged caches (shuffled blocks of 16 positions, rows of different
+    lengths) give the slot cache's residual stream, routed experts and cache writes, bit for bit."""
+    from tilemem.loader.checkpoint import load_model
+
+    model, _ = load_model(make_ckpt("olmoe", "bf16"), "bf16")
+    cfg = model.cfg
+    native = model._native_decode()
+    assert native is not None
+    gen = torch.Generator().manual_seed(11)
+    L, blocks, n = PAGED_BS * PAGED_M, 24, cfg.num_layers
+    shape = (4, cfg.num_kv_heads, L, cfg.head_dim)
+    slot_k, slot_v = ([torch.randn(shape, generator=gen).to(torch.bfloat16) for _ in range(n)] for _ in range(2))
+    tables = _shuffled_tables(blocks, seed=2)
+    pool_k, pool_v = ([_paged_copy(c, PAGED_SLOTS, tables, blocks) for c in caches] for caches in (slot_k, slot_v))
+    positions = torch.tensor(PAGED_POSITIONS)
+    cos, sin = model.rope.table(positions.view(3, 1), torch.bfloat16)
+    x = torch.randn(3, 1, cfg.hidden_size, generator=gen).to(torch.bfloat16)
+
+    class Cache:  # the fused stacks follow a cache by identity (weakly referenced)
+        pass
+
+    def run(keys, values, tab):
+        cache, routed = Cache(), {}
+        assert native.run_length(0, cache, keys) == n
+        y = native.forward(0, x, cache, keys, values, tab, positions, cos, sin, routed.__setitem__)
+        return y, routed
+
+    want, want_routed = run(slot_k, slot_v, torch.tensor(PAGED_SLOTS).view(-1, 1))
+    got, got_routed = run(pool_k, pool_v, tables)
+    assert torch.equal(got, want) and got_routed.keys() == want_routed.keys() == set(range(n))
+    assert all(torch.equal(got_routed[i], want_routed[i]) for i in range(n))
+    for b, (slot, pos) in enumerate(zip(PAGED_SLOTS, PAGED_POSITIONS, strict=True)):
+        for pools, caches in ((pool_k, slot_k), (pool_v, slot_v)):
+            for pool, contiguous in zip(pools, caches, strict=True):
+                assert torch.equal(_gathered(pool, tables, b)[:, : pos + 1], contiguous[slot, :, : pos + 1])
+
+
 @pytest.mark.parametrize(
     "family,module_layers",
     [("olmoe", ()), ("mixtral", ()), ("qwen3_moe", ()), ("olmoe", (0,)), ("qwen3_moe", (1,))],

@@ -149,12 +149,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.tm_linear_bf16.argtypes = [_vp, _i64, _i64, _i64, _vp, _i64, _i64, _vp, _vp, _i64, _int, _int]
     lib.tm_ffn_tasks_bf16.argtypes = [_vp, _vp, _i64, _i64, ctypes.POINTER(FfnTask), _i64, _int, _int, _vp, _vp]
     lib.tm_rmsnorm_bf16.argtypes = [_vp, _i64, _i64, _vp, ctypes.c_float, _vp, _int]
-    attn = [ctypes.POINTER(AttnLayer), _vp, _i64, _i64, _vp, _vp, _vp, _vp, _i64, _vp, _vp, _vp, _int, _vp, _vp]
-    lib.tm_attn_decode_bf16.argtypes = attn
+    attn = [ctypes.POINTER(AttnLayer), _vp, _i64, _i64, _vp, _vp, _vp, _vp, _i64, _i64, _vp, _i64, _vp, _vp, _int]
+    lib.tm_attn_decode_bf16.argtypes = [*attn, _vp, _vp]
     lib.tm_attn_prefill_bf16.argtypes = [_vp, _i64, _i64, _i64, _vp, _vp, _i64, _i64, _i64, _vp, *[_i64] * 5]
     lib.tm_attn_prefill_bf16.argtypes += [ctypes.c_float, _int]
     lib.tm_decode_layers_bf16.argtypes = [ctypes.POINTER(DecodeLayer), _i64, _vp, _i64, _i64, _vp, _vp, _vp, _vp]
-    lib.tm_decode_layers_bf16.argtypes += [_i64, _vp, _vp, _int, _vp, _vp, _vp, _vp, _vp]
+    lib.tm_decode_layers_bf16.argtypes += [_i64, _i64, _vp, _i64, _vp, _int, _vp, _vp, _vp, _vp, _vp]
     lib.tm_moe_bf16.argtypes = [_vp, _vp, _i64, _i64, _i64, _vp, _vp, _i64, _i64, *[_vp] * 6, _int, _int, _vp, _vp]
     lib.tm_x12_table.argtypes = [_vp, _i64, _i64, _i64, _vp]
     lib.tm_x12_encode.argtypes = [_vp, _i64, _i64, _vp, _vp, _vp, _vp, _int]
@@ -210,13 +210,19 @@ def amx_enabled() -> bool:
 
 
 def check(status: int, what: str) -> None:
-    """Raise for a kernel's failed `tm_status`: KernelMemoryError where it could not allocate."""
+    """Raise for a kernel's failed `tm_status`: KernelMemoryError where it could not allocate, KernelError
+    naming the block tables where a paged KV cache's tables did not fit its pool."""
     if status == header_status("TM_OK"):
         return
     if status == header_status("TM_ENOMEM"):
         raise KernelMemoryError(
             f"{what}: the native kernel could not allocate its working memory; free memory (fewer rows, a "
             "shorter prompt or a smaller budget) or run on torch with TILEMEM_KERNELS=0"
+        )
+    if status == header_status("TM_EINVAL"):
+        raise KernelError(
+            f"{what}: a row's position is past its block table, or a block table entry it reads is outside "
+            "the KV cache's pool of blocks; the caller's block tables or positions are wrong"
         )
     raise KernelError(f"{what}: the native kernel failed with status {status}")
 

@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from tilemem.errors import KernelError
+from tilemem.kernels.attention import block_tables, check_pools
 from tilemem.kernels.ffn import ACTS, ExpertTable
 from tilemem.kernels.library import check, lib
 from tilemem.kernels.structs import AttnLayer, DecodeLayer
@@ -51,17 +53,25 @@ def decode_layer(
 
 
 class DecodeStack:
-    """Consecutive MoE decoder layers for `decode_layers`: their `DecodeLayer`s and KV cache layers, as
-    the native call takes them (built once per run of layers and cache). It keeps the `DecodeLayer`s
+    """Consecutive MoE decoder layers for `decode_layers`: their `DecodeLayer`s and paged KV cache layers
+    (pools [N, Hkv, bs, hd], the same N and bs for every layer), as the native call takes them (built once
+    per run of layers and cache; the rows' block tables come with each call). It keeps the `DecodeLayer`s
     alive but not the cache: the caller rebuilds it when the cache is replaced."""
 
     def __init__(self, layers: list[DecodeLayer], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        for k, v in zip(keys, values, strict=True):
+            check_pools(k, v)
+            if (k.shape[0], k.shape[2]) != (keys[0].shape[0], keys[0].shape[2]):
+                raise KernelError(
+                    f"a fused decode run needs KV pools of the same blocks in every layer, got "
+                    f"{list(keys[0].shape)} and {list(k.shape)}"
+                )
         self.sources = layers
         self.n = len(layers)
         self.layers = (DecodeLayer * self.n)(*layers)
         self.keys = (ctypes.c_void_p * self.n)(*(k.data_ptr() for k in keys))
         self.values = (ctypes.c_void_p * self.n)(*(v.data_ptr() for v in values))
-        self.length = keys[0].shape[2]
+        self.blocks, self.block_size = keys[0].shape[0], keys[0].shape[2]
         self.top_k = layers[0].K
         self.ws_per_row = max(lay.E + 2 * (lay.attn.H + lay.attn.Hkv) * lay.attn.hd for lay in layers)
         self.h_per_row = max(lay.K * lay.I for lay in layers)
@@ -72,22 +82,24 @@ def decode_layers(
     x: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    slots: torch.Tensor,
+    tables: torch.Tensor,
     positions: torch.Tensor,
     ws: Workspace,
 ) -> torch.Tensor:
     """The stack's decoder layers for one new token per row, in place on the residual stream x [B, D] bf16
-    (see `tm_decode_layers_bf16`); cos/sin [B, hd], slots/positions as in `attn_decode`. Returns the
-    routed expert ids [layers, B, K]."""
+    (see `tm_decode_layers_bf16`); cos/sin [B, hd], block tables [B, M] and positions [B] as in
+    `attn_decode`. Returns the routed expert ids [layers, B, K]."""
     b, d = x.shape
+    tables = block_tables(tables, positions, b)
+    m = tables.shape[1]
     nthreads = threads()
-    sc_n, ws_n = nthreads * stack.length, b * (2 * d + stack.ws_per_row)
+    sc_n, ws_n = nthreads * m * stack.block_size, b * (2 * d + stack.ws_per_row)
     scratch, buf = ws.get(sc_n + b * (d + stack.top_k), ws_n + b * stack.h_per_row)
     ids = torch.empty(stack.n, b, stack.top_k, dtype=torch.int64)
     status = lib().tm_decode_layers_bf16(
         stack.layers, stack.n, x.data_ptr(), b, d, cos.data_ptr(), sin.data_ptr(), stack.keys, stack.values,
-        stack.length, slots.data_ptr(), positions.data_ptr(), nthreads, buf.data_ptr(), scratch.data_ptr(),
-        scratch.data_ptr() + 4 * sc_n, buf.data_ptr() + 2 * ws_n, ids.data_ptr(),
+        stack.blocks, stack.block_size, tables.data_ptr(), m, positions.data_ptr(), nthreads, buf.data_ptr(),
+        scratch.data_ptr(), scratch.data_ptr() + 4 * sc_n, buf.data_ptr() + 2 * ws_n, ids.data_ptr(),
     )  # fmt: skip
     check(status, f"decode step of {stack.n} layers, {b} rows")
     return ids
@@ -132,14 +144,15 @@ class NativeDecode:
         cache: object,
         keys: Sequence[torch.Tensor],
         values: Sequence[torch.Tensor],
-        slots: torch.Tensor,
+        tables: torch.Tensor,
         positions: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
         observe: Callable[[int, torch.Tensor], None],
     ) -> torch.Tensor:
         """The run starting at layer `first` (see `run_length`) for x [B, 1, D] -> [B, 1, D]: one native call
-        on the KV cache `cache` (layer caches `keys`/`values`, written at `slots` [B] and `positions` [B]);
+        on the KV cache `cache` (layer pools `keys`/`values` [N, Hkv, bs, hd], rows' block tables `tables`
+        [B, M], new tokens at `positions` [B]);
         each layer's routed ids [B, K] go to `observe(layer, ids)` as the module path would send them."""
         if self._cache() is not cache:
             self._stacks.clear()
@@ -154,7 +167,7 @@ class NativeDecode:
         # here: the package imports this module)
         from tilemem import kernels
 
-        ids = kernels.decode_layers(stack, y, cos.reshape(b, -1), sin.reshape(b, -1), slots, positions, self._ws)
+        ids = kernels.decode_layers(stack, y, cos.reshape(b, -1), sin.reshape(b, -1), tables, positions, self._ws)
         for j in range(stack.n):
             observe(first + j, ids[j])
         return y.view(b, 1, -1)

@@ -119,13 +119,15 @@ int tm_attn_prefill_bf16(const uint16_t *q, int64_t sqb, int64_t sqh, int64_t sq
 static inline uint16_t addb(uint16_t a, const uint16_t *b, int64_t i) { return b ? f2bf(bf2f(a) + bf2f(b[i])) : a; }
 
 /* x [B, D] bf16 (normed hidden states) -> out [B, D] bf16: q/k/v projections (+bias, clip, q/k RMSNorm),
- * rotary embedding (halves layout) with cos/sin [B, hd], the new k/v written to the cache layer
- * kc/vc [S, Hkv, L, hd] at (slot[b], pos[b]), softmax attention over positions 0..pos[b], o projection.
- * ws: bf16 scratch of B * (2*H*hd + 2*Hkv*hd) elements; sc: fp32 scratch of nthreads * L. Run by every
- * thread of the enclosing parallel region; out is complete after the next barrier. err: as in linear_rows. */
+ * rotary embedding (halves layout) with cos/sin [B, hd], the new k/v written to the paged cache layer
+ * kc/vc [N, Hkv, bs, hd] at position pos[b] of row b, softmax attention over positions 0..pos[b], o
+ * projection. Position p of row b lives in block table[b * M + p / bs] at offset p % bs (table [B, M]; the
+ * slot cache [S, Hkv, L, hd] is bs = L, M = 1, table = slots). ws: bf16 scratch of
+ * B * (2*H*hd + 2*Hkv*hd) elements; sc: fp32 scratch of nthreads * M * bs. Run by every thread of the
+ * enclosing parallel region; out is complete after the next barrier. err: as in linear_rows. */
 void attn_decode_body(const tm_attn_layer *a, const uint16_t *x, int64_t B, int64_t D, const void *cos,
-                      const void *sin, uint16_t *kc, uint16_t *vc, int64_t L, const int64_t *slot, const int64_t *pos,
-                      uint16_t *out, uint16_t *ws, float *sc, int *err) {
+                      const void *sin, uint16_t *kc, uint16_t *vc, int64_t bs, const int64_t *table, int64_t M,
+                      const int64_t *pos, uint16_t *out, uint16_t *ws, float *sc, int *err) {
   const int64_t H = a->H, Hkv = a->Hkv, hd = a->hd, nq = H * hd, nk = Hkv * hd, nqkv = nq + 2 * nk;
   uint16_t *qkv = ws, *att = ws + B * nqkv; /* [B, nq | nk | nk], [B, nq] */
   int nt = omp_get_num_threads(), t = omp_get_thread_num();
@@ -176,27 +178,31 @@ void attn_decode_body(const tm_attn_layer *a, const uint16_t *x, int64_t B, int6
     }
     memcpy(v, tmp, sizeof(uint16_t) * hd);
     if (!isq) {
-      int64_t g = h - H, at = ((slot[b] * Hkv + g) * L + pos[b]) * hd;
+      int64_t g = h - H, at = ((table[b * M + pos[b] / bs] * Hkv + g) * bs + pos[b] % bs) * hd;
       memcpy(kc + at, v, sizeof(uint16_t) * hd);
       memcpy(vc + at, qkv + b * nqkv + nq + nk + g * hd, sizeof(uint16_t) * hd);
     }
   }
   /* 4: attention of each (row, query head) over its cached positions */
-  float *p = sc + (int64_t)t * L;
+  float *p = sc + (int64_t)t * M * bs;
 #pragma omp for
   for (int64_t u = 0; u < B * H; u++) {
     int64_t b = u / H, h = u % H, g = h / (H / Hkv), n = pos[b] + 1;
+    const int64_t *tb = table + b * M;
     const uint16_t *q = qkv + b * nqkv + h * hd;
-    const uint16_t *kb = kc + (slot[b] * Hkv + g) * L * hd, *vb = vc + (slot[b] * Hkv + g) * L * hd;
     float mx = -INFINITY;
     const uint16_t *xs[1] = {q};
-    for (int64_t l = 0; l < n; l += 4) {
-      int R = n - l < 4 ? (int)(n - l) : 4;
-      float r[4][TB];
-      dot_rows(kb + l * hd, hd, R, xs, 1, hd, r, 0);
-      for (int i = 0; i < R; i++) {
-        p[l + i] = r[i][0] * a->scale;
-        mx = p[l + i] > mx ? p[l + i] : mx;
+    for (int64_t l0 = 0; l0 < n; l0 += bs) { /* block by block: positions l0 .. l0 + bs - 1 */
+      const uint16_t *kb = kc + (tb[l0 / bs] * Hkv + g) * bs * hd;
+      int64_t nb = n - l0 < bs ? n - l0 : bs;
+      for (int64_t l = 0; l < nb; l += 4) {
+        int R = nb - l < 4 ? (int)(nb - l) : 4;
+        float r[4][TB];
+        dot_rows(kb + l * hd, hd, R, xs, 1, hd, r, 0);
+        for (int i = 0; i < R; i++) {
+          p[l0 + l + i] = r[i][0] * a->scale;
+          mx = p[l0 + l + i] > mx ? p[l0 + l + i] : mx;
+        }
       }
     }
     /* like torch's CPU flash attention in bf16: fp32 exponentials summed, then rounded to bf16 for the
@@ -211,7 +217,7 @@ void attn_decode_body(const tm_attn_layer *a, const uint16_t *x, int64_t B, int6
     for (int64_t i = 0; i < hd; i++) acc[i] = 0.f;
     for (int64_t l = 0; l < n; l++) {
       float w = p[l];
-      const uint16_t *vr = vb + l * hd;
+      const uint16_t *vr = vc + ((tb[l / bs] * Hkv + g) * bs + l % bs) * hd; /* in block l / bs */
       int64_t i = 0;
       for (; i + 16 <= hd; i += 16)
         _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(_mm512_set1_ps(w), ld16f(vr + i), _mm512_loadu_ps(acc + i)));
@@ -227,12 +233,23 @@ void attn_decode_body(const tm_attn_layer *a, const uint16_t *x, int64_t B, int6
       for (int64_t i = r0; i < r1; i++) out[b * D + i] = addb(out[b * D + i], a->bo, i);
 }
 
-/* One decode attention step in its own parallel region (see attn_decode_body). */
+int tables_ok(const int64_t *table, int64_t B, int64_t M, int64_t bs, int64_t N, const int64_t *pos) {
+  for (int64_t b = 0; b < B; b++) {
+    if (pos[b] < 0 || pos[b] >= M * bs) return 0;
+    for (int64_t j = 0; j <= pos[b] / bs; j++)
+      if (table[b * M + j] < 0 || table[b * M + j] >= N) return 0;
+  }
+  return 1;
+}
+
+/* One decode attention step in its own parallel region (see attn_decode_body); TM_EINVAL, nothing done,
+ * where the block tables do not fit the pool of N blocks (tables_ok). */
 int tm_attn_decode_bf16(const tm_attn_layer *a, const uint16_t *x, int64_t B, int64_t D, const void *cos,
-                        const void *sin, uint16_t *kc, uint16_t *vc, int64_t L, const int64_t *slot,
-                        const int64_t *pos, uint16_t *out, int nthreads, uint16_t *ws, float *sc) {
+                        const void *sin, uint16_t *kc, uint16_t *vc, int64_t N, int64_t bs, const int64_t *table,
+                        int64_t M, const int64_t *pos, uint16_t *out, int nthreads, uint16_t *ws, float *sc) {
+  if (!tables_ok(table, B, M, bs, N, pos)) return TM_EINVAL;
   int err = TM_OK;
 #pragma omp parallel num_threads(nthreads)
-  attn_decode_body(a, x, B, D, cos, sin, kc, vc, L, slot, pos, out, ws, sc, &err);
+  attn_decode_body(a, x, B, D, cos, sin, kc, vc, bs, table, M, pos, out, ws, sc, &err);
   return err;
 }

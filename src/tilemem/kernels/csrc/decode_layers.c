@@ -35,16 +35,16 @@ static void route_row(const tm_decode_layer *L, const uint16_t *logits, int64_t 
  * threads; err: as in ffn_tasks_body (the layers after a failure still run, on whatever they read, and
  * the call fails). */
 static void decode_layer_body(const tm_decode_layer *Ly, uint16_t *x, int64_t B, int64_t D, const void *cos,
-                              const void *sin, uint16_t *kc, uint16_t *vc, int64_t L, const int64_t *slot,
-                              const int64_t *pos, uint16_t *ws, float *sc, float *fs, uint16_t *h, int64_t *ids,
-                              moe_plan *plan, ffn_plan *fplan, int *err) {
+                              const void *sin, uint16_t *kc, uint16_t *vc, int64_t bs, const int64_t *table,
+                              int64_t M, const int64_t *pos, uint16_t *ws, float *sc, float *fs, uint16_t *h,
+                              int64_t *ids, moe_plan *plan, ffn_plan *fplan, int *err) {
   const int64_t E = Ly->E, K = Ly->K;
   uint16_t *xn = ws, *ao = ws + B * D, *logits = ws + 2 * B * D, *aws = logits + B * E; /* normed, attn out */
   float *mo = fs, *w = fs + B * D; /* routed sum [B, D], routing weights [B, K] */
   int nt = omp_get_num_threads(), t = omp_get_thread_num();
 #pragma omp for
   for (int64_t b = 0; b < B; b++) rmsnorm_row(x + b * D, D, Ly->ln1, Ly->eps, xn + b * D);
-  attn_decode_body(&Ly->attn, xn, B, D, cos, sin, kc, vc, L, slot, pos, ao, aws, sc, err);
+  attn_decode_body(&Ly->attn, xn, B, D, cos, sin, kc, vc, bs, table, M, pos, ao, aws, sc, err);
 #pragma omp barrier
 #pragma omp for
   for (int64_t b = 0; b < B; b++) {
@@ -82,20 +82,22 @@ static void decode_layer_body(const tm_decode_layer *Ly, uint16_t *x, int64_t B,
 }
 
 /* n consecutive MoE decoder layers for one new token per row, in one parallel region: x [B, D] bf16, the
- * residual stream, is updated in place (see decode_layer_body). kc[l]/vc[l]: layer l's cache, the other
- * attention arguments as in tm_attn_decode_bf16. Scratch, sized for the largest layer: ws bf16 of
- * B * (2*D + E + 2*H*hd + 2*Hkv*hd) elements; sc fp32 of nthreads * L; fs fp32 of B * (D + K); h bf16 of
+ * residual stream, is updated in place (see decode_layer_body). kc[l]/vc[l]: layer l's cache (each a pool
+ * of N blocks), the other attention arguments as in tm_attn_decode_bf16 (TM_EINVAL, nothing done, where
+ * the block tables do not fit the pools). Scratch, sized for the largest layer: ws bf16 of
+ * B * (2*D + E + 2*H*hd + 2*Hkv*hd) elements; sc fp32 of nthreads * M * bs; fs fp32 of B * (D + K); h bf16 of
  * B * K * I. ids [n, B, K]: each layer's routed experts. */
 int tm_decode_layers_bf16(const tm_decode_layer *layers, int64_t n, uint16_t *x, int64_t B, int64_t D,
-                          const void *cos, const void *sin, uint16_t *const *kc, uint16_t *const *vc, int64_t L,
-                          const int64_t *slot, const int64_t *pos, int nthreads, uint16_t *ws, float *sc,
-                          float *fs, uint16_t *h, int64_t *ids) {
+                          const void *cos, const void *sin, uint16_t *const *kc, uint16_t *const *vc, int64_t N,
+                          int64_t bs, const int64_t *table, int64_t M, const int64_t *pos, int nthreads, uint16_t *ws,
+                          float *sc, float *fs, uint16_t *h, int64_t *ids) {
+  if (!tables_ok(table, B, M, bs, N, pos)) return TM_EINVAL;
   moe_plan plan;
   ffn_plan fplan;
   int err = TM_OK;
 #pragma omp parallel num_threads(nthreads)
   for (int64_t l = 0; l < n; l++) {
-    decode_layer_body(&layers[l], x, B, D, cos, sin, kc[l], vc[l], L, slot, pos, ws, sc, fs, h,
+    decode_layer_body(&layers[l], x, B, D, cos, sin, kc[l], vc[l], bs, table, M, pos, ws, sc, fs, h,
                       ids + l * B * layers[l].K, &plan, &fplan, &err);
   }
   return err;

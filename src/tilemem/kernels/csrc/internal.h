@@ -116,9 +116,12 @@ int moe_plan_make(int64_t T, int64_t D, int64_t I, const int64_t *ids, const flo
 void moe_plan_free(moe_plan *p);
 
 /* attention.c */
+/* Whether B rows at positions pos[b] fit their block tables (table [B, M] of a pool of N blocks of bs
+ * positions): 0 <= pos[b] < M * bs and every entry of blocks 0..pos[b] / bs in [0, N). */
+int tables_ok(const int64_t *table, int64_t B, int64_t M, int64_t bs, int64_t N, const int64_t *pos);
 void attn_decode_body(const tm_attn_layer *a, const uint16_t *x, int64_t B, int64_t D, const void *cos,
-                      const void *sin, uint16_t *kc, uint16_t *vc, int64_t L, const int64_t *slot, const int64_t *pos,
-                      uint16_t *out, uint16_t *ws, float *sc, int *err);
+                      const void *sin, uint16_t *kc, uint16_t *vc, int64_t bs, const int64_t *table, int64_t M,
+                      const int64_t *pos, uint16_t *out, uint16_t *ws, float *sc, int *err);
 
 /* Records that this thread could not get memory: the call's status becomes TM_ENOMEM (err: the call's
  * status, shared by its threads). */

@@ -22,7 +22,9 @@
  * attention block, prefill causal attention), decode_layers.c (a decode step's run of MoE decoder
  * layers), abi.c (the ABI version and struct sizes); internal.h holds what they share.
  *
- * Errors: the functions that allocate return a tm_status; on TM_ENOMEM their outputs are undefined.
+ * Errors: the functions that allocate return a tm_status; on TM_ENOMEM their outputs are undefined. The
+ * decode functions that read a paged KV cache check its block table first: TM_EINVAL (nothing read or
+ * written) for a position past the table or a used entry outside the pool's N blocks.
  *
  * Shape legend: T tokens, D hidden, n neurons of a task, K reduction length, N output rows.
  */
@@ -33,11 +35,11 @@
 
 /* The one interface version: bump it whenever a struct or a prototype below changes. Python reads it
  * from this line and checks it, and the struct sizes, against the loaded library. */
-#define TM_ABI_VERSION 8
+#define TM_ABI_VERSION 9
 
 #define TM_API __attribute__((visibility("default")))
 
-typedef enum { TM_OK = 0, TM_ENOMEM = 1 } tm_status;
+typedef enum { TM_OK = 0, TM_ENOMEM = 1, TM_EINVAL = 2 } tm_status;
 
 /* A bf16 matrix [N, K] in 12 bits per weight, losslessly (see x12.c). */
 typedef struct {
@@ -126,13 +128,14 @@ TM_API int tm_attn_prefill_bf16(const uint16_t *q, int64_t sqb, int64_t sqh, int
                                 const uint16_t *v, int64_t skb, int64_t skh, int64_t skt, uint16_t *out, int64_t B,
                                 int64_t H, int64_t Hkv, int64_t T, int64_t hd, float scale, int nthreads);
 TM_API int tm_attn_decode_bf16(const tm_attn_layer *a, const uint16_t *x, int64_t B, int64_t D, const void *cos,
-                               const void *sin, uint16_t *kc, uint16_t *vc, int64_t L, const int64_t *slot,
-                               const int64_t *pos, uint16_t *out, int nthreads, uint16_t *ws, float *sc);
+                               const void *sin, uint16_t *kc, uint16_t *vc, int64_t N, int64_t bs,
+                               const int64_t *table, int64_t M, const int64_t *pos, uint16_t *out, int nthreads,
+                               uint16_t *ws, float *sc);
 
 /* decode_layers.c */
 TM_API int tm_decode_layers_bf16(const tm_decode_layer *layers, int64_t n, uint16_t *x, int64_t B, int64_t D,
                                  const void *cos, const void *sin, uint16_t *const *kc, uint16_t *const *vc,
-                                 int64_t L, const int64_t *slot, const int64_t *pos, int nthreads, uint16_t *ws,
-                                 float *sc, float *fs, uint16_t *h, int64_t *ids);
+                                 int64_t N, int64_t bs, const int64_t *table, int64_t M, const int64_t *pos,
+                                 int nthreads, uint16_t *ws, float *sc, float *fs, uint16_t *h, int64_t *ids);
 
 #endif
