@@ -176,25 +176,22 @@ INLINE void scores(const void *k, const int64_t *ko, int64_t n, const float *q, 
  * NH x FC chains in registers, each value vector loaded once for all NH heads. */
 INLINE void wsum_tile(const void *v, const int64_t *vo, int64_t i0, int64_t i1, const float *p, int64_t ldp,
                       int64_t Dv, int64_t f, float *acc, const int NH, const int FC, const int bf) {
-    __m256 a[4][4];
+    __m256 a[4][8];
 #pragma GCC unroll 4
     for (int h = 0; h < NH; h++)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int c = 0; c < FC; c++) a[h][c] = _mm256_loadu_ps(acc + h * Dv + f + 8 * c);
     for (int64_t i = i0; i < i1; i++) {
-        __m256 vv[4];
+#pragma GCC unroll 8
+        for (int c = 0; c < FC; c++) {
+            __m256 vv = load8(v, vo[i] + f + 8 * c, bf);
 #pragma GCC unroll 4
-        for (int c = 0; c < FC; c++) vv[c] = load8(v, vo[i] + f + 8 * c, bf);
-#pragma GCC unroll 4
-        for (int h = 0; h < NH; h++) {
-            __m256 w = _mm256_broadcast_ss(p + h * ldp + i);
-#pragma GCC unroll 4
-            for (int c = 0; c < FC; c++) a[h][c] = _mm256_fmadd_ps(w, vv[c], a[h][c]);
+            for (int h = 0; h < NH; h++) a[h][c] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + h * ldp + i), vv, a[h][c]);
         }
     }
 #pragma GCC unroll 4
     for (int h = 0; h < NH; h++)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int c = 0; c < FC; c++) _mm256_storeu_ps(acc + h * Dv + f + 8 * c, a[h][c]);
 }
 
@@ -207,6 +204,7 @@ INLINE void weighted_sum(const void *v, const int64_t *vo, int64_t n, const floa
         const int64_t i1 = n - i0 < ROWS ? n : i0 + ROWS;
         for (int64_t i = i0; i < i1; i++) fetch_ahead(v, vo, i + ROWS - AHEAD, n, Dv, bf); /* the next pass's */
         int64_t f = 0;
+        for (; f + 64 <= Dv && NH == 1; f += 64) wsum_tile(v, vo, i0, i1, p, ldp, Dv, f, acc, NH, 8, bf);
         for (; f + 32 <= Dv && NH <= 2; f += 32) wsum_tile(v, vo, i0, i1, p, ldp, Dv, f, acc, NH, 4, bf);
         for (; f + 16 <= Dv; f += 16) wsum_tile(v, vo, i0, i1, p, ldp, Dv, f, acc, NH, 2, bf);
         for (; f + 8 <= Dv; f += 8) wsum_tile(v, vo, i0, i1, p, ldp, Dv, f, acc, NH, 1, bf);
@@ -276,13 +274,18 @@ TMP_API int tmp_paged_attention(const void *q, int q_bf16, int64_t sqb, int64_t 
             int64_t *ko = off, *vo = off + most, n = 0;
             const int64_t *tb = table + b * M;
             const int64_t cnt = sel ? K : len[b];
-            for (int64_t i = 0; i < cnt; i++) { /* the rows' offsets in the pools, position by position */
-                int64_t p = sel ? sel[b * K + i] : i;
+            for (int64_t i = 0; sel && i < cnt; i++) { /* the rows' offsets in the pools, position by position */
+                int64_t p = sel[b * K + i];
                 if (p < 0) continue;
                 int64_t blk = tb[p / bs], t = p % bs;
                 ko[n] = blk * skn + g * skh + t * skt;
                 vo[n++] = blk * svn + g * svh + t * svt;
             }
+            for (int64_t j = 0; !sel && j * bs < cnt; j++) /* block by block (no division per position) */
+                for (int64_t t = 0; t < bs && n < cnt; t++) {
+                    ko[n] = tb[j] * skn + g * skh + t * skt;
+                    vo[n++] = tb[j] * svn + g * svh + t * svt;
+                }
             for (int h = 0; h < HC; h++) /* the chunk's queries as fp32, padded with copies of its first */
                 for (int64_t d = 0; d < Dk; d++)
                     qf[h * Dk + d] = load1(q, b * sqb + (h0 + (h < nh ? h : 0)) * sqh + d, q_bf16);
