@@ -201,7 +201,7 @@ def test_killed_rank_stops_rank_0_with_a_clear_error(tiny, tmp_path):
     llm = LLM(path, dtype="fp32", world_size=2, threads=1, budget="cpu=2GiB", store=tmp_path / "s", dist_timeout=20)
     (follower,) = llm.parts.followers
     steps = [0]
-    engine = llm.engine(len(PROMPTS), 64)
+    engine = llm.engine()
     original = engine.step
 
     def step():  # kill rank 1 after a few steps, mid-generation

@@ -221,7 +221,7 @@ def test_stream_deltas_concatenate_to_the_generated_text(stop, llm):
 
 def test_interleaved_streams_keep_their_own_text(llm):
     want = [o.text for o in llm.generate(PROMPTS[:2], GREEDY)]
-    llm.engine(2)  # one engine batches both streams
+    llm.engine()  # one engine batches both streams
     streams = [llm.stream(p, GREEDY) for p in PROMPTS[:2]]
     got = ["", ""]
     live = [True, True]
@@ -241,7 +241,8 @@ def test_abandoned_stream_frees_its_slot(llm):
     stream.close()
     eng = llm._engine
     assert not eng.has_work()
-    assert len(eng.scheduler.free_slots) == eng.cache.slots
+    assert len(eng.scheduler.free_slots) == eng.max_batch
+    assert eng.pool.used == 0  # its KV blocks went back to the pool
     assert llm.generate(PROMPTS[1], GREEDY)[0].token_ids == greedy(llm, PROMPTS[1]).token_ids
 
 
@@ -332,7 +333,7 @@ def test_stats_count_prompt_and_generated_tokens(llm):
     rss_before = psutil.Process().memory_info().rss
     outs = llm.generate(PROMPTS, GREEDY)
     stats = llm.stats()
-    assert stats.prefill_tokens == sum(len(o.prompt_token_ids) for o in outs)
+    assert stats.prefill_tokens == sum(len(o.prompt_token_ids) - o.cached_tokens for o in outs)
     assert stats.decode_tokens == sum(len(o.token_ids) - 1 for o in outs)  # the first comes from prefill
     # A peak of this process's resident memory, in bytes: at least what it held before, at most the RAM.
     assert rss_before <= stats.peak_rss_bytes <= psutil.virtual_memory().total

@@ -67,7 +67,7 @@ def test_scheduler_appends_drafts_to_decode_rows_within_the_slot():
 
             return Draft([7, 8, 9][:limit])
 
-    sched = Scheduler(slots=2, prefill_chunk=8, slot_length=6)
+    sched = Scheduler(slots=2, prefill_chunk=8, max_len=6)
     sched.speculation = Fixed()
     a = Sequence([1, 2, 3], SamplingParams(max_tokens=10), torch.Generator())
     b = Sequence(list(range(1, 20)), SamplingParams(max_tokens=10), torch.Generator())
@@ -124,7 +124,7 @@ def test_a_failing_speculative_row_fails_alone(llm):
 
     def model(ids, ctx, logits_at=None, **kw):
         decoding = bad.cached >= len(bad.prompt_ids) and len(bad.output_ids) >= 3
-        if decoding and bad.slot in ctx.slots.tolist():  # fails once it decodes with drafts
+        if decoding and bad.blocks in ctx.rows:  # fails once it decodes with drafts
             raise RuntimeError("poisoned row")
         return real(ids, ctx, logits_at=logits_at, **kw)
 

@@ -139,6 +139,22 @@ class EngineArgs:
     )
     """All-resident CPU engine: x12 (12 bits per weight, lossless) or none (bf16 as loaded)."""
 
+    kv_memory: str | int | None = arg(
+        None,
+        "most memory the paged KV cache may hold, e.g. 4GiB; plans keep it free (default: half the available "
+        "memory, at most --max-batch sequences of --max-model-len tokens)",
+    )
+    """Most bytes the paged KV cache may grow to (e.g. `4GiB`); plans made here count it in the DRAM (or VRAM)
+    budget. When its blocks run out, the youngest sequence is preempted and recomputed later. None: half the memory
+    available at start-up, at most `max_batch` sequences of `max_model_len` tokens."""
+    kv_block_size: int = arg(16, "token positions per KV-cache block", minimum=1, unit=" token")
+    """Token positions per KV-cache block."""
+    prefix_caching: bool = arg(
+        True, "do not reuse the KV blocks of a prompt prefix seen before", flag="--no-prefix-caching",
+        action="store_false",
+    )  # fmt: skip
+    """Reuse the cached KV blocks of a prompt's prefix (full blocks, keyed by their tokens and all before them)."""
+
     world_size: int | None = arg(
         None,
         "expert parallelism: ranks in the run (default: 1, or torchrun's WORLD_SIZE); without --rank, rank 0 starts "
@@ -193,20 +209,25 @@ class EngineArgs:
                 raise ConfigError(f"unknown device '{d}'; use 'cpu' or 'cuda' (or 'cuda:N') with {flag_of('device')}.")
         if self.memory_limit is not None:
             self._check_memory_limit()
+        if self.kv_memory is not None:
+            self._check_bytes("kv_memory", "4GiB")
         if self.plan is not None and self.budget is not None:
             raise ConfigError("give either --plan or --budget (a plan, or a budget to plan for), not both.")
 
     def _check_memory_limit(self) -> None:
+        self._check_bytes("memory_limit", "6GiB")
+
+    def _check_bytes(self, name: str, example: str) -> None:
         from tilemem.units import parse_bytes
 
-        value = self.memory_limit
+        value = getattr(self, name)
         try:
-            n = parse_bytes(value, "memory_limit") if isinstance(value, str | int) else None
+            n = parse_bytes(value, name) if isinstance(value, str | int) and not isinstance(value, bool) else None
         except ConfigError:
             n = None
         if n is None or n <= 0:
             raise ConfigError(
-                f"memory_limit ({flag_of('memory_limit')}) must be a positive byte size such as 6GiB, 512MiB or "
+                f"{name} ({flag_of(name)}) must be a positive byte size such as {example}, 512MiB or "
                 f"8000000000, got {value!r}."
             )
 
@@ -233,6 +254,14 @@ class EngineArgs:
         if self.dtype is None or (cfg.weight_format and not self.dequantize):
             return None
         return str(self.dtype).replace("torch.", "")
+
+    def kv_settings(self):
+        """The paged KV cache's settings (`engine.kv_blocks.KVSettings`)."""
+        from tilemem.engine.kv_blocks import KVSettings
+        from tilemem.units import parse_bytes
+
+        memory = None if self.kv_memory is None else parse_bytes(self.kv_memory, "kv_memory")
+        return KVSettings(memory, self.kv_block_size, self.prefix_caching, self.memory_limit)
 
     def tiered_config(self, plan_prefetch: bool = True):
         """The tiered runtime's settings: `runtime` if given, else `cache_policy` and `prefetch`

@@ -68,7 +68,8 @@ class EngineParts:
         return self.checkpoint.config
 
     def engine(self, slots: int | None = None, length: int | None = None, prefill_chunk: int | None = None) -> Engine:
-        """A new Engine with `slots` KV-cache rows of `length` tokens (defaults: the args'), and the
+        """A new Engine of `slots` batch rows for sequences of up to `length` tokens (defaults: the args'), its paged
+        KV cache sized by the args (`kv_memory`, `kv_block_size`, `prefix_caching`), and the
         speculator `args.speculative` asks for (its draft model loaded with `args.dtype`)."""
         args = self.args
         slots = slots or args.max_batch
@@ -83,8 +84,9 @@ class EngineParts:
         prefill_chunk = prefill_chunk or args.prefill_chunk
         leader = self.leader
         return Engine(
-            self.model, self.tokenizer, self.eos_ids, slots, length, prefill_chunk, self.tiered, speculator, leader
-        )
+            self.model, self.tokenizer, self.eos_ids, slots, length, prefill_chunk, self.tiered, speculator, leader,
+            args.kv_settings(),
+        )  # fmt: skip
 
     @property
     def leader(self):
@@ -146,14 +148,15 @@ def _build(args: EngineArgs, kv_sequences: int, ranks, followers: list) -> Engin
     cfg = ckpt.config
     max_model_len = min(args.max_model_len or 4096, cfg.max_position_embeddings)
     rank_plans = None
+    kv_context, kv_sequences = kv_reservation(args, ckpt, max_model_len, kv_sequences)
     if ranks is None:
-        plan = resolve_plan(args, ckpt, max_model_len, kv_sequences)
+        plan = resolve_plan(args, ckpt, kv_context, kv_sequences)
     else:
         from tilemem.engine.ranks import rank_plan, run_facts
 
         if args.async_planning:
             raise ConfigError("async planning does not run with expert parallelism yet; drop --async-planning.")
-        plan, rank_plans = rank_plan(args, ckpt, ranks, max_model_len, kv_sequences)
+        plan, rank_plans = rank_plan(args, ckpt, ranks, kv_context, kv_sequences)
         ranks.agree(run_facts(ckpt, plan))
     skip = None
     if plan is not None:  # FFN weights come from the tile store, where the plan puts them
@@ -208,6 +211,19 @@ def _build(args: EngineArgs, kv_sequences: int, ranks, followers: list) -> Engin
 
         MTPDrafter(model)  # raises the clear "no MTP layers" error now, not at the first request
     return parts
+
+
+def kv_reservation(args: EngineArgs, ckpt: Checkpoint, max_model_len: int, kv_sequences: int) -> tuple[int, int]:
+    """(tokens, sequences) of KV cache a plan keeps memory for: `kv_sequences` sequences of `max_model_len` tokens,
+    or with `--kv-memory` the tokens that many bytes hold (one sequence's worth)."""
+    if args.kv_memory is None:
+        return max_model_len, kv_sequences
+    from tilemem.units import parse_bytes
+
+    cfg = ckpt.config
+    width = cfg.kv_lora_rank + cfg.qk_rope_head_dim if cfg.is_mla else 2 * cfg.num_kv_heads * cfg.head_dim
+    elem = 4 if "32" in str(args.dtype or cfg.torch_dtype) else 2
+    return max(1, parse_bytes(args.kv_memory, "kv_memory") // (width * cfg.num_layers * elem)), 1
 
 
 def resolve_plan(args: EngineArgs, ckpt: Checkpoint, max_model_len: int = 4096, kv_sequences: int = 1):

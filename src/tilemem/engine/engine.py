@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 import torch
 
 from tilemem.engine.drafts import Draft, Speculation
+from tilemem.engine.kv_blocks import BlockPool, KVSettings
 from tilemem.engine.sampling import sample
 from tilemem.engine.scheduler import ScheduledBatch, Scheduler
 from tilemem.engine.sequence import Sequence
 from tilemem.engine.tokenizer import IncrementalDecoder, TextTokenizer
-from tilemem.errors import TileMemError
+from tilemem.errors import ConfigError, TileMemError
 from tilemem.layers.kv_cache import ForwardContext
+from tilemem.units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -108,22 +110,75 @@ class Engine:
         runtime=None,
         speculator: Speculation | None = None,
         leader=None,
+        kv: KVSettings | None = None,
     ) -> None:
         self.model = model
         self.runtime = runtime
         self.tokenizer = tokenizer
         self.eos_ids = set(eos_ids)
         self.max_model_len = max_model_len
+        self.max_batch = max_batch
         self.leader = leader
         """Expert parallelism on rank 0 (`engine.ranks.Leader`): the other ranks mirror every cache and forward."""
+        kv = kv or KVSettings()
+        bs = kv.block_size
+        self.kv = kv
+        self.max_blocks = kv.limit_blocks(model.kv_block_bytes(bs), max_batch, max_model_len)
+        """Most KV blocks the cache may grow to (its memory budget)."""
+        spare = speculator.k + 2 if speculator is not None else 0  # drafts verified past max_model_len
+        if self.max_blocks * bs < max_model_len + spare:
+            raise ConfigError(
+                f"KV memory for {self.max_blocks * bs} tokens cannot hold one sequence of --max-model-len "
+                f"{max_model_len}; raise --kv-memory (a {bs}-token block costs "
+                f"{format_bytes(model.kv_block_bytes(bs))}) or lower --max-model-len."
+            )
+        blocks = min(self.max_blocks, -(-(max_model_len + spare) // bs))  # one sequence; grows as more need it
         if leader is not None:
-            leader.allocate(max_batch, max_model_len)
-        self.cache = model.allocate_cache(max_batch, max_model_len)
-        self.scheduler = Scheduler(max_batch, prefill_chunk, slot_length=self.cache.length)
+            leader.allocate(blocks, bs)
+        self.cache = model.allocate_paged(blocks, bs)
+        self.pool = BlockPool(blocks, bs, prefix_caching=kv.prefix_caching)
+        self.scheduler = Scheduler(max_batch, prefill_chunk, self.pool, max_model_len, self._grow)
+        self.scheduler.on_preempt = self._preempted
+        self.scheduler.on_error = lambda seq, error: self._fail(seq, error)
         self.speculator = speculator
         self.decoders: dict[str, IncrementalDecoder] = {}
         self.emitted: dict[str, int] = {}
         self.counters = EngineCounters()
+
+    def _grow(self, n: int) -> bool:
+        """Grow the KV cache by at least `n` blocks (doubling, within `max_blocks`); False at the limit."""
+        have = self.pool.blocks
+        if have >= self.max_blocks:
+            return False
+        blocks = min(self.max_blocks, max(have + n, 2 * have))
+        if self.leader is not None:
+            self.leader.grow(blocks)
+        self.cache = self.cache.grown(blocks)
+        self.pool.grow(blocks)
+        return True
+
+    def _preempted(self, seq: Sequence) -> None:
+        """A preempted sequence starts its drafts over when it resumes."""
+        if self.speculator is not None:
+            self.speculator.release(seq)
+
+    def kv_stats(self) -> dict[str, float]:
+        """KV-cache and prefix-cache figures: blocks in use and held, bytes, hit rate, preemptions."""
+        p = self.pool
+        return {
+            "kv_block_size": p.block_size,
+            "kv_blocks": p.blocks,
+            "kv_blocks_max": self.max_blocks,
+            "kv_blocks_used": p.used,
+            "kv_blocks_cached": p.cached,
+            "kv_bytes": self.cache.nbytes(),
+            "kv_bytes_used": p.used * self.cache.block_bytes(),
+            "prefix_queried_tokens": p.stats.queried_tokens,
+            "prefix_hit_tokens": p.stats.hit_tokens,
+            "prefix_hit_rate": p.stats.hit_rate,
+            "prefix_evictions": p.stats.evictions,
+            "preemptions": self.scheduler.preemptions,
+        }
 
     @property
     def speculator(self) -> Speculation | None:
@@ -239,13 +294,14 @@ class Engine:
         ids = torch.zeros(len(rows), max(lengths), dtype=torch.long)
         for i, chunk in enumerate(chunks):
             ids[i, : len(chunk)] = torch.tensor(chunk)
-        ctx = ForwardContext.build(self.cache, [s.slot for s in seqs], [s.cached for s in seqs], lengths)
+        tables, starts = [s.blocks for s in seqs], [s.cached for s in seqs]
+        ctx = ForwardContext.paged(self.cache, tables, starts, lengths)
         last = torch.tensor(lengths) - 1  # [R]
         every = any(batch.draft(i) is not None for i in rows)  # drafts are verified at every position
         kw = {"return_hidden": True} if self.speculator is not None and self.speculator.wants_hidden else {}
         logits_at = None if every else last
         if self.leader is not None:
-            self.leader.forward(ids, [s.slot for s in seqs], [s.cached for s in seqs], lengths, logits_at, bool(kw))
+            self.leader.forward(ids, tables, starts, lengths, logits_at, bool(kw))
         res = self.model(ids, ctx, logits_at=logits_at, **kw)
         logits, hidden = res if kw else (res, None)  # [R, T, V] or [R, V]; [R, T, D]
         logits = logits.cpu()  # sampling and verification run on the CPU
@@ -284,7 +340,8 @@ class Engine:
                 seq.cached += len(batch.chunks[i])
                 if seq.finished:
                     continue  # aborted meanwhile
-                if seq.cached >= len(seq.prompt_ids):
+                self.scheduler.computed(seq)
+                if seq.cached >= len(seq.tokens):
                     events.append(self._emit_token(seq, row.logits))
                 if row.hidden is not None and not seq.finished:  # a prompt chunk the drafter reads
                     self.speculator.observe_prompt(seq, row.hidden, start, self.cache)
@@ -300,6 +357,7 @@ class Engine:
             return []  # aborted meanwhile
         tokens = self.speculator.verify(seq, draft, row.logits, row.hidden, self.cache)
         seq.cached += len(tokens)  # the pending token + the accepted drafts
+        self.scheduler.computed(seq)
         events = []
         for j, token in enumerate(tokens):
             text = self.append_token(seq, token, row.logits[j])

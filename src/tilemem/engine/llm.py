@@ -20,6 +20,7 @@ from tilemem.engine.engine import Engine
 from tilemem.engine.sampling import SamplingParams, make_generator
 from tilemem.engine.sequence import Sequence
 from tilemem.errors import GenerationError, RequestError
+from tilemem.units import format_bytes
 
 Prompt = str | list[int]
 
@@ -40,6 +41,10 @@ class RequestOutput:
     total_s: float = 0.0
     """Seconds from submission to the last token."""
     error: str | None = None
+    cached_tokens: int = 0
+    """Prompt tokens whose KV blocks came from the prefix cache (not computed again)."""
+    preemptions: int = 0
+    """Times the sequence was preempted (its KV blocks taken back) and recomputed."""
 
     @classmethod
     def from_seq(cls, prompt: Prompt, seq: Sequence) -> RequestOutput:
@@ -55,6 +60,8 @@ class RequestOutput:
             ttft_s=(seq.first_token_time or seq.arrival) - seq.arrival,
             total_s=(seq.finish_time or seq.arrival) - seq.arrival,
             error=seq.error,
+            cached_tokens=seq.cached_prompt,
+            preemptions=seq.preemptions,
         )
 
 
@@ -74,6 +81,9 @@ class GenerationStats:
     """Tiered-runtime totals over the call."""
     speculative: str | None = None
     """`Accepted length: mean=..., min=..., max=...` and timings, when decoding speculatively."""
+    kv: dict[str, float] | None = None
+    """The KV cache after the call (`Engine.kv_stats`): blocks used and cached, bytes, prefix-cache hit rate (over
+    the engine's life), preemptions."""
 
     def line(self) -> str:
         """One human-readable line."""
@@ -92,6 +102,13 @@ class GenerationStats:
             )
         if self.speculative:
             text += "\n" + self.speculative
+        if self.kv:
+            k = self.kv
+            text += (
+                f"\nKV cache: {k['kv_blocks_used']}/{k['kv_blocks']} blocks in use (max {k['kv_blocks_max']}), "
+                f"{format_bytes(k['kv_bytes'])} | prefix cache hit rate {100 * k['prefix_hit_rate']:.1f}% | "
+                f"{k['preemptions']} preemptions"
+            )
         return text
 
 
@@ -157,18 +174,16 @@ class LLM:
         return self.parts.replanner
 
     # -- engine --------------------------------------------------------------------------------
-    def engine(self, slots: int | None = None, length: int | None = None) -> Engine:
-        """The engine, (re)allocating its KV cache when it is smaller than asked."""
-        slots = slots or self.max_batch
-        length = length or self.max_model_len
-        if self.speculative:
-            length = min(length + self.num_draft + 1, self.max_model_len)  # room for drafts being verified
-        eng = self._engine
-        if eng is None or eng.cache.slots < slots or eng.cache.length < length:
-            self._engine = None  # free the old cache first
-            eng = self._engine = self.parts.engine(slots, length)
-            self.speculator = eng.speculator
-        return eng
+    def engine(self) -> Engine:
+        """The engine: one per LLM, kept between calls so that its prefix cache serves the next prompts (its paged
+        KV cache grows as sequences need, within `kv_memory`)."""
+        if self._engine is None:
+            length = self.max_model_len
+            if self.speculative:
+                length = length + self.num_draft + 1  # room for drafts being verified
+            self._engine = self.parts.engine(self.max_batch, length)
+            self.speculator = self._engine.speculator
+        return self._engine
 
     def _sequence(self, prompt: Prompt, params: SamplingParams) -> Sequence:
         if isinstance(prompt, str):
@@ -206,15 +221,14 @@ class LLM:
                 "or a single SamplingParams for all."
             )
         seqs = [self._sequence(p, sp) for p, sp in zip(prompts, params_list, strict=True)]
-        need = max(min(s.length + s.params.max_tokens, self.max_model_len) for s in seqs)
-        eng = self.engine(min(len(seqs), self.max_batch), need)
+        eng = self.engine()
         self._run(eng, seqs, lambda events: None)
         return [RequestOutput.from_seq(p, s) for p, s in zip(prompts, seqs, strict=True)]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield text deltas of one prompt as tokens are generated."""
         seq = self._sequence(prompt, params or SamplingParams())
-        eng = self.engine(1, min(seq.length + seq.params.max_tokens, self.max_model_len))
+        eng = self.engine()
         start = self._start(eng)
         eng.add(seq)
         shown = 0
@@ -276,6 +290,7 @@ class LLM:
             steps,
             rt,
             self.speculator.stats.line() if self.speculator is not None else None,
+            eng.kv_stats(),
         )
 
     def _run(self, eng: Engine, seqs: list[Sequence], on_events) -> None:

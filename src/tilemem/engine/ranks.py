@@ -43,23 +43,27 @@ class Leader:
     def __init__(self, group: RankGroup) -> None:
         self.group = group
 
-    def allocate(self, slots: int, length: int) -> None:
-        """The ranks allocate a KV cache of `slots` rows of `length` tokens, as rank 0 is about to."""
-        self.group.send(("cache", slots, length))
+    def allocate(self, blocks: int, block_size: int) -> None:
+        """The ranks allocate a paged KV cache of `blocks` blocks of `block_size` positions, as rank 0 is about to."""
+        self.group.send(("cache", blocks, block_size))
+
+    def grow(self, blocks: int) -> None:
+        """The ranks grow their KV cache to `blocks` blocks, as rank 0 is about to."""
+        self.group.send(("grow", blocks))
 
     def forward(
         self,
         ids: torch.Tensor,
-        slots: list[int],
+        tables: list[list[int]],
         starts: list[int],
         lengths: list[int],
         logits_at: torch.Tensor | None,
         return_hidden: bool,
     ) -> None:
-        """The ranks run the forward pass rank 0 is about to run: ids [B, T], rows at `slots` with `starts` cached
-        tokens adding `lengths` tokens; `logits_at` and `return_hidden` as rank 0 passes them (they decide which
-        tokens the last layer computes)."""
-        self.group.send(("forward", ids, slots, starts, lengths, logits_at, return_hidden))
+        """The ranks run the forward pass rank 0 is about to run: ids [B, T], rows with block tables `tables`,
+        `starts` cached tokens adding `lengths` tokens; `logits_at` and `return_hidden` as rank 0 passes them (they
+        decide which tokens the last layer computes)."""
+        self.group.send(("forward", ids, tables, starts, lengths, logits_at, return_hidden))
 
     def stop(self) -> None:
         """Tell the ranks the run is over."""
@@ -76,12 +80,14 @@ def follow(model, group: RankGroup) -> None:
             return
         if kind == "cache":
             cache = None  # free the old one first
-            cache = model.allocate_cache(*message[1:])
+            cache = model.allocate_paged(*message[1:])
+        elif kind in ("forward", "grow") and cache is None:
+            raise RankError(f"rank {group.rank}: rank 0 sent {kind!r} before any KV cache; versions differ?")
+        elif kind == "grow":
+            cache = cache.grown(message[1])
         elif kind == "forward":
-            ids, slots, starts, lengths, logits_at, return_hidden = message[1:]
-            if cache is None:
-                raise RankError(f"rank {group.rank}: rank 0 sent a forward pass before any KV cache; versions differ?")
-            ctx = ForwardContext.build(cache, slots, starts, lengths)
+            ids, tables, starts, lengths, logits_at, return_hidden = message[1:]
+            ctx = ForwardContext.paged(cache, tables, starts, lengths)
             model(ids, ctx, logits_at=logits_at, return_hidden=return_hidden, head=False)
         else:
             raise RankError(

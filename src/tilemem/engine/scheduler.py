@@ -1,21 +1,29 @@
-"""Iteration-level scheduler: admit waiting sequences into free KV-cache slots, then run one step.
+"""Iteration-level scheduler: admit waiting sequences, give every row the KV-cache blocks its step needs, run one step.
 
 A step carries one decode token for every running sequence that has finished its prompt, plus
 prompt chunks of sequences still prefilling, at most `prefill_chunk` prompt tokens in all. A long
-prompt is so spread over several steps and never stalls the running decodes; finished sequences
-free their slot at once, and waiting ones take it at the next step.
+prompt is so spread over several steps and never stalls the running decodes.
+
+KV memory is paged (`engine.kv_blocks.BlockPool`): a sequence holds blocks for the positions it has
+computed, and gets more as it grows. At admission its prompt is looked up in the prefix cache; the blocks
+found are shared, and only the rest is computed. When no block is left for a row, the youngest running
+sequence is preempted: its blocks go back to the pool, and it waits at the head of the queue to be
+recomputed (prompt and output so far, with the prefix cache's help) when blocks free up. Finished
+sequences free their blocks at once.
 
 With speculative decoding on, a decoding row's chunk is `[pending token] + drafts` (up to k drafts the
-speculator proposes, within the room left in the row's KV-cache slot); `ScheduledBatch.drafts` says
-which rows carry them.
+speculator proposes, within the room left before `max_len` and in max_tokens); `ScheduledBatch.drafts`
+says which rows carry them.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tilemem.engine.drafts import Draft, Speculation
+from tilemem.engine.kv_blocks import DEFAULT_BLOCK_SIZE, ROOT, BlockPool, block_hash
 from tilemem.engine.sequence import Sequence, Status
 
 
@@ -57,19 +65,42 @@ class ScheduledBatch:
         return sum(1 for p in self.prefill if not p)
 
 
-class Scheduler:
-    """Waiting queue + running set over a fixed number of KV-cache slots."""
+class KVMemoryError(RuntimeError):
+    """A sequence needs more KV blocks than the whole pool can ever hold."""
 
-    def __init__(self, slots: int, prefill_chunk: int = 512, slot_length: int | None = None) -> None:
+
+class Scheduler:
+    """Waiting queue + running set over `slots` batch rows and a pool of KV-cache blocks."""
+
+    def __init__(
+        self,
+        slots: int,
+        prefill_chunk: int = 512,
+        pool: BlockPool | None = None,
+        max_len: int | None = None,
+        grow: Callable[[int], bool] | None = None,
+    ) -> None:
         self.free_slots = list(range(slots - 1, -1, -1))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.prefill_chunk = prefill_chunk
         """Most prompt tokens one step processes (over all prefilling rows)."""
-        self.slot_length = slot_length
-        """Tokens one KV-cache slot holds (bounds a row's drafts); None: unbounded."""
+        if pool is None:
+            pool = BlockPool(slots * -(-(max_len or 4096) // DEFAULT_BLOCK_SIZE), DEFAULT_BLOCK_SIZE, False)
+        self.pool = pool
+        """The KV-cache blocks (default: `max_len` (4096) positions per row, no prefix caching)."""
+        self.max_len = max_len
+        """Positions one sequence may reach (bounds a row's drafts); None: unbounded."""
+        self.grow = grow
+        """Asked for `n` more blocks when the pool runs out; True if it grew the pool (and the cache)."""
         self.speculation: Speculation | None = None
         """Proposes drafts for decoding rows (speculative decoding), or None."""
+        self.preemptions = 0
+        """Sequences preempted (their blocks taken back) so far."""
+        self.on_preempt: Callable[[Sequence], None] | None = None
+        """Told about each preempted sequence (the engine drops its drafter state)."""
+        self.on_error: Callable[[Sequence, str], None] | None = None
+        """Told about a sequence that can never fit the pool (the engine fails it)."""
 
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence."""
@@ -79,45 +110,131 @@ class Scheduler:
         """Whether any sequence is waiting or running."""
         return bool(self.waiting or self.running)
 
+    @property
+    def lookahead(self) -> int:
+        """Positions past a row's chunk the drafter writes (MTP drafts its k tokens into the cache)."""
+        spec = self.speculation
+        return spec.k + 1 if spec is not None and getattr(spec, "wants_hidden", False) else 0
+
     def schedule(self) -> ScheduledBatch | None:
-        """The next batch: a decode token for every decoding row plus prompt chunks within the budget."""
-        while self.waiting and self.free_slots:
-            seq = self.waiting.popleft()
-            seq.slot = self.free_slots.pop()
-            seq.status = Status.RUNNING
-            self.running.append(seq)
+        """The next batch: a decode token for every decoding row plus prompt chunks within the budget, each row
+        with the blocks its new tokens need (preempting the youngest sequences when there are none)."""
+        self._admit()
         seqs, chunks, prefill, drafts = [], [], [], []
         budget = self.prefill_chunk
-        for seq in self.running:  # arrival order: the oldest prompt gets the budget first
-            left = len(seq.prompt_ids) - seq.cached
-            if left <= 0:
-                draft = self._draft(seq)
-                seqs.append(seq)
-                chunks.append(seq.pending + (draft.tokens if draft is not None else []))
-                prefill.append(False)
-                drafts.append(draft)
-            elif budget > 0:
-                n = min(left, budget)
-                budget -= n
-                seqs.append(seq)
-                chunks.append(seq.prompt_ids[seq.cached : seq.cached + n])
-                prefill.append(True)
-                drafts.append(None)
+        for seq in list(self.running):  # arrival order: the oldest gets the budget (and the blocks) first
+            if seq not in self.running:
+                continue  # preempted for an older row of this step
+            left = len(seq.tokens) - seq.cached
+            decode = left == 1 and bool(seq.output_ids)
+            if not decode and budget <= 0:
+                continue
+            draft = self._draft(seq) if decode else None
+            chunk = seq.tokens[seq.cached :] if decode else seq.tokens[seq.cached : seq.cached + min(left, budget)]
+            if draft is not None:
+                chunk = chunk + draft.tokens
+            if not self._reserve(seq, seq.cached + len(chunk) + self.lookahead):
+                continue  # preempted itself, or failed
+            if not decode:
+                budget -= len(chunk)
+            seqs.append(seq)
+            chunks.append(chunk)
+            prefill.append(not decode)
+            drafts.append(draft)
         if not seqs:
             return None
         return ScheduledBatch(seqs, chunks, prefill, drafts)
 
+    def _admit(self) -> None:
+        """Move waiting sequences to free rows while the pool has blocks for their first chunk, reusing every
+        cached block of their prefix."""
+        while self.waiting and self.free_slots:
+            seq = self.waiting[0]
+            hits, hashes = self.pool.match(seq.tokens)
+            tokens = len(hits) * self.pool.block_size
+            first = min(len(seq.tokens) - tokens, self.prefill_chunk)
+            need = self.pool.blocks_for(tokens + first + self.lookahead) - len(hits)
+            held = sum(1 for b in hits if self.pool.refs[b] == 0)  # holding them takes them off the free list
+            if need > self.pool.available - held and not self._grow(need + held - self.pool.available):
+                if self.running:
+                    return  # wait for blocks to free up
+            self.waiting.popleft()
+            self.pool.hold(hits)
+            seq.blocks, seq.block_hashes, seq.cached = list(hits), list(hashes), tokens
+            if seq.preemptions == 0:
+                seq.cached_prompt = min(tokens, len(seq.prompt_ids))
+            self.pool.stats.queried_tokens += len(seq.tokens)
+            self.pool.stats.hit_tokens += tokens
+            seq.slot = self.free_slots.pop()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+
+    def _grow(self, n: int) -> bool:
+        return self.grow is not None and self.grow(n)
+
+    def _reserve(self, seq: Sequence, positions: int) -> bool:
+        """Give `seq` blocks for `positions` positions, preempting younger sequences (or `seq` itself, when it
+        is the youngest) until the pool has them; False if `seq` was preempted or failed."""
+        need = self.pool.blocks_for(positions) - len(seq.blocks)
+        if need <= 0:
+            return True
+        while True:
+            got = self.pool.allocate(need)
+            if got is None and self._grow(need - self.pool.available):
+                got = self.pool.allocate(need)
+            if got is not None:
+                seq.blocks += got
+                return True
+            victim = self.running[-1]
+            if victim is seq and len(self.running) == 1:  # alone and still too big: it can never run
+                if self.on_error is not None:
+                    self.on_error(
+                        seq,
+                        f"the KV cache holds {self.pool.blocks * self.pool.block_size} positions, and this sequence "
+                        f"needs {positions}; raise --kv-memory or lower --max-model-len.",
+                    )
+                else:
+                    raise KVMemoryError(f"sequence needs {positions} KV positions, the pool holds fewer")
+                return False
+            self.preempt(victim)
+            if victim is seq:
+                return False
+
+    def preempt(self, seq: Sequence) -> None:
+        """Take `seq`'s blocks back and queue it first, to be recomputed from its tokens so far."""
+        self.pool.release(seq.blocks)
+        seq.blocks, seq.block_hashes, seq.cached = [], [], 0
+        seq.preemptions += 1
+        self.preemptions += 1
+        seq.status = Status.WAITING
+        self.running.remove(seq)
+        self.free_slots.append(seq.slot)
+        seq.slot = -1
+        self.waiting.appendleft(seq)
+        if self.on_preempt is not None:
+            self.on_preempt(seq)
+
+    def computed(self, seq: Sequence) -> None:
+        """`seq.cached` advanced: register its newly full blocks for prefix caching."""
+        bs = self.pool.block_size
+        tokens = seq.tokens
+        for i in range(len(seq.block_hashes), min(seq.cached // bs, len(seq.blocks))):
+            parent = seq.block_hashes[-1] if seq.block_hashes else ROOT
+            h = block_hash(parent, tokens[i * bs : (i + 1) * bs])
+            self.pool.register(seq.blocks[i], h)
+            seq.block_hashes.append(h)
+
     def _draft(self, seq: Sequence) -> Draft | None:
-        """Drafts for a decoding row, within the room left in its slot and in its max_tokens."""
+        """Drafts for a decoding row, within the room left before `max_len` and in its max_tokens."""
         if self.speculation is None:
             return None
         room = seq.params.max_tokens - len(seq.output_ids) - 1
-        if self.slot_length is not None:
-            room = min(room, self.slot_length - seq.cached - 1)
+        if self.max_len is not None:
+            room = min(room, self.max_len - seq.cached - 1)
         return self.speculation.propose(seq, max(0, room))
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """End `seq` and free its slot."""
+        """End `seq` and free its row and blocks."""
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         if seq in self.running:
@@ -125,3 +242,5 @@ class Scheduler:
             self.free_slots.append(seq.slot)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        self.pool.release(seq.blocks)
+        seq.blocks = []

@@ -36,8 +36,17 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     slot: int = -1
+    """Row of the running batch (0..max_batch-1) while running, else -1: per-row state outside the KV cache."""
     cached: int = 0
     """Tokens whose keys/values are in the KV cache."""
+    blocks: list[int] = field(default_factory=list)
+    """Block table: the KV-cache blocks holding positions 0, bs, 2*bs, ... (`layers.kv_cache`)."""
+    block_hashes: list[bytes] = field(default_factory=list)
+    """Chain hashes of this sequence's full blocks registered for prefix caching so far."""
+    cached_prompt: int = 0
+    """Prompt tokens found in the prefix cache at admission (not computed again)."""
+    preemptions: int = 0
+    """Times its KV blocks were taken back for other sequences (it was recomputed after each)."""
     text: str = ""
     """Detokenized output so far (after stop-string truncation)."""
     error: str | None = None

@@ -95,7 +95,7 @@ class Attention(nn.Module):
         if decode and (native := self.native()) is not None:  # decode: the whole block in one native call
             native.fp32_rotate = int(cos.dtype == torch.float32)
             out = kernels.attn_decode(
-                native, x.reshape(b, -1).contiguous(), cos.reshape(b, -1), sin.reshape(b, -1), keys, values, ctx.slots,
+                native, x.reshape(b, -1).contiguous(), cos.reshape(b, -1), sin.reshape(b, -1), keys, values, ctx.tables,
                 ctx.positions[:, 0].contiguous(), self._ws,
             )  # fmt: skip
             return out.view(b, 1, -1)

@@ -60,7 +60,8 @@ class Indexer(nn.Module):
     def forward(
         self, x: torch.Tensor, q_latent: torch.Tensor, ctx: ForwardContext, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
-        """x [B, T, D], q_latent [B, T, Q] -> keep [B, 1, T, L]: True at each query's top-k causal keys."""
+        """x [B, T, D], q_latent [B, T, Q] -> (keep [B, 1, T, L]: True at each query's top-k causal keys, their
+        positions [B, T, K] (-1: none), or None when every causal key is kept)."""
         b, t, _ = x.shape
         q = self.wq_b(q_latent).view(b, t, self.h, self.d).transpose(1, 2)  # [B, Hi, T, Di]
         k = self.k_norm(self.wk(x)).unsqueeze(1)  # [B, 1, T, Di]
@@ -70,7 +71,7 @@ class Indexer(nn.Module):
         k = torch.cat([rotate(k_rot, cos, sin, self.interleave), k_pass], dim=-1)[:, 0]  # [B, T, Di]
         keys = ctx.store_index(self.layer, k)  # [B, L, Di]
         if ctx.kv_len <= self.topk:  # every causal key makes the top-k: skip the scoring
-            return ctx.mask
+            return ctx.mask, None
 
         # Same op order as transformers (fp32 scores; weights_proj in fp32 whatever the model dtype).
         scores = torch.matmul(q.float(), keys.transpose(-1, -2).float().unsqueeze(1)) * self.scale  # [B, T, Hi, L]
@@ -79,9 +80,10 @@ class Indexer(nn.Module):
         index = torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)  # [B, T, L]
         causal = ctx.mask[:, 0]  # [B, T, L]
         index = index.masked_fill(~causal, float("-inf"))
-        top = index.topk(min(self.topk, index.shape[-1]), dim=-1).indices  # [B, T, K]
+        best = index.topk(min(self.topk, index.shape[-1]), dim=-1)  # [B, T, K]
+        top = best.indices
         keep = torch.zeros_like(causal).scatter_(-1, top, True)  # [B, T, L]
-        return (keep & causal).unsqueeze(1)
+        return (keep & causal).unsqueeze(1), top.masked_fill(best.values == float("-inf"), -1)
 
 
 class DSAttention(MLAttention):
@@ -111,7 +113,9 @@ class DSAttention(MLAttention):
         """x [B, T, D] -> [B, T, D]; also writes this layer's indexer keys and sets ctx.sparse_mask."""
         if self.indexer is not None:
             q_latent = self.q_a_layernorm(self.q_a_proj(x))  # [B, T, Q]
-            ctx.sparse_mask = ctx.mask & self.indexer(x, q_latent, ctx, cos, sin)  # [B, 1, T, L]
+            keep, top = self.indexer(x, q_latent, ctx, cos, sin)  # [B, 1, T, L], [B, T, K] | None
+            ctx.sparse_mask = ctx.mask & keep
+            ctx.sparse_select = top[:, 0].contiguous() if top is not None and x.shape[1] == 1 else None  # [B, K]
         elif ctx.sparse_mask is None:
             raise ValueError(f"layer {self.layer} shares top-k keys, but no earlier layer of this pass ran an indexer")
         # Same cache, positions and slots; only the attention mask narrows to the kept keys.

@@ -61,6 +61,10 @@ class Fp8Matrix:
     def t(self) -> Fp8Matrix:
         return Fp8Matrix(self.data.t(), self.scale.t())
 
+    def dequantize(self) -> torch.Tensor:
+        """The whole matrix in fp32 [R, C] (reference decoding)."""
+        return dequantize(self.data, self.scale)
+
     def rows(self, start: int, stop: int) -> Fp8Matrix:
         """Rows start:stop (`start` on a block boundary) with their scale rows."""
         if start % BLOCK:

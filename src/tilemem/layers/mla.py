@@ -5,8 +5,12 @@ c -> RMSNorm -> kv_b_proj -> per-head [k_nope (dn) | v (dv)]. Queries come from 
 (`q_proj`) or through a low-rank bottleneck (`q_a_proj` -> RMSNorm -> `q_b_proj`). Only the last
 dr dims of q and k carry rotary embeddings; the rope key is shared by all heads.
 
-The cache holds the expanded per-head keys [k_nope | k_rope] and values, like transformers does
-after `expand_kv`; caching the latent instead is a memory optimization, not a different result.
+The cache holds only the normed latent and the rotated rope key: R + dr values per token (one "head"), not the
+H * (dn + dr + dv) of the expanded keys and values (71x less for DeepSeek-V3). A prefill expands the cached
+latents with kv_b_proj and attends as transformers does; a decode step attends in the latent space instead
+("absorbed" weights, as DeepSeek's own inference code does): with kv_b_proj's rows split per head into
+W_UK [dn, R] and W_UV [dv, R], q_nope . k_nope = (q_nope W_UK) . c, and the output's values are
+(softmax . c) W_UV^T, so each cached position costs R + dr multiply-adds per head and nothing is expanded.
 
 Shape legend: B batch rows, T new tokens, L cached positions (kv_len), D hidden, H heads,
 R kv_lora_rank, Q q_lora_rank, dn qk_nope_head_dim, dr qk_rope_head_dim, dv v_head_dim.
@@ -19,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tilemem.config import ModelConfig
+from tilemem.kernels.paged import paged_attention
 from tilemem.layers.kv_cache import ForwardContext
 from tilemem.layers.linear import Linear
 from tilemem.layers.norm import RMSNorm
@@ -53,6 +58,19 @@ class MLAttention(nn.Module):
         # Softmax scale over the full q/k width, times mscale(factor, mscale_all_dim)^2 under YaRN.
         self.scale = yarn_softmax_scale(cfg.rope, dqk**-0.5)
 
+    def absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj's per-head blocks W_UK [H, dn, R] and W_UV [H, dv, R] in the compute dtype: views of the weight
+        when it is a plain matrix, else decoded once (FP8, GGUF blocks: the decode step reads them every token)."""
+        w = self.kv_b_proj.weight
+        key = (w.data_ptr(), w.dtype, w.device)
+        if getattr(self, "_absorbed_key", None) != key:
+            m = self.kv_b_proj.matrix
+            dense = m if isinstance(m, torch.Tensor) else m.dequantize().to(self.kv_a_layernorm.weight.dtype)
+            per_head = dense.view(self.h, self.dn + self.dv, self.rank)  # [H, dn+dv, R]
+            self._absorbed_w = per_head[:, : self.dn], per_head[:, self.dn :]
+            self._absorbed_key = key
+        return self._absorbed_w
+
     def forward(
         self,
         x: torch.Tensor,
@@ -61,7 +79,7 @@ class MLAttention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
     ) -> torch.Tensor:
-        """x [B, T, D] -> [B, T, D], writing this layer's new keys/values into the cache."""
+        """x [B, T, D] -> [B, T, D], writing this layer's new latents into the cache."""
         b, t, _ = x.shape
         if self.q_lora:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))  # [B, T, H*(dn+dr)]
@@ -72,17 +90,33 @@ class MLAttention(nn.Module):
 
         compressed = self.kv_a_proj_with_mqa(x)  # [B, T, R+dr]
         latent, k_rope = compressed.split([self.rank, self.dr], dim=-1)  # [B, T, R], [B, T, dr]
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent))  # [B, T, H*(dn+dv)]
-        kv = kv.view(b, t, self.h, self.dn + self.dv).transpose(1, 2)  # [B, H, T, dn+dv]
-        k_nope, v = kv.split([self.dn, self.dv], dim=-1)  # [B, H, T, dn], [B, H, T, dv]
-        k_rope = k_rope.view(b, 1, t, self.dr)  # [B, 1, T, dr], shared by all heads
-
+        k_rope = k_rope.reshape(b, 1, t, self.dr)  # [B, 1, T, dr], shared by all heads
         q_rope, k_rope = rope.apply(q_rope, cos, sin), rope.apply(k_rope, cos, sin)
+        entry = torch.cat([self.kv_a_layernorm(latent).unsqueeze(1), k_rope], dim=-1)  # [B, 1, T, R+dr]
+        pool = ctx.cache.keys[self.layer]  # [N, 1, bs, R+dr]
+        ctx.write(pool, entry.to(pool.dtype))
+        if t == 1:
+            return self._decode(q_nope, q_rope, ctx, pool)
+        cached = ctx.read(pool)  # [B, 1, L, R+dr]
+        L = cached.shape[2]
+        c, kr = cached[:, 0].split([self.rank, self.dr], dim=-1)  # [B, L, R], [B, L, dr]
+        kv = self.kv_b_proj(c).view(b, L, self.h, self.dn + self.dv).transpose(1, 2)  # [B, H, L, dn+dv]
+        k_nope, v = kv.split([self.dn, self.dv], dim=-1)  # [B, H, L, dn], [B, H, L, dv]
+        keys = torch.cat([k_nope, kr.unsqueeze(1).expand(b, self.h, L, self.dr)], dim=-1)  # [B, H, L, dn+dr]
         q = torch.cat([q_nope, q_rope], dim=-1)  # [B, H, T, dn+dr]
-        k = torch.cat([k_nope, k_rope.expand(b, self.h, t, self.dr)], dim=-1)  # [B, H, T, dn+dr]
-        keys, values = ctx.store(self.layer, k, v)  # [B, H, L, dn+dr], [B, H, L, dv]
         # -> [B, H, T, dv]; keys are dn+dr wide, values dv wide (SDPA allows the widths to differ).
-        o = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=ctx.attn_mask, is_causal=ctx.causal, scale=self.scale
-        )
+        o = F.scaled_dot_product_attention(q, keys, v, attn_mask=ctx.attn_mask, is_causal=ctx.causal, scale=self.scale)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.h * self.dv))
+
+    def _decode(self, q_nope: torch.Tensor, q_rope: torch.Tensor, ctx: ForwardContext, pool: torch.Tensor):
+        """One new token per row, attended in the latent space: q_nope [B, H, 1, dn], q_rope [B, H, 1, dr] ->
+        [B, 1, D]. Attends every cached position, or the DSA indexer's `ctx.sparse_select` when set."""
+        b = q_nope.shape[0]
+        w_uk, w_uv = self.absorbed()  # [H, dn, R], [H, dv, R]
+        q_lat = torch.bmm(q_nope[:, :, 0].transpose(0, 1), w_uk.to(q_nope.dtype))  # [H, B, R]
+        q_full = torch.cat([q_lat.transpose(0, 1), q_rope[:, :, 0]], dim=-1)  # [B, H, R+dr]
+        o_lat = paged_attention(
+            q_full.to(pool.dtype), pool, pool[..., : self.rank], ctx.tables, ctx.lengths, self.scale, ctx.sparse_select
+        )  # [B, H, R]
+        o = torch.bmm(o_lat.to(q_nope.dtype).transpose(0, 1), w_uv.to(q_nope.dtype).transpose(1, 2))  # [H, B, dv]
+        return self.o_proj(o.transpose(0, 1).reshape(b, 1, self.h * self.dv))

@@ -196,21 +196,37 @@ class MoECausalLM(nn.Module):
         return out
 
     def kv_shape(self) -> tuple[int, int, int]:
-        """(heads, key width, value width) one layer caches per position."""
+        """(heads, key width, value width) one layer caches per position: MLA caches its latent and rope key as one
+        head of kv_lora_rank + qk_rope_head_dim values (`layers.mla`)."""
         cfg = self.cfg
         if cfg.is_mla:
-            return cfg.num_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+            return 1, cfg.kv_lora_rank + cfg.qk_rope_head_dim, 0
         return cfg.num_kv_heads, cfg.head_dim, cfg.head_dim
 
-    def allocate_cache(self, slots: int, length: int) -> KVCache:
-        """A KV cache for `slots` sequences of up to `length` tokens: one layer per decoder layer, then
-        one per MTP layer (when loaded), plus indexer keys for DSA layers."""
+    def allocate_cache(self, slots: int, length: int, block_size: int | None = None) -> KVCache:
+        """A KV cache addressed by slot: `slots` sequences of up to `length` tokens (see `allocate_paged`)."""
+        bs = block_size or length
+        per = -(-length // bs)
+        return self._cache(slots * per, bs, per)
+
+    def allocate_paged(self, blocks: int, block_size: int) -> KVCache:
+        """A paged KV cache of `blocks` blocks of `block_size` positions: one layer per decoder layer, then one
+        per MTP layer (when loaded), plus indexer keys for DSA layers."""
+        return self._cache(blocks, block_size, 1)
+
+    def _cache(self, blocks: int, block_size: int, slot_blocks: int) -> KVCache:
         cfg = self.cfg
         heads, kd, vd = self.kv_shape()
         layers = cfg.num_layers + (len(self.mtp.layers) if self.mtp is not None else 0)
         index_dim = cfg.index_head_dim if cfg.is_dsa else 0
         index_layers = [i for i in range(layers) if cfg.has_indexer(i)]
-        return KVCache.allocate(layers, slots, length, heads, kd, vd, self.dtype, index_dim, index_layers, self.device)
+        return KVCache.paged(
+            layers, blocks, block_size, heads, kd, vd, self.dtype, index_dim, index_layers, self.device, slot_blocks
+        )
+
+    def kv_block_bytes(self, block_size: int) -> int:
+        """Bytes of one KV block of `block_size` positions over every layer."""
+        return self._cache(1, block_size, 1).nbytes()
 
     def _native_decode(self) -> kernels.NativeDecode | None:
         """The fused decode dispatch (`kernels.NativeDecode`), decided once per set of weights and executor:
@@ -253,7 +269,7 @@ class MoECausalLM(nn.Module):
             if native is not None and (n := native.run_length(i, cache, cache.keys)):  # decode: n fused layers
                 positions = ctx.positions[:, 0].contiguous()  # [B]
                 x = native.forward(
-                    i, x, cache, cache.keys, cache.values, ctx.slots, positions, cos, sin, self._observe_route
+                    i, x, cache, cache.keys, cache.values, ctx.tables, positions, cos, sin, self._observe_route
                 )
                 i += n
             else:

@@ -157,10 +157,9 @@ class MTPHead(nn.Module):
         logits, h = self(hidden, next_ids, ctx, logits_at=last)  # [B, V], [B, T, D]
         h = h[rows, last]  # [B, D]
         pos = ctx.positions[rows, last]  # [B]
-        slots = ctx.slots.tolist()
         tokens = [logits.argmax(dim=-1)]
         for j in range(1, k):
-            step = ForwardContext.build(ctx.cache, slots, (pos + j).tolist(), [1] * b)
+            step = ctx.at((pos + j).tolist(), [1] * b)
             logits, h = self(h.unsqueeze(1), tokens[-1].unsqueeze(1), step)  # [B, 1, V], [B, 1, D]
             h = h[:, 0]
             tokens.append(logits[:, 0].argmax(dim=-1))

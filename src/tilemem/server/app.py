@@ -70,7 +70,8 @@ class ServerState:
         running, waiting = self.worker.queue_depth()
         out = {"model": self.model_name, **self.metrics.live.snapshot()}
         out["requests"] = {"running": running, "waiting": waiting, "max_queue": self.config.max_queue}
-        out["kv_cache"] = {"slots": self.engine.cache.slots, "length": self.engine.cache.length}
+        out["kv_cache"] = {"rows": self.engine.max_batch, "max_model_len": self.engine.max_model_len}
+        out["kv_cache"] |= self.engine.kv_stats()
         out["residency_version"] = self.view.version
         out["tiered"] = self.llm.tiered is not None
         out["state"] = self.health()[0]

@@ -70,6 +70,20 @@ class ServerMetrics:
         self.cache_misses = Counter("tilemem_cache_misses", "Tile cache misses (disk reads)", registry=r)
         hit_rate = Gauge("tilemem_cache_hit_rate", "Tile cache hit rate since start", registry=r)
         hit_rate.set_function(self._hit_rate)
+        self.kv: dict[str, float] = {}
+        """The engine's last KV-cache figures (`Engine.kv_stats`), read by the gauges below."""
+        for name, key, text in (
+            ("tilemem_prefix_cache_hit_rate", "prefix_hit_rate", "Prompt tokens found in the prefix cache, share"),
+            ("tilemem_prefix_cache_hit_tokens", "prefix_hit_tokens", "Prompt tokens found in the prefix cache"),
+            ("tilemem_prefix_cache_queried_tokens", "prefix_queried_tokens", "Prompt tokens looked up"),
+            ("tilemem_kv_blocks_used", "kv_blocks_used", "KV-cache blocks held by sequences"),
+            ("tilemem_kv_blocks", "kv_blocks", "KV-cache blocks allocated"),
+            ("tilemem_kv_blocks_max", "kv_blocks_max", "Most KV-cache blocks (--kv-memory)"),
+            ("tilemem_kv_cache_bytes", "kv_bytes", "Bytes of the KV cache"),
+            ("tilemem_preemptions", "preemptions", "Sequences preempted for KV blocks and recomputed"),
+        ):
+            gauge = Gauge(name, text, registry=r)
+            gauge.set_function(lambda key=key: self.kv.get(key, 0.0))
         self.live = LiveStats()
         self._last_rt = copy.copy(runtime.counters) if runtime is not None else None
 
@@ -82,6 +96,7 @@ class ServerMetrics:
     def on_step(self, engine: Engine, events: list[StepEvent], seconds: float) -> None:
         """After an engine step."""
         stats = engine.counters.steps[-1] if engine.counters.steps else None
+        self.kv = engine.kv_stats()
         prompt = stats.prefill_tokens if stats is not None else 0
         generated = sum(1 for e in events if e.token_id is not None)
         self.prompt_tokens.inc(prompt)

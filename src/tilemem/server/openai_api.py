@@ -180,8 +180,8 @@ class OpenAIService:
         handle = self._submit(seqs)
         rid = f"{prefix}-{uuid.uuid4().hex}"
         choices = [Choice(i, pi) for i, (pi, _) in enumerate(seqs)]
-        prompt_tokens = sum(len(s.prompt_ids) for i, (pi, s) in enumerate(seqs) if i % req.n == 0)
-        fmt = ResponseFormat(self, rid, kind, choices, prompt_tokens)
+        prompts = [s for i, (pi, s) in enumerate(seqs) if i % req.n == 0]  # a prompt counts once
+        fmt = ResponseFormat(self, rid, kind, choices, prompts)
         if req.stream:
             stream = self._stream(handle, req, fmt, echo)
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -295,13 +295,15 @@ def _sse(obj: dict) -> str:
 class ResponseFormat:
     """Builds the OpenAI JSON of one request (completion or chat, whole or chunked)."""
 
-    def __init__(self, service: OpenAIService, rid: str, kind: str, choices: list[Choice], prompt_tokens: int):
+    def __init__(self, service: OpenAIService, rid: str, kind: str, choices: list[Choice], prompts: list[Sequence]):
         self.service = service
         self.rid = rid
         self.kind = kind
         self.chat = kind == "chat.completion"
         self.choices = choices
-        self.prompt_tokens = prompt_tokens
+        self.prompts = prompts
+        """One sequence per prompt (its prompt length, and the prompt tokens the prefix cache held)."""
+        self.prompt_tokens = sum(len(s.prompt_ids) for s in prompts)
         self.created = int(time.time())
         self.offsets = [0] * len(choices)  # text offset of the next token (completions logprobs)
 
@@ -316,6 +318,7 @@ class ResponseFormat:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion,
             "total_tokens": self.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(s.cached_prompt for s in self.prompts)},
         }
 
     def full(self) -> dict:

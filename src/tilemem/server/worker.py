@@ -98,7 +98,7 @@ class EngineWorker:
         on_idle: Callable[[], None] | None = None,
     ) -> None:
         self.engine = engine
-        self.slots = engine.cache.slots
+        self.slots = engine.max_batch
         self.max_queue = max_queue
         self.on_step = on_step
         self.on_finish = on_finish

@@ -132,7 +132,7 @@ class MTPDrafter(Drafter):
     def _draft(self, seq: Sequence, hidden: torch.Tensor, next_ids: list[int], start: int, cache, k: int) -> None:
         from tilemem.layers.kv_cache import ForwardContext
 
-        ctx = ForwardContext.build(cache, [seq.slot], [start], [len(next_ids)])
+        ctx = ForwardContext.paged(cache, [seq.blocks], [start], [len(next_ids)])
         with torch.inference_mode():
             drafts = self.model.mtp.draft(hidden.unsqueeze(0), torch.tensor([next_ids]), ctx, max(k, 1))
         self.next[seq.request_id] = drafts[0].tolist()
