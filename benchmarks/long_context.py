@@ -440,7 +440,7 @@ def part_chat(args: argparse.Namespace) -> dict:
         for s in systems:
             res = tilemem_system(args, s) if s != "C" else llama_turns(args, vocab)
             runs[s].append(res)
-            line = ", ".join(f"{t['ttft_s']:.2f}" for t in res["turns"])
+            line = ", ".join(f"{t['ttft_s']:.3f}" for t in res["turns"])
             extra = ""
             if s == "A":
                 extra = "; cached tokens " + ", ".join(str(t["cached"]) for t in res["turns"])
@@ -453,7 +453,7 @@ def part_chat(args: argparse.Namespace) -> dict:
     print("| turn | prompt tokens | " + " | ".join(f"{s}: {names[s]}" for s in systems) + " |")
     print("|---" * (2 + len(systems)) + "|")
     for i in range(args.turns):
-        cells = " | ".join(f"{med[s][i]:.2f}" for s in systems)
+        cells = " | ".join(f"{med[s][i]:.3f}" for s in systems)
         print(f"| {i + 1} | {(i + 1) * args.turn_tokens} | {cells} |")
     last = args.turns - 1
     a_ratio = [x["turns"][last]["ttft_s"] / x["turns"][0]["ttft_s"] for x in runs["A"]]
@@ -500,7 +500,11 @@ def main() -> None:
         return
     if args.part in ("chat", "all"):
         check_chat_args(p, args)
-    result: dict[str, Any] = {}
+    load = os.getloadavg()
+    print(f"load average {load[0]:.1f} (1 min), {os.cpu_count()} CPUs", flush=True)
+    if load[0] > 0.5:  # seen here: 2 threads on a 2-core machine with one busy core run tiny steps 30x slower
+        print("WARNING: other processes are running; timings at --threads = the core count are unreliable", flush=True)
+    result: dict[str, Any] = {"load_average": load}
     if args.part in ("kv", "all"):
         result["kv"] = part_kv(args)
     if args.part in ("dsa", "all"):
