@@ -23,6 +23,7 @@ from torch import nn
 
 from tilemem.config import ModelConfig
 from tilemem.errors import ConfigError
+from tilemem.kernels import paged_index
 from tilemem.layers.kv_cache import ForwardContext
 from tilemem.layers.linear import Linear
 from tilemem.layers.mla import MLAttention
@@ -43,7 +44,11 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bo
 
 
 class Indexer(nn.Module):
-    """The lightning indexer (hub names `wq_b`, `wk`, `k_norm`, `weights_proj`)."""
+    """The lightning indexer (hub names `wq_b`, `wk`, `k_norm`, `weights_proj`).
+
+    A decode step on the CPU scores its paged keys in place with the native `kernels.paged_index` (the same
+    math); other passes, and where the library cannot run, gather the cached keys and score them with torch.
+    """
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -69,15 +74,24 @@ class Indexer(nn.Module):
         k_rot, k_pass = k.split([self.dr, self.d - self.dr], dim=-1)
         q = torch.cat([rotate(q_rot, cos, sin, self.interleave), q_pass], dim=-1).transpose(1, 2)  # [B, T, Hi, Di]
         k = torch.cat([rotate(k_rot, cos, sin, self.interleave), k_pass], dim=-1)[:, 0]  # [B, T, Di]
-        keys = ctx.store_index(self.layer, k)  # [B, L, Di]
-        if ctx.kv_len <= self.topk:  # every causal key makes the top-k: skip the scoring
-            return ctx.mask, None
-
-        # Same op order as transformers (fp32 scores; weights_proj in fp32 whatever the model dtype).
-        scores = torch.matmul(q.float(), keys.transpose(-1, -2).float().unsqueeze(1)) * self.scale  # [B, T, Hi, L]
-        scores = F.relu(scores)
-        weights = F.linear(x.float(), self.weights_proj.weight.float()) * self.h**-0.5  # [B, T, Hi]
-        index = torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)  # [B, T, L]
+        pool = ctx.cache.index_keys[self.layer] if self.layer < len(ctx.cache.index_keys) else None
+        if t == 1 and pool is not None and pool.is_cpu and paged_index.available():
+            # Decode: score the paged keys in place (the same math, natively) instead of gathering all of them.
+            ctx.write(pool, k.unsqueeze(1))
+            if ctx.kv_len <= self.topk:  # every causal key makes the top-k: skip the scoring
+                return ctx.mask, None
+            weights = F.linear(x[:, 0].float(), self.weights_proj.weight.float()) * self.h**-0.5  # [B, Hi]
+            index = paged_index.paged_index_scores(q[:, 0], weights, pool, ctx.tables, ctx.lengths, self.scale)
+            index = index.unsqueeze(1)  # [B, 1, L]
+        else:
+            keys = ctx.store_index(self.layer, k)  # [B, L, Di]
+            if ctx.kv_len <= self.topk:  # every causal key makes the top-k: skip the scoring
+                return ctx.mask, None
+            # Same op order as transformers (fp32 scores; weights_proj in fp32 whatever the model dtype).
+            scores = torch.matmul(q.float(), keys.transpose(-1, -2).float().unsqueeze(1)) * self.scale  # [B, T, Hi, L]
+            scores = F.relu(scores)
+            weights = F.linear(x.float(), self.weights_proj.weight.float()) * self.h**-0.5  # [B, T, Hi]
+            index = torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)  # [B, T, L]
         causal = ctx.mask[:, 0]  # [B, T, L]
         index = index.masked_fill(~causal, float("-inf"))
         best = index.topk(min(self.topk, index.shape[-1]), dim=-1)  # [B, T, K]
