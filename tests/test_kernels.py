@@ -513,19 +513,21 @@ def test_fused_decode_layers_match_the_module_path(family, module_layers, make_c
         assert torch.equal(routed[True][layer], ids)
 
 
-def test_fused_decode_follows_a_reallocated_kv_cache_and_frees_the_old_one(make_ckpt):
-    """When a longer request makes the engine allocate a bigger KV cache, the fused decode step writes
-    into the new cache (same greedy tokens as before) and nothing keeps the old one's memory alive."""
+def test_fused_decode_follows_a_grown_kv_cache_and_frees_the_old_one(make_ckpt):
+    """When the engine grows its paged KV cache (more blocks than it had), the fused decode step writes
+    into the new pools (same greedy tokens as before) and nothing keeps the old ones' memory alive."""
     import gc
     import weakref
 
     from tilemem.engine.llm import LLM
     from tilemem.engine.sampling import SamplingParams
 
-    llm = LLM(make_ckpt("olmoe", "bf16"), dtype="bf16", max_batch=1)
+    llm = LLM(make_ckpt("olmoe", "bf16"), dtype="bf16", max_batch=2, prefix_caching=False)
     short = llm.generate("The capital of", SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
-    old = weakref.ref(llm.engine(1, 1).cache)  # the current engine, as it is
-    llm.engine(1, 320)  # a longer cache replaces it (as a longer request would, before its first step)
+    eng = llm.engine()
+    old, blocks = weakref.ref(eng.cache), eng.cache.blocks  # the current cache, as it is
+    assert eng._grow(eng.pool.blocks)  # grown pools replace it (as more sequences would, before a step)
+    assert eng.cache.blocks == 2 * blocks
     gc.collect()
     assert old() is None  # freed at once, not held until a decode step rebuilds the native stack
     long = llm.generate("The capital of", SamplingParams(max_tokens=300, temperature=0, ignore_eos=True))[0]

@@ -52,7 +52,8 @@ def test_prompt_budget_is_shared_in_arrival_order():
         sched.add(s)
     batch = sched.schedule()
     assert [len(c) for c in batch.chunks] == [6, 4]  # the third waits for budget, not for a slot
-    assert batch.seqs == seqs[:2] and all(s.slot >= 0 for s in seqs)
+    assert batch.seqs == seqs[:2] and all(s.slot >= 0 for s in seqs[:2])
+    assert list(sched.waiting) == seqs[2:] and not seqs[2].blocks  # it holds no KV blocks while it waits
 
 
 # -- engine on a tiny model ------------------------------------------------------------------------------

@@ -118,66 +118,91 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch | None:
         """The next batch: a decode token for every decoding row plus prompt chunks within the budget, each row
-        with the blocks its new tokens need (preempting the youngest sequences when there are none)."""
-        self._admit()
-        seqs, chunks, prefill, drafts = [], [], [], []
+        with the blocks its new tokens need. Running sequences come first, oldest first (preempting the youngest
+        when no block is left); waiting ones are admitted after them, in order, while blocks and budget last."""
+        rows: list[tuple[Sequence, list[int], bool, Draft | None]] = []
         budget = self.prefill_chunk
-        for seq in list(self.running):  # arrival order: the oldest gets the budget (and the blocks) first
+        for seq in list(self.running):
             if seq not in self.running:
                 continue  # preempted for an older row of this step
-            left = len(seq.tokens) - seq.cached
-            decode = left == 1 and bool(seq.output_ids)
-            if not decode and budget <= 0:
-                continue
-            draft = self._draft(seq) if decode else None
-            chunk = seq.tokens[seq.cached :] if decode else seq.tokens[seq.cached : seq.cached + min(left, budget)]
-            if draft is not None:
-                chunk = chunk + draft.tokens
-            if not self._reserve(seq, seq.cached + len(chunk) + self.lookahead):
-                continue  # preempted itself, or failed
-            if not decode:
-                budget -= len(chunk)
-            seqs.append(seq)
-            chunks.append(chunk)
-            prefill.append(not decode)
-            drafts.append(draft)
-        if not seqs:
+            row = self._row(seq, budget)
+            if row is not None and self._reserve(seq, seq.cached + len(row[1]) + self.lookahead):
+                rows.append(row)
+                budget -= len(row[1]) if row[2] else 0
+        while self.waiting and self.free_slots and budget > 0 and (row := self._admit(budget, not rows)) is not None:
+            rows.append(row)
+            budget -= len(row[1]) if row[2] else 0
+        if not rows:
             return None
+        seqs, chunks, prefill, drafts = (list(x) for x in zip(*rows, strict=True))
         return ScheduledBatch(seqs, chunks, prefill, drafts)
 
-    def _admit(self) -> None:
-        """Move waiting sequences to free rows while the pool has blocks for their first chunk, reusing every
-        cached block of their prefix."""
-        while self.waiting and self.free_slots:
-            seq = self.waiting[0]
-            hits, hashes = self.pool.match(seq.tokens)
-            tokens = len(hits) * self.pool.block_size
-            first = min(len(seq.tokens) - tokens, self.prefill_chunk)
-            need = self.pool.blocks_for(tokens + first + self.lookahead) - len(hits)
-            held = sum(1 for b in hits if self.pool.refs[b] == 0)  # holding them takes them off the free list
-            if need > self.pool.available - held and not self._grow(need + held - self.pool.available):
-                if self.running:
-                    return  # wait for blocks to free up
-            self.waiting.popleft()
-            self.pool.hold(hits)
-            seq.blocks, seq.block_hashes, seq.cached = list(hits), list(hashes), tokens
-            if seq.preemptions == 0:
-                seq.cached_prompt = min(tokens, len(seq.prompt_ids))
-            self.pool.stats.queried_tokens += len(seq.tokens)
-            self.pool.stats.hit_tokens += tokens
-            seq.slot = self.free_slots.pop()
-            seq.status = Status.RUNNING
-            self.running.append(seq)
+    def _row(self, seq: Sequence, budget: int) -> tuple[Sequence, list[int], bool, Draft | None] | None:
+        """`seq`'s row this step: (seq, new tokens, whether they are prompt tokens, drafts); None when it is
+        prefilling and no prompt budget is left. Prompt tokens are everything not yet in the cache (a preempted
+        sequence's output included), a decode row the last sampled token and its drafts."""
+        left = len(seq.tokens) - seq.cached
+        if left == 1 and seq.output_ids:
+            draft = self._draft(seq)
+            return seq, seq.tokens[seq.cached :] + (draft.tokens if draft is not None else []), False, draft
+        if budget <= 0:
+            return None
+        return seq, seq.tokens[seq.cached : seq.cached + min(left, budget)], True, None
+
+    def _admit(self, budget: int, alone: bool) -> tuple[Sequence, list[int], bool, Draft | None] | None:
+        """Admit the first waiting sequence if the pool has blocks for its first chunk (after the cached blocks of
+        its prefix, which it shares): its row, else None (it waits; when nothing else runs and even the whole
+        budget cannot hold that chunk, it fails)."""
+        seq = self.waiting[0]
+        hits, hashes = self.pool.match(seq.tokens)
+        cached = len(hits) * self.pool.block_size
+        first = min(len(seq.tokens) - cached, budget)
+        need = self.pool.blocks_for(cached + first + self.lookahead) - len(hits)
+        held = sum(1 for b in hits if self.pool.refs[b] == 0)  # holding them takes them off the evictable list
+        if need + held > len(self.pool.free):
+            self._grow(need + held - len(self.pool.free))  # grow into the budget before evicting cached blocks
+        if need + held > self.pool.available:
+            if alone and not self._grow(need + held - self.pool.available):
+                self.waiting.popleft()
+                self._fail(seq, cached + first + self.lookahead)
+            return None
+        self.waiting.popleft()
+        self.pool.hold(hits)
+        seq.blocks = list(hits) + self.pool.allocate(need)
+        seq.block_hashes, seq.cached = list(hashes), cached
+        if seq.preemptions == 0:
+            seq.cached_prompt = min(cached, len(seq.prompt_ids))
+            self.pool.stats.queried_tokens += len(seq.prompt_ids)
+            self.pool.stats.hit_tokens += seq.cached_prompt
+        seq.slot = self.free_slots.pop()
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+        row = self._row(seq, budget)  # a resumed sequence whose tokens were all cached but one decodes (drafts too)
+        if row is None or not self._reserve(seq, seq.cached + len(row[1]) + self.lookahead):
+            return None
+        return row
 
     def _grow(self, n: int) -> bool:
         return self.grow is not None and self.grow(n)
 
+    def _fail(self, seq: Sequence, positions: int) -> None:
+        """`seq` needs more positions than the whole KV budget holds: it fails (or, without a handler, raises)."""
+        error = (
+            f"the KV cache holds at most {self.pool.blocks * self.pool.block_size} positions here, and this "
+            f"sequence needs {positions}; raise --kv-memory or lower --max-model-len."
+        )
+        if self.on_error is None:
+            raise KVMemoryError(error)
+        self.on_error(seq, error)
+
     def _reserve(self, seq: Sequence, positions: int) -> bool:
-        """Give `seq` blocks for `positions` positions, preempting younger sequences (or `seq` itself, when it
-        is the youngest) until the pool has them; False if `seq` was preempted or failed."""
+        """Give the running `seq` blocks for `positions` positions, preempting younger sequences (or `seq` itself,
+        when it is the youngest) until the pool has them; False if `seq` was preempted or failed."""
         need = self.pool.blocks_for(positions) - len(seq.blocks)
         if need <= 0:
             return True
+        if need > len(self.pool.free):
+            self._grow(need - len(self.pool.free))  # grow into the budget before evicting cached blocks
         while True:
             got = self.pool.allocate(need)
             if got is None and self._grow(need - self.pool.available):
@@ -187,14 +212,7 @@ class Scheduler:
                 return True
             victim = self.running[-1]
             if victim is seq and len(self.running) == 1:  # alone and still too big: it can never run
-                if self.on_error is not None:
-                    self.on_error(
-                        seq,
-                        f"the KV cache holds {self.pool.blocks * self.pool.block_size} positions, and this sequence "
-                        f"needs {positions}; raise --kv-memory or lower --max-model-len.",
-                    )
-                else:
-                    raise KVMemoryError(f"sequence needs {positions} KV positions, the pool holds fewer")
+                self._fail(seq, positions)
                 return False
             self.preempt(victim)
             if victim is seq:

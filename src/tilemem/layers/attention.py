@@ -11,6 +11,7 @@ from torch import nn
 
 from tilemem import kernels
 from tilemem.config import ModelConfig
+from tilemem.kernels import paged
 from tilemem.layers.kv_cache import ForwardContext
 from tilemem.layers.linear import Linear
 from tilemem.layers.norm import RMSNorm
@@ -115,6 +116,15 @@ class Attention(nn.Module):
         v = v.view(b, t, self.hkv, self.hd).transpose(1, 2)
         qcos, qsin = (cos, sin) if keep is None else (cos[rows, :, keep].unsqueeze(2), sin[rows, :, keep].unsqueeze(2))
         q, k = rope.apply(q, qcos, qsin), rope.apply(k, cos, sin)
+        if t == 1 and keep is None and q.device.type == "cpu" and paged.available():
+            # decode: attend the paged cache in place (no gather of every cached position)
+            kc, vc = ctx.cache.keys[self.layer], ctx.cache.values[self.layer]  # [N, Hkv, bs, hd]
+            ctx.write(kc, k)
+            ctx.write(vc, v)
+            o = paged.paged_attention(
+                q[:, :, 0].contiguous(), kc, vc, ctx.tables, ctx.lengths, self.scale
+            )  # [B, H, hd]
+            return self.o_proj(o.reshape(b, 1, self.h * self.hd))
         keys, values = ctx.store(self.layer, k, v)  # [B, Hkv, L, hd]
         gqa = self.h != self.hkv
         if keep is not None:  # one query per row, at its kept token: its row of the mask
