@@ -127,12 +127,14 @@ def olmoe(make_ckpt):
     return make_ckpt("olmoe")
 
 
-def test_a_cached_prefix_gives_what_a_cold_run_gives(olmoe):
+@pytest.mark.parametrize("family", ["olmoe", "deepseek_v32"])
+def test_a_cached_prefix_gives_what_a_cold_run_gives(make_ckpt, family):
+    path = make_ckpt(family)  # GQA, and MLA latents with DSA indexer keys
     rng = random.Random(1)
     history = [rng.randrange(500) for _ in range(50)]
     turn2 = history + [rng.randrange(500) for _ in range(9)]
-    warm = LLM(olmoe, dtype="fp32", kv_block_size=8)
-    cold = LLM(olmoe, dtype="fp32", kv_block_size=8, prefix_caching=False)
+    warm = LLM(path, dtype="fp32", kv_block_size=8)
+    cold = LLM(path, dtype="fp32", kv_block_size=8, prefix_caching=False)
     first = warm.generate(history, greedy(8))[0]
     assert first.cached_tokens == 0
     second = warm.generate(turn2, greedy(8))[0]
@@ -225,3 +227,26 @@ def test_kv_memory_is_what_plans_keep_free(make_ckpt):
     assert kv_reservation(args, ckpt, 256, 8) == (1000, 1)
     with pytest.raises(ConfigError, match=r"kv_memory \(--kv-memory\) must be a positive byte size"):
         EngineArgs(path, kv_memory="lots")
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa"])
+def test_latent_mla_decode_logits_match_transformers_in_bf16(make_ckpt, family):
+    """bf16: the absorbed latent decode's logits at every step are within bf16 rounding of transformers' (which
+    expands the keys and values), teacher-forced on transformers' own greedy tokens."""
+    from test_parity import hf_greedy, hf_model, prompts, rel_err
+
+    path = make_ckpt(family, "bf16", routing_skew=1.0)
+    hf = hf_model(path, torch.bfloat16)
+    llm = LLM(path, dtype="bf16", kv_block_size=4)
+    prompt = prompts(llm.config.vocab_size, seed=2)[0]
+    tokens, ref, _ = hf_greedy(hf, prompt, 8)  # [8, V] logits of each step
+    cache = llm.model.allocate_paged(16, 4)
+    table = list(range(15, -1, -1))  # blocks in reverse: not in position order
+    ids, start = prompt, 0
+    for step in range(8):
+        ctx = ForwardContext.paged(cache, [table], [start], [len(ids)])
+        logits = llm.model(torch.tensor([ids]), ctx, logits_at=torch.tensor([len(ids) - 1]))[0]
+        assert rel_err(logits, ref[step]) < 0.03, f"step {step}"
+        start += len(ids)
+        ids = [tokens[step]]
+    llm.close()
