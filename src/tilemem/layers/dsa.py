@@ -129,7 +129,7 @@ class DSAttention(MLAttention):
             q_latent = self.q_a_layernorm(self.q_a_proj(x))  # [B, T, Q]
             keep, top = self.indexer(x, q_latent, ctx, cos, sin)  # [B, 1, T, L], [B, T, K] | None
             ctx.sparse_mask = ctx.mask & keep
-            ctx.sparse_select = top[:, 0].contiguous() if top is not None and x.shape[1] == 1 else None  # [B, K]
+            ctx.sparse_select = top  # [B, T, K] | None: the latent attention reads only these positions
         elif ctx.sparse_mask is None:
             raise ValueError(f"layer {self.layer} shares top-k keys, but no earlier layer of this pass ran an indexer")
         # Same cache, positions and slots; only the attention mask narrows to the kept keys.

@@ -188,7 +188,7 @@ class ForwardContext:
     sparse_mask: torch.Tensor | None = None
     """[B, 1, T, kv_len] mask of the last DSA indexer run in this pass; layers sharing its top-k read it."""
     sparse_select: torch.Tensor | None = None
-    """[B, K] positions the last DSA indexer kept for a decode row (-1: none), for the latent decode kernel."""
+    """[B, T, K] positions the last DSA indexer kept for each query (-1: none); None while every key is kept."""
 
     @classmethod
     def build(cls, cache: KVCache, slots: list[int], starts: list[int], lengths: list[int]) -> ForwardContext:

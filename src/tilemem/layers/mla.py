@@ -95,8 +95,8 @@ class MLAttention(nn.Module):
         entry = torch.cat([self.kv_a_layernorm(latent).unsqueeze(1), k_rope], dim=-1)  # [B, 1, T, R+dr]
         pool = ctx.cache.keys[self.layer]  # [N, 1, bs, R+dr]
         ctx.write(pool, entry.to(pool.dtype))
-        if t == 1:
-            return self._decode(q_nope, q_rope, ctx, pool)
+        if t == 1 or ctx.sparse_select is not None:  # decode, or DSA's top-k: attend in the latent space
+            return self._latent(q_nope, q_rope, ctx, pool)
         cached = ctx.read(pool)  # [B, 1, L, R+dr]
         L = cached.shape[2]
         c, kr = cached[:, 0].split([self.rank, self.dr], dim=-1)  # [B, L, R], [B, L, dr]
@@ -108,15 +108,22 @@ class MLAttention(nn.Module):
         o = F.scaled_dot_product_attention(q, keys, v, attn_mask=ctx.attn_mask, is_causal=ctx.causal, scale=self.scale)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.h * self.dv))
 
-    def _decode(self, q_nope: torch.Tensor, q_rope: torch.Tensor, ctx: ForwardContext, pool: torch.Tensor):
-        """One new token per row, attended in the latent space: q_nope [B, H, 1, dn], q_rope [B, H, 1, dr] ->
-        [B, 1, D]. Attends every cached position, or the DSA indexer's `ctx.sparse_select` when set."""
-        b = q_nope.shape[0]
+    def _latent(self, q_nope: torch.Tensor, q_rope: torch.Tensor, ctx: ForwardContext, pool: torch.Tensor):
+        """Attention in the latent space, each query token a row of the paged kernel (its row's block table, its
+        position + 1 keys, or the DSA indexer's top-k `ctx.sparse_select`): q_nope [B, H, T, dn], q_rope
+        [B, H, T, dr] -> [B, T, D]. Reads the cache in place: a decode step, and a DSA prefill, cost K (or L)
+        latent rows per query, never an expansion of the whole cache."""
+        b, _, t, _ = q_nope.shape
         w_uk, w_uv = self.absorbed()  # [H, dn, R], [H, dv, R]
-        q_lat = torch.bmm(q_nope[:, :, 0].transpose(0, 1), w_uk.to(q_nope.dtype))  # [H, B, R]
-        q_full = torch.cat([q_lat.transpose(0, 1), q_rope[:, :, 0]], dim=-1)  # [B, H, R+dr]
+        q_n = q_nope.permute(1, 0, 2, 3).reshape(self.h, b * t, self.dn)  # [H, B*T, dn]
+        q_lat = torch.bmm(q_n, w_uk.to(q_nope.dtype))  # [H, B*T, R]
+        q_r = q_rope.permute(0, 2, 1, 3).reshape(b * t, self.h, self.dr)  # [B*T, H, dr]
+        q_full = torch.cat([q_lat.transpose(0, 1), q_r], dim=-1)  # [B*T, H, R+dr]
+        tables = ctx.tables.repeat_interleave(t, dim=0) if t > 1 else ctx.tables  # [B*T, M]
+        lengths = (ctx.positions + 1).reshape(b * t)  # [B*T]
+        select = None if ctx.sparse_select is None else ctx.sparse_select.reshape(b * t, -1)  # [B*T, K]
         o_lat = paged_attention(
-            q_full.to(pool.dtype), pool, pool[..., : self.rank], ctx.tables, ctx.lengths, self.scale, ctx.sparse_select
-        )  # [B, H, R]
-        o = torch.bmm(o_lat.to(q_nope.dtype).transpose(0, 1), w_uv.to(q_nope.dtype).transpose(1, 2))  # [H, B, dv]
-        return self.o_proj(o.transpose(0, 1).reshape(b, 1, self.h * self.dv))
+            q_full.to(pool.dtype).contiguous(), pool, pool[..., : self.rank], tables, lengths, self.scale, select
+        )  # [B*T, H, R]
+        o = torch.bmm(o_lat.to(q_nope.dtype).transpose(0, 1), w_uv.to(q_nope.dtype).transpose(1, 2))  # [H, B*T, dv]
+        return self.o_proj(o.transpose(0, 1).reshape(b, t, self.h * self.dv))
