@@ -250,3 +250,21 @@ def test_latent_mla_decode_logits_match_transformers_in_bf16(make_ckpt, family):
         start += len(ids)
         ids = [tokens[step]]
     llm.close()
+
+
+def test_latent_attention_off_the_cpu_kernel_equals_the_kernel():
+    """MLA's latent attention with torch ops (what a GPU runs) equals the paged kernel's, dense and top-k."""
+    from tilemem.kernels.paged import paged_attention
+    from tilemem.layers.mla import MLAttention
+
+    torch.manual_seed(0)
+    mla = MLAttention.__new__(MLAttention)  # only its rank and scale are read
+    mla.rank, mla.scale = 6, 0.3
+    pool = torch.randn(10, 1, 4, 8)  # [N, 1, bs, R+dr]
+    tables = torch.tensor([[3, 1, 7, 0], [9, 2, 0, 0]])
+    lengths = torch.tensor([13, 6])
+    q = torch.randn(2, 3, 8)
+    for select in (None, torch.tensor([[0, 5, 12, -1], [1, 3, -1, -1]])):
+        want = paged_attention(q, pool, pool[..., :6], tables, lengths, 0.3, select)
+        got = mla._latent_gathered(q, pool, tables, lengths, select)
+        assert torch.allclose(got, want, atol=1e-5)

@@ -122,8 +122,33 @@ class MLAttention(nn.Module):
         tables = ctx.tables.repeat_interleave(t, dim=0) if t > 1 else ctx.tables  # [B*T, M]
         lengths = (ctx.positions + 1).reshape(b * t)  # [B*T]
         select = None if ctx.sparse_select is None else ctx.sparse_select.reshape(b * t, -1)  # [B*T, K]
-        o_lat = paged_attention(
-            q_full.to(pool.dtype).contiguous(), pool, pool[..., : self.rank], tables, lengths, self.scale, select
-        )  # [B*T, H, R]
+        q_full = q_full.to(pool.dtype).contiguous()
+        if pool.device.type == "cpu":
+            o_lat = paged_attention(q_full, pool, pool[..., : self.rank], tables, lengths, self.scale, select)
+        else:
+            o_lat = self._latent_gathered(q_full, pool, tables, lengths, select)  # [B*T, H, R]
         o = torch.bmm(o_lat.to(q_nope.dtype).transpose(0, 1), w_uv.to(q_nope.dtype).transpose(1, 2))  # [H, B*T, dv]
         return self.o_proj(o.transpose(0, 1).reshape(b, t, self.h * self.dv))
+
+    def _latent_gathered(
+        self,
+        q: torch.Tensor,
+        pool: torch.Tensor,
+        tables: torch.Tensor,
+        lengths: torch.Tensor,
+        select: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """`_latent`'s attention with torch ops on any device (a GPU: the paged kernel is CPU code): q [R, H, R+dr]
+        against each row's positions (or its `select`ed ones) gathered from the pool -> [R, H, kv_lora_rank]."""
+        bs = pool.shape[2]
+        flat = pool.view(-1, pool.shape[-1])  # [N*bs, R+dr]
+        if select is None:
+            select = torch.arange(int(lengths.max()), device=q.device).expand(q.shape[0], -1)  # [R, L]
+            select = select.masked_fill(select >= lengths.unsqueeze(1), -1)
+        pos = select.clamp_min(0)  # [R, K]
+        rows = tables.gather(1, pos // bs) * bs + pos % bs  # [R, K] flat index of each position
+        kv = flat[rows]  # [R, K, R+dr]
+        scores = torch.einsum("rhd,rkd->rhk", q.float(), kv.float()) * self.scale  # [R, H, K]
+        scores = scores.masked_fill((select < 0).unsqueeze(1), float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with nothing to attend: zeros
+        return torch.einsum("rhk,rkd->rhd", probs, kv[..., : self.rank].float()).to(q.dtype)  # [R, H, R]
