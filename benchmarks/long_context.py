@@ -303,7 +303,11 @@ def tilemem_turns(args: argparse.Namespace) -> dict:
     params = SamplingParams(max_tokens=args.reply, temperature=0, ignore_eos=True)
     llm.generate([warmup_prompt(vocab, args.turn_tokens)], params)
     turns = []
-    for prompt in conversation(vocab, args.turns, args.turn_tokens):
+    timed = {int(t) for t in args.b_turns.split(",")} if not caching else set(range(1, args.turns + 1))
+    for i, prompt in enumerate(conversation(vocab, args.turns, args.turn_tokens), 1):
+        if i not in timed:  # without a prefix cache a turn does not depend on the others: skip it
+            turns.append(dict(ttft_s=None, wall_s=None, prompt=len(prompt), cached=0))
+            continue
         t1 = time.perf_counter()
         out = llm.generate([prompt], params)[0]
         wall = time.perf_counter() - t1
@@ -316,7 +320,8 @@ def tilemem_turns(args: argparse.Namespace) -> dict:
 def tilemem_system(args: argparse.Namespace, name: str) -> dict:
     cmd = [sys.executable, __file__, "--part", "chat", "--worker", name, "--model", args.model]
     cmd += ["--threads", str(args.threads), "--turns", str(args.turns), "--turn-tokens", str(args.turn_tokens)]
-    cmd += ["--reply", str(args.reply)] + (["--prefill-chunk", str(args.prefill_chunk)] if args.prefill_chunk else [])
+    cmd += ["--reply", str(args.reply), "--b-turns", args.b_turns]
+    cmd += ["--prefill-chunk", str(args.prefill_chunk)] if args.prefill_chunk else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"system {name} failed:\n{proc.stderr[-3000:]}")
@@ -440,7 +445,7 @@ def part_chat(args: argparse.Namespace) -> dict:
         for s in systems:
             res = tilemem_system(args, s) if s != "C" else llama_turns(args, vocab)
             runs[s].append(res)
-            line = ", ".join(f"{t['ttft_s']:.3f}" for t in res["turns"])
+            line = ", ".join("-" if t["ttft_s"] is None else f"{t['ttft_s']:.3f}" for t in res["turns"])
             extra = ""
             if s == "A":
                 extra = "; cached tokens " + ", ".join(str(t["cached"]) for t in res["turns"])
@@ -448,12 +453,17 @@ def part_chat(args: argparse.Namespace) -> dict:
                 extra = "; prompt_n " + ", ".join(str(t["prompt_n"]) for t in res["turns"])
                 extra += " (prompt_ms " + ", ".join(f"{t['prompt_ms'] or 0:.0f}" for t in res["turns"]) + ")"
             print(f"round {r + 1} {s}: load {res['load_s']:.1f} s, TTFT per turn s: {line}{extra}", flush=True)
-    med = {s: [statistics.median(x["turns"][i]["ttft_s"] for x in runs[s]) for i in range(args.turns)] for s in systems}
+
+    def median_ttft(s: str, i: int) -> float | None:
+        times = [x["turns"][i]["ttft_s"] for x in runs[s] if x["turns"][i]["ttft_s"] is not None]
+        return statistics.median(times) if times else None
+
+    med = {s: [median_ttft(s, i) for i in range(args.turns)] for s in systems}
     print(f"\nTTFT per turn, seconds, median over {args.rounds} rounds (wall clock, request to first token)")
     print("| turn | prompt tokens | " + " | ".join(f"{s}: {names[s]}" for s in systems) + " |")
     print("|---" * (2 + len(systems)) + "|")
     for i in range(args.turns):
-        cells = " | ".join(f"{med[s][i]:.3f}" for s in systems)
+        cells = " | ".join("-" if med[s][i] is None else f"{med[s][i]:.3f}" for s in systems)
         print(f"| {i + 1} | {(i + 1) * args.turn_tokens} | {cells} |")
     last = args.turns - 1
     a_ratio = [x["turns"][last]["ttft_s"] / x["turns"][0]["ttft_s"] for x in runs["A"]]
@@ -491,6 +501,7 @@ def main() -> None:
     g.add_argument("--turns", type=int, default=8)
     g.add_argument("--turn-tokens", type=int, default=500, help="new tokens per turn (turn 1's prompt too)")
     g.add_argument("--reply", type=int, default=1, help="tokens generated per turn")
+    g.add_argument("--b-turns", default="1,8", help="turns B (no prefix cache: each turn independent) times")
     g.add_argument("--server-timeout", type=float, default=600, help="seconds llama-server may take to load")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
