@@ -21,27 +21,9 @@
 #include <stdlib.h>
 
 #include "fp8.h"
+#include "paged.h"
 
-#define INLINE static inline __attribute__((always_inline))
 #define HC 4 /* query heads per work item */
-
-typedef union {
-    uint32_t u;
-    float f;
-} bits;
-
-/* 8 elements at p + i (bf16 when bf, else fp32) as fp32 (bf16 is the top half of an fp32: exact). */
-INLINE __m256 load8(const void *p, int64_t i, const int bf) {
-    if (!bf) return _mm256_loadu_ps((const float *)p + i);
-    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-INLINE float load1(const void *p, int64_t i, const int bf) {
-    if (!bf) return ((const float *)p)[i];
-    bits c = {.u = (uint32_t)((const uint16_t *)p)[i] << 16};
-    return c.f;
-}
 
 /* fp32 -> bf16, round to nearest even (NaN stays NaN), as torch rounds. */
 INLINE uint16_t to_bf16(float f) {
@@ -53,13 +35,6 @@ INLINE uint16_t to_bf16(float f) {
 INLINE float round_bf16(float f) {
     bits c = {.u = (uint32_t)to_bf16(f) << 16};
     return c.f;
-}
-
-INLINE float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
 }
 
 /* e^x on 8 lanes (x <= 0 here): Cephes' expf polynomial, about 1 ulp. */
@@ -109,48 +84,6 @@ static float softmax(float *s, int64_t n, float scale, int rnd) {
     if (rnd)
         for (i = 0; i < n; i++) s[i] = round_bf16(s[i]);
     return sum;
-}
-
-/* s[h * lds + i] = q_h . k_i for NK key rows at k + ko[i] and NH query rows q + h * Dk (fp32): NK x NH <= 8
- * independent FMA chains in registers (fixed-size arrays, fully unrolled: NK, NH are constants where inlined),
- * each key vector loaded once for all NH heads. */
-INLINE void score_tile(const void *k, const int64_t *ko, const float *q, int64_t Dk, float *s, int64_t lds,
-                       const int NK, const int NH, const int bf) {
-    __m256 acc[4][8];
-#pragma GCC unroll 4
-    for (int h = 0; h < NH; h++)
-#pragma GCC unroll 8
-        for (int i = 0; i < NK; i++) acc[h][i] = _mm256_setzero_ps();
-    int64_t d = 0;
-    for (; d + 8 <= Dk; d += 8) {
-        __m256 qv[4];
-#pragma GCC unroll 4
-        for (int h = 0; h < NH; h++) qv[h] = _mm256_loadu_ps(q + h * Dk + d);
-#pragma GCC unroll 8
-        for (int i = 0; i < NK; i++) {
-            __m256 kv = load8(k, ko[i] + d, bf);
-#pragma GCC unroll 4
-            for (int h = 0; h < NH; h++) acc[h][i] = _mm256_fmadd_ps(qv[h], kv, acc[h][i]);
-        }
-    }
-#pragma GCC unroll 4
-    for (int h = 0; h < NH; h++)
-#pragma GCC unroll 8
-        for (int i = 0; i < NK; i++) {
-            float r = hsum8(acc[h][i]);
-            for (int64_t e = d; e < Dk; e++) r += q[h * Dk + e] * load1(k, ko[i] + e, bf);
-            s[h * lds + i] = r;
-        }
-}
-
-#define AHEAD 16 /* rows fetched ahead: a block's rows are contiguous, but the next block is anywhere (the hardware
-                  * prefetchers stop at the 4 KB pages, which a block of 16 bf16 rows of 128 fills) */
-
-/* Asks for row ko[i + AHEAD] of k (n rows, D elements each) to be cached. */
-INLINE void fetch_ahead(const void *k, const int64_t *ko, int64_t i, int64_t n, int64_t D, const int bf) {
-    if (i + AHEAD >= n) return;
-    const char *row = (const char *)k + ko[i + AHEAD] * (bf ? 2 : 4);
-    for (int64_t b = 0; b < D * (bf ? 2 : 4); b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
 }
 
 /* Scores of n positions (key rows at k + ko[i]) for NH heads, NK positions at a time (the last ones padded

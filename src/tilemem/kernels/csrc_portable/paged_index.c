@@ -21,72 +21,9 @@
 #include <stdlib.h>
 
 #include "fp8.h"
+#include "paged.h"
 
-#define INLINE static inline __attribute__((always_inline))
-#define CH 256   /* positions per work item */
-#define AHEAD 16 /* key rows fetched ahead (a block's rows are contiguous, the next block anywhere) */
-
-typedef union {
-    uint32_t u;
-    float f;
-} bits;
-
-/* 8 elements at p + i (bf16 when bf, else fp32) as fp32 (bf16 is the top half of an fp32: exact). */
-INLINE __m256 load8(const void *p, int64_t i, const int bf) {
-    if (!bf) return _mm256_loadu_ps((const float *)p + i);
-    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-INLINE float load1(const void *p, int64_t i, const int bf) {
-    if (!bf) return ((const float *)p)[i];
-    bits c = {.u = (uint32_t)((const uint16_t *)p)[i] << 16};
-    return c.f;
-}
-
-INLINE float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-/* Asks for key row ko[i + AHEAD] (of n, Di elements each) to be cached. */
-INLINE void fetch_ahead(const void *k, const int64_t *ko, int64_t i, int64_t n, int64_t Di, const int bf) {
-    if (i + AHEAD >= n) return;
-    const char *row = (const char *)k + ko[i + AHEAD] * (bf ? 2 : 4);
-    for (int64_t b = 0; b < Di * (bf ? 2 : 4); b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
-}
-
-/* s[h * NK + i] = q_h . k_i for NK key rows at k + ko[i] and NH query rows q + h * Di (fp32). */
-INLINE void score_tile(const void *k, const int64_t *ko, const float *q, int64_t Di, float *s, const int NK,
-                       const int NH, const int bf) {
-    __m256 acc[4][8];
-#pragma GCC unroll 4
-    for (int h = 0; h < NH; h++)
-#pragma GCC unroll 8
-        for (int i = 0; i < NK; i++) acc[h][i] = _mm256_setzero_ps();
-    int64_t d = 0;
-    for (; d + 8 <= Di; d += 8) {
-        __m256 qv[4];
-#pragma GCC unroll 4
-        for (int h = 0; h < NH; h++) qv[h] = _mm256_loadu_ps(q + h * Di + d);
-#pragma GCC unroll 8
-        for (int i = 0; i < NK; i++) {
-            __m256 kv = load8(k, ko[i] + d, bf);
-#pragma GCC unroll 4
-            for (int h = 0; h < NH; h++) acc[h][i] = _mm256_fmadd_ps(qv[h], kv, acc[h][i]);
-        }
-    }
-#pragma GCC unroll 4
-    for (int h = 0; h < NH; h++)
-#pragma GCC unroll 8
-        for (int i = 0; i < NK; i++) {
-            float r = hsum8(acc[h][i]);
-            for (int64_t e = d; e < Di; e++) r += q[h * Di + e] * load1(k, ko[i] + e, bf);
-            s[h * NK + i] = r;
-        }
-}
+#define CH 256 /* positions per work item */
 
 /* o[i] = sum_h w[h] * relu(scale * q_h . k_i) for n key rows at k + ko[i], Hi heads in groups of NH (q padded
  * to a multiple of NH rows; the padding's scores are dropped), NK rows at a time (the last padded with copies
@@ -104,7 +41,7 @@ INLINE void index_rows(const void *k, const int64_t *ko, int64_t n, const float 
         float sum[8], s[4 * 8];
         for (int j = 0; j < NK; j++) sum[j] = 0.f;
         for (int64_t h0 = 0; h0 < Hi; h0 += NH) {
-            score_tile(k, kt, q + h0 * Di, Di, s, NK, NH, bf);
+            score_tile(k, kt, q + h0 * Di, Di, s, NK, NK, NH, bf);
             const int nh = (int)(Hi - h0 < NH ? Hi - h0 : NH);
             for (int h = 0; h < nh; h++)
                 for (int j = 0; j < NK; j++) {
