@@ -268,3 +268,23 @@ def test_latent_attention_off_the_cpu_kernel_equals_the_kernel():
         want = paged_attention(q, pool, pool[..., :6], tables, lengths, 0.3, select)
         got = mla._latent_gathered(q, pool, tables, lengths, select)
         assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_a_sequence_longer_than_the_whole_kv_budget_fails_alone_with_an_event(olmoe):
+    """Defensive: a sequence the whole KV budget cannot hold (start-up refuses a budget below one max_model_len
+    sequence, so here the pool is cut to 20 positions behind the engine's back) ends with an error event that
+    names the fix, and the engine goes on with the others."""
+    llm = LLM(olmoe, dtype="fp32", kv_block_size=4, max_batch=2, max_model_len=40)
+    eng = llm.engine()
+    eng.pool = eng.scheduler.pool = BlockPool(5, 4)
+    eng.max_blocks = 5
+    small, big = llm._sequence([6] * 3, greedy(2)), llm._sequence([5] * 30, greedy(4))
+    eng.add(big)
+    eng.add(small)
+    events = []
+    while eng.has_work():
+        events += eng.step()
+    assert big.finish_reason == "error" and "raise --kv-memory" in big.error
+    assert any(e.seq is big and e.finished for e in events)
+    assert small.finish_reason == "length" and len(small.output_ids) == 2
+    llm.close()

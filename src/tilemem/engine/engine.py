@@ -142,7 +142,6 @@ class Engine:
         """Expert parallelism on rank 0 (`engine.ranks.Leader`): the other ranks mirror every cache and forward."""
         kv = kv or KVSettings()
         bs = kv.block_size
-        self.kv = kv
         self.max_blocks = kv.limit_blocks(model.kv_block_bytes(bs), max_batch, max_model_len)
         """Most KV blocks the cache may grow to (its memory budget)."""
         spare = speculator.k + 2 if speculator is not None else 0  # drafts verified past max_model_len
@@ -159,7 +158,9 @@ class Engine:
         self.pool = BlockPool(blocks, bs, prefix_caching=kv.prefix_caching)
         self.scheduler = Scheduler(max_batch, prefill_chunk, self.pool, max_model_len, self._grow)
         self.scheduler.on_preempt = self._preempted
-        self.scheduler.on_error = lambda seq, error: self._fail(seq, error)
+        self.scheduler.on_error = lambda seq, error: self._refused.append(self._fail(seq, error))
+        self._refused: list[StepEvent] = []
+        """Sequences the scheduler failed (too long for the whole KV budget): reported with the next step's events."""
         self.speculator = speculator
         self.decoders: dict[str, IncrementalDecoder] = {}
         self.emitted: dict[str, int] = {}
@@ -242,10 +243,11 @@ class Engine:
         t0 = time.perf_counter()
         before = copy.copy(self.runtime.counters) if self.runtime is not None else None
         batch = self.scheduler.schedule()
+        refused, self._refused = self._refused, []
         if batch is None:
-            return []
+            return refused
         out = self._forward(batch)
-        events = [self._fail(batch.seqs[i], error) for i, error in out.failed.items()]
+        events = refused + [self._fail(batch.seqs[i], error) for i, error in out.failed.items()]
         post, drafted_tokens = self._postprocess(batch, out)
         events += post
         dt = time.perf_counter() - t0
