@@ -142,14 +142,15 @@ class Engine:
         """Expert parallelism on rank 0 (`engine.ranks.Leader`): the other ranks mirror every cache and forward."""
         kv = kv or KVSettings()
         bs = kv.block_size
-        self.max_blocks = kv.limit_blocks(model.kv_block_bytes(bs), max_batch, max_model_len)
+        block_bytes = model.kv_block_bytes(bs)
+        self.max_blocks = kv.limit_blocks(block_bytes, max_batch, max_model_len)
         """Most KV blocks the cache may grow to (its memory budget)."""
         spare = speculator.k + 2 if speculator is not None else 0  # drafts verified past max_model_len
         if self.max_blocks * bs < max_model_len + spare:
             raise ConfigError(
                 f"KV memory for {self.max_blocks * bs} tokens cannot hold one sequence of --max-model-len "
                 f"{max_model_len}; raise --kv-memory (a {bs}-token block costs "
-                f"{format_bytes(model.kv_block_bytes(bs))}) or lower --max-model-len."
+                f"{format_bytes(block_bytes)}) or lower --max-model-len."
             )
         blocks = min(self.max_blocks, -(-(max_model_len + spare) // bs))  # one sequence; grows as more need it
         if leader is not None:

@@ -159,8 +159,7 @@ class Scheduler:
         first = min(len(seq.tokens) - cached, budget)
         need = self.pool.blocks_for(cached + first + self.lookahead) - len(hits)
         held = sum(1 for b in hits if self.pool.refs[b] == 0)  # holding them takes them off the evictable list
-        if need + held > len(self.pool.free):
-            self._grow(need + held - len(self.pool.free))  # grow into the budget before evicting cached blocks
+        self._make_room(need + held)
         if need + held > self.pool.available:
             if alone and not self._grow(need + held - self.pool.available):
                 self.waiting.popleft()
@@ -185,6 +184,12 @@ class Scheduler:
     def _grow(self, n: int) -> bool:
         return self.grow is not None and self.grow(n)
 
+    def _make_room(self, n: int) -> None:
+        """Before `n` blocks are taken: grow the cache into its budget for what the free list lacks, so that cached
+        prefix blocks are evicted only once the budget is reached."""
+        if n > len(self.pool.free):
+            self._grow(n - len(self.pool.free))
+
     def _fail(self, seq: Sequence, positions: int) -> None:
         """`seq` needs more positions than the whole KV budget holds: it fails (or, without a handler, raises)."""
         error = (
@@ -201,12 +206,9 @@ class Scheduler:
         need = self.pool.blocks_for(positions) - len(seq.blocks)
         if need <= 0:
             return True
-        if need > len(self.pool.free):
-            self._grow(need - len(self.pool.free))  # grow into the budget before evicting cached blocks
         while True:
+            self._make_room(need)
             got = self.pool.allocate(need)
-            if got is None and self._grow(need - self.pool.available):
-                got = self.pool.allocate(need)
             if got is not None:
                 seq.blocks += got
                 return True
