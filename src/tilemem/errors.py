@@ -51,3 +51,8 @@ class KernelMemoryError(KernelError, MemoryError):
 
 class RankError(TileMemError):
     """A rank of a distributed run died, hung past the timeout, or disagrees with the others; the run stops."""
+
+
+class X12Overflow(ValueError):
+    """A bf16 tile has more weights than an x12 payload's exception capacity (`layers.x12`): it is stored as
+    bf16 instead. Internal (a store falls back and says so), not a user error."""
