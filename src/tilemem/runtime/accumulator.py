@@ -15,14 +15,16 @@ from tilemem.kernels import ggml as ggml_kernels
 from tilemem.layers import ggml
 from tilemem.layers.linear import gemm
 from tilemem.layers.moe import PartialSums
-from tilemem.runtime.tile_format import Block, Fp8Tile, GgmlTile
+from tilemem.runtime.tile_format import Block, Fp8Tile, GgmlTile, X12Tile
 
 
 def partial_ffn(x: torch.Tensor, block: Block, act) -> torch.Tensor:
     """FFN over one tile or merged range: x [N, D], block [3, n, D] (gate, up, down^T) -> [N, D].
 
     Gate and up rows are adjacent in the block, so they run as one GEMM (an FP8 tile's as two: a partial
-    last scale block would straddle them; a GGUF tile's as two quantized matrices)."""
+    last scale block would straddle them; a GGUF tile's as two quantized matrices; an x12 tile decoded first)."""
+    if isinstance(block, X12Tile):
+        block = block.dense()
     if isinstance(block, (Fp8Tile, GgmlTile)):
         gate, up, down = block.matrices()
         return gemm(act(gemm(x, gate)) * gemm(x, up), down)  # [N, D]
@@ -103,6 +105,8 @@ class Accumulator:
         elif isinstance(block, GgmlTile) and self.ggml_act is not None:
             task = ggml_kernels.FfnTask(block.ffn_weights, tok.to(torch.int32), scale.to(torch.float32))
             self.ggml_tasks.append(task)
+        elif isinstance(block, X12Tile):
+            self.add(block.dense(), tok, scale)
         elif self.native_act is None or isinstance(block, (Fp8Tile, GgmlTile)):
             self.sums.add(tok, partial_ffn(self.x[tok], block, self.act) * scale[:, None])
         else:

@@ -36,7 +36,7 @@ from tilemem.placement.budgets import DEFAULT_CACHE_BYTES, IO_DEPTH
 from tilemem.runtime.accumulator import Accumulator, GpuAccumulator, partial_ffn  # noqa: F401 (tools.probe)
 from tilemem.runtime.direct_io import AlignedSlab, DirectReader
 from tilemem.runtime.tile_cache import TileCache, TileId
-from tilemem.runtime.tile_format import Block, Fp8Tile, GgmlTile, block_nbytes
+from tilemem.runtime.tile_format import PACKED, Block, X12Tile, block_nbytes
 from tilemem.runtime.tile_store import StoredTile, TileStore
 from tilemem.units import format_bytes
 
@@ -232,7 +232,8 @@ class TieredExperts:
             for (lay, e), ranges in self.ranges.items():
                 for a, b in ranges.get("cuda", []) if lay == layer else []:
                     for t in self.store.covering(layer, e, a, b):
-                        tiles.setdefault(e, []).append(self._load_range(layer, e, t.start, t.end))
+                        block = self._load_range(layer, e, t.start, t.end)
+                        tiles.setdefault(e, []).append(block.dense() if isinstance(block, X12Tile) else block)
             if tiles:
                 self.slabs[layer] = TileSlab(tiles, self.store.tile_size, self.device)
         self.stale_slabs.clear()
@@ -249,7 +250,7 @@ class TieredExperts:
     def bytes_of(self, ranges: Ranges, key: tuple[int, int]) -> int:
         """DRAM bytes `ranges` of unit `key` (layer, expert) would take."""
         spans = ranges.get("cpu", [])
-        if self.store.codec.fp8 or self.store.codec.gguf:
+        if self.store.codec.packed and not (self.store.codec.x12 and self.dtype != torch.bfloat16):
             codec = self.store.codec.unit(*key)
             return sum(codec.payload_bytes(b - a) for a, b in spans)
         itemsize = torch.empty(0, dtype=self.dtype).element_size()
@@ -274,8 +275,13 @@ class TieredExperts:
                     f"{self.store.repair_hint}."
                 )
             parts.append(codec.view(torch.frombuffer(bytearray(raw), dtype=torch.uint8), t.end - t.start))
-        out = codec.concat(parts) if len(parts) > 1 else parts[0]
-        return out if isinstance(out, (Fp8Tile, GgmlTile)) else out.to(self.dtype)
+        return self._computed(codec.concat(parts) if len(parts) > 1 else parts[0])
+
+    def _computed(self, block: Block) -> Block:
+        """A viewed tile as this runtime computes it: packed (x12 only for a bf16 model), else in the model's dtype."""
+        if isinstance(block, X12Tile) and self.dtype != torch.bfloat16:
+            block = block.dense()
+        return block if isinstance(block, PACKED) or block.dtype == self.dtype else block.to(self.dtype)
 
     # -- I/O ---------------------------------------------------------------------------------------
     def _read(self, tile: StoredTile, slot: int) -> None:
@@ -292,8 +298,7 @@ class TieredExperts:
 
     def _block(self, slot: int, tile: StoredTile) -> Block:
         codec = self.store.codec.unit(tile.layer, tile.expert)
-        t = codec.view(self.cache.slab.tensor(slot, tile.nbytes, torch.uint8), tile.end - tile.start)
-        return t if isinstance(t, (Fp8Tile, GgmlTile)) or t.dtype == self.dtype else t.to(self.dtype)
+        return self._computed(codec.view(self.cache.slab.tensor(slot, tile.nbytes, torch.uint8), tile.end - tile.start))
 
     def _harvest_prefetches(self) -> None:
         for tid, (fut, slot, _) in list(self.prefetching.items()):

@@ -24,14 +24,15 @@ import json
 import logging
 import os
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from tilemem.errors import CheckpointError, TileMemError
+from tilemem.errors import CheckpointError, TileMemError, X12Overflow
 from tilemem.jsonio import read_json_object
+from tilemem.layers import x12 as x12_codec
 from tilemem.loader.checkpoint import Checkpoint
 from tilemem.loader.safetensors_file import DTYPES
 from tilemem.models.topology import Topology, our_ffn_prefix
@@ -140,9 +141,15 @@ def pack_tile(codec: TileCodec, weights: tuple, a: int, b: int) -> bytes:
     return codec.pack(*weights[:3], a, b, weights[3]).numpy().tobytes()
 
 
-def store_codec(ckpt: Checkpoint | GgufSource) -> TileCodec:
+TILE_FORMATS = ("auto", "x12", "plain")
+"""How `convert` packs bf16 tiles: `x12` (lossless, 12 bits per weight), `plain` (bf16 as stored), `auto` (x12
+where it is smaller: rows of a multiple of 32 weights). Other dtypes, FP8 and GGUF blocks are kept as they are."""
+
+
+def store_codec(ckpt: Checkpoint | GgufSource, tile_format: str = "plain", tile_size: int = 128) -> TileCodec:
     """How `ckpt`'s FFN weights are packed into tiles: their stored dtype (FP8 stays FP8, GGUF blocks stay
-    blocks, in each unit's types)."""
+    blocks, in each unit's types); bf16 tiles as x12 payloads as `tile_format` (`TILE_FORMATS`) says for tiles
+    of `tile_size` neurons."""
     layer = next(i for i in range(ckpt.config.num_layers) if ckpt.config.is_moe_layer(i))
     if isinstance(ckpt, GgufSource):
         types = {(lay, unit): ckpt.ggml_types(lay, unit) for lay, unit, _ in store_units(ckpt)}
@@ -154,24 +161,54 @@ def store_codec(ckpt: Checkpoint | GgufSource) -> TileCodec:
                 f"{ckpt.path} stores the FFN weights of layer {lay} unquantized and others quantized; the tile store "
                 "packs one kind: re-quantize the file (e.g. `llama-quantize IN OUT Q4_K_M`)."
             )
-    return TileCodec(expert_tensors(ckpt, layer, 0)[0].dtype, ckpt.config.hidden_size)
+    codec = TileCodec(expert_tensors(ckpt, layer, 0)[0].dtype, ckpt.config.hidden_size)
+    if tile_format not in TILE_FORMATS:
+        raise StoreError(f"unknown tile format '{tile_format}'; choose one of {', '.join(TILE_FORMATS)}.")
+    if tile_format == "plain" or codec.dtype != torch.bfloat16:
+        return codec
+    fits = x12_codec.supported(codec.hidden)
+    if tile_format == "x12" and not fits:
+        raise StoreError(
+            f"x12 tiles need a hidden size that is a multiple of 32, not {codec.hidden}; convert with tile format "
+            "plain (or auto)."
+        )
+    x12 = replace(codec, x12=True) if fits else codec
+    if tile_format == "auto" and x12.payload_bytes(tile_size) >= codec.payload_bytes(tile_size):
+        return codec  # tiny tiles: the exception area outweighs the saving
+    return x12
 
 
 STORE_FILES = ("store.json", "store.json.tmp", "tiles.bin", "tiles.bin.partial", "convert.journal", STAT_CACHE)
 """Every file conversion writes into a store directory (the only ones it ever removes)."""
 
 
-def convert(model: str | Path, out: str | Path, tile_size: int = 128, progress: bool = True) -> Path:
-    """Pack a checkpoint's routed experts into a tile store at `out`; resumable and atomic.
+def convert(
+    model: str | Path, out: str | Path, tile_size: int = 128, progress: bool = True, tile_format: str = "auto"
+) -> Path:
+    """Pack a checkpoint's routed experts into a tile store at `out`; resumable and atomic. bf16 tiles are
+    packed as `tile_format` says (`TILE_FORMATS`; a tile that x12 cannot hold turns the store plain).
 
-    Over a finished store of this checkpoint it verifies every tile and rewrites the corrupt ones;
-    over one that no longer matches this checkpoint's weights (stale), it converts again."""
+    Over a finished store of this checkpoint it verifies every tile and rewrites the corrupt ones (in the
+    store's own format); over one that no longer matches this checkpoint's weights (stale), it converts again."""
+    try:
+        return _convert(model, out, tile_size, progress, tile_format)
+    except X12Overflow as exc:
+        if tile_format == "x12":
+            raise StoreError(
+                f"{exc}: this checkpoint's tiles cannot all be x12; convert with tile format plain."
+            ) from None
+        log.warning("%s; converting %s with plain bf16 tiles", exc, model)
+        _clear(Path(out))
+        return _convert(model, out, tile_size, progress, "plain")
+
+
+def _convert(model: str | Path, out: str | Path, tile_size: int, progress: bool, tile_format: str) -> Path:
     ckpt = store_source(Checkpoint.open(model))
     cfg = ckpt.config
     out = Path(out)
     if tile_size < 1:
         raise StoreError(f"tile size must be >= 1 neuron, got {tile_size}.")
-    codec = store_codec(ckpt)
+    codec = store_codec(ckpt, tile_format, tile_size)
     try:
         codec.check_tile_size(tile_size)
     except ValueError as exc:
@@ -186,7 +223,7 @@ def convert(model: str | Path, out: str | Path, tile_size: int = 128, progress: 
     done: dict[str, dict] = {}
     crcs: dict[str, int] = {}
     stats = {f: file_stat(ckpt.files[f].path) for f in sorted(ckpt.files)}
-    header = {"key": "_header", "fingerprint": fingerprint, "tile_size": tile_size, "files": stats}
+    header = {"key": "_header", "fingerprint": fingerprint, "tile_size": tile_size, "files": stats, "x12": codec.x12}
     if journal.exists() and data_tmp.exists():
         for line in journal.read_text().splitlines():
             try:
@@ -202,10 +239,11 @@ def convert(model: str | Path, out: str | Path, tile_size: int = 128, progress: 
                     f"re-run with tile size {rec['tile_size']} to resume it, or delete {out}."
                 )
             done[rec["key"]] = rec
-        if done.pop("_header", {}).get("files") != stats:  # journaled tiles may hold other weights
+        head = done.pop("_header", {})
+        if head.get("files") != stats or head.get("x12", False) != codec.x12:  # other weights or format
             if done:
-                log.warning("%s: the checkpoint's weight files changed since the interrupted conversion; "
-                            "converting from the start", out)  # fmt: skip
+                log.warning("%s: the checkpoint's weight files or the tile format changed since the interrupted "
+                            "conversion; converting from the start", out)  # fmt: skip
             done = {}
             journal.write_text(json.dumps(header) + "\n")
     else:
@@ -261,6 +299,8 @@ def convert(model: str | Path, out: str | Path, tile_size: int = 128, progress: 
         "tiles": [[t.layer, t.expert, t.start, t.end, t.offset, t.nbytes, t.sha256, t.crc32] for t in tiles],
         "sources": record_sources(ckpt, crcs),
     }
+    if codec.x12:
+        meta["format"] = "x12"
     if codec.gguf:
         meta["ggml_types"] = [[layer, unit, *types] for (layer, unit), types in codec.ggml_units.items()]
     os.replace(data_tmp, out / "tiles.bin")
@@ -359,7 +399,10 @@ class TileStore:
             self.dtype = DTYPES[meta["dtype"]]
             self.hidden = int(meta["hidden_size"])
             ggml = {(int(t[0]), int(t[1])): (str(t[2]), str(t[3]), str(t[4])) for t in meta.get("ggml_types", [])}
-            self.codec = TileCodec(self.dtype, self.hidden, ggml_units=ggml)
+            fmt = meta.get("format", "plain")
+            if fmt not in ("x12", "plain"):
+                raise ValueError(f"format {fmt!r}")
+            self.codec = TileCodec(self.dtype, self.hidden, ggml_units=ggml, x12=fmt == "x12")
             self.tile_size = int(meta["tile_size"])
             self.tiles = {(t[0], t[1], t[2]): StoredTile(*t) for t in meta["tiles"]}
             int(meta["bytes"])
