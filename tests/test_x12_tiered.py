@@ -99,11 +99,6 @@ def test_x12_tiered_matches_resident(combo, bf16_reference, store_dir):
         llm.tiered.close()
 
 
-def _bf16_tiered(path, store, budget: str, cache: str | None) -> LLM:
-    plan = make_plan(Checkpoint.open(path), budget, "tilepo_fine", tile=16, cache=cache)
-    return LLM(path, dtype="bf16", plan=plan, store=store, tile=16)
-
-
 @pytest.mark.parametrize("family", ["olmoe", "deepseek_v2"])
 def test_bf16_activations_x12_equals_plain_store_bit_for_bit(family, make_ckpt, tmp_path):
     """bf16 activations keep the tiles x12 in DRAM (resident and cached) and decode them where they are
@@ -111,13 +106,16 @@ def test_bf16_activations_x12_equals_plain_store_bit_for_bit(family, make_ckpt, 
     path = make_ckpt(family, "bf16", routing_skew=1.0)
     convert(path, tmp_path / "plain", 16, progress=False, tile_format="plain")
     convert(path, tmp_path / "x12", 16, progress=False)
-    topo = Topology.from_config(Checkpoint.open(path).config)
+    ckpt = Checkpoint.open(path)
+    topo = Topology.from_config(ckpt.config)
     room = (topo.routed_expert_bytes + topo.shared_and_dense_bytes) // 2
     budget, cache = f"cpu={topo.non_expert_bytes + room}B", f"cpu={room // 2}B"
-    batch = prompts(Checkpoint.open(path).config.vocab_size)
+    plan = make_plan(ckpt, budget, "tilepo_fine", tile=16, cache=cache, store=tmp_path / "plain")
+    assert plan.fmt.name == "bf16"  # counted as the plain store holds them: the x12 run holds less
+    batch = prompts(ckpt.config.vocab_size)
     out = {}
     for name in ("plain", "x12"):
-        llm = _bf16_tiered(path, tmp_path / name, budget, cache)
+        llm = LLM(path, dtype="bf16", plan=plan, store=tmp_path / name, tile=16)
         try:
             assert llm.tiered.store.codec.x12 == (name == "x12")
             blocks = [b for bs in llm.tiered.resident.values() for b in bs]
@@ -130,6 +128,30 @@ def test_bf16_activations_x12_equals_plain_store_bit_for_bit(family, make_ckpt, 
     assert out["x12"][0] == out["plain"][0]
     for a, b in zip(out["x12"][1], out["plain"][1], strict=True):
         assert torch.equal(a, b)
+
+
+def test_plans_count_x12_bytes(make_ckpt, tmp_path):
+    """A plan for an x12 store (existing, or to be converted) counts 12 bits per weight and the exception
+    area: the bytes the runtime holds; a plan counting x12 refuses a plain store (it would hold more)."""
+    path = make_ckpt("qwen3_moe", "bf16")
+    ckpt = Checkpoint.open(path)
+    plans = {}
+    for name in ("plain", "x12"):
+        store = tmp_path / name
+        if name == "plain":
+            convert(path, store, 16, progress=False, tile_format="plain")
+        plans[name] = make_plan(ckpt, "cpu=64GiB", "tilepo_fine", tile=16, store=store)  # x12: not converted yet
+    assert plans["x12"].fmt.name == "x12" and plans["plain"].fmt.name == "bf16"
+    llm = LLM(path, dtype="bf16", plan=plans["x12"], store=tmp_path / "x12", tile=16)
+    try:
+        held = llm.tiered.resident_bytes
+        counted = plans["x12"].usage("cpu").tiles
+        assert held <= counted < 1.01 * held  # the exception area's count rounds up; xrow rows are not counted
+        assert counted < 0.85 * plans["plain"].usage("cpu").tiles  # tiny tiles: 0.83 (128 x 2048 ones: 0.76)
+    finally:
+        llm.tiered.close()
+    with pytest.raises(StoreError, match="holds plain bf16 tiles"):
+        LLM(path, dtype="bf16", plan=plans["x12"], store=tmp_path / "plain", tile=16)
 
 
 def test_convert_formats(make_ckpt, tmp_path):

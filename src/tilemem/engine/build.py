@@ -242,7 +242,7 @@ def resolve_plan(args: EngineArgs, ckpt: Checkpoint, max_model_len: int = 4096, 
     return make_plan(
         ckpt, args.budget, args.policy, args.profile, args.tile, dtype=args.weights_dtype(ckpt.config),
         memory_limit=args.memory_limit,
-        context=max_model_len, sequences=kv_sequences,
+        context=max_model_len, sequences=kv_sequences, store=args.store,
     )  # fmt: skip
 
 

@@ -60,5 +60,5 @@ def default_plan(
 
     return make_plan(
         ckpt, "auto", policy, args.profile, args.tile, dtype=dtype, memory_limit=args.memory_limit,
-        context=max_model_len, sequences=sequences,
+        context=max_model_len, sequences=sequences, store=args.store,
     )  # fmt: skip

@@ -49,8 +49,13 @@ def _kp(d: int) -> int:
     return (d + CHUNK - 1) // CHUNK * CHUNK
 
 
+def row_bytes(d: int) -> int:
+    """Bytes of a row's low bytes and codes (d rounded up to 64 weights, 12 bits each)."""
+    return _kp(d) * 3 // 2
+
+
 def _table_offset(rows: int, d: int) -> int:
-    return (rows * _kp(d) * 3 // 2 + 15) // 16 * 16
+    return (rows * row_bytes(d) + 15) // 16 * 16
 
 
 def payload_bytes(rows: int, d: int) -> int:

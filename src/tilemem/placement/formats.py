@@ -4,7 +4,9 @@ Plain dtypes (bf16, fp16, fp32) carry no scales. `fp8_e4m3` is FP8 as DeepSeek-V
 publish it: one byte per weight and one fp32 scale per 128 x 128 block of each projection (neurons x
 hidden columns, the last blocks partial); a tile's scales sit right after its weights. Tiles of an FP8
 model start on 128-neuron boundaries. `gguf_<type>` (`gguf_q4_k`, ...) counts llama.cpp's quant blocks of
-that type: a GGUF model's plans count every projection in its widest type (`runtime.gguf_source`).
+that type: a GGUF model's plans count every projection in its widest type (`runtime.gguf_source`). `x12` is a
+bf16 store's lossless 12-bit packing (`layers.x12`): 12 bits per weight (rows padded to 64 weights), and a tile's
+code table, row offsets and exception area (`layers.x12.payload_bytes`) counted as its three projections' scales.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 from tilemem.errors import ConfigError
+from tilemem.layers import x12
 from tilemem.layers.ggml import QUANT_TYPES
 
 
@@ -29,7 +32,7 @@ class TileFormat:
     scale_layout: str = "none"
     """Scale metadata layout name (`none` for plain dtypes)."""
     scale_granularity: str = "none"
-    """`none`, `block` (one scale per block of neurons) or `tensor`."""
+    """`none`, `block` (one scale per block of neurons), `block2d`, `tensor` or `tile` (x12: per tile)."""
     scale_block: int = 0
     """Neurons (and, with `scale_granularity` `block2d`, hidden columns too) per scale block (0: none)."""
     scale_bytes_each: int = 0
@@ -41,10 +44,15 @@ class TileFormat:
 
     def weight_bytes(self, neurons: int, hidden: int) -> int:
         """Bytes of one projection restricted to `neurons` neurons."""
+        if self.name == "x12":
+            return neurons * x12.row_bytes(hidden)
         return neurons * hidden * self.element_bits // 8
 
     def scale_bytes(self, neurons: int, hidden: int) -> int:
-        """Bytes of that projection's scales."""
+        """Bytes of that projection's scales (x12: a third of its tile's table, row offsets and exception area)."""
+        if self.name == "x12":
+            rows = 3 * neurons
+            return -(-(x12.payload_bytes(rows, hidden) - rows * x12.row_bytes(hidden)) // 3)
         if not self.scale_block:
             return 0
         cols = math.ceil(hidden / self.scale_block) if self.scale_granularity == "block2d" else hidden
@@ -66,6 +74,7 @@ FORMATS: dict[str, TileFormat] = {
             scale_bytes_each=4,
             plain=False,
         ),
+        TileFormat("x12", 12, scale_layout="x12_exceptions", scale_granularity="tile", plain=False),
     )
 }
 DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}

@@ -19,7 +19,7 @@ from tilemem.loader.checkpoint import Checkpoint
 from tilemem.models.topology import FP8_FORMAT, LayerTopology, Topology
 from tilemem.placement.budgets import Budgets, CacheReserve, TierBudget
 from tilemem.placement.errors import PlanError
-from tilemem.placement.formats import tile_format
+from tilemem.placement.formats import TileFormat, tile_format
 from tilemem.placement.plan import Plan
 from tilemem.placement.planner import build_plan
 from tilemem.placement.policies import PlacementProblem
@@ -28,7 +28,7 @@ from tilemem.placement.tiles import always_active_ffns, routed_ffns
 from tilemem.runtime.gguf_source import GgufSource, gguf_tile_format, plan_types, quantized_bytes, store_source
 from tilemem.runtime.tiered import TieredConfig, TieredExperts
 from tilemem.runtime.tile_format import fp8_tile_size_message
-from tilemem.runtime.tile_store import TileStore, convert, store_codec
+from tilemem.runtime.tile_store import StoreError, TileStore, convert, store_codec
 from tilemem.units import format_bytes
 
 
@@ -67,12 +67,16 @@ def make_plan(
     memory_limit: str | int | None = None,
     context: int = 4096,
     sequences: int = 1,
+    store: str | Path | None = None,
 ) -> Plan:
     """Plan `ckpt` under `budget` (e.g. `cpu=4GiB`, or `auto`: within `memory_limit`, e.g. `6GiB`, else
     the limit measured here, less the KV cache of `sequences` sequences of `context` tokens) with `policy`.
     A GGUF model's FFN bytes are its quant blocks' (`dtype` counts its other weights). `tile` None: 128 neurons,
-    or a GGUF model's down-projection block where that is larger (256 for K-quants)."""
-    problem, policy = plan_problem(ckpt, budget, policy, profile, tile, cache, dtype, memory_limit, context, sequences)
+    or a GGUF model's down-projection block where that is larger (256 for K-quants). bf16 tiles count as the tile
+    store (`store`, else the one beside the checkpoint) holds them, or will: x12 or plain (`expert_format`)."""
+    problem, policy = plan_problem(
+        ckpt, budget, policy, profile, tile, cache, dtype, memory_limit, context, sequences, store
+    )
     return build_plan(problem, policy, name=ckpt.path.name)
 
 
@@ -87,6 +91,7 @@ def plan_problem(
     memory_limit: str | int | None = None,
     context: int = 4096,
     sequences: int = 1,
+    store: str | Path | None = None,
 ) -> tuple[PlacementProblem, str]:
     """What `make_plan` solves, and with which policy (`auto` resolved)."""
     topo, codec = _topology(ckpt, dtype)
@@ -115,8 +120,25 @@ def plan_problem(
             codec.check_tile_size(tile)
         except ValueError as exc:
             raise ConfigError(f"{exc}.") from None
-    fmt = gguf_tile_format(codec.ggml_units) if gguf else tile_format(topo.dtype)
+    fmt = gguf_tile_format(codec.ggml_units) if gguf else expert_format(ckpt, topo, tile, store)
     return PlacementProblem(topo, prof, budgets, fmt, tile=tile), policy
+
+
+def expert_format(ckpt: Checkpoint, topo: Topology, tile: int, store: str | Path | None = None) -> TileFormat:
+    """The format a plan counts `ckpt`'s expert tiles in: x12 where the weights are counted as bf16 and the tile
+    store (`store`, else beside the checkpoint) is, or converted now will be, x12; else the topology's dtype."""
+    fmt = tile_format(topo.dtype)
+    if fmt.name != "bf16":
+        return fmt
+    store = Path(store) if store else default_store_dir(ckpt, tile)
+    if (store / "store.json").exists():
+        try:
+            x12 = TileStore(store).codec.x12
+        except StoreError:
+            x12 = False  # converted again when used: counted as the plain tiles it may become
+    else:
+        x12 = store_codec(store_source(ckpt), "auto", tile).x12
+    return tile_format("x12") if x12 else fmt
 
 
 def _topology(ckpt: Checkpoint, dtype: str | None):
@@ -254,6 +276,11 @@ def attach_tiered(
     topo = plan.topology
     store = ensure_store(ckpt, plan, store, progress)
     opened = TileStore(store, ckpt)
+    if plan.fmt.name == "x12" and not opened.codec.x12:
+        raise StoreError(
+            f"the plan counts x12 tiles (12 bits per weight) but {store} holds plain bf16 tiles, a third larger; "
+            "plan again (a plan made now counts this store's tiles), or delete the store to convert it as x12."
+        )
     if config is None:  # a plan compiled with `prefetch = off` turns it off; else on while it is used
         config = TieredConfig(prefetch="auto" if plan.settings.get("prefetch", True) else False)
     cpu = plan.usage("cpu") if "cpu" in {u.tier for u in plan.tiers} else None
