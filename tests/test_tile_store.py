@@ -29,7 +29,9 @@ def mixtral(make_ckpt):
 
 @pytest.fixture(scope="module")
 def store32(mixtral, tmp_path_factory):
-    return convert(mixtral, tmp_path_factory.mktemp("mixtral") / "store", tile_size=32, progress=False)
+    """Plain bf16 tiles (x12 tiles: test_x12_tiered.py)."""
+    store = tmp_path_factory.mktemp("mixtral") / "store"
+    return convert(mixtral, store, tile_size=32, progress=False, tile_format="plain")
 
 
 def test_tile_ranges_cover_the_width_once():

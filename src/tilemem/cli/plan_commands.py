@@ -113,7 +113,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from tilemem.layers.ggml import QUANT_TYPES
     from tilemem.models.topology import Topology
     from tilemem.placement.budgets import Budgets
-    from tilemem.placement.formats import tile_format
+    from tilemem.placement.formats import bf16_store_format, tile_format
     from tilemem.placement.planner import build_plan
     from tilemem.placement.policies import PlacementProblem
 
@@ -133,6 +133,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.tile_size is None:
         grid = max(QUANT_TYPES[types[2]].weights for types in units.values()) if units else 1
         args.tile_size = math.lcm(128, grid)
+    if fmt.name == "bf16":  # counted as the tile store holds them (x12 where it will be)
+        if Path(args.model).is_dir():
+            from tilemem.loader.checkpoint import Checkpoint
+            from tilemem.runtime.setup import expert_format
+
+            fmt = expert_format(Checkpoint.open(args.model), topology, args.tile_size)
+        else:
+            fmt = bf16_store_format(topology.hidden_size, args.tile_size)
     elif units:
         grid = max(QUANT_TYPES[types[2]].weights for types in units.values())
         if args.tile_size % grid:

@@ -101,3 +101,11 @@ def tile_format(name: str) -> TileFormat:
     if key not in FORMATS:
         raise ConfigError(f"unknown tile format '{name}'; formats: {', '.join(FORMATS)}.")
     return FORMATS[key]
+
+
+def bf16_store_format(hidden: int, tile: int) -> TileFormat:
+    """The format a tile store converted now keeps bf16 tiles of `tile` neurons in (`tile_store.convert`'s
+    `auto`): x12 where rows of `hidden` weights allow it and its payload is smaller, else bf16."""
+    if x12.supported(hidden) and x12.payload_bytes(3 * tile, hidden) < 6 * tile * hidden:
+        return FORMATS["x12"]
+    return FORMATS["bf16"]

@@ -19,7 +19,7 @@ from tilemem.loader.checkpoint import Checkpoint
 from tilemem.models.topology import FP8_FORMAT, LayerTopology, Topology
 from tilemem.placement.budgets import Budgets, CacheReserve, TierBudget
 from tilemem.placement.errors import PlanError
-from tilemem.placement.formats import TileFormat, tile_format
+from tilemem.placement.formats import TileFormat, bf16_store_format, tile_format
 from tilemem.placement.plan import Plan
 from tilemem.placement.planner import build_plan
 from tilemem.placement.policies import PlacementProblem
@@ -137,7 +137,7 @@ def expert_format(ckpt: Checkpoint, topo: Topology, tile: int, store: str | Path
         except StoreError:
             x12 = False  # converted again when used: counted as the plain tiles it may become
     else:
-        x12 = store_codec(store_source(ckpt), "auto", tile).x12
+        return bf16_store_format(topo.hidden_size, tile)
     return tile_format("x12") if x12 else fmt
 
 

@@ -36,6 +36,7 @@ from tilemem.layers import x12 as x12_codec
 from tilemem.loader.checkpoint import Checkpoint
 from tilemem.loader.safetensors_file import DTYPES
 from tilemem.models.topology import Topology, our_ffn_prefix
+from tilemem.placement.formats import bf16_store_format
 from tilemem.placement.store_layout import ALIGNMENT, align, store_order
 from tilemem.placement.tiles import DENSE, SHARED, Unit, always_active_ffns, ffn_width, tile_key
 from tilemem.runtime.gguf_source import GgufSource, store_source
@@ -172,10 +173,9 @@ def store_codec(ckpt: Checkpoint | GgufSource, tile_format: str = "plain", tile_
             f"x12 tiles need a hidden size that is a multiple of 32, not {codec.hidden}; convert with tile format "
             "plain (or auto)."
         )
-    x12 = replace(codec, x12=True) if fits else codec
-    if tile_format == "auto" and x12.payload_bytes(tile_size) >= codec.payload_bytes(tile_size):
+    if tile_format == "auto" and bf16_store_format(codec.hidden, tile_size).name != "x12":
         return codec  # tiny tiles: the exception area outweighs the saving
-    return x12
+    return replace(codec, x12=True)
 
 
 STORE_FILES = ("store.json", "store.json.tmp", "tiles.bin", "tiles.bin.partial", "convert.journal", STAT_CACHE)
