@@ -115,7 +115,8 @@ def _check_payload(payload: torch.Tensor, rows: int, d: int, what: str) -> None:
 def encode(w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """The x12 payload (uint8 [payload_bytes(R, D)]) of a bf16 matrix w [R, D] with contiguous rows, into `out`
     if given: the bytes `layers.x12.encode` writes. Raises X12Overflow when w has more exceptions than
-    `tile_cap` allows (the tile stays bf16), X12Error for a bad shape or dtype."""
+    `tile_cap` allows (the tile stays bf16; a given `out` is then left part written), X12Error for a bad shape
+    or dtype."""
     what = "x12 encode"
     if not isinstance(w, torch.Tensor) or w.dtype != torch.bfloat16 or w.dim() != 2 or not w.is_cpu:
         got = f"{w.dtype} {list(w.shape)} on {w.device}" if isinstance(w, torch.Tensor) else type(w).__name__
