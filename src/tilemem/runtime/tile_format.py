@@ -31,6 +31,7 @@ import torch
 
 from tilemem.kernels import fp8 as fp8_kernels
 from tilemem.kernels import ggml as ggml_kernels
+from tilemem.kernels import x12_tiles as x12_kernels
 from tilemem.layers import x12 as x12_codec
 from tilemem.layers.fp8 import BLOCK, FP8, Fp8Matrix
 from tilemem.layers.ggml import QUANT_TYPES, GgmlMatrix, QuantType
@@ -166,8 +167,19 @@ class X12Tile:
 
 
 def decode_x12(payload: torch.Tensor, rows: int, d: int) -> torch.Tensor:
-    """The bf16 [rows, d] matrix of an x12 payload: the portable kernel on a CPU that has it, else torch."""
+    """The bf16 [rows, d] matrix of an x12 payload: the portable kernel on a CPU that has it, else torch (a GPU's
+    payload, or no AVX2); the same bits."""
+    if payload.is_cpu and x12_kernels.available():
+        return x12_kernels.decode(payload, rows, d)
     return x12_codec.decode(payload, rows, d)
+
+
+def encode_x12(w: torch.Tensor) -> torch.Tensor:
+    """The x12 payload of a bf16 [R, D] matrix (X12Overflow past its exception area): the portable kernel where
+    it runs, else torch; the same bytes."""
+    if w.is_cpu and x12_kernels.available():
+        return x12_kernels.encode(w)
+    return x12_codec.encode(w)
 
 
 Block = torch.Tensor | Fp8Tile | GgmlTile | X12Tile
@@ -270,7 +282,7 @@ class TileCodec:
             return self._pack_ggml(gate, up, down, a, b)
         block = torch.stack([gate[a:b], up[a:b], down[:, a:b].t()]).contiguous()  # [3, n, D]
         if self.x12:
-            return x12_codec.encode(block.view(3 * (b - a), self.hidden))
+            return encode_x12(block.view(3 * (b - a), self.hidden))
         raw = block.view(torch.uint8).reshape(-1)
         if not self.fp8:
             return raw
