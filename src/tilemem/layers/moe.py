@@ -16,6 +16,7 @@ from tilemem import kernels
 from tilemem.config import ModelConfig
 from tilemem.kernels import fp8 as fp8_kernels
 from tilemem.kernels import ggml as ggml_kernels
+from tilemem.kernels import x12_tiles as x12_kernels
 from tilemem.layers import ggml
 from tilemem.layers.fp8 import FP8, Fp8Matrix
 from tilemem.layers.gpu_ffn import GATHER_MAX_PAIRS, gathered_ffn, padded_ffn
@@ -100,6 +101,12 @@ def fp8_native_act(act: str, x: torch.Tensor) -> bool:
     """Whether FP8 experts (or tiles) with activation `act` run through the portable native FP8 kernel
     (`kernels.fp8.ffn_tasks`) for activations `x`: on the CPU, where the kernel runs."""
     return x.device.type == "cpu" and act in fp8_kernels.ACTS and fp8_kernels.available()
+
+
+def x12_native_act(act: str, x: torch.Tensor) -> bool:
+    """Whether x12 tiles with activation `act` run through the portable fused x12 kernel
+    (`kernels.x12_tiles.ffn_tasks`) for activations `x`: on the CPU, where the kernel runs."""
+    return x.device.type == "cpu" and act in x12_kernels.ACTS and x12_kernels.available()
 
 
 def ggml_native_act(act: str, x: torch.Tensor) -> bool:

@@ -1,5 +1,5 @@
 """Sums of tile FFN outputs: `partial_ffn` computes one tile (or a merged range of an expert's tiles) with
-torch; `Accumulator` queues a layer's host tiles for the native kernels (bf16/fp32, FP8 and GGUF tiles each
+torch; `Accumulator` queues a layer's host tiles for the native kernels (bf16/fp32, FP8, GGUF and x12 tiles each
 to theirs) and sums in fp32; `GpuAccumulator` sums tiles computed on the GPU.
 
 Shape legend: T tokens, N tokens routed to one expert, n tile neurons, D hidden.
@@ -12,6 +12,7 @@ import torch
 from tilemem import kernels
 from tilemem.kernels import fp8 as fp8_kernels
 from tilemem.kernels import ggml as ggml_kernels
+from tilemem.kernels import x12_tiles as x12_kernels
 from tilemem.layers import ggml
 from tilemem.layers.linear import gemm
 from tilemem.layers.moe import PartialSums
@@ -24,7 +25,7 @@ def partial_ffn(x: torch.Tensor, block: Block, act) -> torch.Tensor:
     Gate and up rows are adjacent in the block, so they run as one GEMM (an FP8 tile's as two: a partial
     last scale block would straddle them; a GGUF tile's as two quantized matrices; an x12 tile decoded first)."""
     if isinstance(block, X12Tile):
-        block = block.dense()
+        block = block.dense().to(x.dtype)
     if isinstance(block, (Fp8Tile, GgmlTile)):
         gate, up, down = block.matrices()
         return gemm(act(gemm(x, gate)) * gemm(x, up), down)  # [N, D]
@@ -79,6 +80,7 @@ class Accumulator:
         gpu_min_tokens: int = 0,
         fp8_act: str | None = None,
         ggml_act: str | None = None,
+        x12_act: str | None = None,
     ) -> None:
         self.x = x  # [T, D]
         self.act, self.native_act, self.ws = act, native_act, ws
@@ -89,6 +91,8 @@ class Accumulator:
         self.fp8_tasks: list[fp8_kernels.FfnTask] = []
         self.ggml_act = ggml_act  # GGUF tiles go to the native ggml kernel with this activation (None: torch)
         self.ggml_tasks: list[ggml_kernels.FfnTask] = []
+        self.x12_act = x12_act  # x12 tiles go to the portable fused x12 kernel with this activation (None: decoded)
+        self.x12_tasks: list[x12_kernels.FfnTask] = []
         self.xf: torch.Tensor | None = None  # x in fp32, made once for the FP8 and ggml kernels
 
     def to_gpu(self, tok: torch.Tensor) -> bool:
@@ -105,8 +109,11 @@ class Accumulator:
         elif isinstance(block, GgmlTile) and self.ggml_act is not None:
             task = ggml_kernels.FfnTask(block.ffn_weights, tok.to(torch.int32), scale.to(torch.float32))
             self.ggml_tasks.append(task)
+        elif isinstance(block, X12Tile) and self.x12_act is not None:
+            tok, scale = tok.to(torch.int32), scale.to(torch.float32)
+            self.x12_tasks += [x12_kernels.FfnTask(w, tok, scale) for w in block.ffn_weights]
         elif isinstance(block, X12Tile):
-            self.add(block.dense(), tok, scale)
+            self.add(block.dense().to(self.x.dtype), tok, scale)
         elif self.native_act is None or isinstance(block, (Fp8Tile, GgmlTile)):
             self.sums.add(tok, partial_ffn(self.x[tok], block, self.act) * scale[:, None])
         else:
@@ -114,7 +121,7 @@ class Accumulator:
 
     def flush(self) -> None:
         """Run the queued tasks."""
-        if (self.fp8_tasks or self.ggml_tasks) and self.xf is None:
+        if (self.fp8_tasks or self.ggml_tasks or self.x12_tasks) and self.xf is None:
             self.xf = self.x.float().contiguous()  # [T, D]
         if self.fp8_tasks:
             fp8_kernels.ffn_tasks(self.xf, self.fp8_tasks, self.fp8_act, self.sums.out)
@@ -122,6 +129,9 @@ class Accumulator:
         if self.ggml_tasks:
             ggml_kernels.ffn_tasks(self.xf, self.ggml_tasks, self.ggml_act, self.sums.out, exact=not ggml.FAST)
             self.ggml_tasks = []
+        if self.x12_tasks:
+            x12_kernels.ffn_tasks(self.xf, self.x12_tasks, self.x12_act, self.sums.out)
+            self.x12_tasks = []
         if self.tasks:
             kernels.ffn_tasks(self.x, self.tasks, self.native_act, self.ws, self.sums.out)
             self.tasks = []

@@ -31,7 +31,7 @@ import torch
 from tilemem import kernels, sysinfo
 from tilemem.errors import BudgetError, TileMemError
 from tilemem.layers.gpu_ffn import GATHER_MAX_PAIRS, TileSlab, gathered_ffn, stacked_ffn
-from tilemem.layers.moe import MoEBlock, fp8_native_act, ggml_native_act, group_by_expert
+from tilemem.layers.moe import MoEBlock, fp8_native_act, ggml_native_act, group_by_expert, x12_native_act
 from tilemem.placement.budgets import DEFAULT_CACHE_BYTES, IO_DEPTH
 from tilemem.runtime.accumulator import Accumulator, GpuAccumulator, partial_ffn  # noqa: F401 (tools.probe)
 from tilemem.runtime.direct_io import AlignedSlab, DirectReader
@@ -250,7 +250,7 @@ class TieredExperts:
     def bytes_of(self, ranges: Ranges, key: tuple[int, int]) -> int:
         """DRAM bytes `ranges` of unit `key` (layer, expert) would take."""
         spans = ranges.get("cpu", [])
-        if self.store.codec.packed and not (self.store.codec.x12 and self.dtype != torch.bfloat16):
+        if self.store.codec.packed:
             codec = self.store.codec.unit(*key)
             return sum(codec.payload_bytes(b - a) for a, b in spans)
         itemsize = torch.empty(0, dtype=self.dtype).element_size()
@@ -278,9 +278,7 @@ class TieredExperts:
         return self._computed(codec.concat(parts) if len(parts) > 1 else parts[0])
 
     def _computed(self, block: Block) -> Block:
-        """A viewed tile as this runtime computes it: packed (x12 only for a bf16 model), else in the model's dtype."""
-        if isinstance(block, X12Tile) and self.dtype != torch.bfloat16:
-            block = block.dense()
+        """A viewed tile as this runtime computes it: packed, or in the model's dtype."""
         return block if isinstance(block, PACKED) or block.dtype == self.dtype else block.to(self.dtype)
 
     # -- I/O ---------------------------------------------------------------------------------------
@@ -389,10 +387,11 @@ class TieredExperts:
         native = self.act_name if self.act_name in kernels.ACTS and kernels.usable(x) else None
         fp8_act = self.act_name if self.store.codec.fp8 and fp8_native_act(self.act_name, x) else None
         ggml_act = self.act_name if self.store.codec.gguf and ggml_native_act(self.act_name, x) else None
+        x12_act = self.act_name if self.store.codec.x12 and x12_native_act(self.act_name, x) else None
         if self.store.codec.gguf:
             gpu = None  # GGUF tiles are computed on the host (their blocks are not decoded for the GPU yet)
         out = Accumulator(
-            x, self.act, native, self.workspace, gpu, self.config.gpu_min_tokens, fp8_act, ggml_act
+            x, self.act, native, self.workspace, gpu, self.config.gpu_min_tokens, fp8_act, ggml_act, x12_act
         )  # [T, D] fp32
         pending: list[tuple[TileId, StoredTile, torch.Tensor, torch.Tensor]] = []
         ready = []

@@ -149,6 +149,12 @@ class X12Tile:
         parts = [decode_x12(p, 3 * n, d).view(3, n, d) for p, n in zip(self.payloads, self.widths, strict=True)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
+    @functools.cached_property
+    def ffn_weights(self) -> tuple[x12_kernels.FfnWeights, ...]:
+        """Each payload packed for the portable fused x12 FFN kernel; built once per tile object."""
+        d = self.hidden
+        return tuple(x12_kernels.FfnWeights(p, n, d) for p, n in zip(self.payloads, self.widths, strict=True))
+
     def _map(self, fn) -> X12Tile:
         return X12Tile(tuple(fn(p) for p in self.payloads), self.widths, self.hidden)
 
