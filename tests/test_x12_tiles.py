@@ -168,12 +168,15 @@ def make_tasks(d: int, ntok: int, t: int, seed: int) -> list:
 @pytest.mark.parametrize("d", [96, 256])
 def test_ffn_matches_reference(act, ntok, d, threads):
     t = 12
-    x = torch.randn(t, d, generator=torch.Generator().manual_seed(ntok))
+    x = torch.randn(t, d + 8, generator=torch.Generator().manual_seed(ntok))[:, 4 : 4 + d]  # row stride d + 8
     tasks = make_tasks(d, ntok, t, seed=ntok * 10 + d)
     assert all(x12_tiles.exceptions(tk.weights.payload, 3 * tk.weights.n, d) >= 6 for tk in tasks)
     start = torch.randn(t, d)
-    out = start.clone()
+    wide = torch.zeros(t, d + 16)
+    out = wide[:, 16:]  # row stride d + 16
+    out.copy_(start)
     x12_tiles.ffn_tasks(x, tasks, act, out)
+    assert bool((wide[:, :16] == 0).all())
     want = ffn_reference(x, tasks, act) + start.double()
     err = (out.double() - want).abs().max() / want.abs().max()
     assert err < TOL, f"relative error {err:.2e}"
