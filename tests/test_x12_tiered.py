@@ -243,3 +243,13 @@ def test_torch_codec_round_trip_and_layout():
     wide = (torch.randn(3, 64, generator=g) * torch.logspace(-30, 30, 64)).to(torch.bfloat16)
     with pytest.raises(ValueError, match="weights outside its 16 most common high bytes"):
         x12.encode(wide)
+
+
+def test_cli_convert_tile_format(make_ckpt, tmp_path):
+    from tilemem.cli.main import main
+
+    path = make_ckpt("olmoe", "bf16")
+    for fmt, x12_store in (("plain", False), ("x12", True)):
+        out = tmp_path / fmt
+        assert main(["convert", str(path), "--out", str(out), "--tile-size", "16", "--tile-format", fmt]) == 0
+        assert TileStore(out).codec.x12 == x12_store

@@ -75,6 +75,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tile-size", type=int, default=None, help="neurons per tile (default 128; a K-quant GGUF file: 256)"
     )
+    p.add_argument(
+        "--tile-format",
+        choices=("auto", "x12", "plain"),
+        default="auto",
+        help="bf16 tiles: x12 (lossless, 12 bits per weight), plain, or auto (x12 where it is smaller)",
+    )
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("verify", help="check every tile's sha256 in a tile store")
@@ -235,7 +241,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         from tilemem.runtime.setup import default_tile
 
         tile = default_tile(Checkpoint.open(args.model))
-    out = convert(args.model, args.out, tile)
+    out = convert(args.model, args.out, tile, tile_format=args.tile_format)
     print(f"wrote tile store {out}")
     return 0
 
