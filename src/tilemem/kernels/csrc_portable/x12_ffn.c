@@ -52,11 +52,14 @@ X12_INLINE void dot_rows(const int RB, const int NT, const int A2, const x12_vie
     for (int64_t k = 0; k < D; k += X12_CHUNK) {
         const int nq = k + X12_CHUNK <= D ? 4 : 2; /* D % 64 == 32: the last chunk's weights 32-63 are padding */
         __m256i w[2][4];
+#pragma GCC unroll 2
         for (int i = 0; i < RB; i++) {
             x12_chunk(v->lo + rows[i] * v->KP + k, v->hc + rows[i] * (v->KP / 2) + k / 2, tab, w[i]);
             x12_patch(w[i], k, &xn[i], xe[i]);
         }
-        for (int q = 0; q < nq; q++) {
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; q++) { /* unrolled: w stays in registers */
+            if (q == nq) break;
             __m256 a[2], b[2];
             for (int i = 0; i < RB; i++) x12_widen(w[i][q], &a[i], &b[i]);
             for (int j = 0; j < NT; j++) {
@@ -86,11 +89,14 @@ X12_INLINE void axpy_rows(const int RB, const int NT, const x12_view *v, const i
     for (int64_t k = 0; k < D; k += X12_CHUNK) {
         const int nq = k + X12_CHUNK <= D ? 4 : 2;
         __m256i w[2][4];
+#pragma GCC unroll 2
         for (int i = 0; i < RB; i++) {
             x12_chunk(v->lo + rows[i] * v->KP + k, v->hc + rows[i] * (v->KP / 2) + k / 2, tab, w[i]);
             x12_patch(w[i], k, &xn[i], xe[i]);
         }
-        for (int q = 0; q < nq; q++) {
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; q++) {
+            if (q == nq) break;
             __m256 a[2], b[2];
             for (int i = 0; i < RB; i++) x12_widen(w[i][q], &a[i], &b[i]);
             for (int j = 0; j < NT; j++) {
