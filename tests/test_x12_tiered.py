@@ -253,3 +253,33 @@ def test_cli_convert_tile_format(make_ckpt, tmp_path):
         out = tmp_path / fmt
         assert main(["convert", str(path), "--out", str(out), "--tile-size", "16", "--tile-format", fmt]) == 0
         assert TileStore(out).codec.x12 == x12_store
+
+
+def test_convert_over_a_store_of_the_other_format(make_ckpt, tmp_path):
+    """auto keeps a finished store of either format; an explicit format that differs is refused, not mixed."""
+    path = make_ckpt("olmoe", "bf16")
+    out = convert(path, tmp_path / "s", 16, progress=False, tile_format="plain")
+    assert not TileStore(convert(path, out, 16, progress=False)).codec.x12  # auto: kept as it is
+    with pytest.raises(StoreError, match="with plain tiles, not x12; remove it or choose another --out"):
+        convert(path, out, 16, progress=False, tile_format="x12")
+
+
+def test_prefill_sized_tiles_are_decoded_and_match(monkeypatch):
+    """Past X12_FUSED_MAX_TOKENS tokens an x12 tile runs decoded (GEMMs); both ways give the plain tile's sum."""
+    from tilemem.runtime import accumulator
+    from tilemem.runtime.tile_format import encode_x12
+
+    g = torch.Generator().manual_seed(5)
+    n, d, t = 32, 64, 12
+    plain = (torch.randn(3, n, d, generator=g) * 0.1).to(torch.bfloat16)
+    tile = X12Tile((encode_x12(plain.view(3 * n, d)),), (n,), d)
+    x = torch.randn(t, d, generator=g)
+    tok, scale = torch.arange(t), torch.rand(t, generator=g)
+    act = torch.nn.functional.silu
+    ref = accumulator.partial_ffn(x, plain.float(), act) * scale[:, None]
+    for limit in (t, t - 1):  # fused, then decoded
+        monkeypatch.setattr(accumulator, "X12_FUSED_MAX_TOKENS", limit)
+        acc = accumulator.Accumulator(x, act, None, None, x12_act="silu" if x12_kernels.available() else None)
+        acc.add(tile, tok, scale)
+        assert not acc.x12_tasks or limit == t
+        assert rel_err(acc.result(), ref) < 1e-5

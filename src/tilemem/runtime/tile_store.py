@@ -217,6 +217,12 @@ def _convert(model: str | Path, out: str | Path, tile_size: int, progress: bool,
         raise StoreError(f"tile store path {out} exists and is not a directory; give a directory for the store.")
     fingerprint = checkpoint_fingerprint(ckpt)
     if (out / "store.json").exists() and _keep_finished(out, ckpt, fingerprint, tile_size, progress):
+        held = read_store_json(out / "store.json").get("format", "plain")
+        if tile_format != "auto" and codec.dtype == torch.bfloat16 and held != tile_format:
+            raise StoreError(
+                f"{out} already holds a tile store of this checkpoint with {held} tiles, not {tile_format}; remove "
+                "it or choose another --out."
+            )
         return out
     out.mkdir(parents=True, exist_ok=True)
     data_tmp, journal = out / "tiles.bin.partial", out / "convert.journal"
