@@ -27,22 +27,13 @@ from __future__ import annotations
 import torch
 
 from tilemem.errors import X12Overflow
+from tilemem.kernels.x12_tiles import payload_bytes, supported, tile_cap
+
+__all__ = ["decode", "encode", "parts", "payload_bytes", "row_bytes", "supported", "tile_cap"]
 
 CHUNK = 64
 """Weights per chunk of a row (the layout's unit)."""
 TABLE_BYTES = 64
-EXCEPTION_SHARE = 512
-"""An x12 tile holds up to one exception per this many weights (0.2%; at least 64)."""
-
-
-def supported(d: int) -> bool:
-    """Whether rows of `d` weights can be x12 (a multiple of 32, below 65536: a column fits 16 bits)."""
-    return 0 < d < 65536 and d % 32 == 0
-
-
-def tile_cap(rows: int, d: int) -> int:
-    """Exceptions an x12 payload of a [rows, d] matrix has room for."""
-    return max(64, rows * d // EXCEPTION_SHARE)
 
 
 def _kp(d: int) -> int:
@@ -56,11 +47,6 @@ def row_bytes(d: int) -> int:
 
 def _table_offset(rows: int, d: int) -> int:
     return (rows * row_bytes(d) + 15) // 16 * 16
-
-
-def payload_bytes(rows: int, d: int) -> int:
-    """Bytes of the x12 payload of a bf16 [rows, d] matrix (about 3/4 of its 2 * rows * d)."""
-    return _table_offset(rows, d) + TABLE_BYTES + 4 * (rows + 1) + 4 * tile_cap(rows, d)
 
 
 def _check(rows: int, d: int) -> None:
@@ -127,6 +113,7 @@ def encode(w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     padded[:, :d] = codes
     nib = padded.view(rows, kp // CHUNK, CHUNK)[:, :, order]  # [R, KP/64, 64]
     hc.copy_((nib[:, :, :32] | nib[:, :, 32:] << 4).reshape(rows, kp // 2))
+    out[rows * row_bytes(d) : _table_offset(rows, d)].zero_()  # the alignment gap, as the kernel writes it
     tab.copy_(table.repeat(TABLE_BYTES // 16))
     xrow.zero_()
     xrow[1:] = torch.cumsum(torch.bincount(xr, minlength=rows), 0)
