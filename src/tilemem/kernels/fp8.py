@@ -25,7 +25,6 @@ from typing import NamedTuple
 
 import torch
 
-from tilemem.errors import KernelError, KernelMemoryError
 from tilemem.kernels import portable
 
 log = logging.getLogger(__name__)
@@ -109,20 +108,6 @@ def _check_x(x: torch.Tensor, k: int, name: str, what: str) -> torch.Tensor:
     return x if x.stride(1) == 1 or k <= 1 else x.contiguous()
 
 
-def _check_status(status: int, what: str) -> None:
-    if status == 1:
-        raise KernelMemoryError(f"{what}: the fp8 kernel could not allocate its working memory; free memory")
-    if status != 0:
-        raise KernelError(f"{what}: the fp8 kernel failed with status {status}")
-
-
-def _kernels(what: str) -> ctypes.CDLL:
-    out = lib()
-    if out is None:
-        raise KernelError(f"{what}: the fp8 kernels cannot run here (see fp8.available()); use the torch path")
-    return out
-
-
 def _rows(data: torch.Tensor) -> int:
     """Rows of W dequantized at once on the prefill path: a multiple of 128, about PREFILL_BYTES of fp32."""
     return max(BLOCK, PREFILL_BYTES // (4 * max(data.shape[1], 1)) // BLOCK * BLOCK)
@@ -148,22 +133,22 @@ def dequantize(
         )
     if out.numel() == 0:
         return out
-    status = _kernels("fp8 dequantize").tmp_fp8_dequantize(
+    status = portable.require(lib(), "fp8 dequantize", "fp8", "use the torch path").tmp_fp8_dequantize(
         data.data_ptr(), data.stride(0), scale.data_ptr(), scale.stride(0), start, stop - start, data.shape[1],
         out.data_ptr(), out.stride(0), torch.get_num_threads(),
     )  # fmt: skip
-    _check_status(status, "fp8 dequantize")
+    portable.check_status(status, "fp8 dequantize", "fp8")
     return out
 
 
 def _streamed(kind: str, x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """y (zeroed) = the native `tmp_fp8_<kind>` of x and W (data, scale), streaming W's fp8 bytes once."""
     r, c = data.shape
-    status = getattr(_kernels(f"fp8 {kind}"), f"tmp_fp8_{kind}")(
+    status = getattr(portable.require(lib(), f"fp8 {kind}", "fp8", "use the torch path"), f"tmp_fp8_{kind}")(
         x.data_ptr(), x.stride(0), x.shape[0], data.data_ptr(), data.stride(0), r, c, scale.data_ptr(),
         scale.stride(0), y.data_ptr(), y.stride(0), torch.get_num_threads(),
     )  # fmt: skip
-    _check_status(status, f"fp8 {kind}")
+    portable.check_status(status, f"fp8 {kind}", "fp8")
     return y
 
 
@@ -331,13 +316,13 @@ def ffn_tasks(x: torch.Tensor, tasks: Sequence[FfnTask], act: str, out: torch.Te
     t, d = x.shape
     if words:
         packed = array("q", words)  # [tasks, _TASK_WORDS]
-        status = _kernels(what).tmp_fp8_ffn_tasks(
+        status = portable.require(lib(), what, "fp8", "use the torch path").tmp_fp8_ffn_tasks(
             x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), t, d, packed.buffer_info()[0],
             len(packed) // _TASK_WORDS, ACTS[act], torch.get_num_threads(),
         )  # fmt: skip
         if status == 2:
             for q, task in enumerate(tasks):
                 _check_tokens(task.tok, t, f"{what} task {q}")
-        _check_status(status, what)
+        portable.check_status(status, what, "fp8")
     for task in big:
         _ffn_matmuls(x, task, act, out)

@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import torch
 
-from tilemem.errors import KernelError, KernelMemoryError
+from tilemem.errors import KernelError
 from tilemem.kernels import portable
 
 log = logging.getLogger(__name__)
@@ -93,20 +93,6 @@ def available() -> bool:
     return lib() is not None
 
 
-def _kernels(what: str) -> ctypes.CDLL:
-    out = lib()
-    if out is None:
-        raise KernelError(f"{what}: the ggml kernels cannot run here (see ggml.available()); use the torch path")
-    return out
-
-
-def _check_status(status: int, what: str) -> None:
-    if status == 1:
-        raise KernelMemoryError(f"{what}: the ggml kernel could not allocate its working memory; free memory")
-    if status != 0:
-        raise KernelError(f"{what}: the ggml kernel refused its arguments (status {status})")
-
-
 def row_bytes(qtype: str, cols: int) -> int:
     """Bytes of one row of C = `cols` weights of `qtype` (KernelError unless cols is a multiple of its block)."""
     if qtype not in TYPE_IDS:
@@ -161,11 +147,11 @@ def _dequantize_into(
 ) -> torch.Tensor:
     """out [r, C] = W[start : start + r] (out: fp32 with contiguous rows)."""
     if out.numel():
-        status = _kernels(what).tmg_dequantize(
+        status = portable.require(lib(), what, "ggml", "use the torch path").tmg_dequantize(
             TYPE_IDS[qtype], data.data_ptr(), data.stride(0), start, out.shape[0], cols, out.data_ptr(),
             out.stride(0), torch.get_num_threads(),
         )  # fmt: skip
-        _check_status(status, what)
+        portable.check_status(status, what, "ggml")
     return out
 
 
@@ -191,11 +177,11 @@ def matmul_nt(x: torch.Tensor, qtype: str, data: torch.Tensor, cols: int, exact:
     y = torch.empty(n, r, dtype=torch.float32)  # [N, R]
     if y.numel() == 0:
         return y
-    status = _kernels(what).tmg_matmul_nt(
+    status = portable.require(lib(), what, "ggml", "use the torch path").tmg_matmul_nt(
         TYPE_IDS[qtype], int(exact), x.data_ptr(), x.stride(0), n, data.data_ptr(), data.stride(0), r, cols,
         y.data_ptr(), y.stride(0), torch.get_num_threads(),
     )  # fmt: skip
-    _check_status(status, what)
+    portable.check_status(status, what, "ggml")
     return y
 
 
@@ -294,13 +280,13 @@ def ffn_tasks(x: torch.Tensor, tasks: Sequence[FfnTask], act: str, out: torch.Te
     t, d = x.shape
     if words:
         packed = array("q", words)  # [tasks, _TASK_WORDS]
-        status = _kernels(what).tmg_ffn_tasks(
+        status = portable.require(lib(), what, "ggml", "use the torch path").tmg_ffn_tasks(
             x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), t, d, packed.buffer_info()[0],
             len(packed) // _TASK_WORDS, ACTS[act], int(exact), torch.get_num_threads(),
         )  # fmt: skip
         if status == 2:  # refused, nothing written: say which task
             for q, task in enumerate(tasks):
                 _check_tokens(task.tok, t, f"{what} task {q}")
-        _check_status(status, what)
+        portable.check_status(status, what, "ggml")
     for task in big:
         _ffn_matmuls(x, task, act, out, exact)

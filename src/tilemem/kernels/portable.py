@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tilemem import sysinfo
+from tilemem.errors import KernelError, KernelMemoryError
 from tilemem.kernels import library
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,21 @@ def load() -> ctypes.CDLL | None:
     except (RuntimeError, OSError) as exc:
         log.warning("portable kernels (FP8, GGUF) unavailable, using torch: %s", exc)
         return None
+
+
+def require(native: ctypes.CDLL | None, what: str, kind: str, fallback: str) -> ctypes.CDLL:
+    """`native` (a module's typed library), or KernelError naming `kind` (fp8, ggml, x12_tiles) and `fallback`."""
+    if native is None:
+        raise KernelError(f"{what}: the {kind} kernels cannot run here (see {kind}.available()); {fallback}")
+    return native
+
+
+def check_status(status: int, what: str, kind: str) -> None:
+    """Raise for a kernel's nonzero status: 1 (TMP_ENOMEM) as KernelMemoryError, others as KernelError."""
+    if status == 1:
+        raise KernelMemoryError(f"{what}: the {kind} kernel could not allocate its working memory; free memory")
+    if status != 0:
+        raise KernelError(f"{what}: the {kind} kernel failed with status {status}")
 
 
 def check_task(task, d: int, what: str, weights_type: type, error: type[Exception]) -> None:

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from tilemem.errors import KernelError, KernelMemoryError, X12Overflow
+from tilemem.errors import KernelError, X12Overflow
 from tilemem.kernels import portable
 
 log = logging.getLogger(__name__)
@@ -66,20 +66,6 @@ def lib() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether the kernels run here."""
     return lib() is not None
-
-
-def _kernels(what: str) -> ctypes.CDLL:
-    out = lib()
-    if out is None:
-        raise KernelError(f"{what}: the x12 tile kernels cannot run here (see x12_tiles.available()); use layers.x12")
-    return out
-
-
-def _check_status(status: int, what: str) -> None:
-    if status == 1:
-        raise KernelMemoryError(f"{what}: the x12 kernel could not allocate its working memory; free memory")
-    if status != 0:
-        raise KernelError(f"{what}: the x12 kernel failed with status {status}")
 
 
 def supported(d: int) -> bool:
@@ -129,7 +115,7 @@ def encode(w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         out = torch.empty(payload_bytes(rows, d), dtype=torch.uint8)
     _check_payload(out, rows, d, what)
     nexc = _i64(0)
-    status = _kernels(what).tmp_x12_encode(
+    status = portable.require(lib(), what, "x12_tiles", "use layers.x12").tmp_x12_encode(
         w.data_ptr(), max(w.stride(0), d), rows, d, out.data_ptr(), ctypes.byref(nexc), torch.get_num_threads()
     )
     if status == _OVERFLOW:
@@ -137,7 +123,7 @@ def encode(w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
             f"a [{rows}, {d}] tile has {nexc.value} weights outside its 16 most common high bytes; an x12 tile "
             f"holds {tile_cap(rows, d)}"
         )
-    _check_status(status, what)
+    portable.check_status(status, what, "x12_tiles")
     return out
 
 
@@ -168,12 +154,12 @@ def decode(
         raise X12Error(f"{what}: out must be a bfloat16 CPU matrix [{nrows}, {d}] with contiguous rows, got {got}")
     if nrows == 0:
         return out
-    status = _kernels(what).tmp_x12_decode(
+    status = portable.require(lib(), what, "x12_tiles", "use layers.x12").tmp_x12_decode(
         payload.data_ptr(), rows, d, r0, nrows, out.data_ptr(), max(out.stride(0), d), torch.get_num_threads()
     )
     if status == 2:
         raise X12Error(f"{what}: the payload's exception entries are out of place (a corrupt payload); re-encode it")
-    _check_status(status, what)
+    portable.check_status(status, what, "x12_tiles")
     return out
 
 
@@ -224,7 +210,7 @@ def ffn_tasks(x: torch.Tensor, tasks: Sequence[FfnTask], act: str, out: torch.Te
     t, d = x.shape
     _check_d(d, what)
     packed = array("q", words)  # [tasks, _TASK_WORDS]
-    status = _kernels(what).tmp_x12_ffn_tasks(
+    status = portable.require(lib(), what, "x12_tiles", "use layers.x12").tmp_x12_ffn_tasks(
         x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), t, d, packed.buffer_info()[0],
         len(packed) // _TASK_WORDS, ACTS[act], torch.get_num_threads(),
     )  # fmt: skip
@@ -232,4 +218,4 @@ def ffn_tasks(x: torch.Tensor, tasks: Sequence[FfnTask], act: str, out: torch.Te
         for q, task in enumerate(tasks):
             portable.check_tokens(task.tok, t, f"{what} task {q}", X12Error)
         raise X12Error(f"{what}: a task's payload has its exception entries out of place (a corrupt payload)")
-    _check_status(status, what)
+    portable.check_status(status, what, "x12_tiles")
