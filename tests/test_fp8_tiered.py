@@ -4,41 +4,31 @@ every policy, DRAM budgets from 0 to 100%, tile sizes, prefetch and async planni
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
-from test_tiered_exactness import GREEDY, REL_TOL, Combo, forward_logits, make_tiered_llm, rel_err, resident_references
+from test_tiered_exactness import (
+    GREEDY,
+    REL_TOL,
+    check_cycled_axes,
+    cycled_combos,
+    forward_logits,
+    make_tiered_llm,
+    rel_err,
+    resident_references,
+)
 
 from tilemem.engine.llm import LLM
 from tilemem.errors import ConfigError
 from tilemem.models.registry import families
-from tilemem.placement.policies import policy_names
 from tilemem.runtime.tile_format import Fp8Tile
 from tilemem.runtime.tile_store import StoreError, convert
 
 FAMILIES = sorted(families())
 
 
-def fp8_combos() -> list[Combo]:
-    """One combination per family, the other axes cycled so that each value occurs."""
-    policies = itertools.cycle(policy_names())
-    axes = zip(
-        itertools.cycle(["128", "256"]),
-        itertools.cycle([0.0, 0.45, 1.0, 0.7]),
-        itertools.cycle([0.0, 0.5, 0.0]),
-        itertools.cycle([True, False]),
-        itertools.cycle([False, True, False]),
-        itertools.cycle([1, 4, 2]),
-        itertools.cycle(["lfu", "lru", "profile"]),
-        itertools.cycle([True, False, False]),
-    )
-    out = []
-    for family, (tile, budget, cache, pf, asy, io, cp, skew) in zip(FAMILIES, axes, strict=False):
-        out.append(Combo(family, next(policies), tile, budget, cache if 0 < budget < 1 else 0.0, pf, asy, io, cp, skew))
-    return out
+TILES = ["128", "256"]
 
 
-COMBOS = fp8_combos()
+COMBOS = cycled_combos(TILES)
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +43,7 @@ def store_dir(tmp_path_factory):
 
 
 def test_sample_covers_every_axis():
-    assert len({c.policy for c in COMBOS}) == min(len(COMBOS), len(policy_names()))
-    assert {c.tile for c in COMBOS} == {"128", "256"} and {c.prefetch for c in COMBOS} == {True, False}
-    assert {c.async_planning for c in COMBOS} == {True, False}
-    assert {0.0, 1.0} <= {c.budget for c in COMBOS} and any(0 < c.budget < 1 for c in COMBOS)
+    check_cycled_axes(COMBOS, TILES)
 
 
 @pytest.mark.parametrize("combo", COMBOS, ids=str)

@@ -8,6 +8,7 @@ every (family, policy) pair once, with the other axes balanced over the sample a
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import threading
@@ -110,6 +111,33 @@ def test_sample_covers_every_axis():
     for family in FAMILIES:  # each family sees both tile sizes and more than one budget
         mine = [c for c in COMBOS if c.family == family]
         assert len({c.tile for c in mine}) == 2 and len({c.budget for c in mine}) >= 2
+
+
+def cycled_combos(tiles: list[str]) -> list[Combo]:
+    """One combination per family, the other axes cycled so that each value occurs (tile sizes from `tiles`)."""
+    policies = itertools.cycle(policy_names())
+    axes = zip(
+        itertools.cycle(tiles),
+        itertools.cycle([0.0, 0.45, 1.0, 0.7]),
+        itertools.cycle([0.0, 0.5, 0.0]),
+        itertools.cycle([True, False]),
+        itertools.cycle([False, True, False]),
+        itertools.cycle([1, 4, 2]),
+        itertools.cycle(["lfu", "lru", "profile"]),
+        itertools.cycle([True, False, False]),
+    )
+    out = []
+    for family, (tile, budget, cache, pf, asy, io, cp, skew) in zip(FAMILIES, axes, strict=False):
+        out.append(Combo(family, next(policies), tile, budget, cache if 0 < budget < 1 else 0.0, pf, asy, io, cp, skew))
+    return out
+
+
+def check_cycled_axes(combos: list[Combo], tiles: list[str]) -> None:
+    """Every value of every axis occurs in `cycled_combos(tiles)`."""
+    assert len({c.policy for c in combos}) == min(len(combos), len(policy_names()))
+    assert {c.tile for c in combos} == set(tiles) and {c.prefetch for c in combos} == {True, False}
+    assert {c.async_planning for c in combos} == {True, False}
+    assert {0.0, 1.0} <= {c.budget for c in combos} and any(0 < c.budget < 1 for c in combos)
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:

@@ -5,7 +5,6 @@ same plan computes from a plain bf16 store."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 
@@ -14,7 +13,8 @@ import torch
 from test_tiered_exactness import (
     GREEDY,
     REL_TOL,
-    Combo,
+    check_cycled_axes,
+    cycled_combos,
     forward_logits,
     make_tiered_llm,
     prompts,
@@ -28,7 +28,6 @@ from tilemem.layers import x12
 from tilemem.loader.checkpoint import Checkpoint
 from tilemem.models.registry import families
 from tilemem.models.topology import Topology
-from tilemem.placement.policies import policy_names
 from tilemem.runtime.setup import make_plan
 from tilemem.runtime.tile_format import X12Tile
 from tilemem.runtime.tile_store import StoreError, TileStore, convert
@@ -38,26 +37,10 @@ BF16_TOL = 2e-2
 """Logits of bf16 activations computed two ways (rounded to bf16 in between, or not): their distance."""
 
 
-def x12_combos() -> list[Combo]:
-    """One combination per family, the other axes cycled so that each value occurs."""
-    policies = itertools.cycle(policy_names())
-    axes = zip(
-        itertools.cycle(["16", "full", "32"]),
-        itertools.cycle([0.0, 0.45, 1.0, 0.7]),
-        itertools.cycle([0.0, 0.5, 0.0]),
-        itertools.cycle([True, False]),
-        itertools.cycle([False, True, False]),
-        itertools.cycle([1, 4, 2]),
-        itertools.cycle(["lfu", "lru", "profile"]),
-        itertools.cycle([True, False, False]),
-    )
-    out = []
-    for family, (tile, budget, cache, pf, asy, io, cp, skew) in zip(FAMILIES, axes, strict=False):
-        out.append(Combo(family, next(policies), tile, budget, cache if 0 < budget < 1 else 0.0, pf, asy, io, cp, skew))
-    return out
+TILES = ["16", "full", "32"]
 
 
-COMBOS = x12_combos()
+COMBOS = cycled_combos(TILES)
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +55,7 @@ def store_dir(tmp_path_factory):
 
 
 def test_sample_covers_every_axis():
-    assert len({c.policy for c in COMBOS}) == min(len(COMBOS), len(policy_names()))
-    assert {c.tile for c in COMBOS} == {"16", "32", "full"} and {c.prefetch for c in COMBOS} == {True, False}
-    assert {c.async_planning for c in COMBOS} == {True, False}
-    assert {0.0, 1.0} <= {c.budget for c in COMBOS} and any(0 < c.budget < 1 for c in COMBOS)
+    check_cycled_axes(COMBOS, TILES)
 
 
 @pytest.mark.parametrize("combo", COMBOS, ids=str)
