@@ -131,6 +131,8 @@ def test_plans_count_x12_bytes(make_ckpt, tmp_path):
             convert(path, store, 16, progress=False, tile_format="plain")
         plans[name] = make_plan(ckpt, "cpu=64GiB", "tilepo_fine", tile=16, store=store)  # x12: not converted yet
     assert plans["x12"].fmt.name == "x12" and plans["plain"].fmt.name == "bf16"
+    with_gpu = make_plan(ckpt, "cuda=256KiB,cpu=64GiB", "tilepo_fine", tile=16, store=tmp_path / "x12")
+    assert with_gpu.fmt.name == "bf16"  # the cuda tier holds tiles decoded: counted as bf16
     llm = LLM(path, dtype="bf16", plan=plans["x12"], store=tmp_path / "x12", tile=16)
     try:
         held = llm.tiered.resident_bytes
@@ -242,6 +244,8 @@ def test_convert_over_a_store_of_the_other_format(make_ckpt, tmp_path):
     assert not TileStore(convert(path, out, 16, progress=False)).codec.x12  # auto: kept as it is
     with pytest.raises(StoreError, match="with plain tiles, not x12; remove it or choose another --out"):
         convert(path, out, 16, progress=False, tile_format="x12")
+    with pytest.raises(StoreError, match="x12 tiles hold bf16 weights, not F32; convert with tile format auto"):
+        convert(make_ckpt("olmoe", "fp32"), tmp_path / "f", 16, progress=False, tile_format="x12")
 
 
 def test_prefill_sized_tiles_are_decoded_and_match(monkeypatch):

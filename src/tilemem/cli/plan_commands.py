@@ -133,15 +133,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.tile_size is None:
         grid = max(QUANT_TYPES[types[2]].weights for types in units.values()) if units else 1
         args.tile_size = math.lcm(128, grid)
-    if fmt.name == "bf16":  # counted as the tile store holds them (x12 where it will be)
-        if Path(args.model).is_dir():
-            from tilemem.loader.checkpoint import Checkpoint
-            from tilemem.runtime.setup import expert_format
-
-            fmt = expert_format(Checkpoint.open(args.model), topology, args.tile_size)
-        else:
-            fmt = bf16_store_format(topology.hidden_size, args.tile_size)
-    elif units:
+    if units:
         grid = max(QUANT_TYPES[types[2]].weights for types in units.values())
         if args.tile_size % grid:
             raise ConfigError(
@@ -162,6 +154,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
             topology, args.budget or "auto", args.policy, profile, args.tile_size, args.hardware, name,
             limit=limit, context=args.max_model_len, sequences=args.max_batch,
         )  # fmt: skip
+    gpu_tier = any("cuda=" in str(b) for b in (args.budget, *rank_budgets.values()))
+    if fmt.name == "bf16" and not gpu_tier:  # counted as the tile store holds them (x12 where it will be)
+        if Path(args.model).is_dir():
+            from tilemem.loader.checkpoint import Checkpoint
+            from tilemem.runtime.setup import expert_format
+
+            fmt = expert_format(Checkpoint.open(args.model), topology, args.tile_size)
+        else:
+            fmt = bf16_store_format(topology.hidden_size, args.tile_size)
 
     def budgets_of(text: str | None) -> Budgets:
         if text is not None:

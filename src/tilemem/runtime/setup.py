@@ -120,15 +120,19 @@ def plan_problem(
             codec.check_tile_size(tile)
         except ValueError as exc:
             raise ConfigError(f"{exc}.") from None
-    fmt = gguf_tile_format(codec.ggml_units) if gguf else expert_format(ckpt, topo, tile, store)
+    gpu_tier = any(t.tier == "cuda" and t.capacity != 0 for t in budgets.tiers)
+    fmt = gguf_tile_format(codec.ggml_units) if gguf else expert_format(ckpt, topo, tile, store, gpu_tier)
     return PlacementProblem(topo, prof, budgets, fmt, tile=tile), policy
 
 
-def expert_format(ckpt: Checkpoint, topo: Topology, tile: int, store: str | Path | None = None) -> TileFormat:
+def expert_format(
+    ckpt: Checkpoint, topo: Topology, tile: int, store: str | Path | None = None, gpu_tier: bool = False
+) -> TileFormat:
     """The format a plan counts `ckpt`'s expert tiles in: x12 where the weights are counted as bf16 and the tile
-    store (`store`, else beside the checkpoint) is, or converted now will be, x12; else the topology's dtype."""
+    store (`store`, else beside the checkpoint) is, or converted now will be, x12; else the topology's dtype. With
+    a `gpu_tier` (the cuda tier holds tiles decoded to bf16) bf16, which overcounts the x12 tiles in DRAM."""
     fmt = tile_format(topo.dtype)
-    if fmt.name != "bf16":
+    if fmt.name != "bf16" or gpu_tier:
         return fmt
     store = Path(store) if store else default_store_dir(ckpt, tile)
     if (store / "store.json").exists():

@@ -233,7 +233,8 @@ class TieredExperts:
                 for a, b in ranges.get("cuda", []) if lay == layer else []:
                     for t in self.store.covering(layer, e, a, b):
                         block = self._load_range(layer, e, t.start, t.end)
-                        tiles.setdefault(e, []).append(block.dense() if isinstance(block, X12Tile) else block)
+                        block = block.dense().to(self.dtype) if isinstance(block, X12Tile) else block  # decoded in VRAM
+                        tiles.setdefault(e, []).append(block)
             if tiles:
                 self.slabs[layer] = TileSlab(tiles, self.store.tile_size, self.device)
         self.stale_slabs.clear()

@@ -165,6 +165,8 @@ def store_codec(ckpt: Checkpoint | GgufSource, tile_format: str = "plain", tile_
     codec = TileCodec(expert_tensors(ckpt, layer, 0)[0].dtype, ckpt.config.hidden_size)
     if tile_format not in TILE_FORMATS:
         raise StoreError(f"unknown tile format '{tile_format}'; choose one of {', '.join(TILE_FORMATS)}.")
+    if tile_format == "x12" and codec.dtype != torch.bfloat16:
+        raise StoreError(f"x12 tiles hold bf16 weights, not {DTYPE_NAMES[codec.dtype]}; convert with tile format auto.")
     if tile_format == "plain" or codec.dtype != torch.bfloat16:
         return codec
     fits = x12_codec.supported(codec.hidden)
@@ -216,14 +218,15 @@ def _convert(model: str | Path, out: str | Path, tile_size: int, progress: bool,
     if out.exists() and not out.is_dir():
         raise StoreError(f"tile store path {out} exists and is not a directory; give a directory for the store.")
     fingerprint = checkpoint_fingerprint(ckpt)
-    if (out / "store.json").exists() and _keep_finished(out, ckpt, fingerprint, tile_size, progress):
-        held = read_store_json(out / "store.json").get("format", "plain")
-        if tile_format != "auto" and codec.dtype == torch.bfloat16 and held != tile_format:
+    if (out / "store.json").exists():
+        held = _held_format(out)
+        if tile_format != "auto" and codec.dtype == torch.bfloat16 and held not in (None, tile_format):
             raise StoreError(
-                f"{out} already holds a tile store of this checkpoint with {held} tiles, not {tile_format}; remove "
-                "it or choose another --out."
+                f"{out} already holds a tile store with {held} tiles, not {tile_format}; remove it or choose another "
+                "--out."
             )
-        return out
+        if _keep_finished(out, ckpt, fingerprint, tile_size, progress):
+            return out
     out.mkdir(parents=True, exist_ok=True)
     data_tmp, journal = out / "tiles.bin.partial", out / "convert.journal"
     done: dict[str, dict] = {}
@@ -315,6 +318,14 @@ def _convert(model: str | Path, out: str | Path, tile_size: int, progress: bool,
     os.replace(tmp, out / "store.json")
     journal.unlink()
     return out
+
+
+def _held_format(out: Path) -> str | None:
+    """The tile format (`x12` or `plain`) of the store at `out`, None where its store.json cannot be read."""
+    try:
+        return read_store_json(out / "store.json").get("format", "plain")
+    except StoreError:
+        return None
 
 
 def _holds(data, offset: int, nbytes: int, rec: dict) -> bool:
