@@ -19,23 +19,12 @@
 #include <omp.h>
 #include <stdlib.h>
 
+#include "ffn_common.h"
+
 #include "fp8.h"
 #include "fp8_internal.h"
 
 int64_t tmp_fp8_ffn_task_size(void) { return (int64_t)sizeof(tmp_fp8_ffn_task); }
-
-static inline float act_fn(int act, float g) {
-    if (act == TMP_ACT_SILU) return g / (1.0f + expf(-g));
-    if (act == TMP_ACT_GELU) return 0.5f * g * (1.0f + erff(g * 0.70710678118654752f));
-    return g > 0.0f ? g : 0.0f;
-}
-
-/* Thread t's share [a, b) of n rows among nt threads, in chunks of a multiple of `align`. */
-static void split(int64_t n, int nt, int t, int64_t align, int64_t *a, int64_t *b) {
-    const int64_t chunk = (n + align * nt - 1) / (align * nt) * align;
-    *a = min64(n, t * chunk);
-    *b = min64(n, *a + chunk);
-}
 
 /* xs[j, c] = x[row j, c] * sr[c / 128] * 256 (* wt[j] where given) for j < nt, c < C; zero for C <= c < Cp.
  * Row j of x is tok[j] (or j without tok). */
@@ -110,7 +99,7 @@ static void gate_up(const tmp_fp8_ffn_task *tk, const float *x, int64_t ldx, int
             nt_rows(nt, tk->up.w + r * tk->up.ldw, tk->up.ldw, end - r, xu, Cp, D, ub, BLOCK);
             for (int j = 0; j < nt; j++)
                 for (int64_t k = 0; k < end - r; k++)
-                    h[(n0 + j) * tk->n + r + k] = act_fn(act, gb[j * BLOCK + k]) * ub[j * BLOCK + k];
+                    h[(n0 + j) * tk->n + r + k] = ffn_act(act, gb[j * BLOCK + k]) * ub[j * BLOCK + k];
             r = end;
         }
         if (tk->down_t)
@@ -194,24 +183,20 @@ int tmp_fp8_ffn_tasks(const float *x, int64_t ldx, float *out, int64_t ldo, int6
         for (int64_t q = 0; q < ntasks && !bad; q++) { /* phase 1: neurons */
             if (hoff[q + 1] == hoff[q]) continue;
             int64_t i0, i1;
-            split(tasks[q].n, nth, t, 4, &i0, &i1);
+            ffn_split(tasks[q].n, nth, t, 4, &i0, &i1);
             gate_up(&tasks[q], x, ldx, D, act, i0, i1, h + hoff[q], xg, xu, gu, coef, y, ldy);
         }
         if (any_d) {
 #pragma omp barrier
             int64_t d0, d1;
-            split(D, nth, t, 4, &d0, &d1);
+            ffn_split(D, nth, t, 4, &d0, &d1);
             for (int64_t q = 0; q < ntasks && !bad; q++) /* phase 2: checkpoint-layout downs by output rows */
                 if (!tasks[q].down_t && hoff[q + 1] > hoff[q])
                     down_rows(&tasks[q], h + hoff[q], d0, d1, out, ldo, xg, gu);
         }
         if (any_t && nth > 1) {
 #pragma omp barrier
-#pragma omp for schedule(static)
-            for (int64_t r = 0; r < T; r++) /* only touched rows: calloc leaves the others' pages unmapped */
-                for (int k = 1; k < nth && touched[r]; k++)
-                    if (parts[k])
-                        for (int64_t d = 0; d < D; d++) out[r * ldo + d] += parts[k][r * D + d];
+            ffn_add_parts(out, ldo, parts, nth, touched, T, D);
         }
         free(buf);
         if (t > 0 && any_t) free(parts[t]);

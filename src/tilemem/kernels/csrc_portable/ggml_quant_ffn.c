@@ -20,20 +20,9 @@
 #include <omp.h>
 #include <stdlib.h>
 
+#include "ffn_common.h"
+
 int64_t tmg_ffn_task_size(void) { return (int64_t)sizeof(tmg_ffn_task); }
-
-static inline float act_fn(int act, float g) {
-    if (act == TMG_ACT_SILU) return g / (1.0f + expf(-g));
-    if (act == TMG_ACT_GELU) return 0.5f * g * (1.0f + erff(g * 0.70710678118654752f));
-    return g > 0.0f ? g : 0.0f;
-}
-
-/* Thread t's share [a, b) of n rows among nt threads. */
-static void split(int64_t n, int nt, int t, int64_t *a, int64_t *b) {
-    const int64_t chunk = (n + nt - 1) / nt;
-    *a = gmin64(n, t * chunk);
-    *b = gmin64(n, *a + chunk);
-}
 
 /* A thread's buffers: gathered rows xs [GMAXT, K], their int8 forms for blocks of 32 (slot 0) and 256 (slot 1),
  * matmul outputs ya, yb [GMAXT, K]. */
@@ -114,7 +103,7 @@ static void gate_up(const tmg_ffn_task *tk, const float *x, int64_t ldx, int64_t
         rows(&tk->up, D, nt, i0, i1, S, exact, have, S->yb, S->K);
         for (int j = 0; j < nt; j++)
             for (int64_t i = 0; i < i1 - i0; i++)
-                h[(n0 + j) * tk->n + i0 + i] = act_fn(act, S->ya[j * S->K + i]) * S->yb[j * S->K + i];
+                h[(n0 + j) * tk->n + i0 + i] = ffn_act(act, S->ya[j * S->K + i]) * S->yb[j * S->K + i];
     }
 }
 
@@ -170,12 +159,12 @@ int tmg_ffn_tasks(const float *x, int64_t ldx, float *out, int64_t ldo, int64_t 
         for (int64_t q = 0; q < ntasks && mem; q++) { /* phase 1: neurons */
             if (hoff[q + 1] == hoff[q]) continue;
             int64_t i0, i1;
-            split(tasks[q].n, nth, t, &i0, &i1);
+            ffn_split(tasks[q].n, nth, t, 1, &i0, &i1);
             if (i0 < i1) gate_up(&tasks[q], x, ldx, D, act, exact, i0, i1, h + hoff[q], &S);
         }
 #pragma omp barrier
         int64_t d0, d1;
-        split(D, nth, t, &d0, &d1);
+        ffn_split(D, nth, t, 1, &d0, &d1);
         for (int64_t q = 0; q < ntasks && mem && !failed && d0 < d1; q++) /* phase 2: downs by output rows */
             if (hoff[q + 1] > hoff[q]) down(&tasks[q], h + hoff[q], exact, d0, d1, out, ldo, &S);
         free(mem);

@@ -14,6 +14,8 @@
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
+
+#include "ffn_common.h"
 #include <string.h>
 
 #include "x12_internal.h"
@@ -23,12 +25,6 @@
 int64_t tmp_x12_ffn_task_size(void) { return (int64_t)sizeof(tmp_x12_ffn_task); }
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
-static inline float act_fn(int act, float g) {
-    if (act == TMP_ACT_SILU) return g / (1.0f + expf(-g));
-    if (act == TMP_ACT_GELU) return 0.5f * g * (1.0f + erff(g * 0.70710678118654752f));
-    return g > 0.0f ? g : 0.0f;
-}
 
 X12_INLINE float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -128,7 +124,7 @@ X12_INLINE void axpy_rows(const int RB, const int NT, const x12_view *v, const i
                 dot_rows(1, NT, A2, v, gu, tab, xp, g);                                                          \
                 dot_rows(1, NT, A2, v, gu + 1, tab, xp, u);                                                      \
             }                                                                                                    \
-            for (int j = 0; j < NT; j++) coef[(i - i0) % 2 * MAXT + j] = act_fn(act, g[j]) * u[j] * wt[j];       \
+            for (int j = 0; j < NT; j++) coef[(i - i0) % 2 * MAXT + j] = ffn_act(act, g[j]) * u[j] * wt[j];       \
             if ((i - i0) % 2 == 1) {                                                                             \
                 const int64_t dn[2] = {2 * n + i - 1, 2 * n + i};                                                \
                 axpy_rows(2, NT, v, dn, tab, coef, yp);                                                          \
@@ -154,13 +150,6 @@ static void pass(const x12_view *v, int64_t n, int nt, int act, int64_t i0, int6
         PASS(7, 1, 0)
         PASS(8, 1, 0)
     }
-}
-
-/* Thread t's share [a, b) of n rows among nt threads, in chunks of a multiple of `align`. */
-static void split(int64_t n, int nt, int t, int64_t align, int64_t *a, int64_t *b) {
-    const int64_t chunk = (n + align * nt - 1) / (align * nt) * align;
-    *a = min64(n, t * chunk);
-    *b = min64(n, *a + chunk);
 }
 
 /* Task tk's neurons [i0, i1) for every pass of its tokens into y (row stride ldy). xp, yp: MAXT * D each. */
@@ -224,16 +213,12 @@ int tmp_x12_ffn_tasks(const float *x, int64_t ldx, float *out, int64_t ldo, int6
         for (int64_t q = 0; q < ntasks && !bad; q++) {
             if (tasks[q].n <= 0 || tasks[q].ntok <= 0) continue;
             int64_t i0, i1;
-            split(tasks[q].n, nth, t, 2, &i0, &i1);
+            ffn_split(tasks[q].n, nth, t, 2, &i0, &i1);
             if (i1 > i0) task_rows(&tasks[q], D, x, ldx, act, i0, i1, buf, buf + MAXT * D, y, ldy);
         }
         if (nth > 1) {
 #pragma omp barrier
-#pragma omp for schedule(static)
-            for (int64_t r = 0; r < T; r++) /* only touched rows: calloc leaves the others' pages unmapped */
-                for (int k = 1; k < nth && touched[r]; k++)
-                    if (parts[k])
-                        for (int64_t d = 0; d < D; d++) out[r * ldo + d] += parts[k][r * D + d];
+            ffn_add_parts(out, ldo, parts, nth, touched, T, D);
         }
         free(buf);
         if (t > 0) free(parts[t]);
