@@ -14,8 +14,8 @@ A tile is neurons [a, b) of one FFN: gate rows, up rows and down columns (stored
   (`TileCodec.unit`). Tiles start on down's block boundaries (32 or 256 neurons). `GgmlTile` is the viewed form.
 - x12 (a bf16 store's default where the hidden size is a multiple of 32): the [3, n, D] bf16 tile as one x12
   payload of ~12 bits per weight, losslessly (`layers.x12`): 25% fewer bytes off the disk and in the DRAM
-  cache. `X12Tile` is the viewed form (consecutive tiles of an expert: one payload each), decoded to bf16 by
-  the portable kernel (or torch) where it is computed.
+  cache. `X12Tile` is the viewed form (consecutive tiles of an expert: one payload each), computed by the portable
+  fused x12 kernel (weights decoded in registers) or decoded to bf16 first (prefill sizes, GPUs, no AVX2).
 
 Shape legend: n tile neurons, D hidden, nb = ceil(n/128), Db = ceil(D/128).
 """
