@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -34,6 +35,21 @@ def workload(make_ckpt):
     return path, prompts
 
 
+def hold_first_step_until_all_queued(srv, timeout: float = 60.0) -> None:
+    """The engine's first step waits until every request has reached the server (at most `timeout`), so they all
+    compete for the blocks however slowly a loaded machine starts the client threads: preemption is certain."""
+    engine, worker = srv.state.engine, srv.state.worker
+
+    def first_step():
+        deadline = time.monotonic() + timeout
+        while sum(worker.queue_depth()) < REQUESTS and time.monotonic() < deadline:
+            time.sleep(0.01)
+        del engine.step  # the engine's own step from now on
+        return engine.step()
+
+    engine.step = first_step
+
+
 def test_64_mixed_requests_within_a_quarter_of_their_kv_all_complete(workload):
     path, prompts = workload
     probe = LLM(path, dtype="fp32", max_batch=1, max_model_len=2048)
@@ -44,6 +60,7 @@ def test_64_mixed_requests_within_a_quarter_of_their_kv_all_complete(workload):
     llm = LLM(path, dtype="fp32", max_batch=REQUESTS, max_model_len=2048, kv_memory=budget, prefill_chunk=CHUNK)
     config = ServerConfig(port=0, max_batch=REQUESTS, max_queue=REQUESTS, prefill_chunk=CHUNK, log_level="warning")
     with BackgroundServer(llm, config) as srv, httpx.Client(base_url=srv.url, timeout=600) as http:
+        hold_first_step_until_all_queued(srv)
 
         def ask(prompt: list[int]) -> httpx.Response:
             body = {"model": "ckpt", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
