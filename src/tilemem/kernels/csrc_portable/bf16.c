@@ -6,6 +6,8 @@
  * Shapes: M token rows (any number; 4 per pass over a row, or all at once by columns), R weight rows, C columns.
  */
 #include <immintrin.h>
+
+#include "simd.h"
 #include <omp.h>
 #include <stdint.h>
 
@@ -28,13 +30,6 @@ INLINE float widen1(uint16_t v) {
         float f;
     } c = {.u = (uint32_t)v << 16};
     return c.f;
-}
-
-INLINE float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
 }
 
 /* y[m, r] = sum_c x[m, c] * w[r, c] for one row r and tokens m0 .. m0 + nt - 1 (nt <= PASS). */

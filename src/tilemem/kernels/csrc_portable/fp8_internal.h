@@ -4,6 +4,8 @@
 #define TILEMEM_FP8_INTERNAL_H
 
 #include <immintrin.h>
+
+#include "simd.h"
 #include <stdint.h>
 #include <string.h>
 
@@ -25,13 +27,6 @@ INLINE void decode16(const uint8_t *p, __m256 *lo, __m256 *hi) {
 /* One byte -> e4m3 value (exact), for row tails. */
 INLINE float decode1(uint8_t b) {
     return _cvtsh_ss((unsigned short)((b + (b & 0x80)) << 7)) * 256.0f;
-}
-
-INLINE float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
 }
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -72,7 +67,7 @@ INLINE void nt_tile(const int RB, const int NT, const int A2, const uint8_t *w, 
 #pragma GCC unroll 4
     for (int i = 0; i < RB; i++)
 #pragma GCC unroll 8
-        for (int n = 0; n < NT; n++) y[n * ldy + i] = hsum(A2 ? _mm256_add_ps(acc[i][n][0], acc[i][n][1]) : acc[i][n][0]);
+        for (int n = 0; n < NT; n++) y[n * ldy + i] = hsum8(A2 ? _mm256_add_ps(acc[i][n][0], acc[i][n][1]) : acc[i][n][0]);
 }
 
 /* Rows [0, nrows) of w (all in one 128-row block) for NT tokens: RB rows at a time, then single rows. */

@@ -10,6 +10,8 @@
 #define TILEMEM_GGML_QUANT_INTERNAL_H
 
 #include <immintrin.h>
+
+#include "simd.h"
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -43,13 +45,6 @@ INLINE float f16(const uint8_t *p) {
     uint16_t h;
     memcpy(&h, p, 2);
     return _cvtsh_ss(h);
-}
-
-INLINE float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
 }
 
 /* 32 nibbles of 16 bytes: bytes 0..15 = low nibbles, 16..31 = high nibbles. */
@@ -191,7 +186,7 @@ INLINE void row_exact(const int TY, const int NT, const uint8_t *wr, int64_t nb,
                     acc[n][k & 1] = _mm256_fmadd_ps(_mm256_loadu_ps(xc + n * ldx + 8 * k), w[k], acc[n][k & 1]);
         }
     }
-    for (int n = 0; n < NT; n++) y[n * ldy] = hsum(_mm256_add_ps(acc[n][0], acc[n][1]));
+    for (int n = 0; n < NT; n++) y[n * ldy] = hsum8(_mm256_add_ps(acc[n][0], acc[n][1]));
 }
 
 /* ---- fast: activations as int8 blocks ---- */
@@ -345,7 +340,7 @@ INLINE void row_fast(const int TY, const int NT, const uint8_t *wr, int64_t nb, 
             }
         }
     }
-    for (int n = 0; n < NT; n++) y[n * ldy] = hsum(acc[n]) + corr[n];
+    for (int n = 0; n < NT; n++) y[n * ldy] = hsum8(acc[n]) + corr[n];
 }
 
 /* ---- per-type kernels (ggml_quant.c) ---- */

@@ -4,6 +4,8 @@
 #define TILEMEM_PAGED_H
 
 #include <immintrin.h>
+
+#include "simd.h"
 #include <stdint.h>
 
 #define INLINE static inline __attribute__((always_inline))
@@ -24,13 +26,6 @@ INLINE float load1(const void *p, int64_t i, const int bf) {
     if (!bf) return ((const float *)p)[i];
     bits c = {.u = (uint32_t)((const uint16_t *)p)[i] << 16};
     return c.f;
-}
-
-INLINE float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
 }
 
 /* s[h * lds + i] = q_h . k_i for NK key rows at k + ko[i] and NH query rows q + h * Dk (fp32): NK x NH <= 8

@@ -15,6 +15,7 @@
 #include <omp.h>
 #include <stdlib.h>
 
+#include "simd.h"
 #include "ffn_common.h"
 #include <string.h>
 
@@ -26,11 +27,15 @@ int64_t tmp_x12_ffn_task_size(void) { return (int64_t)sizeof(tmp_x12_ffn_task); 
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-X12_INLINE float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+/* Chunk k (64 weights) of rows rows[i], i < RB, decoded with their exceptions patched in: w[i][0..3]. xn[i]: row
+ * i's next exception, advanced past the chunk; xe[i]: the end of its exceptions. */
+X12_INLINE void load_chunks(const int RB, const x12_view *v, const int64_t *rows, int64_t k, __m256i tab,
+                            const uint32_t **xn, const uint32_t **xe, __m256i w[2][4]) {
+#pragma GCC unroll 2
+    for (int i = 0; i < RB; i++) {
+        x12_chunk(v->lo + rows[i] * v->KP + k, v->hc + rows[i] * (v->KP / 2) + k / 2, tab, w[i]);
+        x12_patch(w[i], k, &xn[i], xe[i]);
+    }
 }
 
 /* y[i * MAXT + j] = row rows[i] of v . xp[j] for i < RB, j < NT (xp: permuted x rows, stride D). A2: two
@@ -48,11 +53,7 @@ X12_INLINE void dot_rows(const int RB, const int NT, const int A2, const x12_vie
     for (int64_t k = 0; k < D; k += X12_CHUNK) {
         const int nq = k + X12_CHUNK <= D ? 4 : 2; /* D % 64 == 32: the last chunk's weights 32-63 are padding */
         __m256i w[2][4];
-#pragma GCC unroll 2
-        for (int i = 0; i < RB; i++) {
-            x12_chunk(v->lo + rows[i] * v->KP + k, v->hc + rows[i] * (v->KP / 2) + k / 2, tab, w[i]);
-            x12_patch(w[i], k, &xn[i], xe[i]);
-        }
+        load_chunks(RB, v, rows, k, tab, xn, xe, w);
 #pragma GCC unroll 4
         for (int q = 0; q < 4; q++) { /* unrolled: w stays in registers */
             if (q == nq) break;
@@ -70,7 +71,7 @@ X12_INLINE void dot_rows(const int RB, const int NT, const int A2, const x12_vie
     }
     for (int i = 0; i < RB; i++)
         for (int j = 0; j < NT; j++)
-            y[i * MAXT + j] = hsum(A2 ? _mm256_add_ps(acc[i][j][0], acc[i][j][1]) : acc[i][j][0]);
+            y[i * MAXT + j] = hsum8(A2 ? _mm256_add_ps(acc[i][j][0], acc[i][j][1]) : acc[i][j][0]);
 }
 
 /* yp[j] += sum_i coef[i * MAXT + j] * row rows[i] of v (permuted columns) for i < RB, j < NT. */
@@ -85,11 +86,7 @@ X12_INLINE void axpy_rows(const int RB, const int NT, const x12_view *v, const i
     for (int64_t k = 0; k < D; k += X12_CHUNK) {
         const int nq = k + X12_CHUNK <= D ? 4 : 2;
         __m256i w[2][4];
-#pragma GCC unroll 2
-        for (int i = 0; i < RB; i++) {
-            x12_chunk(v->lo + rows[i] * v->KP + k, v->hc + rows[i] * (v->KP / 2) + k / 2, tab, w[i]);
-            x12_patch(w[i], k, &xn[i], xe[i]);
-        }
+        load_chunks(RB, v, rows, k, tab, xn, xe, w);
 #pragma GCC unroll 4
         for (int q = 0; q < 4; q++) {
             if (q == nq) break;
