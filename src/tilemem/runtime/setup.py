@@ -28,7 +28,7 @@ from tilemem.placement.tiles import always_active_ffns, routed_ffns
 from tilemem.runtime.gguf_source import GgufSource, gguf_tile_format, plan_types, quantized_bytes, store_source
 from tilemem.runtime.tiered import TieredConfig, TieredExperts
 from tilemem.runtime.tile_format import fp8_tile_size_message
-from tilemem.runtime.tile_store import StoreError, TileStore, convert, store_codec
+from tilemem.runtime.tile_store import StoreError, TileStore, convert, held_format, store_codec
 from tilemem.units import format_bytes
 
 
@@ -135,14 +135,10 @@ def expert_format(
     if fmt.name != "bf16" or gpu_tier:
         return fmt
     store = Path(store) if store else default_store_dir(ckpt, tile)
-    if (store / "store.json").exists():
-        try:
-            x12 = TileStore(store).codec.x12
-        except StoreError:
-            x12 = False  # converted again when used: counted as the plain tiles it may become
-    else:
+    if not (store / "store.json").exists():
         return bf16_store_format(topo.hidden_size, tile)
-    return tile_format("x12") if x12 else fmt
+    # an unreadable store.json is converted again when used: counted as the plain tiles it may become
+    return tile_format("x12") if held_format(store) == "x12" else fmt
 
 
 def _topology(ckpt: Checkpoint, dtype: str | None):

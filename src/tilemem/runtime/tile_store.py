@@ -219,7 +219,7 @@ def _convert(model: str | Path, out: str | Path, tile_size: int, progress: bool,
         raise StoreError(f"tile store path {out} exists and is not a directory; give a directory for the store.")
     fingerprint = checkpoint_fingerprint(ckpt)
     if (out / "store.json").exists():
-        held = _held_format(out)
+        held = held_format(out)
         if tile_format != "auto" and codec.dtype == torch.bfloat16 and held not in (None, tile_format):
             raise StoreError(
                 f"{out} already holds a tile store with {held} tiles, not {tile_format}; remove it or choose another "
@@ -320,7 +320,7 @@ def _convert(model: str | Path, out: str | Path, tile_size: int, progress: bool,
     return out
 
 
-def _held_format(out: Path) -> str | None:
+def held_format(out: Path) -> str | None:
     """The tile format (`x12` or `plain`) of the store at `out`, None where its store.json cannot be read."""
     try:
         return read_store_json(out / "store.json").get("format", "plain")
