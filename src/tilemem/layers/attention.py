@@ -11,7 +11,7 @@ from torch import nn
 
 from tilemem import kernels
 from tilemem.config import ModelConfig
-from tilemem.kernels import paged
+from tilemem.kernels import paged, paged_decode
 from tilemem.layers.kv_cache import ForwardContext
 from tilemem.layers.linear import Linear
 from tilemem.layers.norm import RMSNorm
@@ -79,6 +79,38 @@ class Attention(nn.Module):
         self._native_ptr = (w.data_ptr(), id(self.q_proj.x12))
         return self._native
 
+    def _block_fits(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cos: torch.Tensor, rope: RotaryEmbedding
+    ) -> bool:
+        """Whether the native decode block (`kernels.paged_decode`) takes this decode step: CPU tensors of one
+        dtype (bf16 or fp32), the cache's too, halves rope (not DeepSeek's interleaved pairs)."""
+        dt = q.dtype
+        norms = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm != "none" else ()
+        return (
+            q.device.type == "cpu" and not rope.interleave and dt in paged_decode.DTYPES and keys.dtype == dt
+            and values.dtype == dt and cos.dtype == (torch.float32 if rope.fp32_rotate else dt)
+            and all(w.dtype == dt for w in norms) and paged_decode.available()
+        )  # fmt: skip
+
+    def _decode_block(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        ctx: ForwardContext,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        """q [B, 1, H*hd], k, v [B, 1, Hkv*hd] (the projections) -> o [B, H*hd]: q/k norm, clip, rope, the write
+        of k and v into the cache and the paged attention, as the torch path below computes them."""
+        b = q.shape[0]
+        norms = (self.q_norm, self.k_norm) if self.qk_norm != "none" else ()
+        return paged_decode.decode_block(
+            q.reshape(b, -1), k.reshape(b, -1), v.reshape(b, -1), cos.reshape(b, -1), sin.reshape(b, -1),
+            ctx.cache.keys[self.layer], ctx.cache.values[self.layer], ctx.tables, ctx.positions[:, 0], self.scale,
+            self.qk_norm, *(m.weight for m in norms), eps=norms[0].eps if norms else 0.0, clip=self.clip,
+        )  # fmt: skip
+
     def forward(
         self,
         x: torch.Tensor,
@@ -104,6 +136,10 @@ class Attention(nn.Module):
         xq = x if keep is None else x[rows, keep].unsqueeze(1)  # [B, Tq, D]: the querying tokens
         tq = xq.shape[1]
         q, k, v = self.q_proj(xq), self.k_proj(x), self.v_proj(x)  # [B, Tq, H*hd], [B, T, Hkv*hd] x2
+        if t == 1 and keep is None and self._block_fits(q, keys, values, cos, rope):
+            # decode on AVX2: norms, clip, rope, the cache write and the paged attention in one native call
+            o = self._decode_block(q, k, v, ctx, cos, sin)  # [B, H*hd]
+            return self.o_proj(o.view(b, 1, self.h * self.hd))
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip is not None:
