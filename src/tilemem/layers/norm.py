@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from tilemem import kernels
+from tilemem.kernels import rmsnorm
 
 
 class RMSNorm(nn.Module):
@@ -19,6 +20,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.dtype == torch.bfloat16 and kernels.usable(x):
             return kernels.rms_norm(x, self.weight, self.eps)
+        if rmsnorm.applies(x, self.weight):  # AVX2: one native call instead of six small torch ops
+            return rmsnorm.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
