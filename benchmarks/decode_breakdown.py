@@ -30,6 +30,10 @@ from decode import dram_read_bandwidth  # benchmarks/decode.py
 from tilemem import kernels
 from tilemem.engine.llm import LLM
 from tilemem.engine.sampling import SamplingParams
+from tilemem.kernels import bf16 as bf16_kernels
+from tilemem.kernels import fp8 as fp8_kernels
+from tilemem.kernels import ggml as ggml_kernels
+from tilemem.kernels import paged, x12_tiles
 from tilemem.layers.attention import Attention
 from tilemem.layers.moe import MoEBlock
 from tilemem.layers.norm import RMSNorm
@@ -42,6 +46,13 @@ TIMED = [
     (kernels, "attn_prefill", "attention kernel (prefill)"),
     (kernels, "moe", "expert kernel"),
     (kernels, "linear", "other linears (router, LM head)"),
+    (ggml_kernels, "ffn_tasks", "portable GGUF expert kernel"),
+    (ggml_kernels, "matmul_nt", "portable GGUF linears"),
+    (fp8_kernels, "ffn_tasks", "portable FP8 expert kernel"),
+    (fp8_kernels, "matmul_nt", "portable FP8 linears"),
+    (x12_tiles, "ffn_tasks", "portable x12 expert kernel"),
+    (bf16_kernels, "matmul_nt", "portable bf16 linears"),
+    (paged, "paged_attention", "portable paged attention"),
     (F, "linear", "torch linears (prefill q/k/v/o, router)"),
     (F, "scaled_dot_product_attention", "torch attention (prefill with a cached prefix)"),
     (Attention, "forward", "attention module"),

@@ -313,16 +313,35 @@ def ffn_tasks(x: torch.Tensor, tasks: Sequence[FfnTask], act: str, out: torch.Te
     """
     what = "fp8 ffn_tasks"
     words, big = portable.pack_tasks(x, tasks, act, out, what, FfnWeights, ValueError, FFN_MAX_TOKENS)
-    t, d = x.shape
     if words:
         packed = array("q", words)  # [tasks, _TASK_WORDS]
-        status = portable.require(lib(), what, "fp8", "use the torch path").tmp_fp8_ffn_tasks(
-            x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), t, d, packed.buffer_info()[0],
-            len(packed) // _TASK_WORDS, ACTS[act], torch.get_num_threads(),
-        )  # fmt: skip
-        if status == 2:
-            for q, task in enumerate(tasks):
-                _check_tokens(task.tok, t, f"{what} task {q}")
-        portable.check_status(status, what, "fp8")
+        _run(x, packed.buffer_info()[0], len(packed) // _TASK_WORDS, act, out, what, tasks)
     for task in big:
         _ffn_matmuls(x, task, act, out)
+
+
+def ffn_routed(
+    x: torch.Tensor, table: portable.RoutedTable, ids: torch.Tensor, weights: torch.Tensor, act: str, out: torch.Tensor
+) -> None:
+    """`ffn_tasks` with the tasks of a routing: out [T, D] += weights[t, k] * the FFN of expert ids[t, k] (a row of
+    `table`, a RoutedTable of FfnWeights) of x[t], for ids, weights [T, K] (see `ggml.ffn_routed`)."""
+    what = "fp8 ffn_routed"
+    portable.check_io(x, out, act, what, ValueError)
+    table.check(x, what, ValueError)
+    words, big, _keep = table.tasks(ids, weights, FFN_MAX_TOKENS, ValueError)  # _keep: what words point into
+    if words.shape[0]:
+        _run(x, words.data_ptr(), words.shape[0], act, out, what, ())
+    for task in big:
+        _ffn_matmuls(x, FfnTask(*task), act, out)
+
+
+def _run(x: torch.Tensor, packed: int, n: int, act: str, out: torch.Tensor, what: str, tasks) -> None:
+    """The native call on n packed tasks at address `packed`; on a refusal, `tasks`' tokens say which."""
+    t, d = x.shape
+    status = portable.require(lib(), what, "fp8", "use the torch path").tmp_fp8_ffn_tasks(
+        x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), t, d, packed, n, ACTS[act], torch.get_num_threads()
+    )
+    if status == 2:
+        for q, task in enumerate(tasks):
+            _check_tokens(task.tok, t, f"{what} task {q}")
+    portable.check_status(status, what, "fp8")

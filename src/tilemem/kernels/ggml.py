@@ -277,16 +277,43 @@ def ffn_tasks(x: torch.Tensor, tasks: Sequence[FfnTask], act: str, out: torch.Te
     """
     what = "ggml ffn_tasks"
     words, big = portable.pack_tasks(x, tasks, act, out, what, FfnWeights, KernelError, FFN_MAX_TOKENS)
-    t, d = x.shape
     if words:
         packed = array("q", words)  # [tasks, _TASK_WORDS]
-        status = portable.require(lib(), what, "ggml", "use the torch path").tmg_ffn_tasks(
-            x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), t, d, packed.buffer_info()[0],
-            len(packed) // _TASK_WORDS, ACTS[act], int(exact), torch.get_num_threads(),
-        )  # fmt: skip
-        if status == 2:  # refused, nothing written: say which task
-            for q, task in enumerate(tasks):
-                _check_tokens(task.tok, t, f"{what} task {q}")
-        portable.check_status(status, what, "ggml")
+        _run(x, packed.buffer_info()[0], len(packed) // _TASK_WORDS, act, out, exact, what, tasks)
     for task in big:
         _ffn_matmuls(x, task, act, out, exact)
+
+
+def ffn_routed(
+    x: torch.Tensor,
+    table: portable.RoutedTable,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    act: str,
+    out: torch.Tensor,
+    exact: bool = True,
+) -> None:
+    """`ffn_tasks` with the tasks of a routing: out [T, D] += weights[t, k] * the FFN of expert ids[t, k] (a row of
+    `table`, a RoutedTable of FfnWeights) of x[t], for ids, weights [T, K]. The tasks come from the routing in a few
+    tensor ops (a decode step's per-expert task objects cost more than its kernel's own overhead)."""
+    what = "ggml ffn_routed"
+    portable.check_io(x, out, act, what, KernelError)
+    table.check(x, what, KernelError)
+    words, big, _keep = table.tasks(ids, weights, FFN_MAX_TOKENS, KernelError)  # _keep: what words point into
+    if words.shape[0]:
+        _run(x, words.data_ptr(), words.shape[0], act, out, exact, what, ())
+    for task in big:
+        _ffn_matmuls(x, FfnTask(*task), act, out, exact)
+
+
+def _run(x: torch.Tensor, packed: int, n: int, act: str, out: torch.Tensor, exact: bool, what: str, tasks) -> None:
+    """The native call on n packed tasks at address `packed`; on a refusal, `tasks`' tokens say which."""
+    t, d = x.shape
+    status = portable.require(lib(), what, "ggml", "use the torch path").tmg_ffn_tasks(
+        x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), t, d, packed, n, ACTS[act], int(exact),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if status == 2:  # refused, nothing written: say which task
+        for q, task in enumerate(tasks):
+            _check_tokens(task.tok, t, f"{what} task {q}")
+    portable.check_status(status, what, "ggml")

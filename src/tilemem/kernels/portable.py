@@ -94,6 +94,21 @@ def check_tokens(tok: torch.Tensor, t: int, what: str, error: type[Exception]) -
         raise error(f"{what}: token rows must be in [0, {t}) (the rows of x), got {tok.tolist()}")
 
 
+def check_io(x: torch.Tensor, out: torch.Tensor, act: str, what: str, error: type[Exception]) -> None:
+    """Raise `error` unless x and out are [T, D] fp32 CPU tensors with contiguous rows and `act` is known (the
+    checks of a fused FFN call's arguments besides its tasks)."""
+    if act not in ACTS:
+        raise error(f"{what}: act must be one of {sorted(ACTS)}, got {act!r}")
+    for name, v in (("x", x), ("out", out)):
+        if not isinstance(v, torch.Tensor) or v.dtype != torch.float32 or not v.is_cpu or v.dim() != 2:
+            got = f"{v.dtype} {tuple(v.shape)} on {v.device}" if isinstance(v, torch.Tensor) else type(v).__name__
+            raise error(f"{what}: {name} must be a 2-D float32 CPU tensor [T, D], got {got}")
+        if v.shape[1] > 1 and v.stride(1) != 1:
+            raise error(f"{what}: {name}'s rows must be contiguous, got strides {v.stride()}")
+    if out.shape != x.shape:
+        raise error(f"{what}: out has shape {tuple(out.shape)}, but x has {tuple(x.shape)}")
+
+
 def pack_tasks(
     x: torch.Tensor,
     tasks,
@@ -108,16 +123,7 @@ def pack_tasks(
     [T, D] fp32 with contiguous rows, `act` known, every task checked (the common case in a few attribute reads,
     a bad one by `check_task`). Returns (the int64 words of the tasks of up to `max_tokens` tokens, each its
     weights' `words` then ntok, tok and weight pointers; the larger tasks, for matmuls). Raises `error`."""
-    if act not in ACTS:
-        raise error(f"{what}: act must be one of {sorted(ACTS)}, got {act!r}")
-    for name, v in (("x", x), ("out", out)):
-        if not isinstance(v, torch.Tensor) or v.dtype != torch.float32 or not v.is_cpu or v.dim() != 2:
-            got = f"{v.dtype} {tuple(v.shape)} on {v.device}" if isinstance(v, torch.Tensor) else type(v).__name__
-            raise error(f"{what}: {name} must be a 2-D float32 CPU tensor [T, D], got {got}")
-        if v.shape[1] > 1 and v.stride(1) != 1:
-            raise error(f"{what}: {name}'s rows must be contiguous, got strides {v.stride()}")
-    if out.shape != x.shape:
-        raise error(f"{what}: out has shape {tuple(out.shape)}, but x has {tuple(x.shape)}")
+    check_io(x, out, act, what, error)
     t, d = x.shape
     words: list[int] = []
     big: list = []
@@ -145,3 +151,53 @@ def pack_tasks(
         words += weights.words
         words += (ntok, tok.data_ptr(), weight.data_ptr())
     return words, big
+
+
+class RoutedTable:
+    """A layer's experts for a fused FFN kernel (`fp8.ffn_routed`, `ggml.ffn_routed`): their packed words, one row
+    per expert, built once, so a step's tasks come from its routing in a few tensor ops instead of one `FfnTask`
+    (and its conversions) per routed expert. `experts`: the layer's FfnWeights, in expert order."""
+
+    def __init__(self, experts: list) -> None:
+        self.experts = experts
+        self.hidden = experts[0].hidden if experts else 0
+        self.words = torch.tensor([w.words for w in experts], dtype=torch.int64)  # [E, W]
+
+    def check(self, x: torch.Tensor, what: str, error: type[Exception]) -> None:
+        """Raise `error` unless x's rows have the experts' hidden size."""
+        if x.shape[1] != self.hidden:
+            raise error(f"{what}: the experts have hidden size {self.hidden}, but x has {x.shape[1]} columns")
+
+    def tasks(self, ids: torch.Tensor, weights: torch.Tensor, max_tokens: int, error: type[Exception]):
+        """Routing ids [T, K] (expert indices) and weights [T, K] -> (task words [tasks, W + 3] for the kernel: each
+        expert's words, then ntok and pointers to its tokens and weights; the large tasks of more than `max_tokens`
+        tokens as (FfnWeights, tok, weight); the token and weight vectors the words point into, to keep alive).
+        Raises `error` for an expert index outside the table."""
+        e_count, width = self.words.shape
+        t, k = ids.shape
+        flat = ids.reshape(-1)  # [T*K]
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= e_count):
+            raise error(f"routed ffn: expert ids must be in [0, {e_count}), got {sorted(set(flat.tolist()))}")
+        if t == 1:  # decode: a task per routed slot (a repeated id is two tasks: both are summed into out)
+            experts, counts = flat, torch.ones(k, dtype=torch.int64)
+            tok = torch.zeros(k, dtype=torch.int32)
+            wt = weights.reshape(-1).to(torch.float32).contiguous()
+        else:
+            order = torch.argsort(flat, stable=True)  # [T*K], grouped by expert
+            experts, counts = torch.unique_consecutive(flat[order], return_counts=True)  # [tasks]
+            tok = (order // k).to(torch.int32)
+            wt = weights.reshape(-1)[order].to(torch.float32)
+        starts = counts.cumsum(0) - counts  # [tasks]
+        big = []
+        if int(counts.max()) > max_tokens:
+            for e, s, c in zip(experts.tolist(), starts.tolist(), counts.tolist(), strict=True):
+                if c > max_tokens:
+                    big.append((self.experts[e], tok[s : s + c], wt[s : s + c]))
+            small = counts <= max_tokens
+            experts, counts, starts = experts[small], counts[small], starts[small]
+        words = torch.empty(experts.numel(), width + 3, dtype=torch.int64)  # [tasks, W + 3]
+        words[:, :width] = self.words[experts]
+        words[:, width] = counts
+        words[:, width + 1] = tok.data_ptr() + 4 * starts
+        words[:, width + 2] = wt.data_ptr() + 4 * starts
+        return words, big, (tok, wt)
