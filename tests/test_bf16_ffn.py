@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from tilemem import LLM, SamplingParams
 from tilemem.errors import KernelError
-from tilemem.kernels import bf16_ffn
+from tilemem.kernels import bf16_ffn, portable
 from tilemem.layers import moe
 
 pytestmark = pytest.mark.skipif(
@@ -89,6 +89,27 @@ def test_olmoe_shaped_layer_and_prefill_tasks(threads):
     assert rel(run(x, tasks, "gelu"), reference(x, tasks, "gelu")) < TOL
 
 
+@pytest.mark.parametrize("t", [1, 5, 30])
+def test_routed_matches_the_reference(t):
+    """ffn_routed: the tasks of a routing ids, weights [T, K] (a repeated expert in a row counts twice; 30 tokens
+    put an expert past FFN_MAX_TOKENS); an expert id outside the table is refused."""
+    experts = [expert(24, 40, seed) for seed in range(4)]
+    table = portable.RoutedTable(experts)
+    g = torch.Generator().manual_seed(t)
+    ids = torch.randint(0, 4, (t, 3), generator=g)  # [T, K]
+    ids[0, 1] = ids[0, 0]
+    weights = torch.rand(t, 3, generator=g).bfloat16()  # [T, K], the model dtype
+    x = torch.randn(t, 40, generator=g)
+    out = torch.zeros(t, 40)
+    bf16_ffn.ffn_routed(x, table, ids, weights, "silu", out)
+    rows = torch.arange(t, dtype=torch.int32)
+    tasks = [bf16_ffn.FfnTask(experts[e], rows[ids[:, k] == e], weights[:, k][ids[:, k] == e].float())
+             for k in range(3) for e in range(4)]  # fmt: skip
+    assert rel(out, reference(x, tasks, "silu")) < TOL
+    with pytest.raises(KernelError, match=r"expert ids must be in \[0, 4\)"):
+        bf16_ffn.ffn_routed(x, table, ids + 4, weights, "silu", out)
+
+
 def test_strided_rows_and_out_accumulates():
     """Weights that are row slices of wider matrices; out is summed into, never set."""
     g = torch.Generator().manual_seed(5)
@@ -158,8 +179,8 @@ def test_resident_experts_greedy_tokens_match_the_loop(family, make_ckpt, monkey
     prompts = [[3, 17, 42, 5, 9, 11], [7, 1]]
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     calls: list[int] = []
-    fused = bf16_ffn.ffn_tasks
-    monkeypatch.setattr(bf16_ffn, "ffn_tasks", lambda x, tasks, *a: calls.append(len(tasks)) or fused(x, tasks, *a))
+    fused = bf16_ffn.ffn_routed
+    monkeypatch.setattr(bf16_ffn, "ffn_routed", lambda x, *a: calls.append(x.shape[0]) or fused(x, *a))
     ours = [o.token_ids for o in LLM(path, dtype="bf16").generate(prompts, params)]
     assert calls, "the fused bf16 kernel was not called"
     monkeypatch.setattr(moe, "bf16_native_act", lambda *args: False)

@@ -6,6 +6,7 @@ decoded exactly in registers and multiplied in fp32. As `kernels.fp8.ffn_tasks`:
 
 packed = [FfnWeights(gate, up, down) for each expert]                   # once per layer
 ffn_tasks(x, [FfnTask(packed[e], tok, weight), ...], "silu", out)       # every step: out [T, D] += ...
+ffn_routed(x, portable.RoutedTable(packed), ids, weights, "silu", out)  # the same, tasks from a routing [T, K]
 
 Shape legend: T tokens, D hidden, n neurons of an expert, N tokens of a task.
 """
@@ -131,16 +132,36 @@ def ffn_tasks(x: torch.Tensor, tasks: Sequence[FfnTask], act: str, out: torch.Te
     """
     what = "bf16 ffn_tasks"
     words, big = portable.pack_tasks(x, tasks, act, out, what, FfnWeights, KernelError, FFN_MAX_TOKENS)
-    t, d = x.shape
     if words:
         packed = array("q", words)  # [tasks, _TASK_WORDS]
-        status = portable.require(lib(), what, "bf16 FFN", "use the per-expert path").tmp_bf16_ffn_tasks(
-            x.data_ptr(), max(x.stride(0), d), out.data_ptr(), max(out.stride(0), d), t, d, packed.buffer_info()[0],
-            len(packed) // _TASK_WORDS, ACTS[act], torch.get_num_threads(),
-        )  # fmt: skip
-        if status == 2:
-            for q, task in enumerate(tasks):
-                portable.check_tokens(task.tok, t, f"{what} task {q}", KernelError)
-        portable.check_status(status, what, "bf16 FFN")
+        _run(x, packed.buffer_info()[0], len(packed) // _TASK_WORDS, act, out, what, tasks)
     for task in big:
         _ffn_matmuls(x, task, act, out)
+
+
+def ffn_routed(
+    x: torch.Tensor, table: portable.RoutedTable, ids: torch.Tensor, weights: torch.Tensor, act: str, out: torch.Tensor
+) -> None:
+    """`ffn_tasks` with the tasks of a routing: out [T, D] += weights[t, k] * the FFN of expert ids[t, k] (a row of
+    `table`, a RoutedTable of FfnWeights) of x[t], for ids, weights [T, K]: a step's tasks in a few tensor ops."""
+    what = "bf16 ffn_routed"
+    portable.check_io(x, out, act, what, KernelError)
+    table.check(x, what, KernelError)
+    words, big, _keep = table.tasks(ids, weights, FFN_MAX_TOKENS, KernelError)  # _keep: what words point into
+    if words.shape[0]:
+        _run(x, words.data_ptr(), words.shape[0], act, out, what, ())
+    for task in big:
+        _ffn_matmuls(x, FfnTask(*task), act, out)
+
+
+def _run(x: torch.Tensor, packed: int, n: int, act: str, out: torch.Tensor, what: str, tasks) -> None:
+    """The native call on n packed tasks at address `packed`; on a refusal, `tasks`' tokens say which."""
+    t, d = x.shape
+    status = portable.require(lib(), what, "bf16 FFN", "use the per-expert path").tmp_bf16_ffn_tasks(
+        x.data_ptr(), max(x.stride(0), d), out.data_ptr(), max(out.stride(0), d), t, d, packed, n, ACTS[act],
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if status == 2:
+        for q, task in enumerate(tasks):
+            portable.check_tokens(task.tok, t, f"{what} task {q}", KernelError)
+    portable.check_status(status, what, "bf16 FFN")

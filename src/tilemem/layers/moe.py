@@ -121,7 +121,7 @@ def ggml_native_act(act: str, x: torch.Tensor) -> bool:
 
 def bf16_native_act(act: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether bf16 experts (`weight`: one of their matrices) with activation `act` run through the portable fused
-    bf16 FFN kernel (`kernels.bf16_ffn.ffn_tasks`) for activations `x`: on the CPU, where the kernel runs (the
+    bf16 FFN kernel (`kernels.bf16_ffn.ffn_routed`) for activations `x`: on the CPU, where the kernel runs (the
     AVX512 library's `kernels.moe`, where usable, comes first)."""
     return (
         x.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
@@ -241,15 +241,11 @@ class ResidentExperts:
             return out
         if kernels.usable(x) and (table := self.table(layer)) is not None:
             return kernels.moe(x, weights, ids, table, block.act_name, self.workspace)
-        if bf16_native_act(block.act_name, x, block.experts[0].gate_proj.weight) and (
-            packed := self.bf16_weights(layer)
-        ):  # CPUs without AVX512: one call per layer, as the FP8 branch
-            tasks = [
-                bf16_ffn_kernels.FfnTask(packed[e], tok.to(torch.int32), weights[tok, slot].to(torch.float32))
-                for e, tok, slot in group_by_expert(ids)
-            ]
-            out = torch.zeros(x.shape, dtype=torch.float32)  # [T, D]
-            bf16_ffn_kernels.ffn_tasks(x.float().contiguous(), tasks, block.act_name, out)
+        gate = block.experts[0].gate_proj.weight
+        if bf16_native_act(block.act_name, x, gate) and self.bf16_weights(layer) is not None:
+            out = torch.zeros(x.shape, dtype=torch.float32)  # [T, D]; CPUs without AVX512: one call, as FP8's
+            table = self.routed(layer, self.bf16_weights)
+            bf16_ffn_kernels.ffn_routed(x.float().contiguous(), table, ids, weights, block.act_name, out)
             return out
         if x.is_cuda and block.experts[0].gate_proj.weight.dtype != FP8:
             gate_up, down_t = self._stack(layer)
