@@ -71,11 +71,12 @@ def decode_block(
     KernelError for bad input (dtypes, shapes, a position past its block table, a table entry outside the N
     blocks); nothing is written then."""
     native = portable.require(lib(), "decode_block", "paged", "use layers.attention.Attention's torch path")
-    b, h, hkv, hd, bs = _checked(q, k, v, cos, sin, keys, values, tables, positions, norm, q_weight, k_weight)
+    args = (q, k, v, cos, sin, keys, values, tables, positions, norm, q_weight, k_weight)
+    b, h, hkv, hd, bs = _common(*args) or _checked(*args)
     tables, positions = tables.contiguous(), positions.contiguous()
     bf = q.dtype == torch.bfloat16
-    if clip is not None:  # torch clamps at the bound rounded to the tensor's dtype
-        clip = float(torch.tensor(clip, dtype=q.dtype))
+    if clip is not None:
+        clip = _bound(clip, q.dtype)
     out = torch.empty(b, h * hd, dtype=q.dtype)
     status = native.tmp_paged_decode_block(
         q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), int(bf), b, h, hkv, hd,
@@ -89,6 +90,58 @@ def decode_block(
         _diagnose(tables, positions, keys.shape[0], bs)
     portable.check_status(status, f"decode_block of {b} rows", "paged")
     return out
+
+
+@functools.cache
+def _bound(clip: float, dtype: torch.dtype) -> float:
+    """The clip bound as torch clamps a tensor of `dtype`: rounded to the dtype."""
+    return float(torch.tensor(clip, dtype=dtype))
+
+
+def _common(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    tables: torch.Tensor,
+    positions: torch.Tensor,
+    norm: str,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+) -> tuple[int, int, int, int, int] | None:
+    """B, H, Hkv, hd, bs where the arguments are a decode step's as `Attention` passes them (the checks of
+    `_checked` in a few attribute reads, without naming a problem), else None."""
+    try:
+        b, nq = q.shape
+        _, hkv, bs, hd = keys.shape
+    except ValueError:
+        return None
+    dt, i64, nk = q.dtype, torch.int64, hkv * hd
+    if norm == "none":
+        weights = True
+    else:
+        wq, wk = (nq, nk) if norm == "full" else (hd, hd)
+        weights = (
+            (norm == "head" or norm == "full") and q_weight is not None and k_weight is not None
+            and q_weight.dtype == dt and k_weight.dtype == dt and q_weight.shape == (wq,) and k_weight.shape == (wk,)
+            and q_weight.is_contiguous() and k_weight.is_contiguous() and q_weight.is_cpu and k_weight.is_cpu
+        )  # fmt: skip
+    ok = (
+        weights and (dt == torch.bfloat16 or dt == torch.float32) and k.dtype == dt and v.dtype == dt
+        and keys.dtype == dt and values.dtype == dt and q.is_cpu and k.is_cpu and v.is_cpu and keys.is_cpu
+        and values.is_cpu and cos.is_cpu and sin.is_cpu and tables.is_cpu and positions.is_cpu
+        and values.shape == keys.shape and hd > 0 and hd % 2 == 0 and hkv > 0 and nq % (hkv * hd) == 0
+        and k.shape == (b, nk) and v.shape == (b, nk) and q.stride(1) == 1 and k.stride(1) == 1
+        and v.stride(1) == 1 and keys.stride(3) == 1 and values.stride(3) == 1 and cos.shape == (b, hd)
+        and sin.shape == (b, hd) and (cos.dtype == dt or cos.dtype == torch.float32) and sin.dtype == cos.dtype
+        and cos.stride(1) == 1 and sin.stride(1) == 1 and cos.stride(0) == sin.stride(0) and tables.dtype == i64
+        and positions.dtype == i64 and tables.dim() == 2 and positions.dim() == 1 and tables.shape[0] == b
+        and positions.shape[0] == b
+    )  # fmt: skip
+    return (b, nq // hd, hkv, hd, bs) if ok else None
 
 
 def _checked(

@@ -52,32 +52,89 @@ INLINE void store1(void *p, int64_t i, float f, const int bf) {
         ((float *)p)[i] = f;
 }
 
+/* x[0..n) = p[o..o + n) as fp32 (p bf16 when bf, else fp32). */
+static void load_row(float *x, const void *p, int64_t o, int64_t n, const int bf) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, load8(p, o + i, bf));
+    for (; i < n; i++) x[i] = load1(p, o + i, bf);
+}
+
+/* p[o..o + n) = x[0..n), values of the dtype already (bf16: their top halves, exact). */
+static void store_row(void *p, int64_t o, const float *x, int64_t n, const int bf) {
+    int64_t i = 0;
+    for (; bf && i + 8 <= n; i += 8) {
+        const __m256i u = _mm256_srli_epi32(_mm256_castps_si256(_mm256_loadu_ps(x + i)), 16);
+        const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+        _mm_storeu_si128((__m128i *)((uint16_t *)p + o + i), h);
+    }
+    for (; !bf && i + 8 <= n; i += 8) _mm256_storeu_ps((float *)p + o + i, _mm256_loadu_ps(x + i));
+    for (; i < n; i++) store1(p, o + i, x[i], bf);
+}
+
+/* 8 lanes rounded to the dtype (bf16: to nearest even, NaN to the quiet NaN, as bf16_bits). */
+INLINE __m256 rnd8(__m256 f, const int bf) {
+    if (!bf) return f;
+    const __m256i u = _mm256_castps_si256(f);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb);
+    const __m256 y = _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32((int)0xffff0000u)));
+    return _mm256_blendv_ps(y, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000)), _mm256_cmp_ps(f, f, _CMP_UNORD_Q));
+}
+
 /* x[0..n) = w * to_dtype(x * rsqrt(mean(x^2) + eps)), rounded to the dtype: RMSNorm's torch math. */
 static void rms_norm(float *x, int64_t n, const void *w, float eps, const int bf) {
     const float mean = torch_sumsq(x, n) / (float)n;
     const float r = 1.f / sqrtf(mean + eps);
-    for (int64_t i = 0; i < n; i++) x[i] = rnd(load1(w, i, bf) * rnd(x[i] * r, bf), bf);
+    const __m256 rv = _mm256_set1_ps(r);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 y = rnd8(_mm256_mul_ps(_mm256_loadu_ps(x + i), rv), bf);
+        _mm256_storeu_ps(x + i, rnd8(_mm256_mul_ps(load8(w, i, bf), y), bf));
+    }
+    for (; i < n; i++) x[i] = rnd(load1(w, i, bf) * rnd(x[i] * r, bf), bf);
 }
 
-/* The q or k row x [nh * hd] (fp32 values of the dtype) through norm, clip, head norm and rope, in place; t: hd
- * floats of scratch. cos/sin [hd]: fp32 when rot32, else the dtype. */
-static void qk_row(float *x, int64_t nh, int64_t hd, int norm, const void *w, float eps, int clip_on, float clip,
-                   const void *cos, const void *sin, int rot32, float *t, const int bf) {
-    const int64_t n = nh * hd, half = hd / 2;
-    const int cbf = bf && !rot32; /* the products and sum round to bf16 op by op */
-    if (norm == NORM_FULL) rms_norm(x, n, w, eps, bf);
-    for (int64_t i = 0; clip_on && i < n; i++) x[i] = x[i] < -clip ? -clip : (x[i] > clip ? clip : x[i]);
-    for (int64_t h = 0; norm == NORM_HEAD && h < nh; h++) rms_norm(x + h * hd, hd, w, eps, bf);
-    for (int64_t h = 0; h < nh; h++) {
-        float *xh = x + h * hd;
-        for (int64_t i = 0; i < hd; i++) t[i] = xh[i];
-        for (int64_t i = 0; i < hd; i++) {
-            const float rot = i < half ? -t[i + half] : t[i - half]; /* rotate_half */
-            float a = t[i] * load1(cos, i, cbf), b = rot * load1(sin, i, cbf);
-            if (cbf) a = rnd(a, 1), b = rnd(b, 1);
-            xh[i] = rnd(a + b, bf);
-        }
+/* x clamped to [-c, c] (NaN stays NaN: max and min return their second operand then). */
+static void clamp(float *x, int64_t n, float c) {
+    const __m256 lo = _mm256_set1_ps(-c), hi = _mm256_set1_ps(c);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_loadu_ps(x + i))));
+    for (; i < n; i++) x[i] = x[i] < -c ? -c : (x[i] > c ? c : x[i]);
+}
+
+/* One head xh [hd] rotated in place: x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1) for the halves
+ * x1, x2; the products rounded to bf16 when cbf, the sum to the dtype. */
+static void rope_head(float *xh, int64_t hd, const void *cos, const void *sin, const int cbf, const int bf) {
+    const int64_t half = hd / 2;
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    int64_t i = 0;
+    for (; i + 8 <= half; i += 8) {
+        const __m256 x1 = _mm256_loadu_ps(xh + i), x2 = _mm256_loadu_ps(xh + half + i);
+        const __m256 a1 = rnd8(_mm256_mul_ps(x1, load8(cos, i, cbf)), cbf);
+        const __m256 b1 = rnd8(_mm256_mul_ps(_mm256_xor_ps(x2, sign), load8(sin, i, cbf)), cbf);
+        const __m256 a2 = rnd8(_mm256_mul_ps(x2, load8(cos, half + i, cbf)), cbf);
+        const __m256 b2 = rnd8(_mm256_mul_ps(x1, load8(sin, half + i, cbf)), cbf);
+        _mm256_storeu_ps(xh + i, rnd8(_mm256_add_ps(a1, b1), bf));
+        _mm256_storeu_ps(xh + half + i, rnd8(_mm256_add_ps(a2, b2), bf));
     }
+    for (; i < half; i++) {
+        const float x1 = xh[i], x2 = xh[half + i];
+        const float a1 = rnd(x1 * load1(cos, i, cbf), cbf), b1 = rnd(-x2 * load1(sin, i, cbf), cbf);
+        const float a2 = rnd(x2 * load1(cos, half + i, cbf), cbf), b2 = rnd(x1 * load1(sin, half + i, cbf), cbf);
+        xh[i] = rnd(a1 + b1, bf);
+        xh[half + i] = rnd(a2 + b2, bf);
+    }
+}
+
+/* The q or k row x [nh * hd] (fp32 values of the dtype) through norm, clip, head norm and rope, in place.
+ * cos/sin [hd]: fp32 when rot32, else the dtype. */
+static void qk_row(float *x, int64_t nh, int64_t hd, int norm, const void *w, float eps, int clip_on, float clip,
+                   const void *cos, const void *sin, int rot32, const int bf) {
+    const int cbf = bf && !rot32; /* the products round to bf16 op by op */
+    if (norm == NORM_FULL) rms_norm(x, nh * hd, w, eps, bf);
+    if (clip_on) clamp(x, nh * hd, clip);
+    for (int64_t h = 0; norm == NORM_HEAD && h < nh; h++) rms_norm(x + h * hd, hd, w, eps, bf);
+    for (int64_t h = 0; h < nh; h++) rope_head(x + h * hd, hd, cos, sin, cbf, bf);
 }
 
 /* Whether every row's position fits its block table and the table entries up to it the pool of N blocks. */
@@ -105,7 +162,7 @@ TMP_API int tmp_paged_decode_block(const void *q, int64_t sq, const void *k, int
                                    void *out, int nthreads) {
     if (!fits(table, B, M, bs, N, pos) || hd % 2 || Hkv <= 0 || H % Hkv) return TMP_EINVAL;
     const int64_t es = bf ? 2 : 4, nq = H * hd, nk = Hkv * hd;
-    float *x = (float *)malloc(sizeof(float) * ((nq > nk ? nq : nk) + hd));
+    float *x = (float *)malloc(sizeof(float) * (nq > nk ? nq : nk));
     void *qr = malloc(es * B * nq);
     int64_t *len = (int64_t *)malloc(sizeof(int64_t) * (B ? B : 1));
     int err = !x || !qr || !len ? TMP_ENOMEM : TMP_OK;
@@ -114,18 +171,15 @@ TMP_API int tmp_paged_decode_block(const void *q, int64_t sq, const void *k, int
         const void *sb = (const char *)sin + b * scs * (rot32 ? 4 : es);
         const int64_t blk = table[b * M + pos[b] / bs], t = pos[b] % bs;
         len[b] = pos[b] + 1;
-        for (int64_t i = 0; i < nq; i++) x[i] = load1(q, b * sq + i, bf);
-        qk_row(x, H, hd, norm, qw, eps, clip_on, clip, cb, sb, rot32, x + nq, bf);
-        for (int64_t i = 0; i < nq; i++) store1(qr, b * nq + i, x[i], bf);
-        for (int64_t i = 0; i < nk; i++) x[i] = load1(k, b * sk + i, bf);
-        qk_row(x, Hkv, hd, norm, kw, eps, clip_on, clip, cb, sb, rot32, x + nk, bf);
-        for (int64_t g = 0; g < Hkv; g++)
-            for (int64_t d = 0; d < hd; d++) {
-                store1(kc, blk * skn + g * skh + t * skt + d, x[g * hd + d], bf);
-                float y = load1(v, b * sv + g * hd + d, bf);
-                if (clip_on) y = y < -clip ? -clip : (y > clip ? clip : y);
-                store1(vc, blk * svn + g * svh + t * svt + d, y, bf);
-            }
+        load_row(x, q, b * sq, nq, bf);
+        qk_row(x, H, hd, norm, qw, eps, clip_on, clip, cb, sb, rot32, bf);
+        store_row(qr, b * nq, x, nq, bf);
+        load_row(x, k, b * sk, nk, bf);
+        qk_row(x, Hkv, hd, norm, kw, eps, clip_on, clip, cb, sb, rot32, bf);
+        for (int64_t g = 0; g < Hkv; g++) store_row(kc, blk * skn + g * skh + t * skt, x + g * hd, hd, bf);
+        load_row(x, v, b * sv, nk, bf);
+        if (clip_on) clamp(x, nk, clip);
+        for (int64_t g = 0; g < Hkv; g++) store_row(vc, blk * svn + g * svh + t * svt, x + g * hd, hd, bf);
     }
     if (!err)
         err = tmp_paged_attention(qr, bf, nq, hd, kc, vc, bf, skn, skh, skt, svn, svh, svt, N, bs, table, M, len, NULL,
