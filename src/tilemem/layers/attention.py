@@ -132,7 +132,7 @@ class Attention(nn.Module):
                 ctx.positions[:, 0].contiguous(), self._ws,
             )  # fmt: skip
             return out.view(b, 1, -1)
-        rows = torch.arange(b, device=x.device)
+        rows = None if keep is None else torch.arange(b, device=x.device)  # (none to make for a decode step)
         xq = x if keep is None else x[rows, keep].unsqueeze(1)  # [B, Tq, D]: the querying tokens
         tq = xq.shape[1]
         q, k, v = self.q_proj(xq), self.k_proj(x), self.v_proj(x)  # [B, Tq, H*hd], [B, T, Hkv*hd] x2
