@@ -90,9 +90,10 @@ def test_olmoe_shaped_layer_and_prefill_tasks(threads):
 
 
 @pytest.mark.parametrize("t", [1, 5, 30])
-def test_routed_matches_the_reference(t):
+def test_routed_matches_the_reference(t, monkeypatch):
     """ffn_routed: the tasks of a routing ids, weights [T, K] (a repeated expert in a row counts twice; 30 tokens
-    put an expert past FFN_MAX_TOKENS); an expert id outside the table is refused."""
+    put an expert past FFN_MAX_TOKENS, here 16); an expert id outside the table is refused."""
+    monkeypatch.setattr(bf16_ffn, "FFN_MAX_TOKENS", 16)
     experts = [expert(24, 40, seed) for seed in range(4)]
     table = portable.RoutedTable(experts)
     g = torch.Generator().manual_seed(t)
