@@ -174,6 +174,26 @@ def test_valid_arguments_write_the_new_entries():
     assert torch.equal(args["values"][2, :, 2], args["v"][1].view(2, 8))  # row 1: position 2 = block 2, offset 2
 
 
+def test_no_rows_give_an_empty_output():
+    args = block_args() | dict(
+        q=torch.zeros(0, 32, dtype=torch.bfloat16), k=torch.zeros(0, 16, dtype=torch.bfloat16),
+        v=torch.zeros(0, 16, dtype=torch.bfloat16), cos=torch.ones(0, 8, dtype=torch.bfloat16),
+        sin=torch.zeros(0, 8, dtype=torch.bfloat16), tables=torch.zeros(0, 2, dtype=torch.int64),
+        positions=torch.zeros(0, dtype=torch.int64),
+    )  # fmt: skip
+    assert paged_decode.decode_block(**args).shape == (0, 32) and not args["keys"].any()
+
+
+def test_interleaved_rope_keeps_the_torch_path(monkeypatch):
+    """DeepSeek's interleaved pairs are not the block's: such a layer decodes through the torch modules."""
+    attn, _, cache = attention("gqa 4:1", torch.float32, "none", None, False, seed=1)
+    rope = RotaryEmbedding(RopeConfig(interleave=True), 64, 64)
+    calls = []
+    monkeypatch.setattr(paged_decode, "decode_block", lambda *a, **k: calls.append(1))
+    out, _, _ = decode_step(attn, rope, cache, torch.float32, seed=2)
+    assert calls == [] and out.shape == (len(POSITIONS), 1, 64) and out.isfinite().all()
+
+
 def greedy(llm: LLM, prompts: list[list[int]], steps: int) -> tuple[list[list[int]], torch.Tensor]:
     """Greedy decoding of the prompts side by side from the model's forward on a paged cache of blocks of 4 in
     reverse order -> (tokens per row, logits [steps, B, V] of the decode steps)."""

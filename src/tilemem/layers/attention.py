@@ -83,12 +83,13 @@ class Attention(nn.Module):
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cos: torch.Tensor, rope: RotaryEmbedding
     ) -> bool:
         """Whether the native decode block (`kernels.paged_decode`) takes this decode step: CPU tensors of one
-        dtype (bf16 or fp32), the cache's too, halves rope (not DeepSeek's interleaved pairs)."""
+        dtype (bf16 or fp32), the cache's too, halves rope (not DeepSeek's interleaved pairs) over whole heads."""
         dt = q.dtype
         norms = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm != "none" else ()
         return (
             q.device.type == "cpu" and not rope.interleave and dt in paged_decode.DTYPES and keys.dtype == dt
             and values.dtype == dt and cos.dtype == (torch.float32 if rope.fp32_rotate else dt)
+            and cos.shape[-1] == self.hd == keys.shape[-1] == values.shape[-1] and self.hd % 2 == 0
             and all(w.dtype == dt for w in norms) and paged_decode.available()
         )  # fmt: skip
 

@@ -160,7 +160,8 @@ TMP_API int tmp_paged_decode_block(const void *q, int64_t sq, const void *k, int
                                    int64_t skt, void *vc, int64_t svn, int64_t svh, int64_t svt, int64_t N,
                                    int64_t bs, const int64_t *table, int64_t M, const int64_t *pos, float scale,
                                    void *out, int nthreads) {
-    if (!fits(table, B, M, bs, N, pos) || hd % 2 || Hkv <= 0 || H % Hkv) return TMP_EINVAL;
+    if (!fits(table, B, M, bs, N, pos) || hd <= 0 || hd % 2 || Hkv <= 0 || H % Hkv) return TMP_EINVAL;
+    if (B == 0) return TMP_OK;
     const int64_t es = bf ? 2 : 4, nq = H * hd, nk = Hkv * hd;
     float *x = (float *)malloc(sizeof(float) * (nq > nk ? nq : nk));
     void *qr = malloc(es * B * nq);
