@@ -33,7 +33,7 @@ from tilemem.engine.sampling import SamplingParams
 from tilemem.kernels import bf16 as bf16_kernels
 from tilemem.kernels import fp8 as fp8_kernels
 from tilemem.kernels import ggml as ggml_kernels
-from tilemem.kernels import paged, x12_tiles
+from tilemem.kernels import paged, paged_decode, x12_tiles
 from tilemem.layers.attention import Attention
 from tilemem.layers.moe import MoEBlock
 from tilemem.layers.norm import RMSNorm
@@ -53,6 +53,7 @@ TIMED = [
     (x12_tiles, "ffn_tasks", "portable x12 expert kernel"),
     (bf16_kernels, "matmul_nt", "portable bf16 linears"),
     (paged, "paged_attention", "portable paged attention"),
+    (paged_decode, "decode_block", "portable decode attention block"),
     (F, "linear", "torch linears (prefill q/k/v/o, router)"),
     (F, "scaled_dot_product_attention", "torch attention (prefill with a cached prefix)"),
     (Attention, "forward", "attention module"),

@@ -15,6 +15,7 @@ from tilemem.layers.moe import group_by_expert
 from tilemem.layers.norm import RMSNorm
 
 pytestmark = pytest.mark.skipif(not portable.cpu_supported(), reason="the portable kernels need AVX2, FMA and F16C")
+TORCH_AVX2 = torch.backends.cpu.get_cpu_capability() == "AVX2"  # torch's sums in the order torch_sum.h adds
 E, D, N = 6, 256, 256  # K-quant rows: whole blocks of 256
 
 
@@ -104,9 +105,8 @@ def torch_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 @pytest.mark.skipif(not rmsnorm.available(), reason="the portable library does not run here")
 @pytest.mark.parametrize("d", [2048, 128, 13, 1])
 def test_rms_norm_kernel(d: int) -> None:
-    """bf16: the torch module's values bit for bit (the normalized row is rounded to bf16 before the weight: a few
-    fp32 ulps of a differently ordered sum of squares do not reach it here); fp32 within a few ulps; a strided
-    view (per-head norms of a [B, T, H, hd] projection) and rows of zeros too."""
+    """The torch module's values bit for bit in bf16 and fp32 (the sum of squares in torch's order), for a strided
+    view (per-head norms of a [B, T, H, hd] projection) and a row of zeros too."""
     g = torch.Generator().manual_seed(d)
     for dtype in (torch.bfloat16, torch.float32):
         w = torch.randn(d, generator=g).to(dtype)
@@ -114,10 +114,10 @@ def test_rms_norm_kernel(d: int) -> None:
         x[0, 0] = 0
         got, want = rmsnorm.rms_norm(x, w, 1e-6), torch_norm(x, w, 1e-6)
         assert got.shape == x.shape and got.dtype == dtype
-        if dtype == torch.bfloat16:
-            assert torch.equal(got, want)
-        else:
-            torch.testing.assert_close(got, want, rtol=4e-6, atol=1e-6)
+        if TORCH_AVX2:
+            assert torch.equal(got, want), f"{dtype}: {(got != want).sum()} values differ"
+        else:  # torch's AVX512 kernels add 16 lanes: its sums differ in the last bits
+            torch.testing.assert_close(got, want, rtol=8e-3 if dtype == torch.bfloat16 else 4e-6, atol=1e-6)
         view = x.view(4, 5 * d)[:, : 3 * d].view(4, 3, d)  # rows of a strided view
         assert torch.equal(rmsnorm.rms_norm(view, w, 1e-5), rmsnorm.rms_norm(view.contiguous(), w, 1e-5))
         assert not torch.equal(rmsnorm.rms_norm(x, w, 1e-6), rmsnorm.rms_norm(x, w.flip(0), 1e-6)) or d == 1
