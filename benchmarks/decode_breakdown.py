@@ -31,9 +31,9 @@ from tilemem import kernels
 from tilemem.engine.llm import LLM
 from tilemem.engine.sampling import SamplingParams
 from tilemem.kernels import bf16 as bf16_kernels
+from tilemem.kernels import bf16_ffn, paged, paged_decode, x12_tiles
 from tilemem.kernels import fp8 as fp8_kernels
 from tilemem.kernels import ggml as ggml_kernels
-from tilemem.kernels import paged, paged_decode, x12_tiles
 from tilemem.layers.attention import Attention
 from tilemem.layers.moe import MoEBlock
 from tilemem.layers.norm import RMSNorm
@@ -46,9 +46,13 @@ TIMED = [
     (kernels, "attn_prefill", "attention kernel (prefill)"),
     (kernels, "moe", "expert kernel"),
     (kernels, "linear", "other linears (router, LM head)"),
-    (ggml_kernels, "ffn_tasks", "portable GGUF expert kernel"),
+    (ggml_kernels, "ffn_routed", "portable GGUF expert kernel (routed)"),
+    (ggml_kernels, "ffn_tasks", "portable GGUF FFN kernel (shared, dense)"),
     (ggml_kernels, "matmul_nt", "portable GGUF linears"),
-    (fp8_kernels, "ffn_tasks", "portable FP8 expert kernel"),
+    (fp8_kernels, "ffn_routed", "portable FP8 expert kernel (routed)"),
+    (fp8_kernels, "ffn_tasks", "portable FP8 FFN kernel (shared, dense)"),
+    (bf16_ffn, "ffn_routed", "portable bf16 expert kernel (routed)"),
+    (bf16_ffn, "ffn_tasks", "portable bf16 FFN kernel (shared, dense)"),
     (fp8_kernels, "matmul_nt", "portable FP8 linears"),
     (x12_tiles, "ffn_tasks", "portable x12 expert kernel"),
     (bf16_kernels, "matmul_nt", "portable bf16 linears"),

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tilemem import LLM, SamplingParams
 from tilemem.errors import KernelError
 from tilemem.kernels import bf16_ffn, portable
-from tilemem.layers import moe
+from tilemem.layers import mlp, moe
 
 pytestmark = pytest.mark.skipif(
     not bf16_ffn.available(), reason="the portable kernels need AVX2 + FMA + F16C, gcc and TILEMEM_KERNELS != 0"
@@ -173,7 +173,7 @@ def test_bad_calls_are_refused():
 @pytest.mark.parametrize("family", ["olmoe", "qwen2_moe"])
 def test_resident_experts_greedy_tokens_match_the_loop(family, make_ckpt, monkeypatch):
     """The all-resident engine on a bf16 checkpoint: the fused kernel (one call per layer) and the per-expert loop
-    (the fused branch switched off) give the same greedy tokens, prefill and decode."""
+    (the fused branches switched off, shared experts' too) give the same greedy tokens, prefill and decode."""
     if moe.kernels.available():
         pytest.skip("the AVX512 library runs bf16 experts here (kernels.moe); the portable branch is for CPUs without")
     path = make_ckpt(family, "bf16", routing_skew=1.0)
@@ -184,7 +184,8 @@ def test_resident_experts_greedy_tokens_match_the_loop(family, make_ckpt, monkey
     monkeypatch.setattr(bf16_ffn, "ffn_routed", lambda x, *a: calls.append(x.shape[0]) or fused(x, *a))
     ours = [o.token_ids for o in LLM(path, dtype="bf16").generate(prompts, params)]
     assert calls, "the fused bf16 kernel was not called"
-    monkeypatch.setattr(moe, "bf16_native_act", lambda *args: False)
+    monkeypatch.setattr(moe, "fused_applies", lambda *args: False)  # routed experts: the loop
+    monkeypatch.setattr(mlp, "fused_applies", lambda *args: False)  # shared experts: the torch modules
     calls.clear()
     loop = [o.token_ids for o in LLM(path, dtype="bf16").generate(prompts, params)]
     assert not calls

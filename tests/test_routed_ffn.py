@@ -11,6 +11,9 @@ from test_ggml_kernels import quant_weight  # noqa: E402
 
 from tilemem.errors import KernelError
 from tilemem.kernels import fp8, ggml, portable, rmsnorm
+from tilemem.layers import mlp as mlp_module
+from tilemem.layers.ggml import GgmlMatrix
+from tilemem.layers.mlp import GatedMLP
 from tilemem.layers.moe import group_by_expert
 from tilemem.layers.norm import RMSNorm
 
@@ -140,3 +143,57 @@ def test_rms_norm_module_and_bad_input(monkeypatch: pytest.MonkeyPatch) -> None:
         rmsnorm.rms_norm(torch.randn(2, 64), m.weight, 1e-6)
     with pytest.raises(KernelError, match="vector of x's last size 32"):
         rmsnorm.rms_norm(torch.randn(2, 32).to(torch.bfloat16), m.weight, 1e-6)
+
+
+@pytest.mark.parametrize("kind", ["bf16", "fp8", "ggml"])
+def test_gated_mlp_runs_fused_up_to_the_kernel_limit(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shared expert or dense FFN (`GatedMLP`) on the CPU: one fused call for decode-sized inputs, the same values
+    as the kernel's own ffn_tasks (and as the torch modules within their roundings to bf16), the torch modules for
+    prefill-sized ones and where no kernel takes the weights (fp32)."""
+    monkeypatch.setattr("tilemem.kernels.usable", lambda x: False)  # the AVX512 library's path, where there is one
+    m = GatedMLP(D, N, "silu")
+    g = torch.Generator().manual_seed(3)
+    if kind == "bf16":
+        for lin in (m.gate_proj, m.up_proj, m.down_proj):
+            lin.weight = torch.nn.Parameter(
+                (torch.randn(lin.out_features, lin.in_features, generator=g) / 16).to(torch.bfloat16),
+                requires_grad=False,
+            )
+    else:
+        experts = fp8_experts() if kind == "fp8" else ggml_experts()
+        mats = dict(
+            zip(("gate_proj", "up_proj", "down_proj"), (experts[0].gate, experts[0].up, experts[0].down), strict=True)
+        )
+        for name, w in mats.items():
+            lin = getattr(m, name)
+            if kind == "fp8":
+                lin.weight = torch.nn.Parameter(w[0], requires_grad=False)
+                lin.weight_scale_inv = w[1]
+            else:
+                lin.set_quantized(GgmlMatrix(w[1], w[0], lin.in_features))
+    fused = mlp_module.fused_ffn(m)
+    assert fused is not None and fused.kernel.__name__.endswith(
+        {"bf16": "bf16_ffn", "fp8": "fp8", "ggml": "ggml"}[kind]
+    )
+    x = torch.randn(2, D, generator=g).to(torch.bfloat16)
+    calls = []
+    real = fused.kernel.ffn_tasks
+    monkeypatch.setattr(fused.kernel, "ffn_tasks", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    got = m(x)
+    assert calls == [2] and got.dtype == torch.bfloat16
+    want = torch.zeros(2, D)
+    real(
+        x.float(),
+        [fused.kernel.FfnTask(fused.weights, torch.arange(2, dtype=torch.int32), torch.ones(2))],
+        "silu",
+        want,
+        *fused.extra(),
+    )
+    assert torch.equal(got, want.to(torch.bfloat16))
+    monkeypatch.setattr(mlp_module, "fused_applies", lambda *a: False)
+    torch.testing.assert_close(m(x).float(), got.float(), rtol=3e-2, atol=3e-2 * float(got.abs().max()))
+    monkeypatch.undo()
+    monkeypatch.setattr("tilemem.kernels.usable", lambda x: False)
+    calls.clear()
+    m(torch.randn(fused.max_tokens + 1, D).to(torch.bfloat16))  # prefill-sized: the modules
+    assert calls == []

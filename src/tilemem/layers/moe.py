@@ -7,7 +7,6 @@ expert from memory; the tiered runtime (`tilemem.runtime`) swaps in one that fol
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -15,8 +14,6 @@ from torch import nn
 
 from tilemem import kernels
 from tilemem.config import ModelConfig
-from tilemem.errors import KernelError
-from tilemem.kernels import bf16_ffn as bf16_ffn_kernels
 from tilemem.kernels import fp8 as fp8_kernels
 from tilemem.kernels import ggml as ggml_kernels
 from tilemem.kernels import x12_tiles as x12_kernels
@@ -25,7 +22,7 @@ from tilemem.layers import ggml
 from tilemem.layers.fp8 import FP8, Fp8Matrix
 from tilemem.layers.gpu_ffn import GATHER_MAX_PAIRS, gathered_ffn, padded_ffn
 from tilemem.layers.linear import Linear, gemm
-from tilemem.layers.mlp import GatedMLP, activation
+from tilemem.layers.mlp import FusedFFN, GatedMLP, activation, fused_applies, fused_ffn
 from tilemem.layers.router import Router
 from tilemem.pages import file_backed
 
@@ -119,16 +116,6 @@ def ggml_native_act(act: str, x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and act in ggml_kernels.ACTS and ggml._native() is not None
 
 
-def bf16_native_act(act: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether bf16 experts (`weight`: one of their matrices) with activation `act` run through the portable fused
-    bf16 FFN kernel (`kernels.bf16_ffn.ffn_routed`) for activations `x`: on the CPU, where the kernel runs (the
-    AVX512 library's `kernels.moe`, where usable, comes first)."""
-    return (
-        x.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
-        and act in bf16_ffn_kernels.ACTS and bf16_ffn_kernels.available()
-    )  # fmt: skip
-
-
 class ResidentExperts:
     """Runs every routed expert from resident weights (the all-resident engine): the native kernel
     on the CPU (bf16), `gathered_ffn` on a GPU at a few tokens, else a loop over the routed experts.
@@ -142,10 +129,7 @@ class ResidentExperts:
         self.compress = compress
         self.tables: dict[int, kernels.ExpertTable | None] = {}
         self.stacks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.fp8: dict[int, list[fp8_kernels.FfnWeights]] = {}  # layer -> its FP8 experts, packed for the kernel
-        self.ggml: dict[int, list[ggml_kernels.FfnWeights]] = {}  # layer -> its GGUF experts, packed likewise
-        self.bf16: dict[int, list[bf16_ffn_kernels.FfnWeights] | None] = {}  # layer -> bf16 experts (portable kernel)
-        self.routed_tables: dict[int, RoutedTable] = {}  # layer -> its FP8 or GGUF experts for `ffn_routed`
+        self.routed: dict[int, tuple[FusedFFN, RoutedTable] | None] = {}  # layer -> its experts for a fused kernel
         self.workspace = kernels.Workspace()
 
     def _stack(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,58 +179,25 @@ class ResidentExperts:
             total += table.nbytes if table is not None else 0
         return total
 
-    def fp8_weights(self, layer: int) -> list[fp8_kernels.FfnWeights]:
-        """The layer's FP8 experts packed for the native FP8 FFN kernel (built once)."""
-        if layer not in self.fp8:
-            mats = [[getattr(e, n) for n in ("gate_proj", "up_proj", "down_proj")] for e in self.blocks[layer].experts]
-            self.fp8[layer] = [fp8_kernels.FfnWeights(*((m.weight, m.weight_scale_inv) for m in ms)) for ms in mats]
-        return self.fp8[layer]
-
-    def routed(self, layer: int, packed: Callable[[int], list]) -> RoutedTable:
-        """The layer's experts as packed by `packed` (`fp8_weights`, `ggml_weights`), in a RoutedTable (built once)."""
-        if layer not in self.routed_tables:
-            self.routed_tables[layer] = RoutedTable(packed(layer))
-        return self.routed_tables[layer]
-
-    def bf16_weights(self, layer: int) -> list[bf16_ffn_kernels.FfnWeights] | None:
-        """The layer's bf16 experts packed for the portable fused bf16 FFN kernel (built once), or None where their
-        matrices are not bf16 with contiguous rows (the per-expert loop then runs them)."""
-        if layer not in self.bf16:
-            names = ("gate_proj", "up_proj", "down_proj")
-            mats = [[getattr(e, n).weight for n in names] for e in self.blocks[layer].experts]
-            try:
-                self.bf16[layer] = [bf16_ffn_kernels.FfnWeights(*ms) for ms in mats]
-            except KernelError:
-                self.bf16[layer] = None
-        return self.bf16[layer]
-
-    def ggml_weights(self, layer: int) -> list[ggml_kernels.FfnWeights]:
-        """The layer's GGUF-quantized experts packed for the native ggml FFN kernel (built once)."""
-        if layer not in self.ggml:
-            mats = [[getattr(e, n) for n in ("gate_proj", "up_proj", "down_proj")] for e in self.blocks[layer].experts]
-            self.ggml[layer] = [ggml_kernels.FfnWeights(*((m.qtype, m.weight) for m in ms)) for ms in mats]
-        return self.ggml[layer]
+    def fused(self, layer: int) -> tuple[FusedFFN, RoutedTable] | None:
+        """The layer's experts for one portable fused FFN kernel (`layers.mlp.fused_ffn`: GGUF, FP8 or bf16): the
+        first expert's FusedFFN (the kernel) and all of them in a RoutedTable (built once); None where the kernels do
+        not take them all (then `kernels.moe`, `gathered_ffn` or the loop runs them)."""
+        if layer not in self.routed:
+            packed = [fused_ffn(e) for e in self.blocks[layer].experts]
+            ok = packed and None not in packed and len({f.kernel for f in packed}) == 1
+            self.routed[layer] = (packed[0], RoutedTable([f.weights for f in packed])) if ok else None
+        return self.routed[layer]
 
     def __call__(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         block = self.blocks[layer]
-        if block.experts[0].gate_proj.qtype is not None and ggml_native_act(block.act_name, x):
-            out = torch.zeros(x.shape, dtype=torch.float32)  # [T, D]
-            table = self.routed(layer, self.ggml_weights)
-            ggml_kernels.ffn_routed(x.float().contiguous(), table, ids, weights, block.act_name, out, not ggml.FAST)
-            return out
-        if block.experts[0].gate_proj.weight.dtype == FP8 and fp8_native_act(block.act_name, x):
-            out = torch.zeros(x.shape, dtype=torch.float32)  # [T, D]
-            table = self.routed(layer, self.fp8_weights)
-            fp8_kernels.ffn_routed(x.float().contiguous(), table, ids, weights, block.act_name, out)
+        if (routed := self.fused(layer)) is not None and fused_applies(routed[0], x):
+            fused, table = routed
+            out = torch.zeros(x.shape, dtype=torch.float32)  # [T, D]: one native call for the layer's experts
+            fused.kernel.ffn_routed(x.float().contiguous(), table, ids, weights, block.act_name, out, *fused.extra())
             return out
         if kernels.usable(x) and (table := self.table(layer)) is not None:
             return kernels.moe(x, weights, ids, table, block.act_name, self.workspace)
-        gate = block.experts[0].gate_proj.weight
-        if bf16_native_act(block.act_name, x, gate) and self.bf16_weights(layer) is not None:
-            out = torch.zeros(x.shape, dtype=torch.float32)  # [T, D]; CPUs without AVX512: one call, as FP8's
-            table = self.routed(layer, self.bf16_weights)
-            bf16_ffn_kernels.ffn_routed(x.float().contiguous(), table, ids, weights, block.act_name, out)
-            return out
         if x.is_cuda and block.experts[0].gate_proj.weight.dtype != FP8:
             gate_up, down_t = self._stack(layer)
             if ids.numel() > GATHER_MAX_PAIRS:  # prefill
