@@ -80,6 +80,19 @@ def test_matmuls(shape: tuple[int, int]) -> None:
         assert error(fp8.matmul_nn(x, data, scale), x @ w) < TOL, f"matmul_nn N={n}"
 
 
+def test_matmul_nt_tile_tails() -> None:
+    """Every remainder of the register tiles (3 rows at 1-2 tokens, 2 at 3-4) in a block and after a whole one,
+    on a row width with a partial 16 (the tail decode) and one without."""
+    g = torch.Generator().manual_seed(11)
+    for cols in (40, 64):
+        for rows in (*range(1, 8), *range(129, 136)):
+            data, scale = random_weight(rows, cols, seed=rows)
+            w = reference(data, scale)
+            for n in (1, 2, 3, 4):
+                x = torch.randn(n, cols, generator=g)  # [N, C]
+                assert error(fp8.matmul_nt(x, data, scale), x @ w.T) < TOL, f"{rows} rows, {cols} cols, N={n}"
+
+
 def test_strided_rows_and_threads() -> None:
     """A row slice of a wider matrix (stride(0) > C), on two threads (rows / columns split between them)."""
     big, big_scale = random_weight(384, 320, seed=3)

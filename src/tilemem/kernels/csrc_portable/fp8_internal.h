@@ -45,7 +45,12 @@ INLINE void nt_tile(const int RB, const int NT, const int A2, const uint8_t *w, 
         __m256 wl[4], wh[4];
         if (c < C16) {
 #pragma GCC unroll 4
-            for (int i = 0; i < RB; i++) decode16(w + i * ldw + c, &wl[i], &wh[i]);
+            for (int i = 0; i < RB; i++) {
+                /* the next tile's rows, a line per line read: the hardware prefetcher starts over at every row
+                 * (2 KB apart at D = 2048); 1 token: 25% faster on Zen 1 than none; 2 tiles or 256 B ahead: no faster */
+                if (!(c & 63)) _mm_prefetch((const char *)(w + (i + RB) * ldw + c), _MM_HINT_T0);
+                decode16(w + i * ldw + c, &wl[i], &wh[i]);
+            }
         } else { /* the row's last C % 16 bytes: never read past them (xs is zero there) */
             uint8_t buf[16] = {0};
 #pragma GCC unroll 4
@@ -81,9 +86,12 @@ INLINE void nt_tile(const int RB, const int NT, const int A2, const uint8_t *w, 
 
 static inline void nt_rows(int nt, const uint8_t *w, int64_t ldw, int64_t nrows, const float *xs, int64_t Cp, int64_t C,
                     float *y, int64_t ldy) {
-    switch (nt) { /* register budget: RB * 2 decoded + RB * NT * (1 + A2) accumulators <= ~14 of 16 */
-        NT_ROWS(1, 4, 1, 1)
-        NT_ROWS(2, 2, 1, 1)
+    /* register budget: RB * 2 decoded + RB * NT * (1 + A2) accumulators <= ~14 of 16. Measured on Zen 1 (1 thread,
+     * 8 experts of 1024 x 2048 from DRAM): 3 rows at 1 token (6% faster than 4) and 2 tokens (4% faster than 2 rows
+     * with A2); 2 rows at 4 tokens (11% faster than 3) */
+    switch (nt) {
+        NT_ROWS(1, 3, 1, 1)
+        NT_ROWS(2, 3, 0, 1)
         NT_ROWS(3, 2, 0, 1)
         NT_ROWS(4, 2, 0, 1)
         NT_ROWS(5, 1, 0, 0)
