@@ -100,7 +100,7 @@ def test_threads_and_row_slices() -> None:
 
 # byte offsets of a scale in a block: d's high byte (every type), a K-quant's 6-bit (Q4_K, Q5_K) or int8 (Q6_K)
 SCALE_BYTES = {"q8_0": [1], "q4_0": [1], "q4_1": [1, 3], "q5_0": [1], "q5_1": [1, 3]}
-SCALE_BYTES |= {"q4_k": [1, 3, 4, 12], "q5_k": [1, 3, 6, 13], "q6_k": [209, 192, 200]}
+SCALE_BYTES |= {"q4_k": [1, 3, 4, 12, 15], "q5_k": [1, 3, 6, 13], "q6_k": [209, 192, 197, 200, 207]}
 
 
 @pytest.mark.parametrize("qtype", ggml.QTYPES)
@@ -119,6 +119,51 @@ def test_flipped_scale_byte_is_caught(qtype: str) -> None:
             want = y if exact else ggml.matmul_nt(x, qtype, torch.from_numpy(data), cols, False)
             assert not torch.equal(got[:, 0], want[:, 0]), f"byte {offset} exact={exact}"
             assert torch.equal(got[:, 1:], want[:, 1:])
+
+
+def quantized_x(x: np.ndarray, block: int) -> np.ndarray:
+    """The fast path's int8 activations as float64 (q * d per block of `block` values), the kernels' way: d =
+    max|x| / 127, q = round-half-even(x * (127 / max|x|)) in fp32, clamped to +-127."""
+    xb = x.astype(np.float32).reshape(x.shape[0], -1, block)  # [N, blocks, block]
+    amax = np.abs(xb).max(axis=2, keepdims=True)  # [N, blocks, 1]
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.clip(np.rint((xb * inv).astype(np.float32)), -127, 127)
+    return (q.astype(np.float64) * (amax / np.float32(127)).astype(np.float64)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("qtype", ["q4_k", "q5_k", "q6_k", "q8_0"])
+def test_fast_rows_and_tokens_bit_for_bit(qtype: str) -> None:
+    """The fast path, 1..9 rows and 1..5 tokens: each output row is the same bits as the row alone (no tiling
+    or prefetch past the last row changes a result), and near float64 on the same int8 activations."""
+    cols = cols_of(qtype)
+    data = random_data(qtype, 9, cols, seed=6)
+    w = reference(qtype, data).astype(np.float64)  # [9, C]
+    g = np.random.default_rng(7)
+    for n in range(1, 6):
+        x = g.standard_normal((n, cols)).astype(np.float32)  # [N, C]
+        alone = [ggml.matmul_nt(torch.from_numpy(x), qtype, torch.from_numpy(data[r : r + 1]), cols, False)
+                 for r in range(9)]  # fmt: skip
+        for rows in range(1, 10):
+            y = ggml.matmul_nt(torch.from_numpy(x), qtype, torch.from_numpy(data[:rows]), cols, exact=False)
+            for r in range(rows):
+                assert torch.equal(y[:, r], alone[r][:, 0]), f"N={n} rows={rows} row {r}"
+        want = quantized_x(x, ggml.BLOCK_WEIGHTS[qtype]) @ w.T  # [N, 9]
+        assert error(torch.cat(alone, dim=1), want) < 1e-5, f"N={n}"
+
+
+def test_fast_q6_k_high_bits_are_read() -> None:
+    """Each of a Q6_K qh byte's four 2-bit fields (groups k = 0..3 of a half) changes the fast result."""
+    cols = 256
+    data = random_data("q6_k", 1, cols, seed=8)
+    x = torch.randn(2, cols)
+    y = ggml.matmul_nt(x, "q6_k", torch.from_numpy(data), cols, False)
+    for half in (0, 1):
+        for k in range(4):
+            bad = data.copy()
+            bad[0, 128 + 32 * half + 5] ^= 1 << (2 * k + 1)  # weight 5 of group 4 * half + k: +-32 in its quant
+            got = ggml.matmul_nt(x, "q6_k", torch.from_numpy(bad), cols, False)
+            want = quantized_x(x.numpy(), 256) @ reference("q6_k", bad).astype(np.float64).T  # [2, 1]
+            assert not torch.equal(got, y) and error(got, want) < 1e-5, f"half {half} k {k}"
 
 
 def test_empty_and_invalid_inputs() -> None:

@@ -51,14 +51,14 @@ int64_t tmg_block_weights(int type) {
     static void fast_##NAME(int nt, const uint8_t *w, int64_t ldw, int64_t r0, int64_t r1, int64_t nb,            \
                             const tmg_xq *X, float *y, int64_t ldy) {                                              \
         switch (nt) {                                                                                              \
-            ROWS_CASE(fast, TY, 1, X)                                                                              \
-            ROWS_CASE(fast, TY, 2, X)                                                                              \
-            ROWS_CASE(fast, TY, 3, X)                                                                              \
-            ROWS_CASE(fast, TY, 4, X)                                                                              \
-            ROWS_CASE(fast, TY, 5, X)                                                                              \
-            ROWS_CASE(fast, TY, 6, X)                                                                              \
-            ROWS_CASE(fast, TY, 7, X)                                                                              \
-            ROWS_CASE(fast, TY, 8, X)                                                                              \
+            case 1: rows_fast(TY, 1, w, ldw, r0, r1, nb, X, y, ldy); break;                                        \
+            case 2: rows_fast(TY, 2, w, ldw, r0, r1, nb, X, y, ldy); break;                                        \
+            case 3: rows_fast(TY, 3, w, ldw, r0, r1, nb, X, y, ldy); break;                                        \
+            case 4: rows_fast(TY, 4, w, ldw, r0, r1, nb, X, y, ldy); break;                                        \
+            case 5: rows_fast(TY, 5, w, ldw, r0, r1, nb, X, y, ldy); break;                                        \
+            case 6: rows_fast(TY, 6, w, ldw, r0, r1, nb, X, y, ldy); break;                                        \
+            case 7: rows_fast(TY, 7, w, ldw, r0, r1, nb, X, y, ldy); break;                                        \
+            case 8: rows_fast(TY, 8, w, ldw, r0, r1, nb, X, y, ldy); break;                                        \
         }                                                                                                          \
     }                                                                                                              \
     static void dequant_##NAME(const uint8_t *wr, int64_t nb, float *o) {                                          \
