@@ -16,7 +16,10 @@
 /* 16 bytes -> 16 floats (each e4m3 / 256) in natural order: lo = bytes 0..7, hi = bytes 8..15.
  * 128-bit integer ops: on Zen 1 a 256-bit op is two of them anyway, and this form needs no lane crossing.
  * Each byte goes to the high half of a 16-bit lane (b << 8); an arithmetic shift by 1 puts eeeemmm at bits
- * 7..13 and copies the sign into bits 15 and 14; clearing bit 14 leaves the fp16 s|0eeee|mmm0000000. */
+ * 7..13 and copies the sign into bits 15 and 14; clearing bit 14 leaves the fp16 s|0eeee|mmm0000000.
+ * On Zen 1 the F16C conversions bound a 1-token tile (1 thread, rows in L2: 6.1 G weights/s, 9.8 without them);
+ * the alternatives measured slower: fp32 bits by integer ops (sign-extend to 32 bits, shift, mask: 4.9, before any
+ * care for subnormals) and 128-bit conversions (4.0). */
 INLINE void decode16(const uint8_t *p, __m256 *lo, __m256 *hi) {
     const __m128i raw = _mm_loadu_si128((const __m128i *)p), zero = _mm_setzero_si128();
     const __m128i keep = _mm_set1_epi16((short)0xBFFF);
@@ -46,9 +49,10 @@ INLINE void nt_tile(const int RB, const int NT, const int A2, const uint8_t *w, 
         if (c < C16) {
 #pragma GCC unroll 4
             for (int i = 0; i < RB; i++) {
-                /* the next tile's rows, a line per line read: the hardware prefetcher starts over at every row
-                 * (2 KB apart at D = 2048); 1 token: 25% faster on Zen 1 than none; 2 tiles or 256 B ahead: no faster */
-                if (!(c & 63)) _mm_prefetch((const char *)(w + (i + RB) * ldw + c), _MM_HINT_T0);
+                /* up to 4 tokens, the next tile's rows, a line per line read: the hardware prefetcher starts over
+                 * at every row (2 KB apart at D = 2048); on Zen 1, 1 token: 25% faster than none (2 tiles or 256 B
+                 * ahead: no faster); 8 tokens: 1-2% slower with it */
+                if (NT <= 4 && !(c & 63)) _mm_prefetch((const char *)(w + (i + RB) * ldw + c), _MM_HINT_T0);
                 decode16(w + i * ldw + c, &wl[i], &wh[i]);
             }
         } else { /* the row's last C % 16 bytes: never read past them (xs is zero there) */
