@@ -326,13 +326,14 @@ def ffn_routed(
     """`ffn_tasks` with the tasks of a routing: out [T, D] += weights[t, k] * the FFN of expert ids[t, k] (a row of
     `table`, a RoutedTable of FfnWeights) of x[t], for ids, weights [T, K] (see `ggml.ffn_routed`)."""
     what = "fp8 ffn_routed"
-    portable.check_io(x, out, act, what, ValueError)
-    table.check(x, what, ValueError)
-    words, big, _keep = table.tasks(ids, weights, FFN_MAX_TOKENS, ValueError)  # _keep: what words point into
-    if words.shape[0]:
-        _run(x, words.data_ptr(), words.shape[0], act, out, what, ())
-    for task in big:
+
+    def run(packed: int, n: int) -> None:
+        _run(x, packed, n, act, out, what, ())
+
+    def matmuls(*task) -> None:
         _ffn_matmuls(x, FfnTask(*task), act, out)
+
+    portable.run_routed(x, table, ids, weights, act, out, what, ValueError, FFN_MAX_TOKENS, run, matmuls)
 
 
 def _run(x: torch.Tensor, packed: int, n: int, act: str, out: torch.Tensor, what: str, tasks) -> None:

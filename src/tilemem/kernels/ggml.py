@@ -297,13 +297,14 @@ def ffn_routed(
     `table`, a RoutedTable of FfnWeights) of x[t], for ids, weights [T, K]. The tasks come from the routing in a few
     tensor ops (a decode step's per-expert task objects cost more than its kernel's own overhead)."""
     what = "ggml ffn_routed"
-    portable.check_io(x, out, act, what, KernelError)
-    table.check(x, what, KernelError)
-    words, big, _keep = table.tasks(ids, weights, FFN_MAX_TOKENS, KernelError)  # _keep: what words point into
-    if words.shape[0]:
-        _run(x, words.data_ptr(), words.shape[0], act, out, exact, what, ())
-    for task in big:
+
+    def run(packed: int, n: int) -> None:
+        _run(x, packed, n, act, out, exact, what, ())
+
+    def matmuls(*task) -> None:
         _ffn_matmuls(x, FfnTask(*task), act, out, exact)
+
+    portable.run_routed(x, table, ids, weights, act, out, what, KernelError, FFN_MAX_TOKENS, run, matmuls)
 
 
 def _run(x: torch.Tensor, packed: int, n: int, act: str, out: torch.Tensor, exact: bool, what: str, tasks) -> None:

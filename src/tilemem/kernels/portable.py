@@ -201,3 +201,28 @@ class RoutedTable:
         words[:, width + 1] = tok.data_ptr() + 4 * starts
         words[:, width + 2] = wt.data_ptr() + 4 * starts
         return words, big, (tok, wt)
+
+
+def run_routed(
+    x: torch.Tensor,
+    table: RoutedTable,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    act: str,
+    out: torch.Tensor,
+    what: str,
+    error: type[Exception],
+    max_tokens: int,
+    run,
+    matmuls,
+) -> None:
+    """An `ffn_routed` call of a fused FFN kernel module: x, out and `act` checked, the routing's tasks (`table.tasks`)
+    of up to `max_tokens` tokens to `run(address, count)` (the module's native call), the larger ones to
+    `matmuls(weights, tok, weight)`. Raises `error` for bad input."""
+    check_io(x, out, act, what, error)
+    table.check(x, what, error)
+    words, big, _keep = table.tasks(ids, weights, max_tokens, error)  # _keep: what words point into
+    if words.shape[0]:
+        run(words.data_ptr(), words.shape[0])
+    for task in big:
+        matmuls(*task)
