@@ -73,6 +73,15 @@ def test_threads():
     torch.set_num_threads(old)
 
 
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    """A kernel test run on 1 and on 2 threads (the thread count its native call is given)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def make_ckpt(tmp_path_factory):
     """make_ckpt(family, dtype="fp32", preset="tiny", **kw) -> path, cached per argument set."""

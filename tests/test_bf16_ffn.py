@@ -23,14 +23,6 @@ TOL = 1e-5  # max abs error / max abs reference: fp32 accumulation in another or
 ACTS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 def expert(n: int, d: int, seed: int) -> bf16_ffn.FfnWeights:
     g = torch.Generator().manual_seed(seed)
     gate, up = (torch.randn(n, d, generator=g).bfloat16() for _ in range(2))  # [n, D]

@@ -20,14 +20,6 @@ TOL = 1e-5  # max abs error / max abs reference: fp32 accumulation in another or
 SHAPES = [(3, 32), (9, 96), (7, 128), (33, 160), (12, 2048)]  # [R, D]: D % 64 == 32 and == 0, R odd
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 def normal(rows: int, d: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(rows, d, generator=g) * 0.02).bfloat16()  # [R, D]
