@@ -159,12 +159,5 @@ def ffn_routed(
 
 def _run(x: torch.Tensor, packed: int, n: int, act: str, out: torch.Tensor, what: str, tasks) -> None:
     """The native call on n packed tasks at address `packed`; on a refusal, `tasks`' tokens say which."""
-    t, d = x.shape
-    status = portable.require(lib(), what, "bf16 FFN", "use the per-expert path").tmp_bf16_ffn_tasks(
-        x.data_ptr(), max(x.stride(0), d), out.data_ptr(), max(out.stride(0), d), t, d, packed, n, ACTS[act],
-        torch.get_num_threads(),
-    )  # fmt: skip
-    if status == 2:
-        for q, task in enumerate(tasks):
-            portable.check_tokens(task.tok, t, f"{what} task {q}", KernelError)
-    portable.check_status(status, what, "bf16 FFN")
+    fn = portable.require(lib(), what, "bf16 FFN", "use the per-expert path").tmp_bf16_ffn_tasks
+    portable.run_tasks(fn, x, packed, n, act, out, (), what, "bf16 FFN", tasks, KernelError)

@@ -290,10 +290,6 @@ def _matrix(w: Weight, rows: int, cols: int, what: str, keep: list[torch.Tensor]
     return [data.data_ptr(), data.stride(0), scale.data_ptr(), scale.stride(0)]
 
 
-def _check_tokens(tok: torch.Tensor, t: int, what: str) -> None:
-    portable.check_tokens(tok, t, what, ValueError)
-
-
 def _ffn_matmuls(x: torch.Tensor, task: FfnTask, act: str, out: torch.Tensor) -> None:
     """One prefill-sized task by the matmuls (their prefill paths: dequantized blocks + torch's GEMM)."""
     w, tok = task.weights, task.tok.long()
@@ -338,11 +334,5 @@ def ffn_routed(
 
 def _run(x: torch.Tensor, packed: int, n: int, act: str, out: torch.Tensor, what: str, tasks) -> None:
     """The native call on n packed tasks at address `packed`; on a refusal, `tasks`' tokens say which."""
-    t, d = x.shape
-    status = portable.require(lib(), what, "fp8", "use the torch path").tmp_fp8_ffn_tasks(
-        x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), t, d, packed, n, ACTS[act], torch.get_num_threads()
-    )
-    if status == 2:
-        for q, task in enumerate(tasks):
-            _check_tokens(task.tok, t, f"{what} task {q}")
-    portable.check_status(status, what, "fp8")
+    fn = portable.require(lib(), what, "fp8", "use the torch path").tmp_fp8_ffn_tasks
+    portable.run_tasks(fn, x, packed, n, act, out, (), what, "fp8", tasks, ValueError)

@@ -253,10 +253,6 @@ class FfnTask(NamedTuple):
     """fp32 [N], contiguous: the routing weights."""
 
 
-def _check_tokens(tok: torch.Tensor, t: int, what: str) -> None:
-    portable.check_tokens(tok, t, what, KernelError)
-
-
 def _ffn_matmuls(x: torch.Tensor, task: FfnTask, act: str, out: torch.Tensor, exact: bool) -> None:
     """One prefill-sized task by the matmuls."""
     w, tok = task.weights, task.tok.long()
@@ -309,12 +305,5 @@ def ffn_routed(
 
 def _run(x: torch.Tensor, packed: int, n: int, act: str, out: torch.Tensor, exact: bool, what: str, tasks) -> None:
     """The native call on n packed tasks at address `packed`; on a refusal, `tasks`' tokens say which."""
-    t, d = x.shape
-    status = portable.require(lib(), what, "ggml", "use the torch path").tmg_ffn_tasks(
-        x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), t, d, packed, n, ACTS[act], int(exact),
-        torch.get_num_threads(),
-    )  # fmt: skip
-    if status == 2:  # refused, nothing written: say which task
-        for q, task in enumerate(tasks):
-            _check_tokens(task.tok, t, f"{what} task {q}")
-    portable.check_status(status, what, "ggml")
+    fn = portable.require(lib(), what, "ggml", "use the torch path").tmg_ffn_tasks
+    portable.run_tasks(fn, x, packed, n, act, out, (int(exact),), what, "ggml", tasks, KernelError)

@@ -226,3 +226,30 @@ def run_routed(
         run(words.data_ptr(), words.shape[0])
     for task in big:
         matmuls(*task)
+
+
+def run_tasks(
+    fn,
+    x: torch.Tensor,
+    packed: int,
+    n: int,
+    act: str,
+    out: torch.Tensor,
+    extra: tuple,
+    what: str,
+    kind: str,
+    tasks,
+    error: type[Exception],
+) -> None:
+    """The native fused FFN call `fn` (a module's `*_ffn_tasks`) on n packed tasks at address `packed` for x and out
+    [T, D] (`extra`: the kernel's arguments between the activation and the thread count); on a refusal (status 2,
+    nothing written) `tasks`' tokens say which task was wrong; other failures as `check_status`."""
+    t, d = x.shape
+    status = fn(
+        x.data_ptr(), max(x.stride(0), d), out.data_ptr(), max(out.stride(0), d), t, d, packed, n, ACTS[act], *extra,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if status == 2:
+        for q, task in enumerate(tasks):
+            check_tokens(task.tok, t, f"{what} task {q}", error)
+    check_status(status, what, kind)
