@@ -8,6 +8,9 @@ this machine's memory bandwidth drifts by tens of percent. Cases, for each of th
 - `tiered` (with `--budget-share`): a DRAM budget of that share of the bf16 checkpoint's bytes (the same GiB
   for both), the rest read from the tile store on disk, page cache dropped first (root), batch 1; disk bytes
   per token.
+Every case sizes its KV cache to the run (`max_model_len` = prompt + decode tokens, as llama-bench sizes its
+context to the test): the model's default 4096-token cache per sequence (512 MiB a sequence for OLMoE) is the
+same bytes in both formats and would hide the weights' difference in the peak RSS.
 
     .venv/bin/python benchmarks/fp8.py --bf16 /work/ckpt/olmoe-1b-7b --fp8 /work/ckpt/olmoe-1b-7b-fp8
     .venv/bin/python benchmarks/fp8.py --bf16 B --fp8 F --rounds 2 --batches 1,4 --budget-share 0.35
@@ -38,7 +41,7 @@ def run_case(args: argparse.Namespace) -> dict:
     from tilemem.engine.sampling import SamplingParams
 
     path = Path(args.dir)
-    kw = dict(dtype="bf16", threads=args.threads, max_batch=args.batch)
+    kw = dict(dtype="bf16", threads=args.threads, max_batch=args.batch, max_model_len=args.prompt_len + args.decode)
     if args.case == "tiered":
         kw.update(budget=f"cpu={args.budget_bytes}B", policy="kt_expert", store=args.store)
         cold = drop_page_cache()
