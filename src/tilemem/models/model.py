@@ -13,6 +13,7 @@ from torch import nn
 
 from tilemem import kernels
 from tilemem.config import ModelConfig
+from tilemem.kernels.portable_decode import MAX_ROWS, PortableDecode
 from tilemem.layers.attention import Attention
 from tilemem.layers.fp8 import FP8
 from tilemem.layers.kv_cache import ForwardContext, KVCache
@@ -21,6 +22,7 @@ from tilemem.layers.mlp import GatedMLP
 from tilemem.layers.moe import MoEBlock, ResidentExperts
 from tilemem.layers.norm import RMSNorm
 from tilemem.layers.rope import RotaryEmbedding
+from tilemem.models import portable_decode
 from tilemem.models.topology import DENSE, SHARED
 
 if TYPE_CHECKING:
@@ -228,11 +230,17 @@ class MoECausalLM(nn.Module):
         """Bytes of one KV block of `block_size` positions over every layer."""
         return self._cache(1, block_size, 1).nbytes()
 
-    def _native_decode(self) -> kernels.NativeDecode | None:
-        """The fused decode dispatch (`kernels.NativeDecode`), decided once per set of weights and executor:
-        None where the native kernels cannot run this model (not bf16 on the CPU, no kernels)."""
+    def _native_decode(self, rows: int = 1) -> kernels.NativeDecode | PortableDecode | None:
+        """The fused decode dispatch for a step of `rows` rows, decided once per set of weights and executor:
+        `kernels.NativeDecode` (AVX512), else the portable one-call layers (`models.portable_decode`, AVX2, up to
+        `MAX_ROWS` rows); None where neither runs this model (not bf16 on the CPU, no kernels)."""
         if self._native is None and self.dtype == torch.bfloat16 and self.device.type == "cpu" and kernels.available():
             self._native = kernels.NativeDecode([layer.native_decode(self.rope) for layer in self.model.layers])
+        stale = isinstance(self._native, PortableDecode) and self._native.key != portable_decode.key()
+        if (self._native is None or stale) and portable_decode.applies(self.dtype, self.device):
+            self._native = portable_decode.portable_decode_layers(self.model.layers, self.rope)
+        if isinstance(self._native, PortableDecode) and rows > MAX_ROWS:
+            return None
         return self._native
 
     def _observe_route(self, layer: int, ids: torch.Tensor) -> None:
@@ -262,7 +270,7 @@ class MoECausalLM(nn.Module):
         # Only the logits rows are read (no MTP head wants every token's hidden state): the last layer's
         # queries and FFN, a 1/num_layers share of a prefill, run on those tokens alone.
         keep = logits_at if logits_at is not None and not return_hidden and x.shape[1] > 1 else None
-        native = self._native_decode() if self.fused_decode and x.shape[1] == 1 else None
+        native = self._native_decode(x.shape[0]) if self.fused_decode and x.shape[1] == 1 else None
         cache = ctx.cache
         i = 0
         while i < len(layers):

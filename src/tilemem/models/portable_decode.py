@@ -1,0 +1,104 @@
+"""Which decoder layers a decode step runs in one portable native call (`kernels.portable_decode`) where the AVX512
+library does not run, and their weights described for it: the layers the modules would run through the portable
+kernels anyway (GQA `Attention` with halves rope through the paged decode block, linears in bf16, FP8 or GGUF blocks,
+a softmax greedy router in bf16, `ResidentExperts` through one fused FFN kernel, no shared experts), so that the call
+computes what the modules compute, rounding where they round."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from tilemem import kernels
+from tilemem.kernels import bf16 as bf16_kernels
+from tilemem.kernels import bf16_ffn as bf16_ffn_kernels
+from tilemem.kernels import fp8 as fp8_kernels
+from tilemem.kernels import ggml as ggml_kernels
+from tilemem.kernels import paged_decode, portable_decode
+from tilemem.layers import ggml
+from tilemem.layers.attention import Attention
+from tilemem.layers.fp8 import FP8
+from tilemem.layers.linear import SLOW_HALF_GEMM, Linear
+from tilemem.layers.mlp import fused_applies
+from tilemem.layers.moe import MoEBlock, ResidentExperts
+from tilemem.layers.rope import RotaryEmbedding
+
+if TYPE_CHECKING:
+    from tilemem.models.model import DecoderLayer
+
+FFN_FORMATS = {ggml_kernels: "ggml", fp8_kernels: "fp8", bf16_ffn_kernels: "bf16"}
+"""A fused FFN kernel module (`layers.mlp.FusedFFN.kernel`) -> its format in `kernels.portable_decode`."""
+
+
+def applies(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a model of activations `dtype` on `device` can decode through the portable layers: bf16 on the CPU,
+    where the AVX512 library (whose own fused layers come first) does not run and the portable kernels do."""
+    return (
+        dtype == torch.bfloat16 and device.type == "cpu" and not kernels.available()
+        and portable_decode.available() and paged_decode.available()
+    )  # fmt: skip
+
+
+def key() -> object:
+    """What the built layers depend on besides the weights and executor: GGUF's exact-or-fast choice."""
+    return ggml.FAST
+
+
+def linear_of(m: Linear) -> tuple[portable_decode.LinearW, tuple] | None:
+    """The Linear's weight for the kernel, or None where the module computes it another way (an x12 weight, bf16 on
+    a CPU whose torch bf16 GEMM is fast, a transposed FP8 matrix, kernels unavailable)."""
+    w, bias = m.weight, m.bias
+    if m.qtype is not None:
+        if m.qtype not in ggml_kernels.QTYPES or ggml._native() is None:
+            return None
+        return portable_decode.linear(
+            w, "ggml", m.in_features, bias, None, ggml_kernels.TYPE_IDS[m.qtype], not ggml.FAST
+        )
+    if w.dtype == FP8:
+        ok = fp8_kernels.available() and m.matrix.transposed is False
+        return portable_decode.linear(w, "fp8", m.in_features, bias, m.weight_scale_inv) if ok else None
+    if m.x12 is not None or not (SLOW_HALF_GEMM[torch.bfloat16] and bf16_kernels.available()):
+        return None
+    return portable_decode.linear(w, "bf16", m.in_features, bias)
+
+
+def portable_layer(layer: DecoderLayer, rope: RotaryEmbedding) -> portable_decode.Layer | None:
+    """`layer` described for the portable one-call decode step, or None where its modules must run: attention other
+    than `Attention` or interleaved rope, a MoE block with shared experts or other routing (`DecoderLayer._fusable`),
+    experts not resident or not all through one fused FFN kernel, expert parallelism, weights the kernel lacks."""
+    attn, mlp = layer.self_attn, layer.mlp
+    if not layer._fusable or rope.interleave or not isinstance(attn, Attention) or not isinstance(mlp, MoEBlock):
+        return None
+    if not isinstance(mlp.executor, ResidentExperts) or mlp.reduce is not None or attn.hd % 2:
+        return None
+    routed = mlp.executor.fused(layer.layer)
+    if routed is None or mlp.act_name not in routed[0].kernel.ACTS:
+        return None
+    fused, table = routed
+    probe = torch.empty(1, dtype=torch.bfloat16)  # activations: bf16 CPU rows
+    if not fused_applies(fused, probe) or fused.kernel not in FFN_FORMATS:
+        return None
+    linears = [linear_of(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)]
+    router = mlp.gate.weight
+    if None in linears or router.dtype != torch.bfloat16 or not SLOW_HALF_GEMM[torch.bfloat16]:
+        return None
+    gate = portable_decode.linear(router, "bf16", router.shape[1])
+    norms = (attn.q_norm, attn.k_norm) if attn.qk_norm != "none" else ()
+    cfg = mlp.gate.cfg
+    if gate is None or not bf16_kernels.available():
+        return None
+    return portable_decode.layer(
+        linears, gate, (layer.input_layernorm.weight, layer.post_attention_layernorm.weight),
+        layer.input_layernorm.eps, (attn.h, attn.hkv, attn.hd), attn.qk_norm,
+        tuple(n.weight for n in norms) or None, norms[0].eps if norms else 0.0, attn.clip, attn.scale,
+        (cfg.num_experts, cfg.top_k, cfg.norm_topk_prob, cfg.router_weights_in_model_dtype,
+         cfg.routed_scaling_factor),
+        FFN_FORMATS[fused.kernel], table.words, mlp.act_name, not ggml.FAST,
+    )  # fmt: skip
+
+
+def portable_decode_layers(layers: Sequence[DecoderLayer], rope: RotaryEmbedding) -> portable_decode.PortableDecode:
+    """The model's decoder `layers` for `kernels.portable_decode.PortableDecode` (None: a layer runs as modules)."""
+    return portable_decode.PortableDecode([portable_layer(layer, rope) for layer in layers], key())

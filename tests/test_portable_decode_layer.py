@@ -1,0 +1,133 @@
+"""The portable one-call decode layers (`kernels.portable_decode`, chosen by `models.portable_decode` where the AVX512
+library does not run) against the module path (`fused_decode = False`) on tiny checkpoints in bf16, FP8 and GGUF
+Q4_K_M: the same greedy tokens and logits over 16 decode steps of rows at different positions on shuffled paged
+block tables, the same routed ids to the observers, one native call a step; a model that does not qualify keeps the
+modules; bad input gets a KernelError."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tilemem import kernels
+from tilemem.errors import KernelError
+from tilemem.kernels import portable_decode
+from tilemem.layers.kv_cache import ForwardContext
+from tilemem.loader.checkpoint import load_model
+from tilemem.synth.gguf_writer import synthesize_gguf
+
+pytestmark = pytest.mark.skipif(
+    kernels.available() or not portable_decode.available(),
+    reason="the portable decode layers run where the AVX512 library does not (AVX2 + FMA + F16C)",
+)
+
+STEPS = 16
+TOL = 1e-2  # relative logits error allowed (the AVX512 fused-decode tests' TOL): the router's softmax order
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gguf") / "olmoe-q4_k_m.gguf"
+    return synthesize_gguf("olmoe", "tiny", out, "q4_k_m", routing_skew=1.0, progress=False)
+
+
+def greedy(model, prompts: list[list[int]], fused: bool, routed: dict | None = None):
+    """Greedy decoding of the prompts side by side on a paged cache of blocks of 4 in shuffled order -> (tokens per
+    row, logits [STEPS, B, V]); `routed` collects each layer's routed ids per step."""
+    model.fused_decode = fused
+    n = len(prompts)
+    cache = model.allocate_paged(40, 4)
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(7)).tolist()
+    tables = [perm[12 * r : 12 * r + 12] for r in range(n)]  # up to 48 positions a row
+    tokens, logits = [[] for _ in prompts], []
+    for r, prompt in enumerate(prompts):  # prefill row by row (the modules either way)
+        ctx = ForwardContext.paged(cache, [tables[r]], [0], [len(prompt)])
+        out = model(torch.tensor([prompt]), ctx, logits_at=torch.tensor([len(prompt) - 1]))[0]  # [V]
+        tokens[r].append(int(out.argmax()))
+    for layer in model.model.layers:
+        if routed is not None and hasattr(layer.mlp, "on_route"):
+            layer.mlp.on_route = lambda li, ids: routed.setdefault(li, []).append(ids.clone())
+    starts = [len(p) for p in prompts]
+    for _ in range(STEPS):
+        ctx = ForwardContext.paged(cache, tables, starts, [1] * n)
+        out = model(torch.tensor([[t[-1]] for t in tokens]), ctx, logits_at=torch.zeros(n, dtype=torch.int64))
+        logits.append(out)  # [B, V]
+        for r in range(n):
+            tokens[r].append(int(out[r].argmax()))
+        starts = [s + 1 for s in starts]
+    for layer in model.model.layers:
+        if hasattr(layer.mlp, "on_route"):
+            layer.mlp.on_route = None
+    return tokens, torch.stack(logits)
+
+
+def compare(model, monkeypatch, rows: int = 2, fused_layers: int | None = None) -> int:
+    """The fused and module paths' greedy decoding of `rows` prompts: the same tokens and routed ids, logits within
+    TOL; returns the native calls the fused path made (asserting they covered `fused_layers` layers a step)."""
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(5, model.cfg.vocab_size, (n,), generator=gen).tolist() for n in (11, 6, 3)[:rows]]
+    calls = []
+    real = portable_decode.decode_layers
+    monkeypatch.setattr(portable_decode, "decode_layers", lambda st, *a: calls.append(len(st.layers)) or real(st, *a))
+    routed_on, routed_off = {}, {}
+    on = greedy(model, prompts, True, routed_on)
+    assert all(n == (fused_layers or model.cfg.num_layers) for n in calls)
+    made = len(calls)
+    off = greedy(model, prompts, False, routed_off)
+    assert len(calls) == made  # the module path made none
+    assert on[0] == off[0] and len(on[0][0]) == STEPS + 1
+    assert rel(on[1], off[1]) < TOL
+    assert routed_on.keys() == routed_off.keys()
+    for layer, ids in routed_off.items():
+        got = routed_on[layer][-STEPS:]  # the decode steps (the prefill's came first)
+        assert all(torch.equal(a, b) for a, b in zip(got, ids[-STEPS:], strict=True))
+    return made
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+def test_bf16_and_fp8_checkpoints_decode_as_the_modules(make_ckpt, monkeypatch, dtype):
+    model, _ = load_model(make_ckpt("olmoe", dtype, routing_skew=1.0), "bf16")
+    assert compare(model, monkeypatch) == STEPS  # one call a step for every layer
+
+
+def test_gguf_q4_k_m_decodes_as_the_modules(gguf_file, monkeypatch):
+    model, _ = load_model(gguf_file, "bf16")
+    assert compare(model, monkeypatch, rows=3) == STEPS
+
+
+def test_one_row_and_a_module_layer_between_runs(make_ckpt, monkeypatch):
+    """One row (a task per routed slot); layer 0 kept as modules: a run of the others a step."""
+    model, _ = load_model(make_ckpt("olmoe", "bf16", routing_skew=1.0), "bf16")
+    monkeypatch.setattr(model.model.layers[0], "_fusable", False)
+    assert compare(model, monkeypatch, rows=1, fused_layers=model.cfg.num_layers - 1) == STEPS
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "qwen2_moe"])  # MLA; shared experts
+def test_layers_that_do_not_qualify_keep_the_modules(make_ckpt, monkeypatch, family):
+    model, _ = load_model(make_ckpt(family, "bf16"), "bf16")
+    assert all(lay is None for lay in model._native_decode().layers)
+    assert compare(model, monkeypatch) == 0
+
+
+def test_bad_input_is_refused(make_ckpt):
+    model, _ = load_model(make_ckpt("olmoe", "bf16"), "bf16")
+    native = model._native_decode()
+    cfg = model.cfg
+    cache = model.allocate_paged(8, 4)
+    stack = portable_decode._stack(native.runs[0], cache.keys, cache.values)
+    x = torch.zeros(2, cfg.hidden_size, dtype=torch.bfloat16)
+    cos = torch.ones(2, cfg.head_dim)
+    tables, positions = torch.zeros(2, 2, dtype=torch.int64), torch.tensor([1, 9])  # 9: past 2 blocks of 4
+    with pytest.raises(KernelError, match="position is past its block table"):
+        portable_decode.decode_layers(stack, x, cos, cos, tables, positions)
+    assert not x.any() and not any(k.any() for k in cache.keys)  # nothing written
+    with pytest.raises(KernelError, match="contiguous bf16"):
+        portable_decode.decode_layers(stack, x.float(), cos, cos, tables, positions)
+    with pytest.raises(KernelError, match="cos and sin"):
+        portable_decode.decode_layers(stack, x, cos[:, :4], cos[:, :4], tables, positions)
+    with pytest.raises(KernelError, match="KV pools"):
+        portable_decode._stack(native.runs[0], [k.float() for k in cache.keys], cache.values)
