@@ -121,7 +121,7 @@ def _bits(b: torch.Tensor, at: int) -> torch.Tensor:
     """The 32 bits of the little-endian uint32 at byte `at` of each block: [B, 32] (bit j of weight j)."""
     qh = b[:, at : at + 4].to(torch.int64)  # [B, 4]
     word = qh[:, 0] | (qh[:, 1] << 8) | (qh[:, 2] << 16) | (qh[:, 3] << 24)  # [B]
-    return (word[:, None] >> torch.arange(32)) & 1
+    return (word[:, None] >> torch.arange(32, device=b.device)) & 1
 
 
 def _scale_min_k4(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,7 +175,8 @@ def _dequant_blocks(qtype: str, b: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize(qtype: str, data: torch.Tensor, cols: int) -> torch.Tensor:
-    """Reference decoding of quantized rows: data uint8 [..., R, row_bytes] -> fp32 [..., R, cols]."""
+    """Reference decoding of quantized rows: data uint8 [..., R, row_bytes] -> fp32 [..., R, cols]; torch only, on
+    data's device (a GPU's blocks decode there, with no host copy)."""
     q = QUANT_TYPES[qtype]
     blocks = data.reshape(-1, q.nbytes)  # [B, nbytes]
     return _dequant_blocks(qtype, blocks).reshape(*data.shape[:-1], cols)
