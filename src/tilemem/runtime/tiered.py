@@ -12,9 +12,12 @@ GPU works while the CPU computes its DRAM tiles and streams disk tiles. A DRAM o
 many tokens use (at least `gpu_min_tokens`, prefill) is copied to the GPU on a side stream and
 computed there instead: at that batch the copy costs less than CPU compute.
 
-Tiles keep the checkpoint's weight format (`tile_format`): FP8 tiles run through the native FP8 kernel, GGUF
-tiles (quantized blocks) through the native ggml kernel (`kernels.ggml.ffn_tasks`, exact unless `layers.ggml.FAST`),
-each with a torch fallback; both are computed on the host only (no cuda tier for them yet).
+Tiles keep the checkpoint's weight format (`tile_format`) in every tier. On the host, FP8 tiles run through the
+native FP8 kernel, GGUF tiles (quantized blocks) through the native ggml kernel (`kernels.ggml.ffn_tasks`, exact
+unless `layers.ggml.FAST`), each with a torch fallback. In VRAM they stay as stored too (`Fp8Slab`: e4m3 bytes and
+block scales; `GgmlSlab`: the quant blocks), dequantized with torch on the GPU to the compute dtype right before
+each layer's GEMMs (only the tiles the layer's tokens use); host tiles shipped to the GPU are computed there by the
+torch reference (`fp8_gemm`, `ggml_gemm`). x12 tiles are decoded to bf16 when their slab is built.
 
 Shape legend: T tokens, N tokens routed to one expert, n tile neurons, D hidden.
 """
@@ -30,18 +33,20 @@ import torch
 
 from tilemem import kernels, sysinfo
 from tilemem.errors import BudgetError, TileMemError
-from tilemem.layers.gpu_ffn import GATHER_MAX_PAIRS, TileSlab, gathered_ffn, stacked_ffn
+from tilemem.layers.gpu_ffn import GATHER_MAX_PAIRS, Fp8Slab, GgmlSlab, TileSlab, gathered_ffn, stacked_ffn
 from tilemem.layers.moe import MoEBlock, fp8_native_act, ggml_native_act, group_by_expert, x12_native_act
 from tilemem.placement.budgets import DEFAULT_CACHE_BYTES, IO_DEPTH
 from tilemem.runtime.accumulator import Accumulator, GpuAccumulator, partial_ffn  # noqa: F401 (tools.probe)
 from tilemem.runtime.direct_io import AlignedSlab, DirectReader
 from tilemem.runtime.tile_cache import TileCache, TileId
-from tilemem.runtime.tile_format import PACKED, Block, X12Tile, block_nbytes
+from tilemem.runtime.tile_format import PACKED, Block, Fp8Tile, GgmlTile, X12Tile, block_nbytes
 from tilemem.runtime.tile_store import StoredTile, TileStore
 from tilemem.units import format_bytes
 
 Ranges = dict[str, list[tuple[int, int]]]
 """tier -> merged neuron ranges of one expert."""
+Slab = TileSlab | Fp8Slab | GgmlSlab
+"""One layer's VRAM tiles: in the compute dtype, or FP8 / GGUF as stored."""
 
 
 PREFETCH_WINDOW = 32
@@ -154,7 +159,7 @@ class TieredExperts:
         self.workspace = kernels.Workspace()
         self.next_layer = dict(zip(sorted(blocks), sorted(blocks)[1:], strict=False))
         self.resident: dict[tuple[int, int], list[torch.Tensor]] = {}  # DRAM blocks [3, n, D]
-        self.slabs: dict[int, TileSlab] = {}  # layer -> its VRAM tiles
+        self.slabs: dict[int, Slab] = {}  # layer -> its VRAM tiles
         self.stale_slabs: set[int] = set()  # layers whose VRAM ranges changed since their slab was built
         self.on_disk: dict[tuple[int, int], list[StoredTile]] = {}
         self.ranges: dict[tuple[int, int], Ranges] = {}
@@ -220,24 +225,30 @@ class TieredExperts:
 
     def build_slabs(self) -> None:
         """(Re)build the VRAM slab of every layer whose `cuda` ranges changed, tile by tile from the store."""
-        if self.stale_slabs and (self.store.codec.fp8 or self.store.codec.gguf):
-            kind = "FP8" if self.store.codec.fp8 else "GGUF (quantized)"
-            raise TileMemError(
-                f"the cuda tier does not hold {kind} tiles yet (their DRAM and disk tiers do); plan without a cuda "
-                "budget for this checkpoint."
-            )
         for layer in sorted(self.stale_slabs):
             self.slabs.pop(layer, None)
-            tiles: dict[int, list[torch.Tensor]] = {}
-            for (lay, e), ranges in self.ranges.items():
-                for a, b in ranges.get("cuda", []) if lay == layer else []:
-                    for t in self.store.covering(layer, e, a, b):
-                        block = self._load_range(layer, e, t.start, t.end)
-                        block = block.dense().to(self.dtype) if isinstance(block, X12Tile) else block  # decoded in VRAM
-                        tiles.setdefault(e, []).append(block)
-            if tiles:
-                self.slabs[layer] = TileSlab(tiles, self.store.tile_size, self.device)
+            spans = {e: ranges.get("cuda", []) for (lay, e), ranges in self.ranges.items() if lay == layer}
+            if any(spans.values()):
+                self.slabs[layer] = self.slab(layer, spans)
         self.stale_slabs.clear()
+
+    def slab(self, layer: int, spans: dict[int, list[tuple[int, int]]]) -> Slab:
+        """A slab on this runtime's device of `layer`'s units' neuron ranges `spans` (unit -> ranges), cut into store
+        tiles: FP8 and GGUF tiles as stored, x12 tiles decoded to bf16, plain tiles in the compute dtype."""
+        tiles: dict[int, list[Block]] = {}
+        for e, ranges in spans.items():
+            for a, b in ranges:
+                for t in self.store.covering(layer, e, a, b):
+                    block = self._load_range(layer, e, t.start, t.end)
+                    block = block.dense().to(self.dtype) if isinstance(block, X12Tile) else block  # decoded in VRAM
+                    tiles.setdefault(e, []).append(block)
+        first = next(iter(tiles.values()))[0]
+        size, dev = self.store.tile_size, self.device
+        if isinstance(first, Fp8Tile):
+            return Fp8Slab({e: [(b.data, b.scale) for b in bs] for e, bs in tiles.items()}, size, dev, self.dtype)
+        if isinstance(first, GgmlTile):
+            return GgmlSlab({e: [b.matrices() for b in bs] for e, bs in tiles.items()}, size, dev, self.dtype)
+        return TileSlab(tiles, size, dev)
 
     @property
     def gpu_bytes(self) -> int:
@@ -354,12 +365,12 @@ class TieredExperts:
         host = self._host(layer, x_h, groups, gpu)
         return gpu.result().add_(host.to(x.device, non_blocking=True))
 
-    def _vram_tiles(self, slab: TileSlab, x: torch.Tensor, groups: list, gpu) -> None:
+    def _vram_tiles(self, slab: Slab, x: torch.Tensor, groups: list, gpu) -> None:
         """Queue the layer's VRAM tiles on the GPU: at a few tokens every (token, tile) pair in one
-        gathered GEMM, else one stacked GEMM per unit over its tiles."""
+        gathered GEMM, else one stacked GEMM per unit over its tiles. FP8 / GGUF tiles are dequantized
+        to the compute dtype first: at a few tokens the tiles the pairs use, at once; else a unit's."""
         groups = [g for g in groups if g[0] in slab.slots]
-        tile_bytes = (slab.gate_up[0].numel() + slab.down_t[0].numel()) * slab.gate_up.element_size()
-        self.counters.gpu_bytes += sum(slab.slots[e][1] for e, _, _ in groups) * tile_bytes
+        self.counters.gpu_bytes += sum(slab.unit_bytes(e) for e, _, _ in groups)
         dev = x.device
         if sum(slab.slots[e][1] * len(tok) for e, tok, _ in groups) <= GATHER_MAX_PAIRS:
             tok, unit, scale = [], [], []
@@ -370,14 +381,22 @@ class TieredExperts:
                     unit += range(first, first + count)
                     scale += [wt] * count
             if tok:
+                if slab.packed:  # only the tiles the pairs use, dequantized; pairs index them
+                    used = sorted(set(unit))
+                    gate_up, down_t = slab.dense(used)  # [U, 2n, D], [U, n, D]
+                    where = {s: i for i, s in enumerate(used)}
+                    unit = [where[s] for s in unit]
+                else:
+                    gate_up, down_t = slab.gate_up, slab.down_t
                 idx = torch.tensor([tok, unit]).to(dev, non_blocking=True)  # [2, P]
                 sc = torch.stack(scale).to(dev, non_blocking=True)  # [P]
-                gathered_ffn(x, slab.gate_up, slab.down_t, idx[0], idx[1], sc, self.act, gpu.sums.out)
+                gathered_ffn(x, gate_up, down_t, idx[0], idx[1], sc, self.act, gpu.sums.out)
             return
         for e, toks, w in groups:
             first, count = slab.slots[e]
             t_dev = toks.to(dev, non_blocking=True)
-            y = stacked_ffn(x[t_dev], slab.gate_up[first : first + count], slab.down_t[first : first + count], self.act)
+            gate_up, down_t = slab.dense(range(first, first + count))  # [k, 2n, D], [k, n, D]
+            y = stacked_ffn(x[t_dev], gate_up, down_t, self.act)
             gpu.sums.add(t_dev, y * w.to(dev, non_blocking=True)[:, None])
 
     def _host(self, layer: int, x: torch.Tensor, groups: list, gpu: GpuAccumulator | None = None) -> torch.Tensor:
@@ -389,8 +408,6 @@ class TieredExperts:
         fp8_act = self.act_name if self.store.codec.fp8 and fp8_native_act(self.act_name, x) else None
         ggml_act = self.act_name if self.store.codec.gguf and ggml_native_act(self.act_name, x) else None
         x12_act = self.act_name if self.store.codec.x12 and x12_native_act(self.act_name, x) else None
-        if self.store.codec.gguf:
-            gpu = None  # GGUF tiles are computed on the host (their blocks are not decoded for the GPU yet)
         out = Accumulator(
             x, self.act, native, self.workspace, gpu, self.config.gpu_min_tokens, fp8_act, ggml_act, x12_act
         )  # [T, D] fp32
