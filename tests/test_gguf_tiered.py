@@ -300,3 +300,20 @@ def test_a_corrupt_gguf_tile_is_detected_by_its_checksum(files, tmp_path):
         make_llm(path, Combo("q8_0", "tilepo_fine", 256, 1.0, False, False), store)
     convert(path, store, tile_size=256, progress=False)
     assert (store / "tiles.bin").read_bytes() == (clean / "tiles.bin").read_bytes()
+
+
+def test_commands_take_a_gguf_files_block_grid_as_their_default_tile(files, tmp_path):
+    """`convert`, `bench` and `tmap validate` without --tile-size tile a K-quant file by 256 neurons (its blocks),
+    a Q8_0 file and a safetensors checkpoint by 128."""
+    from tilemem.cli.engine_flags import checkpoint_tile
+    from tilemem.cli.main import build_parser
+    from tilemem.synth.writer import synthesize
+
+    assert checkpoint_tile(str(files("q4_k_m"))) == 256
+    assert checkpoint_tile(str(files("q8_0"))) == 128
+    ckpt = tmp_path / "olmoe"
+    synthesize("olmoe", "tiny", ckpt, progress=False)
+    assert checkpoint_tile(str(ckpt)) == 128
+    parser = build_parser()
+    for argv in (["convert", "m.gguf", "--out", "s"], ["tmap", "validate", "m.gguf"]):
+        assert parser.parse_args(argv).tile_size is None  # then checkpoint_tile decides

@@ -73,3 +73,11 @@ def engine_args_from_namespace(ns: argparse.Namespace, **overrides: Any) -> Engi
     values.update(overrides)
     values.setdefault("model", getattr(ns, "model", None))
     return EngineArgs(**values)
+
+
+def checkpoint_tile(model: str) -> int:
+    """Neurons per tile for `model` where `--tile-size` is not given: 128, or a K-quant GGUF file's block (256)."""
+    from tilemem.loader.checkpoint import Checkpoint
+    from tilemem.runtime.setup import default_tile
+
+    return default_tile(Checkpoint.open(model))

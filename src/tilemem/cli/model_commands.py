@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tilemem.cli.engine_flags import add_engine_args, engine_args_from_namespace
+from tilemem.cli.engine_flags import add_engine_args, checkpoint_tile, engine_args_from_namespace
 from tilemem.engine.sampling import SamplingParams
 from tilemem.errors import ConfigError
 
@@ -235,12 +235,7 @@ def stream_to_terminal(llm, prompt: str, params: SamplingParams, chat: bool = Fa
 def cmd_convert(args: argparse.Namespace) -> int:
     from tilemem.runtime.tile_store import convert
 
-    tile = args.tile_size
-    if tile is None:
-        from tilemem.loader.checkpoint import Checkpoint
-        from tilemem.runtime.setup import default_tile
-
-        tile = default_tile(Checkpoint.open(args.model))
+    tile = args.tile_size or checkpoint_tile(args.model)
     out = convert(args.model, args.out, tile, tile_format=args.tile_format)
     print(f"wrote tile store {out}")
     return 0
@@ -277,7 +272,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         prompt_tokens=args.prompt_tokens,
         decode_tokens=args.decode_tokens,
         threads=engine.threads,
-        tile=engine.tile or 128,  # the placement benchmark's fine tiles (a GGUF model: give --tile-size)
+        tile=engine.tile or checkpoint_tile(args.model),  # the placement benchmark's fine tiles
         store=engine.store,
     )
     evidence = run_bench(spec)

@@ -72,7 +72,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--decode-tokens", type=int, default=16)
     v.add_argument("--prompt-tokens", type=int, default=64)
     v.add_argument("--threads", type=int, default=2)
-    v.add_argument("--tile-size", type=int, default=128)
+    v.add_argument(
+        "--tile-size", type=int, default=None, help="neurons per tile (default 128; a K-quant GGUF file: 256)"
+    )
     v.add_argument("--store", default=None)
     v.add_argument("--out", default="tmap_validate", help="bench evidence and validation.json go here")
     v.add_argument("--min-gain", type=float, default=0.05, help="below this predicted gain kt_expert is recommended")
@@ -151,6 +153,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from tilemem.cli.engine_flags import checkpoint_tile
     from tilemem.jsonio import write_json_atomic
     from tilemem.tmap.hardware import HardwareProfile
     from tilemem.tools.validate import validate
@@ -166,7 +169,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         prompt_tokens=args.prompt_tokens,
         decode_tokens=args.decode_tokens,
         threads=args.threads,
-        tile=args.tile_size,
+        tile=args.tile_size or checkpoint_tile(args.model),
         out=args.out,
         store=args.store,
         min_gain=args.min_gain,
