@@ -31,7 +31,7 @@ from tilemem import kernels
 from tilemem.engine.llm import LLM
 from tilemem.engine.sampling import SamplingParams
 from tilemem.kernels import bf16 as bf16_kernels
-from tilemem.kernels import bf16_ffn, paged, paged_decode, x12_tiles
+from tilemem.kernels import bf16_ffn, paged, paged_decode, portable_decode, x12_tiles
 from tilemem.kernels import fp8 as fp8_kernels
 from tilemem.kernels import ggml as ggml_kernels
 from tilemem.layers.attention import Attention
@@ -42,6 +42,7 @@ from tilemem.models.model import MoECausalLM
 
 TIMED = [
     (kernels, "decode_layers", "decoder layers kernel (all, one call)"),
+    (portable_decode, "decode_layers", "portable decoder layers (all, one call)"),
     (kernels, "attn_decode", "attention kernel"),
     (kernels, "attn_prefill", "attention kernel (prefill)"),
     (kernels, "moe", "expert kernel"),
