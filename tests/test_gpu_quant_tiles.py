@@ -27,6 +27,7 @@ from tilemem.layers.mlp import activation
 from tilemem.layers.moe import PartialSums, expert_ffn
 from tilemem.loader.checkpoint import Checkpoint
 from tilemem.models.topology import SHARED, Topology
+from tilemem.runtime import tiered
 from tilemem.runtime.gguf_source import ffn_types, quantized_bytes
 from tilemem.runtime.setup import make_plan
 from tilemem.runtime.tiered import TieredConfig
@@ -192,13 +193,31 @@ def gguf_file(tmp_path_factory):
     return synthesize_gguf("deepseek_v2", "tiny", out, "q4_k_m", routing_skew=1.0, progress=False)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module", autouse=True)
 def exact_ggml():
     """The native ggml kernels' exact path (fp32 activations), as the torch dequantization computes."""
     before = ggml.FAST
     ggml.FAST = False
     yield
     ggml.FAST = before
+
+
+@pytest.fixture(scope="module")
+def reference(make_ckpt, gguf_file):
+    """kind -> (model path, tile size, prompts, logits, greedy tokens) of the all-resident fp32 run on the CPU: FP8
+    olmoe (160-wide experts in 128-neuron tiles) or the GGUF file."""
+    refs: dict[str, tuple] = {}
+
+    def get(kind: str):
+        if kind not in refs:
+            path, tile = (make_ckpt("olmoe", "fp8", routing_skew=1.0), 128) if kind == "fp8" else (gguf_file, 256)
+            llm = LLM(path, dtype="fp32")
+            batch = prompts(llm.config.vocab_size)
+            tokens = [o.token_ids for o in llm.generate(batch, GREEDY)]
+            refs[kind] = (path, tile, batch, forward_logits(llm.model, batch, tokens), tokens)
+        return refs[kind]
+
+    return get
 
 
 def topology(ckpt: Checkpoint) -> Topology:
@@ -216,7 +235,41 @@ def host_llm(path, tile: int, store) -> LLM:
 
 
 @pytest.mark.parametrize("kind", ["fp8", "gguf"])
-def test_vram_path_over_quantized_slab_equals_host_path(kind, make_ckpt, gguf_file, tmp_path, exact_ggml):
+def test_model_with_quantized_slabs_gives_the_resident_output(kind, reference, tmp_path, monkeypatch):
+    """Every other FFN unit of every layer moved from disk into a slab (built on the CPU here: the VRAM path is
+    device-agnostic): the model's logits and greedy tokens are the all-resident run's, prefill (stacked per unit)
+    and decode (gathered pairs) alike."""
+    path, tile, batch, ref_logits, ref_tokens = reference(kind)
+    monkeypatch.setattr(tiered, "GATHER_MAX_PAIRS", 12)  # prefill's pairs stacked, decode's gathered, on tiny models
+    shapes = []  # which GEMM shapes ran over the slabs
+    for name in ("gathered_ffn", "stacked_ffn"):
+        real = getattr(tiered, name)
+        monkeypatch.setattr(tiered, name, lambda *a, _n=name, _f=real: shapes.append(_n) or _f(*a))
+    llm = host_llm(path, tile, tmp_path / "store")
+    try:
+        ex = llm.tiered
+        moved = 0
+        for layer in sorted({lay for lay, _ in ex.ranges}):
+            units = sorted(e for lay, e in ex.ranges if lay == layer)[::2]  # a shared or dense unit first
+            width = {e: max(t.end for t in ex.store.tiles_of(layer, e)) for e in units}
+            ex.slabs[layer] = ex.slab(layer, {e: [(0, width[e])] for e in units})
+            for e in units:  # computed from the slab only
+                ex.on_disk[(layer, e)], ex.resident[(layer, e)] = [], []
+            moved += len(units)
+        assert moved >= 4 and ex.gpu_bytes == sum(s.nbytes for s in ex.slabs.values())
+        ours = forward_logits(llm.model, batch, ref_tokens)
+        for i, (a, b) in enumerate(zip(ours, ref_logits, strict=True)):
+            assert rel_err(a, b) < REL_TOL, f"logits block {i}: rel err {rel_err(a, b):.2e}"
+        assert [o.token_ids for o in llm.generate(batch, GREEDY)] == ref_tokens
+        runtime = llm.stats().runtime
+        assert runtime["gpu_bytes"] > 0 and runtime["disk_bytes"] > 0  # slab tiles and disk tiles both computed
+        assert set(shapes) == {"gathered_ffn", "stacked_ffn"}
+    finally:
+        llm.tiered.close()
+
+
+@pytest.mark.parametrize("kind", ["fp8", "gguf"])
+def test_vram_path_over_quantized_slab_equals_host_path(kind, make_ckpt, gguf_file, tmp_path):
     """`_vram_tiles` over a slab of a layer's units (routed experts, and the shared expert where there is one) gives
     the host path's sum for the same tokens, at a few tokens (gathered pairs) and at many (stacked per unit), and
     counts the slab's quantized bytes as computed in VRAM."""
@@ -298,17 +351,12 @@ GPU_CASES = [  # (weights, cuda share, cpu share of the FFN bytes, gpu_min_token
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the cuda tier); CPU parts run above")
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_cuda_tier_of_quantized_tiles_matches_resident(case, make_ckpt, gguf_file, tmp_path, exact_ggml):
+def test_cuda_tier_of_quantized_tiles_matches_resident(case, reference, tmp_path):
     """A tiered FP8 (olmoe, 160-wide experts in 128-neuron tiles) and GGUF (deepseek_v2 Q4_K_M: shared experts, a
-    dense layer) model with a cuda budget gives the all-resident run's logits and greedy tokens; its slabs hold the
-    quantized bytes in VRAM."""
+    dense layer) model with a cuda budget gives the all-resident CPU run's logits and greedy tokens; its slabs hold
+    the quantized bytes in VRAM."""
     kind, cuda_share, cpu_share, gpu_min_tokens = case
-    path, tile = (make_ckpt("olmoe", "fp8", routing_skew=1.0), 128) if kind == "fp8" else (gguf_file, 256)
-    resident = LLM(path, dtype="fp32")  # the reference: every weight resident, on the CPU
-    batch = prompts(resident.config.vocab_size)
-    ref_tokens = [o.token_ids for o in resident.generate(batch, GREEDY)]
-    ref_logits = forward_logits(resident.model, batch, ref_tokens)
-    del resident
+    path, tile, batch, ref_logits, ref_tokens = reference(kind)
     ckpt = Checkpoint.open(path)
     topo = topology(ckpt)
     ffn = topo.routed_expert_bytes + topo.shared_and_dense_bytes
