@@ -130,7 +130,8 @@ def expert_format(
 ) -> TileFormat:
     """The format a plan counts `ckpt`'s expert tiles in: x12 where the weights are counted as bf16 and the tile
     store (`store`, else beside the checkpoint) is, or converted now will be, x12; else the topology's dtype. With
-    a `gpu_tier` (the cuda tier holds tiles decoded to bf16) bf16, which overcounts the x12 tiles in DRAM."""
+    a `gpu_tier` (the cuda tier holds x12 tiles decoded to bf16) bf16, which overcounts the x12 tiles in DRAM. FP8
+    tiles count as stored in every tier, the cuda tier's too (it holds them as stored: `layers.gpu_ffn.Fp8Slab`)."""
     fmt = tile_format(topo.dtype)
     if fmt.name != "bf16" or gpu_tier:
         return fmt
