@@ -198,7 +198,8 @@ class ResidentExperts:
             return out
         if kernels.usable(x) and (table := self.table(layer)) is not None:
             return kernels.moe(x, weights, ids, table, block.act_name, self.workspace)
-        if x.is_cuda and block.experts[0].gate_proj.weight.dtype != FP8:
+        w = block.experts[0].gate_proj.weight
+        if x.is_cuda and w.dtype.is_floating_point and w.dtype != FP8:  # plain weights (not FP8, not GGUF blocks)
             gate_up, down_t = self._stack(layer)
             if ids.numel() > GATHER_MAX_PAIRS:  # prefill
                 return padded_ffn(x, gate_up, down_t, weights, ids, block.act)
