@@ -51,7 +51,8 @@ class LayerW(ctypes.Structure):
         ("ln1", _vp), ("ln2", _vp), ("eps", _f64), ("H", _i64), ("Hkv", _i64), ("hd", _i64), ("qk_norm", _i64),
         ("qw", _vp), ("kw", _vp), ("qk_eps", _f64), ("clip_on", _i64), ("clip", _f64), ("scale", _f64), ("E", _i64),
         ("K", _i64), ("norm_topk", _i64), ("weights_bf16", _i64), ("routed_scale", _f64), ("ffn", _i64),
-        ("experts", _vp), ("words", _i64), ("act", _i64), ("exact", _i64),
+        ("experts", _vp), ("words", _i64), ("act", _i64), ("exact", _i64), ("shared_ffn", _i64), ("shared", _vp),
+        ("shared_words", _i64), ("shared_gate_on", _i64), ("shared_gate", LinearW),
     ]  # fmt: skip
 
 
@@ -140,13 +141,16 @@ def layer(
     experts: torch.Tensor,
     act: str,
     exact: bool,
+    shared: tuple[str, torch.Tensor, tuple[LinearW, tuple] | None] | None = None,
 ) -> Layer | None:
     """One MoE decoder layer: `attn` the q, k, v, o linears (`linear`), `router` a bf16 linear [E, D], `norms` the
     input and post-attention RMSNorm weights (bf16 [D], epsilon `eps`), `heads` (H, Hkv, hd), the q/k norm ("none",
     "full", "head") with its bf16 weights and epsilon, the clip bound (None: none), the softmax scale; `routing`
     (E, K, norm_topk_prob, weights in bf16, routed scaling factor); the experts' fused FFN kernel `ffn` ("bf16",
     "fp8", "ggml"), their packed words `experts` int64 [E, W] (`portable.RoutedTable.words`), `act` and, for GGUF,
-    `exact`. None where the kernel does not take it (an activation it lacks, norms not contiguous bf16)."""
+    `exact`; `shared`: the shared experts' (fused FFN format, packed words int64 [W], the sigmoid gate's [1, D]
+    `linear` or None), or None. None where the kernel does not take it (an activation it lacks, norms not
+    contiguous bf16)."""
     qk = qk_weights or ()
     tensors = (*norms, *qk)
     if act not in portable.ACTS or any(t.dtype != torch.bfloat16 or not t.is_contiguous() for t in tensors):
@@ -166,7 +170,16 @@ def layer(
     )  # fmt: skip
     if qk:
         struct.qw, struct.kw = qk[0].data_ptr(), qk[1].data_ptr()
-    return Layer(struct, (*(keep for _, keep in (*attn, router)), tensors, experts))
+    struct.shared_ffn, extra = -1, ()
+    if shared is not None:
+        fmt, words, gate = shared
+        if words.dtype != torch.int64 or words.dim() != 1 or not words.is_contiguous():
+            return None
+        struct.shared_ffn, struct.shared, struct.shared_words = FORMATS[fmt], words.data_ptr(), words.numel()
+        if gate is not None:
+            struct.shared_gate_on, struct.shared_gate = 1, gate[0]
+        extra = (words, gate)
+    return Layer(struct, (*(keep for _, keep in (*attn, router)), tensors, experts, extra))
 
 
 class _Stack(NamedTuple):

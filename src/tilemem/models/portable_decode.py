@@ -21,7 +21,7 @@ from tilemem.layers import ggml
 from tilemem.layers.attention import Attention
 from tilemem.layers.fp8 import FP8
 from tilemem.layers.linear import SLOW_HALF_GEMM, Linear
-from tilemem.layers.mlp import fused_applies
+from tilemem.layers.mlp import fused_applies, fused_ffn
 from tilemem.layers.moe import MoEBlock, ResidentExperts
 from tilemem.layers.rope import RotaryEmbedding
 
@@ -66,12 +66,17 @@ def linear_of(m: Linear) -> tuple[portable_decode.LinearW, tuple] | None:
 
 def portable_layer(layer: DecoderLayer, rope: RotaryEmbedding) -> portable_decode.Layer | None:
     """`layer` described for the portable one-call decode step, or None where its modules must run: attention other
-    than `Attention` or interleaved rope, a MoE block with shared experts or other routing (`DecoderLayer._fusable`),
-    experts not resident or not all through one fused FFN kernel, expert parallelism, weights the kernel lacks."""
+    than `Attention` or interleaved rope, a dense FFN, routing other than softmax greedy top-k on bf16 logits, experts
+    not resident or not all through one fused FFN kernel, shared experts it cannot run (`shared_of`), expert
+    parallelism, weights the kernel lacks."""
     attn, mlp = layer.self_attn, layer.mlp
-    if not layer._fusable or rope.interleave or not isinstance(attn, Attention) or not isinstance(mlp, MoEBlock):
+    if rope.interleave or not isinstance(attn, Attention) or not isinstance(mlp, MoEBlock):
         return None
-    if not isinstance(mlp.executor, ResidentExperts) or mlp.reduce is not None or attn.hd % 2:
+    cfg = mlp.gate.cfg
+    routing = (cfg.scoring_func, cfg.topk_method, cfg.router_fp32, cfg.router_bias)
+    if routing != ("softmax", "greedy", False, False) or not isinstance(mlp.executor, ResidentExperts):
+        return None
+    if mlp.reduce is not None or attn.hd % 2 or (shared := shared_of(mlp)) is False:
         return None
     routed = mlp.executor.fused(layer.layer)
     if routed is None or mlp.act_name not in routed[0].kernel.ACTS:
@@ -86,7 +91,6 @@ def portable_layer(layer: DecoderLayer, rope: RotaryEmbedding) -> portable_decod
         return None
     gate = portable_decode.linear(router, "bf16", router.shape[1])
     norms = (attn.q_norm, attn.k_norm) if attn.qk_norm != "none" else ()
-    cfg = mlp.gate.cfg
     if gate is None or not bf16_kernels.available():
         return None
     return portable_decode.layer(
@@ -95,8 +99,26 @@ def portable_layer(layer: DecoderLayer, rope: RotaryEmbedding) -> portable_decod
         tuple(n.weight for n in norms) or None, norms[0].eps if norms else 0.0, attn.clip, attn.scale,
         (cfg.num_experts, cfg.top_k, cfg.norm_topk_prob, cfg.router_weights_in_model_dtype,
          cfg.routed_scaling_factor),
-        FFN_FORMATS[fused.kernel], table.words, mlp.act_name, not ggml.FAST,
+        FFN_FORMATS[fused.kernel], table.words, mlp.act_name, not ggml.FAST, shared,
     )  # fmt: skip
+
+
+def shared_of(mlp: MoEBlock) -> tuple | None | bool:
+    """The MoE block's shared experts for `kernels.portable_decode.layer` (format, packed words, sigmoid gate), None
+    without any, False where the kernel cannot run them as the module does (placed by the tiered runtime, weights no
+    fused FFN kernel takes, a gate it cannot read)."""
+    ffn = mlp.shared_experts
+    if ffn is None:
+        return None
+    fused = fused_ffn(ffn)
+    probe = torch.empty(1, dtype=torch.bfloat16)
+    if ffn.tiled is not None or fused is None or fused.kernel not in FFN_FORMATS or not fused_applies(fused, probe):
+        return False
+    gate = None
+    if mlp.shared_expert_gate is not None and (gate := linear_of(mlp.shared_expert_gate)) is None:
+        return False
+    words = torch.tensor(fused.weights.words, dtype=torch.int64)  # [W]: pointers into the FFN's own weights
+    return FFN_FORMATS[fused.kernel], words, gate
 
 
 def portable_decode_layers(layers: Sequence[DecoderLayer], rope: RotaryEmbedding) -> portable_decode.PortableDecode:

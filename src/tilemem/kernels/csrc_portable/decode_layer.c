@@ -2,6 +2,8 @@
  * the residual stream x [B, D] (bf16) goes through every layer of the run:
  *   x += o_proj(block(q_proj(n), k_proj(n), v_proj(n))),  n = rmsnorm(x)  (block: paged_decode.c)
  *   x += bf16(sum_k w[k] * FFN_{id[k]}(n)),               n = rmsnorm(x), ids and w from a softmax top-k router
+ * and, with shared experts, x += bf16(bf16(routed) + bf16(sigmoid(gate(n))) * bf16(FFN_shared(n))) instead (no gate:
+ * the shared FFN's output alone), as `layers.moe.MoEBlock` rounds them
  * with the other portable kernels doing the work (norm math of torch_rows.h, the linears of bf16.c, fp8.c and
  * ggml_quant.c, the fused FFNs of bf16_ffn.c, fp8_ffn.c and ggml_quant_ffn.c), so that a step costs one call from
  * Python instead of a dozen per layer.
@@ -55,7 +57,9 @@ typedef struct {
 /* One MoE decoder layer. Attention: q/k/v/o linears, H, Hkv, hd, q/k norm (0 none, 1 full, 2 head; weights qw, kw
  * bf16, epsilon qk_eps), clip (bound already rounded to bf16), softmax scale. Norms ln1, ln2 bf16 [D] (epsilon eps).
  * Router: a bf16 linear [E, D]; K, norm_topk, routed_scale, weights_bf16 as the torch Router. Experts: `ffn` (a
- * LIN_* format) selects the fused FFN kernel, `experts` [E, words] their packed words, act a tmp_act. */
+ * LIN_* format) selects the fused FFN kernel, `experts` [E, words] their packed words, act a tmp_act. Shared experts
+ * (shared_ffn a LIN_* format, -1: none): their packed words (shared_words of them) through that format's kernel, and
+ * with shared_gate_on, the [1, D] linear shared_gate whose sigmoid scales them. */
 typedef struct {
     tmp_linear q, k, v, o, router;
     const uint16_t *ln1, *ln2;
@@ -70,6 +74,10 @@ typedef struct {
     int64_t ffn;
     const int64_t *experts;
     int64_t words, act, exact;
+    int64_t shared_ffn;
+    const int64_t *shared;
+    int64_t shared_words, shared_gate_on;
+    tmp_linear shared_gate;
 } tmp_decode_layer;
 
 TMP_API int64_t tmp_decode_layer_size(void) { return (int64_t)sizeof(tmp_decode_layer); }
@@ -229,16 +237,39 @@ static int64_t make_tasks(const tmp_decode_layer *L, const int64_t *ids, const f
     return n;
 }
 
-/* out [B, D] fp32 += the routed FFNs of xn [B, D] fp32 through the layer's fused FFN kernel. */
-static int routed(const tmp_decode_layer *L, const float *xn, float *out, int64_t B, int64_t D, const int64_t *tasks,
-                  int64_t n, int nthreads) {
-    if (L->ffn == LIN_BF16)
+/* out [B, D] fp32 += the FFN tasks (packed words) on xn [B, D] fp32 through the fused FFN kernel of `kind`. */
+static int ffn(int64_t kind, const tmp_decode_layer *L, const float *xn, float *out, int64_t B, int64_t D,
+               const int64_t *tasks, int64_t n, int nthreads) {
+    if (kind == LIN_BF16)
         return tmp_bf16_ffn_tasks(xn, D, out, D, B, D, (const tmp_bf16_ffn_task *)tasks, n, (int)L->act, nthreads);
-    if (L->ffn == LIN_FP8)
+    if (kind == LIN_FP8)
         return tmp_fp8_ffn_tasks(xn, D, out, D, B, D, (const tmp_fp8_ffn_task *)tasks, n, (int)L->act, nthreads);
-    if (L->ffn == LIN_GGML)
+    if (kind == LIN_GGML)
         return tmg_ffn_tasks(xn, D, out, D, B, D, (const tmg_ffn_task *)tasks, n, (int)L->act, (int)L->exact, nthreads);
     return TMP_EINVAL;
+}
+
+/* out [B, D] (bf16 values, fp32) += the shared experts' contribution as MoEBlock adds it: s = bf16(FFN(xn)), times
+ * bf16(sigmoid(gate xn)) rounded where there is a gate; out = bf16(out + s). sh [B, D], g [B], tok [B], one [B]:
+ * scratch; task [shared_words + 3]. */
+static int shared(const tmp_decode_layer *L, const float *xn, float *out, int64_t B, int64_t D, float *sh, float *g,
+                  int32_t *tok, float *one, int64_t *task, int nthreads) {
+    const int64_t W = L->shared_words;
+    for (int64_t b = 0; b < B; b++) tok[b] = (int32_t)b, one[b] = 1.f;
+    memcpy(task, L->shared, sizeof(int64_t) * (size_t)W);
+    task[W] = B, task[W + 1] = (int64_t)(intptr_t)tok, task[W + 2] = (int64_t)(intptr_t)one;
+    memset(sh, 0, sizeof(float) * (size_t)(B * D));
+    int st = ffn(L->shared_ffn, L, xn, sh, B, D, task, 1, nthreads);
+    if (st == TMP_OK && L->shared_gate_on) st = linear(&L->shared_gate, xn, B, g, nthreads);
+    if (st) return st;
+    for (int64_t b = 0; b < B; b++) {
+        const float gate = L->shared_gate_on ? rnd(1.f / (1.f + expf(-rnd(g[b], 1))), 1) : 1.f;
+        for (int64_t d = 0; d < D; d++) {
+            const float s = L->shared_gate_on ? rnd(gate * rnd(sh[b * D + d], 1), 1) : rnd(sh[b * D + d], 1);
+            out[b * D + d] = rnd(out[b * D + d] + s, 1);
+        }
+    }
+    return TMP_OK;
 }
 
 /* Whether the layer's shapes and formats hold together for hidden size D. */
@@ -251,6 +282,12 @@ static int layer_ok(const tmp_decode_layer *L, int64_t D) {
             return 0;
     const int64_t task_bytes[3] = {tmp_bf16_ffn_task_size(), tmp_fp8_ffn_task_size(), tmg_ffn_task_size()};
     if (L->ffn < LIN_BF16 || L->ffn > LIN_GGML || 8 * (L->words + 3) != task_bytes[L->ffn]) return 0;
+    if (L->shared_ffn != -1) {
+        if (L->shared_ffn < LIN_BF16 || L->shared_ffn > LIN_GGML || !L->shared) return 0;
+        if (8 * (L->shared_words + 3) != task_bytes[L->shared_ffn]) return 0;
+        const tmp_linear *g = &L->shared_gate;
+        if (L->shared_gate_on && (g->kind < LIN_BF16 || g->kind > LIN_GGML || g->R != 1 || g->C != D)) return 0;
+    }
     return L->E > 0 && L->K > 0 && L->K <= L->E && L->hd > 0 && L->Hkv > 0 && L->H % L->Hkv == 0 && L->ln1 && L->ln2;
 }
 
@@ -272,6 +309,7 @@ TMP_API int tmp_decode_layers(const tmp_decode_layer *layers, int64_t n, uint16_
         nq = L->H * L->hd > nq ? L->H * L->hd : nq;
         nk = L->Hkv * L->hd > nk ? L->Hkv * L->hd : nk;
         E = L->E > E ? L->E : E, K = L->K > K ? L->K : K, W = L->words > W ? L->words : W;
+        W = L->shared_ffn != -1 && L->shared_words > W ? L->shared_words : W;
     }
     for (int64_t b = 0; b < B; b++) {
         if (pos[b] < 0 || pos[b] >= M * bs) return TMP_EINVAL;
@@ -281,9 +319,10 @@ TMP_API int tmp_decode_layers(const tmp_decode_layer *layers, int64_t n, uint16_
     if (n == 0 || B == 0) return TMP_OK;
     const int64_t wide = D > nq ? D : nq;
     /* fp32: xn [B, D], y [B, max(D, nq)] (a linear's output, also o as fp32), q [B, nq], k and v [B, nk], logits
-     * [B, E], out [B, D], w [B, K], wt [B * K], p [E]; bf16: qb [B, nq], kb, vb [B, nk], ob [B, nq]; tasks, tok;
-     * the router's pairs [E]. */
-    const size_t nf = (size_t)(B * (2 * D + wide + nq + 2 * nk + E + 2 * K) + E);
+     * [B, E], out [B, D], w [B, K], wt [B * K], p [E], g and one [B]; bf16: qb [B, nq], kb, vb [B, nk], ob [B, nq];
+     * tasks (B * K, or 1 for the shared experts), tok [B * K]; the router's pairs [E]. The shared experts' output
+     * goes to y. */
+    const size_t nf = (size_t)(B * (2 * D + wide + nq + 2 * nk + E + 2 * K + 2) + E);
     float *f = malloc(sizeof(float) * nf);
     uint16_t *h = malloc(sizeof(uint16_t) * (size_t)(B * (2 * nq + 2 * nk)));
     int64_t *tasks = malloc(sizeof(int64_t) * (size_t)(B * K * (W + 3)));
@@ -291,7 +330,7 @@ TMP_API int tmp_decode_layers(const tmp_decode_layer *layers, int64_t n, uint16_
     scored *pairs = malloc(sizeof(scored) * (size_t)E);
     int st = !f || !h || !tasks || !tok || !pairs ? TMP_ENOMEM : TMP_OK;
     float *xn = f, *y = xn + B * D, *q = y + B * wide, *k = q + B * nq, *v = k + B * nk, *lg = v + B * nk;
-    float *out = lg + B * E, *w = out + B * D, *wt = w + B * K, *p = wt + B * K;
+    float *out = lg + B * E, *w = out + B * D, *wt = w + B * K, *p = wt + B * K, *g = p + E, *one = g + B;
     uint16_t *qb = h, *kb = qb + B * nq, *vb = kb + B * nk, *ob = vb + B * nk;
     for (int64_t l = 0; l < n && st == TMP_OK; l++) {
         const tmp_decode_layer *L = &layers[l];
@@ -324,8 +363,10 @@ TMP_API int tmp_decode_layers(const tmp_decode_layer *layers, int64_t n, uint16_
         for (int64_t b = 0; b < B; b++) route_row(L, lg + b * L->E, lids + b * L->K, w + b * L->K, p, pairs);
         const int64_t nt = make_tasks(L, lids, w, B, tasks, tok, wt);
         memset(out, 0, sizeof(float) * (size_t)(B * D));
-        if ((st = routed(L, xn, out, B, D, tasks, nt, nthreads))) break;
-        for (int64_t i = 0; i < B * D; i++) x[i] = bf16_bits(load1(x, i, 1) + rnd(out[i], 1));
+        if ((st = ffn(L->ffn, L, xn, out, B, D, tasks, nt, nthreads))) break;
+        round_rows(out, B * D, NULL);
+        if (L->shared_ffn != -1 && (st = shared(L, xn, out, B, D, y, g, tok, one, tasks, nthreads))) break;
+        for (int64_t i = 0; i < B * D; i++) x[i] = bf16_bits(load1(x, i, 1) + out[i]);
     }
     free(f);
     free(h);
