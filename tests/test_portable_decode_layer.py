@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_gguf import gguf_overrides  # noqa: E402
 
 from tilemem import kernels
 from tilemem.errors import KernelError
@@ -33,8 +34,12 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def gguf_file(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gguf") / "olmoe-q4_k_m.gguf"
-    return synthesize_gguf("olmoe", "tiny", out, "q4_k_m", routing_skew=1.0, progress=False)
+    def make(family: str):
+        out = tmp_path_factory.mktemp("gguf") / f"{family}-q4_k_m.gguf"
+        fields = gguf_overrides(family) if family == "qwen2_moe" else None  # no dense layer (as test_gguf's files)
+        return synthesize_gguf(family, "tiny", out, "q4_k_m", routing_skew=1.0, overrides=fields, progress=False)
+
+    return make
 
 
 def greedy(model, prompts: list[list[int]], fused: bool, routed: dict | None = None):
@@ -101,8 +106,10 @@ def test_bf16_and_fp8_checkpoints_decode_as_the_modules(make_ckpt, monkeypatch, 
     assert compare(model, monkeypatch) == STEPS  # one call a step for every layer
 
 
-def test_gguf_q4_k_m_decodes_as_the_modules(gguf_file, monkeypatch):
-    model, _ = load_model(gguf_file, "bf16")
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe"])  # qwen2_moe: q/k/v biases, gated shared experts
+def test_gguf_q4_k_m_decodes_as_the_modules(gguf_file, monkeypatch, family):
+    model, _ = load_model(gguf_file(family), "bf16")
+    assert None not in model._native_decode().layers
     assert compare(model, monkeypatch, rows=3) == STEPS
 
 
