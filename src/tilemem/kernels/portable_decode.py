@@ -207,7 +207,8 @@ def _stack(layers: Sequence[Layer], keys: Sequence[torch.Tensor], values: Sequen
     structs = (LayerW * n)(*(lay.struct for lay in layers))
     ptrs = [(ctypes.c_void_p * n)(*(t.data_ptr() for t in ts)) for ts in (keys, values)]
     k0 = keys[0]
-    return _Stack(structs, *ptrs, (*k0.stride()[:3], *k0.stride()[:3]), k0.shape[0], k0.shape[2], layers[0].struct.K)
+    top_k = max(lay.struct.K for lay in layers)
+    return _Stack(structs, *ptrs, (*k0.stride()[:3], *k0.stride()[:3]), k0.shape[0], k0.shape[2], top_k)
 
 
 def decode_layers(
@@ -215,7 +216,8 @@ def decode_layers(
 ) -> torch.Tensor:
     """The stack's layers for one new token per row, in place on the residual stream x [B, D] bf16 (contiguous);
     cos, sin [B, hd] (fp32: rotate in fp32, else bf16), block tables [B, M] and positions [B] int64. Returns the
-    routed expert ids [layers, B, K]. KernelError for bad input (nothing written then)."""
+    routed expert ids [layers, B, K] (K the layers' largest; a layer of fewer fills the start of its [B, K]).
+    KernelError for bad input (nothing written then)."""
     native = portable.require(lib(), "decode layers", "portable decode", "run the layers as modules")
     b, d = x.shape if x.dim() == 2 else (-1, -1)
     if x.dtype != torch.bfloat16 or not x.is_contiguous() or not 0 < b <= MAX_ROWS:
@@ -303,6 +305,7 @@ class PortableDecode:
         from tilemem.kernels import portable_decode
 
         ids = portable_decode.decode_layers(stack, y, cos.reshape(b, -1), sin.reshape(b, -1), tables, positions)
-        for j in range(ids.shape[0]):
-            observe(first + j, ids[j])
+        for j, lay in enumerate(self.runs[first]):
+            k = lay.struct.K  # the run's widest in ids; a layer of fewer filled the start of its [B, K]
+            observe(first + j, ids[j] if k == ids.shape[2] else ids[j].reshape(-1)[: b * k].view(b, k))
         return y.view(b, 1, -1)

@@ -294,7 +294,8 @@ static int layer_ok(const tmp_decode_layer *L, int64_t D) {
 /* n consecutive decoder layers for one new token per row, x [B, D] bf16 updated in place (see the top of this
  * file). cos, sin [B, hd] at row stride scs (fp32 when rot32, else bf16); kc[l], vc[l]: layer l's key and value
  * pools [N, Hkv, bs, hd] bf16 at element strides (skn, skh, skt, 1) and (svn, svh, svt, 1); table [B, M] block
- * tables, pos [B] the rows' new positions. ids [n, B, K]: each layer's routed experts. Returns TMP_EINVAL (nothing
+ * tables, pos [B] the rows' new positions. ids [n, B, K] (K the largest of the layers'): each layer's routed experts
+ * (a layer of fewer fills the first B * its K of its [B, K]). Returns TMP_EINVAL (nothing
  * written) for a layer that does not fit D or whose block tables do not fit the pools, TMP_ENOMEM without scratch
  * memory; a kernel's failure midway stops the run with its status (x then holds the layers before). */
 TMP_API int tmp_decode_layers(const tmp_decode_layer *layers, int64_t n, uint16_t *x, int64_t B, int64_t D,
@@ -335,7 +336,7 @@ TMP_API int tmp_decode_layers(const tmp_decode_layer *layers, int64_t n, uint16_
     for (int64_t l = 0; l < n && st == TMP_OK; l++) {
         const tmp_decode_layer *L = &layers[l];
         const int64_t lq = L->H * L->hd, lk = L->Hkv * L->hd;
-        int64_t *lids = ids + l * B * L->K;
+        int64_t *lids = ids + l * B * K; /* [B, L->K] at the start of layer l's [B, K] (K: the run's widest) */
         for (int64_t b = 0; b < B; b++) {
             load_row(xn + b * D, x, b * D, D, 1);
             rms_norm(xn + b * D, D, L->ln1, (float)L->eps, 1);
