@@ -121,8 +121,7 @@ def gguf_topology(path) -> Topology:
 def make_llm(path, combo: Combo, store) -> LLM:
     topo = gguf_topology(path)
     ffn = topo.routed_expert_bytes + topo.shared_and_dense_bytes
-    # The planner counts every tile in the file's widest type (q6_k in Q4_K_M): "everything" needs that much.
-    room = int(combo.budget * ffn) if combo.budget < 1 else 2 * ffn
+    room = int(combo.budget * ffn) if combo.budget < 1 else ffn  # plans count the tiles' real bytes
     budget = f"cpu={topo.non_expert_bytes + room}B"
     cache = f"cpu={int(combo.cache_share * room)}B" if combo.cache_share else None
     profile = Profile.synthetic(topo, skew=1.2, seed=11) if combo.skewed_profile else None
@@ -317,3 +316,85 @@ def test_commands_take_a_gguf_files_block_grid_as_their_default_tile(files, tmp_
     parser = build_parser()
     for argv in (["convert", "m.gguf", "--out", "s"], ["tmap", "validate", "m.gguf"]):
         assert parser.parse_args(argv).tile_size is None  # then checkpoint_tile decides
+
+
+def test_gguf_plans_count_the_bytes_the_store_holds(files, tmp_path):
+    """A Q4_K_M plan counts each unit in its own FFN's quant types (q4_k gate/up, q4_k or q6_k down by layer), not
+    the file's widest type: every unit, the store's size and the plan's tiles are the tile store's bytes; the
+    runtime holds and reads what the plan counts; the cost model counts the same, also on the plan saved and loaded
+    (and a plan saved before the types were written loads: its tiles as saved)."""
+    from tilemem.artifacts.mir import build_artifacts, plan_from_artifacts
+    from tilemem.placement.tiles import unit_bytes
+    from tilemem.tmap.shape import PlanShape
+
+    path = files("q4_k_m")
+    ckpt = Checkpoint.open(path)
+    store = TileStore(convert(path, tmp_path / "s", tile_size=256, progress=False), ckpt)
+    plan = make_plan(ckpt, "cpu=1GiB", "tilepo_fine", None, 256)
+    assert plan.fmt.name == "gguf_q6_k"  # the format named in the plan stays the file's widest type
+    counted: dict[tuple[int, int, int], int] = {}
+    for t in plan.tiles:
+        counted[(t.layer, t.expert, t.start)] = counted.get((t.layer, t.expert, t.start), 0) + t.total_bytes
+    assert counted == {key: t.nbytes for key, t in store.tiles.items()}  # unit by unit, exact
+    held = sum(t.nbytes for t in store.tiles.values())
+    assert plan.usage("cpu").tiles == held and plan.store_bytes == store.meta["bytes"]
+    widest = sum(unit_bytes(t.end - t.start, store.hidden, plan.fmt) for t in store.tiles.values())
+    assert widest > 1.1 * held  # what counting every projection as q6_k gave
+    shape = PlanShape.of(plan)
+    modelled = sum(lay.always_bytes + sum(sum(e.blocks.get("cpu", ())) for e in lay.experts) for lay in shape.layers)
+    assert modelled == held
+    save_plan(plan, tmp_path / "plan", heatmap=False)
+    assert PlanShape.of(load_plan(tmp_path / "plan")) == shape
+    mir, manifest = build_artifacts(plan)
+    del mir["model"]["ffn_types"]
+    legacy = plan_from_artifacts(mir, manifest)
+    assert legacy.tiles == plan.tiles and legacy.topology.ffn_types == ()
+    llm = LLM(path, dtype="fp32", plan=plan, store=tmp_path / "s", tile=256)
+    try:
+        assert llm.tiered.resident_bytes == held
+        layer = llm.plan.topology.moe_layers[0]
+        before = llm.tiered.counters.dram_bytes
+        x = torch.randn(1, llm.config.hidden_size)  # [T, D]
+        llm.tiered(layer, x, torch.tensor([[0.5, 0.5]]), torch.tensor([[3, 1]]))
+        read = llm.tiered.counters.dram_bytes - before
+        assert read == sum(t.total_bytes for t in plan.tiles if t.layer == layer and t.expert in (1, 3))
+    finally:
+        close(llm)
+
+
+def test_a_budget_of_the_real_bytes_of_n_experts_places_n_experts(files):
+    """A DRAM budget of exactly the non-expert weights, the shared/dense FFNs and k routed experts per layer in
+    their real bytes places k experts per layer there (counted in the widest type, fewer fit)."""
+    from tilemem.placement.budgets import Budgets
+    from tilemem.placement.tiles import always_active_ffns, ffn_width, unit_bytes
+
+    path = files("q4_k_m")
+    topo = gguf_topology(path)
+    moe, k = topo.moe_layers, 2
+    cap = topo.non_expert_bytes + topo.shared_and_dense_bytes + k * sum(topo.expert_bytes(layer) for layer in moe)
+    plan = make_plan(Checkpoint.open(path), f"cpu={cap}B", "uniform", None, 256)
+    in_dram = {(t.layer, t.expert) for t in plan.tiles if t.tier == "cpu" and t.expert >= 0}
+    assert len(in_dram) == k * len(moe) and plan.usage("cpu").used == cap
+    assert Budgets.from_experts_per_layer(topo, k, plan.fmt, "cpu", "disk").capacity("cpu") == cap
+    d = topo.hidden_size
+    always = sum(unit_bytes(ffn_width(topo, layer, e), d, plan.fmt) for layer, e in always_active_ffns(topo))
+    assert topo.non_expert_bytes + always + k * len(moe) * unit_bytes(WIDTH, d, plan.fmt) > cap
+
+
+def test_a_q8_0_plan_counts_as_before(files):
+    """One quant type everywhere (Q8_0): a unit's count is the format's, as before, and the store's bytes."""
+    from tilemem.placement.tiles import unit_bytes
+    from tilemem.runtime.tile_store import store_codec
+
+    path = files("q8_0")
+    ckpt = Checkpoint.open(path)
+    plan = make_plan(ckpt, "cpu=1GiB", "tilepo_fine", None, 256)
+    codec = store_codec(store_source(ckpt))
+    assert plan.fmt.name == "gguf_q8_0"
+    counted: dict[tuple[int, int, int, int], int] = {}
+    for t in plan.tiles:
+        key = (t.layer, t.expert, t.start, t.end)
+        counted[key] = counted.get(key, 0) + t.total_bytes
+    for (layer, expert, a, b), nbytes in counted.items():
+        assert nbytes == unit_bytes(b - a, ckpt.config.hidden_size, plan.fmt)
+        assert nbytes == codec.unit(layer, expert).payload_bytes(b - a)

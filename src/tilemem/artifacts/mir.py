@@ -145,6 +145,7 @@ def plan_from_artifacts(mir: dict[str, Any], manifest: dict[str, Any]) -> Plan:
         dtype_bytes=m["dtype_bytes"],
         layers=tuple(LayerTopology(**lt) for lt in m["layers"]),
         non_expert=tuple((w["name"], w["bytes"]) for w in mir["non_expert"]),
+        ffn_types=tuple(tuple(t) for t in m.get("ffn_types", ())),  # a plan saved before them: none
     )
     tiles = tuple(
         PlacedTile(
@@ -280,6 +281,8 @@ def _mir(plan: Plan, manifest_sha: str) -> dict[str, Any]:
         "settings": plan.settings,
         "manifest": {"file": MANIFEST_FILE, "sha256": manifest_sha},
     }
+    if topo.ffn_types:  # a GGUF model's FFN quant types: the cost model counts a loaded plan's tiles by them
+        out["model"]["ffn_types"] = [list(t) for t in topo.ffn_types]
     if plan.world_size > 1:  # a rank plan (single-process MIRs keep their form, and their checksums)
         out["ranks"] = {
             "rank": plan.rank,

@@ -157,6 +157,11 @@ class Topology:
         """The quant types of one FFN unit (GGUF), else None."""
         return next((tuple(t[2:]) for t in self.ffn_types if t[0] == layer and t[1] == unit), None)
 
+    def unit_types(self, layer: int, expert: int) -> tuple[str, str, str] | None:
+        """GGUF: the gate, up and down quant types of FFN (layer, expert) (a routed expert: its layer's stack's;
+        SHARED, DENSE); None where the FFN is stored in `dtype`."""
+        return self._types(layer, 0 if expert >= 0 else expert)
+
     def ffn_bytes(self, intermediate: int, types: tuple[str, str, str] | None = None) -> int:
         """Bytes of a gated FFN of width `intermediate` (FP8: with the scales of its three matrices; `types`:
         GGUF gate, up and down quant types, their blocks)."""

@@ -13,7 +13,7 @@ from tilemem.models.topology import Topology
 from tilemem.placement.errors import BudgetError
 from tilemem.placement.formats import TileFormat
 from tilemem.placement.tiers import budget_tier, tier_rank
-from tilemem.placement.tiles import always_active_ffns, ffn_width, unit_bytes, units_of
+from tilemem.placement.tiles import always_active_ffns, ffn_unit_bytes, ffn_width, units_of
 from tilemem.units import format_bytes, parse_bytes
 
 UNBOUNDED = ("inf", "unbounded", "rest")
@@ -176,6 +176,6 @@ class Budgets:
 
 
 def whole_ffn_bytes(topology: Topology, layer: int, expert: int, fmt: TileFormat, shard_count: int = 1) -> int:
-    """Bytes of one whole FFN (one unit per shard), in `fmt`."""
+    """Bytes of one whole FFN (one unit per shard), in `fmt` (a GGUF model's: its own quant types)."""
     units = units_of(topology, layer, expert, ffn_width(topology, layer, expert), shard_count)
-    return sum(unit_bytes(u.neurons, topology.hidden_size, fmt) for u in units)
+    return sum(ffn_unit_bytes(topology, layer, expert, u.neurons, fmt) for u in units)

@@ -4,7 +4,8 @@ Plain dtypes (bf16, fp16, fp32) carry no scales. `fp8_e4m3` is FP8 as DeepSeek-V
 publish it: one byte per weight and one fp32 scale per 128 x 128 block of each projection (neurons x
 hidden columns, the last blocks partial); a tile's scales sit right after its weights. Tiles of an FP8
 model start on 128-neuron boundaries. `gguf_<type>` (`gguf_q4_k`, ...) counts llama.cpp's quant blocks of
-that type: a GGUF model's plans count every projection in its widest type (`runtime.gguf_source`). `x12` is a
+that type; a GGUF model's plan is named by its widest type (`runtime.gguf_source.gguf_tile_format`) but counts
+each FFN in its own types, as the tile store holds it (`placement.tiles.ffn_unit_bytes`). `x12` is a
 bf16 store's lossless 12-bit packing (`layers.x12`): 12 bits per weight (rows padded to 64 weights), and a tile's
 code table, row offsets and exception area (`layers.x12.payload_bytes`) counted as its three projections' scales.
 """

@@ -84,7 +84,7 @@ def assemble(
     """Lay out the store, compute usage and the objective, and check coverage and budgets."""
     topo, budgets = problem.topology, problem.budgets
     _check_coverage(problem, assignment)
-    entries, store_bytes = layout(list(assignment), topo.hidden_size, problem.fmt)
+    entries, store_bytes = layout(list(assignment), topo.hidden_size, problem.fmt, topo)
     tiles = []
     for unit in sorted(assignment, key=store_order):
         for g in GROUPS:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from tilemem.models.topology import DENSE, SHARED
 from tilemem.placement.policies.base import OwnedRanges, PlacementProblem
-from tilemem.placement.tiles import ffn_width, unit_bytes, units_of
+from tilemem.placement.tiles import ffn_unit_bytes, ffn_width, units_of
 
 SPLITS: tuple[str, ...] = ("expert", "tile", "even")
 """How routed experts are divided among ranks: whole experts, also by tile ranges where that balances the expected
@@ -198,7 +198,7 @@ def _items(problem: PlacementProblem, layer: int) -> list[_Item]:
     out = []
     for e in experts:
         units = units_of(topo, layer, e, problem.tile, problem.shard_count)
-        tiles = tuple((u.start, u.end, unit_bytes(u.neurons, topo.hidden_size, problem.fmt)) for u in units)
+        tiles = tuple((u.start, u.end, ffn_unit_bytes(topo, layer, e, u.neurons, problem.fmt)) for u in units)
         if ffn_width(topo, layer, e):
             out.append(_Item(layer, e, 1.0 if e == SHARED else probs[e], tiles))
     return out

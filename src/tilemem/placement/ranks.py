@@ -24,7 +24,7 @@ from tilemem.placement.policies import PlacementProblem
 from tilemem.placement.profile import Profile
 from tilemem.placement.rank_partition import SPLITS, partition
 from tilemem.placement.tiers import REMOTE, tier
-from tilemem.placement.tiles import Unit, always_active_ffns, routed_ffns, unit_bytes, units_of
+from tilemem.placement.tiles import Unit, always_active_ffns, ffn_unit_bytes, routed_ffns, units_of
 
 __all__ = ["SPLITS", "balance", "build_rank_plans"]
 T = TypeVar("T")
@@ -141,7 +141,7 @@ def _quota(problem: PlacementProblem, free: dict[str, int | None]) -> int | None
             room += value
     topo = problem.topology
     dense = sum(
-        unit_bytes(u.neurons, topo.hidden_size, problem.fmt)
+        ffn_unit_bytes(topo, layer, e, u.neurons, problem.fmt)
         for layer, e in always_active_ffns(topo)
         if e == DENSE
         for u in units_of(topo, layer, e, problem.tile, problem.shard_count)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tilemem.models.topology import Topology
 from tilemem.placement.formats import TileFormat
-from tilemem.placement.tiles import GROUPS, Unit, group_bytes
+from tilemem.placement.tiles import GROUPS, Unit, ffn_group_bytes, group_bytes
 
 ALIGNMENT = 4096
 """Block alignment in bytes: every tile block, O_DIRECT read and cache slot is whole 4 KiB pages. The one
@@ -46,12 +47,19 @@ def store_order(unit: Unit) -> tuple:
     return (unit.layer, unit.expert, unit.shard, unit.start)
 
 
-def layout(units: list[Unit], hidden: int, fmt: TileFormat) -> tuple[dict[tuple[Unit, str], StoreEntry], int]:
-    """Store entries of every (unit, group) and the store's total size."""
+def layout(
+    units: list[Unit], hidden: int, fmt: TileFormat, topology: Topology | None = None
+) -> tuple[dict[tuple[Unit, str], StoreEntry], int]:
+    """Store entries of every (unit, group) and the store's total size. With the `topology`, each tile counts the
+    bytes the tile store holds (a GGUF model's: its FFN's own quant types, `tiles.ffn_group_bytes`; such a store
+    keeps the file's blocks in its own layout, `runtime.tile_format`, so only the sizes are its)."""
     entries: dict[tuple[Unit, str], StoreEntry] = {}
     offset = 0
     for unit in sorted(units, key=store_order):
-        sizes = {g: group_bytes(g, unit.neurons, hidden, fmt) for g in GROUPS}
+        if topology is not None:
+            sizes = {g: ffn_group_bytes(topology, unit.layer, unit.expert, g, unit.neurons, fmt) for g in GROUPS}
+        else:
+            sizes = {g: group_bytes(g, unit.neurons, hidden, fmt) for g in GROUPS}
         weights = offset
         scales = offset + sum(w for w, _ in sizes.values())
         for g in GROUPS:

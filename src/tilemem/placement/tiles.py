@@ -18,9 +18,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from tilemem.models.topology import DENSE, SHARED, Topology
+from tilemem.models.topology import DENSE, SHARED, Topology, matrix_bytes
 from tilemem.placement.errors import PlanError
-from tilemem.placement.formats import TileFormat
+from tilemem.placement.formats import TileFormat, gguf_format
 
 GROUPS: tuple[str, ...] = ("gate_up", "down")
 """Projection groups: gate and up rows together, down columns."""
@@ -149,3 +149,29 @@ def group_bytes(group: str, neurons: int, hidden: int, fmt: TileFormat) -> tuple
 def unit_bytes(neurons: int, hidden: int, fmt: TileFormat) -> int:
     """Bytes of a unit: both groups' weights and scales."""
     return sum(sum(group_bytes(g, neurons, hidden, fmt)) for g in GROUPS)
+
+
+def ffn_group_bytes(
+    topology: Topology, layer: int, expert: int, group: str, neurons: int, fmt: TileFormat
+) -> tuple[int, int]:
+    """(weight bytes, scale bytes) of the `group` tile of `neurons` neurons of FFN (layer, expert), as the tile
+    store holds it: a GGUF model's FFN in its own quant types (`Topology.unit_types`; gate/up rows of D weights,
+    down's D rows of `neurons` columns: its blocks' bytes, exact on the block grid, the part past the type's
+    whole bits per weight counted as scales), any other in `fmt` (`group_bytes`)."""
+    types = topology.unit_types(layer, expert)
+    d = topology.hidden_size
+    if types is None:
+        return group_bytes(group, neurons, d, fmt)
+    mats = [(neurons, d, q) for q in types[:2]] if group == "gate_up" else [(d, neurons, types[2])]
+    total = sum(matrix_bytes(rows, cols, q) for rows, cols, q in mats)
+    weights = sum(rows * cols * gguf_format(q).element_bits // 8 for rows, cols, q in mats)
+    return weights, total - weights
+
+
+def ffn_unit_bytes(topology: Topology, layer: int, expert: int, neurons: int, fmt: TileFormat) -> int:
+    """Bytes of a unit of `neurons` neurons of FFN (layer, expert), both groups, as the tile store holds it: a
+    GGUF model's in the FFN's own quant types (Q4_K_M: q4_k gate/up, q4_k or q6_k down by layer), any other
+    model's in `fmt` (`unit_bytes`). What plans, budgets, policies and the cost model count."""
+    if topology.unit_types(layer, expert) is None:
+        return unit_bytes(neurons, topology.hidden_size, fmt)
+    return sum(sum(ffn_group_bytes(topology, layer, expert, g, neurons, fmt)) for g in GROUPS)

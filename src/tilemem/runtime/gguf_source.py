@@ -123,8 +123,9 @@ def plan_types(units: dict[tuple[int, int], tuple[str, str, str]]) -> dict[tuple
 
 
 def gguf_tile_format(units: dict[tuple[int, int], tuple[str, str, str]]) -> TileFormat:
-    """The tile format the planner counts a GGUF model's tile bytes with: the file's widest quant type (most bytes
-    per weight among its FFN matrices) for every projection, so a plan never counts fewer bytes than a tile
-    holds (exact where one type stores every FFN matrix, as in a Q8_0 file)."""
+    """The tile format a GGUF model's plans name: the file's widest quant type (most bytes per weight among its FFN
+    matrices). Plans count each FFN unit's bytes in its own types (`Topology.ffn_types`, through
+    `placement.tiles.ffn_unit_bytes`: a Q4_K_M file's q4_k and q6_k downs each as stored); this format counts
+    only where a topology has no types (a plan saved before they were written into it)."""
     widest = max((QUANT_TYPES[q] for types in units.values() for q in types), key=lambda q: q.nbytes / q.weights)
     return tile_format(f"gguf_{widest.name}")

@@ -111,9 +111,13 @@ def auto_budget(
 def staging_reserve(topology: Topology, tile: int) -> int:
     """Bytes of the tile reads in flight: IO_DEPTH slots of one tile (gate, up and down rows of `tile`
     neurons, or of a whole expert when narrower), which the runtime keeps even when a budget leaves its tile
-    cache less room (0 without experts)."""
-    widths = [lt.expert_intermediate for lt in topology.layers if lt.is_moe]
-    return IO_DEPTH * 3 * min(tile, max(widths)) * topology.hidden_size * topology.dtype_bytes if widths else 0
+    cache less room (0 without experts). A GGUF model's tiles count their quant types' blocks."""
+    sizes = [
+        topology.ffn_bytes(min(tile, lt.expert_intermediate), topology.unit_types(lt.index, 0))
+        for lt in topology.layers
+        if lt.is_moe
+    ]
+    return IO_DEPTH * max(sizes) if sizes else 0
 
 
 LEARNING_CACHE_SHARE = 0.9

@@ -8,7 +8,8 @@ every token), so they reach the disk only under a budget below non-expert + shar
 the model does not cover. Per step: the LM head and final norm.
 
 Bytes come from the plan's tile format (`placement.formats`): FP8 tiles count one byte per weight plus
-their fp32 block scales, as the tile store holds them. In an FP8 model the layers' non-expert matrices
+their fp32 block scales, as the tile store holds them; a GGUF model's tiles their FFN's own quant types' blocks
+(`placement.tiles.ffn_unit_bytes`). In an FP8 model the layers' non-expert matrices
 (attention projections) are FP8 too, while the LM head stays in the plain dtype (`head_dtype`), and the
 KV cache is in the activation dtype, so each is looked up at its own kernel rate.
 """
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from tilemem.models.topology import DTYPE_BYTES, FP8_FORMAT
 from tilemem.placement.plan import Plan
 from tilemem.placement.store_layout import ALIGNMENT, align
-from tilemem.placement.tiles import unit_bytes
+from tilemem.placement.tiles import ffn_unit_bytes
 
 PLAIN_DTYPE = "bfloat16"
 """Dtype of an FP8 model's unquantized weights (LM head, embeddings, norms) and of its activations and KV
@@ -89,8 +90,8 @@ class PlanShape:
         store_tile = store_tile or plan.tile
         fp8 = topo.dtype == FP8_FORMAT
 
-        def ffn(neurons: int) -> int:  # bytes of `neurons` neurons of a gated FFN (gate, up, down), scales included
-            return unit_bytes(neurons, topo.hidden_size, plan.fmt)
+        def ffn(layer: int, expert: int, neurons: int) -> int:  # bytes of `neurons` neurons of an FFN, with scales
+            return ffn_unit_bytes(topo, layer, expert, neurons, plan.fmt)
 
         # the KV cache holds activations: the plain dtype's bytes per element, whatever the weights' format
         kv_bytes = DTYPE_BYTES[PLAIN_DTYPE] if fp8 else topo.dtype_bytes
@@ -117,7 +118,7 @@ class PlanShape:
             if t.group != "gate_up":
                 continue
             if t.expert < 0:
-                always[t.layer] = always.get(t.layer, 0) + ffn(t.end - t.start)
+                always[t.layer] = always.get(t.layer, 0) + ffn(t.layer, t.expert, t.end - t.start)
                 continue
             spans = ranges.setdefault((t.layer, t.expert), {}).setdefault(t.tier, [])
             spans.append((t.start, t.end))
@@ -131,9 +132,10 @@ class PlanShape:
                     merged = _merge(spans)
                     if tier == "disk":  # the runtime reads every whole store tile a disk range touches
                         starts = sorted({s for a, b in merged for s in range(a - a % store_tile, b, store_tile)})
-                        disk += [padded(ffn(min(s + store_tile, lt.expert_intermediate) - s)) for s in starts]
+                        ends = [min(s + store_tile, lt.expert_intermediate) for s in starts]
+                        disk += [padded(ffn(lt.index, e, b - s)) for s, b in zip(starts, ends, strict=True)]
                     else:
-                        blocks[tier] = tuple(ffn(b - a) for a, b in merged)
+                        blocks[tier] = tuple(ffn(lt.index, e, b - a) for a, b in merged)
                 experts.append(ExpertShape(e, blocks, tuple(disk)))
             layers.append(
                 LayerShape(
@@ -144,8 +146,8 @@ class PlanShape:
         cache = None
         if cpu is not None and cpu.capacity is not None:
             cache = cpu.capacity - cpu.non_expert - cpu.tiles
-        widest = max((lt.expert_intermediate for lt in topo.layers if lt.is_moe), default=0)
-        slot = padded(ffn(min(store_tile, widest))) if widest else ALIGNMENT
+        tiles = [ffn(lt.index, 0, min(store_tile, lt.expert_intermediate)) for lt in topo.layers if lt.is_moe]
+        slot = padded(max(tiles)) if any(tiles) else ALIGNMENT  # the largest routed store tile
         head_dtype = PLAIN_DTYPE if fp8 else topo.dtype
         return cls(tuple(layers), head, plan.tiers[0].tier, cache, slot, topo.dtype, head_dtype)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from tilemem.placement.errors import BudgetError
 from tilemem.placement.knapsack import Item, solve
 from tilemem.placement.policies.base import Assignment, PlacementProblem, PolicyResult
-from tilemem.placement.tiles import Unit, always_active_ffns, ffn_width, unit_bytes, units_of
+from tilemem.placement.tiles import Unit, always_active_ffns, ffn_unit_bytes, ffn_width, units_of
 from tilemem.units import format_bytes
 
 Candidate = tuple[Unit, float, int]
@@ -29,8 +29,8 @@ def frequency_ranks(probs: list[float]) -> list[int]:
 
 
 def size_of(problem: PlacementProblem, unit: Unit) -> int:
-    """Bytes of a unit in the problem's format."""
-    return unit_bytes(unit.neurons, problem.topology.hidden_size, problem.fmt)
+    """Bytes of a unit in the problem's format (a GGUF model's: its FFN's own quant types)."""
+    return ffn_unit_bytes(problem.topology, unit.layer, unit.expert, unit.neurons, problem.fmt)
 
 
 def split(problem: PlacementProblem, layer: int, expert: int, tile: int | None) -> list[Unit]:
