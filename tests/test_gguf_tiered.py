@@ -364,7 +364,8 @@ def test_gguf_plans_count_the_bytes_the_store_holds(files, tmp_path):
 
 def test_a_budget_of_the_real_bytes_of_n_experts_places_n_experts(files):
     """A DRAM budget of exactly the non-expert weights, the shared/dense FFNs and k routed experts per layer in
-    their real bytes places k experts per layer there (counted in the widest type, fewer fit)."""
+    their real bytes places k experts per layer there (counted in the widest type, fewer fit); `--budget auto`
+    with room for the whole model (the topology's bytes) places every tile in DRAM."""
     from tilemem.placement.budgets import Budgets
     from tilemem.placement.tiles import always_active_ffns, ffn_width, unit_bytes
 
@@ -379,6 +380,8 @@ def test_a_budget_of_the_real_bytes_of_n_experts_places_n_experts(files):
     d = topo.hidden_size
     always = sum(unit_bytes(ffn_width(topo, layer, e), d, plan.fmt) for layer, e in always_active_ffns(topo))
     assert topo.non_expert_bytes + always + k * len(moe) * unit_bytes(WIDTH, d, plan.fmt) > cap
+    auto = make_plan(Checkpoint.open(path), "auto", "tilepo_fine", None, 256, memory_limit="8GiB")
+    assert auto.usage("cpu").capacity == topo.total_bytes and not auto.tiles_in("disk")
 
 
 def test_a_q8_0_plan_counts_as_before(files):

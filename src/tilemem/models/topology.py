@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -153,9 +154,14 @@ class Topology:
         """Bytes of one routed expert (gate, up, down) in `layer`."""
         return self.ffn_bytes(self.layers[layer].expert_intermediate, self._types(layer, 0))
 
+    @cached_property
+    def _type_map(self) -> dict[tuple[int, int], tuple[str, str, str]]:
+        """`ffn_types` by (layer, unit), built once (planners ask for every tile unit)."""
+        return {(t[0], t[1]): tuple(t[2:]) for t in self.ffn_types}
+
     def _types(self, layer: int, unit: int) -> tuple[str, str, str] | None:
         """The quant types of one FFN unit (GGUF), else None."""
-        return next((tuple(t[2:]) for t in self.ffn_types if t[0] == layer and t[1] == unit), None)
+        return self._type_map.get((layer, unit))
 
     def unit_types(self, layer: int, expert: int) -> tuple[str, str, str] | None:
         """GGUF: the gate, up and down quant types of FFN (layer, expert) (a routed expert: its layer's stack's;
