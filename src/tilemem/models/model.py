@@ -128,8 +128,9 @@ class MoECausalLM(nn.Module):
         """Expert parallelism (`parallel.RankGroup`): every rank computes its share of the LM head's vocabulary
         columns and rank 0 gathers the logits, instead of rank 0 computing them all while the others wait."""
         self.fused_decode = True
-        """Run decode steps' softmax-routed MoE layers as one native call (`DecoderLayer.native_decode`);
-        False runs every layer as modules (the same result, for comparisons)."""
+        """Run decode steps' softmax-routed MoE layers as one native call (`DecoderLayer.native_decode` with the
+        AVX512 library, else `models.portable_decode` on AVX2); False runs every layer as modules (the same
+        result, for comparisons)."""
         self._native: kernels.NativeDecode | None = None  # built at the first decode step after load
 
     @property
