@@ -120,3 +120,30 @@ def test_llm_with_only_a_memory_limit_runs_tiered_and_matches_all_resident(olmoe
     assert resident.tiered is None
     prompt = [1, 2, 3, 4, 5]
     assert small.generate(prompt, greedy)[0].token_ids == resident.generate(prompt, greedy)[0].token_ids
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "q4_k_m"])
+def test_the_kv_reserve_is_the_kv_cache_whatever_the_weights_format(fmt, tmp_path):
+    """The KV cache holds activations (bf16): its reserve is the cache's bytes for an FP8 or GGUF model too, not
+    the quantized k/v weights' bytes over the hidden size (FP8 was 2x, Q4_K ~3.5x too small), and a saved plan
+    keeps the widths it is counted from."""
+    from tilemem.artifacts.mir import build_artifacts, plan_from_artifacts
+    from tilemem.engine.llm import LLM
+    from tilemem.runtime.setup import _topology, default_tile, make_plan
+    from tilemem.synth.gguf_writer import synthesize_gguf
+    from tilemem.synth.writer import synthesize
+
+    if fmt == "q4_k_m":
+        path = synthesize_gguf("olmoe", "tiny", tmp_path / "m.gguf", "q4_k_m", progress=False)
+    else:
+        path = synthesize("olmoe", "tiny", tmp_path / "m", dtype=fmt, progress=False)
+    ckpt = Checkpoint.open(path)
+    topo, _ = _topology(ckpt, None)
+    llm = LLM(path, dtype="bf16")
+    block = 16
+    assert kv_reserve(topo, 64 * block, 1) == 64 * llm.model.kv_block_bytes(block)
+    # a plan saved before the widths counts them from bytes: right for plain and FP8 weights, not GGUF blocks
+    stale = Topology(**{**topo.__dict__, "kv_widths": ()})
+    assert (kv_reserve(stale, 1024, 1) == kv_reserve(topo, 1024, 1)) == (fmt != "q4_k_m")
+    plan = make_plan(ckpt, "cpu=1GiB", "tilepo_fine", None, default_tile(ckpt))
+    assert plan_from_artifacts(*build_artifacts(plan)).topology.kv_widths == topo.kv_widths

@@ -146,6 +146,7 @@ def plan_from_artifacts(mir: dict[str, Any], manifest: dict[str, Any]) -> Plan:
         layers=tuple(LayerTopology(**lt) for lt in m["layers"]),
         non_expert=tuple((w["name"], w["bytes"]) for w in mir["non_expert"]),
         ffn_types=tuple(tuple(t) for t in m.get("ffn_types", ())),  # a plan saved before them: none
+        kv_widths=tuple((w["name"], w["width"]) for w in m.get("kv_widths", ())),  # likewise
     )
     tiles = tuple(
         PlacedTile(
@@ -283,6 +284,8 @@ def _mir(plan: Plan, manifest_sha: str) -> dict[str, Any]:
     }
     if topo.ffn_types:  # a GGUF model's FFN quant types: the cost model counts a loaded plan's tiles by them
         out["model"]["ffn_types"] = [list(t) for t in topo.ffn_types]
+    if topo.kv_widths:  # the KV cache's values per token (a quantized k/v weight's bytes do not give them)
+        out["model"]["kv_widths"] = [{"name": n, "width": w} for n, w in topo.kv_widths]
     if plan.world_size > 1:  # a rank plan (single-process MIRs keep their form, and their checksums)
         out["ranks"] = {
             "rank": plan.rank,

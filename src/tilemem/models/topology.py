@@ -19,6 +19,8 @@ from tilemem.layers.ggml import QUANT_TYPES
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "bf16": 2, "fp16": 2, "fp32": 4, "fp8_e4m3": 1}
 FP8_FORMAT = "fp8_e4m3"
+KV_WEIGHTS = ("k_proj.weight", "v_proj.weight", "kv_a_proj_with_mqa.weight")
+"""The weights whose outputs the KV cache holds per token: the k and v projections, MLA's latent projection."""
 """Topology.dtype of an FP8 checkpoint: one byte per weight plus an fp32 scale per 128x128 block."""
 
 
@@ -91,6 +93,9 @@ class Topology:
     """GGUF: (layer, unit, gate type, up type, down type) of every FFN, quant types such as `q4_k` (unit: 0 for
     the routed experts, which share their layer's types, SHARED or DENSE); FFN bytes are then their blocks'.
     Empty: every FFN is stored in `dtype`."""
+    kv_widths: tuple[tuple[str, int], ...] = ()
+    """(name, output width) of every `KV_WEIGHTS` weight: the values per token the KV cache holds for it, whatever
+    the weight's format. Empty in plans saved before it was recorded (`kv_values` then derives it from bytes)."""
 
     @staticmethod
     def layers_of(cfg: ModelConfig) -> tuple[LayerTopology, ...]:
@@ -146,9 +151,24 @@ class Topology:
             non_expert.append((name, nbytes))
             params += math.prod(t.shape)
         types = tuple(sorted((layer, unit, *t) for (layer, unit), t in (ffn_types or {}).items()))
+        state = model.state_dict(keep_vars=True)
+        kv = tuple((name, t.shape[0]) for name, t in state.items() if name.endswith(KV_WEIGHTS))
         return cls(
-            cfg.family, cfg.hidden_size, dtype, DTYPE_BYTES.get(dtype, 2), layers, tuple(non_expert), params, types
+            cfg.family, cfg.hidden_size, dtype, DTYPE_BYTES.get(dtype, 2), layers, tuple(non_expert), params, types, kv
         )
+
+    def kv_values(self) -> list[tuple[str, int]]:
+        """(name, values per token) the KV cache holds for each `KV_WEIGHTS` weight: `kv_widths`, or for a plan
+        saved without them the weights' bytes over the hidden size and `dtype_bytes` (exact for plain dtypes)."""
+        if self.kv_widths:
+            return list(self.kv_widths)
+        d = self.hidden_size * self.dtype_bytes
+        return [(name, nbytes // d) for name, nbytes in self.non_expert if name.endswith(KV_WEIGHTS)]
+
+    @property
+    def kv_element_bytes(self) -> int:
+        """Bytes of one KV cache value: the activations' dtype (an FP8 or GGUF model's too: bf16), not the weights'."""
+        return DTYPE_BYTES["bfloat16"] if self.dtype == FP8_FORMAT else self.dtype_bytes
 
     def expert_bytes(self, layer: int) -> int:
         """Bytes of one routed expert (gate, up, down) in `layer`."""

@@ -53,10 +53,7 @@ class AutoBudget:
 
 def kv_reserve(topology: Topology, context: int, batch: int) -> int:
     """Bytes of KV cache for `batch` sequences of `context` tokens."""
-    per_token = 0
-    for name, nbytes in topology.non_expert:
-        if name.endswith(("k_proj.weight", "v_proj.weight", "kv_a_proj_with_mqa.weight")):
-            per_token += nbytes // topology.hidden_size
+    per_token = sum(width for _, width in topology.kv_values()) * topology.kv_element_bytes
     return per_token * context * batch
 
 

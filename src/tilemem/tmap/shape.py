@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from tilemem.models.topology import DTYPE_BYTES, FP8_FORMAT
+from tilemem.models.topology import FP8_FORMAT
 from tilemem.placement.plan import Plan
 from tilemem.placement.store_layout import ALIGNMENT, align
 from tilemem.placement.tiles import ffn_unit_bytes
@@ -93,10 +93,11 @@ class PlanShape:
         def ffn(layer: int, expert: int, neurons: int) -> int:  # bytes of `neurons` neurons of an FFN, with scales
             return ffn_unit_bytes(topo, layer, expert, neurons, plan.fmt)
 
-        # the KV cache holds activations: the plain dtype's bytes per element, whatever the weights' format
-        kv_bytes = DTYPE_BYTES[PLAIN_DTYPE] if fp8 else topo.dtype_bytes
         per_layer: dict[int, int] = {}
-        kv: dict[int, int] = {}
+        kv: dict[int, int] = {}  # the KV cache holds activations: the activations' bytes, whatever the weights'
+        for name, width in topo.kv_values():
+            if m := _LAYER.search(name):
+                kv[int(m.group(1))] = kv.get(int(m.group(1)), 0) + width * topo.kv_element_bytes
         head = 0
         names = [n for n, _ in topo.non_expert]
         tied = not any(n.startswith("lm_head") for n in names)
@@ -105,9 +106,6 @@ class PlanShape:
             if m:
                 layer = int(m.group(1))
                 per_layer[layer] = per_layer.get(layer, 0) + nbytes
-                if name.endswith(("k_proj.weight", "v_proj.weight", "kv_a_proj_with_mqa.weight")):
-                    width = nbytes // (topo.hidden_size * topo.dtype_bytes)  # out width (FP8: scales round off)
-                    kv[layer] = kv.get(layer, 0) + width * kv_bytes
             elif "embed_tokens" in name:
                 head += nbytes if tied else 0  # a tied embedding is the LM head; else one row is read
             else:
