@@ -131,7 +131,8 @@ class MoECausalLM(nn.Module):
         """Run decode steps' softmax-routed MoE layers as one native call (`DecoderLayer.native_decode` with the
         AVX512 library, else `models.portable_decode` on AVX2); False runs every layer as modules (the same
         result, for comparisons)."""
-        self._native: kernels.NativeDecode | None = None  # built at the first decode step after load
+        self._native: kernels.NativeDecode | PortableDecode | portable_decode.Dispatch | None = None
+        """The fused decode dispatch, built at the first decode step after load (`_native_decode`)."""
 
     @property
     def dtype(self) -> torch.dtype:
@@ -231,17 +232,17 @@ class MoECausalLM(nn.Module):
         """Bytes of one KV block of `block_size` positions over every layer."""
         return self._cache(1, block_size, 1).nbytes()
 
-    def _native_decode(self, rows: int = 1) -> kernels.NativeDecode | PortableDecode | None:
-        """The fused decode dispatch for a step of `rows` rows, decided once per set of weights and executor:
-        `kernels.NativeDecode` (AVX512), else the portable one-call layers (`models.portable_decode`, AVX2, up to
-        `MAX_ROWS` rows); None where neither runs this model (not bf16 on the CPU, no kernels)."""
-        if self._native is None and self.dtype == torch.bfloat16 and self.device.type == "cpu" and kernels.available():
-            self._native = kernels.NativeDecode([layer.native_decode(self.rope) for layer in self.model.layers])
-        stale = isinstance(self._native, PortableDecode) and self._native.key != portable_decode.key()
-        if (self._native is None or stale) and portable_decode.applies(self.dtype, self.device):
-            self._native = portable_decode.portable_decode_layers(self.model.layers, self.rope)
-        if isinstance(self._native, PortableDecode) and rows > MAX_ROWS:
-            return None
+    def _native_decode(self, rows: int = 1) -> kernels.NativeDecode | PortableDecode | portable_decode.Dispatch | None:
+        """The fused decode dispatch for a step of `rows` rows, decided once per set of weights and executor
+        (`models.portable_decode.fused_layers`): `kernels.NativeDecode` (AVX512), the portable one-call layers (AVX2,
+        up to `MAX_ROWS` rows) for the layers it leaves, or both; None where neither runs this model."""
+        stale = isinstance(self._native, PortableDecode | portable_decode.Dispatch) and (
+            self._native.key != portable_decode.key()
+        )
+        if self._native is None or stale:
+            self._native = portable_decode.fused_layers(self.model.layers, self.rope, self.dtype, self.device)
+        if rows > MAX_ROWS and isinstance(self._native, PortableDecode | portable_decode.Dispatch):
+            return self._native.native if isinstance(self._native, portable_decode.Dispatch) else None
         return self._native
 
     def _observe_route(self, layer: int, ids: torch.Tensor) -> None:

@@ -33,12 +33,52 @@ FFN_FORMATS = {ggml_kernels: "ggml", fp8_kernels: "fp8", bf16_ffn_kernels: "bf16
 
 
 def applies(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether a model of activations `dtype` on `device` can decode through the portable layers: bf16 on the CPU,
-    where the AVX512 library (whose own fused layers come first) does not run and the portable kernels do."""
+    """Whether a model of activations `dtype` on `device` can decode through the portable layers: bf16 on the CPU
+    where the portable kernels run (with the AVX512 library too: its own fused layers come first, `fused_layers`)."""
     return (
-        dtype == torch.bfloat16 and device.type == "cpu" and not kernels.available()
-        and portable_decode.available() and paged_decode.available()
+        dtype == torch.bfloat16 and device.type == "cpu" and portable_decode.available() and paged_decode.available()
     )  # fmt: skip
+
+
+class Dispatch:
+    """The AVX512 library's fused runs (`kernels.NativeDecode`) and the portable runs (`PortableDecode`, built for
+    the layers the AVX512 ones leave) of one model, as one: `run_length` and `forward` go to whichever owns the run
+    starting at a layer (the AVX512 one first)."""
+
+    def __init__(self, native: kernels.NativeDecode, portable: portable_decode.PortableDecode) -> None:
+        self.native, self.portable = native, portable
+        self.key = portable.key
+        """What the portable layers were built for (the model compares it to rebuild them)."""
+
+    def run_length(self, first: int, cache: object, keys: Sequence[torch.Tensor]) -> int:
+        """Layers of the run starting at layer `first` (0: it runs as modules)."""
+        return self.native.run_length(first, cache, keys) or self.portable.run_length(first, cache, keys)
+
+    def forward(self, first: int, x: torch.Tensor, *args) -> torch.Tensor:
+        """The run starting at layer `first` (`kernels.NativeDecode.forward`'s arguments) through its library."""
+        owner = self.native if first in self.native.runs else self.portable
+        return owner.forward(first, x, *args)
+
+
+def fused_layers(
+    layers: Sequence[DecoderLayer], rope: RotaryEmbedding, dtype: torch.dtype, device: torch.device
+) -> kernels.NativeDecode | portable_decode.PortableDecode | Dispatch | None:
+    """A decode step's fused dispatch for the model's decoder `layers`: the AVX512 library's fused layers where it
+    runs (`DecoderLayer.native_decode`), the portable ones (`portable_layer`) for the layers it leaves (all of them
+    without it; an FP8 or GGUF model's with it), both (`Dispatch`) where each takes some; None where neither runs
+    (not bf16 on the CPU, no kernels)."""
+    if dtype != torch.bfloat16 or device.type != "cpu":
+        return None
+    native = kernels.NativeDecode([layer.native_decode(rope) for layer in layers]) if kernels.available() else None
+    if not applies(dtype, device):
+        return native
+    taken = native.layers if native is not None else [None] * len(layers)
+    portable = portable_decode.PortableDecode(
+        [None if t is not None else portable_layer(layer, rope) for layer, t in zip(layers, taken, strict=True)], key()
+    )
+    if native is None or not portable.runs:
+        return portable if native is None else native
+    return portable if not native.runs else Dispatch(native, portable)
 
 
 def key() -> object:
