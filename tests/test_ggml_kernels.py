@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 TOL = 1e-5  # exact path: max abs error / max abs reference (fp32 accumulation against float64)
-TOKENS = [1, 3, 8, 33, 300]  # 33: 5 passes of 8 (+1); 300: the prefill way (dequantized rows + torch GEMM)
+TOKENS = [1, 3, 8, 33, 300]  # 3, 8: passes of 8; 33, 300: the prefill way (dequantized panels; 300: 2 passes)
 ROWS = 37  # odd: a thread's range ends mid-way
 
 
@@ -119,6 +119,35 @@ def test_flipped_scale_byte_is_caught(qtype: str) -> None:
             want = y if exact else ggml.matmul_nt(x, qtype, torch.from_numpy(data), cols, False)
             assert not torch.equal(got[:, 0], want[:, 0]), f"byte {offset} exact={exact}"
             assert torch.equal(got[:, 1:], want[:, 1:])
+
+
+@pytest.mark.parametrize("qtype", ["q4_k", "q6_k", "q8_0"])
+def test_prefill_panels(qtype: str) -> None:
+    """The prefill way (`tmg_matmul_dq`, past NT_MAX_TOKENS): token counts that end a 16-token block full, half
+    (one vector) and mid-way, 13 rows (panels of 6, 6, 1) of a bigger matrix, x a column slice of a wider
+    tensor: near float64, the same bits on 1 and 2 threads, and a flipped scale in the last row changes that
+    output column only."""
+    cols, first = cols_of(qtype), ggml.NT_MAX_TOKENS + 1
+    big = torch.from_numpy(random_data(qtype, 20, cols, seed=8))
+    data = big[3:16]  # [13, row_bytes], row stride of the bigger matrix
+    w = reference(qtype, big.numpy())[3:16].astype(np.float64)  # [13, C]
+    before = torch.get_num_threads()
+    try:
+        for n in (first, 24, 29, 40):
+            wide = torch.randn(n, cols + 32)
+            x = wide[:, 5 : 5 + cols]  # [n, C], row stride C + 32
+            runs = []
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                runs.append(ggml.matmul_nt(x, qtype, data, cols, exact=False))
+            assert runs[0].shape == (n, 13) and error(runs[0], x.double().numpy() @ w.T) < TOL, f"N={n}"
+            assert torch.equal(runs[0], runs[1]), f"N={n}: 1 and 2 threads differ"
+        bad = big.clone()
+        bad[15, SCALE_BYTES[qtype][0]] ^= 0x04  # row 12 of data: d's exponent (x2 or /2)
+        got = ggml.matmul_nt(x, qtype, bad[3:16], cols)
+        assert not torch.equal(got[:, 12], runs[1][:, 12]) and torch.equal(got[:, :12], runs[1][:, :12])
+    finally:
+        torch.set_num_threads(before)
 
 
 def quantized_x(x: np.ndarray, block: int) -> np.ndarray:

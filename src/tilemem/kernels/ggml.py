@@ -48,16 +48,15 @@ BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24, "q4_k
 """Bytes per block."""
 FAST_TOL = 2e-2
 """Bound on the fast path's error (max abs error / max abs output, random data) against the exact path."""
-NT_MAX_TOKENS = 48
-"""Most tokens matmul_nt streams the quantized weights for (8 per pass); more (prefill) dequantize rows of W
-`PREFILL_BYTES` at a time and run torch's fp32 GEMM on them (either way: prefill is exact). Where the two
-meet on this 2-thread Zen 1 (Q4_K / Q6_K 2048 x 2048: 32 tokens 7.0-7.9 ms streamed vs 8.8 dequantized +
-GEMM; 64 tokens: 11.9-12.1 vs 11.7-12.1)."""
-PREFILL_BYTES = 8 << 20
-"""fp32 bytes of W a prefill matmul dequantizes at once."""
+NT_MAX_TOKENS = 15
+"""Most tokens matmul_nt streams the quantized weights for (8 per pass, exact or fast); more (prefill) run
+`tmg_matmul_dq`: W dequantized a panel of 6 rows at a time into a per-thread buffer, fp32 FMAs on 16 tokens at
+once (exact either way). Measured on this 2-thread Zen 1 (Q4_K 1024 x 2048 and Q6_K 2048 x 1024 expert
+matrices): int8 streamed 26-30 G multiply-adds/s at any token count; dequantized panels 20-25 at 8-13 tokens,
+28-32 at 16-24, 33-36 at 32-64, 39-41 at 256 (torch's GEMM on dequantized rows: 18 at 32 tokens, 31 at 256)."""
 FFN_MAX_TOKENS = NT_MAX_TOKENS
 """Most tokens an `ffn_tasks` task runs with in the fused kernel (8 per pass over its weights); a task with
-more (prefill) runs as matmuls from Python (dequantized blocks + torch's GEMM)."""
+more (a prefill's experts: ~T * top-k / E tokens each) runs as three matmul_nt calls from Python."""
 ACTS = portable.ACTS
 _TORCH_ACTS = portable.TORCH_ACTS
 _TASK_WORDS = 13
@@ -80,6 +79,7 @@ def lib() -> ctypes.CDLL | None:
             return None
     out.tmg_dequantize.argtypes = [_int, _vp, _i64, _i64, _i64, _i64, _vp, _i64, _int]
     out.tmg_matmul_nt.argtypes = [_int, _int, _vp, _i64, _i64, _vp, _i64, _i64, _i64, _vp, _i64, _int]
+    out.tmg_matmul_dq.argtypes = [_int, _vp, _i64, _i64, _vp, _i64, _i64, _i64, _vp, _i64, _int]
     out.tmg_ffn_tasks.argtypes = [_vp, _i64, _vp, _i64, _i64, _i64, _vp, _i64, _int, _int, _int]
     out.tmg_ffn_task_size.restype = _i64
     if out.tmg_ffn_task_size() != 8 * _TASK_WORDS:
@@ -159,25 +159,25 @@ def matmul_nt(x: torch.Tensor, qtype: str, data: torch.Tensor, cols: int, exact:
     """y = x @ W^T, fp32 [N, R], for x fp32 [N, C] (a linear layer's forward); W `qtype` rows of `cols` weights.
 
     Up to NT_MAX_TOKENS tokens (decode), W's blocks are streamed once per 8 tokens, split over threads by rows,
-    exact or fast (see the module docstring); more tokens (prefill) dequantize W in row blocks and call
-    torch's fp32 GEMM on each (exact either way).
+    exact or fast (see the module docstring); more tokens (prefill) dequantize W a few rows at a time into a
+    per-thread buffer and multiply them by fp32 FMAs (`tmg_matmul_dq`: exact either way).
     """
     what = f"ggml matmul_nt {qtype}"
     check_weight(qtype, data, cols, what)
     x = _check_x(x, cols, what)
     n, r = x.shape[0], data.shape[0]
-    if n > NT_MAX_TOKENS:
-        y = torch.empty(n, r, dtype=torch.float32)  # [N, R]
-        step = max(1, PREFILL_BYTES // (4 * cols))
-        buf = torch.empty(min(step, r), cols, dtype=torch.float32)  # [rows, C], reused
-        for r0 in range(0, r, step):
-            w = _dequantize_into(qtype, data, cols, r0, buf[: min(step, r - r0)], what)  # [rows, C]
-            y[:, r0 : r0 + step] = torch.nn.functional.linear(x, w)
-        return y
     y = torch.empty(n, r, dtype=torch.float32)  # [N, R]
     if y.numel() == 0:
         return y
-    status = portable.require(lib(), what, "ggml", "use the torch path").tmg_matmul_nt(
+    native = portable.require(lib(), what, "ggml", "use the torch path")
+    if n > NT_MAX_TOKENS:
+        status = native.tmg_matmul_dq(
+            TYPE_IDS[qtype], x.data_ptr(), x.stride(0), n, data.data_ptr(), data.stride(0), r, cols, y.data_ptr(),
+            y.stride(0), torch.get_num_threads(),
+        )  # fmt: skip
+        portable.check_status(status, what, "ggml")
+        return y
+    status = native.tmg_matmul_nt(
         TYPE_IDS[qtype], int(exact), x.data_ptr(), x.stride(0), n, data.data_ptr(), data.stride(0), r, cols,
         y.data_ptr(), y.stride(0), torch.get_num_threads(),
     )  # fmt: skip

@@ -36,6 +36,12 @@ TMG_API int tmg_dequantize(int type, const uint8_t *w, int64_t ldw, int64_t r0, 
 TMG_API int tmg_matmul_nt(int type, int exact, const float *x, int64_t ldx, int64_t N, const uint8_t *w, int64_t ldw,
                           int64_t R, int64_t C, float *y, int64_t ldy, int nthreads);
 
+/* y [N, R] = x [N, C] @ W^T in fp32 for prefill-sized N (ggml_quant_gemm.c): W's rows dequantized a panel at a time
+ * (tmg_dequantize's values) into a per-thread buffer, register-blocked FMAs with x transposed by 16 tokens. Exact
+ * (fp32 sums in another order than tmg_matmul_nt's). Threads own panels of rows. */
+TMG_API int tmg_matmul_dq(int type, const float *x, int64_t ldx, int64_t N, const uint8_t *w, int64_t ldw, int64_t R,
+                          int64_t C, float *y, int64_t ldy, int nthreads);
+
 /* ---- fused gated FFNs (ggml_quant_ffn.c) ---- */
 
 enum tmg_act { TMG_ACT_SILU = 0, TMG_ACT_GELU = 1, TMG_ACT_RELU = 2 }; /* torch's F.silu, F.gelu (erf), F.relu */
