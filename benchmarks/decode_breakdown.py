@@ -80,7 +80,8 @@ def main() -> None:
     ap.add_argument("--vs-modules", action="store_true", help="fused decode vs the modules, step by step")
     args = ap.parse_args()
     batch = args.batch if args.prefill or args.vs_modules else 1
-    llm = LLM(args.dir, dtype="bf16", threads=args.threads, max_batch=batch)
+    # --prefill: no prefix caching, else the timed passes reuse the warm-up's KV blocks and prefill a few tokens
+    llm = LLM(args.dir, dtype="bf16", threads=args.threads, max_batch=batch, prefix_caching=not args.prefill)
     if args.vs_modules:
         vs_modules(llm, batch, args.prompt_len, args.tokens)
         return
