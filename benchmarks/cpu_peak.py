@@ -177,8 +177,8 @@ def main() -> None:
     if pp:
         for name, tok_s in (("this prefill", pp), ("1.5x of it", 1.5 * pp)):
             used = tok_s * per_token / 1e9
-            print(f"  {name:14s} {tok_s:7.2f} tok/s = {used:6.1f} G MAC/s: {used / int8:5.0%} of the int8 ceiling, "
-                  f"{used / fp32:5.0%} of fp32's")  # fmt: skip
+            shares = f"{used / fp32:4.0%} / {used / int8:4.0%} / {used / int8_unscaled:4.0%}"
+            print(f"  {name:14s} {tok_s:7.2f} tok/s = {used:6.1f} G MAC/s: {shares} of the three ceilings above")
 
 
 if __name__ == "__main__":
