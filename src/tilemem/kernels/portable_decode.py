@@ -1,7 +1,8 @@
 """A decode step's run of MoE decoder layers in one native call on AVX2 (`csrc_portable/decode_layer.c`): what the
-AVX512 library's `native_decode` does, for CPUs where that library does not run. Each layer's attention (q/k/v/o
-linears around the paged decode block), its norms, its softmax top-k router and its routed experts' fused FFN run in
-C, the linears and experts in any format the portable library reads (bf16, FP8, GGUF blocks).
+AVX512 library's `native_decode` does, for the layers that library does not take. Each layer's attention (GQA: q/k/v/o
+linears around the paged decode block; DeepSeek's MLA: `csrc_portable/mla_decode.c`), its norms, its softmax top-k
+router (bf16 or fp32 logits), its routed experts' fused FFN and its shared experts run in C, the linears and experts
+in any format the portable library reads (bf16, FP8, GGUF blocks).
 
 A model describes each layer once per set of weights (`linear` per projection, `layer` per decoder layer; None where
 a layer runs as modules); `PortableDecode` groups consecutive layers into runs and runs one per call, handing each
@@ -43,6 +44,32 @@ class LinearW(ctypes.Structure):
     ]  # fmt: skip
 
 
+class MLAW(ctypes.Structure):
+    """Multi-head latent attention's decode weights for the kernel (mirrors `tmp_mla`)."""
+
+    _fields_ = [
+        *((name, LinearW) for name in ("q_a", "q_b", "kv_a")), ("q_a_ln", _vp), ("kv_a_ln", _vp),
+        ("latent_eps", _f64), ("R", _i64), ("dn", _i64), ("dr", _i64), ("dv", _i64), ("interleave", _i64),
+        ("w_kv", _vp),
+    ]  # fmt: skip
+
+
+class MLA(NamedTuple):
+    """A layer's MLA for `layer`: q_a and q_b (`linear`s, None without a q LoRA: the q linear is then q_proj), kv_a,
+    their bf16 RMSNorm weights (q_a's None without it) at epsilon `eps`, the widths (R, dn, dr, dv), whether the rope
+    part rotates interleaved pairs, and the absorbed kv_b_proj bf16 [H, dn + dv, R] (contiguous)."""
+
+    q_a: tuple[LinearW, tuple] | None
+    q_b: tuple[LinearW, tuple] | None
+    kv_a: tuple[LinearW, tuple]
+    q_a_ln: torch.Tensor | None
+    kv_a_ln: torch.Tensor
+    eps: float
+    widths: tuple[int, int, int, int]
+    interleave: bool
+    w_kv: torch.Tensor
+
+
 class LayerW(ctypes.Structure):
     """One MoE decoder layer for the kernel (mirrors `tmp_decode_layer`)."""
 
@@ -52,7 +79,8 @@ class LayerW(ctypes.Structure):
         ("qw", _vp), ("kw", _vp), ("qk_eps", _f64), ("clip_on", _i64), ("clip", _f64), ("scale", _f64), ("E", _i64),
         ("K", _i64), ("norm_topk", _i64), ("weights_bf16", _i64), ("routed_scale", _f64), ("ffn", _i64),
         ("experts", _vp), ("words", _i64), ("act", _i64), ("exact", _i64), ("shared_ffn", _i64), ("shared", _vp),
-        ("shared_words", _i64), ("shared_gate_on", _i64), ("shared_gate", LinearW),
+        ("shared_words", _i64), ("shared_gate_on", _i64), ("shared_gate", LinearW), ("router_fp32", _i64),
+        ("mla", _i64), ("m", MLAW),
     ]  # fmt: skip
 
 
@@ -126,7 +154,7 @@ def linear(
 
 
 def layer(
-    attn: Sequence[tuple[LinearW, tuple]],
+    attn: Sequence[tuple[LinearW, tuple] | None],
     router: tuple[LinearW, tuple],
     norms: tuple[torch.Tensor, torch.Tensor],
     eps: float,
@@ -142,6 +170,8 @@ def layer(
     act: str,
     exact: bool,
     shared: tuple[str, torch.Tensor, tuple[LinearW, tuple] | None] | None = None,
+    router_fp32: bool = False,
+    mla: MLA | None = None,
 ) -> Layer | None:
     """One MoE decoder layer: `attn` the q, k, v, o linears (`linear`), `router` a bf16 linear [E, D], `norms` the
     input and post-attention RMSNorm weights (bf16 [D], epsilon `eps`), `heads` (H, Hkv, hd), the q/k norm ("none",
@@ -150,7 +180,9 @@ def layer(
     "fp8", "ggml"), their packed words `experts` int64 [E, W] (`portable.RoutedTable.words`), `act` and, for GGUF,
     `exact`; `shared`: the shared experts' (fused FFN format, packed words int64 [W], the sigmoid gate's [1, D]
     `linear` or None), or None. None where the kernel does not take it (an activation it lacks, norms not
-    contiguous bf16)."""
+    contiguous bf16). `router_fp32`: the router's logits stay fp32 (not rounded to bf16). With `mla` (`MLA`) the
+    attention is multi-head latent attention: `attn` q_proj (None with a q LoRA), None, None, o_proj; `heads` (H, 1,
+    dr)."""
     qk = qk_weights or ()
     tensors = (*norms, *qk)
     if act not in portable.ACTS or any(t.dtype != torch.bfloat16 or not t.is_contiguous() for t in tensors):
@@ -160,7 +192,7 @@ def layer(
     h, hkv, hd = heads
     e, k, norm_topk, weights_bf16, routed_scale = routing
     bound = 0.0 if clip is None else float(torch.tensor(clip, dtype=torch.bfloat16))  # as torch clamps bf16
-    q, kk, v, o = (lin for lin, _ in attn)
+    q, kk, v, o = (LinearW() if a is None else a[0] for a in attn)
     struct = LayerW(
         q=q, k=kk, v=v, o=o, router=router[0], ln1=norms[0].data_ptr(), ln2=norms[1].data_ptr(), eps=eps, H=h,
         Hkv=hkv, hd=hd, qk_norm=QK_NORMS[qk_norm], qk_eps=qk_eps, clip_on=int(clip is not None), clip=bound,
@@ -179,7 +211,22 @@ def layer(
         if gate is not None:
             struct.shared_gate_on, struct.shared_gate = 1, gate[0]
         extra = (words, gate)
-    return Layer(struct, (*(keep for _, keep in (*attn, router)), tensors, experts, extra))
+    struct.router_fp32 = int(router_fp32)
+    if mla is not None:
+        w_kv, lns = mla.w_kv, tuple(t for t in (mla.q_a_ln, mla.kv_a_ln) if t is not None)
+        if w_kv.dtype != torch.bfloat16 or not w_kv.is_contiguous() or w_kv.dim() != 3:
+            return None
+        if any(t.dtype != torch.bfloat16 or not t.is_contiguous() for t in lns):
+            return None
+        r, dn, dr, dv = mla.widths
+        m = MLAW(kv_a=mla.kv_a[0], kv_a_ln=mla.kv_a_ln.data_ptr(), latent_eps=mla.eps, R=r, dn=dn, dr=dr, dv=dv)
+        m.interleave, m.w_kv = int(mla.interleave), w_kv.data_ptr()
+        if mla.q_a is not None and mla.q_b is not None and mla.q_a_ln is not None:
+            m.q_a, m.q_b, m.q_a_ln = mla.q_a[0], mla.q_b[0], mla.q_a_ln.data_ptr()
+        struct.mla, struct.m = 1, m
+        extra = (*extra, mla)
+    kept = tuple(a[1] for a in (*attn, router) if a is not None)
+    return Layer(struct, (*kept, tensors, experts, extra))
 
 
 class _Stack(NamedTuple):
@@ -197,6 +244,8 @@ class _Stack(NamedTuple):
 def _stack(layers: Sequence[Layer], keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> _Stack:
     """KernelError unless the layers' caches are bf16 pools [N, Hkv, bs, hd] of one shape and strides (unit along
     hd), keys like values."""
+    if layers[0].struct.mla:  # one latent head a position: the values are the keys' first R values
+        values = keys
     want = (keys[0].shape, keys[0].stride())
     for k, v in zip(keys, values, strict=True):
         if k.dtype != torch.bfloat16 or v.dtype != torch.bfloat16 or (k.shape, k.stride()) != want or k.dim() != 4:

@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tilemem.config import ModelConfig
+from tilemem.kernels import bf16 as bf16_kernels
 from tilemem.kernels.paged import paged_attention
 from tilemem.layers.kv_cache import ForwardContext
-from tilemem.layers.linear import Linear
+from tilemem.layers.linear import SLOW_HALF_GEMM, Linear
 from tilemem.layers.norm import RMSNorm
 from tilemem.layers.rope import RotaryEmbedding, yarn_softmax_scale
 
@@ -116,7 +117,15 @@ class MLAttention(nn.Module):
         b, _, t, _ = q_nope.shape
         w_uk, w_uv = self.absorbed()  # [H, dn, R], [H, dv, R]
         q_n = q_nope.permute(1, 0, 2, 3).reshape(self.h, b * t, self.dn)  # [H, B*T, dn]
-        q_lat = torch.bmm(q_n, w_uk.to(q_nope.dtype))  # [H, B*T, R]
+        # a few bf16 rows where torch's bf16 GEMM is slow: per head through the portable kernel (as the one-call
+        # decode layers compute them, `kernels.portable_decode`)
+        few = q_nope.dtype == torch.bfloat16 and q_nope.device.type == "cpu" and b * t <= bf16_kernels.MAX_ROWS
+        few = few and w_uk.dtype == torch.bfloat16 and SLOW_HALF_GEMM[torch.bfloat16] and bf16_kernels.available()
+        if few:
+            heads = [bf16_kernels.matmul_nn(q_n[i].float(), w_uk[i]) for i in range(self.h)]  # H x [B*T, R]
+            q_lat = torch.stack(heads).to(q_nope.dtype)  # [H, B*T, R]
+        else:
+            q_lat = torch.bmm(q_n, w_uk.to(q_nope.dtype))  # [H, B*T, R]
         q_r = q_rope.permute(0, 2, 1, 3).reshape(b * t, self.h, self.dr)  # [B*T, H, dr]
         q_full = torch.cat([q_lat.transpose(0, 1), q_r], dim=-1)  # [B*T, H, R+dr]
         tables = ctx.tables.repeat_interleave(t, dim=0) if t > 1 else ctx.tables  # [B*T, M]
@@ -127,7 +136,11 @@ class MLAttention(nn.Module):
             o_lat = paged_attention(q_full, pool, pool[..., : self.rank], tables, lengths, self.scale, select)
         else:
             o_lat = self._latent_gathered(q_full, pool, tables, lengths, select)  # [B*T, H, R]
-        o = torch.bmm(o_lat.to(q_nope.dtype).transpose(0, 1), w_uv.to(q_nope.dtype).transpose(1, 2))  # [H, B*T, dv]
+        if few and o_lat.dtype == torch.bfloat16:
+            heads = [bf16_kernels.matmul_nt(o_lat[:, i].float(), w_uv[i]) for i in range(self.h)]  # H x [B*T, dv]
+            o = torch.stack(heads).to(q_nope.dtype)  # [H, B*T, dv]
+        else:
+            o = torch.bmm(o_lat.to(q_nope.dtype).transpose(0, 1), w_uv.to(q_nope.dtype).transpose(1, 2))  # [H, B*T, dv]
         return self.o_proj(o.transpose(0, 1).reshape(b, t, self.h * self.dv))
 
     def _latent_gathered(

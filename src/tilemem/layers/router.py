@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tilemem.config import ModelConfig
-from tilemem.layers.linear import linear
+from tilemem.kernels import bf16 as bf16_kernels
+from tilemem.layers.linear import SLOW_HALF_GEMM, linear
 
 
 class Router(nn.Module):
@@ -24,7 +25,13 @@ class Router(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Router logits [T, E] (also used by prefetch to predict the next layer's experts)."""
         if self.fp32_logits:
-            return F.linear(x.float(), self.weight.float())
+            w, rows = self.weight, x.numel() // x.shape[-1]
+            few = rows <= bf16_kernels.MAX_ROWS and x.device.type == "cpu" and w.is_cpu and w.stride(-1) == 1
+            if few and w.dtype == torch.bfloat16 and SLOW_HALF_GEMM[torch.bfloat16] and bf16_kernels.available():
+                # the same fp32 products and sums, the bf16 weight widened in registers (what the portable one-call
+                # decode layers compute, `kernels.portable_decode`)
+                return bf16_kernels.matmul_nt(x.reshape(rows, -1).float(), w).view(*x.shape[:-1], w.shape[0])
+            return F.linear(x.float(), w.float())
         return linear(x, self.weight)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,10 @@
-"""Which decoder layers a decode step runs in one portable native call (`kernels.portable_decode`) where the AVX512
-library does not run, and their weights described for it: the layers the modules would run through the portable
-kernels anyway (GQA `Attention` with halves rope through the paged decode block, linears in bf16, FP8 or GGUF blocks,
-a softmax greedy router in bf16, `ResidentExperts` through one fused FFN kernel, no shared experts), so that the call
-computes what the modules compute, rounding where they round."""
+"""Which decoder layers a decode step runs in one portable native call (`kernels.portable_decode`), and their weights
+described for it: the layers the AVX512 library's fused layers leave (all of them where it does not run) that the
+modules would run through the portable kernels anyway: GQA `Attention` with halves rope through the paged decode
+block, or DeepSeek's `MLAttention` (latent cache, absorbed decode, interleaved or halves rope); linears in bf16, FP8
+or GGUF blocks; a softmax greedy router on a bf16 weight (bf16 or fp32 logits); `ResidentExperts` through one fused
+FFN kernel; shared experts with or without their sigmoid gate. So the call computes what the modules compute,
+rounding where they round. Dense FFN layers, group-limited or sigmoid routing and DSA stay modules."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from tilemem.layers import ggml
 from tilemem.layers.attention import Attention
 from tilemem.layers.fp8 import FP8
 from tilemem.layers.linear import SLOW_HALF_GEMM, Linear
+from tilemem.layers.mla import MLAttention
 from tilemem.layers.mlp import fused_applies, fused_ffn
 from tilemem.layers.moe import MoEBlock, ResidentExperts
 from tilemem.layers.rope import RotaryEmbedding
@@ -106,17 +109,17 @@ def linear_of(m: Linear) -> tuple[portable_decode.LinearW, tuple] | None:
 
 def portable_layer(layer: DecoderLayer, rope: RotaryEmbedding) -> portable_decode.Layer | None:
     """`layer` described for the portable one-call decode step, or None where its modules must run: attention other
-    than `Attention` or interleaved rope, a dense FFN, routing other than softmax greedy top-k on bf16 logits, experts
-    not resident or not all through one fused FFN kernel, shared experts it cannot run (`shared_of`), expert
-    parallelism, weights the kernel lacks."""
+    than `Attention` (halves rope) or `MLAttention` (`mla_of`), a dense FFN, routing other than softmax greedy top-k
+    (on bf16 logits, or fp32 ones from a bf16 router weight), experts not resident or not all through one fused FFN
+    kernel, shared experts it cannot run (`shared_of`), expert parallelism, weights the kernel lacks."""
     attn, mlp = layer.self_attn, layer.mlp
-    if rope.interleave or not isinstance(attn, Attention) or not isinstance(mlp, MoEBlock):
+    mla = type(attn) is MLAttention
+    if not isinstance(mlp, MoEBlock) or not (mla or (isinstance(attn, Attention) and not rope.interleave)):
         return None
     cfg = mlp.gate.cfg
-    routing = (cfg.scoring_func, cfg.topk_method, cfg.router_fp32, cfg.router_bias)
-    if routing != ("softmax", "greedy", False, False) or not isinstance(mlp.executor, ResidentExperts):
+    if (cfg.scoring_func, cfg.topk_method, cfg.router_bias) != ("softmax", "greedy", False):
         return None
-    if mlp.reduce is not None or attn.hd % 2 or (shared := shared_of(mlp)) is False:
+    if not isinstance(mlp.executor, ResidentExperts) or mlp.reduce is not None or (shared := shared_of(mlp)) is False:
         return None
     routed = mlp.executor.fused(layer.layer)
     if routed is None or mlp.act_name not in routed[0].kernel.ACTS:
@@ -125,22 +128,67 @@ def portable_layer(layer: DecoderLayer, rope: RotaryEmbedding) -> portable_decod
     probe = torch.empty(1, dtype=torch.bfloat16)  # activations: bf16 CPU rows
     if not fused_applies(fused, probe) or fused.kernel not in FFN_FORMATS:
         return None
-    linears = [linear_of(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)]
     router = mlp.gate.weight
-    if None in linears or router.dtype != torch.bfloat16 or not SLOW_HALF_GEMM[torch.bfloat16]:
+    if router.dtype != torch.bfloat16 or not SLOW_HALF_GEMM[torch.bfloat16] or not bf16_kernels.available():
         return None
     gate = portable_decode.linear(router, "bf16", router.shape[1])
-    norms = (attn.q_norm, attn.k_norm) if attn.qk_norm != "none" else ()
-    if gate is None or not bf16_kernels.available():
+    if mla:
+        attn_part = mla_of(attn, rope)
+    else:
+        attn_part = gqa_of(attn)
+    if gate is None or attn_part is None:
         return None
+    linears, heads, norm, extra = attn_part
     return portable_decode.layer(
         linears, gate, (layer.input_layernorm.weight, layer.post_attention_layernorm.weight),
-        layer.input_layernorm.eps, (attn.h, attn.hkv, attn.hd), attn.qk_norm,
-        tuple(n.weight for n in norms) or None, norms[0].eps if norms else 0.0, attn.clip, attn.scale,
+        layer.input_layernorm.eps, heads, *norm, attn.scale,
         (cfg.num_experts, cfg.top_k, cfg.norm_topk_prob, cfg.router_weights_in_model_dtype,
          cfg.routed_scaling_factor),
-        FFN_FORMATS[fused.kernel], table.words, mlp.act_name, not ggml.FAST, shared,
+        FFN_FORMATS[fused.kernel], table.words, mlp.act_name, not ggml.FAST, shared, cfg.router_fp32, extra,
     )  # fmt: skip
+
+
+AttnPart = tuple[list, tuple[int, int, int], tuple, "portable_decode.MLA | None"]
+"""An attention's part of `portable_decode.layer`: its q, k, v, o linears, heads (H, Hkv, hd), (q/k norm, its weights,
+epsilon, clip) and its MLA weights (None for GQA)."""
+
+
+def gqa_of(attn: Attention) -> AttnPart | None:
+    """GQA `Attention` for `portable_decode.layer`, or None where the kernel does not take it."""
+    linears = [linear_of(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)]
+    if None in linears or attn.hd % 2:
+        return None
+    norms = (attn.q_norm, attn.k_norm) if attn.qk_norm != "none" else ()
+    weights = tuple(n.weight for n in norms) or None
+    return (
+        linears,
+        (attn.h, attn.hkv, attn.hd),
+        (attn.qk_norm, weights, norms[0].eps if norms else 0.0, attn.clip),
+        None,
+    )
+
+
+def mla_of(attn: MLAttention, rope: RotaryEmbedding) -> AttnPart | None:
+    """`MLAttention` for `portable_decode.layer` (its absorbed kv_b_proj, decoded once as the module does), or None
+    where the kernel does not take it (a linear it lacks, an absorbed weight not in bf16)."""
+    q_a = q_b = q = None
+    if attn.q_lora:
+        q_a, q_b = linear_of(attn.q_a_proj), linear_of(attn.q_b_proj)
+        if q_a is None or q_b is None:
+            return None
+    elif (q := linear_of(attn.q_proj)) is None:
+        return None
+    kv_a, o = linear_of(attn.kv_a_proj_with_mqa), linear_of(attn.o_proj)
+    w_uk, _ = attn.absorbed()  # [H, dn, R], a view of [H, dn + dv, R]
+    h, r, dn, dv = attn.h, attn.rank, attn.dn, attn.dv
+    if kv_a is None or o is None or w_uk.dtype != torch.bfloat16 or w_uk.stride() != ((dn + dv) * r, r, 1):
+        return None
+    w_kv = w_uk.as_strided((h, dn + dv, r), ((dn + dv) * r, r, 1))  # [H, dn + dv, R]
+    mla = portable_decode.MLA(
+        q_a, q_b, kv_a, attn.q_a_layernorm.weight if attn.q_lora else None, attn.kv_a_layernorm.weight,
+        attn.kv_a_layernorm.eps, (r, dn, attn.dr, dv), rope.interleave, w_kv,
+    )  # fmt: skip
+    return [q, None, None, o], (h, 1, attn.dr), ("none", None, 0.0, None), mla
 
 
 def shared_of(mlp: MoEBlock) -> tuple | None | bool:

@@ -3,7 +3,8 @@
  *   x += o_proj(block(q_proj(n), k_proj(n), v_proj(n))),  n = rmsnorm(x)  (block: paged_decode.c)
  *   x += bf16(sum_k w[k] * FFN_{id[k]}(n)),               n = rmsnorm(x), ids and w from a softmax top-k router
  * and, with shared experts, x += bf16(bf16(routed) + bf16(sigmoid(gate(n))) * bf16(FFN_shared(n))) instead (no gate:
- * the shared FFN's output alone), as `layers.moe.MoEBlock` rounds them
+ * the shared FFN's output alone), as `layers.moe.MoEBlock` rounds them; a DeepSeek layer's attention is MLA instead
+ * (mla_decode.c) and its router's logits stay fp32,
  * with the other portable kernels doing the work (norm math of torch_rows.h, the linears of bf16.c, fp8.c and
  * ggml_quant.c, the fused FFNs of bf16_ffn.c, fp8_ffn.c and ggml_quant_ffn.c), so that a step costs one call from
  * Python instead of a dozen per layer.
@@ -24,6 +25,7 @@
 #include <string.h>
 
 #include "bf16_ffn.h"
+#include "decode_layer.h"
 #include "fp8.h"
 #include "ggml_quant.h"
 #include "torch_rows.h"
@@ -37,29 +39,14 @@ TMP_API int tmp_paged_decode_block(const void *q, int64_t sq, const void *k, int
                                    int64_t bs, const int64_t *table, int64_t M, const int64_t *pos, float scale,
                                    void *out, int nthreads);
 
-enum { LIN_BF16 = 0, LIN_FP8 = 1, LIN_GGML = 2 }; /* a linear's (and an expert FFN's) weight format */
-
-/* One linear y = x @ W^T (+ bias), W [R, C]: bf16 (w elements, row stride ldw elements), e4m3 with fp32 block
- * scales (bytes; scale [ceil(R/128), ceil(C/128)], row stride lds) or ggml blocks of `type` (bytes; exact or
- * llama.cpp's fast way). bias: bf16 [R] or NULL. */
-typedef struct {
-    int64_t kind;
-    const void *w;
-    int64_t ldw;
-    const float *scale;
-    int64_t lds;
-    int64_t type;
-    int64_t exact;
-    const uint16_t *bias;
-    int64_t R, C;
-} tmp_linear;
-
 /* One MoE decoder layer. Attention: q/k/v/o linears, H, Hkv, hd, q/k norm (0 none, 1 full, 2 head; weights qw, kw
  * bf16, epsilon qk_eps), clip (bound already rounded to bf16), softmax scale. Norms ln1, ln2 bf16 [D] (epsilon eps).
  * Router: a bf16 linear [E, D]; K, norm_topk, routed_scale, weights_bf16 as the torch Router. Experts: `ffn` (a
  * LIN_* format) selects the fused FFN kernel, `experts` [E, words] their packed words, act a tmp_act. Shared experts
  * (shared_ffn a LIN_* format, -1: none): their packed words (shared_words of them) through that format's kernel, and
- * with shared_gate_on, the [1, D] linear shared_gate whose sigmoid scales them. */
+ * with shared_gate_on, the [1, D] linear shared_gate whose sigmoid scales them. router_fp32: the router's logits stay
+ * fp32 (DeepSeek's), else rounded to bf16. mla: the attention is MLA (`m`, mla_decode.c; q the q_proj where there is
+ * no q_a, k and v unused, o [D, H * dv]; the pools one latent head), else GQA. */
 typedef struct {
     tmp_linear q, k, v, o, router;
     const uint16_t *ln1, *ln2;
@@ -78,12 +65,13 @@ typedef struct {
     const int64_t *shared;
     int64_t shared_words, shared_gate_on;
     tmp_linear shared_gate;
+    int64_t router_fp32, mla;
+    tmp_mla m;
 } tmp_decode_layer;
 
 TMP_API int64_t tmp_decode_layer_size(void) { return (int64_t)sizeof(tmp_decode_layer); }
 
-/* y [B, R] fp32 = x [B, C] fp32 @ W^T + bias. */
-static int linear(const tmp_linear *L, const float *x, int64_t B, float *y, int nthreads) {
+int tmp_dl_linear(const tmp_linear *L, const float *x, int64_t B, float *y, int nthreads) {
     int st = TMP_EINVAL;
     if (L->kind == LIN_BF16) {
         st = tmp_bf16_matmul_nt((const uint16_t *)L->w, L->ldw, L->R, L->C, x, L->C, B, y, L->R, nthreads);
@@ -260,7 +248,7 @@ static int shared(const tmp_decode_layer *L, const float *xn, float *out, int64_
     task[W] = B, task[W + 1] = (int64_t)(intptr_t)tok, task[W + 2] = (int64_t)(intptr_t)one;
     memset(sh, 0, sizeof(float) * (size_t)(B * D));
     int st = ffn(L->shared_ffn, L, xn, sh, B, D, task, 1, nthreads);
-    if (st == TMP_OK && L->shared_gate_on) st = linear(&L->shared_gate, xn, B, g, nthreads);
+    if (st == TMP_OK && L->shared_gate_on) st = tmp_dl_linear(&L->shared_gate, xn, B, g, nthreads);
     if (st) return st;
     for (int64_t b = 0; b < B; b++) {
         const float gate = L->shared_gate_on ? rnd(1.f / (1.f + expf(-rnd(g[b], 1))), 1) : 1.f;
@@ -274,10 +262,11 @@ static int shared(const tmp_decode_layer *L, const float *xn, float *out, int64_
 
 /* Whether the layer's shapes and formats hold together for hidden size D. */
 static int layer_ok(const tmp_decode_layer *L, int64_t D) {
-    const int64_t nq = L->H * L->hd, nk = L->Hkv * L->hd;
-    const tmp_linear *lin[5] = {&L->q, &L->k, &L->v, &L->o, &L->router};
-    const int64_t shape[5][2] = {{nq, D}, {nk, D}, {nk, D}, {D, nq}, {L->E, D}};
-    for (int i = 0; i < 5; i++)
+    const int64_t nq = L->H * L->hd, nk = L->Hkv * L->hd, no = L->mla ? L->H * L->m.dv : nq;
+    const tmp_linear *lin[5] = {&L->o, &L->router, &L->q, &L->k, &L->v};
+    const int64_t shape[5][2] = {{D, no}, {L->E, D}, {nq, D}, {nk, D}, {nk, D}};
+    if (L->mla && !tmp_mla_ok(&L->m, &L->q, L->H, D)) return 0;
+    for (int i = 0; i < (L->mla ? 2 : 5); i++)
         if (lin[i]->kind < LIN_BF16 || lin[i]->kind > LIN_GGML || lin[i]->R != shape[i][0] || lin[i]->C != shape[i][1])
             return 0;
     const int64_t task_bytes[3] = {tmp_bf16_ffn_task_size(), tmp_fp8_ffn_task_size(), tmg_ffn_task_size()};
@@ -307,7 +296,8 @@ TMP_API int tmp_decode_layers(const tmp_decode_layer *layers, int64_t n, uint16_
     for (int64_t l = 0; l < n; l++) {
         const tmp_decode_layer *L = &layers[l];
         if (!layer_ok(L, D)) return TMP_EINVAL;
-        nq = L->H * L->hd > nq ? L->H * L->hd : nq;
+        const int64_t lq = L->mla ? L->H * L->m.dv : L->H * L->hd; /* the o linear's input */
+        nq = lq > nq ? lq : nq;
         nk = L->Hkv * L->hd > nk ? L->Hkv * L->hd : nk;
         E = L->E > E ? L->E : E, K = L->K > K ? L->K : K, W = L->words > W ? L->words : W;
         W = L->shared_ffn != -1 && L->shared_words > W ? L->shared_words : W;
@@ -341,26 +331,32 @@ TMP_API int tmp_decode_layers(const tmp_decode_layer *layers, int64_t n, uint16_
             load_row(xn + b * D, x, b * D, D, 1);
             rms_norm(xn + b * D, D, L->ln1, (float)L->eps, 1);
         }
-        if ((st = linear(&L->q, xn, B, q, nthreads)) || (st = linear(&L->k, xn, B, k, nthreads)) ||
-            (st = linear(&L->v, xn, B, v, nthreads)))
-            break;
-        round_rows(q, B * lq, qb);
-        round_rows(k, B * lk, kb);
-        round_rows(v, B * lk, vb);
-        st = tmp_paged_decode_block(qb, lq, kb, lk, vb, lk, 1, B, L->H, L->Hkv, L->hd, (int)L->qk_norm, L->qw, L->kw,
-                                    (float)L->qk_eps, (int)L->clip_on, (float)L->clip, cos, sin, scs, rot32, kc[l],
-                                    skn, skh, skt, vc[l], svn, svh, svt, N, bs, table, M, pos, (float)L->scale, ob,
-                                    nthreads);
-        if (st) break;
-        load_row(q, ob, 0, B * lq, 1); /* o as fp32 */
-        if ((st = linear(&L->o, q, B, y, nthreads))) break;
+        if (L->mla) {
+            st = tmp_mla_attention(&L->m, &L->q, L->H, (float)L->scale, xn, B, D, cos, sin, scs, rot32, kc[l], skn,
+                                   skh, skt, N, bs, table, M, pos, q, nthreads);
+            if (st) break;
+        } else {
+            if ((st = tmp_dl_linear(&L->q, xn, B, q, nthreads)) || (st = tmp_dl_linear(&L->k, xn, B, k, nthreads)) ||
+                (st = tmp_dl_linear(&L->v, xn, B, v, nthreads)))
+                break;
+            round_rows(q, B * lq, qb);
+            round_rows(k, B * lk, kb);
+            round_rows(v, B * lk, vb);
+            st = tmp_paged_decode_block(qb, lq, kb, lk, vb, lk, 1, B, L->H, L->Hkv, L->hd, (int)L->qk_norm, L->qw,
+                                        L->kw, (float)L->qk_eps, (int)L->clip_on, (float)L->clip, cos, sin, scs, rot32,
+                                        kc[l], skn, skh, skt, vc[l], svn, svh, svt, N, bs, table, M, pos,
+                                        (float)L->scale, ob, nthreads);
+            if (st) break;
+            load_row(q, ob, 0, B * lq, 1); /* o as fp32 */
+        }
+        if ((st = tmp_dl_linear(&L->o, q, B, y, nthreads))) break;
         for (int64_t i = 0; i < B * D; i++) x[i] = bf16_bits(load1(x, i, 1) + rnd(y[i], 1));
         for (int64_t b = 0; b < B; b++) {
             load_row(xn + b * D, x, b * D, D, 1);
             rms_norm(xn + b * D, D, L->ln2, (float)L->eps, 1);
         }
-        if ((st = linear(&L->router, xn, B, lg, nthreads))) break;
-        round_rows(lg, B * L->E, NULL);
+        if ((st = tmp_dl_linear(&L->router, xn, B, lg, nthreads))) break;
+        if (!L->router_fp32) round_rows(lg, B * L->E, NULL);
         for (int64_t b = 0; b < B; b++) route_row(L, lg + b * L->E, lids + b * L->K, w + b * L->K, p, pairs);
         const int64_t nt = make_tasks(L, lids, w, B, tasks, tok, wt);
         memset(out, 0, sizeof(float) * (size_t)(B * D));
