@@ -72,7 +72,8 @@ QUANT_TYPES = {
 people download; llama-quantize falls back to q4_1/q5_0/q5_1 on rows that are not a multiple of 256)."""
 BY_GGML_TYPE = {q.ggml_type: q for q in QUANT_TYPES.values()}
 DEQUANT_CHUNK_BYTES = 8 << 20
-"""fp32 bytes of W the reference path (and prefill) decodes at once: no LM-head-sized temporary."""
+"""fp32 bytes of W the reference path decodes at once: no LM-head-sized temporary (the native kernels decode a few
+rows at a time into per-thread buffers)."""
 FAST = os.environ.get("TILEMEM_GGML_EXACT", "0") != "1"
 """Whether the native kernels use llama.cpp's 8-bit-activation integer path (the default) or the exact one."""
 
