@@ -239,8 +239,17 @@ INLINE __m256i dot_pairs(const int TY, __m256i q, __m256i x) {
     return _mm256_maddubs_epi16(q, x);
 }
 
-/* 8 blocks of 32 from block i (w8) for NT tokens into acc: each block's int32 dot products reduced across
- * the 8 blocks at once (hadd), then scaled by the 8 blocks' d_w * d_x in one vector FMA. */
+/* The int32 lanes of 4 blocks' dot products (s[0..3], 8 lanes each) summed per block, per 128-bit lane: lanes
+ * 0..3 the 4 blocks' sums over their low halves, lanes 4..7 over their high halves (in-lane shuffles only:
+ * hadd and lane-crossing permutes cost 4 to 8 uops each on Zen 1). */
+INLINE __m256i sum4_halves(const __m256i *s) {
+    const __m256i u01 = _mm256_add_epi32(_mm256_unpacklo_epi32(s[0], s[1]), _mm256_unpackhi_epi32(s[0], s[1]));
+    const __m256i u23 = _mm256_add_epi32(_mm256_unpacklo_epi32(s[2], s[3]), _mm256_unpackhi_epi32(s[2], s[3]));
+    return _mm256_add_epi32(_mm256_unpacklo_epi64(u01, u23), _mm256_unpackhi_epi64(u01, u23));
+}
+
+/* 8 blocks of 32 from block i (w8) for NT tokens into acc: each 4 blocks' int32 dot products reduced to half
+ * sums at once (sum4_halves), then scaled by those blocks' d_w * d_x ([d0..d3, d0..d3]) in one vector FMA. */
 INLINE void fast8(const int TY, const int NT, const uint8_t *w8, int64_t i, const tmg_xq *X, __m256 *acc) {
     const int64_t BB = bb_of(TY);
     const int MIN = TY == T_Q4_1 || TY == T_Q5_1; /* + m * sum(x) */
@@ -254,37 +263,50 @@ INLINE void fast8(const int TY, const int NT, const uint8_t *w8, int64_t i, cons
         q[k] = group_q(TY, blk, 0);
         if (TY == T_Q4_0 || TY == T_Q5_0) q[k] = _mm256_sub_epi8(q[k], _mm256_set1_epi8(TY == T_Q4_0 ? 8 : 16));
     }
-    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)hd));
-    const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)hm));
+    /* built in registers (8 stores then one wide load would miss store forwarding) */
+    const __m128i h = _mm_set_epi16((short)hd[7], (short)hd[6], (short)hd[5], (short)hd[4], (short)hd[3],
+                                    (short)hd[2], (short)hd[1], (short)hd[0]);
+    const __m256 dw_lo = _mm256_cvtph_ps(_mm_unpacklo_epi64(h, h)), dw_hi = _mm256_cvtph_ps(_mm_unpackhi_epi64(h, h));
     for (int n = 0; n < NT; n++) {
         const int8_t *xq = X->q + n * X->ldq + 32 * i;
         __m256i s[8];
         for (int k = 0; k < 8; k++)
             s[k] = _mm256_madd_epi16(dot_pairs(TY, q[k], _mm256_loadu_si256((const __m256i *)(xq + 32 * k))), ones);
-        /* a: per 128-bit lane, the sums of blocks 0..3; b: of blocks 4..7; then the two lanes added */
-        const __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
-        const __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(s[4], s[5]), _mm256_hadd_epi32(s[6], s[7]));
-        const __m256i t =
-            _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
-        const __m256 dx = _mm256_loadu_ps(X->d + n * X->ldd + i);
-        acc[n] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(t), acc[n]);
+        const float *dxp = X->d + n * X->ldd + i;
+        const __m256 dx_lo = _mm256_broadcast_ps((const __m128 *)dxp);
+        const __m256 dx_hi = _mm256_broadcast_ps((const __m128 *)(dxp + 4));
+        acc[n] = _mm256_fmadd_ps(_mm256_mul_ps(dw_lo, dx_lo), _mm256_cvtepi32_ps(sum4_halves(s)), acc[n]);
+        acc[n] = _mm256_fmadd_ps(_mm256_mul_ps(dw_hi, dx_hi), _mm256_cvtepi32_ps(sum4_halves(s + 4)), acc[n]);
         if (MIN) { /* the blocks' sums of x: their two sums per 16, added */
+            const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)hm));
             const __m256i s16 = _mm256_loadu_si256((const __m256i *)(X->s + n * X->lds + 2 * i));
-            acc[n] = _mm256_fmadd_ps(_mm256_mul_ps(mw, dx), _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)), acc[n]);
+            const __m256 xs = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
+            acc[n] = _mm256_fmadd_ps(_mm256_mul_ps(mw, _mm256_loadu_ps(dxp)), xs, acc[n]);
         }
     }
 }
 
-/* One row of the 32-weight types (K-quants: row_fast_k) for NT tokens: 8 blocks at once, the rest one by one. */
-INLINE void row_fast(const int TY, const int NT, const uint8_t *wr, int64_t nb, const tmg_xq *X, float *y,
-                     int64_t ldy) {
+#ifndef TMG_PFR
+#define TMG_PFR 2 /* rows ahead of the prefetch */
+#endif
+
+/* One row of the 32-weight types (K-quants: row_fast_k) for NT tokens (row stride ldw): 8 blocks at once, each
+ * 8 prefetched TMG_PFR rows on (as row_fast_k), the rest one by one. */
+INLINE void row_fast(const int TY, const int NT, const uint8_t *wr, int64_t ldw, int64_t nb, const tmg_xq *X,
+                     float *y, int64_t ldy) {
     __m256 acc[GMAXT];
     float corr[GMAXT];
     for (int n = 0; n < NT; n++) acc[n] = _mm256_setzero_ps(), corr[n] = 0.0f;
     const int64_t BB = bb_of(TY);
     const __m256i ones = _mm256_set1_epi16(1);
     int64_t i = 0;
-    for (; i + 8 <= nb; i += 8) fast8(TY, NT, wr + i * BB, i, X, acc);
+    for (; i + 8 <= nb; i += 8) {
+        if (TMG_PFR) {
+            const char *pf = (const char *)(wr + i * BB) + TMG_PFR * ldw;
+            for (int64_t o = 0; o < 8 * BB; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
+        }
+        fast8(TY, NT, wr + i * BB, i, X, acc);
+    }
     for (; i < nb; i++) { /* the last nb % 8 blocks */
         const uint8_t *blk = wr + i * BB;
         __m256i q = group_q(TY, blk, 0);
@@ -305,10 +327,6 @@ INLINE void row_fast(const int TY, const int NT, const uint8_t *wr, int64_t nb, 
 }
 
 /* ---- fast, K-quants: one row at a time, the next rows prefetched ---- */
-
-#ifndef TMG_PFR
-#define TMG_PFR 2 /* rows ahead of the prefetch */
-#endif
 
 /* A K-quant block's scales for the fast way: s[0] (Q4_K, Q5_K: the 8 int16 scales in both 128-bit lanes;
  * Q6_K: the int16 scales 0..7 in both lanes), s[1] (Q6_K: scales 8..15 in both lanes), off (Q6_K: -32 * scale
@@ -401,7 +419,7 @@ INLINE void rows_fast(const int TY, const int NT, const uint8_t *w, int64_t ldw,
         if (is_k(TY))
             row_fast_k(TY, NT, w + r * ldw, ldw, nb, X, y + r, ldy);
         else
-            row_fast(TY, NT, w + r * ldw, nb, X, y + r, ldy);
+            row_fast(TY, NT, w + r * ldw, ldw, nb, X, y + r, ldy);
     }
 }
 
