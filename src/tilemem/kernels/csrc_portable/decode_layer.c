@@ -28,16 +28,8 @@
 #include "decode_layer.h"
 #include "fp8.h"
 #include "ggml_quant.h"
+#include "paged.h"
 #include "torch_rows.h"
-
-/* paged_decode.c */
-TMP_API int tmp_paged_decode_block(const void *q, int64_t sq, const void *k, int64_t sk, const void *v, int64_t sv,
-                                   int bf, int64_t B, int64_t H, int64_t Hkv, int64_t hd, int norm, const void *qw,
-                                   const void *kw, float eps, int clip_on, float clip, const void *cos,
-                                   const void *sin, int64_t scs, int rot32, void *kc, int64_t skn, int64_t skh,
-                                   int64_t skt, void *vc, int64_t svn, int64_t svh, int64_t svt, int64_t N,
-                                   int64_t bs, const int64_t *table, int64_t M, const int64_t *pos, float scale,
-                                   void *out, int nthreads);
 
 /* One MoE decoder layer. Attention: q/k/v/o linears, H, Hkv, hd, q/k norm (0 none, 1 full, 2 head; weights qw, kw
  * bf16, epsilon qk_eps), clip (bound already rounded to bf16), softmax scale. Norms ln1, ln2 bf16 [D] (epsilon eps).

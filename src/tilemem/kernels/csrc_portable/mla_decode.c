@@ -15,14 +15,8 @@
 
 #include "decode_layer.h"
 #include "fp8.h"
+#include "paged.h"
 #include "torch_rows.h"
-
-/* paged_attention.c */
-TMP_API int tmp_paged_attention(const void *q, int q_bf16, int64_t sqb, int64_t sqh, const void *k, const void *v,
-                                int kv_bf16, int64_t skn, int64_t skh, int64_t skt, int64_t svn, int64_t svh,
-                                int64_t svt, int64_t N, int64_t bs, const int64_t *table, int64_t M,
-                                const int64_t *len, const int64_t *sel, int64_t K, int64_t B, int64_t H, int64_t Hkv,
-                                int64_t Dk, int64_t Dv, float scale, void *out, int nthreads);
 
 /* x [d] (bf16 values) rotated in place as `layers.rope.RotaryEmbedding.apply`: interleaved pairs to halves first,
  * then x * cos + rotate_half(x) * sin; in fp32 (rot32: fp32 cos/sin) rounded once, else each product and the sum

@@ -5,6 +5,7 @@
 
 #include <immintrin.h>
 
+#include "fp8.h" /* TMP_API */
 #include "simd.h"
 #include <stdint.h>
 
@@ -69,5 +70,21 @@ INLINE void fetch_ahead(const void *k, const int64_t *ko, int64_t i, int64_t n, 
     const char *row = (const char *)k + ko[i + AHEAD] * (bf ? 2 : 4);
     for (int64_t b = 0; b < D * (bf ? 2 : 4); b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
 }
+
+/* The paged attention of B rows (paged_attention.c) and the decode attention block after the projections
+ * (paged_decode.c), for the other kernels that call them (the one-call decode layers). */
+TMP_API int tmp_paged_attention(const void *q, int q_bf16, int64_t sqb, int64_t sqh, const void *k, const void *v,
+                                int kv_bf16, int64_t skn, int64_t skh, int64_t skt, int64_t svn, int64_t svh,
+                                int64_t svt, int64_t N, int64_t bs, const int64_t *table, int64_t M,
+                                const int64_t *len, const int64_t *sel, int64_t K, int64_t B, int64_t H, int64_t Hkv,
+                                int64_t Dk, int64_t Dv, float scale, void *out, int nthreads);
+
+TMP_API int tmp_paged_decode_block(const void *q, int64_t sq, const void *k, int64_t sk, const void *v, int64_t sv,
+                                   int bf, int64_t B, int64_t H, int64_t Hkv, int64_t hd, int norm, const void *qw,
+                                   const void *kw, float eps, int clip_on, float clip, const void *cos,
+                                   const void *sin, int64_t scs, int rot32, void *kc, int64_t skn, int64_t skh,
+                                   int64_t skt, void *vc, int64_t svn, int64_t svh, int64_t svt, int64_t N,
+                                   int64_t bs, const int64_t *table, int64_t M, const int64_t *pos, float scale,
+                                   void *out, int nthreads);
 
 #endif
