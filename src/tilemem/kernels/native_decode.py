@@ -105,17 +105,15 @@ def decode_layers(
     return ids
 
 
-class NativeDecode:
-    """Which decoder layers of a model run fused in a decode step, and running them.
+class LayerRuns:
+    """A model's decoder layers for a fused decode step: `layers[i]` is layer i's description for the kernel, or
+    None where it runs as modules; every run of consecutive described layers is one native call (`NativeDecode`,
+    `portable_decode.PortableDecode`)."""
 
-    `layers[i]` is layer i's `DecodeLayer`, or None where it runs as modules; every run of consecutive
-    fused layers is one native call. Built once per set of weights (the model rebuilds it when its weights
-    or expert executor change)."""
-
-    def __init__(self, layers: Sequence[DecodeLayer | None]) -> None:
-        self.layers = list(layers)  # alive while the stacks point at them
-        self.runs: dict[int, list[DecodeLayer]] = {}
-        """First layer -> the fused run that starts there."""
+    def __init__(self, layers: Sequence[object | None]) -> None:
+        self.layers = list(layers)  # alive while the native stacks point at them
+        self.runs: dict[int, list] = {}
+        """First layer -> the run that starts there."""
         i = 0
         while i < len(self.layers):
             run = []
@@ -124,18 +122,29 @@ class NativeDecode:
             if run:
                 self.runs[i] = run
             i += max(1, len(run))
-        self._stacks: dict[int, DecodeStack] = {}
-        # The cache by weak reference: a stack must not keep a replaced KV cache's memory alive.
-        self._cache: Callable[[], object | None] = lambda: None
-        self._ws = Workspace()
 
     def run_length(self, first: int, cache: object, keys: Sequence[torch.Tensor]) -> int:
-        """Layers of the fused run that starts at layer `first` (0: none, the layer runs as modules) for the
-        KV cache `cache` with layer caches `keys` (a run needs bf16 caches)."""
+        """Layers of the run that starts at layer `first` (0: none, the layer runs as modules) for the KV cache
+        `cache` with layer caches `keys` (a run needs bf16 caches)."""
         run = self.runs.get(first)
         if run is None or any(keys[i].dtype != torch.bfloat16 for i in range(first, first + len(run))):
             return 0
         return len(run)
+
+
+class NativeDecode(LayerRuns):
+    """Which decoder layers of a model run fused in a decode step, and running them.
+
+    `layers[i]` is layer i's `DecodeLayer`, or None where it runs as modules; every run of consecutive
+    fused layers is one native call. Built once per set of weights (the model rebuilds it when its weights
+    or expert executor change)."""
+
+    def __init__(self, layers: Sequence[DecodeLayer | None]) -> None:
+        super().__init__(layers)
+        self._stacks: dict[int, DecodeStack] = {}
+        # The cache by weak reference: a stack must not keep a replaced KV cache's memory alive.
+        self._cache: Callable[[], object | None] = lambda: None
+        self._ws = Workspace()
 
     def forward(
         self,

@@ -24,6 +24,7 @@ import torch
 
 from tilemem.errors import KernelError
 from tilemem.kernels import paged_decode, portable
+from tilemem.kernels.native_decode import LayerRuns
 
 log = logging.getLogger(__name__)
 
@@ -297,33 +298,17 @@ def decode_layers(
     return ids
 
 
-class PortableDecode:
+class PortableDecode(LayerRuns):
     """Which decoder layers of a model run in one native call a decode step, and running them (as
     `kernels.NativeDecode`): `layers[i]` is layer i's `Layer`, or None where it runs as modules. Built once per set
     of weights; per KV cache it keeps each run's stack (the cache weakly referenced)."""
 
     def __init__(self, layers: Sequence[Layer | None], key: object = None) -> None:
-        self.layers = list(layers)
+        super().__init__(layers)
         self.key = key
         """What the layers were built for (the model compares it to rebuild them)."""
-        self.runs: dict[int, list[Layer]] = {}
-        i = 0
-        while i < len(self.layers):
-            run = []
-            while i + len(run) < len(self.layers) and self.layers[i + len(run)] is not None:
-                run.append(self.layers[i + len(run)])
-            if run:
-                self.runs[i] = run
-            i += max(1, len(run))
         self._stacks: dict[int, _Stack] = {}
         self._cache: Callable[[], object | None] = lambda: None
-
-    def run_length(self, first: int, cache: object, keys: Sequence[torch.Tensor]) -> int:
-        """Layers of the run that starts at layer `first` (0: it runs as modules) for a cache with layer keys `keys`."""
-        run = self.runs.get(first)
-        if run is None or any(keys[i].dtype != torch.bfloat16 for i in range(first, first + len(run))):
-            return 0
-        return len(run)
 
     def forward(
         self,
