@@ -73,6 +73,18 @@ def test_threads():
     torch.set_num_threads(old)
 
 
+@pytest.fixture(scope="module")
+def ggml_exact():
+    """The native ggml kernels' exact path (fp32 activations, as the torch dequantization computes) for a test
+    module: `pytestmark = pytest.mark.usefixtures("ggml_exact")`."""
+    from tilemem.layers import ggml
+
+    before = ggml.FAST
+    ggml.FAST = False
+    yield
+    ggml.FAST = before
+
+
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
 def threads(request):
     """A kernel test run on 1 and on 2 threads (the thread count its native call is given)."""

@@ -20,7 +20,6 @@ from test_tiered_exactness import GREEDY, REL_TOL, forward_logits, prompts, rel_
 from tilemem.artifacts.mir import load_plan, save_plan
 from tilemem.engine.llm import LLM
 from tilemem.errors import ConfigError
-from tilemem.layers import ggml
 from tilemem.layers.ggml import QUANT_TYPES
 from tilemem.loader.checkpoint import Checkpoint
 from tilemem.models.topology import Topology
@@ -33,6 +32,7 @@ from tilemem.runtime.tile_format import GgmlTile
 from tilemem.runtime.tile_store import StoreError, TileStore, convert
 from tilemem.synth.gguf_writer import synthesize_gguf
 
+pytestmark = pytest.mark.usefixtures("ggml_exact")  # both engines on the exact path
 FILES = {"q4_k_m": "deepseek_v2", "q8_0": "olmoe"}
 """The mix -> the family of its file."""
 WIDTH = 512
@@ -69,15 +69,6 @@ COMBOS = [
     Combo("q8_0", "tilepo_coarse", 160, 0.0, False, True),
     Combo("q8_0", "tilepo_fine", 512, 1.0, True, True),
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def exact():
-    """Both engines on the native kernels' exact path (fp32 activations)."""
-    before = ggml.FAST
-    ggml.FAST = False
-    yield
-    ggml.FAST = before
 
 
 @pytest.fixture(scope="module")

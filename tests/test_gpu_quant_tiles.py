@@ -35,6 +35,7 @@ from tilemem.runtime.tile_format import TileCodec
 from tilemem.synth.ggml_quant import quantize as ggml_quantize
 from tilemem.synth.gguf_writer import synthesize_gguf
 
+pytestmark = pytest.mark.usefixtures("ggml_exact")  # both engines on the exact path
 ACT = activation("silu")
 
 
@@ -191,15 +192,6 @@ def gguf_file(tmp_path_factory):
     in q4_k), shared experts and a dense layer."""
     out = tmp_path_factory.mktemp("gguf-cuda") / "deepseek_v2-q4_k_m.gguf"
     return synthesize_gguf("deepseek_v2", "tiny", out, "q4_k_m", routing_skew=1.0, progress=False)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def exact_ggml():
-    """The native ggml kernels' exact path (fp32 activations), as the torch dequantization computes."""
-    before = ggml.FAST
-    ggml.FAST = False
-    yield
-    ggml.FAST = before
 
 
 @pytest.fixture(scope="module")

@@ -194,17 +194,24 @@ def test_interleaved_rope_keeps_the_torch_path(monkeypatch):
     assert calls == [] and out.shape == (len(POSITIONS), 1, 64) and out.isfinite().all()
 
 
-def greedy(llm: LLM, prompts: list[list[int]], steps: int) -> tuple[list[list[int]], torch.Tensor]:
-    """Greedy decoding of the prompts side by side from the model's forward on a paged cache of blocks of 4 in
-    reverse order -> (tokens per row, logits [steps, B, V] of the decode steps)."""
-    model, n = llm.model, len(prompts)
-    cache = model.allocate_paged(32, 4)
-    tables = [list(range(31 - 16 * r, 15 - 16 * r, -1)) for r in range(n)]
+def greedy(
+    model, prompts: list[list[int]], steps: int, tables: list[list[int]] | None = None, blocks: int = 32,
+    routed: dict | None = None,
+) -> tuple[list[list[int]], torch.Tensor]:  # fmt: skip
+    """Greedy decoding of the prompts side by side from the model's forward on a paged cache of `blocks` blocks of 4
+    (each row's block table from `tables`, default 16 blocks a row in reverse order) -> (tokens per row, logits
+    [steps, B, V] of the decode steps); `routed` collects each MoE layer's routed ids per decode step."""
+    n = len(prompts)
+    cache = model.allocate_paged(blocks, 4)
+    tables = tables or [list(range(31 - 16 * r, 15 - 16 * r, -1)) for r in range(n)]
     tokens, logits = [[] for _ in prompts], []
     for r, prompt in enumerate(prompts):  # prefill row by row (the torch path either way)
         ctx = ForwardContext.paged(cache, [tables[r]], [0], [len(prompt)])
         out = model(torch.tensor([prompt]), ctx, logits_at=torch.tensor([len(prompt) - 1]))[0]  # [V]
         tokens[r].append(int(out.argmax()))
+    for layer in model.model.layers:
+        if routed is not None and hasattr(layer.mlp, "on_route"):
+            layer.mlp.on_route = lambda li, ids: routed.setdefault(li, []).append(ids.clone())
     starts = [len(p) for p in prompts]
     for _ in range(steps):
         ctx = ForwardContext.paged(cache, tables, starts, [1] * n)
@@ -213,6 +220,9 @@ def greedy(llm: LLM, prompts: list[list[int]], steps: int) -> tuple[list[list[in
         for r in range(n):
             tokens[r].append(int(out[r].argmax()))
         starts = [s + 1 for s in starts]
+    for layer in model.model.layers:
+        if hasattr(layer.mlp, "on_route"):
+            layer.mlp.on_route = None
     return tokens, torch.stack(logits)
 
 
@@ -227,10 +237,10 @@ def test_greedy_tokens_and_logits_are_the_same_with_the_block_off(make_ckpt, mon
     monkeypatch.setattr(
         paged_decode, "decode_block", lambda *a, _f=paged_decode.decode_block, **k: calls.append(1) or _f(*a, **k)
     )
-    on = greedy(llm, prompts, 8)
+    on = greedy(llm.model, prompts, 8)
     assert len(calls) == 8 * llm.config.num_layers
     monkeypatch.setattr(paged_decode, "available", lambda: False)
-    off = greedy(llm, prompts, 8)
+    off = greedy(llm.model, prompts, 8)
     assert len(calls) == 8 * llm.config.num_layers
     assert on[0] == off[0] and torch.equal(on[1], off[1])
     llm.close()

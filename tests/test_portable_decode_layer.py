@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 from test_gguf import gguf_overrides  # noqa: E402
+from test_paged_decode_block import greedy as paged_greedy
 
 from tilemem import kernels
 from tilemem.errors import KernelError
 from tilemem.kernels import portable_decode
-from tilemem.layers.kv_cache import ForwardContext
 from tilemem.loader.checkpoint import load_model
 from tilemem.models import portable_decode as models_portable
 from tilemem.synth.gguf_writer import synthesize_gguf
@@ -46,30 +46,9 @@ def greedy(model, prompts: list[list[int]], fused: bool, routed: dict | None = N
     """Greedy decoding of the prompts side by side on a paged cache of blocks of 4 in shuffled order -> (tokens per
     row, logits [STEPS, B, V]); `routed` collects each layer's routed ids per step."""
     model.fused_decode = fused
-    n = len(prompts)
-    cache = model.allocate_paged(40, 4)
     perm = torch.randperm(40, generator=torch.Generator().manual_seed(7)).tolist()
-    tables = [perm[12 * r : 12 * r + 12] for r in range(n)]  # up to 48 positions a row
-    tokens, logits = [[] for _ in prompts], []
-    for r, prompt in enumerate(prompts):  # prefill row by row (the modules either way)
-        ctx = ForwardContext.paged(cache, [tables[r]], [0], [len(prompt)])
-        out = model(torch.tensor([prompt]), ctx, logits_at=torch.tensor([len(prompt) - 1]))[0]  # [V]
-        tokens[r].append(int(out.argmax()))
-    for layer in model.model.layers:
-        if routed is not None and hasattr(layer.mlp, "on_route"):
-            layer.mlp.on_route = lambda li, ids: routed.setdefault(li, []).append(ids.clone())
-    starts = [len(p) for p in prompts]
-    for _ in range(STEPS):
-        ctx = ForwardContext.paged(cache, tables, starts, [1] * n)
-        out = model(torch.tensor([[t[-1]] for t in tokens]), ctx, logits_at=torch.zeros(n, dtype=torch.int64))
-        logits.append(out)  # [B, V]
-        for r in range(n):
-            tokens[r].append(int(out[r].argmax()))
-        starts = [s + 1 for s in starts]
-    for layer in model.model.layers:
-        if hasattr(layer.mlp, "on_route"):
-            layer.mlp.on_route = None
-    return tokens, torch.stack(logits)
+    tables = [perm[12 * r : 12 * r + 12] for r in range(len(prompts))]  # up to 48 positions a row
+    return paged_greedy(model, prompts, STEPS, tables, 40, routed)
 
 
 def compare(model, monkeypatch, rows: int = 2, runs: list[int] | None = None) -> int:
