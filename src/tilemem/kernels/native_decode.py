@@ -122,6 +122,25 @@ class LayerRuns:
             if run:
                 self.runs[i] = run
             i += max(1, len(run))
+        self._stacks: dict[int, object] = {}
+        # The cache by weak reference: a stack must not keep a replaced KV cache's memory alive.
+        self._cache: Callable[[], object | None] = lambda: None
+
+    def stack(self, first: int, cache: object, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> object:
+        """The native stack of the run at layer `first` over the KV cache `cache` (layer pools `keys`/`values`),
+        built once per cache by `build_stack`."""
+        if self._cache() is not cache:
+            self._stacks.clear()
+            self._cache = weakref.ref(cache)
+        if (stack := self._stacks.get(first)) is None:
+            span = range(first, first + len(self.runs[first]))
+            run_keys, run_values = [keys[i] for i in span], [values[i] for i in span]
+            stack = self._stacks[first] = self.build_stack(self.runs[first], run_keys, run_values)
+        return stack
+
+    def build_stack(self, run: list, keys: list[torch.Tensor], values: list[torch.Tensor]) -> object:
+        """The library's stack of one run of layers over their KV pools."""
+        raise NotImplementedError
 
     def run_length(self, first: int, cache: object, keys: Sequence[torch.Tensor]) -> int:
         """Layers of the run that starts at layer `first` (0: none, the layer runs as modules) for the KV cache
@@ -141,10 +160,10 @@ class NativeDecode(LayerRuns):
 
     def __init__(self, layers: Sequence[DecodeLayer | None]) -> None:
         super().__init__(layers)
-        self._stacks: dict[int, DecodeStack] = {}
-        # The cache by weak reference: a stack must not keep a replaced KV cache's memory alive.
-        self._cache: Callable[[], object | None] = lambda: None
         self._ws = Workspace()
+
+    def build_stack(self, run: list, keys: list[torch.Tensor], values: list[torch.Tensor]) -> DecodeStack:
+        return DecodeStack(run, keys, values)
 
     def forward(
         self,
@@ -163,13 +182,7 @@ class NativeDecode(LayerRuns):
         on the KV cache `cache` (layer pools `keys`/`values` [N, Hkv, bs, hd], rows' block tables `tables`
         [B, M], new tokens at `positions` [B]);
         each layer's routed ids [B, K] go to `observe(layer, ids)` as the module path would send them."""
-        if self._cache() is not cache:
-            self._stacks.clear()
-            self._cache = weakref.ref(cache)
-        if (stack := self._stacks.get(first)) is None:
-            layers = range(first, first + len(self.runs[first]))
-            stack = DecodeStack(self.runs[first], [keys[i] for i in layers], [values[i] for i in layers])
-            self._stacks[first] = stack
+        stack = self.stack(first, cache, keys, values)
         b = x.shape[0]
         y = x.reshape(b, -1).clone()  # the residual stream, updated in place by the kernel
         # through the package, so that a wrapper set on `kernels.decode_layers` sees every call (imported

@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import weakref
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -307,8 +306,9 @@ class PortableDecode(LayerRuns):
         super().__init__(layers)
         self.key = key
         """What the layers were built for (the model compares it to rebuild them)."""
-        self._stacks: dict[int, _Stack] = {}
-        self._cache: Callable[[], object | None] = lambda: None
+
+    def build_stack(self, run: list, keys: list[torch.Tensor], values: list[torch.Tensor]) -> _Stack:
+        return _stack(run, keys, values)
 
     def forward(
         self,
@@ -326,13 +326,7 @@ class PortableDecode(LayerRuns):
         """The run starting at layer `first` for x [B, 1, D] -> [B, 1, D] in one native call on the KV cache `cache`
         (layer pools `keys`/`values`, block tables [B, M], new positions [B], cos/sin [B, ..., hd]); each layer's
         routed ids [B, K] go to `observe(layer, ids)`."""
-        if self._cache() is not cache:
-            self._stacks.clear()
-            self._cache = weakref.ref(cache)
-        if (stack := self._stacks.get(first)) is None:
-            span = range(first, first + len(self.runs[first]))
-            stack = _stack(self.runs[first], [keys[i] for i in span], [values[i] for i in span])
-            self._stacks[first] = stack
+        stack = self.stack(first, cache, keys, values)
         b = x.shape[0]
         y = x.reshape(b, -1).clone()  # the residual stream, updated in place
         # through the module, so that a wrapper set on `portable_decode.decode_layers` sees every call
