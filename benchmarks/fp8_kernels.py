@@ -1,0 +1,150 @@
+"""FP8 vs bf16 fused expert kernels at decode sizes, interleaved in one process (not a test: prints ratios).
+
+One MoE layer of OLMoE-1B-7B shape (D = 2048 hidden, I = 1024 per expert, E = 64 experts, top-8) in both
+formats from the same random weights: fp8 e4m3 with 128x128 block scales (`kernels.fp8.ffn_tasks`) and bf16
+(`kernels.bf16_ffn.ffn_tasks`), the entry points a decode step calls. Each step routes T tokens to 8 random
+experts each (the same routings for both formats), and several layers' copies are cycled through so that the
+weights come from DRAM (far beyond the last-level cache). Rounds alternate the two formats (A B A B): this
+machine's bandwidth drifts by tens of percent. Prints, per T: weights/s and GB/s of each (median over rounds),
+and the bf16 / fp8 step-time ratio (the fp8 speed-up) with its spread over rounds.
+
+Then a decode token's weight kernels, the bound they put on the end-to-end speed-up: 16 layers of the four
+2048 x 2048 attention projections (`matmul_nt` of each format) and the routed FFN, and the LM head (50304 x
+2048), bf16 in both (an FP8 checkpoint keeps it: `synth.writer.FP8_SKIP`). Everything else a decode step does
+(attention over the KV cache, norms, routing, sampling, Python) costs the same in both formats and only lowers
+the end-to-end ratio below this one.
+
+    .venv/bin/python benchmarks/fp8_kernels.py [--tokens 1,4] [--rounds 7] [--steps 24] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from tilemem.kernels import bf16, bf16_ffn, fp8
+
+D, I, E, K = 2048, 1024, 64, 8  # OLMoE-1B-7B: hidden, expert intermediate, experts, top-k
+LAYERS, VOCAB = 16, 50304
+BLOCK = 128
+
+
+def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w fp32 [R, C] -> (e4m3 [R, C], fp32 scale [R/128, C/128]): each block's largest |w| maps to 448."""
+    r, c = w.shape
+    blocks = w.reshape(r // BLOCK, BLOCK, c // BLOCK, BLOCK)
+    scale = blocks.abs().amax(dim=(1, 3)) / 448.0  # [R/128, C/128]
+    data = (blocks / scale[:, None, :, None]).reshape(r, c).to(torch.float8_e4m3fn)
+    return data, scale.contiguous()
+
+
+def make_layer(gen: torch.Generator) -> tuple[list, list]:
+    """One layer's E experts as (fp8 FfnWeights, bf16 FfnWeights) lists, from the same random weights."""
+    f8, b16 = [], []
+    for _ in range(E):
+        gate, up = (torch.randn(I, D, generator=gen) * 0.02 for _ in range(2))
+        down = torch.randn(D, I, generator=gen) * 0.02
+        f8.append(fp8.FfnWeights(quantize(gate), quantize(up), quantize(down)))
+        b16.append(bf16_ffn.FfnWeights(gate.bfloat16(), up.bfloat16(), down.bfloat16()))
+    return f8, b16
+
+
+def tasks_of(mod, layer: list, ids: torch.Tensor) -> tuple[list, int]:
+    """A step's tasks (one per distinct expert of ids [T, K]) and the number of distinct experts."""
+    out = []
+    experts = ids.unique().tolist()
+    for e in experts:
+        tok = (ids == e).any(dim=1).nonzero().flatten().to(torch.int32)
+        out.append(mod.FfnTask(layer[e], tok, torch.full((tok.numel(),), 0.125)))
+    return out, len(experts)
+
+
+def run(mod, layers: list, steps: list, x: torch.Tensor) -> tuple[float, int]:
+    """Seconds for every step (step i on layer i % len(layers)) and the weights they read."""
+    out = torch.zeros_like(x)
+    weights = 0
+    t0 = time.perf_counter()
+    for i, (tasks, n) in enumerate(steps):
+        mod.ffn_tasks(x, tasks[i % len(layers)], "silu", out)
+        weights += n * 3 * I * D
+    return time.perf_counter() - t0, weights
+
+
+def make_attn(gen: torch.Generator, n: int) -> tuple[list, list]:
+    """n sets of the four [D, D] attention projections as (fp8 (data, scale) lists, bf16 tensor lists)."""
+    ws = [torch.randn(D, D, generator=gen) * 0.02 for _ in range(4 * n)]
+    return [quantize(w) for w in ws], [w.bfloat16() for w in ws]
+
+
+def token(fmt: str, x: torch.Tensor, attn: list, steps: list, head: torch.Tensor) -> float:
+    """Seconds of one decode token's weight kernels in format fmt ("fp8" or "bf16"): LAYERS layers of the four
+    attention projections and the routed FFN (layer l on copy l % copies), then the bf16 LM head."""
+    out = torch.zeros_like(x)
+    t0 = time.perf_counter()
+    for layer in range(LAYERS):
+        for k in range(4):
+            w = attn[(4 * layer + k) % len(attn)]
+            fp8.matmul_nt(x, *w) if fmt == "fp8" else bf16.matmul_nt(x, w)
+        tasks, _ = steps[layer % len(steps)]
+        (fp8 if fmt == "fp8" else bf16_ffn).ffn_tasks(x, tasks[layer % len(tasks)], "silu", out)
+    bf16.matmul_nt(x, head)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", default="1,4", help="tokens per step, comma-separated")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=24, help="steps per round and format")
+    ap.add_argument("--layers", type=int, default=2, help="layer copies cycled through (each 384 MB fp8)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    if not (fp8.available() and bf16_ffn.available()):
+        raise SystemExit("the portable fp8 / bf16 kernels are unavailable here (AVX2 + FMA + F16C and a C compiler)")
+    torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+    pairs = [make_layer(gen) for _ in range(args.layers)]
+    f8_layers, b16_layers = [p[0] for p in pairs], [p[1] for p in pairs]
+    f8_attn, b16_attn = make_attn(gen, LAYERS)  # 256 MB fp8: from DRAM too
+    head = (torch.randn(VOCAB, D, generator=gen) * 0.02).bfloat16()
+    print(f"OLMoE expert shapes D={D} I={I} E={E} top-{K}, {args.layers} layers, {args.threads} threads")
+    for t in (int(s) for s in args.tokens.split(",")):
+        x = torch.randn(t, D, generator=gen)
+        routes = [torch.randperm(E, generator=gen)[:K] for _ in range(args.steps * t)]
+        ids = [torch.stack(routes[i * t : (i + 1) * t]) for i in range(args.steps)]  # [T, K] each
+        # steps[i] = (tasks on every layer, distinct experts): the per-layer tasks picked in `run`
+        f8_steps = [([tasks_of(fp8, lay, r)[0] for lay in f8_layers], tasks_of(fp8, f8_layers[0], r)[1]) for r in ids]
+        b16_steps = [([tasks_of(bf16_ffn, lay, r)[0] for lay in b16_layers], f8_steps[i][1]) for i, r in enumerate(ids)]
+        run(fp8, f8_layers, f8_steps, x), run(bf16_ffn, b16_layers, b16_steps, x)  # warm-up
+        rates: dict[str, list[float]] = {"fp8": [], "bf16": []}
+        ratios = []
+        for _ in range(args.rounds):
+            sf, wf = run(fp8, f8_layers, f8_steps, x)
+            sb, wb = run(bf16_ffn, b16_layers, b16_steps, x)
+            rates["fp8"].append(wf / sf)
+            rates["bf16"].append(wb / sb)
+            ratios.append(sb / sf)
+        for name, nbytes in (("fp8", 1), ("bf16", 2)):
+            r = statistics.median(rates[name])
+            print(f"T={t} {name:5s} {r / 1e9:6.2f} G weights/s  {r * nbytes / 1e9:6.2f} GB/s  (median)")
+        print(
+            f"T={t} fp8 speed-up (bf16 time / fp8 time): median {statistics.median(ratios):.3f}  "
+            f"min {min(ratios):.3f}  max {max(ratios):.3f}"
+        )
+        times: dict[str, list[float]] = {"fp8": [], "bf16": []}
+        for _ in range(args.rounds):
+            for name, attn, steps in (("fp8", f8_attn, f8_steps), ("bf16", b16_attn, b16_steps)):
+                times[name].append(token(name, x, attn, steps, head))
+        ratios = [b / f for f, b in zip(times["fp8"], times["bf16"], strict=True)]
+        ms = {name: statistics.median(v) * 1e3 for name, v in times.items()}
+        print(
+            f"T={t} decode token's weight kernels: fp8 {ms['fp8']:.1f} ms, bf16 {ms['bf16']:.1f} ms; speed-up median "
+            f"{statistics.median(ratios):.3f}  min {min(ratios):.3f}  max {max(ratios):.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
