@@ -284,3 +284,39 @@ def test_cold_cache_hit_probability():
     assert warm.hit_rate == 1.0 and cold.hit_rate == pytest.approx(h) == 1.0
     tight = predict(plan, simple_hw(), ServingWorkload(profile, decode_tokens=5, cold_cache=True))
     assert tight.hit_rate == 0.0  # no room beyond the staging slots: nothing is ever cached
+
+
+def test_x12_store_tiles_stream_at_the_x12_kernels_rate():
+    """A bf16 model whose store packs its FFN tiles as x12 (12 bits per weight): the routed experts are counted in
+    x12 bytes and computed at the x12 kernel's measured rate and task overhead, one task per store tile (the runtime
+    keeps a resident x12 range's tile payloads apart), the attention and LM head at bf16's (the probe once timed
+    those tiles as plain bf16 ones, through another kernel). A profile probed before x12 had figures of its own
+    uses bf16's, without a note."""
+    from tilemem.placement.tiles import unit_bytes
+
+    layer = LayerTopology(0, True, 2, 1, 64, 0, 0)  # 2 experts of 64 neurons: 2 store tiles of 32 each
+    non_expert = (("model.layers.0.self_attn.k_proj.weight", 64 * 64 * 2), ("lm_head.weight", 16 * 64 * 2))
+    topo = Topology("olmoe", 64, "bfloat16", 1, (layer,), non_expert)
+    profile = skewed_profile(topo)
+    x12 = tile_format("x12")
+    tile = unit_bytes(32, 64, x12)
+    assert tile < 3 * 32 * 64 * 2  # fewer bytes than bf16's
+    budget = Budgets.parse(f"cpu={topo.non_expert_bytes + 2 * 3 * 64 * 64 * 2}B")
+    plan = build_plan(PlacementProblem(topo, profile, budget, x12, tile=32), "kt_expert", "t")  # all resident
+    shape = PlanShape.of(plan)
+    assert (shape.dtype, shape.tile_dtype) == ("bfloat16", "x12")
+    assert shape.moe_layers[0].experts[0].blocks == {"cpu": (tile, tile)}
+    figures = [KernelFigure("cpu", "bfloat16", 1, 2.0, 2.0, 10.0), KernelFigure("cpu", "x12", 1, 0.5, 1.0, 40.0)]
+    work = ServingWorkload(profile, prompt_tokens=1, decode_tokens=0)
+    pred = predict(plan, simple_hw(kernels=figures), work)
+    ns = 1e-9
+    non_expert = (16 * 64 * 2 + 64 * 64 * 2) * ns / 2  # LM head and attention at bf16's 2 GB/s
+    kv = 64 * 2 * ns  # the k_proj's 64 bf16 values of the one cached token at DRAM's 1 GB/s
+    moe = (0.75 + 0.25) * 2 * (40e-6 + tile * ns / 0.5)  # two x12 tasks at 0.5 GB/s, 40 us each
+    assert pred.decode.non_expert_s == pytest.approx(non_expert + kv, rel=1e-9)
+    assert pred.decode.cpu_experts_s == pytest.approx(moe, rel=1e-9)
+    assert pred.decode.total_s == pytest.approx(150e-6 + non_expert + kv + moe, rel=1e-9)
+    assert not pred.extrapolated
+    old = predict(plan, simple_hw(kernels=figures[:1]), work)  # no x12 figures: bf16's rate per byte
+    assert old.decode.cpu_experts_s == pytest.approx(2 * (10e-6 + tile * ns / 2), rel=1e-9)
+    assert not old.extrapolated

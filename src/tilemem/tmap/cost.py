@@ -20,7 +20,8 @@ A step (prefill of P prompt tokens, or decode of B sequences) costs:
 
 Bytes are the plan's tile format's (FP8: weights plus block scales), and each format streams at the kernel
 rate the probe measured for it: an FP8 model's experts and attention at the FP8 kernel's, its bf16 LM
-head at bf16's (`PlanShape.head_dtype`).
+head at bf16's (`PlanShape.head_dtype`); a bf16 model's FFN tiles, which its store packs as x12, at the x12
+kernel's (`PlanShape.tile_dtype`), its attention and LM head at bf16's.
 
 Decode tok/s = B / E[step]; p50 ~ E[step] and p95 = E[step] + 1.645 sd, the spread coming from which
 experts are routed (independent Bernoulli experts). Every figure comes from the hardware profile;
@@ -148,8 +149,12 @@ class Prediction:
 class _Ctx:
     """Lookups with their notes collected."""
 
-    def __init__(self, hw: HardwareProfile, dtype: str, settings: RuntimeSettings) -> None:
+    def __init__(self, hw: HardwareProfile, dtype: str, settings: RuntimeSettings, tile_dtype: str = "") -> None:
         self.hw, self.dtype, self.settings = hw, dtype, settings
+        # the FFN tiles' own format (x12) where the profile measured its kernel; else the model's dtype, as
+        # profiles probed before x12 tiles had their own figures counted them
+        measured = any(k.dtype == tile_dtype for k in hw.kernels)
+        self.tile_dtype = tile_dtype if tile_dtype and measured else dtype
         self.notes: list[str] = []
         cores = int(hw.meta.get("cores", 0) or hw.cpu_threads)
         # I/O threads' CPU work (crc32) takes compute time when no core is left idle for it
@@ -206,7 +211,7 @@ def predict(
     workload.profile.check_matches(plan.topology, "the workload's profile")
     settings = settings or RuntimeSettings()
     shape = PlanShape.of(plan, settings.store_tile)
-    ctx = _Ctx(hardware, shape.dtype, settings)
+    ctx = _Ctx(hardware, shape.dtype, settings, shape.tile_dtype)
     probs = {lay.index: workload.profile.probabilities(lay.index, workload.phase) for lay in shape.moe_layers}
     b = max(1, workload.batch)
     hot, capacity, n_disk = _hot_tiles(shape, probs, b, settings)
@@ -289,7 +294,7 @@ def _step(
     for lay in shape.layers:
         layer_ne = lay.non_expert_bytes * spb_ne + lay.kv_bytes_per_token * kv_tokens * kv_spb
         if lay.always_bytes:
-            spb_cpu, ovh_cpu = ctx.kernel("cpu", tokens)
+            spb_cpu, ovh_cpu = ctx.kernel("cpu", tokens, ctx.tile_dtype)
             layer_ne += ovh_cpu + lay.always_bytes * spb_cpu
         dram += lay.non_expert_bytes + lay.always_bytes + lay.kv_bytes_per_token * kv_tokens
         non_expert += layer_ne
@@ -354,7 +359,7 @@ def _moe_layer(
         if q <= 0:
             continue
         n = tokens * p / q  # tokens routed to the expert when it runs
-        spb, ovh = ctx.kernel("cpu", n)
+        spb, ovh = ctx.kernel("cpu", n, ctx.tile_dtype)
         c_ready = sum(ovh + nb * spb for nb in ex.blocks.get("cpu", ()))
         dram_e = sum(ex.blocks.get("cpu", ()))
         c_gpu = 0.0

@@ -11,7 +11,9 @@ Bytes come from the plan's tile format (`placement.formats`): FP8 tiles count on
 their fp32 block scales, as the tile store holds them; a GGUF model's tiles their FFN's own quant types' blocks
 (`placement.tiles.ffn_unit_bytes`). In an FP8 model the layers' non-expert matrices
 (attention projections) are FP8 too, while the LM head stays in the plain dtype (`head_dtype`), and the
-KV cache is in the activation dtype, so each is looked up at its own kernel rate.
+KV cache is in the activation dtype, so each is looked up at its own kernel rate. A bf16 model's store packs its
+FFN tiles as x12 (12 bits per weight), which their own fused kernel computes: those tiles are counted and looked up
+as `x12` (`tile_dtype`), the attention matrices and the LM head as bf16.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from tilemem.placement.plan import Plan
 from tilemem.placement.store_layout import ALIGNMENT, align
 from tilemem.placement.tiles import ffn_unit_bytes
 
+X12_FORMAT = "x12"
+"""A bf16 store's 12-bit tile format (`placement.formats`), as the plan and the kernel figures name it."""
 PLAIN_DTYPE = "bfloat16"
 """Dtype of an FP8 model's unquantized weights (LM head, embeddings, norms) and of its activations and KV
 cache: every published FP8 checkpoint keeps them in bf16."""
@@ -43,7 +47,8 @@ class ExpertShape:
     expert: int
     """Expert index."""
     blocks: dict[str, tuple[int, ...]]
-    """Compute tier -> bytes of each resident block (merged contiguous range)."""
+    """Compute tier -> bytes of each resident block (merged contiguous range; x12 tiles in DRAM: each store tile,
+    as the runtime runs a merged x12 range one kernel task per tile)."""
     disk_tiles: tuple[int, ...]
     """Bytes of each store tile read from disk when the expert runs."""
 
@@ -82,6 +87,10 @@ class PlanShape:
     """Weight format of the experts and the layers' non-expert matrices (`bfloat16`, `fp8_e4m3`, ...)."""
     head_dtype: str = ""
     """Dtype of the LM head (an FP8 model's is `PLAIN_DTYPE`; empty: `dtype`)."""
+    tile_dtype: str = ""
+    """Format the routed and always-active FFN tiles are computed in, as the kernel figures name it: `x12` where a
+    bf16 model's store packs them so (its own fused kernel, at its own rate; `placement.formats`), else `dtype`
+    (empty: `dtype`)."""
 
     @classmethod
     def of(cls, plan: Plan, store_tile: int | None = None) -> PlanShape:
@@ -89,6 +98,7 @@ class PlanShape:
         topo = plan.topology
         store_tile = store_tile or plan.tile
         fp8 = topo.dtype == FP8_FORMAT
+        x12_tiles = plan.fmt.name == X12_FORMAT
 
         def ffn(layer: int, expert: int, neurons: int) -> int:  # bytes of `neurons` neurons of an FFN, with scales
             return ffn_unit_bytes(topo, layer, expert, neurons, plan.fmt)
@@ -132,6 +142,9 @@ class PlanShape:
                         starts = sorted({s for a, b in merged for s in range(a - a % store_tile, b, store_tile)})
                         ends = [min(s + store_tile, lt.expert_intermediate) for s in starts]
                         disk += [padded(ffn(lt.index, e, b - s)) for s, b in zip(starts, ends, strict=True)]
+                    elif tier == "cpu" and x12_tiles:  # an x12 range keeps each store tile's payload: a task each
+                        cuts = [(s, min(s + store_tile, b)) for a, b in merged for s in range(a, b, store_tile)]
+                        blocks[tier] = tuple(ffn(lt.index, e, b - a) for a, b in cuts)
                     else:
                         blocks[tier] = tuple(ffn(lt.index, e, b - a) for a, b in merged)
                 experts.append(ExpertShape(e, blocks, tuple(disk)))
@@ -147,7 +160,8 @@ class PlanShape:
         tiles = [ffn(lt.index, 0, min(store_tile, lt.expert_intermediate)) for lt in topo.layers if lt.is_moe]
         slot = padded(max(tiles)) if any(tiles) else ALIGNMENT  # the largest routed store tile
         head_dtype = PLAIN_DTYPE if fp8 else topo.dtype
-        return cls(tuple(layers), head, plan.tiers[0].tier, cache, slot, topo.dtype, head_dtype)
+        tile_dtype = X12_FORMAT if x12_tiles else topo.dtype
+        return cls(tuple(layers), head, plan.tiers[0].tier, cache, slot, topo.dtype, head_dtype, tile_dtype)
 
     @property
     def moe_layers(self) -> list[LayerShape]:

@@ -45,6 +45,8 @@ from tilemem.placement.tiles import unit_bytes
 from tilemem.tmap.hardware import DiskFigure, FetchFigure, HardwareProfile, KernelFigure
 
 MiB = 1 << 20
+X12 = "x12"
+"""The kernel figures' name of a bf16 store's tile format (`placement.formats`): 12-bit payloads."""
 
 
 @dataclass(frozen=True)
@@ -60,10 +62,11 @@ class ProbeConfig:
     The probe reads back a file in a temporary directory it makes inside, and removes both."""
     hidden: int = 1024
     """Hidden size of the probed tile kernel."""
-    dtypes: tuple[str, ...] = ("bfloat16", FP8_FORMAT, "float32")
-    """Weight formats of the kernel sweep (the first also times the engine overheads and the miss path). FP8
-    tiles run the FP8 kernels (`kernels.fp8`) where they can, else torch's reference path: what the runtime
-    would run here either way. The GPU sweep leaves FP8 out (its cuda tier holds no FP8 tiles yet)."""
+    dtypes: tuple[str, ...] = ("bfloat16", X12, FP8_FORMAT, "float32")
+    """Weight formats of the kernel sweep (the first also times the engine overheads and the miss path). Each runs
+    the kernel the runtime runs tiles of that format with here (`_TileTask`): FP8 tiles the FP8 kernels
+    (`kernels.fp8`) where they can, `x12` (a bf16 model's store tiles) the fused x12 kernel, else torch. The GPU
+    sweep leaves FP8 and x12 out (its cuda tier holds them dequantized)."""
     batches: tuple[int, ...] = (1, 4, 16, 64)
     """Tokens per expert call of the kernel sweep."""
     request_sizes: tuple[int, ...] = (4096, 65536, 393216, 1048576, 4194304)
@@ -79,6 +82,10 @@ class ProbeConfig:
     the overheads are measured beside are the ones it predicts."""
     top_k: int = 2
     """Experts per token of that model (`tmap validate`: the checked model's)."""
+    tile: int = 128
+    """Neurons per store tile of that model (the runtime's default; `tmap validate`: the checked store's). A resident
+    expert of x12 tiles runs one kernel task per tile, so tiles smaller than the checked model's (this was 16) put
+    extra tasks into the measured per-layer overhead (+260 us per layer on demo-small's shape)."""
     seconds_per_point: float = 0.4
     """Time box of one disk measurement."""
     dram_bytes: int = 256 * MiB
@@ -135,20 +142,27 @@ def dram_latency(nbytes: int = 256 * MiB, steps: int = 200_000) -> float:
 
 
 class _TileTask:
-    """Computes tiles the way the runtime does on the CPU: the native fused kernel where it runs
-    (`runtime.tiered.Accumulator`), else `partial_ffn` + fp32 accumulation. `batch` token rows."""
+    """Computes tiles the way the runtime does on the CPU (`TieredExperts._host`): each tile format through the
+    kernel the runtime picks for it here (`runtime.accumulator.Accumulator`: the AVX512 fused kernel for plain
+    tiles where it runs, the portable FP8 and fused x12 kernels where they run), else `partial_ffn` + fp32
+    accumulation. `batch` token rows. (Timing plain tiles alone on a CPU without AVX512 measured torch's GEMMs,
+    and FP8 tiles torch's dequantizing reference path, 10x slower than the FP8 kernel the runtime runs.)"""
 
     def __init__(self, hidden: int, dtype, batch: int = 1) -> None:
         import torch
 
         from tilemem import kernels
+        from tilemem.layers.moe import fp8_native_act, x12_native_act
         from tilemem.runtime.tiered import Accumulator
 
         x = torch.randn(batch, hidden, dtype=dtype)  # [N, D]
         tok, scale = torch.arange(batch), torch.rand(batch)  # scale: fp32, as the router's weights
-        native = "silu" if kernels.usable(x) else None
+        act = "silu"
+        native = act if kernels.usable(x) else None
+        fp8 = act if fp8_native_act(act, x) else None
+        x12 = act if x12_native_act(act, x) else None
         ws = kernels.Workspace()
-        self.acc = lambda: Accumulator(x, torch.nn.functional.silu, native, ws)
+        self.acc = lambda: Accumulator(x, torch.nn.functional.silu, native, ws, fp8_act=fp8, x12_act=x12)
         self.tok, self.scale = tok, scale
 
     def __call__(self, *blocks) -> None:
@@ -157,6 +171,14 @@ class _TileTask:
         for block in blocks:
             acc.add(block, self.tok, self.scale)
         acc.result()
+
+
+def store_format(dtype: str, hidden: int, tile: int = 128) -> str:
+    """The kernel figures' name of the format a tile store keeps `dtype` tiles of width `hidden` in: `x12` for bf16
+    where x12 holds them (`placement.formats.bf16_store_format`), else `dtype`."""
+    from tilemem.placement.formats import bf16_store_format
+
+    return X12 if dtype == "bfloat16" and bf16_store_format(hidden, tile).name == "x12" else dtype
 
 
 def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
@@ -174,8 +196,8 @@ def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
 
 def tile_blocks(dtype: str, count: int, rows: int, hidden: int, device: str = "cpu"):
     """`count` random tiles of `rows` neurons at width `hidden` in weight format `dtype`, as the runtime holds
-    them ([3, n, D] tensors, or `Fp8Tile`s with their fp32 block scales for `fp8_e4m3`), and the activation
-    dtype that computes them (an FP8 model's is bf16)."""
+    them ([3, n, D] tensors, `Fp8Tile`s with their fp32 block scales for `fp8_e4m3`, `X12Tile`s for `x12`, a bf16
+    store's format), and the activation dtype that computes them (an FP8 or x12 model's is bf16)."""
     import torch
 
     if dtype == FP8_FORMAT:
@@ -185,6 +207,15 @@ def tile_blocks(dtype: str, count: int, rows: int, hidden: int, device: str = "c
         data = torch.randn(count, 3, rows, hidden).to(FP8)  # [C, 3, n, D]
         scale = torch.rand(count, 3, -(-rows // BLOCK), -(-hidden // BLOCK)) + 0.5  # [C, 3, nb, Db]
         return [Fp8Tile(data[i], scale[i]) for i in range(count)], torch.bfloat16
+    if dtype == X12:  # a bf16 store's tiles as it holds them: x12 payloads, viewed as the runtime views a read
+        from tilemem.runtime.tile_format import TileCodec
+
+        codec = TileCodec(torch.bfloat16, hidden, x12=True)
+        out = []
+        for _ in range(count):
+            g, u, d = torch.randn(3, rows, hidden).to(torch.bfloat16)  # [n, D] each; down as [n, D] = down^T
+            out.append(codec.view(codec.pack(g, u, d.t(), 0, rows), rows))
+        return out, torch.bfloat16
     tdt = getattr(torch, dtype)
     return list(torch.randn(count, 3, rows, hidden, dtype=torch.float32, device=device).to(tdt)), tdt  # [3, n, D]
 
@@ -249,45 +280,70 @@ def tile_kernel(
     return kernel_sweep(device, (dtype,), (batch,), hidden, working_set, repeats)[0]
 
 
+def packed_tiles(dtype: str, count: int, rows: int, hidden: int):
+    """`tile_blocks` as a tile store holds them: (its codec, each tile's bytes as uint8, the activation dtype)."""
+    import torch
+
+    from tilemem.runtime.tile_format import TileCodec
+
+    tiles, act = tile_blocks(dtype, count, rows, hidden)
+    if dtype == FP8_FORMAT:
+        from tilemem.layers.fp8 import FP8
+
+        codec = TileCodec(FP8, hidden)
+        raw = [codec.pack(t.data[0], t.data[1], t.data[2].t(), 0, rows, (t.scale[0], t.scale[1], t.scale[2].t()))
+               for t in tiles]  # fmt: skip
+    elif dtype == X12:
+        codec = TileCodec(torch.bfloat16, hidden, x12=True)
+        raw = [t.payloads[0] for t in tiles]
+    else:
+        codec = TileCodec(act, hidden)
+        raw = [t.reshape(-1).view(torch.uint8) for t in tiles]
+    return codec, raw, act
+
+
 def cached_task_extra(hidden: int, dtype: str = "bfloat16", rows: int = 32, repeats: int = 5) -> float:
-    """Extra seconds of a tile computed from the tile cache's slab (a tensor view made per call, as the
-    runtime does) over the same tile resident as a tensor."""
+    """Extra seconds of a tile computed from the tile cache's slab (its bytes viewed per call through the store's
+    codec, as the runtime does for a cache hit or a read that landed) over the same tile resident (viewed once:
+    an x12 or FP8 tile then keeps what its kernel built for it) in weight format `dtype`."""
     import torch
 
     from tilemem.runtime.direct_io import AlignedSlab
 
-    tdt = getattr(torch, dtype)
-    nbytes = 3 * rows * hidden * tdt.itemsize
+    rows = max(rows, 128) if dtype == FP8_FORMAT else rows  # FP8 tiles are whole 128-neuron scale blocks
     count = 64
+    codec, raw, act = packed_tiles(dtype, count, rows, hidden)
+    tiles = [codec.view(r, rows) for r in raw]
+    nbytes = max(r.numel() for r in raw)
     slab = AlignedSlab(count, align(nbytes))
-    resident = [torch.randn(3, rows, hidden).to(tdt) for _ in range(count)]
-    for i, t in enumerate(resident):
-        slab.tensor(i, nbytes, tdt).copy_(t.reshape(-1))
-    task = _TileTask(hidden, tdt)
+    for i, r in enumerate(raw):
+        slab.tensor(i, r.numel(), torch.uint8).copy_(r)
+    task = _TileTask(hidden, act)
 
     def res() -> None:
-        for t in resident:
+        for t in tiles:
             task(t)
 
     def cached() -> None:
         for i in range(count):
-            task(slab.tensor(i, nbytes, tdt).view(3, rows, -1))
+            task(codec.view(slab.tensor(i, nbytes, torch.uint8), rows))
 
     res(), cached()
     return max(0.0, (_median_time(cached, repeats) - _median_time(res, repeats)) / count)
 
 
 def engine_overheads(
-    threads: int | None, kernel: KernelFigure, hidden: int, dtype: str = "bfloat16", expert_width: int = 32,
-    top_k: int = 2,
+    threads: int | None, kernels: list[KernelFigure], hidden: int, dtype: str = "bfloat16", expert_width: int = 32,
+    top_k: int = 2, tile: int = 128,
 ) -> tuple[float, float]:  # fmt: skip
     """(seconds per step, seconds per layer) of dispatch overhead: decode of a small synthetic OLMoE model
     of width `hidden` (`top_k` routed experts of `expert_width` neurons, a tiny vocabulary) in weight format
     `dtype` through the tiered runtime, every tile resident, at 2 and 6 layers (median of 8 interleaved
     rounds after 3 warm-up ones). A step is the forward pass, as decode tok/s counts it
     (`GenerationStats.decode_tok_s`: sampling and detokenizing are not in it). The weight streaming the cost
-    model counts separately (attention, LM head and the routed tiles, at `kernel`'s bandwidth and task
-    overhead) is taken out."""
+    model counts separately is taken out, each part at the batch-1 figure in `kernels` of the format the cost model
+    looks it up in (`tmap.cost`): attention and LM head at `dtype`'s, the routed tiles at their store format's
+    (a bf16 model's store holds x12 tiles: `PlanShape.tile_dtype`) bandwidth and task overhead."""
     from tilemem.engine.llm import LLM
     from tilemem.engine.sampling import SamplingParams
     from tilemem.loader.checkpoint import Checkpoint
@@ -297,9 +353,15 @@ def engine_overheads(
     from tilemem.tmap.shape import PlanShape
 
     heads = max(4, hidden // 64)
-    spb, task = 1 / (kernel.bandwidth_gbps * 1e9), kernel.task_overhead_us * 1e-6
+
+    def figure(fmt: str) -> tuple[float, float]:  # (seconds per byte, task overhead) at batch 1
+        k = min((k for k in kernels if k.dtype == fmt), key=lambda k: k.batch, default=None)
+        k = k or min((k for k in kernels if k.dtype == dtype), key=lambda k: k.batch)
+        return 1 / (k.bandwidth_gbps * 1e9), k.task_overhead_us * 1e-6
+
     short = {"bfloat16": "bf16", "float16": "fp16", FP8_FORMAT: "fp8"}.get(dtype, "fp32")
-    tile = 128 if dtype == FP8_FORMAT else 16  # FP8 tiles fall on its 128-neuron scale blocks
+    if dtype == FP8_FORMAT:  # FP8 tiles fall on its 128-neuron scale blocks
+        tile = max(128, tile // 128 * 128)
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     llms, streamed = {}, {}
     samples: dict[int, list[float]] = {2: [], 6: []}
@@ -318,11 +380,13 @@ def engine_overheads(
                 plan = make_plan(ckpt, "cpu=1GiB", "kt_expert", None, tile)
                 shape = PlanShape.of(plan)
                 # what the cost model counts as weight streaming: attention/LM head bytes, top_k resident tasks
+                spb, _ = figure(dtype)
                 streamed[layers] = (shape.head_bytes + sum(lay.non_expert_bytes for lay in shape.layers)) * spb
                 # (an FP8 model's LM head is bf16; at this vocabulary its bytes are too few to matter)
-                for lay in shape.moe_layers:
-                    block = max(b for e in lay.experts for b in e.blocks.get("cpu", (0,)))
-                    streamed[layers] += ckpt.config.top_k * (task + block * spb)
+                spb, task = figure(shape.tile_dtype)
+                for lay in shape.moe_layers:  # each of an expert's blocks one task (x12: each store tile)
+                    blocks = max((e.blocks.get("cpu", ()) for e in lay.experts), key=sum)
+                    streamed[layers] += ckpt.config.top_k * sum(task + nb * spb for nb in blocks)
                 llms[layers] = LLM(path, threads=threads, plan=plan, store=store, max_batch=1)
                 for _ in range(3):  # a fresh engine's first decode steps run up to 10x slower (measured)
                     llms[layers].generate([[1, 2, 3, 4]], params)
@@ -403,20 +467,16 @@ def fetch_pipeline(
     and the time per further tile (medians)."""
     import concurrent.futures as cf
 
-    import torch
-
     from tilemem.runtime.direct_io import AlignedSlab, DirectReader
 
-    tdt = getattr(torch, dtype)
-    nbytes = 3 * rows * hidden * tdt.itemsize
+    codec, raw, act = packed_tiles(dtype, io_depth + 1, rows, hidden)
+    nbytes = raw[0].numel()
     slot = align(nbytes)
     slab = AlignedSlab(io_depth + 1, slot)
     reader = DirectReader(path)
     positions = os.path.getsize(path) // slot
     rng = random.Random(0)
-    task = _TileTask(hidden, tdt)
-    for i in range(io_depth + 1):  # finite values: random bytes can be NaN/inf bf16
-        slab.tensor(i, nbytes, tdt).copy_(torch.randn(nbytes // tdt.itemsize).to(tdt))
+    task = _TileTask(hidden, act)
 
     def read(slot_i: int) -> None:
         buf = slab.buffer(slot_i)
@@ -435,7 +495,9 @@ def fetch_pipeline(
             for fut in done:
                 s = in_flight.pop(fut)
                 fut.result()
-                task(slab.tensor(s, nbytes, tdt).view(3, rows, -1))
+                # the slot's tile viewed as the runtime views a landed read; computed from valid bytes (the read's
+                # are the scratch file's random ones, not a tile its kernel can run)
+                task(codec.view(raw[s], rows))
                 free.append(s)
 
     firsts, pers = [], []
@@ -459,21 +521,18 @@ def read_interference(path: Path, rows: int, hidden: int, io_depth: int = 4, dty
     (O_DIRECT + crc32, as the runtime's) running, over the MiB they read."""
     import threading
 
-    import torch
-
     from tilemem.runtime.direct_io import DirectReader
 
-    tdt = getattr(torch, dtype)
-    nbytes = 3 * rows * hidden * tdt.itemsize
+    nbytes = unit_bytes(rows, hidden, tile_format(dtype))
     request = align(nbytes)
-    blocks = torch.randn(max(2, (32 * MiB) // nbytes), 3, rows, hidden).to(tdt)  # [C, 3, n, D]
-    task = _TileTask(hidden, tdt)
+    blocks, act = tile_blocks(dtype, max(2, (32 * MiB) // nbytes), rows, hidden)
+    task = _TileTask(hidden, act)
 
     def loop() -> float:
         t0 = time.perf_counter()
         for _ in range(3):
-            for i in range(blocks.shape[0]):
-                task(blocks[i])
+            for block in blocks:
+                task(block)
         return time.perf_counter() - t0
 
     reader = DirectReader(path)
@@ -583,16 +642,15 @@ def probe(config: ProbeConfig | None = None, log: Callable[[str], None] = print)
     for k in kernels:
         log(f"cpu {k.dtype:9s} x{k.batch:<3d}      {k.bandwidth_gbps:8.2f} GB/s {k.gflops:8.1f} GFLOP/s, "
             f"task overhead {k.task_overhead_us:.1f} us")  # fmt: skip
-    extra = cached_task_extra(config.hidden)
+    extra = cached_task_extra(config.hidden, store_format(config.dtypes[0], config.hidden))
     log(f"cache-slab task extra    {extra * 1e6:8.1f} us")
     step = layer = 0.0
     if config.engine:
-        k1 = next(k for k in kernels if k.dtype == config.dtypes[0] and k.batch == min(config.batches))
         step, layer = engine_overheads(
-            config.threads, k1, config.hidden, config.dtypes[0], config.expert_width, config.top_k
+            config.threads, kernels, config.hidden, config.dtypes[0], config.expert_width, config.top_k, config.tile
         )
         log(f"engine overhead          {step * 1e6:8.1f} us/step, {layer * 1e6:.1f} us/layer (width {config.hidden})")
-    plain = next((d for d in config.dtypes if d != FP8_FORMAT), "bfloat16")  # the miss path's tiles: plain ones
+    tiles = store_format(config.dtypes[0], config.hidden)  # the miss path's tiles: as the model's store holds them
     disk_dir = Path(config.disk_dir or tempfile.gettempdir())
     disk_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".tilemem-probe-", dir=disk_dir))
@@ -616,13 +674,13 @@ def probe(config: ProbeConfig | None = None, log: Callable[[str], None] = print)
                 )
         fetch = []
         for rows in config.fetch_rows:
-            f = fetch_pipeline(path, rows, config.hidden, config.io_depth, plain)
+            f = fetch_pipeline(path, rows, config.hidden, config.io_depth, tiles)
             fetch.append(f)
             log(
                 f"fetch {f.tile_bytes // 1024:>5d} KiB tiles      {f.per_tile_us:8.1f} us/tile + {f.first_us:.1f} us "
                 f"first (read + crc32 + compute, qd{config.io_depth})"
             )
-        interference = read_interference(path, 128, config.hidden, config.io_depth, plain)
+        interference = read_interference(path, 128, config.hidden, config.io_depth, tiles)
         log(f"read interference        {interference * 1e6:8.1f} us of engine time per MiB read meanwhile")
         seq = disk_point(path, MiB, 1, config.seconds_per_point * 2, sequential=True)
         log(f"disk sequential 1 MiB    {seq.bandwidth_gbps:8.3f} GB/s (qd1, as `dd bs=1M iflag=direct`)")
@@ -633,7 +691,8 @@ def probe(config: ProbeConfig | None = None, log: Callable[[str], None] = print)
     log(f"crc32                    {crc / 1e9:8.2f} GB/s per thread")
     figures: dict = {}
     if torch.cuda.is_available():
-        figures = gpu_figures(tuple(d for d in config.dtypes if d != FP8_FORMAT), config.batches, config.hidden)
+        gpu_dtypes = tuple(d for d in config.dtypes if d not in (FP8_FORMAT, X12))
+        figures = gpu_figures(gpu_dtypes, config.batches, config.hidden)
         torch.cuda.empty_cache()  # the probe's buffers are gone with gpu_figures' frame
         kernels += figures.pop("kernels")
         log(f"gpu {figures['gpu_name']}: {figures['vram_bandwidth_gbps']:.1f} GB/s memory, "

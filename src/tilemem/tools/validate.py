@@ -180,7 +180,7 @@ def validate(
         moe = next(lt for lt in topo.layers if lt.is_moe)  # and its experts' shape: tasks like the ones predicted
         config = ProbeConfig(
             threads=threads, hidden=topo.hidden_size, disk_dir=str(store_dir.parent), dtypes=dtypes,
-            expert_width=moe.expert_intermediate, top_k=moe.top_k,
+            expert_width=moe.expert_intermediate, top_k=moe.top_k, tile=tile,
         )  # fmt: skip
         hardware = probe(config, log=log)
         hardware.save(Path(out) / "hardware.json")
