@@ -6,7 +6,8 @@ formats from the same random weights: fp8 e4m3 with 128x128 block scales (`kerne
 experts each (the same routings for both formats), and several layers' copies are cycled through so that the
 weights come from DRAM (far beyond the last-level cache). Rounds alternate the two formats (A B A B): this
 machine's bandwidth drifts by tens of percent. Prints, per T: weights/s and GB/s of each (median over rounds),
-and the bf16 / fp8 step-time ratio (the fp8 speed-up) with its spread over rounds.
+and the bf16 / fp8 step-time ratio (the fp8 speed-up) with its spread over rounds. Where the AVX512 library
+runs (`kernels.available()`), its bf16 expert kernel too: a bf16 model's decode takes it there.
 
 Then a decode token's weight kernels, the bound they put on the end-to-end speed-up: 16 layers of the four
 2048 x 2048 attention projections (`matmul_nt` of each format) and the routed FFN, and the LM head (50304 x
@@ -25,6 +26,7 @@ import time
 
 import torch
 
+from tilemem import kernels
 from tilemem.kernels import bf16, bf16_ffn, fp8
 
 D, I, E, K = 2048, 1024, 64, 8  # OLMoE-1B-7B: hidden, expert intermediate, experts, top-k
@@ -73,6 +75,18 @@ def run(mod, layers: list, steps: list, x: torch.Tensor) -> tuple[float, int]:
     return time.perf_counter() - t0, weights
 
 
+def run_avx512(tables: list, ids: list, x: torch.Tensor, ws) -> tuple[float, int]:
+    """`run` for the AVX512 library's bf16 expert kernel (`kernels.moe`), which a bf16 model's decode takes
+    instead of the portable one where that library runs: seconds and weights read."""
+    xb, weights = x.bfloat16(), 0
+    w = torch.full((x.shape[0], K), 0.125)
+    t0 = time.perf_counter()
+    for i, r in enumerate(ids):
+        kernels.moe(xb, w, r, tables[i % len(tables)], "silu", ws)
+        weights += len(r.unique()) * 3 * I * D
+    return time.perf_counter() - t0, weights
+
+
 def make_attn(gen: torch.Generator, n: int) -> tuple[list, list]:
     """n sets of the four [D, D] attention projections as (fp8 (data, scale) lists, bf16 tensor lists)."""
     ws = [torch.randn(D, D, generator=gen) * 0.02 for _ in range(4 * n)]
@@ -108,6 +122,16 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     pairs = [make_layer(gen) for _ in range(args.layers)]
     f8_layers, b16_layers = [p[0] for p in pairs], [p[1] for p in pairs]
+    avx512 = kernels.available()  # the AVX512 library, whose bf16 expert kernel a bf16 decode then takes
+    tables = (
+        [
+            kernels.ExpertTable(*(list(ws) for ws in zip(*((w.gate, w.up, w.down) for w in lay), strict=True)))
+            for lay in b16_layers
+        ]
+        if avx512
+        else []
+    )
+    work = kernels.Workspace() if avx512 else None
     f8_attn, b16_attn = make_attn(gen, LAYERS)  # 256 MB fp8: from DRAM too
     head = (torch.randn(VOCAB, D, generator=gen) * 0.02).bfloat16()
     print(f"OLMoE expert shapes D={D} I={I} E={E} top-{K}, {args.layers} layers, {args.threads} threads")
@@ -119,21 +143,28 @@ def main() -> None:
         f8_steps = [([tasks_of(fp8, lay, r)[0] for lay in f8_layers], tasks_of(fp8, f8_layers[0], r)[1]) for r in ids]
         b16_steps = [([tasks_of(bf16_ffn, lay, r)[0] for lay in b16_layers], f8_steps[i][1]) for i, r in enumerate(ids)]
         run(fp8, f8_layers, f8_steps, x), run(bf16_ffn, b16_layers, b16_steps, x)  # warm-up
-        rates: dict[str, list[float]] = {"fp8": [], "bf16": []}
-        ratios = []
+        rates: dict[str, list[float]] = {"fp8": [], "bf16": [], "bf16 avx512": []}
+        ratios, ratios512 = [], []
         for _ in range(args.rounds):
             sf, wf = run(fp8, f8_layers, f8_steps, x)
             sb, wb = run(bf16_ffn, b16_layers, b16_steps, x)
             rates["fp8"].append(wf / sf)
             rates["bf16"].append(wb / sb)
             ratios.append(sb / sf)
-        for name, nbytes in (("fp8", 1), ("bf16", 2)):
-            r = statistics.median(rates[name])
-            print(f"T={t} {name:5s} {r / 1e9:6.2f} G weights/s  {r * nbytes / 1e9:6.2f} GB/s  (median)")
-        print(
-            f"T={t} fp8 speed-up (bf16 time / fp8 time): median {statistics.median(ratios):.3f}  "
-            f"min {min(ratios):.3f}  max {max(ratios):.3f}"
-        )
+            if avx512:
+                s5, w5 = run_avx512(tables, ids, x, work)
+                rates["bf16 avx512"].append(w5 / s5)
+                ratios512.append(s5 / sf)
+        for name, nbytes in (("fp8", 1), ("bf16", 2), ("bf16 avx512", 2)):
+            if rates[name]:
+                r = statistics.median(rates[name])
+                print(f"T={t} {name:11s} {r / 1e9:6.2f} G weights/s  {r * nbytes / 1e9:6.2f} GB/s  (median)")
+        for name, rs in (("bf16", ratios), ("bf16 avx512", ratios512)):
+            if rs:
+                print(
+                    f"T={t} fp8 speed-up over {name} (its time / fp8 time): median {statistics.median(rs):.3f}  "
+                    f"min {min(rs):.3f}  max {max(rs):.3f}"
+                )
         times: dict[str, list[float]] = {"fp8": [], "bf16": []}
         for _ in range(args.rounds):
             for name, attn, steps in (("fp8", f8_attn, f8_steps), ("bf16", b16_attn, b16_steps)):
