@@ -123,8 +123,8 @@ def test_flipped_scale_byte_is_caught(qtype: str) -> None:
 
 @pytest.mark.parametrize("qtype", ["q4_k", "q6_k", "q8_0"])
 def test_prefill_panels(qtype: str) -> None:
-    """The prefill way (`tmg_matmul_dq`, past NT_MAX_TOKENS): token counts that end a 16-token block full, half
-    (one vector) and mid-way, 13 rows (panels of 6, 6, 1) of a bigger matrix, x a column slice of a wider
+    """The exact prefill way (`tmg_matmul_dq`, past NT_MAX_TOKENS): token counts that end a 16-token block full,
+    half (one vector) and mid-way, 13 rows (panels of 6, 6, 1) of a bigger matrix, x a column slice of a wider
     tensor: near float64, the same bits on 1 and 2 threads, and a flipped scale in the last row changes that
     output column only."""
     cols, first = cols_of(qtype), ggml.NT_MAX_TOKENS + 1
@@ -139,7 +139,7 @@ def test_prefill_panels(qtype: str) -> None:
             runs = []
             for threads in (1, 2):
                 torch.set_num_threads(threads)
-                runs.append(ggml.matmul_nt(x, qtype, data, cols, exact=False))
+                runs.append(ggml.matmul_nt(x, qtype, data, cols))
             assert runs[0].shape == (n, 13) and error(runs[0], x.double().numpy() @ w.T) < TOL, f"N={n}"
             assert torch.equal(runs[0], runs[1]), f"N={n}: 1 and 2 threads differ"
         bad = big.clone()
@@ -178,6 +178,64 @@ def test_fast_rows_and_tokens_bit_for_bit(qtype: str) -> None:
                 assert torch.equal(y[:, r], alone[r][:, 0]), f"N={n} rows={rows} row {r}"
         want = quantized_x(x, ggml.BLOCK_WEIGHTS[qtype]) @ w.T  # [N, 9]
         assert error(torch.cat(alone, dim=1), want) < 1e-5, f"N={n}"
+
+
+# a sub-block's scale (a Q4_K / Q5_K 6-bit scale's low bit, a Q6_K int8 scale's): +-1 of 0..63 / -128..127
+SUB_SCALE_BYTE = {"q4_k": 4 + 3, "q5_k": 4 + 8, "q6_k": 192 + 11}
+
+
+@pytest.mark.parametrize("qtype", ggml.Q8_GEMM_TYPES)
+def test_prefill_q8(qtype: str) -> None:
+    """The fast prefill way (`tmg_matmul_q8`: 8 rows interleaved, int16 sums per sub-block): 13 and 37 rows (a
+    partial panel of 8) of a bigger matrix, x a column slice of a wider tensor, 16..300 tokens (a register block
+    of 4 full and partial): the fast path's arithmetic (int8 activations, float64 here) to 1e-5, within FAST_TOL of
+    the exact product, the same bits on 1 and 2 threads; one sub-block's scale off by one in the last row moves
+    that output column off the reference and leaves the others."""
+    cols = 768
+    big = torch.from_numpy(random_data(qtype, 45, cols, seed=11))
+    before = torch.get_num_threads()
+    try:
+        for rows, n in ((13, 16), (37, 17), (13, 33), (37, 64), (37, 300)):
+            data = big[3 : 3 + rows]  # row stride of the bigger matrix
+            w = reference(qtype, data.numpy()).astype(np.float64)  # [rows, C]
+            wide = torch.randn(n, cols + 32, generator=torch.Generator().manual_seed(n))
+            x = wide[:, 5 : 5 + cols]  # [n, C], row stride C + 32
+            runs = []
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                runs.append(ggml.matmul_nt(x, qtype, data, cols, exact=False))
+            same = quantized_x(x.numpy(), 256) @ w.T  # [n, rows]
+            assert runs[0].shape == (n, rows) and error(runs[0], same) < 1e-5, f"rows={rows} N={n}"
+            assert error(runs[0], x.double().numpy() @ w.T) < ggml.FAST_TOL, f"rows={rows} N={n}"
+            assert torch.equal(runs[0], runs[1]), f"rows={rows} N={n}: 1 and 2 threads differ"
+            bad = data.clone()
+            bad[rows - 1, SUB_SCALE_BYTE[qtype]] ^= 0x01
+            got = ggml.matmul_nt(x, qtype, bad, cols, exact=False)
+            assert torch.equal(got[:, :-1], runs[1][:, :-1]), f"rows={rows} N={n}"
+            assert error(got[:, -1:], same[:, -1:]) > 1e-4, f"rows={rows} N={n}: the scale is not read"
+            want = quantized_x(x.numpy(), 256) @ reference(qtype, bad.numpy()).astype(np.float64).T
+            assert error(got, want) < 1e-5, f"rows={rows} N={n}"
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("qtype", ggml.Q8_GEMM_TYPES)
+def test_prefill_q8_extreme_quants(qtype: str) -> None:
+    """The int16 sums' bounds: every quant at its largest (Q4_K 15, Q5_K 31, Q6_K 31) or smallest (0; Q6_K -32),
+    scales and mins at their largest, times activations all at +-127: the same results as float64 on the same int8
+    values (an int16 sum over more vectors than the bound allows would wrap)."""
+    cols, rows, bb = 512, 9, ggml.BLOCK_BYTES[qtype]
+    for fill in (0xFF, 0x00):
+        raw = np.full((rows, cols // 256, bb), fill, dtype=np.uint8)  # [R, blocks, bytes]
+        scales = slice(192, 208) if qtype == "q6_k" else slice(4, 16)
+        raw[:, :, scales] = 127 if qtype == "q6_k" else 0xFF  # int8 127; 6-bit scales and mins 63
+        for p in [208] if qtype == "q6_k" else [0, 2]:  # d (Q6_K); d and dmin
+            raw[:, :, p : p + 2] = np.array([0.01], dtype=np.float16).view(np.uint8)
+        data = raw.reshape(rows, -1)
+        w = reference(qtype, data).astype(np.float64)  # [R, C]
+        x = np.ones((20, cols), dtype=np.float32) * np.where(np.arange(20) % 2, 1, -1)[:, None].astype(np.float32)
+        got = ggml.matmul_nt(torch.from_numpy(x), qtype, torch.from_numpy(data), cols, exact=False)
+        assert error(got, quantized_x(x, 256) @ w.T) < 1e-5, f"quant bytes {fill:#x}"
 
 
 def test_fast_q6_k_high_bits_are_read() -> None:

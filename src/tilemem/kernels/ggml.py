@@ -12,7 +12,8 @@ Two ways to multiply (`exact`):
   per 16 for the K-quants), integer dot products (maddubs / madd), fp32 scaling per block. The activations'
   rounding is the whole difference: on Gaussian activations and random blocks, 0.53% (32-weight types) and
   0.71% (K-quants) relative RMS error of the outputs, up to 1.0% of the largest output in max-abs terms
-  (255 x 2048 weights, 1-8 tokens; FAST_TOL bounds it), as llama.cpp's CPU backend has.
+  (255 x 2048 weights, 1-8 tokens; FAST_TOL bounds it), as llama.cpp's CPU backend has. Past NT_MAX_TOKENS
+  the K-quants run the same arithmetic with 8 rows interleaved (`tmg_matmul_q8`), fp32 sums in another order.
 
 The kernels (`csrc_portable/ggml_quant*.c`) need only AVX2 + FMA + F16C: they are in the portable library
 (`kernels.portable`, with the FP8 kernels), apart from the main AVX512 one. Where they cannot run
@@ -53,7 +54,15 @@ NT_MAX_TOKENS = 15
 `tmg_matmul_dq`: W dequantized a panel of 6 rows at a time into a per-thread buffer, fp32 FMAs on 16 tokens at
 once (exact either way). Measured on this 2-thread Zen 1 (Q4_K 1024 x 2048 and Q6_K 2048 x 1024 expert
 matrices): int8 streamed 26-30 G multiply-adds/s at any token count; dequantized panels 20-25 at 8-13 tokens,
-28-32 at 16-24, 33-36 at 32-64, 39-41 at 256 (torch's GEMM on dequantized rows: 18 at 32 tokens, 31 at 256)."""
+28-32 at 16-24, 33-36 at 32-64, 39-41 at 256 (torch's GEMM on dequantized rows: 18 at 32 tokens, 31 at 256).
+With exact=False, Q8_GEMM_TYPES run `tmg_matmul_q8` there instead."""
+Q8_GEMM_TYPES = ("q4_k", "q5_k", "q6_k")
+"""Types whose fast (exact=False) prefill, past NT_MAX_TOKENS, runs `tmg_matmul_q8`: the fast path's int8
+activations, W decoded 8 rows at a time into a per-thread buffer interleaved by 4 weights, so that the 8-bit
+products of a sub-block add in int16 before its scale's one multiply (the fast path's row kernel multiplies
+per 32 weights). Measured on a 2-thread EPYC Zen 4 (KVM; Q4_K / Q5_K 1024 x 2048, Q6_K likewise), G multiply-adds/s
+of tmg_matmul_dq -> tmg_matmul_q8: 16 tokens 67-77 -> 112-127, 32 tokens 70-79 -> 123-147, 64 tokens 86-93 ->
+144-188, 256 tokens 96-98 -> 123-193. Q8_0 stays on tmg_matmul_dq: its blocks' products cannot add in int16."""
 FFN_MAX_TOKENS = NT_MAX_TOKENS
 """Most tokens an `ffn_tasks` task runs with in the fused kernel (8 per pass over its weights); a task with
 more (a prefill's experts: ~T * top-k / E tokens each) runs as three matmul_nt calls from Python."""
@@ -80,6 +89,7 @@ def lib() -> ctypes.CDLL | None:
     out.tmg_dequantize.argtypes = [_int, _vp, _i64, _i64, _i64, _i64, _vp, _i64, _int]
     out.tmg_matmul_nt.argtypes = [_int, _int, _vp, _i64, _i64, _vp, _i64, _i64, _i64, _vp, _i64, _int]
     out.tmg_matmul_dq.argtypes = [_int, _vp, _i64, _i64, _vp, _i64, _i64, _i64, _vp, _i64, _int]
+    out.tmg_matmul_q8.argtypes = [_int, _vp, _i64, _i64, _vp, _i64, _i64, _i64, _vp, _i64, _int]
     out.tmg_ffn_tasks.argtypes = [_vp, _i64, _vp, _i64, _i64, _i64, _vp, _i64, _int, _int, _int]
     out.tmg_ffn_task_size.restype = _i64
     if out.tmg_ffn_task_size() != 8 * _TASK_WORDS:
@@ -160,7 +170,8 @@ def matmul_nt(x: torch.Tensor, qtype: str, data: torch.Tensor, cols: int, exact:
 
     Up to NT_MAX_TOKENS tokens (decode), W's blocks are streamed once per 8 tokens, split over threads by rows,
     exact or fast (see the module docstring); more tokens (prefill) dequantize W a few rows at a time into a
-    per-thread buffer and multiply them by fp32 FMAs (`tmg_matmul_dq`: exact either way).
+    per-thread buffer and multiply them by fp32 FMAs (`tmg_matmul_dq`), exact, or, fast on Q8_GEMM_TYPES, decode
+    them 8 rows interleaved into one and multiply them by 8-bit integer products (`tmg_matmul_q8`).
     """
     what = f"ggml matmul_nt {qtype}"
     check_weight(qtype, data, cols, what)
@@ -171,7 +182,8 @@ def matmul_nt(x: torch.Tensor, qtype: str, data: torch.Tensor, cols: int, exact:
         return y
     native = portable.require(lib(), what, "ggml", "use the torch path")
     if n > NT_MAX_TOKENS:
-        status = native.tmg_matmul_dq(
+        fn = native.tmg_matmul_dq if exact or qtype not in Q8_GEMM_TYPES else native.tmg_matmul_q8
+        status = fn(
             TYPE_IDS[qtype], x.data_ptr(), x.stride(0), n, data.data_ptr(), data.stride(0), r, cols, y.data_ptr(),
             y.stride(0), torch.get_num_threads(),
         )  # fmt: skip
