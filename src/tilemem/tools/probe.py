@@ -163,14 +163,14 @@ class _TileTask:
         x12 = act if x12_native_act(act, x) else None
         ws = kernels.Workspace()
         self.acc = lambda: Accumulator(x, torch.nn.functional.silu, native, ws, fp8_act=fp8, x12_act=x12)
-        self.tok, self.scale = tok, scale
+        self.x, self.tok, self.scale = x, tok, scale
 
-    def __call__(self, *blocks) -> None:
-        """Each [3, n, D] block's partial FFN, summed in one call (as tiles that land together)."""
+    def __call__(self, *blocks):
+        """Each block's partial FFN, summed in one call (as tiles that land together): the [N, D] fp32 sum."""
         acc = self.acc()
         for block in blocks:
             acc.add(block, self.tok, self.scale)
-        acc.result()
+        return acc.result()
 
 
 def store_format(dtype: str, hidden: int, tile: int = 128) -> str:
