@@ -108,7 +108,7 @@ INLINE void nt_tile(const int RB, const int NT, const int A2, const uint8_t *w, 
 /* y[0] = sum_c xs[c] * w[c] for one row and one token: 32 columns a step into 4 accumulators (4 FMA chains).
  * A row at a time streams the bytes in order, which the hardware prefetcher follows: on Zen 4 (1 thread, from
  * DRAM) 14.1 GB/s against 11-12 for 3-row tiles with software prefetch, and with decode8_int (INT) 18.2, where
- * the 3-row tile gained nothing from it. */
+ * the 3-row tile gained nothing from it. Not measured on Zen 1 (nt_rows keeps the 3-row tiles there). */
 INLINE void nt_row1(const int INT, const uint8_t *w, const float *xs, int64_t Cp, int64_t C, float *y) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     const int64_t C32 = C & ~(int64_t)31, C16 = C & ~(int64_t)15;
@@ -151,7 +151,9 @@ static inline void nt_rows(int nt, const uint8_t *w, int64_t ldw, int64_t nrows,
     /* register budget: RB * 2 decoded + RB * NT * (1 + A2) accumulators <= ~14 of 16. Measured on Zen 1 (1 thread,
      * 8 experts of 1024 x 2048 from DRAM): 3 rows at 1 token (6% faster than 4) and 2 tokens (4% faster than 2 rows
      * with A2); 2 rows at 4 tokens (11% faster than 3) */
-    if (nt == 1) {
+    /* 1 token on CPUs with AVX512 (measured: Zen 4) a row at a time; elsewhere (Zen 1, where the 3-row tiles and
+     * F16C were measured best) the tiles below */
+    if (nt == 1 && __builtin_cpu_supports("avx512f")) {
         if (fp8_int_ok())
             for (int64_t i = 0; i < nrows; i++) nt_row1(1, w + i * ldw, xs, Cp, C, y + i);
         else
@@ -159,6 +161,7 @@ static inline void nt_rows(int nt, const uint8_t *w, int64_t ldw, int64_t nrows,
         return;
     }
     switch (nt) {
+        NT_ROWS(1, 3, 1, 1)
         NT_ROWS(2, 3, 0, 1)
         NT_ROWS(3, 2, 0, 1)
         NT_ROWS(4, 2, 0, 1)
