@@ -10,6 +10,10 @@ Session 14, 2 threads of a Zen 1 EPYC (AVX2), W 2048 x 2048, GB/s of weights rea
          q6_k exact 4.6 (5.6), fast 13.9 (17.0)
     N=4: bf16 torch 3.3 (6.6); q8_0 exact 6.4 (24.1), fast 6.6 (24.7); q4_k exact 2.7 (19.4), fast 3.9 (27.8);
          q6_k exact 3.2 (15.5), fast 5.7 (27.6)
+Past NT_MAX_TOKENS (prefill), exact is `tmg_matmul_dq` and fast on the K-quants `tmg_matmul_q8`; session 20, a
+2-thread EPYC Zen 4 (another host), W 1024 x 2048, `--tokens 16,32,64,256 --types q4_k,q6_k`, GMAC/s exact ->
+fast (median of 3 rounds, matmul_nt's Python overhead included): q4_k N=16 71 -> 116, N=32 87 -> 131, N=64 92 -> 167,
+N=256 98 -> 172; q6_k N=16 63 -> 120, N=32 82 -> 142, N=64 90 -> 184, N=256 98 -> 202.
 """
 
 from __future__ import annotations

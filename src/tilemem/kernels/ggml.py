@@ -60,9 +60,11 @@ Q8_GEMM_TYPES = ("q4_k", "q5_k", "q6_k")
 """Types whose fast (exact=False) prefill, past NT_MAX_TOKENS, runs `tmg_matmul_q8`: the fast path's int8
 activations, W decoded 8 rows at a time into a per-thread buffer interleaved by 4 weights, so that the 8-bit
 products of a sub-block add in int16 before its scale's one multiply (the fast path's row kernel multiplies
-per 32 weights). Measured on a 2-thread EPYC Zen 4 (KVM; Q4_K / Q5_K 1024 x 2048, Q6_K likewise), G multiply-adds/s
-of tmg_matmul_dq -> tmg_matmul_q8: 16 tokens 67-77 -> 112-127, 32 tokens 70-79 -> 123-147, 64 tokens 86-93 ->
-144-188, 256 tokens 96-98 -> 123-193. Q8_0 stays on tmg_matmul_dq: its blocks' products cannot add in int16."""
+per 32 weights). Measured on a 2-thread EPYC Zen 4 (KVM, session 20; Q4_K 1024 x 2048 and 2048 x 2048, Q5_K
+1024 x 2048, Q6_K 2048 x 1024), G multiply-adds/s of tmg_matmul_dq -> tmg_matmul_q8: 16 tokens 77-86 -> 136-152,
+32 tokens 92-99 -> 164-180, 64 tokens 101-104 -> 175-206, 256 tokens 105-107 -> 186-221 (from 8 tokens on it
+also beats the streamed fast path there: 110-141 against 93-111). Q8_0 stays on tmg_matmul_dq: its blocks'
+products cannot add in int16."""
 FFN_MAX_TOKENS = NT_MAX_TOKENS
 """Most tokens an `ffn_tasks` task runs with in the fused kernel (8 per pass over its weights); a task with
 more (a prefill's experts: ~T * top-k / E tokens each) runs as three matmul_nt calls from Python."""
