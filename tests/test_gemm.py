@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tilemem.kernels import bf16 as bf16_kernels
 from tilemem.layers import linear as lin
 from tilemem.layers.linear import gemm
 
@@ -58,3 +59,34 @@ def test_slow_half_gemm_follows_the_cpu_flags():
     flags = sysinfo.cpu_flags()
     assert lin.SLOW_HALF_GEMM[torch.bfloat16] == (not {"avx512_bf16", "amx_bf16"} & flags)
     assert lin.SLOW_HALF_GEMM[torch.float16] == (not {"avx512_fp16", "amx_fp16"} & flags)
+
+
+@pytest.mark.skipif(not bf16_kernels.available(), reason="the portable bf16 kernel does not run here")
+def test_portable_rows_compute_the_portable_kernels_bits_on_any_cpu():
+    """A module marked `portable` (an FP8 or GGUF model's) multiplies a few bf16 rows by the portable kernel, on
+    CPUs with a fast torch bf16 GEMM too (what the one-call decode layers compute there); more rows are left."""
+    g = torch.Generator().manual_seed(5)
+    w = (torch.randn(37, 64, generator=g) * 0.1).bfloat16()
+    b = torch.randn(37, generator=g).bfloat16()
+    x = torch.randn(1, 3, 64, generator=g).bfloat16()
+    want = (bf16_kernels.matmul_nt(x.reshape(3, 64).float(), w) + b.float()).bfloat16().view(1, 3, 37)
+    assert torch.equal(lin.portable_rows(x, w, b), want)
+    assert torch.equal(lin.linear(x, w, b, portable=True), want)
+    torch.testing.assert_close(want.float(), reference(x, w, b).float(), rtol=0.02, atol=0.02)
+    many = torch.randn(bf16_kernels.MAX_ROWS + 1, 64, generator=g).bfloat16()
+    assert lin.portable_rows(many, w) is None and lin.portable_rows(x.float(), w.float()) is None
+
+
+def test_quantized_models_mark_their_layers_portable(make_ckpt):
+    """FP8 and GGUF models' norms, routers and bf16 products follow the portable one-call decode layers; a bf16
+    model's stay on the AVX512 library's kernels where it runs."""
+    from tilemem.layers.norm import RMSNorm
+    from tilemem.layers.router import Router
+    from tilemem.loader.checkpoint import load_model
+
+    def marked(model):
+        kinds = (lin.Linear, RMSNorm, Router)
+        return {m.portable for layer in model.model.layers for m in layer.modules() if isinstance(m, kinds)}
+
+    assert marked(load_model(make_ckpt("olmoe", "fp8"), "bf16")[0]) == {True}
+    assert marked(load_model(make_ckpt("olmoe", "bf16"), "bf16")[0]) == {False}

@@ -19,11 +19,14 @@ from tilemem.models import portable_decode as models_portable
 from tilemem.synth.gguf_writer import synthesize_gguf
 
 pytestmark = pytest.mark.skipif(
-    kernels.available() or not portable_decode.available(),
+    not portable_decode.available(),
     reason="the portable decode layers run where the AVX512 library does not (AVX2 + FMA + F16C)",
 )
 
 STEPS = 16
+AVX512_BF16 = pytest.mark.skipif(
+    kernels.available(), reason="a bf16 model decodes through the AVX512 library's fused layers here"
+)
 TORCH_AVX2 = torch.backends.cpu.get_cpu_capability() == "AVX2"  # torch's norm sums in the order torch_sum.h adds
 TOL = 1e-2  # relative logits error allowed elsewhere (the AVX512 kernel tests' TOL)
 
@@ -78,7 +81,13 @@ def compare(model, monkeypatch, rows: int = 2, runs: list[int] | None = None) ->
 
 
 @pytest.mark.parametrize(  # q/k norm over all heads, none, per head; softmax renormalized (mixtral, qwen3_moe)
-    "family,dtype", [("olmoe", "bf16"), ("olmoe", "fp8"), ("mixtral", "bf16"), ("qwen3_moe", "fp8")]
+    "family,dtype",
+    [
+        pytest.param("olmoe", "bf16", marks=AVX512_BF16),
+        ("olmoe", "fp8"),
+        pytest.param("mixtral", "bf16", marks=AVX512_BF16),
+        ("qwen3_moe", "fp8"),
+    ],
 )
 def test_bf16_and_fp8_checkpoints_decode_as_the_modules(make_ckpt, monkeypatch, family, dtype):
     model, _ = load_model(make_ckpt(family, dtype, routing_skew=1.0), "bf16")
@@ -92,6 +101,7 @@ def test_gguf_q4_k_m_decodes_as_the_modules(gguf_file, monkeypatch, family):
     assert compare(model, monkeypatch, rows=3) == STEPS
 
 
+@AVX512_BF16
 def test_one_row_and_a_module_layer(make_ckpt, monkeypatch):
     """One row (a task per routed slot); layer 0 kept as modules: a run of the others a step."""
     model, _ = load_model(make_ckpt("olmoe", "bf16", routing_skew=1.0), "bf16")
@@ -102,6 +112,7 @@ def test_one_row_and_a_module_layer(make_ckpt, monkeypatch):
     assert compare(model, monkeypatch, rows=1, runs=[model.cfg.num_layers - 1]) == STEPS
 
 
+@AVX512_BF16
 def test_shared_experts_with_their_gate(make_ckpt, monkeypatch):
     """Qwen2-MoE: the shared experts and their sigmoid gate in the call (its dense layers, where any, stay modules)."""
     model, _ = load_model(make_ckpt("qwen2_moe", "bf16", routing_skew=1.0), "bf16")
@@ -111,6 +122,7 @@ def test_shared_experts_with_their_gate(make_ckpt, monkeypatch):
     assert compare(model, monkeypatch, runs=runs) == STEPS
 
 
+@AVX512_BF16
 @pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])  # MLA; sigmoid group-limited routing too
 def test_layers_that_do_not_qualify_keep_the_modules(make_ckpt, monkeypatch, family):
     model, _ = load_model(make_ckpt(family, "bf16"), "bf16")
@@ -118,6 +130,7 @@ def test_layers_that_do_not_qualify_keep_the_modules(make_ckpt, monkeypatch, fam
     assert compare(model, monkeypatch) == 0
 
 
+@AVX512_BF16
 def test_bad_input_is_refused(make_ckpt):
     model, _ = load_model(make_ckpt("olmoe", "bf16"), "bf16")
     native = model._native_decode()

@@ -7,7 +7,7 @@ for bit on AVX2 torch builds) and routed ids as the modules, one native call a s
 from __future__ import annotations
 
 import pytest
-from test_portable_decode_layer import compare, pytestmark  # noqa: F401  (the same skip)
+from test_portable_decode_layer import AVX512_BF16, compare, pytestmark  # noqa: F401  (the same skip)
 
 from tilemem.loader.checkpoint import load_model
 from tilemem.synth.gguf_writer import synthesize_gguf
@@ -26,7 +26,11 @@ def moe_runs(model) -> list[int]:
 
 @pytest.mark.parametrize(
     "dtype,overrides",
-    [("bf16", GREEDY), ("fp8", GREEDY), ("bf16", {**GREEDY, "q_lora_rank": 24})],  # q_a / q_b with its norm
+    [
+        pytest.param("bf16", GREEDY, marks=AVX512_BF16),
+        ("fp8", GREEDY),
+        pytest.param("bf16", {**GREEDY, "q_lora_rank": 24}, marks=AVX512_BF16),  # q_a / q_b with its norm
+    ],
 )
 def test_mla_layers_decode_as_the_modules(tmp_path, monkeypatch, dtype, overrides):
     path = synthesize("deepseek_v2", "tiny", tmp_path / "ckpt", dtype=dtype, routing_skew=1.0, overrides=overrides,

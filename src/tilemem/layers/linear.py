@@ -44,18 +44,9 @@ def gemm(
         return ggml_gemm(x, weight, bias)
     if x.device.type != "cpu" or not SLOW_HALF_GEMM.get(x.dtype, False) or weight.dtype != x.dtype:
         return F.linear(x, weight, bias)
+    if (y := portable_rows(x, weight, bias)) is not None:
+        return y
     rows = x.numel() // x.shape[-1]
-    if rows <= bf16_kernels.MAX_ROWS and x.dtype == torch.bfloat16 and bf16_kernels.available():
-        flat = x.reshape(rows, x.shape[-1]).float()  # [rows, in]
-        if weight.stride(-1) == 1:  # [out, in] rows: y = x @ W^T
-            y = bf16_kernels.matmul_nt(flat, weight)
-        elif weight.stride(0) == 1:  # a transposed [in, out] matrix (a tile's down^T rows): y = x @ W^T = x @ W.t()
-            y = bf16_kernels.matmul_nn(flat, weight.t())
-        else:
-            y = None
-        if y is not None:  # [rows, out] fp32, rounded once as torch's half GEMV rounds
-            y = y if bias is None else y + bias.float()
-            return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
     if rows == 1:
         y = torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
         return y if bias is None else y + bias
@@ -70,6 +61,25 @@ def gemm(
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
+def portable_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """`F.linear` of up to `kernels.bf16.MAX_ROWS` bf16 CPU rows through the portable AVX2 kernel (fp32 products
+    and sums, the bf16 weight widened in registers, rounded to bf16 once: what the portable one-call decode layers
+    compute), or None where it does not take them (more rows, other dtypes or strides, the kernel unavailable)."""
+    rows = x.numel() // x.shape[-1]
+    few = rows <= bf16_kernels.MAX_ROWS and x.device.type == "cpu" and weight.device.type == "cpu"
+    if not (few and x.dtype == weight.dtype == torch.bfloat16 and bf16_kernels.available()):
+        return None
+    flat = x.reshape(rows, x.shape[-1]).float()  # [rows, in]
+    if weight.stride(-1) == 1:  # [out, in] rows: y = x @ W^T
+        y = bf16_kernels.matmul_nt(flat, weight)
+    elif weight.stride(0) == 1:  # a transposed [in, out] matrix (a tile's down^T rows): y = x @ W^T = x @ W.t()
+        y = bf16_kernels.matmul_nn(flat, weight.t())
+    else:
+        return None
+    y = y if bias is None else y + bias.float()  # [rows, out] fp32, rounded once as torch's half GEMV rounds
+    return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+
+
 class Linear(nn.Linear):
     """`nn.Linear` on `meta` (the loader assigns the weights) with the decode fast path, and optionally
     its weight in x12 (`compress`), or in FP8: `weight` float8_e4m3fn [out, in] with the buffer
@@ -81,6 +91,10 @@ class Linear(nn.Linear):
         self.x12: kernels.X12Matrix | None = None
         self.register_buffer("weight_scale_inv", None)
         self.qtype: str | None = None
+        self.portable = False
+        """A bf16 weight's few-row products through the portable kernel on any CPU (`portable_rows`): set for the
+        layers of an FP8 or GGUF model, which decode through the portable one-call layers (`MoECausalLM.
+        portable_rows`), so that their modules compute what those compute."""
 
     def set_quantized(self, m: GgmlMatrix) -> None:
         """Take a GGUF quantized weight (its blocks, not a copy)."""
@@ -114,15 +128,21 @@ class Linear(nn.Linear):
             return ggml_gemm(x, self.matrix, self.bias)
         if self.weight.dtype == FP8:
             return fp8_gemm(x, self.matrix, self.bias)
-        return linear(x, self.weight, self.bias, self.x12)
+        return linear(x, self.weight, self.bias, self.x12, self.portable)
 
 
 def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, x12: kernels.X12Matrix | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    x12: kernels.X12Matrix | None = None,
+    portable: bool = False,
 ) -> torch.Tensor:
     """`F.linear`, through the native kernel for a few bf16 rows. With `x12` (the weight stored as x12),
     bf16 CPU rows read that: up to 4 * MAX_ROWS through the kernel, MAX_ROWS at a time, more through
-    torch on the matrix decoded once."""
+    torch on the matrix decoded once. `portable`: a few rows through the portable kernel (`portable_rows`)."""
+    if portable and x12 is None and (y := portable_rows(x, weight, bias)) is not None:
+        return y
     rows = x.numel() // x.shape[-1]
     step = kernels.MAX_ROWS
     if x12 is not None and x.device.type == "cpu" and x.dtype == torch.bfloat16:

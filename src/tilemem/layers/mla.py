@@ -41,6 +41,8 @@ class MLAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
+        self.portable = False
+        """The absorbed products of few rows through the portable kernel on any CPU, as `Linear.portable`."""
         self.h = cfg.num_heads
         self.dn, self.dr, self.dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.rank = cfg.kv_lora_rank
@@ -120,7 +122,8 @@ class MLAttention(nn.Module):
         # a few bf16 rows where torch's bf16 GEMM is slow: per head through the portable kernel (as the one-call
         # decode layers compute them, `kernels.portable_decode`)
         few = q_nope.dtype == torch.bfloat16 and q_nope.device.type == "cpu" and b * t <= bf16_kernels.MAX_ROWS
-        few = few and w_uk.dtype == torch.bfloat16 and SLOW_HALF_GEMM[torch.bfloat16] and bf16_kernels.available()
+        slow = SLOW_HALF_GEMM[torch.bfloat16] or self.portable
+        few = few and w_uk.dtype == torch.bfloat16 and slow and bf16_kernels.available()
         if few:
             heads = [bf16_kernels.matmul_nn(q_n[i].float(), w_uk[i]) for i in range(self.h)]  # H x [B*T, R]
             q_lat = torch.stack(heads).to(q_nope.dtype)  # [H, B*T, R]

@@ -7,6 +7,7 @@ from torch import nn
 
 from tilemem import kernels
 from tilemem.kernels import rmsnorm
+from tilemem.kernels.portable_decode import MAX_ROWS
 
 
 class RMSNorm(nn.Module):
@@ -16,8 +17,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim, device="meta"))
         self.eps = eps
+        self.portable = False
+        """Few rows through the portable kernel on any CPU (`kernels.rmsnorm`), as `layers.linear.Linear.portable`:
+        what the portable one-call decode layers compute, where the AVX512 library's kernel would run instead."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.portable and x.numel() <= MAX_ROWS * x.shape[-1] and rmsnorm.applies(x, self.weight):
+            return rmsnorm.rms_norm(x, self.weight, self.eps)
         if self.weight.dtype == torch.bfloat16 and kernels.usable(x):
             return kernels.rms_norm(x, self.weight, self.eps)
         if rmsnorm.applies(x, self.weight):  # AVX2: one native call instead of six small torch ops

@@ -21,18 +21,21 @@ class Router(nn.Module):
         if cfg.router_bias:
             self.register_buffer("e_score_correction_bias", torch.empty(cfg.num_experts, device="meta"))
         self.fp32_logits = cfg.router_fp32
+        self.portable = False
+        """Few rows' logits through the portable kernel on any CPU, as `Linear.portable`."""
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Router logits [T, E] (also used by prefetch to predict the next layer's experts)."""
         if self.fp32_logits:
             w, rows = self.weight, x.numel() // x.shape[-1]
             few = rows <= bf16_kernels.MAX_ROWS and x.device.type == "cpu" and w.is_cpu and w.stride(-1) == 1
-            if few and w.dtype == torch.bfloat16 and SLOW_HALF_GEMM[torch.bfloat16] and bf16_kernels.available():
+            slow = SLOW_HALF_GEMM[torch.bfloat16] or self.portable
+            if few and w.dtype == torch.bfloat16 and slow and bf16_kernels.available():
                 # the same fp32 products and sums, the bf16 weight widened in registers (what the portable one-call
                 # decode layers compute, `kernels.portable_decode`)
                 return bf16_kernels.matmul_nt(x.reshape(rows, -1).float(), w).view(*x.shape[:-1], w.shape[0])
             return F.linear(x.float(), w.float())
-        return linear(x, self.weight)
+        return linear(x, self.weight, portable=self.portable)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg

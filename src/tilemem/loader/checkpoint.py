@@ -285,6 +285,8 @@ def load_model(
     for name, m in quantized.items():
         model.get_submodule(name.removesuffix(".weight")).set_quantized(m)
     model.model.embed_tokens.out_dtype = target
+    if quantized or fp8:
+        model.portable_rows()
     device = torch.device(device)
     if device.type == "cpu":
         # The embedding table is a gather: only the rows used are touched (a tied lm_head is populated as lm_head).

@@ -157,6 +157,20 @@ class MoECausalLM(nn.Module):
         if self.mtp is not None:
             self.mtp.finish_loading(self.model.embed_tokens, self.lm_head, self.rope)
 
+    def portable_rows(self) -> None:
+        """Mark the decoder layers' norms, router and bf16 products to compute few rows through the portable kernels
+        on any CPU (`Linear.portable`): for an FP8 or GGUF model, whose decode steps go through the portable one-call
+        layers also where the AVX512 library runs (it takes no such layer), so that its modules (a tiered layer, a
+        step with `fused_decode` off) compute the same bits as those."""
+        from tilemem.layers.mla import MLAttention
+        from tilemem.layers.router import Router
+
+        self._native = None
+        for layer in self.model.layers:
+            for m in layer.modules():
+                if isinstance(m, Linear | RMSNorm | Router | MLAttention):
+                    m.portable = True
+
     def prepare_weights(self, codec: str = "x12", progress: bool = True) -> None:
         """Store the weights a decode step streams in `codec` now: "x12" (12 bits per weight, losslessly;
         see `kernels.X12Matrix`) for the resident experts and, where the experts are, the attention

@@ -102,7 +102,7 @@ def linear_of(m: Linear) -> tuple[portable_decode.LinearW, tuple] | None:
     if w.dtype == FP8:
         ok = fp8_kernels.available() and m.matrix.transposed is False
         return portable_decode.linear(w, "fp8", m.in_features, bias, m.weight_scale_inv) if ok else None
-    if m.x12 is not None or not (SLOW_HALF_GEMM[torch.bfloat16] and bf16_kernels.available()):
+    if m.x12 is not None or not ((SLOW_HALF_GEMM[torch.bfloat16] or m.portable) and bf16_kernels.available()):
         return None
     return portable_decode.linear(w, "bf16", m.in_features, bias)
 
@@ -129,7 +129,8 @@ def portable_layer(layer: DecoderLayer, rope: RotaryEmbedding) -> portable_decod
     if not fused_applies(fused, probe) or fused.kernel not in FFN_FORMATS:
         return None
     router = mlp.gate.weight
-    if router.dtype != torch.bfloat16 or not SLOW_HALF_GEMM[torch.bfloat16] or not bf16_kernels.available():
+    slow = SLOW_HALF_GEMM[torch.bfloat16] or mlp.gate.portable
+    if router.dtype != torch.bfloat16 or not slow or not bf16_kernels.available():
         return None
     gate = portable_decode.linear(router, "bf16", router.shape[1])
     if mla:
