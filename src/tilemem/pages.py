@@ -6,6 +6,7 @@ layers ask whether weights are still file-backed.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import functools
 import mmap
@@ -61,29 +62,35 @@ def populate_write(addr: int, length: int, threads: int) -> bool:
     return all(ok)
 
 
-def mapped_paths() -> dict[int, str]:
-    """This process's memory mappings by start address: the mapped file's path ("" or a `[name]` for
-    anonymous memory). From /proc/self/maps, which is cheap: /proc/self/smaps walks the page tables
-    (a tenth of a second with a 13 GB checkpoint mapped)."""
-    out: dict[int, str] = {}
+def file_ranges() -> list[tuple[int, int]]:
+    """This process's mappings of files (a checkpoint shard, a GGUF file) as sorted [start, end) address ranges.
+    From /proc/self/maps, which is cheap: /proc/self/smaps walks the page tables (a tenth of a second with a
+    13 GB checkpoint mapped)."""
+    out = []
     try:
         text = Path("/proc/self/maps").read_text()
     except OSError:
         return out
     for line in text.splitlines():
         head = line.split(maxsplit=5)
-        out[int(head[0].split("-")[0], 16)] = head[5] if len(head) > 5 else ""
-    return out
+        if len(head) > 5 and head[5].startswith("/"):
+            start, end = (int(a, 16) for a in head[0].split("-"))
+            out.append((start, end))
+    return sorted(out)
 
 
-def _file_storage(t: torch.Tensor, maps: dict[int, str]) -> bool:
-    return maps.get(t.untyped_storage().data_ptr(), "").startswith("/")  # a shard's storage maps the whole file
+def _file_storage(t: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
+    """Whether t's storage lies in a mapped file: a safetensors shard's storage is a whole mapping, a GGUF file's
+    tensors are views into one mapping of the file (their storages start anywhere in it)."""
+    ptr = t.untyped_storage().data_ptr()
+    i = bisect.bisect_right(ranges, (ptr, float("inf"))) - 1
+    return i >= 0 and ranges[i][0] <= ptr < ranges[i][1]
 
 
 def file_backed(tensors) -> bool:
     """Whether every tensor lies in a memory-mapped file (a checkpoint shard), not in anonymous memory."""
-    maps = mapped_paths()
-    return all(_file_storage(t, maps) for t in tensors)
+    ranges = file_ranges()
+    return all(_file_storage(t, ranges) for t in tensors)
 
 
 def drop_file_pages(tensors) -> int:
@@ -91,10 +98,10 @@ def drop_file_pages(tensors) -> int:
     from the file if read again. Tensors not backed by a file mapping are left alone. Returns the bytes
     dropped. For weights that live on in another form (`tilemem.kernels.X12Matrix`), so that the
     process does not hold both."""
-    maps = mapped_paths()
+    ranges = file_ranges()
     dropped = 0
     for t in tensors:
-        if _file_storage(t, maps):
+        if _file_storage(t, ranges):
             n = t.numel() * t.element_size()
             dropped += n if madvise(t.data_ptr(), n, MADV_DONTNEED) else 0
     return dropped
