@@ -13,12 +13,16 @@ Session 14, 2 threads of a Zen 1 EPYC (AVX2), W 2048 x 2048, GB/s of weights rea
 Past NT_MAX_TOKENS (prefill), exact is `tmg_matmul_dq` and fast on the K-quants `tmg_matmul_q8`; session 20, a
 2-thread EPYC Zen 4 (another host), W 1024 x 2048, `--tokens 16,32,64,256 --types q4_k,q6_k`, GMAC/s exact ->
 fast (median of 3 rounds, matmul_nt's Python overhead included): q4_k N=16 71 -> 116, N=32 87 -> 131, N=64 92 -> 167,
-N=256 98 -> 172; q6_k N=16 63 -> 120, N=32 82 -> 142, N=64 90 -> 184, N=256 98 -> 202.
+N=256 98 -> 172; q6_k N=16 63 -> 120, N=32 82 -> 142, N=64 90 -> 184, N=256 98 -> 202. Q8_0 (AVX512-VNNI there;
+TILEMEM_GGML_AVX2=1 picks its AVX2 kernel), `--tokens 16,32,64,256 --types q8_0 --rounds 3`, --rows 1024 --cols
+2048: N=16 85 -> 173, N=32 92 -> 217, N=64 98 -> 238, N=256 101 -> 248; --rows 2048 --cols 1024: N=16 86 -> 193,
+N=32 98 -> 217, N=64 104 -> 254, N=256 103 -> 265.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -52,6 +56,15 @@ def seconds(fn: Callable[[], object], repeat: int) -> float:
     return best
 
 
+def avx2(fn: Callable[[], object]) -> object:
+    """fn with the AVX2 fast kernels (TILEMEM_GGML_AVX2=1: tmg_lookup reads it per call)."""
+    os.environ["TILEMEM_GGML_AVX2"] = "1"
+    try:
+        return fn()
+    finally:
+        del os.environ["TILEMEM_GGML_AVX2"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=2048)
@@ -61,6 +74,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--threads", type=int, default=0, help="torch (and kernel) threads; 0: torch's default")
+    p.add_argument("--avx2", action="store_true", help="also the fast AVX2 kernels where AVX512 ones are chosen")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -80,6 +94,8 @@ def main() -> None:
                 name = f"{qtype} {'exact' if exact else 'fast'} N={n}"
                 fn = lambda x=x, q=qtype, d=data, e=exact: ggml.matmul_nt(x, q, d, c, e)  # noqa: E731
                 cases[name] = (data.numel(), fn)
+                if args.avx2 and not exact:
+                    cases[f"{qtype} avx2 N={n}"] = (data.numel(), lambda fn=fn: avx2(fn))
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(args.rounds):
         for name, (_, fn) in cases.items():

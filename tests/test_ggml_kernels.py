@@ -180,18 +180,21 @@ def test_fast_rows_and_tokens_bit_for_bit(qtype: str) -> None:
         assert error(torch.cat(alone, dim=1), want) < 1e-5, f"N={n}"
 
 
-# a sub-block's scale (a Q4_K / Q5_K 6-bit scale's low bit, a Q6_K int8 scale's): +-1 of 0..63 / -128..127
-SUB_SCALE_BYTE = {"q4_k": 4 + 3, "q5_k": 4 + 8, "q6_k": 192 + 11}
+# a sub-block's scale (a Q4_K / Q5_K 6-bit scale's low bit, a Q6_K int8 scale's): +-1 of 0..63 / -128..127;
+# Q8_0: its first block's d (fp16 high byte: x2 or /2)
+SUB_SCALE_BYTE = {"q4_k": 4 + 3, "q5_k": 4 + 8, "q6_k": 192 + 11, "q8_0": 1}
 
 
 @pytest.mark.parametrize("qtype", ggml.Q8_GEMM_TYPES)
-def test_prefill_q8(qtype: str) -> None:
-    """The fast prefill way (`tmg_matmul_q8`: 8 rows interleaved, int16 sums per sub-block): 13 and 37 rows (a
-    partial panel of 8) of a bigger matrix, x a column slice of a wider tensor, 16..300 tokens (a register block
-    of 4 full and partial): the fast path's arithmetic (int8 activations, float64 here) to 1e-5, within FAST_TOL of
-    the exact product, the same bits on 1 and 2 threads; one sub-block's scale off by one in the last row moves
-    that output column off the reference and leaves the others."""
-    cols = 768
+def test_prefill_q8(qtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast prefill way (`tmg_matmul_q8`: 8 rows interleaved; K-quants: int16 sums per sub-block, Q8_0: int32
+    per vector, VNNI or AVX2): 13 and 37 rows (a partial panel of 8) of a bigger matrix, x a column slice of a wider
+    tensor, 16..300 tokens (register blocks of 4 or 8, full and partial): the fast path's arithmetic (int8
+    activations, float64 here) to 1e-5, within FAST_TOL of the exact product, the same bits on 1 and 2 threads
+    (Q8_0: and with TILEMEM_GGML_AVX2=1); one sub-block's scale off by one in the last row moves that output
+    column off the reference and leaves the others."""
+    cols, block = 768, ggml.BLOCK_WEIGHTS[qtype]
+    monkeypatch.delenv("TILEMEM_GGML_AVX2", raising=False)
     big = torch.from_numpy(random_data(qtype, 45, cols, seed=11))
     before = torch.get_num_threads()
     try:
@@ -204,38 +207,51 @@ def test_prefill_q8(qtype: str) -> None:
             for threads in (1, 2):
                 torch.set_num_threads(threads)
                 runs.append(ggml.matmul_nt(x, qtype, data, cols, exact=False))
-            same = quantized_x(x.numpy(), 256) @ w.T  # [n, rows]
+            same = quantized_x(x.numpy(), block) @ w.T  # [n, rows]
             assert runs[0].shape == (n, rows) and error(runs[0], same) < 1e-5, f"rows={rows} N={n}"
             assert error(runs[0], x.double().numpy() @ w.T) < ggml.FAST_TOL, f"rows={rows} N={n}"
             assert torch.equal(runs[0], runs[1]), f"rows={rows} N={n}: 1 and 2 threads differ"
+            if qtype == "q8_0":
+                monkeypatch.setenv("TILEMEM_GGML_AVX2", "1")
+                avx2 = ggml.matmul_nt(x, qtype, data, cols, exact=False)
+                monkeypatch.delenv("TILEMEM_GGML_AVX2")
+                assert torch.equal(avx2, runs[1]), f"rows={rows} N={n}: VNNI and AVX2 differ"
             bad = data.clone()
             bad[rows - 1, SUB_SCALE_BYTE[qtype]] ^= 0x01
             got = ggml.matmul_nt(x, qtype, bad, cols, exact=False)
             assert torch.equal(got[:, :-1], runs[1][:, :-1]), f"rows={rows} N={n}"
             assert error(got[:, -1:], same[:, -1:]) > 1e-4, f"rows={rows} N={n}: the scale is not read"
-            want = quantized_x(x.numpy(), 256) @ reference(qtype, bad.numpy()).astype(np.float64).T
+            want = quantized_x(x.numpy(), block) @ reference(qtype, bad.numpy()).astype(np.float64).T
             assert error(got, want) < 1e-5, f"rows={rows} N={n}"
     finally:
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("avx2", [False, True])
 @pytest.mark.parametrize("qtype", ggml.Q8_GEMM_TYPES)
-def test_prefill_q8_extreme_quants(qtype: str) -> None:
-    """The int16 sums' bounds: every quant at its largest (Q4_K 15, Q5_K 31, Q6_K 31) or smallest (0; Q6_K -32),
-    scales and mins at their largest, times activations all at +-127: the same results as float64 on the same int8
-    values (an int16 sum over more vectors than the bound allows would wrap)."""
+def test_prefill_q8_extreme_quants(qtype: str, avx2: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The int16 sums' bounds: every quant at its largest (Q4_K 15, Q5_K 31, Q6_K 31, Q8_0 127) or smallest (0;
+    Q6_K -32, Q8_0 -128), scales and mins at their largest, times activations all at +-127 (Q8_0 with VNNI: x + 128
+    at 255 and 1): the same results as float64 on the same int8 values (an int16 sum over more vectors than the
+    bound allows would wrap), with TILEMEM_GGML_AVX2=1 too (Q8_0's AVX2 kernel)."""
     cols, rows, bb = 512, 9, ggml.BLOCK_BYTES[qtype]
-    for fill in (0xFF, 0x00):
-        raw = np.full((rows, cols // 256, bb), fill, dtype=np.uint8)  # [R, blocks, bytes]
-        scales = slice(192, 208) if qtype == "q6_k" else slice(4, 16)
-        raw[:, :, scales] = 127 if qtype == "q6_k" else 0xFF  # int8 127; 6-bit scales and mins 63
-        for p in [208] if qtype == "q6_k" else [0, 2]:  # d (Q6_K); d and dmin
+    if avx2:
+        monkeypatch.setenv("TILEMEM_GGML_AVX2", "1")
+    else:
+        monkeypatch.delenv("TILEMEM_GGML_AVX2", raising=False)
+    for fill in (0x7F, 0x80) if qtype == "q8_0" else (0xFF, 0x00):
+        raw = np.full((rows, cols // ggml.BLOCK_WEIGHTS[qtype], bb), fill, dtype=np.uint8)  # [R, blocks, bytes]
+        if qtype.endswith("_k"):
+            scales = slice(192, 208) if qtype == "q6_k" else slice(4, 16)
+            raw[:, :, scales] = 127 if qtype == "q6_k" else 0xFF  # int8 127; 6-bit scales and mins 63
+        for p in {"q6_k": [208], "q8_0": [0]}.get(qtype, [0, 2]):  # d; d and dmin (Q4_K, Q5_K)
             raw[:, :, p : p + 2] = np.array([0.01], dtype=np.float16).view(np.uint8)
         data = raw.reshape(rows, -1)
         w = reference(qtype, data).astype(np.float64)  # [R, C]
         x = np.ones((20, cols), dtype=np.float32) * np.where(np.arange(20) % 2, 1, -1)[:, None].astype(np.float32)
         got = ggml.matmul_nt(torch.from_numpy(x), qtype, torch.from_numpy(data), cols, exact=False)
-        assert error(got, quantized_x(x, 256) @ w.T) < 1e-5, f"quant bytes {fill:#x}"
+        want = quantized_x(x, ggml.BLOCK_WEIGHTS[qtype]) @ w.T
+        assert error(got, want) < 1e-5, f"quant bytes {fill:#x}"
 
 
 def test_fast_q6_k_high_bits_are_read() -> None:

@@ -13,7 +13,8 @@ Two ways to multiply (`exact`):
   rounding is the whole difference: on Gaussian activations and random blocks, 0.53% (32-weight types) and
   0.71% (K-quants) relative RMS error of the outputs, up to 1.0% of the largest output in max-abs terms
   (255 x 2048 weights, 1-8 tokens; FAST_TOL bounds it), as llama.cpp's CPU backend has. Past NT_MAX_TOKENS
-  the K-quants run the same arithmetic with 8 rows interleaved (`tmg_matmul_q8`), fp32 sums in another order.
+  the K-quants and Q8_0 run the same arithmetic with 8 rows interleaved (`tmg_matmul_q8`), fp32 sums in another
+  order.
 
 The kernels (`csrc_portable/ggml_quant*.c`) need only AVX2 + FMA + F16C: they are in the portable library
 (`kernels.portable`, with the FP8 kernels), apart from the main AVX512 one. Where they cannot run
@@ -56,15 +57,18 @@ once (exact either way). Measured on this 2-thread Zen 1 (Q4_K 1024 x 2048 and Q
 matrices): int8 streamed 26-30 G multiply-adds/s at any token count; dequantized panels 20-25 at 8-13 tokens,
 28-32 at 16-24, 33-36 at 32-64, 39-41 at 256 (torch's GEMM on dequantized rows: 18 at 32 tokens, 31 at 256).
 With exact=False, Q8_GEMM_TYPES run `tmg_matmul_q8` there instead."""
-Q8_GEMM_TYPES = ("q4_k", "q5_k", "q6_k")
+Q8_GEMM_TYPES = ("q4_k", "q5_k", "q6_k", "q8_0")
 """Types whose fast (exact=False) prefill, past NT_MAX_TOKENS, runs `tmg_matmul_q8`: the fast path's int8
 activations, W decoded 8 rows at a time into a per-thread buffer interleaved by 4 weights, so that the 8-bit
 products of a sub-block add in int16 before its scale's one multiply (the fast path's row kernel multiplies
 per 32 weights). Measured on a 2-thread EPYC Zen 4 (KVM, session 20; Q4_K 1024 x 2048 and 2048 x 2048, Q5_K
 1024 x 2048, Q6_K 2048 x 1024), G multiply-adds/s of tmg_matmul_dq -> tmg_matmul_q8: 16 tokens 77-86 -> 136-152,
 32 tokens 92-99 -> 164-180, 64 tokens 101-104 -> 175-206, 256 tokens 105-107 -> 186-221 (from 8 tokens on it
-also beats the streamed fast path there: 110-141 against 93-111). Q8_0 stays on tmg_matmul_dq: its blocks'
-products cannot add in int16."""
+also beats the streamed fast path there: 110-141 against 93-111). Q8_0's products cannot add in int16: one
+AVX512-VNNI vpdpbusd per 8 rows x 4 weights where the CPU has it (chosen at run time), else AVX2's maddubs and
+madd per vector (the same bits); same host, Q8_0 1024 x 2048 and 2048 x 1024: 16 tokens 77-82 -> 140-165 (AVX2
+84-92), 32 tokens 93-95 -> 189-190 (99-100), 64 tokens 97-101 -> 206-232 (104-109), 256 tokens 100-103 ->
+217-250 (106-114); OLMoE Q8_0 GGUF prefill of 256 tokens 72 -> 141 tok/s (benchmarks/decode_breakdown.py)."""
 FFN_MAX_TOKENS = NT_MAX_TOKENS
 """Most tokens an `ffn_tasks` task runs with in the fused kernel (8 per pass over its weights); a task with
 more (a prefill's experts: ~T * top-k / E tokens each) runs as three matmul_nt calls from Python."""

@@ -42,10 +42,11 @@ TMG_API int tmg_matmul_nt(int type, int exact, const float *x, int64_t ldx, int6
 TMG_API int tmg_matmul_dq(int type, const float *x, int64_t ldx, int64_t N, const uint8_t *w, int64_t ldw, int64_t R,
                           int64_t C, float *y, int64_t ldy, int nthreads);
 
-/* y [N, R] = x [N, C] @ W^T for prefill-sized N on Q4_K, Q5_K, Q6_K weights, the fast way (ggml_quant_gemm_q8.c):
- * x quantized as tmg_matmul_nt's fast path quantizes it, W's rows decoded 8 at a time into a per-thread buffer
- * interleaved by 4 weights, 8-bit products summed in int16 across a sub-block before its scale's one multiply.
- * The same results as the fast path up to the order of fp32 sums. TMG_EINVAL for another type. */
+/* y [N, R] = x [N, C] @ W^T for prefill-sized N on Q4_K, Q5_K, Q6_K, Q8_0 weights, the fast way
+ * (ggml_quant_gemm_q8.c): x quantized as tmg_matmul_nt's fast path quantizes it, W's rows decoded 8 at a time into
+ * a per-thread buffer interleaved by 4 weights, 8-bit products summed in int16 across a sub-block before its
+ * scale's one multiply (Q8_0: in int32 per vector, by AVX512-VNNI where the CPU has it). The same results as the
+ * fast path up to the order of fp32 sums. TMG_EINVAL for another type. */
 TMG_API int tmg_matmul_q8(int type, const float *x, int64_t ldx, int64_t N, const uint8_t *w, int64_t ldw, int64_t R,
                           int64_t C, float *y, int64_t ldy, int nthreads);
 

@@ -1,5 +1,6 @@
-/* Prefill-sized matmuls on K-quant weights (Q4_K, Q5_K, Q6_K) with 8-bit integer products: y = x @ W^T, the
- * activations quantized as the fast path quantizes them (tmg_quantize_rows: int8 per 256 with d and sums per 16).
+/* Prefill-sized matmuls on K-quant weights (Q4_K, Q5_K, Q6_K) and Q8_0 (its own section below) with 8-bit integer
+ * products: y = x @ W^T, the activations quantized as the fast path quantizes them (tmg_quantize_rows: int8 per
+ * 256 with d and sums per 16; Q8_0: per 32).
  *
  * Why not the fast path's row kernel: there each maddubs (32 products into 16 int16 pair sums) is followed by one
  * madd applying the sub-block's scale, and Zen 1 runs both on its one vector-multiply pipe: 40.6 G products/s on
@@ -42,10 +43,10 @@ typedef struct {
 
 INLINE int subs_of(const int TY) { return TY == T_Q6_K ? 16 : 8; }
 
-/* The 32-byte chunks at `off` of 8 blocks (rows) transposed by 4-byte words: tb + 256 j + off gets word j of each
+/* The 32-byte chunks at `off` of 8 blocks (rows) transposed by 4-byte words: tb + ts j + off gets word j of each
  * row (row r in bytes 4r..4r+3). Unpacks within 128-bit lanes, then the halves exchanged by inserts (Zen 1's
  * vperm2i128 is 8 uops). */
-INLINE void transpose_chunk(const uint8_t *const blk[RP], int off, uint8_t *tb) {
+INLINE void transpose_chunk(const uint8_t *const blk[RP], int off, uint8_t *tb, const int ts) {
     __m256i a[RP];
     for (int h = 0; h < RP; h += 4) {
         const __m256i v0 = _mm256_loadu_si256((const __m256i *)(blk[h] + off));
@@ -62,8 +63,8 @@ INLINE void transpose_chunk(const uint8_t *const blk[RP], int off, uint8_t *tb) 
     for (int j = 0; j < 4; j++) {
         const __m256i lo = _mm256_inserti128_si256(a[j], _mm256_castsi256_si128(a[4 + j]), 1);
         const __m256i hi = _mm256_inserti128_si256(a[4 + j], _mm256_extracti128_si256(a[j], 1), 0);
-        _mm256_storeu_si256((__m256i *)(tb + 256 * j + off), lo);
-        _mm256_storeu_si256((__m256i *)(tb + 256 * (j + 4) + off), hi);
+        _mm256_storeu_si256((__m256i *)(tb + ts * j + off), lo);
+        _mm256_storeu_si256((__m256i *)(tb + ts * (j + 4) + off), hi);
     }
 }
 
@@ -74,7 +75,7 @@ INLINE void unpack_block(const int TY, const uint8_t *const blk[RP], int64_t b, 
     static const int chunks_q6[] = {0, 32, 64, 96, 128, 160};
     const int *ch = TY == T_Q4_K ? chunks_q4 : TY == T_Q5_K ? chunks_q5 : chunks_q6;
     const int nch = TY == T_Q4_K ? 4 : TY == T_Q5_K ? 5 : 6;
-    for (int c = 0; c < nch; c++) transpose_chunk(blk, ch[c], tb);
+    for (int c = 0; c < nch; c++) transpose_chunk(blk, ch[c], tb, 256);
     uint8_t *q = P->q + b * 2048;
     const int NS = subs_of(TY);
     int16_t *sc = P->sc + b * NS * 16;
@@ -235,8 +236,192 @@ PANELS(q4_k, T_Q4_K)
 PANELS(q5_k, T_Q5_K)
 PANELS(q6_k, T_Q6_K)
 
+/* ---- Q8_0: blocks of 32 int8 weights, one fp16 scale d; x quantized per 32 ----
+ * A block's 8 vectors (8 rows x 4 weights each) times one token's int8 x: the products of a block cannot add in
+ * int16 (one maddubs pair sum of s8 x s8 reaches 2 x 128 x 127), so each vector's products go into int32 lanes:
+ *   VNNI (AVX512-VL + VNNI, chosen at run time): one vpdpbusd a vector, x + 128 (u8) times w (s8), the int32 lanes
+ *     started at -128 x the row's sum of w in the block (the + 128 taken back; panel corr);
+ *   AVX2: maddubs(|w|, x with w's sign), then madd by ones, then an int32 add (3 multiply-pipe ops, not 1).
+ * The int32 lanes are the same integers either way (exact dot products), and the fp32 operations the same: the
+ * same bits. Per block: acc (lane r = row r) += (d_w * d_x) * (float)int_dot. TILEMEM_GGML_AVX2=1 in the
+ * environment picks the AVX2 kernel on a VNNI CPU too (tests compare the two).
+ * Panel: q [nb, 8, 32] (vector j of block b: the rows' weights 4j .. 4j + 3), d [nb, 8], corr [nb, 8]. */
+
+#define TQ8 8 /* tokens a register block with VNNI (32 ymm registers); AVX2: TQ */
+
+static int q8_0_vnni(void) {
+    static int ok = -1;
+    if (ok < 0)
+        ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    const char *off = getenv("TILEMEM_GGML_AVX2"); /* read each call: the tests set it */
+    return ok && !(off != NULL && off[0] == '1');
+}
+
+/* Block b of rows blk[0..7] into the panel P. */
+INLINE void unpack_q8_0(const uint8_t *const blk[RP], int64_t b, const q8_panel *P) {
+    const uint8_t *qs[RP];
+    for (int r = 0; r < RP; r++) qs[r] = blk[r] + 2, P->d[b * RP + r] = f16(blk[r]);
+    uint8_t *q = P->q + b * 256;
+    transpose_chunk(qs, 0, q, 32);
+    __m256i s16 = _mm256_setzero_si256(); /* lanes 2r, 2r + 1: row r's pair sums, |.| <= 8 x 256 */
+    for (int j = 0; j < 8; j++) {
+        const __m256i w = _mm256_loadu_si256((const __m256i *)(q + 32 * j));
+        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(_mm256_set1_epi8(1), w));
+    }
+    const __m256i sum = _mm256_madd_epi16(s16, _mm256_set1_epi16(1)); /* lane r: row r's sum of w */
+    const __m256i corr = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sum, 7));
+    _mm256_storeu_si256((__m256i *)(P->corr + b * RP), corr);
+}
+
+/* Block b of the panel for NT tokens: xq[n] the block's x in token n's row (u8 x + 128 with VNNI, else s8). */
+INLINE void block_dot_q8_0(const int VNNI, const int NT, const q8_panel *P, int64_t b, const uint8_t *const xq[TQ8],
+                           const float dx[TQ8], __m256 acc[TQ8]) {
+    const uint8_t *wq = P->q + b * 256;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i ia[TQ8];
+    const __m256i c0 = VNNI ? _mm256_loadu_si256((const __m256i *)(P->corr + b * RP)) : _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int n = 0; n < NT; n++) ia[n] = c0;
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; j++) {
+        const __m256i w = _mm256_loadu_si256((const __m256i *)(wq + 32 * j));
+        const __m256i aw = _mm256_sign_epi8(w, w); /* |w| (u8: -128 -> 128) */
+#pragma GCC unroll 8
+        for (int n = 0; n < NT; n++) {
+            int32_t x4;
+            memcpy(&x4, xq[n] + 4 * j, 4);
+            const __m256i xb = _mm256_set1_epi32(x4);
+            if (VNNI)
+                ia[n] = _mm256_dpbusd_epi32(ia[n], xb, w);
+            else
+                ia[n] = _mm256_add_epi32(
+                    ia[n], _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xb, w)), ones));
+        }
+    }
+    const __m256 dw = _mm256_loadu_ps(P->d + b * RP);
+#pragma GCC unroll 8
+    for (int n = 0; n < NT; n++)
+        acc[n] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(dx[n])), _mm256_cvtepi32_ps(ia[n]), acc[n]);
+}
+
+/* Tokens n0 .. n0 + NT of the panel (rows r0 .. r0 + nr) into y. */
+INLINE void panel_tokens_q8_0(const int VNNI, const int NT, const q8_panel *P, int64_t nb, const uint8_t *xq,
+                              int64_t ldq, const float *xd, int64_t ldd, int64_t n0, float *y, int64_t ldy, int64_t r0,
+                              int nr) {
+    __m256 acc[TQ8];
+#pragma GCC unroll 8
+    for (int n = 0; n < NT; n++) acc[n] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *xqb[TQ8] = {0};
+        float dx[TQ8] = {0};
+        for (int n = 0; n < NT; n++) xqb[n] = xq + (n0 + n) * ldq + 32 * b, dx[n] = xd[(n0 + n) * ldd + b];
+        block_dot_q8_0(VNNI, NT, P, b, xqb, dx, acc);
+    }
+    for (int n = 0; n < NT; n++) {
+        float *yr = y + (n0 + n) * ldy + r0;
+        if (nr == RP) {
+            _mm256_storeu_ps(yr, acc[n]);
+        } else {
+            float out[RP];
+            _mm256_storeu_ps(out, acc[n]);
+            for (int r = 0; r < nr; r++) yr[r] = out[r];
+        }
+    }
+}
+
+#define TOKENS_Q8_0(V, NT) panel_tokens_q8_0(V, NT, P, nb, xq, ldq, xd, ldd, n0, y, ldy, r0, nr)
+
+/* Panels [p0, p1) of W's rows, every token. */
+INLINE void panels_q8_0(const int VNNI, const uint8_t *w, int64_t ldw, int64_t R, int64_t nb, int64_t p0, int64_t p1,
+                        const q8_panel *P, const uint8_t *xq, int64_t ldq, const float *xd, int64_t ldd, int64_t N,
+                        float *y, int64_t ldy) {
+    const int T = VNNI ? TQ8 : TQ;
+    for (int64_t p = p0; p < p1; p++) {
+        const int64_t r0 = p * RP;
+        const int nr = (int)gmin64(RP, R - r0);
+        const uint8_t *rows[RP];
+        for (int r = 0; r < RP; r++) rows[r] = w + (r0 + (r < nr ? r : nr - 1)) * ldw; /* past R: a copy, unused */
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk[RP];
+            for (int r = 0; r < RP; r++) blk[r] = rows[r] + b * 34;
+            unpack_q8_0(blk, b, P);
+        }
+        int64_t n0 = 0;
+        for (; n0 + T <= N; n0 += T) {
+            if (VNNI) TOKENS_Q8_0(1, TQ8);
+            else TOKENS_Q8_0(0, TQ);
+        }
+        switch (N - n0) {
+        case 1: TOKENS_Q8_0(VNNI, 1); break;
+        case 2: TOKENS_Q8_0(VNNI, 2); break;
+        case 3: TOKENS_Q8_0(VNNI, 3); break;
+        case 4: TOKENS_Q8_0(VNNI, 4); break;
+        case 5: TOKENS_Q8_0(VNNI, 5); break;
+        case 6: TOKENS_Q8_0(VNNI, 6); break;
+        case 7: TOKENS_Q8_0(VNNI, 7); break;
+        }
+    }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void
+panels_q8_0_vnni(const uint8_t *w, int64_t ldw, int64_t R, int64_t nb, int64_t p0, int64_t p1, const q8_panel *P,
+                 const uint8_t *xq, int64_t ldq, const float *xd, int64_t ldd, int64_t N, float *y, int64_t ldy) {
+    panels_q8_0(1, w, ldw, R, nb, p0, p1, P, xq, ldq, xd, ldd, N, y, ldy);
+}
+
+static void panels_q8_0_avx2(const uint8_t *w, int64_t ldw, int64_t R, int64_t nb, int64_t p0, int64_t p1,
+                             const q8_panel *P, const uint8_t *xq, int64_t ldq, const float *xd, int64_t ldd,
+                             int64_t N, float *y, int64_t ldy) {
+    panels_q8_0(0, w, ldw, R, nb, p0, p1, P, xq, ldq, xd, ldd, N, y, ldy);
+}
+
+static int matmul_q8_0(const float *x, int64_t ldx, int64_t N, const uint8_t *w, int64_t ldw, int64_t R, int64_t C,
+                       float *y, int64_t ldy, int nthreads) {
+    const int64_t nb = C / 32;
+    tmg_xq X;
+    int status = tmg_quantize_rows(T_Q8_0, x, ldx, N, C, &X, nthreads);
+    if (status != TMG_OK) return status;
+    const int vnni = q8_0_vnni();
+    uint8_t *xq = (uint8_t *)X.q; /* ours: x + 128 written over it for VNNI */
+    const int64_t panels_n = (R + RP - 1) / RP, most = (panels_n + 3) / 4; /* at least 4 panels a thread */
+    const int threads = nthreads < most ? nthreads : (int)most;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        if (vnni) {
+#pragma omp for schedule(static)
+            for (int64_t n = 0; n < N; n++)
+                for (int64_t c = 0; c < C; c += 32) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(xq + n * X.ldq + c));
+                    _mm256_storeu_si256((__m256i *)(xq + n * X.ldq + c),
+                                        _mm256_xor_si256(v, _mm256_set1_epi8(-128)));
+                }
+        }
+        /* one allocation: q, then d and corr (4-byte) */
+        uint8_t *buf = aligned_alloc(64, (size_t)nb * (256 + 2 * RP * 4));
+        if (buf == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            const q8_panel P = {buf,  NULL, NULL, (float *)(buf + nb * 256),
+                                NULL, (int32_t *)(buf + nb * (256 + RP * 4))};
+            const int t = omp_get_thread_num(), T = omp_get_num_threads();
+            const int64_t per = (panels_n + T - 1) / T;
+            const int64_t p0 = gmin64(panels_n, t * per), p1 = gmin64(panels_n, p0 + per);
+            if (vnni) panels_q8_0_vnni(w, ldw, R, nb, p0, p1, &P, xq, X.ldq, X.d, X.ldd, N, y, ldy);
+            else panels_q8_0_avx2(w, ldw, R, nb, p0, p1, &P, xq, X.ldq, X.d, X.ldd, N, y, ldy);
+            free(buf);
+        }
+    }
+    free((void *)X.q);
+    return failed ? TMG_ENOMEM : TMG_OK;
+}
+
 int tmg_matmul_q8(int type, const float *x, int64_t ldx, int64_t N, const uint8_t *w, int64_t ldw, int64_t R,
                   int64_t C, float *y, int64_t ldy, int nthreads) {
+    if (type == T_Q8_0 && C % 32 == 0)
+        return N <= 0 || R <= 0 || C <= 0 ? TMG_OK : matmul_q8_0(x, ldx, N, w, ldw, R, C, y, ldy, nthreads);
     if ((type != T_Q4_K && type != T_Q5_K && type != T_Q6_K) || C % 256) return TMG_EINVAL;
     if (N <= 0 || R <= 0 || C <= 0) return TMG_OK;
     const int64_t nb = C / 256;
