@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from tilemem import sysinfo
 from tilemem.errors import KernelError
 from tilemem.kernels import ggml
 
@@ -178,6 +179,41 @@ def test_fast_rows_and_tokens_bit_for_bit(qtype: str) -> None:
                 assert torch.equal(y[:, r], alone[r][:, 0]), f"N={n} rows={rows} row {r}"
         want = quantized_x(x, ggml.BLOCK_WEIGHTS[qtype]) @ w.T  # [N, 9]
         assert error(torch.cat(alone, dim=1), want) < 1e-5, f"N={n}"
+
+
+AVX512_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
+
+
+@pytest.mark.skipif(not AVX512_FLAGS <= sysinfo.cpu_flags(), reason="the AVX512-VNNI row kernels need those flags")
+@pytest.mark.parametrize("qtype", ["q4_k", "q5_k", "q6_k", "q8_0"])
+def test_fast_avx512_matches_avx2_bit_for_bit(qtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The AVX512-VNNI fast row kernels (this CPU's default) give the AVX2 kernels' bits (TILEMEM_GGML_AVX2=1):
+    37 rows (odd) of a bigger matrix, 1, 3 and 8 tokens, random blocks and every quant byte at its largest and
+    smallest (Q8_0's -128 included: the int16 / int32 sums at their bounds), scales at their largest."""
+    cols, bb = 1024 + cols_of(qtype), ggml.BLOCK_BYTES[qtype]  # Q8_0: 41 blocks (5 passes of 8 and 1 alone)
+    weights = [random_data(qtype, 41, cols, seed=12)]
+    for fill in (0xFF, 0x00, 0x80):
+        raw = np.full((41, cols // ggml.BLOCK_WEIGHTS[qtype], bb), fill, dtype=np.uint8)  # [R, blocks, bytes]
+        if qtype.endswith("_k"):
+            raw[:, :, slice(192, 208) if qtype == "q6_k" else slice(4, 16)] = 127 if qtype == "q6_k" else 0xFF
+        for p in {"q6_k": [208], "q8_0": [0]}.get(qtype, [0, 2]):  # d; d and dmin
+            raw[:, :, p : p + 2] = np.array([0.01], dtype=np.float16).view(np.uint8)
+        weights.append(raw.reshape(41, -1))
+    g = np.random.default_rng(13)
+    for data in weights:
+        w = torch.from_numpy(data)[3:40]  # 37 rows, the bigger matrix's row stride
+        for n in (1, 3, 8):
+            x = torch.from_numpy(g.standard_normal((n, cols)).astype(np.float32))  # [N, C]
+            x[0, :64] = 127.0 * torch.where(torch.arange(64) % 2 == 0, 1.0, -1.0)  # int8 +-127 in a block
+            monkeypatch.delenv("TILEMEM_GGML_AVX2", raising=False)
+            fast = ggml.matmul_nt(x, qtype, w, cols, exact=False)
+            monkeypatch.setenv("TILEMEM_GGML_AVX2", "1")
+            avx2 = ggml.matmul_nt(x, qtype, w, cols, exact=False)
+            monkeypatch.delenv("TILEMEM_GGML_AVX2")
+            assert fast.shape == (n, 37) and torch.isfinite(fast).all()
+            assert np.array_equal(fast.numpy().view(np.int32), avx2.numpy().view(np.int32)), f"N={n}"
+            want = quantized_x(x.numpy(), ggml.BLOCK_WEIGHTS[qtype]) @ reference(qtype, w.numpy()).astype(np.float64).T
+            assert not want.any() or error(fast, want) < 1e-5, f"N={n}"
 
 
 # a sub-block's scale (a Q4_K / Q5_K 6-bit scale's low bit, a Q6_K int8 scale's): +-1 of 0..63 / -128..127;

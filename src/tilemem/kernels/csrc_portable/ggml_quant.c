@@ -84,8 +84,9 @@ INSTANCES(q5_k, T_Q5_K)
 INSTANCES(q6_k, T_Q6_K)
 
 int tmg_lookup(int type, tmg_kernels *k) {
+    const tmg_fast_fn f512 = tmg_fast_avx512(type); /* NULL: the AVX2 fast kernel */
 #define K(TY, NAME)                                                                                                \
-    case TY: *k = (tmg_kernels){exact_##NAME, fast_##NAME, dequant_##NAME}; return 1;
+    case TY: *k = (tmg_kernels){exact_##NAME, f512 ? f512 : fast_##NAME, dequant_##NAME}; return 1;
     switch (type) {
         K(T_Q4_0, q4_0)
         K(T_Q4_1, q4_1)

@@ -442,6 +442,10 @@ typedef struct {
 /* The kernels of ggml type `type` into k; 0 for a type this library does not know. */
 int tmg_lookup(int type, tmg_kernels *k);
 
+/* The AVX512-BW/VL/VNNI fast kernel of `type` (ggml_quant_avx512.c: bit for bit the AVX2 one's results) where
+ * this CPU has those and the environment does not set TILEMEM_GGML_AVX2=1; else NULL. */
+tmg_fast_fn tmg_fast_avx512(int type);
+
 /* The quantized activations of x [N, C] for `type` (fast path): one allocation, freed with free(X->q). */
 int tmg_quantize_rows(int type, const float *x, int64_t ldx, int64_t N, int64_t C, tmg_xq *X, int nthreads);
 
