@@ -17,6 +17,9 @@ N=256 98 -> 172; q6_k N=16 63 -> 120, N=32 82 -> 142, N=64 90 -> 184, N=256 98 -
 TILEMEM_GGML_AVX2=1 picks its AVX2 kernel), `--tokens 16,32,64,256 --types q8_0 --rounds 3`, --rows 1024 --cols
 2048: N=16 85 -> 173, N=32 92 -> 217, N=64 98 -> 238, N=256 101 -> 248; --rows 2048 --cols 1024: N=16 86 -> 193,
 N=32 98 -> 217, N=64 104 -> 254, N=256 103 -> 265.
+Decode row kernels, AVX512-VNNI (ggml_quant_avx512.c) vs AVX2 (`--avx2`), same host, `--rows 16384 --cols 2048
+--tokens 1,4 --types q4_k,q6_k,q8_0 --rounds 3 --threads 2 --repeat 10`, GMAC/s AVX2 -> AVX512: N=1 q4_k 64 -> 68,
+q6_k 63 -> 69, q8_0 58 -> 57 (DRAM-bound: 34 MiB); N=4 q4_k 107 -> 125, q6_k 119 -> 143, q8_0 78 -> 96.
 """
 
 from __future__ import annotations
