@@ -155,6 +155,72 @@ def test_invalid_inputs() -> None:
         fp8.dequantize(data, scale, slice(0, 10), out=torch.empty(10, 199))
 
 
+# ---- the AVX512-BF16 1-token path (fp8_avx512.c) ----
+
+
+def bf16_path(on: int) -> bool:
+    """Turns the AVX512-BF16 1-token path on (1, where the CPU has avx512bf16) or off (0); whether it is on."""
+    return bool(fp8.lib().tmp_fp8_bf16_path(on))
+
+
+@pytest.fixture
+def paths():
+    """The 1-token paths to run: the AVX2 one, and the AVX512-BF16 one where the CPU has it (else skipped)."""
+    if not bf16_path(1):
+        pytest.skip("the CPU has no avx512bf16")
+    try:
+        yield bf16_path
+    finally:
+        bf16_path(1)
+
+
+def reference64(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """W as float64 [R, C]: e4m3 values (exact in float64) times their block's scale."""
+    rows, cols = data.shape
+    per_element = scale.double().repeat_interleave(128, 0).repeat_interleave(128, 1)[:rows, :cols]
+    return data.double() * per_element
+
+
+def test_bf16_path_decodes_every_byte(paths) -> None:
+    """Each of the 256 bytes (NaN ones as the AVX2 path reads them: 480), at every position of a 32-column step
+    and of the masked tail: one-hot rows of W times x = 1 give W's values, bit for bit, on both paths."""
+    every = torch.arange(256, dtype=torch.uint8)
+    for cols in (40, 100, 257):
+        data = torch.zeros(256, cols, dtype=torch.uint8)
+        data[torch.arange(256), torch.arange(256) % cols] = every
+        data = data.view(torch.float8_e4m3fn)
+        scale = torch.full((2, -(-cols // 128)), 0.75)
+        values = data.float().sum(dim=1)  # one value a row
+        values[0x7F], values[0xFF] = 480.0, -480.0
+        want = values * 0.75
+        for on in (0, 1):
+            assert paths(on) == bool(on)
+            got = fp8.matmul_nt(torch.ones(1, cols), data, scale)[0]
+            assert torch.equal(got, want), f"{cols} cols, bf16 path {on}"
+
+
+def test_bf16_path_matches_reference(paths) -> None:
+    """1 token, both paths against a float64 reference: random bytes (subnormals, both signs, zeros, 448), odd
+    row counts, widths not a multiple of 32, a 2048-wide decode size; the two paths' results differ (the new
+    one ran) and both are within TOL."""
+    g = torch.Generator().manual_seed(21)
+    for rows, cols in ((7, 40), (131, 257), (300, 200), (129, 2048), (5, 31), (256, 1000)):
+        data, scale = random_weight(rows, cols, seed=rows + cols)
+        flat = data.view(torch.uint8).view(-1)
+        flat[:6] = torch.tensor([0x00, 0x80, 0x7E, 0xFE, 0x01, 0x87], dtype=torch.uint8)  # 0, -0, +-448, subnormals
+        w = reference64(data, scale)
+        x = torch.randn(1, cols, generator=g) * torch.rand(1, cols, generator=g).pow(4)  # magnitudes spread
+        want = x.double() @ w.T
+        got = {}
+        for on in (0, 1):
+            assert paths(on) == bool(on)
+            got[on] = fp8.matmul_nt(x, data, scale)
+            err = ((got[on].double() - want).abs().max() / want.abs().max()).item()
+            assert err < TOL, f"{rows}x{cols}, bf16 path {on}: {err:.2e}"
+        if cols >= 200:
+            assert not torch.equal(got[0], got[1]), f"{rows}x{cols}: the same sums, did the bf16 path run?"
+
+
 # ---- fused expert FFNs ----
 
 TORCH_ACTS = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu, "relu": torch.nn.functional.relu}

@@ -29,6 +29,10 @@ TMP_API int tmp_fp8_matmul_nt(const float *x, int64_t ldx, int64_t N, const uint
 TMP_API int tmp_fp8_matmul_nn(const float *x, int64_t ldx, int64_t N, const uint8_t *w, int64_t ldw, int64_t R,
                               int64_t C, const float *scale, int64_t lds, float *y, int64_t ldy, int nthreads);
 
+/* The 1-token AVX512-BF16 path of the fp8 matmuls and FFNs (fp8_avx512.c): set < 0 asks, 0 turns it off,
+ * 1 on where the CPU has avx512bf16 (the default, unless TILEMEM_FP8_BF16=0); returns whether it is on. */
+TMP_API int tmp_fp8_bf16_path(int set);
+
 /* ---- fused gated FFNs (fp8_ffn.c) ---- */
 
 enum tmp_act { TMP_ACT_SILU = 0, TMP_ACT_GELU = 1, TMP_ACT_RELU = 2 }; /* torch's F.silu, F.gelu (erf), F.relu */

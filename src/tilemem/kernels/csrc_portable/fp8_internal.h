@@ -58,6 +58,11 @@ INLINE float decode1(uint8_t b) {
     return _cvtsh_ss((unsigned short)((b + (b & 0x80)) << 7)) * 256.0f;
 }
 
+/* fp8_avx512.c: whether the AVX512-BF16 1-token path runs (CPU and TILEMEM_FP8_BF16), and that path for
+ * nrows rows of one 128-row block (y[i], i < nrows; xs as nt_tile's); 0 if it could not allocate. */
+int fp8_bf16_on(void);
+int fp8_bf16_rows1(const uint8_t *w, int64_t ldw, int64_t nrows, const float *xs, int64_t Cp, int64_t C, float *y);
+
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 /* y[n, i] = sum_c xs[n, c] * w[i, c] for RB rows and NT tokens. A2: two accumulators per (row, token),
@@ -153,6 +158,7 @@ static inline void nt_rows(int nt, const uint8_t *w, int64_t ldw, int64_t nrows,
      * with A2); 2 rows at 4 tokens (11% faster than 3) */
     /* 1 token on CPUs with AVX512 (measured: Zen 4) a row at a time; elsewhere (Zen 1, where the 3-row tiles and
      * F16C were measured best) the tiles below */
+    if (nt == 1 && fp8_bf16_on() && fp8_bf16_rows1(w, ldw, nrows, xs, Cp, C, y)) return;
     if (nt == 1 && __builtin_cpu_supports("avx512f")) {
         if (fp8_int_ok())
             for (int64_t i = 0; i < nrows; i++) nt_row1(1, w + i * ldw, xs, Cp, C, y + i);
