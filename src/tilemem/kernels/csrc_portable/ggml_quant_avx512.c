@@ -84,10 +84,7 @@ INLINE void row_fast_k512(const int TY, const int NT, const uint8_t *wr, int64_t
     const int64_t BB = bb_of(TY);
     for (int64_t i = 0; i < nb; i++) {
         const uint8_t *blk = wr + i * BB;
-        if (TMG_PFR) {
-            const char *pf = (const char *)blk + TMG_PFR * ldw;
-            for (int64_t o = 0; o < BB; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
-        }
+        prefetch_ahead(blk, ldw, BB);
         __m512i s16; /* int16: Q4_K, Q5_K: scales 0..7; Q6_K: scales 0..15 */
         __m256i off;    /* kscales' off */
         float d, dmin;
@@ -160,10 +157,7 @@ INLINE void row_fast_q8(const int NT, const uint8_t *wr, int64_t ldw, int64_t nb
     const int64_t BB = bb_of(T_Q8_0);
     int64_t i = 0;
     for (; i + 8 <= nb; i += 8) {
-        if (TMG_PFR) {
-            const char *pf = (const char *)(wr + i * BB) + TMG_PFR * ldw;
-            for (int64_t o = 0; o < 8 * BB; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
-        }
+        prefetch_ahead(wr + i * BB, ldw, 8 * BB);
         fast8_q8(NT, wr + i * BB, i, X, acc);
     }
     for (; i < nb; i++) {

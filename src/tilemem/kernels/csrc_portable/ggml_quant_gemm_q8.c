@@ -116,6 +116,19 @@ INLINE void unpack_block(const int TY, const uint8_t *const blk[RP], int64_t b, 
                                                                            _mm256_slli_epi32(corr, 7)));
 }
 
+/* A panel's outputs for NT tokens: acc[n]'s first nr lanes (nr <= RP rows) to y[n * ldy + 0..nr). */
+INLINE void store_panel(const int NT, const __m256 *acc, int nr, float *y, int64_t ldy) {
+    for (int n = 0; n < NT; n++) {
+        if (nr == RP) {
+            _mm256_storeu_ps(y + n * ldy, acc[n]);
+        } else {
+            float out[RP];
+            _mm256_storeu_ps(out, acc[n]);
+            for (int r = 0; r < nr; r++) y[n * ldy + r] = out[r];
+        }
+    }
+}
+
 /* One block b of the panel P for NT tokens: xq[n] (int8, or uint8 x + 128 for Q6_K) and xs[n] (int16 sums per 32)
  * point at the block's start in token n's rows, dx[n] its scale. */
 INLINE void block_dot(const int TY, const int NT, const q8_panel *P, int64_t b, const uint8_t *const xq[TQ],
@@ -189,16 +202,7 @@ INLINE void panel_tokens(const int TY, const int NT, const q8_panel *P, int64_t 
         }
         block_dot(TY, NT, P, b, xqb, xsb, dx, acc);
     }
-    for (int n = 0; n < NT; n++) {
-        float *yr = y + (n0 + n) * ldy + r0;
-        if (nr == RP) {
-            _mm256_storeu_ps(yr, acc[n]);
-        } else {
-            float out[RP];
-            _mm256_storeu_ps(out, acc[n]);
-            for (int r = 0; r < nr; r++) yr[r] = out[r];
-        }
-    }
+    store_panel(NT, acc, nr, y + n0 * ldy + r0, ldy);
 }
 
 /* Rows of W in panels of RP (panels [p0, p1)), every token. */
@@ -318,16 +322,7 @@ INLINE void panel_tokens_q8_0(const int VNNI, const int NT, const q8_panel *P, i
         for (int n = 0; n < NT; n++) xqb[n] = xq + (n0 + n) * ldq + 32 * b, dx[n] = xd[(n0 + n) * ldd + b];
         block_dot_q8_0(VNNI, NT, P, b, xqb, dx, acc);
     }
-    for (int n = 0; n < NT; n++) {
-        float *yr = y + (n0 + n) * ldy + r0;
-        if (nr == RP) {
-            _mm256_storeu_ps(yr, acc[n]);
-        } else {
-            float out[RP];
-            _mm256_storeu_ps(out, acc[n]);
-            for (int r = 0; r < nr; r++) yr[r] = out[r];
-        }
-    }
+    store_panel(NT, acc, nr, y + n0 * ldy + r0, ldy);
 }
 
 #define TOKENS_Q8_0(V, NT) panel_tokens_q8_0(V, NT, P, nb, xq, ldq, xd, ldd, n0, y, ldy, r0, nr)

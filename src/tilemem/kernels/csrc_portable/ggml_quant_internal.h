@@ -290,6 +290,14 @@ INLINE void fast8(const int TY, const int NT, const uint8_t *w8, int64_t i, cons
 #define TMG_PFR 2 /* rows ahead of the prefetch */
 #endif
 
+/* Prefetch the n bytes at p TMG_PFR rows (of ldw bytes) on: what a row kernel reads next there. */
+INLINE void prefetch_ahead(const uint8_t *p, int64_t ldw, int64_t n) {
+    if (TMG_PFR) {
+        const char *pf = (const char *)p + TMG_PFR * ldw;
+        for (int64_t o = 0; o < n; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
+    }
+}
+
 /* One row of the 32-weight types (K-quants: row_fast_k) for NT tokens (row stride ldw): 8 blocks at once, each
  * 8 prefetched TMG_PFR rows on (as row_fast_k), the rest one by one. */
 INLINE void row_fast(const int TY, const int NT, const uint8_t *wr, int64_t ldw, int64_t nb, const tmg_xq *X,
@@ -301,10 +309,7 @@ INLINE void row_fast(const int TY, const int NT, const uint8_t *wr, int64_t ldw,
     const __m256i ones = _mm256_set1_epi16(1);
     int64_t i = 0;
     for (; i + 8 <= nb; i += 8) {
-        if (TMG_PFR) {
-            const char *pf = (const char *)(wr + i * BB) + TMG_PFR * ldw;
-            for (int64_t o = 0; o < 8 * BB; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
-        }
+        prefetch_ahead(wr + i * BB, ldw, 8 * BB);
         fast8(TY, NT, wr + i * BB, i, X, acc);
     }
     for (; i < nb; i++) { /* the last nb % 8 blocks */
@@ -378,10 +383,7 @@ INLINE void row_fast_k(const int TY, const int NT, const uint8_t *wr, int64_t ld
     const int64_t BB = bb_of(TY);
     for (int64_t i = 0; i < nb; i++) {
         const uint8_t *blk = wr + i * BB;
-        if (TMG_PFR) {
-            const char *pf = (const char *)blk + TMG_PFR * ldw;
-            for (int64_t o = 0; o < BB; o += 64) _mm_prefetch(pf + o, _MM_HINT_T0);
-        }
+        prefetch_ahead(blk, ldw, BB);
         kscales ks;
         kscales_of(TY, blk, &ks);
         __m256i iacc[GMAXT];
