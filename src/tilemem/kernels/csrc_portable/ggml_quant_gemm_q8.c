@@ -116,6 +116,14 @@ INLINE void unpack_block(const int TY, const uint8_t *const blk[RP], int64_t b, 
                                                                            _mm256_slli_epi32(corr, 7)));
 }
 
+/* Panel rows r0 .. r0 + RP of W (R rows of ldw bytes) into rows (past R: the last row again, unused); returns how
+ * many are real. */
+INLINE int panel_rows(const uint8_t *w, int64_t ldw, int64_t R, int64_t r0, const uint8_t *rows[RP]) {
+    const int nr = (int)gmin64(RP, R - r0);
+    for (int r = 0; r < RP; r++) rows[r] = w + (r0 + (r < nr ? r : nr - 1)) * ldw;
+    return nr;
+}
+
 /* A panel's outputs for NT tokens: acc[n]'s first nr lanes (nr <= RP rows) to y[n * ldy + 0..nr). */
 INLINE void store_panel(const int NT, const __m256 *acc, int nr, float *y, int64_t ldy) {
     for (int n = 0; n < NT; n++) {
@@ -212,9 +220,8 @@ INLINE void panels(const int TY, const uint8_t *w, int64_t ldw, int64_t R, int64
     const int64_t BB = bb_of(TY);
     for (int64_t p = p0; p < p1; p++) {
         const int64_t r0 = p * RP;
-        const int nr = (int)gmin64(RP, R - r0);
         const uint8_t *rows[RP];
-        for (int r = 0; r < RP; r++) rows[r] = w + (r0 + (r < nr ? r : nr - 1)) * ldw; /* past R: a copy, unused */
+        const int nr = panel_rows(w, ldw, R, r0, rows);
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *blk[RP];
             for (int r = 0; r < RP; r++) blk[r] = rows[r] + b * BB;
@@ -334,9 +341,8 @@ INLINE void panels_q8_0(const int VNNI, const uint8_t *w, int64_t ldw, int64_t R
     const int T = VNNI ? TQ8 : TQ;
     for (int64_t p = p0; p < p1; p++) {
         const int64_t r0 = p * RP;
-        const int nr = (int)gmin64(RP, R - r0);
         const uint8_t *rows[RP];
-        for (int r = 0; r < RP; r++) rows[r] = w + (r0 + (r < nr ? r : nr - 1)) * ldw; /* past R: a copy, unused */
+        const int nr = panel_rows(w, ldw, R, r0, rows);
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *blk[RP];
             for (int r = 0; r < RP; r++) blk[r] = rows[r] + b * 34;
