@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import weakref
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
 import torch
@@ -105,7 +106,7 @@ def decode_layers(
     return ids
 
 
-class LayerRuns:
+class LayerRuns(ABC):
     """A model's decoder layers for a fused decode step: `layers[i]` is layer i's description for the kernel, or
     None where it runs as modules; every run of consecutive described layers is one native call (`NativeDecode`,
     `portable_decode.PortableDecode`)."""
@@ -138,9 +139,9 @@ class LayerRuns:
             stack = self._stacks[first] = self.build_stack(self.runs[first], run_keys, run_values)
         return stack
 
+    @abstractmethod
     def build_stack(self, run: list, keys: list[torch.Tensor], values: list[torch.Tensor]) -> object:
-        """The library's stack of one run of layers over their KV pools."""
-        raise NotImplementedError
+        """The library's stack of one run of layers over their KV pools (each library's own)."""
 
     def run_length(self, first: int, cache: object, keys: Sequence[torch.Tensor]) -> int:
         """Layers of the run that starts at layer `first` (0: none, the layer runs as modules) for the KV cache
