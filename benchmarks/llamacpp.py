@@ -1,7 +1,8 @@
 """TileMEM vs llama.cpp on the same GGUF files: prefill, batch-1 and batch-4 decode, interleaved rounds.
 
 For each file, every round runs (A B A B: this machine's memory bandwidth drifts by tens of percent):
-- llama.cpp: `llama-bench -p PROMPT -n DECODE -r 1` (prefill pp and batch-1 decode tg) and
+- llama.cpp: `llama-bench -p PROMPT -n 0 -r 1` (prefill pp) and `llama-bench -p 0 -n DECODE -d PROMPT -r 1`
+  (batch-1 decode tg at a depth of PROMPT tokens, as TileMEM decodes after its prompt), and
   `llama-batched-bench -npp 128 -ntg DECODE -npl 4` (batch-4 decode: S_TG, the tokens of all 4 sequences per s);
 - TileMEM, each case in its own subprocess: a PROMPT-token prefill then DECODE greedy tokens at batch 1, and 4
   prompts of 128 tokens then DECODE tokens each (aggregate decode tok/s), after a warm-up; the fast path
@@ -78,11 +79,16 @@ def tilemem(args: argparse.Namespace, path: str, batch: int) -> dict:
 
 
 def llama_bench(args: argparse.Namespace, path: str) -> dict:
-    """llama-bench's pp and tg tok/s (batch 1)."""
+    """llama-bench's pp and tg tok/s (batch 1): tg at a depth of the prompt's tokens (`-d`), as TileMEM decodes
+    after its prompt (llama-bench's tg alone starts from an empty context)."""
     exe = Path(args.llamacpp) / "bin" / "llama-bench"
-    cmd = [str(exe), "-m", path, "-p", str(args.prompt_len), "-n", str(args.decode), "-t", str(args.threads)]
-    proc = subprocess.run([*cmd, "-r", "1", "-o", "json"], capture_output=True, text=True, check=True)
-    rows = json.loads(proc.stdout)
+    cmd = [str(exe), "-m", path, "-t", str(args.threads), "-r", "1", "-o", "json"]
+    rows = []
+    for test in (
+        ["-p", str(args.prompt_len), "-n", "0"],
+        ["-p", "0", "-n", str(args.decode), "-d", str(args.prompt_len)],
+    ):
+        rows += json.loads(subprocess.run([*cmd, *test], capture_output=True, text=True, check=True).stdout)
     pp = next(r for r in rows if r["n_prompt"] and not r["n_gen"])
     tg = next(r for r in rows if r["n_gen"] and not r["n_prompt"])
     return {"prefill_tok_s": pp["avg_ts"], "decode_tok_s": tg["avg_ts"]}
