@@ -35,6 +35,11 @@ NT_MAX_TOKENS = 64
 """Most tokens matmul_nt streams the fp8 weights for (8 per pass); more (prefill) dequantize rows of W
 `PREFILL_BYTES` at a time and run torch's fp32 GEMM on them. Where the two meet on one Zen 1 core (the
 kernel: ~13 GMAC/s at any N; torch: 12 at 64 tokens, 14 at 128)."""
+GEMM_MIN_TOKENS = 8
+"""Fewest tokens matmul_nt hands to the AVX512-BF16 GEMM (`gemm_nt`) where it runs: x of bf16 values (1 part) at
+any count from here (Zen 4, 2 threads, 2048 x 2048: 77-87 GMAC/s at 8 tokens against 44-70 streamed, 150-190
+from 32 on against 44-90; torch's bf16 GEMM: 95-215), other x (3 parts) up to NT_MAX_TOKENS (55-65 against
+44-72), beyond which torch's fp32 GEMM on dequantized rows (85) beats its 67."""
 NN_MAX_TOKENS = 24
 """Most tokens matmul_nn streams the fp8 weights for; more go the prefill way (the kernel: ~9-11 GMAC/s on
 one Zen 1 core; torch: 10 at 32 tokens)."""
@@ -43,11 +48,16 @@ PREFILL_BYTES = 8 << 20
 FFN_MAX_TOKENS = 24
 """Most tokens an `ffn_tasks` task runs with in the fused kernel (8 per pass over its weights); a task with
 more (prefill) runs as matmuls from Python (dequantized blocks + torch's GEMM where they have that many)."""
+FFN_GEMM_MIN_TOKENS = 8
+"""Fewest tokens a task runs with by the AVX512-BF16 GEMM (`csrc_portable/fp8_gemm.c`) where it runs, instead of the
+fused kernel (FFN_MAX_TOKENS)."""
 ACTS = portable.ACTS
 _TORCH_ACTS = portable.TORCH_ACTS
 _TASK_WORDS = 17
 """int64 words of a `tmp_fp8_ffn_task`: 3 matrices of 4, then n, down_t, ntok, tok, weight."""
 
+_UNSUPPORTED = 3
+"""TMP_EUNSUPPORTED: a kernel that does not run here or on this input (nothing written)."""
 _vp, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
@@ -60,7 +70,10 @@ def lib() -> ctypes.CDLL | None:
     out.tmp_fp8_dequantize.argtypes = [_vp, _i64, _vp, _i64, _i64, _i64, _i64, _vp, _i64, _int]
     matmul = [_vp, _i64, _i64, _vp, _i64, _i64, _i64, _vp, _i64, _vp, _i64, _int]
     out.tmp_fp8_matmul_nt.argtypes = out.tmp_fp8_matmul_nn.argtypes = matmul
-    out.tmp_fp8_ffn_tasks.argtypes = [_vp, _i64, _vp, _i64, _i64, _i64, _vp, _i64, _int, _int]
+    out.tmp_fp8_gemm_nt.argtypes = [*matmul[:-1], _int, _int]
+    ffn = [_vp, _i64, _vp, _i64, _i64, _i64, _vp, _i64, _int, _int]
+    out.tmp_fp8_ffn_tasks.argtypes = out.tmp_fp8_ffn_gemm.argtypes = ffn
+    out.tmp_fp8_bf16_path.argtypes = [_int]
     out.tmp_fp8_ffn_task_size.restype = _i64
     if out.tmp_fp8_ffn_task_size() != 8 * _TASK_WORDS:
         log.warning("fp8 kernels unavailable, using torch: tmp_fp8_ffn_task is not %d int64 words", _TASK_WORDS)
@@ -152,6 +165,26 @@ def _streamed(kind: str, x: torch.Tensor, data: torch.Tensor, scale: torch.Tenso
     return y
 
 
+def gemm_nt(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, max_parts: int = 1) -> torch.Tensor | None:
+    """y = x @ W^T, fp32 [N, R], by the AVX512-BF16 GEMM (`csrc_portable/fp8_gemm.c`: exact products), or None
+    where it does not run: no avx512bf16 (or `TILEMEM_FP8_BF16=0`), or x [N, C] (fp32) needs more than
+    `max_parts` bf16 parts (1: every value of x is a bf16 number, as a bf16 model's activations are; else 3)."""
+    scale = _check_weight(data, scale, "fp8 gemm_nt")
+    x = _check_x(x, data.shape[1], "C", "fp8 gemm_nt")
+    (n, c), r = x.shape, data.shape[0]
+    y = torch.empty(n, r, dtype=torch.float32)  # [N, R]
+    if y.numel() == 0 or c == 0:
+        return y.zero_()
+    status = portable.require(lib(), "fp8 gemm_nt", "fp8", "use the torch path").tmp_fp8_gemm_nt(
+        x.data_ptr(), x.stride(0), n, data.data_ptr(), data.stride(0), r, c, scale.data_ptr(), scale.stride(0),
+        y.data_ptr(), y.stride(0), max_parts, torch.get_num_threads(),
+    )  # fmt: skip
+    if status == _UNSUPPORTED:
+        return None
+    portable.check_status(status, "fp8 gemm_nt", "fp8")
+    return y
+
+
 def matmul_nt(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """y = x @ W^T, fp32 [N, R], for x fp32 [N, C] (a linear layer's forward).
 
@@ -161,6 +194,10 @@ def matmul_nt(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> torch
     scale = _check_weight(data, scale, "fp8 matmul_nt")
     x = _check_x(x, data.shape[1], "C", "fp8 matmul_nt")
     n, (r, c) = x.shape[0], data.shape
+    if n >= GEMM_MIN_TOKENS:
+        y = gemm_nt(x, data, scale, 3 if n <= NT_MAX_TOKENS else 1)
+        if y is not None:
+            return y
     if n > NT_MAX_TOKENS:
         y = torch.empty(n, r, dtype=torch.float32)  # [N, R]
         step = _rows(data)
@@ -290,6 +327,39 @@ def _matrix(w: Weight, rows: int, cols: int, what: str, keep: list[torch.Tensor]
     return [data.data_ptr(), data.stride(0), scale.data_ptr(), scale.stride(0)]
 
 
+def gemm_on() -> bool:
+    """Whether the AVX512-BF16 GEMM paths run here (`gemm_nt`, prefill-sized FFN tasks): the CPU has avx512bf16 and
+    `TILEMEM_FP8_BF16` is not 0."""
+    native = lib()
+    return native is not None and bool(native.tmp_fp8_bf16_path(-1))
+
+
+def _big_tasks(x: torch.Tensor, tasks: Sequence[FfnTask], act: str, out: torch.Tensor, what: str) -> None:
+    """Prefill-sized tasks (checked): by the AVX512-BF16 GEMM in one native call where it runs (checkpoint-layout
+    downs), the others as matmuls."""
+    words: list[int] = []
+    if gemm_on():
+        rest = []
+        for task in tasks:
+            if task.weights.down_t:
+                rest.append(task)
+            else:
+                words += task.weights.words
+                words += (task.tok.numel(), task.tok.data_ptr(), task.weight.data_ptr())
+        tasks = rest
+    if words:
+        packed = array("q", words)  # [tasks, _TASK_WORDS]
+        fn, n = lib().tmp_fp8_ffn_gemm, len(packed) // _TASK_WORDS
+        portable.run_tasks(fn, x, packed.buffer_info()[0], n, act, out, (), what, "fp8", (), ValueError)
+    for task in tasks:
+        _ffn_matmuls(x, task, act, out)
+
+
+def _ffn_max_tokens() -> int:
+    """Most tokens a task runs with in the fused (streaming) kernel: FFN_GEMM_MIN_TOKENS - 1 where the GEMM runs."""
+    return FFN_GEMM_MIN_TOKENS - 1 if gemm_on() else FFN_MAX_TOKENS
+
+
 def _ffn_matmuls(x: torch.Tensor, task: FfnTask, act: str, out: torch.Tensor) -> None:
     """One prefill-sized task by the matmuls (their prefill paths: dequantized blocks + torch's GEMM)."""
     w, tok = task.weights, task.tok.long()
@@ -308,12 +378,11 @@ def ffn_tasks(x: torch.Tensor, tasks: Sequence[FfnTask], act: str, out: torch.Te
     The weights were checked when their FfnWeights was built; per call only x, out, tok and weight are.
     """
     what = "fp8 ffn_tasks"
-    words, big = portable.pack_tasks(x, tasks, act, out, what, FfnWeights, ValueError, FFN_MAX_TOKENS)
+    words, big = portable.pack_tasks(x, tasks, act, out, what, FfnWeights, ValueError, _ffn_max_tokens())
     if words:
         packed = array("q", words)  # [tasks, _TASK_WORDS]
         _run(x, packed.buffer_info()[0], len(packed) // _TASK_WORDS, act, out, what, tasks)
-    for task in big:
-        _ffn_matmuls(x, task, act, out)
+    _big_tasks(x, big, act, out, what)
 
 
 def ffn_routed(
@@ -326,10 +395,13 @@ def ffn_routed(
     def run(packed: int, n: int) -> None:
         _run(x, packed, n, act, out, what, ())
 
-    def matmuls(*task) -> None:
-        _ffn_matmuls(x, FfnTask(*task), act, out)
+    big: list[FfnTask] = []
 
-    portable.run_routed(x, table, ids, weights, act, out, what, ValueError, FFN_MAX_TOKENS, run, matmuls)
+    def matmuls(*task) -> None:
+        big.append(FfnTask(*task))
+
+    portable.run_routed(x, table, ids, weights, act, out, what, ValueError, _ffn_max_tokens(), run, matmuls)
+    _big_tasks(x, big, act, out, what)
 
 
 def _run(x: torch.Tensor, packed: int, n: int, act: str, out: torch.Tensor, what: str, tasks) -> None:

@@ -18,10 +18,10 @@
  */
 #include "fp8.h"
 #include "fp8_internal.h"
+#include "fp8_bf16.h"
 
 #include <stdlib.h>
 
-#define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 #ifndef PARTS
 #define PARTS 3 /* bf16 parts of xs multiplied (3: exact products; 2 drops the lowest 8 bits of xs) */
 #endif
@@ -48,22 +48,6 @@ int fp8_bf16_on(void) {
 int tmp_fp8_bf16_path(int set) {
     if (set >= 0) __atomic_store_n(&bf16_state, set && bf16_supported(), __ATOMIC_RELAXED);
     return fp8_bf16_on();
-}
-
-/* bf16 bits of m * 2^-17 (an e4m3 subnormal / 256) at index m < 8 */
-static const uint16_t SUBNORMAL[32] __attribute__((aligned(64))) = {
-    0x0000, 0x3700, 0x3780, 0x37C0, 0x3800, 0x3820, 0x3840, 0x3860,
-};
-
-/* 32 e4m3 bytes (already loaded) -> 32 bf16 (each e4m3 / 256) in natural order. */
-TARGET static inline __m512i decode32_bf16(__m256i raw, __m512i sub) {
-    const __m512i v = _mm512_cvtepi8_epi16(raw); /* sign in bits 7..15, eeee at 3..6, mmm at 0..2 */
-    /* (v << 4 & 0x07F0) | 0x3800: 0|0111eeee|mmm0000 */
-    __m512i r = _mm512_ternarylogic_epi32(_mm512_slli_epi16(v, 4), _mm512_set1_epi16(0x07F0),
-                                          _mm512_set1_epi16(0x3800), 0xEA); /* (A & B) | C */
-    /* e = 0: the table by v's low 5 bits (0 0 m m m there) */
-    r = _mm512_mask_permutexvar_epi16(r, _mm512_testn_epi16_mask(v, _mm512_set1_epi16(0x78)), v, sub);
-    return _mm512_ternarylogic_epi32(r, v, _mm512_set1_epi16((short)0x8000), 0xF8); /* r | (v & 0x8000) */
 }
 
 /* The bf16 bits of 32 floats (RNE) as one vector of 32 lanes, and the floats they stand for. */

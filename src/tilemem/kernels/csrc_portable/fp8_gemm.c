@@ -1,0 +1,367 @@
+/* The prefill fp8 GEMM on CPUs with AVX512-BF16 (Zen 4, Sapphire Rapids): y = x @ W^T with exact products.
+ *
+ * Why exact: e4m3 -> bf16 is exact (fp8_bf16.h), and the activations entering a linear layer or an expert of a
+ * bf16 model are bf16 values (the Python side widens them to fp32), so VDPBF16PS multiplies them exactly and
+ * accumulates in fp32, as the fp32 FMA paths do: only the summation order differs. x that is not all bf16 values
+ * (an FFN's fp32 hidden activations, an fp32 model) is split into three bf16 parts, hi + mid + lo, each
+ * difference exact (8 + 8 + 8 bits, as fp8_avx512.c does), three times the products; the caller says how many
+ * parts it takes (`max_parts`) and keeps its own path where x needs more.
+ *
+ * Layout: each thread owns a range of 32-row panels of W (one 128-row scale block holds four). A panel is
+ * decoded once into bf16 pairs laid out for VDPBF16PS, pan[kp][32]: lane i of vector (kp, h) is row 16h + i's
+ * columns 2kp, 2kp + 1 (16 rows x 16 pairs decoded, then transposed in registers); x is converted once per call
+ * to bf16 rows, xb[n] (row stride ldb) holding its parts at pstride = Cp + 32 apart (Cp = C rounded up to even,
+ * zero-padded; the 64 bytes more keep a tile's rows and parts off one L1 set where Cp is a multiple of 2048),
+ * whose pairs are broadcast. A register
+ * tile is 32 rows x NT tokens (2 NT accumulators); per 128-column block its sums are scaled by the block's scale
+ * (times 256: the decoded weights are e4m3 / 256) into y, fp32, in column-block order.
+ *
+ * Shapes: N tokens, W [R, C], x [N, C], y [N, R]; KP = Cp / 2 column pairs.
+ */
+#include "fp8.h"
+#include "fp8_bf16.h"
+#include "fp8_internal.h"
+
+#include <omp.h>
+#include <stdlib.h>
+
+#include "ffn_common.h"
+
+#define PANEL 32 /* rows of W a panel: two 16-lane vectors */
+#define GT 8     /* tokens a register tile: 2 x 8 accumulators, 2 weight vectors, a broadcast */
+
+/* r[i][k] -> r[k][i] for a 16 x 16 block of 32-bit elements, in registers. */
+TARGET static inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) { /* r[4i + c], 128-bit lane L: column 4L + c of rows 4i..4i+3 */
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int c = 0; c < 4; c++) {
+        const __m512i v0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44), v1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xEE);
+        const __m512i w0 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44);
+        const __m512i w1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xEE);
+        t[c] = _mm512_shuffle_i32x4(v0, w0, 0x88);
+        t[4 + c] = _mm512_shuffle_i32x4(v0, w0, 0xDD);
+        t[8 + c] = _mm512_shuffle_i32x4(v1, w1, 0x88);
+        t[12 + c] = _mm512_shuffle_i32x4(v1, w1, 0xDD);
+    }
+    for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
+/* pan[kp][32] (KP16 = KP rounded up to 16 pairs) = rows [0, nrows) of w as bf16 pairs (e4m3 / 256); rows past
+ * nrows and columns past C are zero (masked loads: no byte past a row is read). */
+TARGET static void pack_panel(const uint8_t *w, int64_t ldw, int64_t nrows, int64_t C, int64_t KP16, uint32_t *pan) {
+    const __m512i sub = _mm512_load_si512((const __m512i *)SUBNORMAL);
+    for (int64_t kp0 = 0; kp0 < KP16; kp0 += 16) {
+        const int64_t c0 = 2 * kp0, left = C - c0;
+        const __mmask32 m = left >= 32 ? ~(__mmask32)0 : left <= 0 ? 0 : (((__mmask32)1 << left) - 1);
+        for (int h = 0; h < 2; h++) {
+            __m512i r[16];
+            for (int i = 0; i < 16; i++) {
+                const int64_t row = 16 * h + i;
+                r[i] = row < nrows ? decode32_bf16(_mm256_maskz_loadu_epi8(m, w + row * ldw + c0), sub)
+                                   : _mm512_setzero_si512();
+            }
+            transpose16(r);
+            for (int k = 0; k < 16; k++) _mm512_store_si512((__m512i *)(pan + (kp0 + k) * PANEL + 16 * h), r[k]);
+        }
+    }
+}
+
+/* y[n, 0:32] = sum over column blocks kb of s_kb * sum_{kp in kb} sum_p dpbf16(pan[kp], xr[n][p][2kp:2kp+2]) for
+ * NT tokens (xr[n]: token n's bf16 row, its P parts pstride apart); m0, m1: the rows of the panel's two halves that
+ * exist. */
+TARGET static inline __attribute__((always_inline)) void gemm_tile(const int NT, const int P, const uint32_t *pan,
+                                                                  int64_t KP, const uint16_t *const *xr,
+                                                                  int64_t pstride, const float *sr, float *y,
+                                                                  int64_t ldy, __mmask16 m0, __mmask16 m1) {
+    for (int64_t kb = 0; kb * (BLOCK / 2) < KP; kb++) {
+        __m512 a[GT][2];
+#pragma GCC unroll 8
+        for (int n = 0; n < NT; n++) a[n][0] = a[n][1] = _mm512_setzero_ps();
+        const int64_t k1 = min64(KP, (kb + 1) * (BLOCK / 2));
+        for (int64_t kp = kb * (BLOCK / 2); kp < k1; kp++) {
+            const __m512bh w0 = (__m512bh)_mm512_load_si512((const __m512i *)(pan + kp * PANEL));
+            const __m512bh w1 = (__m512bh)_mm512_load_si512((const __m512i *)(pan + kp * PANEL + 16));
+#pragma GCC unroll 8
+            for (int n = 0; n < NT; n++) {
+#pragma GCC unroll 3
+                for (int p = 0; p < P; p++) {
+                    uint32_t pair;
+                    memcpy(&pair, xr[n] + p * pstride + 2 * kp, 4);
+                    const __m512bh xv = (__m512bh)_mm512_set1_epi32((int)pair);
+                    a[n][0] = _mm512_dpbf16_ps(a[n][0], w0, xv);
+                    a[n][1] = _mm512_dpbf16_ps(a[n][1], w1, xv);
+                }
+            }
+        }
+        const __m512 s = _mm512_set1_ps(sr[kb] * 256.0f);
+#pragma GCC unroll 8
+        for (int n = 0; n < NT; n++) {
+            float *o = y + n * ldy;
+            if (kb == 0) {
+                _mm512_mask_storeu_ps(o, m0, _mm512_mul_ps(a[n][0], s));
+                _mm512_mask_storeu_ps(o + 16, m1, _mm512_mul_ps(a[n][1], s));
+            } else {
+                _mm512_mask_storeu_ps(o, m0, _mm512_fmadd_ps(a[n][0], s, _mm512_maskz_loadu_ps(m0, o)));
+                _mm512_mask_storeu_ps(o + 16, m1, _mm512_fmadd_ps(a[n][1], s, _mm512_maskz_loadu_ps(m1, o + 16)));
+            }
+        }
+    }
+}
+
+#define GEMM_TILE(NT)                                                                                              \
+    case NT:                                                                                                       \
+        if (P == 1)                                                                                                \
+            gemm_tile(NT, 1, pan, KP, xr, pstride, sr, y, ldy, m0, m1);                                        \
+        else                                                                                                       \
+            gemm_tile(NT, 3, pan, KP, xr, pstride, sr, y, ldy, m0, m1);                                        \
+        break;
+
+TARGET static void gemm_tiles(int nt, int P, const uint32_t *pan, int64_t KP, const uint16_t *const *xr,
+                              int64_t pstride, const float *sr, float *y, int64_t ldy, __mmask16 m0, __mmask16 m1) {
+    switch (nt) {
+        GEMM_TILE(1)
+        GEMM_TILE(2)
+        GEMM_TILE(3)
+        GEMM_TILE(4)
+        GEMM_TILE(5)
+        GEMM_TILE(6)
+        GEMM_TILE(7)
+        GEMM_TILE(8)
+    }
+}
+
+/* y[j, 0:32] (row stride ldy) for the ntok tokens of a packed panel: token j's bf16 row at xb + row_j * ldb (row_j:
+ * tok[j], or j without tok), its P parts pstride apart. */
+TARGET static void panel_tokens(int P, const uint32_t *pan, int64_t KP, const uint16_t *xb, int64_t ldb,
+                                const int32_t *tok, int64_t ntok, int64_t pstride, const float *sr, float *y,
+                                int64_t ldy, __mmask16 m0, __mmask16 m1) {
+    for (int64_t n0 = 0; n0 < ntok; n0 += GT) {
+        const uint16_t *xr[GT];
+        const int nt = (int)min64(GT, ntok - n0);
+        for (int j = 0; j < nt; j++) xr[j] = xb + (tok ? (int64_t)tok[n0 + j] : n0 + j) * ldb;
+        gemm_tiles(nt, P, pan, KP, xr, pstride, sr, y + n0 * ldy, ldy, m0, m1);
+    }
+}
+
+/* The masks of a panel's two 16-row halves for its nrows (<= 32) rows. */
+static inline void panel_masks(int64_t nrows, __mmask16 *m0, __mmask16 *m1) {
+    *m0 = nrows >= 16 ? 0xFFFF : (__mmask16)((1u << nrows) - 1);
+    *m1 = nrows >= 32 ? 0xFFFF : nrows <= 16 ? 0 : (__mmask16)((1u << (nrows - 16)) - 1);
+}
+
+/* bf16 parts x needs: 1 where every value is a bf16 number (low 16 bits zero; not a denormal, which VDPBF16PS
+ * reads as zero), else 3. */
+static int parts_of(const float *x, int64_t ldx, int64_t N, int64_t C) {
+    for (int64_t n = 0; n < N; n++) {
+        const uint32_t *row = (const uint32_t *)(x + n * ldx);
+        uint32_t low = 0;
+        for (int64_t c = 0; c < C; c++) {
+            const uint32_t b = row[c];
+            low |= (b & 0xFFFFu) | (uint32_t)(!(b & 0x7F800000u) && (b & 0x7FFFFFFFu));
+        }
+        if (low) return 3;
+    }
+    return 1;
+}
+
+/* A row of C floats into P bf16 rows (pstride apart) of Cp values, zero-padded: P = 3, hi, mid, lo (exact); P = 1,
+ * each rounded to bf16 (exact for bf16 values). */
+TARGET static void convert_row(const float *xr, int64_t C, int64_t Cp, int P, uint16_t *o, int64_t pstride) {
+    for (int64_t c = 0; c < Cp; c += 16) {
+        const __mmask16 m = C - c >= 16 ? (__mmask16)0xFFFF : C - c <= 0 ? 0 : (__mmask16)((1u << (C - c)) - 1);
+        const __mmask16 mo = Cp - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (Cp - c)) - 1);
+        __m512 v = _mm512_maskz_loadu_ps(m, xr + c);
+        for (int p = 0; p < P; p++) {
+            const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+            _mm256_mask_storeu_epi16(o + p * pstride + c, mo, h);
+            if (P > 1) /* exact: the remainder */
+                v = _mm512_sub_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+        }
+    }
+}
+
+/* *buf with room for `bytes` (grown as needed, never freed: per-thread scratch), or NULL. */
+static void *grow(void **buf, size_t *len, size_t bytes) {
+    bytes = (bytes + 63) & ~(size_t)63;
+    if (*len < bytes) {
+        void *p = aligned_alloc(64, bytes);
+        if (p == NULL) return NULL;
+        free(*buf);
+        *buf = p;
+        *len = bytes;
+    }
+    return *buf;
+}
+
+/* The calling thread's xb and each worker's panel (the caller is also worker 0: two buffers). */
+static __thread void *xb_buf, *panel_buf;
+static __thread size_t xb_len, panel_len;
+
+TARGET int tmp_fp8_gemm_nt(const float *x, int64_t ldx, int64_t N, const uint8_t *w, int64_t ldw, int64_t R,
+                           int64_t C, const float *scale, int64_t lds, float *y, int64_t ldy, int max_parts,
+                           int nthreads) {
+    if (!fp8_bf16_on()) return TMP_EUNSUPPORTED;
+    if (N <= 0 || R <= 0 || C <= 0) return TMP_OK;
+    const int P = parts_of(x, ldx, N, C);
+    if (P > max_parts) return TMP_EUNSUPPORTED;
+    const int64_t Cp = (C + 1) & ~(int64_t)1, KP = Cp / 2, KP16 = (KP + 15) & ~(int64_t)15;
+    const int64_t pstride = Cp + 32, ldb = P * pstride;
+    uint16_t *xb = grow(&xb_buf, &xb_len, (size_t)(N * ldb) * sizeof(uint16_t));
+    if (xb == NULL) return TMP_ENOMEM;
+    const int64_t units = (R + PANEL - 1) / PANEL;
+    const int threads = nthreads < units ? nthreads : (int)units;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) convert_row(x + n * ldx, C, Cp, P, xb + n * ldb, pstride);
+        const int t = omp_get_thread_num(), T = omp_get_num_threads();
+        const int64_t ua = units * t / T, ub = units * (t + 1) / T;
+        uint32_t *pan = ua < ub ? grow(&panel_buf, &panel_len, (size_t)(KP16 * PANEL) * sizeof(uint32_t)) : NULL;
+        if (ua < ub && pan == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        for (int64_t u = ua; pan != NULL && u < ub; u++) {
+            const int64_t r0 = u * PANEL, nrows = min64(PANEL, R - r0);
+            __mmask16 m0, m1;
+            panel_masks(nrows, &m0, &m1);
+            pack_panel(w + r0 * ldw, ldw, nrows, C, KP16, pan);
+            panel_tokens(P, pan, KP, xb, ldb, NULL, N, pstride, scale + (r0 / BLOCK) * lds, y + r0, ldy, m0, m1);
+        }
+    }
+    return failed ? TMP_ENOMEM : TMP_OK;
+}
+
+/* ---- gated FFN tasks by the GEMM (prefill-sized tasks, checkpoint-layout downs) ---- */
+
+#ifndef H_PARTS
+#define H_PARTS 3 /* bf16 parts of the FFN's hidden activations (3: exact products; 1 rounds them to bf16) */
+#endif
+
+/* Phase 1 of task tk, neuron panels [ua, ub): h[j, i] = act(gate x_j)[i] * (up x_j)[i] (fp32, row stride n). */
+TARGET static void ffn_gate_up(const tmp_fp8_ffn_task *tk, int P, const uint16_t *xb, int64_t ldb, int64_t pstride,
+                               int64_t D, int act, int64_t ua, int64_t ub, uint32_t *pan, float *g, float *u, float *h) {
+    const int64_t KP = (D + 1) / 2, KP16 = (KP + 15) & ~(int64_t)15, n = tk->n;
+    for (int64_t p = ua; p < ub; p++) {
+        const int64_t r0 = p * PANEL, nrows = min64(PANEL, n - r0);
+        __mmask16 m0, m1;
+        panel_masks(nrows, &m0, &m1);
+        pack_panel(tk->gate.w + r0 * tk->gate.ldw, tk->gate.ldw, nrows, D, KP16, pan);
+        panel_tokens(P, pan, KP, xb, ldb, tk->tok, tk->ntok, pstride, tk->gate.scale + (r0 / BLOCK) * tk->gate.lds,
+                     g, PANEL, m0, m1);
+        pack_panel(tk->up.w + r0 * tk->up.ldw, tk->up.ldw, nrows, D, KP16, pan);
+        panel_tokens(P, pan, KP, xb, ldb, tk->tok, tk->ntok, pstride, tk->up.scale + (r0 / BLOCK) * tk->up.lds, u,
+                     PANEL, m0, m1);
+        for (int64_t j = 0; j < tk->ntok; j++)
+            for (int64_t i = 0; i < nrows; i++) h[j * n + r0 + i] = ffn_act(act, g[j * PANEL + i]) * u[j * PANEL + i];
+    }
+}
+
+/* Phase 2 of task tk, output panels [ua, ub) of D: out[tok[j], d] += weight[j] * (down h_j)[d]; hb: its H_PARTS bf16
+ * rows (ldh apart, parts hstride apart). */
+TARGET static void ffn_down(const tmp_fp8_ffn_task *tk, const uint16_t *hb, int64_t ldh, int64_t hstride, int64_t D,
+                            int64_t ua, int64_t ub, uint32_t *pan, float *y, float *out, int64_t ldo) {
+    const int64_t KP = (tk->n + 1) / 2, KP16 = (KP + 15) & ~(int64_t)15;
+    for (int64_t p = ua; p < ub; p++) {
+        const int64_t r0 = p * PANEL, nrows = min64(PANEL, D - r0);
+        __mmask16 m0, m1;
+        panel_masks(nrows, &m0, &m1);
+        pack_panel(tk->down.w + r0 * tk->down.ldw, tk->down.ldw, nrows, tk->n, KP16, pan);
+        panel_tokens(H_PARTS, pan, KP, hb, ldh, NULL, tk->ntok, hstride, tk->down.scale + (r0 / BLOCK) * tk->down.lds,
+                     y, PANEL, m0, m1);
+        for (int64_t j = 0; j < tk->ntok; j++) {
+            float *o = out + (int64_t)tk->tok[j] * ldo + r0;
+            const __m512 wt = _mm512_set1_ps(tk->weight[j]);
+            _mm512_mask_storeu_ps(o, m0, _mm512_fmadd_ps(wt, _mm512_loadu_ps(y + j * PANEL), _mm512_maskz_loadu_ps(m0, o)));
+            _mm512_mask_storeu_ps(o + 16, m1, _mm512_fmadd_ps(wt, _mm512_loadu_ps(y + j * PANEL + 16),
+                                                              _mm512_maskz_loadu_ps(m1, o + 16)));
+        }
+    }
+}
+
+TARGET int tmp_fp8_ffn_gemm(const float *x, int64_t ldx, float *out, int64_t ldo, int64_t T, int64_t D,
+                            const tmp_fp8_ffn_task *tasks, int64_t ntasks, int act, int nthreads) {
+    if (!fp8_bf16_on()) return TMP_EUNSUPPORTED;
+    if (act < TMP_ACT_SILU || act > TMP_ACT_RELU) return TMP_EINVAL;
+    int64_t htotal = 0, hbtotal = 0, nmax = 0, tmax = 0;
+    for (int64_t q = 0; q < ntasks; q++) {
+        const tmp_fp8_ffn_task *tk = &tasks[q];
+        if (tk->down_t) return TMP_EINVAL;
+        for (int64_t j = 0; j < tk->ntok; j++)
+            if (tk->tok[j] < 0 || tk->tok[j] >= T) return TMP_EINVAL;
+        if (tk->n <= 0 || tk->ntok <= 0) continue;
+        htotal += tk->n * tk->ntok;
+        hbtotal += tk->ntok * H_PARTS * (((tk->n + 1) & ~(int64_t)1) + 32);
+        nmax = tk->n > nmax ? tk->n : nmax;
+        tmax = tk->ntok > tmax ? tk->ntok : tmax;
+    }
+    if (htotal == 0 || D <= 0) return TMP_OK;
+    const int P = parts_of(x, ldx, T, D);
+    const int64_t Dp = (D + 1) & ~(int64_t)1, pstride = Dp + 32, ldb = P * pstride;
+    const int64_t KPmax = ((D > nmax ? D : nmax) + 1) / 2, KP16 = (KPmax + 15) & ~(int64_t)15;
+    uint16_t *xb = grow(&xb_buf, &xb_len, (size_t)(T * ldb) * sizeof(uint16_t));
+    float *h = malloc(sizeof(float) * (size_t)htotal);
+    uint16_t *hb = aligned_alloc(64, ((size_t)hbtotal * sizeof(uint16_t) + 63) & ~(size_t)63);
+    if (!xb || !h || !hb) {
+        free(h);
+        free(hb);
+        return TMP_ENOMEM;
+    }
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int t = omp_get_thread_num(), nth = omp_get_num_threads();
+        uint32_t *pan = grow(&panel_buf, &panel_len, (size_t)(KP16 * PANEL + 2 * tmax * PANEL) * sizeof(uint32_t));
+        float *g = (float *)(pan + KP16 * PANEL), *u = g + tmax * PANEL; /* the down's y is g */
+        if (pan == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < T; n++) convert_row(x + n * ldx, D, Dp, P, xb + n * ldb, pstride);
+        int64_t ho = 0;
+        for (int64_t q = 0; q < ntasks; q++) { /* phase 1: every task's neurons, split by panels */
+            const tmp_fp8_ffn_task *tk = &tasks[q];
+            if (tk->n <= 0 || tk->ntok <= 0) continue;
+            const int64_t units = (tk->n + PANEL - 1) / PANEL;
+            if (pan) ffn_gate_up(tk, P, xb, ldb, pstride, D, act, units * t / nth, units * (t + 1) / nth, pan, g, u, h + ho);
+            ho += tk->n * tk->ntok;
+        }
+#pragma omp barrier
+        ho = 0;
+        int64_t hbo = 0;
+        for (int64_t q = 0; q < ntasks; q++) { /* the hidden activations in bf16 parts, by rows */
+            const tmp_fp8_ffn_task *tk = &tasks[q];
+            if (tk->n <= 0 || tk->ntok <= 0) continue;
+            const int64_t np = (tk->n + 1) & ~(int64_t)1, hs = np + 32;
+#pragma omp for schedule(static) nowait
+            for (int64_t j = 0; j < tk->ntok; j++)
+                convert_row(h + ho + j * tk->n, tk->n, np, H_PARTS, hb + hbo + j * H_PARTS * hs, hs);
+            ho += tk->n * tk->ntok;
+            hbo += tk->ntok * H_PARTS * hs;
+        }
+#pragma omp barrier
+        const int64_t units = (D + PANEL - 1) / PANEL;
+        hbo = 0;
+        for (int64_t q = 0; q < ntasks; q++) { /* phase 2: every task's down, split by output panels */
+            const tmp_fp8_ffn_task *tk = &tasks[q];
+            if (tk->n <= 0 || tk->ntok <= 0) continue;
+            const int64_t hs = ((tk->n + 1) & ~(int64_t)1) + 32;
+            if (pan) ffn_down(tk, hb + hbo, H_PARTS * hs, hs, D, units * t / nth, units * (t + 1) / nth, pan, g, out, ldo);
+            hbo += tk->ntok * H_PARTS * hs;
+        }
+    }
+    free(h);
+    free(hb);
+    return failed ? TMP_ENOMEM : TMP_OK;
+}
