@@ -81,6 +81,19 @@ def test_x12_experts_give_the_bf16_kernels_bits(amx):
         kernels.set_amx(before)
 
 
+@pytest.mark.parametrize("n,k", [(12, 96), (40, 2048), (9, 160)])
+def test_x12_linear_gives_the_bf16_kernels_bits(n, k):
+    """A dense linear on x12 rows, for 1 to 9 tokens: 1 (decoded in registers, one token), 2-4 (decoded in
+    registers once for all of them), more (decoded into a buffer): the bf16 kernel's bits; rows past a multiple
+    of 4 and a 32-weight tail included."""
+    w = matrix(n, k, seed=5 * k + n, rare=8, odd=FINITE)
+    c = kernels.X12Matrix(w)
+    gen = torch.Generator().manual_seed(n)
+    for m in range(1, 10):
+        x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+        assert torch.equal(kernels.linear(x, w, c), kernels.linear(x, w)), m
+
+
 def test_compressed_experts_let_go_of_their_mapped_file_pages(tmp_path):
     """Experts mapped from a checkpoint file, resident (populated), then compressed: the file's pages leave
     the process (they are still in the page cache), so it does not hold both copies."""

@@ -105,14 +105,16 @@ static void down_rows(const tm_ffn_task *tk, float *out, int64_t D, int64_t d0, 
   for (int64_t d = d0; d < d1; d += 4) {
     int R = d1 - d < 4 ? (int)(d1 - d) : 4;
     int64_t ld = tk->ld_down;
-    int fused = tk->cdown && tk->ntok == 1; /* one token: x12 rows decoded in registers */
+    int fused = tk->cdown && tk->ntok <= TB; /* a few tokens: x12 rows decoded in registers */
     const uint16_t *dw = fused ? NULL : rows_of(tk->down, tk->cdown, d, R, &ld, wb);
     for (int64_t j0 = 0; j0 < tk->ntok; j0 += TB) {
       int mt = tk->ntok - j0 < TB ? (int)(tk->ntok - j0) : TB;
       const uint16_t *hs[TB];
       for (int j = 0; j < mt; j++) hs[j] = hq + (j0 + j) * tk->n;
-      if (fused)
+      if (fused && mt == 1)
         dot_1_x12(tk->cdown, d, R, hs[0], res);
+      else if (fused)
+        dot_n_x12(tk->cdown, d, R, hs, mt, res);
       else
         dot_rows(dw, ld, R, hs, mt, tk->n, res, 0);
       for (int j = 0; j < mt; j++) {
@@ -219,15 +221,18 @@ void ffn_tasks_body(const uint16_t *x, float *out, int64_t T, int64_t D, const t
       for (int64_t i = i0; i < i1; i += 4) { /* rows outer: a 4-row block stays in L1 for every token block */
         int R = i1 - i < 4 ? (int)(i1 - i) : 4;
         int64_t ld = tk->ld_gu, ldu = ld; /* the same for both: x12 for both or neither */
-        int fused = tk->cgate && tk->ntok == 1; /* one token: x12 rows decoded in registers */
+        int fused = tk->cgate && tk->ntok <= TB; /* a few tokens: x12 rows decoded in registers */
         const uint16_t *gw = fused ? NULL : rows_of(tk->gate, tk->cgate, i, R, &ld, wb);
         const uint16_t *uw = fused ? NULL : rows_of(tk->up, tk->cup, i, R, &ldu, wb + 4 * D);
         for (int64_t j0 = 0; j0 < tk->ntok; j0 += TB) {
           int mt = tk->ntok - j0 < TB ? (int)(tk->ntok - j0) : TB;
           const uint16_t *xs[TB];
           for (int j = 0; j < mt; j++) xs[j] = x + (int64_t)tk->tok[j0 + j] * D;
-          if (fused) {
+          if (fused && mt == 1) {
             gu_pair_x12(tk->cgate, tk->cup, i, R, xs[0], res, res2);
+          } else if (fused) {
+            dot_n_x12(tk->cgate, i, R, xs, mt, res);
+            dot_n_x12(tk->cup, i, R, xs, mt, res2);
           } else if (mt == 1) { /* decode: gate and up rows of a neuron in one pass */
             gu_pair(gw, uw, ld, R, xs[0], D, res, res2);
           } else {

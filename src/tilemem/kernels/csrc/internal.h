@@ -66,6 +66,7 @@ void x12_rows(const tm_x12 *c, int64_t r0, int R, uint16_t *dst);
 void gu_pair_x12(const tm_x12 *g, const tm_x12 *u, int64_t r0, int R, const uint16_t *x, float og[4][TB],
                  float ou[4][TB]);
 void dot_1_x12(const tm_x12 *c, int64_t r0, int R, const uint16_t *x, float out[4][TB]);
+void dot_n_x12(const tm_x12 *c, int64_t r0, int R, const uint16_t *const *x, int nt, float out[4][TB]);
 
 /* Rows [r0, r0 + R) of a matrix, read in place (c NULL: bf16 at w, row stride *ld) or decoded into buf
  * (*ld becomes K). */

@@ -9,21 +9,23 @@
 void linear_rows(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *w, int64_t ldw,
                  const tm_x12 *c, int64_t n0, int64_t n1, void *y, int64_t ldy, int y_fp32, int *err) {
   float res[4][TB];
-  uint16_t *buf = c && M > 1 ? (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * (4 * K + 64)) : NULL;
-  if (c && M > 1 && !buf) {
+  uint16_t *buf = c && M > TB ? (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * (4 * K + 64)) : NULL;
+  if (c && M > TB && !buf) {
     set_failed(err);
     return;
   }
   for (int64_t n = n0; n < n1; n += 4) {
     int R = n1 - n < 4 ? (int)(n1 - n) : 4;
     int64_t ld = ldw;
-    const uint16_t *wr = c && M == 1 ? NULL : rows_of(w, c, n, R, &ld, buf); /* one row: decoded in registers */
+    const uint16_t *wr = c && M <= TB ? NULL : rows_of(w, c, n, R, &ld, buf); /* few rows: decoded in registers */
     for (int64_t m0 = 0; m0 < M; m0 += TB) {
       int mt = M - m0 < TB ? (int)(M - m0) : TB;
       const uint16_t *xs[TB];
       for (int j = 0; j < mt; j++) xs[j] = x + (m0 + j) * ldx;
-      if (!wr)
+      if (!wr && mt == 1)
         dot_1_x12(c, n, R, xs[0], res);
+      else if (!wr)
+        dot_n_x12(c, n, R, xs, mt, res);
       else
         dot_rows(wr, ld, R, xs, mt, K, res, M >= 2 * TB);
       for (int j = 0; j < mt; j++)

@@ -116,6 +116,36 @@ void dot_1_x12(const tm_x12 *c, int64_t r0, int R, const uint16_t *x, float out[
 
 
 
+/* dot_block for 2..TB tokens (U = 2: weights 0-31 of each 64 into the first accumulator, 32-63 into the
+ * second, a tail of 32 into the first) on rows r0..r0+R of an x12 matrix, decoded in registers once for all nt
+ * tokens: the same sums in the same order, so the same bits. */
+void dot_n_x12(const tm_x12 *c, int64_t r0, int R, const uint16_t *const *x, int nt, float out[4][TB]) {
+  const int64_t K = c->K;
+  const __m512i tab = _mm512_loadu_si512(c->tab);
+  for (int r = 0; r < R; r++) {
+    const uint32_t *xp = c->xval + c->xrow[r0 + r];
+    __m512 acc[TB][2];
+    for (int j = 0; j < TB; j++) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
+    __m512i w0, w1;
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+      x12_load(c, r0 + r, k, tab, &xp, &w0, &w1);
+      for (int j = 0; j < nt; j++) {
+        acc[j][0] = _mm512_dpbf16_ps(acc[j][0], (__m512bh)w0, ld32(x[j] + k, 32));
+        acc[j][1] = _mm512_dpbf16_ps(acc[j][1], (__m512bh)w1, ld32(x[j] + k + 32, 32));
+      }
+    }
+    if (k < K) {
+      x12_load(c, r0 + r, k, tab, &xp, &w0, &w1);
+      for (int j = 0; j < nt; j++) {
+        acc[j][0] = _mm512_dpbf16_ps(acc[j][0], (__m512bh)w0, ld32(x[j] + k, K - k));
+        if (k + 32 < K) acc[j][0] = _mm512_dpbf16_ps(acc[j][0], (__m512bh)w1, ld32(x[j] + k + 32, K - k - 32));
+      }
+    }
+    for (int j = 0; j < nt; j++) out[r][j] = _mm512_reduce_add_ps(_mm512_add_ps(acc[j][0], acc[j][1]));
+  }
+}
+
 /* Rows [r0, r0 + R) into dst [R, K] (and up to 32 elements past it: see x12_rows). */
 void tm_x12_decode(const tm_x12 *c, int64_t r0, int64_t R, uint16_t *dst, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
