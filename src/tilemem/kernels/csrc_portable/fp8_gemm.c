@@ -30,47 +30,47 @@
 #define PANEL 32 /* rows of W a panel: two 16-lane vectors */
 #define GT 8     /* tokens a register tile: 2 x 8 accumulators, 2 weight vectors, a broadcast */
 
-/* r[i][k] -> r[k][i] for a 16 x 16 block of 32-bit elements, in registers. */
-TARGET static inline void transpose16(__m512i r[16]) {
-    __m512i t[16];
-    for (int i = 0; i < 8; i++) {
-        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+/* a[i][k] -> b[k][i] for a 16 x 16 block of 16-bit elements (e4m3 column pairs of 16 rows), in registers: 64
+ * 256-bit shuffles, a third of the 512-bit ones a transpose of the decoded pairs (32-bit) takes. */
+TARGET static inline void transpose16x16_epi16(const __m256i a[16], __m256i b[16]) {
+    __m256i p[8], q[8], v[4][4];
+    for (int i = 0; i < 8; i++) { /* lane L: (row 2i, row 2i + 1) of elements 0..3 (p), 4..7 (q), + 8L */
+        p[i] = _mm256_unpacklo_epi16(a[2 * i], a[2 * i + 1]);
+        q[i] = _mm256_unpackhi_epi16(a[2 * i], a[2 * i + 1]);
     }
-    for (int i = 0; i < 4; i++) { /* r[4i + c], 128-bit lane L: column 4L + c of rows 4i..4i+3 */
-        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    for (int j = 0; j < 4; j++) { /* v[j][m], lane L: rows 4j..4j+3 of elements 2m, 2m + 1 (+ 8L) */
+        v[j][0] = _mm256_unpacklo_epi32(p[2 * j], p[2 * j + 1]);
+        v[j][1] = _mm256_unpackhi_epi32(p[2 * j], p[2 * j + 1]);
+        v[j][2] = _mm256_unpacklo_epi32(q[2 * j], q[2 * j + 1]);
+        v[j][3] = _mm256_unpackhi_epi32(q[2 * j], q[2 * j + 1]);
     }
-    for (int c = 0; c < 4; c++) {
-        const __m512i v0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44), v1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xEE);
-        const __m512i w0 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44);
-        const __m512i w1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xEE);
-        t[c] = _mm512_shuffle_i32x4(v0, w0, 0x88);
-        t[4 + c] = _mm512_shuffle_i32x4(v0, w0, 0xDD);
-        t[8 + c] = _mm512_shuffle_i32x4(v1, w1, 0x88);
-        t[12 + c] = _mm512_shuffle_i32x4(v1, w1, 0xDD);
+    for (int m = 0; m < 4; m++) { /* rows 8o..8o+7 of element e in lane 0, of e + 8 in lane 1 */
+        const __m256i w00 = _mm256_unpacklo_epi64(v[0][m], v[1][m]), w01 = _mm256_unpackhi_epi64(v[0][m], v[1][m]);
+        const __m256i w10 = _mm256_unpacklo_epi64(v[2][m], v[3][m]), w11 = _mm256_unpackhi_epi64(v[2][m], v[3][m]);
+        b[2 * m] = _mm256_permute2x128_si256(w00, w10, 0x20);
+        b[2 * m + 8] = _mm256_permute2x128_si256(w00, w10, 0x31);
+        b[2 * m + 1] = _mm256_permute2x128_si256(w01, w11, 0x20);
+        b[2 * m + 9] = _mm256_permute2x128_si256(w01, w11, 0x31);
     }
-    for (int i = 0; i < 16; i++) r[i] = t[i];
 }
 
 /* pan[kp][32] (KP16 = KP rounded up to 16 pairs) = rows [0, nrows) of w as bf16 pairs (e4m3 / 256); rows past
- * nrows and columns past C are zero (masked loads: no byte past a row is read). */
+ * nrows and columns past C are zero (masked loads: no byte past a row is read). The bytes are transposed by
+ * column pairs first, then decoded: each 32 decoded bf16 are then one panel vector, in place. */
 TARGET static void pack_panel(const uint8_t *w, int64_t ldw, int64_t nrows, int64_t C, int64_t KP16, uint32_t *pan) {
     const __m512i sub = _mm512_load_si512((const __m512i *)SUBNORMAL);
     for (int64_t kp0 = 0; kp0 < KP16; kp0 += 16) {
         const int64_t c0 = 2 * kp0, left = C - c0;
         const __mmask32 m = left >= 32 ? ~(__mmask32)0 : left <= 0 ? 0 : (((__mmask32)1 << left) - 1);
         for (int h = 0; h < 2; h++) {
-            __m512i r[16];
+            __m256i a[16], b[16];
             for (int i = 0; i < 16; i++) {
                 const int64_t row = 16 * h + i;
-                r[i] = row < nrows ? decode32_bf16(_mm256_maskz_loadu_epi8(m, w + row * ldw + c0), sub)
-                                   : _mm512_setzero_si512();
+                a[i] = row < nrows ? _mm256_maskz_loadu_epi8(m, w + row * ldw + c0) : _mm256_setzero_si256();
             }
-            transpose16(r);
-            for (int k = 0; k < 16; k++) _mm512_store_si512((__m512i *)(pan + (kp0 + k) * PANEL + 16 * h), r[k]);
+            transpose16x16_epi16(a, b);
+            for (int k = 0; k < 16; k++)
+                _mm512_store_si512((__m512i *)(pan + (kp0 + k) * PANEL + 16 * h), decode32_bf16(b[k], sub));
         }
     }
 }
@@ -81,13 +81,16 @@ TARGET static void pack_panel(const uint8_t *w, int64_t ldw, int64_t nrows, int6
 TARGET static inline __attribute__((always_inline)) void gemm_tile(const int NT, const int P, const uint32_t *pan,
                                                                   int64_t KP, const uint16_t *const *xr,
                                                                   int64_t pstride, const float *sr, float *y,
-                                                                  int64_t ldy, __mmask16 m0, __mmask16 m1) {
+                                                                  int64_t ldy, __mmask16 m0, __mmask16 m1,
+                                                                  const uint8_t *pf, int64_t pfld) {
     for (int64_t kb = 0; kb * (BLOCK / 2) < KP; kb++) {
         __m512 a[GT][2];
 #pragma GCC unroll 8
         for (int n = 0; n < NT; n++) a[n][0] = a[n][1] = _mm512_setzero_ps();
         const int64_t k1 = min64(KP, (kb + 1) * (BLOCK / 2));
         for (int64_t kp = kb * (BLOCK / 2); kp < k1; kp++) {
+            if (pf) /* the next panel into L2, a line a step: row kp % 32, bytes 64 (kp / 32) on (KP lines in all) */
+                _mm_prefetch((const char *)(pf + (kp % PANEL) * pfld + (kp / PANEL) * 64), _MM_HINT_T1);
             const __m512bh w0 = (__m512bh)_mm512_load_si512((const __m512i *)(pan + kp * PANEL));
             const __m512bh w1 = (__m512bh)_mm512_load_si512((const __m512i *)(pan + kp * PANEL + 16));
 #pragma GCC unroll 8
@@ -120,13 +123,14 @@ TARGET static inline __attribute__((always_inline)) void gemm_tile(const int NT,
 #define GEMM_TILE(NT)                                                                                              \
     case NT:                                                                                                       \
         if (P == 1)                                                                                                \
-            gemm_tile(NT, 1, pan, KP, xr, pstride, sr, y, ldy, m0, m1);                                        \
+            gemm_tile(NT, 1, pan, KP, xr, pstride, sr, y, ldy, m0, m1, pf, pfld);                                        \
         else                                                                                                       \
-            gemm_tile(NT, 3, pan, KP, xr, pstride, sr, y, ldy, m0, m1);                                        \
+            gemm_tile(NT, 3, pan, KP, xr, pstride, sr, y, ldy, m0, m1, pf, pfld);                                        \
         break;
 
 TARGET static void gemm_tiles(int nt, int P, const uint32_t *pan, int64_t KP, const uint16_t *const *xr,
-                              int64_t pstride, const float *sr, float *y, int64_t ldy, __mmask16 m0, __mmask16 m1) {
+                              int64_t pstride, const float *sr, float *y, int64_t ldy, __mmask16 m0, __mmask16 m1,
+                              const uint8_t *pf, int64_t pfld) {
     switch (nt) {
         GEMM_TILE(1)
         GEMM_TILE(2)
@@ -140,15 +144,17 @@ TARGET static void gemm_tiles(int nt, int P, const uint32_t *pan, int64_t KP, co
 }
 
 /* y[j, 0:32] (row stride ldy) for the ntok tokens of a packed panel: token j's bf16 row at xb + row_j * ldb (row_j:
- * tok[j], or j without tok), its P parts pstride apart. */
+ * tok[j], or j without tok), its P parts pstride apart; the 32 rows (row stride pfld) of the panel packed next
+ * from pf on (NULL: none) are prefetched meanwhile: 32 rows are more streams than the hardware follows (measured:
+ * packing from DRAM stalled on its loads). */
 TARGET static void panel_tokens(int P, const uint32_t *pan, int64_t KP, const uint16_t *xb, int64_t ldb,
                                 const int32_t *tok, int64_t ntok, int64_t pstride, const float *sr, float *y,
-                                int64_t ldy, __mmask16 m0, __mmask16 m1) {
+                                int64_t ldy, __mmask16 m0, __mmask16 m1, const uint8_t *pf, int64_t pfld) {
     for (int64_t n0 = 0; n0 < ntok; n0 += GT) {
         const uint16_t *xr[GT];
         const int nt = (int)min64(GT, ntok - n0);
         for (int j = 0; j < nt; j++) xr[j] = xb + (tok ? (int64_t)tok[n0 + j] : n0 + j) * ldb;
-        gemm_tiles(nt, P, pan, KP, xr, pstride, sr, y + n0 * ldy, ldy, m0, m1);
+        gemm_tiles(nt, P, pan, KP, xr, pstride, sr, y + n0 * ldy, ldy, m0, m1, n0 == 0 ? pf : NULL, pfld);
     }
 }
 
@@ -236,7 +242,8 @@ TARGET int tmp_fp8_gemm_nt(const float *x, int64_t ldx, int64_t N, const uint8_t
             __mmask16 m0, m1;
             panel_masks(nrows, &m0, &m1);
             pack_panel(w + r0 * ldw, ldw, nrows, C, KP16, pan);
-            panel_tokens(P, pan, KP, xb, ldb, NULL, N, pstride, scale + (r0 / BLOCK) * lds, y + r0, ldy, m0, m1);
+            const uint8_t *pf = u + 1 < ub ? w + (r0 + PANEL) * ldw : NULL;
+            panel_tokens(P, pan, KP, xb, ldb, NULL, N, pstride, scale + (r0 / BLOCK) * lds, y + r0, ldy, m0, m1, pf, ldw);
         }
     }
     return failed ? TMP_ENOMEM : TMP_OK;
@@ -258,10 +265,11 @@ TARGET static void ffn_gate_up(const tmp_fp8_ffn_task *tk, int P, const uint16_t
         panel_masks(nrows, &m0, &m1);
         pack_panel(tk->gate.w + r0 * tk->gate.ldw, tk->gate.ldw, nrows, D, KP16, pan);
         panel_tokens(P, pan, KP, xb, ldb, tk->tok, tk->ntok, pstride, tk->gate.scale + (r0 / BLOCK) * tk->gate.lds,
-                     g, PANEL, m0, m1);
+                     g, PANEL, m0, m1, tk->up.w + r0 * tk->up.ldw, tk->up.ldw);
         pack_panel(tk->up.w + r0 * tk->up.ldw, tk->up.ldw, nrows, D, KP16, pan);
+        const uint8_t *pf = p + 1 < ub ? tk->gate.w + (r0 + PANEL) * tk->gate.ldw : NULL;
         panel_tokens(P, pan, KP, xb, ldb, tk->tok, tk->ntok, pstride, tk->up.scale + (r0 / BLOCK) * tk->up.lds, u,
-                     PANEL, m0, m1);
+                     PANEL, m0, m1, pf, tk->gate.ldw);
         for (int64_t j = 0; j < tk->ntok; j++)
             for (int64_t i = 0; i < nrows; i++) h[j * n + r0 + i] = ffn_act(act, g[j * PANEL + i]) * u[j * PANEL + i];
     }
@@ -277,8 +285,9 @@ TARGET static void ffn_down(const tmp_fp8_ffn_task *tk, const uint16_t *hb, int6
         __mmask16 m0, m1;
         panel_masks(nrows, &m0, &m1);
         pack_panel(tk->down.w + r0 * tk->down.ldw, tk->down.ldw, nrows, tk->n, KP16, pan);
+        const uint8_t *pf = p + 1 < ub ? tk->down.w + (r0 + PANEL) * tk->down.ldw : NULL;
         panel_tokens(H_PARTS, pan, KP, hb, ldh, NULL, tk->ntok, hstride, tk->down.scale + (r0 / BLOCK) * tk->down.lds,
-                     y, PANEL, m0, m1);
+                     y, PANEL, m0, m1, pf, tk->down.ldw);
         for (int64_t j = 0; j < tk->ntok; j++) {
             float *o = out + (int64_t)tk->tok[j] * ldo + r0;
             const __m512 wt = _mm512_set1_ps(tk->weight[j]);
