@@ -55,7 +55,7 @@ def threads():
 
 @pytest.mark.parametrize("n,r,c", SHAPES)
 def test_gemm_nt_matches_float64(n: int, r: int, c: int, threads) -> None:
-    """bf16-valued x (1 part) and fp32 x (3 parts) against a float64 reference; 1 and 2 threads give the same sums
+    """bf16-valued x (VDPBF16PS) and fp32 x (fp32 FMAs) against a float64 reference; 1 and 2 threads give the same sums
     (each panel's are computed alike), bit for bit."""
     data, scale = random_weight(r, c, seed=n + r + c)
     w = reference64(data, scale)
@@ -64,7 +64,7 @@ def test_gemm_nt_matches_float64(n: int, r: int, c: int, threads) -> None:
         got = []
         for k in (1, 2):
             threads(k)
-            y = fp8.gemm_nt(x, data, scale, max_parts=3)
+            y = fp8.gemm_nt(x, data, scale, fp32_x=True)
             assert y is not None and y.shape == (n, r)
             assert rel_err(y, want) < TOL, f"{n}x{r}x{c}, {k} threads: {rel_err(y, want):.2e}"
             got.append(y)
@@ -82,8 +82,8 @@ def test_gemm_nt_wrong_block_scale_is_caught() -> None:
         assert rel_err(got, x.double() @ reference64(data, wrong).T) > 1e-2
 
 
-def test_gemm_nt_parts_and_path_switch() -> None:
-    """x that is not all bf16 numbers is refused at max_parts=1 (None: the caller's path); so is everything with
+def test_gemm_nt_fp32_x_and_path_switch() -> None:
+    """x that is not all bf16 numbers is refused without fp32_x (None: the caller's path); so is everything with
     the AVX512-BF16 path off (tmp_fp8_bf16_path(0)); a denormal counts as not bf16 (VDPBF16PS reads it as 0)."""
     data, scale = random_weight(64, 256, seed=7)
     x = bf16_values(12, 256, seed=8)
@@ -94,32 +94,33 @@ def test_gemm_nt_parts_and_path_switch() -> None:
     tiny = x.clone()
     tiny[0, 0] = 2.0**-130  # a denormal whose low 16 bits are zero
     assert fp8.gemm_nt(tiny, data, scale) is None
-    assert fp8.gemm_nt(tiny, data, scale, max_parts=3) is not None
+    assert fp8.gemm_nt(tiny, data, scale, fp32_x=True) is not None
     try:
         assert fp8.lib().tmp_fp8_bf16_path(0) == 0
-        assert fp8.gemm_nt(x, data, scale, max_parts=3) is None
+        assert fp8.gemm_nt(x, data, scale, fp32_x=True) is None
         assert not fp8.gemm_on()
     finally:
         fp8.lib().tmp_fp8_bf16_path(1)
 
 
 def test_matmul_nt_dispatch(monkeypatch) -> None:
-    """matmul_nt hands GEMM_MIN_TOKENS or more tokens to gemm_nt (3 parts up to NT_MAX_TOKENS, 1 beyond, where fp32
-    x goes back to the dequantized blocks and torch's GEMM); fewer stream; every result within TOL."""
+    """matmul_nt hands GEMM_MIN_TOKENS or more tokens to gemm_nt, fp32 x too (fp32_x); fewer stream; every result
+    within TOL."""
     calls: list[tuple[int, int, bool]] = []
     real = fp8.gemm_nt
 
-    def spy(x, data, scale, max_parts=1):
-        y = real(x, data, scale, max_parts)
-        calls.append((x.shape[0], max_parts, y is not None))
+    def spy(x, data, scale, fp32_x=False):
+        y = real(x, data, scale, fp32_x)
+        calls.append((x.shape[0], fp32_x, y is not None))
         return y
 
     monkeypatch.setattr(fp8, "gemm_nt", spy)
     data, scale = random_weight(200, 300, seed=9)
     w = reference64(data, scale)
     big = fp8.NT_MAX_TOKENS + 6
-    cases = [(fp8.GEMM_MIN_TOKENS - 1, True, []), (fp8.GEMM_MIN_TOKENS, True, [(fp8.GEMM_MIN_TOKENS, 3, True)])]
-    cases += [(40, False, [(40, 3, True)]), (big, True, [(big, 1, True)]), (big, False, [(big, 1, False)])]
+    few = fp8.GEMM_MIN_TOKENS
+    cases = [(few - 1, True, []), (few, True, [(few, True, True)])]
+    cases += [(40, False, [(40, True, True)]), (big, True, [(big, True, True)]), (big, False, [(big, True, True)])]
     for n, exact, want_calls in cases:
         calls.clear()
         x = bf16_values(n, 300, seed=n) if exact else torch.randn(n, 300)
@@ -189,7 +190,7 @@ def test_ffn_tasks_by_gemm(act: str, threads, monkeypatch) -> None:
 
 def test_ffn_routed_by_gemm() -> None:
     """A routing whose experts get 1 to 40 tokens (both kernels) against float64, and x that is not all bf16
-    numbers (3 parts) too."""
+    numbers (fp32 FMAs) too."""
     t, d, e, k = 48, 136, 6, 3
     g = torch.Generator().manual_seed(13)
     experts = [ffn_task(72, d, [0], False, 20 + i).weights for i in range(e)]

@@ -36,10 +36,10 @@ NT_MAX_TOKENS = 64
 `PREFILL_BYTES` at a time and run torch's fp32 GEMM on them. Where the two meet on one Zen 1 core (the
 kernel: ~13 GMAC/s at any N; torch: 12 at 64 tokens, 14 at 128)."""
 GEMM_MIN_TOKENS = 8
-"""Fewest tokens matmul_nt hands to the AVX512-BF16 GEMM (`gemm_nt`) where it runs: x of bf16 values (1 part) at
-any count from here (Zen 4, 2 threads, 2048 x 2048: 77-87 GMAC/s at 8 tokens against 44-70 streamed, 150-190
-from 32 on against 44-90; torch's bf16 GEMM: 95-215), other x (3 parts) up to NT_MAX_TOKENS (55-65 against
-44-72), beyond which torch's fp32 GEMM on dequantized rows (85) beats its 67."""
+"""Fewest tokens matmul_nt hands to the prefill GEMM of AVX512-BF16 CPUs (`gemm_nt`) where it runs. Zen 4, 2 threads,
+2048 x 2048 and 2048 x 1024, GMAC/s: bf16-valued x (VDPBF16PS) 64-108 at 8 tokens against 24-66 streamed, 155-200
+from 32 on against 49-91 (torch's bf16 GEMM: 58-97 at 8, 161-213 from 32); other x (fp32 FMAs) 39-70 at 8, 87-102
+from 32 on (old: 49-91)."""
 NN_MAX_TOKENS = 24
 """Most tokens matmul_nn streams the fp8 weights for; more go the prefill way (the kernel: ~9-11 GMAC/s on
 one Zen 1 core; torch: 10 at 32 tokens)."""
@@ -165,10 +165,10 @@ def _streamed(kind: str, x: torch.Tensor, data: torch.Tensor, scale: torch.Tenso
     return y
 
 
-def gemm_nt(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, max_parts: int = 1) -> torch.Tensor | None:
-    """y = x @ W^T, fp32 [N, R], by the AVX512-BF16 GEMM (`csrc_portable/fp8_gemm.c`: exact products), or None
-    where it does not run: no avx512bf16 (or `TILEMEM_FP8_BF16=0`), or x [N, C] (fp32) needs more than
-    `max_parts` bf16 parts (1: every value of x is a bf16 number, as a bf16 model's activations are; else 3)."""
+def gemm_nt(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, fp32_x: bool = False) -> torch.Tensor | None:
+    """y = x @ W^T, fp32 [N, R], by the prefill GEMM of AVX512-BF16 CPUs (`csrc_portable/fp8_gemm.c`: exact
+    products), or None where it does not run: no avx512bf16 (or `TILEMEM_FP8_BF16=0`), or x [N, C] (fp32) is not
+    all bf16 numbers (as a bf16 model's activations are: VDPBF16PS) and not `fp32_x` (then fp32 FMAs)."""
     scale = _check_weight(data, scale, "fp8 gemm_nt")
     x = _check_x(x, data.shape[1], "C", "fp8 gemm_nt")
     (n, c), r = x.shape, data.shape[0]
@@ -177,7 +177,7 @@ def gemm_nt(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, max_parts:
         return y.zero_()
     status = portable.require(lib(), "fp8 gemm_nt", "fp8", "use the torch path").tmp_fp8_gemm_nt(
         x.data_ptr(), x.stride(0), n, data.data_ptr(), data.stride(0), r, c, scale.data_ptr(), scale.stride(0),
-        y.data_ptr(), y.stride(0), max_parts, torch.get_num_threads(),
+        y.data_ptr(), y.stride(0), int(fp32_x), torch.get_num_threads(),
     )  # fmt: skip
     if status == _UNSUPPORTED:
         return None
@@ -195,7 +195,7 @@ def matmul_nt(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> torch
     x = _check_x(x, data.shape[1], "C", "fp8 matmul_nt")
     n, (r, c) = x.shape[0], data.shape
     if n >= GEMM_MIN_TOKENS:
-        y = gemm_nt(x, data, scale, 3 if n <= NT_MAX_TOKENS else 1)
+        y = gemm_nt(x, data, scale, fp32_x=True)
         if y is not None:
             return y
     if n > NT_MAX_TOKENS:

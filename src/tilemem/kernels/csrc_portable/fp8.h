@@ -33,11 +33,11 @@ TMP_API int tmp_fp8_matmul_nn(const float *x, int64_t ldx, int64_t N, const uint
  * 1 on where the CPU has avx512bf16 (the default, unless TILEMEM_FP8_BF16=0); returns whether it is on. */
 TMP_API int tmp_fp8_bf16_path(int set);
 
-/* y [N, R] = x [N, C] @ W^T (x, y: fp32) by AVX512-BF16 with exact products (fp8_gemm.c), for prefill: x's values
- * taken as 1 bf16 part each where they all are bf16 numbers, else 3 (hi + mid + lo). TMP_EUNSUPPORTED, nothing
- * written, where the AVX512-BF16 path is off (tmp_fp8_bf16_path) or x needs more than max_parts parts. */
+/* y [N, R] = x [N, C] @ W^T (x, y: fp32) with exact products on AVX512-BF16 CPUs (fp8_gemm.c), for prefill:
+ * VDPBF16PS where every value of x is a bf16 number, else (with fp32_x) fp32 FMAs. TMP_EUNSUPPORTED, nothing
+ * written, where the AVX512-BF16 path is off (tmp_fp8_bf16_path), or x is not bf16-valued and fp32_x is 0. */
 TMP_API int tmp_fp8_gemm_nt(const float *x, int64_t ldx, int64_t N, const uint8_t *w, int64_t ldw, int64_t R,
-                            int64_t C, const float *scale, int64_t lds, float *y, int64_t ldy, int max_parts,
+                            int64_t C, const float *scale, int64_t lds, float *y, int64_t ldy, int fp32_x,
                             int nthreads);
 
 /* ---- fused gated FFNs (fp8_ffn.c) ---- */
@@ -72,7 +72,7 @@ TMP_API int tmp_fp8_ffn_tasks(const float *x, int64_t ldx, float *out, int64_t l
                               const tmp_fp8_ffn_task *tasks, int64_t ntasks, int act, int nthreads);
 
 /* tmp_fp8_ffn_tasks for prefill-sized tasks by the AVX512-BF16 GEMM (fp8_gemm.c): the same sums, exact products
- * (x as 1 or 3 bf16 parts, the fp32 hidden activations as 3), checkpoint-layout downs only. TMP_EINVAL (nothing
+ * (bf16-valued x by VDPBF16PS, other x and the fp32 hidden activations by fp32 FMAs), checkpoint-layout downs only. TMP_EINVAL (nothing
  * written) for an unknown act, a token outside [0, T) or a down_t task; TMP_EUNSUPPORTED where the path is off. */
 TMP_API int tmp_fp8_ffn_gemm(const float *x, int64_t ldx, float *out, int64_t ldo, int64_t T, int64_t D,
                              const tmp_fp8_ffn_task *tasks, int64_t ntasks, int act, int nthreads);

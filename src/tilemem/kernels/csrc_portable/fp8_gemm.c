@@ -3,18 +3,18 @@
  * Why exact: e4m3 -> bf16 is exact (fp8_bf16.h), and the activations entering a linear layer or an expert of a
  * bf16 model are bf16 values (the Python side widens them to fp32), so VDPBF16PS multiplies them exactly and
  * accumulates in fp32, as the fp32 FMA paths do: only the summation order differs. x that is not all bf16 values
- * (an FFN's fp32 hidden activations, an fp32 model) is split into three bf16 parts, hi + mid + lo, each
- * difference exact (8 + 8 + 8 bits, as fp8_avx512.c does), three times the products; the caller says how many
- * parts it takes (`max_parts`) and keeps its own path where x needs more.
+ * (an FFN's fp32 hidden activations, an fp32 model) multiplies the same decoded weights in fp32 FMAs instead, each
+ * bf16 pair widened to two fp32 vectors by a shift and a mask (4 FMAs where VDPBF16PS takes 2; three bf16 parts,
+ * hi + mid + lo, as fp8_avx512.c splits x, take 6: measured 1.5x slower); the caller says whether it takes that
+ * (`fp32_x`) or keeps its own path.
  *
  * Layout: each thread owns a range of 32-row panels of W (one 128-row scale block holds four). A panel is
  * decoded once into bf16 pairs laid out for VDPBF16PS, pan[kp][32]: lane i of vector (kp, h) is row 16h + i's
- * columns 2kp, 2kp + 1 (16 rows x 16 pairs decoded, then transposed in registers); x is converted once per call
- * to bf16 rows, xb[n] (row stride ldb) holding its parts at pstride = Cp + 32 apart (Cp = C rounded up to even,
- * zero-padded; the 64 bytes more keep a tile's rows and parts off one L1 set where Cp is a multiple of 2048),
- * whose pairs are broadcast. A register
- * tile is 32 rows x NT tokens (2 NT accumulators); per 128-column block its sums are scaled by the block's scale
- * (times 256: the decoded weights are e4m3 / 256) into y, fp32, in column-block order.
+ * columns 2kp, 2kp + 1 (16 rows x 16 column pairs of e4m3 transposed in registers, then decoded); x is copied
+ * once per call to rows of Cp + 32 values (Cp = C rounded up to even, zero-padded; the 32 more keep a tile's rows
+ * off one L1 set where Cp is a multiple of 2048), bf16 or fp32, whose pairs are broadcast. A register tile is 32
+ * rows x NT tokens (2 NT accumulators); per 128-column block its sums are scaled by the block's scale (times 256:
+ * the decoded weights are e4m3 / 256) into y, fp32, in column-block order.
  *
  * Shapes: N tokens, W [R, C], x [N, C], y [N, R]; KP = Cp / 2 column pairs.
  */
@@ -75,14 +75,14 @@ TARGET static void pack_panel(const uint8_t *w, int64_t ldw, int64_t nrows, int6
     }
 }
 
-/* y[n, 0:32] = sum over column blocks kb of s_kb * sum_{kp in kb} sum_p dpbf16(pan[kp], xr[n][p][2kp:2kp+2]) for
- * NT tokens (xr[n]: token n's bf16 row, its P parts pstride apart); m0, m1: the rows of the panel's two halves that
- * exist. */
-TARGET static inline __attribute__((always_inline)) void gemm_tile(const int NT, const int P, const uint32_t *pan,
-                                                                  int64_t KP, const uint16_t *const *xr,
-                                                                  int64_t pstride, const float *sr, float *y,
-                                                                  int64_t ldy, __mmask16 m0, __mmask16 m1,
+/* y[n, 0:32] = sum over column blocks kb of s_kb * sum_{kp in kb} pan[kp] . xr[n][2kp:2kp+2] for NT tokens (xr[n]:
+ * token n's row, bf16, or fp32 where F32); m0, m1: the rows of the panel's two halves that exist; pf: the next
+ * panel's rows (row stride pfld) to prefetch, or NULL. */
+TARGET static inline __attribute__((always_inline)) void gemm_tile(const int NT, const int F32, const uint32_t *pan,
+                                                                  int64_t KP, const void *const *xr, const float *sr,
+                                                                  float *y, int64_t ldy, __mmask16 m0, __mmask16 m1,
                                                                   const uint8_t *pf, int64_t pfld) {
+    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
     for (int64_t kb = 0; kb * (BLOCK / 2) < KP; kb++) {
         __m512 a[GT][2];
 #pragma GCC unroll 8
@@ -91,17 +91,28 @@ TARGET static inline __attribute__((always_inline)) void gemm_tile(const int NT,
         for (int64_t kp = kb * (BLOCK / 2); kp < k1; kp++) {
             if (pf) /* the next panel into L2, a line a step: row kp % 32, bytes 64 (kp / 32) on (KP lines in all) */
                 _mm_prefetch((const char *)(pf + (kp % PANEL) * pfld + (kp / PANEL) * 64), _MM_HINT_T1);
-            const __m512bh w0 = (__m512bh)_mm512_load_si512((const __m512i *)(pan + kp * PANEL));
-            const __m512bh w1 = (__m512bh)_mm512_load_si512((const __m512i *)(pan + kp * PANEL + 16));
+            const __m512i w0 = _mm512_load_si512((const __m512i *)(pan + kp * PANEL));
+            const __m512i w1 = _mm512_load_si512((const __m512i *)(pan + kp * PANEL + 16));
+            if (F32) { /* columns 2kp (the pair's low bf16) and 2kp + 1 (high) as fp32 */
+                const __m512 e0 = _mm512_castsi512_ps(_mm512_slli_epi32(w0, 16));
+                const __m512 o0 = _mm512_castsi512_ps(_mm512_and_si512(w0, high));
+                const __m512 e1 = _mm512_castsi512_ps(_mm512_slli_epi32(w1, 16));
+                const __m512 o1 = _mm512_castsi512_ps(_mm512_and_si512(w1, high));
 #pragma GCC unroll 8
-            for (int n = 0; n < NT; n++) {
-#pragma GCC unroll 3
-                for (int p = 0; p < P; p++) {
+                for (int n = 0; n < NT; n++) {
+                    const float *xn = (const float *)xr[n] + 2 * kp;
+                    const __m512 xe = _mm512_set1_ps(xn[0]), xo = _mm512_set1_ps(xn[1]);
+                    a[n][0] = _mm512_fmadd_ps(xo, o0, _mm512_fmadd_ps(xe, e0, a[n][0]));
+                    a[n][1] = _mm512_fmadd_ps(xo, o1, _mm512_fmadd_ps(xe, e1, a[n][1]));
+                }
+            } else {
+#pragma GCC unroll 8
+                for (int n = 0; n < NT; n++) {
                     uint32_t pair;
-                    memcpy(&pair, xr[n] + p * pstride + 2 * kp, 4);
+                    memcpy(&pair, (const uint16_t *)xr[n] + 2 * kp, 4);
                     const __m512bh xv = (__m512bh)_mm512_set1_epi32((int)pair);
-                    a[n][0] = _mm512_dpbf16_ps(a[n][0], w0, xv);
-                    a[n][1] = _mm512_dpbf16_ps(a[n][1], w1, xv);
+                    a[n][0] = _mm512_dpbf16_ps(a[n][0], (__m512bh)w0, xv);
+                    a[n][1] = _mm512_dpbf16_ps(a[n][1], (__m512bh)w1, xv);
                 }
             }
         }
@@ -122,15 +133,14 @@ TARGET static inline __attribute__((always_inline)) void gemm_tile(const int NT,
 
 #define GEMM_TILE(NT)                                                                                              \
     case NT:                                                                                                       \
-        if (P == 1)                                                                                                \
-            gemm_tile(NT, 1, pan, KP, xr, pstride, sr, y, ldy, m0, m1, pf, pfld);                                        \
+        if (f32)                                                                                                   \
+            gemm_tile(NT, 1, pan, KP, xr, sr, y, ldy, m0, m1, pf, pfld);                                           \
         else                                                                                                       \
-            gemm_tile(NT, 3, pan, KP, xr, pstride, sr, y, ldy, m0, m1, pf, pfld);                                        \
+            gemm_tile(NT, 0, pan, KP, xr, sr, y, ldy, m0, m1, pf, pfld);                                           \
         break;
 
-TARGET static void gemm_tiles(int nt, int P, const uint32_t *pan, int64_t KP, const uint16_t *const *xr,
-                              int64_t pstride, const float *sr, float *y, int64_t ldy, __mmask16 m0, __mmask16 m1,
-                              const uint8_t *pf, int64_t pfld) {
+TARGET static void gemm_tiles(int nt, int f32, const uint32_t *pan, int64_t KP, const void *const *xr, const float *sr,
+                              float *y, int64_t ldy, __mmask16 m0, __mmask16 m1, const uint8_t *pf, int64_t pfld) {
     switch (nt) {
         GEMM_TILE(1)
         GEMM_TILE(2)
@@ -143,18 +153,28 @@ TARGET static void gemm_tiles(int nt, int P, const uint32_t *pan, int64_t KP, co
     }
 }
 
-/* y[j, 0:32] (row stride ldy) for the ntok tokens of a packed panel: token j's bf16 row at xb + row_j * ldb (row_j:
- * tok[j], or j without tok), its P parts pstride apart; the 32 rows (row stride pfld) of the panel packed next
- * from pf on (NULL: none) are prefetched meanwhile: 32 rows are more streams than the hardware follows (measured:
- * packing from DRAM stalled on its loads). */
-TARGET static void panel_tokens(int P, const uint32_t *pan, int64_t KP, const uint16_t *xb, int64_t ldb,
-                                const int32_t *tok, int64_t ntok, int64_t pstride, const float *sr, float *y,
-                                int64_t ldy, __mmask16 m0, __mmask16 m1, const uint8_t *pf, int64_t pfld) {
+/* Rows of x as the tiles read them: bf16 or fp32 (f32) values, row r at base + r * ld (in values). */
+typedef struct {
+    const void *base;
+    int64_t ld;
+    int f32;
+} xrows;
+
+static inline const void *xrow(xrows x, int64_t r) {
+    return x.f32 ? (const void *)((const float *)x.base + r * x.ld) : (const void *)((const uint16_t *)x.base + r * x.ld);
+}
+
+/* y[j, 0:32] (row stride ldy) for the ntok tokens of a packed panel: token j's row of x is tok[j] (or j without
+ * tok); the 32 rows (row stride pfld) of the panel packed next from pf on (NULL: none) are prefetched meanwhile:
+ * 32 rows are more streams than the hardware follows (measured: packing from DRAM stalled on its loads). */
+TARGET static void panel_tokens(const uint32_t *pan, int64_t KP, xrows x, const int32_t *tok, int64_t ntok,
+                                const float *sr, float *y, int64_t ldy, __mmask16 m0, __mmask16 m1, const uint8_t *pf,
+                                int64_t pfld) {
     for (int64_t n0 = 0; n0 < ntok; n0 += GT) {
-        const uint16_t *xr[GT];
+        const void *xr[GT];
         const int nt = (int)min64(GT, ntok - n0);
-        for (int j = 0; j < nt; j++) xr[j] = xb + (tok ? (int64_t)tok[n0 + j] : n0 + j) * ldb;
-        gemm_tiles(nt, P, pan, KP, xr, pstride, sr, y + n0 * ldy, ldy, m0, m1, n0 == 0 ? pf : NULL, pfld);
+        for (int j = 0; j < nt; j++) xr[j] = xrow(x, tok ? (int64_t)tok[n0 + j] : n0 + j);
+        gemm_tiles(nt, x.f32, pan, KP, xr, sr, y + n0 * ldy, ldy, m0, m1, n0 == 0 ? pf : NULL, pfld);
     }
 }
 
@@ -164,9 +184,9 @@ static inline void panel_masks(int64_t nrows, __mmask16 *m0, __mmask16 *m1) {
     *m1 = nrows >= 32 ? 0xFFFF : nrows <= 16 ? 0 : (__mmask16)((1u << (nrows - 16)) - 1);
 }
 
-/* bf16 parts x needs: 1 where every value is a bf16 number (low 16 bits zero; not a denormal, which VDPBF16PS
- * reads as zero), else 3. */
-static int parts_of(const float *x, int64_t ldx, int64_t N, int64_t C) {
+/* Whether every value of x [N, C] is a bf16 number: low 16 bits zero, and not a denormal (VDPBF16PS reads those
+ * as zero). */
+static int bf16_valued(const float *x, int64_t ldx, int64_t N, int64_t C) {
     for (int64_t n = 0; n < N; n++) {
         const uint32_t *row = (const uint32_t *)(x + n * ldx);
         uint32_t low = 0;
@@ -174,24 +194,22 @@ static int parts_of(const float *x, int64_t ldx, int64_t N, int64_t C) {
             const uint32_t b = row[c];
             low |= (b & 0xFFFFu) | (uint32_t)(!(b & 0x7F800000u) && (b & 0x7FFFFFFFu));
         }
-        if (low) return 3;
+        if (low) return 0;
     }
     return 1;
 }
 
-/* A row of C floats into P bf16 rows (pstride apart) of Cp values, zero-padded: P = 3, hi, mid, lo (exact); P = 1,
- * each rounded to bf16 (exact for bf16 values). */
-TARGET static void convert_row(const float *xr, int64_t C, int64_t Cp, int P, uint16_t *o, int64_t pstride) {
+/* A row of C floats into Cp (even, >= C) values at o, zero from C on: bf16 (its high halves: x is bf16-valued) or,
+ * f32, fp32. */
+TARGET static void copy_row(const float *xr, int64_t C, int64_t Cp, int f32, void *o) {
     for (int64_t c = 0; c < Cp; c += 16) {
         const __mmask16 m = C - c >= 16 ? (__mmask16)0xFFFF : C - c <= 0 ? 0 : (__mmask16)((1u << (C - c)) - 1);
         const __mmask16 mo = Cp - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (Cp - c)) - 1);
-        __m512 v = _mm512_maskz_loadu_ps(m, xr + c);
-        for (int p = 0; p < P; p++) {
-            const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
-            _mm256_mask_storeu_epi16(o + p * pstride + c, mo, h);
-            if (P > 1) /* exact: the remainder */
-                v = _mm512_sub_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
-        }
+        const __m512i v = _mm512_castps_si512(_mm512_maskz_loadu_ps(m, xr + c));
+        if (f32)
+            _mm512_mask_storeu_epi32((float *)o + c, mo, v);
+        else
+            _mm256_mask_storeu_epi16((uint16_t *)o + c, mo, _mm512_cvtepi32_epi16(_mm512_srli_epi32(v, 16)));
     }
 }
 
@@ -208,28 +226,35 @@ static void *grow(void **buf, size_t *len, size_t bytes) {
     return *buf;
 }
 
-/* The calling thread's xb and each worker's panel (the caller is also worker 0: two buffers). */
-static __thread void *xb_buf, *panel_buf;
-static __thread size_t xb_len, panel_len;
+/* The calling thread's copy of x and FFN activations, each worker's panel (the caller is also worker 0). Kept from
+ * call to call: a fresh malloc of MBs is fresh pages, and zeroing them took a fifth of an FFN call's time. */
+static __thread void *xb_buf, *h_buf, *panel_buf;
+static __thread size_t xb_len, h_len, panel_len;
+
+/* x [N, C] copied (by the threads of the enclosing region: an orphaned `omp for`) as the tiles read it. */
+static void copy_rows(const float *x, int64_t ldx, int64_t N, int64_t C, xrows xc) {
+    const int64_t Cp = (C + 1) & ~(int64_t)1;
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; n++) copy_row(x + n * ldx, C, Cp, xc.f32, (void *)xrow(xc, n));
+}
 
 TARGET int tmp_fp8_gemm_nt(const float *x, int64_t ldx, int64_t N, const uint8_t *w, int64_t ldw, int64_t R,
-                           int64_t C, const float *scale, int64_t lds, float *y, int64_t ldy, int max_parts,
+                           int64_t C, const float *scale, int64_t lds, float *y, int64_t ldy, int fp32_x,
                            int nthreads) {
     if (!fp8_bf16_on()) return TMP_EUNSUPPORTED;
     if (N <= 0 || R <= 0 || C <= 0) return TMP_OK;
-    const int P = parts_of(x, ldx, N, C);
-    if (P > max_parts) return TMP_EUNSUPPORTED;
-    const int64_t Cp = (C + 1) & ~(int64_t)1, KP = Cp / 2, KP16 = (KP + 15) & ~(int64_t)15;
-    const int64_t pstride = Cp + 32, ldb = P * pstride;
-    uint16_t *xb = grow(&xb_buf, &xb_len, (size_t)(N * ldb) * sizeof(uint16_t));
-    if (xb == NULL) return TMP_ENOMEM;
+    const int f32 = !bf16_valued(x, ldx, N, C);
+    if (f32 && !fp32_x) return TMP_EUNSUPPORTED;
+    const int64_t Cp = (C + 1) & ~(int64_t)1, KP = Cp / 2, KP16 = (KP + 15) & ~(int64_t)15, ldc = Cp + 32;
+    void *xc = grow(&xb_buf, &xb_len, (size_t)(N * ldc) * (f32 ? 4 : 2));
+    if (xc == NULL) return TMP_ENOMEM;
+    const xrows rows = {xc, ldc, f32};
     const int64_t units = (R + PANEL - 1) / PANEL;
     const int threads = nthreads < units ? nthreads : (int)units;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-#pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n++) convert_row(x + n * ldx, C, Cp, P, xb + n * ldb, pstride);
+        copy_rows(x, ldx, N, C, rows);
         const int t = omp_get_thread_num(), T = omp_get_num_threads();
         const int64_t ua = units * t / T, ub = units * (t + 1) / T;
         uint32_t *pan = ua < ub ? grow(&panel_buf, &panel_len, (size_t)(KP16 * PANEL) * sizeof(uint32_t)) : NULL;
@@ -243,7 +268,7 @@ TARGET int tmp_fp8_gemm_nt(const float *x, int64_t ldx, int64_t N, const uint8_t
             panel_masks(nrows, &m0, &m1);
             pack_panel(w + r0 * ldw, ldw, nrows, C, KP16, pan);
             const uint8_t *pf = u + 1 < ub ? w + (r0 + PANEL) * ldw : NULL;
-            panel_tokens(P, pan, KP, xb, ldb, NULL, N, pstride, scale + (r0 / BLOCK) * lds, y + r0, ldy, m0, m1, pf, ldw);
+            panel_tokens(pan, KP, rows, NULL, N, scale + (r0 / BLOCK) * lds, y + r0, ldy, m0, m1, pf, ldw);
         }
     }
     return failed ? TMP_ENOMEM : TMP_OK;
@@ -251,43 +276,43 @@ TARGET int tmp_fp8_gemm_nt(const float *x, int64_t ldx, int64_t N, const uint8_t
 
 /* ---- gated FFN tasks by the GEMM (prefill-sized tasks, checkpoint-layout downs) ---- */
 
-#ifndef H_PARTS
-#define H_PARTS 3 /* bf16 parts of the FFN's hidden activations (3: exact products; 1 rounds them to bf16) */
-#endif
-
-/* Phase 1 of task tk, neuron panels [ua, ub): h[j, i] = act(gate x_j)[i] * (up x_j)[i] (fp32, row stride n). */
-TARGET static void ffn_gate_up(const tmp_fp8_ffn_task *tk, int P, const uint16_t *xb, int64_t ldb, int64_t pstride,
-                               int64_t D, int act, int64_t ua, int64_t ub, uint32_t *pan, float *g, float *u, float *h) {
+/* Phase 1 of task tk, neuron panels [ua, ub): h[j, i] = act(gate x_j)[i] * (up x_j)[i] (fp32, row stride hs; the
+ * column past an odd n zero, for the down's pairs); g, u: [ntok, 32] scratch. */
+TARGET static void ffn_gate_up(const tmp_fp8_ffn_task *tk, xrows x, int64_t D, int act, int64_t ua, int64_t ub,
+                               uint32_t *pan, float *g, float *u, float *h, int64_t hs) {
     const int64_t KP = (D + 1) / 2, KP16 = (KP + 15) & ~(int64_t)15, n = tk->n;
     for (int64_t p = ua; p < ub; p++) {
         const int64_t r0 = p * PANEL, nrows = min64(PANEL, n - r0);
         __mmask16 m0, m1;
         panel_masks(nrows, &m0, &m1);
         pack_panel(tk->gate.w + r0 * tk->gate.ldw, tk->gate.ldw, nrows, D, KP16, pan);
-        panel_tokens(P, pan, KP, xb, ldb, tk->tok, tk->ntok, pstride, tk->gate.scale + (r0 / BLOCK) * tk->gate.lds,
-                     g, PANEL, m0, m1, tk->up.w + r0 * tk->up.ldw, tk->up.ldw);
+        panel_tokens(pan, KP, x, tk->tok, tk->ntok, tk->gate.scale + (r0 / BLOCK) * tk->gate.lds, g, PANEL, m0, m1,
+                     tk->up.w + r0 * tk->up.ldw, tk->up.ldw);
         pack_panel(tk->up.w + r0 * tk->up.ldw, tk->up.ldw, nrows, D, KP16, pan);
         const uint8_t *pf = p + 1 < ub ? tk->gate.w + (r0 + PANEL) * tk->gate.ldw : NULL;
-        panel_tokens(P, pan, KP, xb, ldb, tk->tok, tk->ntok, pstride, tk->up.scale + (r0 / BLOCK) * tk->up.lds, u,
-                     PANEL, m0, m1, pf, tk->gate.ldw);
-        for (int64_t j = 0; j < tk->ntok; j++)
-            for (int64_t i = 0; i < nrows; i++) h[j * n + r0 + i] = ffn_act(act, g[j * PANEL + i]) * u[j * PANEL + i];
+        panel_tokens(pan, KP, x, tk->tok, tk->ntok, tk->up.scale + (r0 / BLOCK) * tk->up.lds, u, PANEL, m0, m1, pf,
+                     tk->gate.ldw);
+        for (int64_t j = 0; j < tk->ntok; j++) {
+            for (int64_t i = 0; i < nrows; i++) h[j * hs + r0 + i] = ffn_act(act, g[j * PANEL + i]) * u[j * PANEL + i];
+            if (r0 + nrows == n && (n & 1)) h[j * hs + n] = 0.0f;
+        }
     }
 }
 
-/* Phase 2 of task tk, output panels [ua, ub) of D: out[tok[j], d] += weight[j] * (down h_j)[d]; hb: its H_PARTS bf16
- * rows (ldh apart, parts hstride apart). */
-TARGET static void ffn_down(const tmp_fp8_ffn_task *tk, const uint16_t *hb, int64_t ldh, int64_t hstride, int64_t D,
-                            int64_t ua, int64_t ub, uint32_t *pan, float *y, float *out, int64_t ldo) {
+/* Phase 2 of task tk, output panels [ua, ub) of D: out[tok[j], d] += weight[j] * (down h_j)[d] (fp32 h: FMAs);
+ * y: [ntok, 32] scratch. */
+TARGET static void ffn_down(const tmp_fp8_ffn_task *tk, const float *h, int64_t hs, int64_t D, int64_t ua, int64_t ub,
+                            uint32_t *pan, float *y, float *out, int64_t ldo) {
     const int64_t KP = (tk->n + 1) / 2, KP16 = (KP + 15) & ~(int64_t)15;
+    const xrows hr = {h, hs, 1};
     for (int64_t p = ua; p < ub; p++) {
         const int64_t r0 = p * PANEL, nrows = min64(PANEL, D - r0);
         __mmask16 m0, m1;
         panel_masks(nrows, &m0, &m1);
         pack_panel(tk->down.w + r0 * tk->down.ldw, tk->down.ldw, nrows, tk->n, KP16, pan);
         const uint8_t *pf = p + 1 < ub ? tk->down.w + (r0 + PANEL) * tk->down.ldw : NULL;
-        panel_tokens(H_PARTS, pan, KP, hb, ldh, NULL, tk->ntok, hstride, tk->down.scale + (r0 / BLOCK) * tk->down.lds,
-                     y, PANEL, m0, m1, pf, tk->down.ldw);
+        panel_tokens(pan, KP, hr, NULL, tk->ntok, tk->down.scale + (r0 / BLOCK) * tk->down.lds, y, PANEL, m0, m1, pf,
+                     tk->down.ldw);
         for (int64_t j = 0; j < tk->ntok; j++) {
             float *o = out + (int64_t)tk->tok[j] * ldo + r0;
             const __m512 wt = _mm512_set1_ps(tk->weight[j]);
@@ -298,34 +323,32 @@ TARGET static void ffn_down(const tmp_fp8_ffn_task *tk, const uint16_t *hb, int6
     }
 }
 
+/* Row stride of a task's h: n rounded up to even, 16 more (off one L1 set). */
+static inline int64_t h_stride(int64_t n) { return ((n + 1) & ~(int64_t)1) + 16; }
+
 TARGET int tmp_fp8_ffn_gemm(const float *x, int64_t ldx, float *out, int64_t ldo, int64_t T, int64_t D,
                             const tmp_fp8_ffn_task *tasks, int64_t ntasks, int act, int nthreads) {
     if (!fp8_bf16_on()) return TMP_EUNSUPPORTED;
     if (act < TMP_ACT_SILU || act > TMP_ACT_RELU) return TMP_EINVAL;
-    int64_t htotal = 0, hbtotal = 0, nmax = 0, tmax = 0;
+    int64_t htotal = 0, nmax = 0, tmax = 0;
     for (int64_t q = 0; q < ntasks; q++) {
         const tmp_fp8_ffn_task *tk = &tasks[q];
         if (tk->down_t) return TMP_EINVAL;
         for (int64_t j = 0; j < tk->ntok; j++)
             if (tk->tok[j] < 0 || tk->tok[j] >= T) return TMP_EINVAL;
         if (tk->n <= 0 || tk->ntok <= 0) continue;
-        htotal += tk->n * tk->ntok;
-        hbtotal += tk->ntok * H_PARTS * (((tk->n + 1) & ~(int64_t)1) + 32);
+        htotal += tk->ntok * h_stride(tk->n);
         nmax = tk->n > nmax ? tk->n : nmax;
         tmax = tk->ntok > tmax ? tk->ntok : tmax;
     }
     if (htotal == 0 || D <= 0) return TMP_OK;
-    const int P = parts_of(x, ldx, T, D);
-    const int64_t Dp = (D + 1) & ~(int64_t)1, pstride = Dp + 32, ldb = P * pstride;
+    const int f32 = !bf16_valued(x, ldx, T, D);
+    const int64_t Dp = (D + 1) & ~(int64_t)1, ldc = Dp + 32;
     const int64_t KPmax = ((D > nmax ? D : nmax) + 1) / 2, KP16 = (KPmax + 15) & ~(int64_t)15;
-    uint16_t *xb = grow(&xb_buf, &xb_len, (size_t)(T * ldb) * sizeof(uint16_t));
-    float *h = malloc(sizeof(float) * (size_t)htotal);
-    uint16_t *hb = aligned_alloc(64, ((size_t)hbtotal * sizeof(uint16_t) + 63) & ~(size_t)63);
-    if (!xb || !h || !hb) {
-        free(h);
-        free(hb);
-        return TMP_ENOMEM;
-    }
+    void *xc = grow(&xb_buf, &xb_len, (size_t)(T * ldc) * (f32 ? 4 : 2));
+    float *h = grow(&h_buf, &h_len, sizeof(float) * (size_t)htotal);
+    if (!xc || !h) return TMP_ENOMEM;
+    const xrows rows = {xc, ldc, f32};
     int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -336,41 +359,24 @@ TARGET int tmp_fp8_ffn_gemm(const float *x, int64_t ldx, float *out, int64_t ldo
 #pragma omp atomic write
             failed = 1;
         }
-#pragma omp for schedule(static)
-        for (int64_t n = 0; n < T; n++) convert_row(x + n * ldx, D, Dp, P, xb + n * ldb, pstride);
+        copy_rows(x, ldx, T, D, rows);
         int64_t ho = 0;
         for (int64_t q = 0; q < ntasks; q++) { /* phase 1: every task's neurons, split by panels */
             const tmp_fp8_ffn_task *tk = &tasks[q];
             if (tk->n <= 0 || tk->ntok <= 0) continue;
             const int64_t units = (tk->n + PANEL - 1) / PANEL;
-            if (pan) ffn_gate_up(tk, P, xb, ldb, pstride, D, act, units * t / nth, units * (t + 1) / nth, pan, g, u, h + ho);
-            ho += tk->n * tk->ntok;
-        }
-#pragma omp barrier
-        ho = 0;
-        int64_t hbo = 0;
-        for (int64_t q = 0; q < ntasks; q++) { /* the hidden activations in bf16 parts, by rows */
-            const tmp_fp8_ffn_task *tk = &tasks[q];
-            if (tk->n <= 0 || tk->ntok <= 0) continue;
-            const int64_t np = (tk->n + 1) & ~(int64_t)1, hs = np + 32;
-#pragma omp for schedule(static) nowait
-            for (int64_t j = 0; j < tk->ntok; j++)
-                convert_row(h + ho + j * tk->n, tk->n, np, H_PARTS, hb + hbo + j * H_PARTS * hs, hs);
-            ho += tk->n * tk->ntok;
-            hbo += tk->ntok * H_PARTS * hs;
+            if (pan) ffn_gate_up(tk, rows, D, act, units * t / nth, units * (t + 1) / nth, pan, g, u, h + ho, h_stride(tk->n));
+            ho += tk->ntok * h_stride(tk->n);
         }
 #pragma omp barrier
         const int64_t units = (D + PANEL - 1) / PANEL;
-        hbo = 0;
+        ho = 0;
         for (int64_t q = 0; q < ntasks; q++) { /* phase 2: every task's down, split by output panels */
             const tmp_fp8_ffn_task *tk = &tasks[q];
             if (tk->n <= 0 || tk->ntok <= 0) continue;
-            const int64_t hs = ((tk->n + 1) & ~(int64_t)1) + 32;
-            if (pan) ffn_down(tk, hb + hbo, H_PARTS * hs, hs, D, units * t / nth, units * (t + 1) / nth, pan, g, out, ldo);
-            hbo += tk->ntok * H_PARTS * hs;
+            if (pan) ffn_down(tk, h + ho, h_stride(tk->n), D, units * t / nth, units * (t + 1) / nth, pan, g, out, ldo);
+            ho += tk->ntok * h_stride(tk->n);
         }
     }
-    free(h);
-    free(hb);
     return failed ? TMP_ENOMEM : TMP_OK;
 }
