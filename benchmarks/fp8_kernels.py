@@ -16,6 +16,12 @@ Then a decode token's weight kernels, the bound they put on the end-to-end speed
 the end-to-end ratio below this one.
 
     .venv/bin/python benchmarks/fp8_kernels.py [--tokens 1,4] [--rounds 7] [--steps 24] [--threads 2]
+
+With `--prefill 8,32,128,512`, prefill sizes instead, where the CPU has avx512bf16: the AVX512-BF16 GEMM
+(`fp8.gemm_nt`, bf16-valued x) against the path it replaced (the streamed kernel up to NT_MAX_TOKENS tokens,
+dequantized rows + torch's fp32 GEMM beyond) and torch's bf16 GEMM (`F.linear`, the bf16 model's prefill) on the
+attention (2048 x 2048), gate/up (1024 x 2048) and down (2048 x 1024) shapes, GMAC/s; then one routed MoE layer
+of that many tokens, fp8 `ffn_routed` against the AVX512 library's bf16 `kernels.moe` (the bf16 model's).
 """
 
 from __future__ import annotations
@@ -23,11 +29,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 
 import torch
 
 from tilemem import kernels
-from tilemem.kernels import bf16, bf16_ffn, fp8
+from tilemem.kernels import bf16, bf16_ffn, fp8, portable
 
 D, I, E, K = 2048, 1024, 64, 8  # OLMoE-1B-7B: hidden, expert intermediate, experts, top-k
 LAYERS, VOCAB = 16, 50304
@@ -108,6 +115,75 @@ def token(fmt: str, x: torch.Tensor, attn: list, steps: list, head: torch.Tensor
     return time.perf_counter() - t0
 
 
+def interleaved(cases: dict, rounds: int) -> dict[str, list[float]]:
+    """Seconds of each case (a callable) per round, the cases alternating within each round (after a warm-up)."""
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for f in cases.values():
+        f()
+    for _ in range(rounds):
+        for k, f in cases.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def matmul_before(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> None:
+    """fp8.matmul_nt as it ran before the AVX512-BF16 GEMM (streamed, or dequantized rows + torch's fp32 GEMM)."""
+    before, fp8.GEMM_MIN_TOKENS = fp8.GEMM_MIN_TOKENS, 1 << 62
+    try:
+        fp8.matmul_nt(x, data, scale)
+    finally:
+        fp8.GEMM_MIN_TOKENS = before
+
+
+def speed(times: dict[str, list[float]], fast: str, base: str) -> str:
+    """The base / fast time ratio per round: median (min, max)."""
+    r = [b / f for f, b in zip(times[fast], times[base], strict=True)]
+    return f"median {statistics.median(r):.2f} (min {min(r):.2f}, max {max(r):.2f})"
+
+
+def prefill(tokens: list[int], rounds: int, gen: torch.Generator) -> None:
+    """The `--prefill` cases: GMAC/s of each (median over rounds, cases interleaved) and the fp8 / bf16 speed ratio
+    (bf16's time / fp8's) with its spread."""
+    if not fp8.gemm_on():
+        raise SystemExit("the AVX512-BF16 fp8 GEMM does not run here (no avx512bf16, or TILEMEM_FP8_BF16=0)")
+    for r, c in ((D, D), (I, D), (D, I)):
+        w = torch.randn(r, c, generator=gen) * 0.02
+        data, scale = quantize(w)
+        wb = w.bfloat16()
+        for n in tokens:
+            xb = torch.randn(n, c, generator=gen).bfloat16()
+            x = xb.float()
+            cases = {
+                "fp8 gemm": partial(fp8.gemm_nt, x, data, scale),
+                "fp8 before": partial(matmul_before, x, data, scale),
+                "torch bf16": partial(torch.nn.functional.linear, xb, wb),
+            }
+            times = interleaved(cases, rounds)
+            mac = n * r * c / 1e9
+            rates = "  ".join(f"{k} {mac / statistics.median(v):6.1f}" for k, v in times.items())
+            ratio = speed(times, "fp8 gemm", "torch bf16")
+            print(f"{r}x{c} N={n:4d} GMAC/s: {rates};  fp8 gemm / torch bf16 speed {ratio}")
+    f8, b16 = make_layer(gen)
+    table = portable.RoutedTable(f8)
+    experts = kernels.ExpertTable(*([getattr(w, name) for w in b16] for name in ("gate", "up", "down")))
+    work = kernels.Workspace()
+    for n in tokens:
+        xb = torch.randn(n, D, generator=gen).bfloat16()
+        x = xb.float()
+        ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(n)])  # [T, K]
+        wts = torch.rand(n, K, generator=gen)
+        cases = {
+            "fp8 ffn_routed": partial(fp8.ffn_routed, x, table, ids, wts, "silu", torch.zeros_like(x)),
+            "bf16 kernels.moe": partial(kernels.moe, xb, wts, ids, experts, "silu", work),
+        }
+        times = interleaved(cases, rounds)
+        ms = "  ".join(f"{k} {statistics.median(v) * 1e3:6.1f} ms" for k, v in times.items())
+        ratio = speed(times, "fp8 ffn_routed", "bf16 kernels.moe")
+        print(f"MoE layer T={n:4d} top-{K} of {E}: {ms};  fp8 / bf16 speed {ratio}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", default="1,4", help="tokens per step, comma-separated")
@@ -115,11 +191,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=24, help="steps per round and format")
     ap.add_argument("--layers", type=int, default=2, help="layer copies cycled through (each 384 MB fp8)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prefill", default="", help="prefill token counts, comma-separated: the GEMM cases instead")
     args = ap.parse_args()
     if not (fp8.available() and bf16_ffn.available()):
         raise SystemExit("the portable fp8 / bf16 kernels are unavailable here (AVX2 + FMA + F16C and a C compiler)")
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
+    if args.prefill:
+        prefill([int(s) for s in args.prefill.split(",")], args.rounds, gen)
+        return
     pairs = [make_layer(gen) for _ in range(args.layers)]
     f8_layers, b16_layers = [p[0] for p in pairs], [p[1] for p in pairs]
     avx512 = kernels.available()  # the AVX512 library, whose bf16 expert kernel a bf16 decode then takes
