@@ -72,8 +72,9 @@ TMP_API int tmp_fp8_ffn_tasks(const float *x, int64_t ldx, float *out, int64_t l
                               const tmp_fp8_ffn_task *tasks, int64_t ntasks, int act, int nthreads);
 
 /* tmp_fp8_ffn_tasks for prefill-sized tasks by the AVX512-BF16 GEMM (fp8_gemm.c): the same sums, exact products
- * (bf16-valued x by VDPBF16PS, other x and the fp32 hidden activations by fp32 FMAs), checkpoint-layout downs only. TMP_EINVAL (nothing
- * written) for an unknown act, a token outside [0, T) or a down_t task; TMP_EUNSUPPORTED where the path is off. */
+ * (bf16-valued x by VDPBF16PS, other x and the fp32 hidden activations by fp32 FMAs), checkpoint-layout downs
+ * only. TMP_EINVAL (nothing written) for an unknown act, a token outside [0, T) or a down_t task; TMP_EUNSUPPORTED
+ * where the path is off. */
 TMP_API int tmp_fp8_ffn_gemm(const float *x, int64_t ldx, float *out, int64_t ldo, int64_t T, int64_t D,
                              const tmp_fp8_ffn_task *tasks, int64_t ntasks, int act, int nthreads);
 

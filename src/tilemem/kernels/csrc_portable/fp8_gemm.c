@@ -161,7 +161,8 @@ typedef struct {
 } xrows;
 
 static inline const void *xrow(xrows x, int64_t r) {
-    return x.f32 ? (const void *)((const float *)x.base + r * x.ld) : (const void *)((const uint16_t *)x.base + r * x.ld);
+    if (x.f32) return (const float *)x.base + r * x.ld;
+    return (const uint16_t *)x.base + r * x.ld;
 }
 
 /* y[j, 0:32] (row stride ldy) for the ntok tokens of a packed panel: token j's row of x is tok[j] (or j without
@@ -316,7 +317,8 @@ TARGET static void ffn_down(const tmp_fp8_ffn_task *tk, const float *h, int64_t 
         for (int64_t j = 0; j < tk->ntok; j++) {
             float *o = out + (int64_t)tk->tok[j] * ldo + r0;
             const __m512 wt = _mm512_set1_ps(tk->weight[j]);
-            _mm512_mask_storeu_ps(o, m0, _mm512_fmadd_ps(wt, _mm512_loadu_ps(y + j * PANEL), _mm512_maskz_loadu_ps(m0, o)));
+            _mm512_mask_storeu_ps(o, m0,
+                                  _mm512_fmadd_ps(wt, _mm512_loadu_ps(y + j * PANEL), _mm512_maskz_loadu_ps(m0, o)));
             _mm512_mask_storeu_ps(o + 16, m1, _mm512_fmadd_ps(wt, _mm512_loadu_ps(y + j * PANEL + 16),
                                                               _mm512_maskz_loadu_ps(m1, o + 16)));
         }
@@ -365,7 +367,9 @@ TARGET int tmp_fp8_ffn_gemm(const float *x, int64_t ldx, float *out, int64_t ldo
             const tmp_fp8_ffn_task *tk = &tasks[q];
             if (tk->n <= 0 || tk->ntok <= 0) continue;
             const int64_t units = (tk->n + PANEL - 1) / PANEL;
-            if (pan) ffn_gate_up(tk, rows, D, act, units * t / nth, units * (t + 1) / nth, pan, g, u, h + ho, h_stride(tk->n));
+            if (pan)
+                ffn_gate_up(tk, rows, D, act, units * t / nth, units * (t + 1) / nth, pan, g, u, h + ho,
+                            h_stride(tk->n));
             ho += tk->ntok * h_stride(tk->n);
         }
 #pragma omp barrier
