@@ -7,6 +7,8 @@ is fine) and `scale` (fp32 [ceil(R/128), ceil(C/128)]): W[i, j] = float(data[i, 
 The kernels (`csrc_portable/fp8.c`) need only AVX2 + FMA + F16C: they are in the portable library
 (`kernels.portable`, with the GGUF kernels), apart from the main AVX512 one: every x86-64 CPU of the last decade.
 Where they cannot (CPU, compiler, `TILEMEM_KERNELS=0`), `available()` is False and callers use torch.
+On CPUs with AVX512-BF16, prefill sizes (GEMM_MIN_TOKENS, FFN_GEMM_MIN_TOKENS) take `fp8_gemm.c`'s GEMM (`gemm_nt`,
+`gemm_on()`): exact products, as the other paths.
 
 `ffn_tasks` runs a MoE layer's routed experts (or tiles of them) as gated FFNs in one native call.
 

@@ -7,7 +7,8 @@ zero-padded per block before quantization, so the last block row/column is cropp
 
 `fp8_gemm` multiplies by such a matrix without ever holding it in a wider dtype: through the portable
 native kernels (`kernels.fp8`, AVX2 + FMA): a few rows (decode) stream the e4m3 bytes, decoded in
-registers; more rows (prefill) multiply fp32 row blocks dequantized a bounded range at a time. The
+registers; more rows (prefill) run a GEMM on bf16-decoded panels where the CPU has AVX512-BF16 (exact products),
+else multiply fp32 row blocks dequantized a bounded range at a time. The
 reference path (`TILEMEM_KERNELS=0`, or no kernel) dequantizes with torch, block by block, and multiplies
 in fp32. Activations are multiplied in fp32 and the result rounded to their dtype once.
 
