@@ -187,7 +187,7 @@ def test_gated_mlp_runs_fused_up_to_the_kernel_limit(kind: str, monkeypatch: pyt
         [fused.kernel.FfnTask(fused.weights, torch.arange(2, dtype=torch.int32), torch.ones(2))],
         "silu",
         want,
-        *fused.extra(),
+        *fused.extra(x),
     )
     assert torch.equal(got, want.to(torch.bfloat16))
     monkeypatch.setattr(mlp_module, "fused_applies", lambda *a: False)

@@ -73,7 +73,7 @@ def lib() -> ctypes.CDLL | None:
     matmul = [_vp, _i64, _i64, _vp, _i64, _i64, _i64, _vp, _i64, _vp, _i64, _int]
     out.tmp_fp8_matmul_nt.argtypes = out.tmp_fp8_matmul_nn.argtypes = matmul
     out.tmp_fp8_gemm_nt.argtypes = [*matmul[:-1], _int, _int]
-    ffn = [_vp, _i64, _vp, _i64, _i64, _i64, _vp, _i64, _int, _int]
+    ffn = [_vp, _i64, _vp, _i64, _i64, _i64, _vp, _i64, _int, _int, _int]
     out.tmp_fp8_ffn_tasks.argtypes = out.tmp_fp8_ffn_gemm.argtypes = ffn
     out.tmp_fp8_bf16_path.argtypes = [_int]
     out.tmp_fp8_ffn_task_size.restype = _i64
@@ -336,7 +336,7 @@ def gemm_on() -> bool:
     return native is not None and bool(native.tmp_fp8_bf16_path(-1))
 
 
-def _big_tasks(x: torch.Tensor, tasks: Sequence[FfnTask], act: str, out: torch.Tensor, what: str) -> None:
+def _big_tasks(x: torch.Tensor, tasks: Sequence[FfnTask], act: str, out: torch.Tensor, what: str, bf16_h: bool) -> None:
     """Prefill-sized tasks (checked): by the AVX512-BF16 GEMM in one native call where it runs (checkpoint-layout
     downs), the others as matmuls."""
     words: list[int] = []
@@ -352,9 +352,9 @@ def _big_tasks(x: torch.Tensor, tasks: Sequence[FfnTask], act: str, out: torch.T
     if words:
         packed = array("q", words)  # [tasks, _TASK_WORDS]
         fn, n = lib().tmp_fp8_ffn_gemm, len(packed) // _TASK_WORDS
-        portable.run_tasks(fn, x, packed.buffer_info()[0], n, act, out, (), what, "fp8", (), ValueError)
+        portable.run_tasks(fn, x, packed.buffer_info()[0], n, act, out, (int(bf16_h),), what, "fp8", (), ValueError)
     for task in tasks:
-        _ffn_matmuls(x, task, act, out)
+        _ffn_matmuls(x, task, act, out, bf16_h)
 
 
 def _ffn_max_tokens() -> int:
@@ -362,40 +362,51 @@ def _ffn_max_tokens() -> int:
     return FFN_GEMM_MIN_TOKENS - 1 if gemm_on() else FFN_MAX_TOKENS
 
 
-def _ffn_matmuls(x: torch.Tensor, task: FfnTask, act: str, out: torch.Tensor) -> None:
+def _ffn_matmuls(x: torch.Tensor, task: FfnTask, act: str, out: torch.Tensor, bf16_h: bool) -> None:
     """One prefill-sized task by the matmuls (their prefill paths: dequantized blocks + torch's GEMM)."""
     w, tok = task.weights, task.tok.long()
     xt = x.index_select(0, tok)  # [N, D]
     h = _TORCH_ACTS[act](matmul_nt(xt, *w.gate)) * matmul_nt(xt, *w.up)  # [N, n]
+    if bf16_h:
+        h = h.bfloat16().float()
     y = matmul_nn(h, *w.down) if w.down_t else matmul_nt(h, *w.down)  # [N, D]
     out.index_add_(0, tok, y * task.weight[:, None])
 
 
-def ffn_tasks(x: torch.Tensor, tasks: Sequence[FfnTask], act: str, out: torch.Tensor) -> None:
+def ffn_tasks(x: torch.Tensor, tasks: Sequence[FfnTask], act: str, out: torch.Tensor, bf16_h: bool = False) -> None:
     """out [T, D] += every task's gated FFN of its tokens' rows of x [T, D] (both fp32 with contiguous rows).
 
     Tasks of up to FFN_MAX_TOKENS tokens run in one native call (one parallel region: threads split each
     task's neurons, then the checkpoint-layout downs by output rows); the others, prefill-sized, as matmuls.
     `act`: "silu", "gelu" (erf) or "relu". Tasks may share tokens; out's rows are summed into, never set.
+    `bf16_h`: the hidden activations act(gate x) * (up x) (fp32 sums) are rounded to bf16 before the down, as a
+    bf16 model's kernels (`kernels.moe`) round them: pass it for a bf16 model's activations; else they stay fp32.
     The weights were checked when their FfnWeights was built; per call only x, out, tok and weight are.
     """
     what = "fp8 ffn_tasks"
     words, big = portable.pack_tasks(x, tasks, act, out, what, FfnWeights, ValueError, _ffn_max_tokens())
     if words:
         packed = array("q", words)  # [tasks, _TASK_WORDS]
-        _run(x, packed.buffer_info()[0], len(packed) // _TASK_WORDS, act, out, what, tasks)
-    _big_tasks(x, big, act, out, what)
+        _run(x, packed.buffer_info()[0], len(packed) // _TASK_WORDS, act, out, what, tasks, bf16_h)
+    _big_tasks(x, big, act, out, what, bf16_h)
 
 
 def ffn_routed(
-    x: torch.Tensor, table: portable.RoutedTable, ids: torch.Tensor, weights: torch.Tensor, act: str, out: torch.Tensor
+    x: torch.Tensor,
+    table: portable.RoutedTable,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    act: str,
+    out: torch.Tensor,
+    bf16_h: bool = False,
 ) -> None:
     """`ffn_tasks` with the tasks of a routing: out [T, D] += weights[t, k] * the FFN of expert ids[t, k] (a row of
-    `table`, a RoutedTable of FfnWeights) of x[t], for ids, weights [T, K] (see `ggml.ffn_routed`)."""
+    `table`, a RoutedTable of FfnWeights) of x[t], for ids, weights [T, K] (see `ggml.ffn_routed`); `bf16_h` as
+    for ffn_tasks."""
     what = "fp8 ffn_routed"
 
     def run(packed: int, n: int) -> None:
-        _run(x, packed, n, act, out, what, ())
+        _run(x, packed, n, act, out, what, (), bf16_h)
 
     big: list[FfnTask] = []
 
@@ -403,10 +414,10 @@ def ffn_routed(
         big.append(FfnTask(*task))
 
     portable.run_routed(x, table, ids, weights, act, out, what, ValueError, _ffn_max_tokens(), run, matmuls)
-    _big_tasks(x, big, act, out, what)
+    _big_tasks(x, big, act, out, what, bf16_h)
 
 
-def _run(x: torch.Tensor, packed: int, n: int, act: str, out: torch.Tensor, what: str, tasks) -> None:
+def _run(x: torch.Tensor, packed: int, n: int, act: str, out: torch.Tensor, what: str, tasks, bf16_h: bool) -> None:
     """The native call on n packed tasks at address `packed`; on a refusal, `tasks`' tokens say which."""
     fn = portable.require(lib(), what, "fp8", "use the torch path").tmp_fp8_ffn_tasks
-    portable.run_tasks(fn, x, packed, n, act, out, (), what, "fp8", tasks, ValueError)
+    portable.run_tasks(fn, x, packed, n, act, out, (int(bf16_h),), what, "fp8", tasks, ValueError)

@@ -3,7 +3,8 @@ layers all use it; a tile is this FFN restricted to a neuron range of its interm
 
 On the CPU, an FFN whose weights a portable fused kernel takes (GGUF blocks, FP8, or bf16 where the AVX512 library
 does not run) is computed in one native call (`FusedFFN`): fp32 products and sums from the weights as stored,
-rounded to the activations' dtype once (the torch path rounds each projection's output)."""
+rounded to the activations' dtype once (the torch path rounds each projection's output); FP8's hidden activations
+act(gate x) * (up x) are rounded to bf16 too in a bf16 model (`bf16_h`), as `kernels.moe` rounds them."""
 
 from __future__ import annotations
 
@@ -43,9 +44,12 @@ class FusedFFN(NamedTuple):
         """The most tokens a task of this kernel takes in the native call (more run as matmuls)."""
         return self.kernel.FFN_MAX_TOKENS
 
-    def extra(self) -> tuple:
-        """The kernel's arguments after `out`: GGUF's exact-or-fast choice (`layers.ggml.FAST`)."""
-        return (not ggml.FAST,) if self.kernel is ggml_kernels else ()
+    def extra(self, x: torch.Tensor) -> tuple:
+        """The kernel's arguments after `out` for activations x: GGUF's exact-or-fast choice (`layers.ggml.FAST`);
+        FP8's `bf16_h` (the hidden activations rounded to bf16 in a bf16 model, as `kernels.moe` rounds them)."""
+        if self.kernel is ggml_kernels:
+            return (not ggml.FAST,)
+        return (x.dtype == torch.bfloat16,) if self.kernel is fp8_kernels else ()
 
     def __call__(self, x: torch.Tensor, act: str) -> torch.Tensor:
         """The FFN of every row of x [T, D] -> [T, D] fp32."""
@@ -53,7 +57,7 @@ class FusedFFN(NamedTuple):
         out = torch.zeros_like(xf)  # [T, D]
         t = xf.shape[0]
         task = self.kernel.FfnTask(self.weights, torch.arange(t, dtype=torch.int32), torch.ones(t))
-        self.kernel.ffn_tasks(xf, [task], act, out, *self.extra())
+        self.kernel.ffn_tasks(xf, [task], act, out, *self.extra(x))
         return out
 
 

@@ -194,7 +194,7 @@ class ResidentExperts:
         if (routed := self.fused(layer)) is not None and fused_applies(routed[0], x):
             fused, table = routed
             out = torch.zeros(x.shape, dtype=torch.float32)  # [T, D]: one native call for the layer's experts
-            fused.kernel.ffn_routed(x.float().contiguous(), table, ids, weights, block.act_name, out, *fused.extra())
+            fused.kernel.ffn_routed(x.float().contiguous(), table, ids, weights, block.act_name, out, *fused.extra(x))
             return out
         if kernels.usable(x) and (table := self.table(layer)) is not None:
             return kernels.moe(x, weights, ids, table, block.act_name, self.workspace)

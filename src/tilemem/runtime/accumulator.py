@@ -129,7 +129,8 @@ class Accumulator:
         if (self.fp8_tasks or self.ggml_tasks or self.x12_tasks) and self.xf is None:
             self.xf = self.x.float().contiguous()  # [T, D]
         if self.fp8_tasks:
-            fp8_kernels.ffn_tasks(self.xf, self.fp8_tasks, self.fp8_act, self.sums.out)
+            bf16_h = self.x.dtype == torch.bfloat16  # h rounded as the resident experts' kernels round it
+            fp8_kernels.ffn_tasks(self.xf, self.fp8_tasks, self.fp8_act, self.sums.out, bf16_h)
             self.fp8_tasks = []
         if self.ggml_tasks:
             ggml_kernels.ffn_tasks(self.xf, self.ggml_tasks, self.ggml_act, self.sums.out, exact=not ggml.FAST)

@@ -222,8 +222,8 @@ static int ffn(int64_t kind, const tmp_decode_layer *L, const float *xn, float *
                const int64_t *tasks, int64_t n, int nthreads) {
     if (kind == LIN_BF16)
         return tmp_bf16_ffn_tasks(xn, D, out, D, B, D, (const tmp_bf16_ffn_task *)tasks, n, (int)L->act, nthreads);
-    if (kind == LIN_FP8)
-        return tmp_fp8_ffn_tasks(xn, D, out, D, B, D, (const tmp_fp8_ffn_task *)tasks, n, (int)L->act, nthreads);
+    if (kind == LIN_FP8) /* h rounded to bf16 (bf16_h): the layers run in bf16, as `kernels.fp8.ffn_routed` there */
+        return tmp_fp8_ffn_tasks(xn, D, out, D, B, D, (const tmp_fp8_ffn_task *)tasks, n, (int)L->act, 1, nthreads);
     if (kind == LIN_GGML)
         return tmg_ffn_tasks(xn, D, out, D, B, D, (const tmg_ffn_task *)tasks, n, (int)L->act, (int)L->exact, nthreads);
     return TMP_EINVAL;

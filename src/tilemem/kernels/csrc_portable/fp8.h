@@ -67,16 +67,18 @@ typedef struct {
 /* out [T, D] += every task's FFN (x, out: fp32, row strides ldx, ldo); act: a tmp_act. One parallel region:
  * threads split each task's neurons (gate, up, and a transposed down into per-thread partial sums), then
  * the checkpoint-layout downs by output rows. Streams the weights once per 8 tokens of a task.
+ * bf16_h: the hidden activations h = act(gate x) * (up x) (gate, up: fp32 sums) are rounded to bf16 (to nearest
+ * even) before the down, as a bf16 model's kernels (csrc/ffn.c) round them; 0: h stays fp32 (an fp32 model).
  * TMP_EINVAL (nothing written) for an unknown act or a token outside [0, T). */
 TMP_API int tmp_fp8_ffn_tasks(const float *x, int64_t ldx, float *out, int64_t ldo, int64_t T, int64_t D,
-                              const tmp_fp8_ffn_task *tasks, int64_t ntasks, int act, int nthreads);
+                              const tmp_fp8_ffn_task *tasks, int64_t ntasks, int act, int bf16_h, int nthreads);
 
 /* tmp_fp8_ffn_tasks for prefill-sized tasks by the AVX512-BF16 GEMM (fp8_gemm.c): the same sums, exact products
- * (bf16-valued x by VDPBF16PS, other x and the fp32 hidden activations by fp32 FMAs), checkpoint-layout downs
- * only. TMP_EINVAL (nothing written) for an unknown act, a token outside [0, T) or a down_t task; TMP_EUNSUPPORTED
- * where the path is off. */
+ * (bf16-valued x and, with bf16_h, the bf16 hidden activations by VDPBF16PS; other x and fp32 hidden activations
+ * by fp32 FMAs), checkpoint-layout downs only. TMP_EINVAL (nothing written) for an unknown act, a token outside
+ * [0, T) or a down_t task; TMP_EUNSUPPORTED where the path is off. */
 TMP_API int tmp_fp8_ffn_gemm(const float *x, int64_t ldx, float *out, int64_t ldo, int64_t T, int64_t D,
-                             const tmp_fp8_ffn_task *tasks, int64_t ntasks, int act, int nthreads);
+                             const tmp_fp8_ffn_task *tasks, int64_t ntasks, int act, int bf16_h, int nthreads);
 
 /* sizeof(tmp_fp8_ffn_task), for the Python side's check. */
 TMP_API int64_t tmp_fp8_ffn_task_size(void);

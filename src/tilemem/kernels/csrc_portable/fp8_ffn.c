@@ -3,7 +3,8 @@
  *
  * One parallel region, as the bf16 kernel (csrc/ffn.c) does it:
  *   phase 1: each thread takes a range of every task's neurons: gate and up rows (y = xs @ W^T tiles of
- *            fp8.c, x scaled per 128-block into xs), the activation into h (fp32, shared), and for a
+ *            fp8.c, x scaled per 128-block into xs), the activation into h (fp32, shared; with bf16_h its
+ *            values rounded to bf16, as the bf16 kernel's h: torch_rows.h's rnd), and for a
  *            transposed down ([n, D], down_t = 1) those neurons' down rows at once into its partial sums
  *            (thread 0: out itself; the others: a zeroed [T, D] buffer each);
  *   barrier;
@@ -23,6 +24,7 @@
 
 #include "fp8.h"
 #include "fp8_internal.h"
+#include "torch_rows.h"
 
 int64_t tmp_fp8_ffn_task_size(void) { return (int64_t)sizeof(tmp_fp8_ffn_task); }
 
@@ -83,10 +85,12 @@ static void down_t_rows(const tmp_fp8_matrix *dn, int64_t D, const float *h, int
     }
 }
 
-/* Phase 1 of task tk for thread's neurons [i0, i1): h[j, i] = act(gate x_j) * (up x_j); with a transposed
- * down, those neurons' down rows into y (row stride ldy). xg, xu: MAXT * pad16(D); gu: 2 * MAXT * BLOCK. */
-static void gate_up(const tmp_fp8_ffn_task *tk, const float *x, int64_t ldx, int64_t D, int act, int64_t i0,
-                    int64_t i1, float *h, float *xg, float *xu, float *gu, float *coef, float *y, int64_t ldy) {
+/* Phase 1 of task tk for thread's neurons [i0, i1): h[j, i] = act(gate x_j) * (up x_j) (rounded to bf16 where
+ * bf16_h); with a transposed down, those neurons' down rows into y (row stride ldy). xg, xu: MAXT * pad16(D); gu:
+ * 2 * MAXT * BLOCK. */
+static void gate_up(const tmp_fp8_ffn_task *tk, const float *x, int64_t ldx, int64_t D, int act, int bf16_h,
+                    int64_t i0, int64_t i1, float *h, float *xg, float *xu, float *gu, float *coef, float *y,
+                    int64_t ldy) {
     const int64_t Cp = (D + 15) & ~(int64_t)15; /* xs row stride: nt_tile reads exactly pad16(C) columns */
     float *gb = gu, *ub = gu + MAXT * BLOCK; /* [nt][BLOCK] gate and up outputs of one row block */
     for (int64_t n0 = 0; n0 < tk->ntok; n0 += MAXT) {
@@ -99,7 +103,7 @@ static void gate_up(const tmp_fp8_ffn_task *tk, const float *x, int64_t ldx, int
             nt_rows(nt, tk->up.w + r * tk->up.ldw, tk->up.ldw, end - r, xu, Cp, D, ub, BLOCK);
             for (int j = 0; j < nt; j++)
                 for (int64_t k = 0; k < end - r; k++)
-                    h[(n0 + j) * tk->n + r + k] = ffn_act(act, gb[j * BLOCK + k]) * ub[j * BLOCK + k];
+                    h[(n0 + j) * tk->n + r + k] = rnd(ffn_act(act, gb[j * BLOCK + k]) * ub[j * BLOCK + k], bf16_h);
             r = end;
         }
         if (tk->down_t)
@@ -128,7 +132,7 @@ static void down_rows(const tmp_fp8_ffn_task *tk, const float *h, int64_t d0, in
 }
 
 int tmp_fp8_ffn_tasks(const float *x, int64_t ldx, float *out, int64_t ldo, int64_t T, int64_t D,
-                      const tmp_fp8_ffn_task *tasks, int64_t ntasks, int act, int nthreads) {
+                      const tmp_fp8_ffn_task *tasks, int64_t ntasks, int act, int bf16_h, int nthreads) {
     if (act < TMP_ACT_SILU || act > TMP_ACT_RELU) return TMP_EINVAL;
     int64_t total = 0, nmax = 0;
     int any_t = 0, any_d = 0;
@@ -184,7 +188,7 @@ int tmp_fp8_ffn_tasks(const float *x, int64_t ldx, float *out, int64_t ldo, int6
             if (hoff[q + 1] == hoff[q]) continue;
             int64_t i0, i1;
             ffn_split(tasks[q].n, nth, t, 4, &i0, &i1);
-            gate_up(&tasks[q], x, ldx, D, act, i0, i1, h + hoff[q], xg, xu, gu, coef, y, ldy);
+            gate_up(&tasks[q], x, ldx, D, act, bf16_h, i0, i1, h + hoff[q], xg, xu, gu, coef, y, ldy);
         }
         if (any_d) {
 #pragma omp barrier

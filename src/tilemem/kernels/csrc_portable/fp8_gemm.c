@@ -2,11 +2,12 @@
  *
  * Why exact: e4m3 -> bf16 is exact (fp8_bf16.h), and the activations entering a linear layer or an expert of a
  * bf16 model are bf16 values (the Python side widens them to fp32), so VDPBF16PS multiplies them exactly and
- * accumulates in fp32, as the fp32 FMA paths do: only the summation order differs. x that is not all bf16 values
- * (an FFN's fp32 hidden activations, an fp32 model) multiplies the same decoded weights in fp32 FMAs instead, each
- * bf16 pair widened to two fp32 vectors by a shift and a mask (4 FMAs where VDPBF16PS takes 2; three bf16 parts,
- * hi + mid + lo, as fp8_avx512.c splits x, take 6: measured 1.5x slower); the caller says whether it takes that
- * (`fp32_x`) or keeps its own path.
+ * accumulates in fp32, as the fp32 FMA paths do: only the summation order differs; so are an FFN's hidden
+ * activations in a bf16 model (bf16_h: rounded to bf16 as the bf16 kernels round them, stored as bf16). x that is
+ * not all bf16 values (an fp32 model's activations, hidden ones too) multiplies the same decoded weights in fp32
+ * FMAs instead, each bf16 pair widened to two fp32 vectors by a shift and a mask (4 FMAs where VDPBF16PS takes 2;
+ * three bf16 parts, hi + mid + lo, as fp8_avx512.c splits x, take 6: measured 1.5x slower); the caller says whether
+ * it takes that (`fp32_x`) or keeps its own path. (VDPBF16PS reads a bf16 denormal h, below 2^-126, as zero.)
  *
  * Layout: each thread owns a range of 32-row panels of W (one 128-row scale block holds four). A panel is
  * decoded once into bf16 pairs laid out for VDPBF16PS, pan[kp][32]: lane i of vector (kp, h) is row 16h + i's
@@ -21,6 +22,7 @@
 #include "fp8.h"
 #include "fp8_bf16.h"
 #include "fp8_internal.h"
+#include "torch_rows.h"
 
 #include <omp.h>
 #include <stdlib.h>
@@ -277,10 +279,11 @@ TARGET int tmp_fp8_gemm_nt(const float *x, int64_t ldx, int64_t N, const uint8_t
 
 /* ---- gated FFN tasks by the GEMM (prefill-sized tasks, checkpoint-layout downs) ---- */
 
-/* Phase 1 of task tk, neuron panels [ua, ub): h[j, i] = act(gate x_j)[i] * (up x_j)[i] (fp32, row stride hs; the
- * column past an odd n zero, for the down's pairs); g, u: [ntok, 32] scratch. */
+/* Phase 1 of task tk, neuron panels [ua, ub): h[j, i] = act(gate x_j)[i] * (up x_j)[i] (row stride hs values; the
+ * column past an odd n zero, for the down's pairs): fp32, or bf16 (rounded to nearest even) where h.f32 is 0; g, u:
+ * [ntok, 32] scratch. */
 TARGET static void ffn_gate_up(const tmp_fp8_ffn_task *tk, xrows x, int64_t D, int act, int64_t ua, int64_t ub,
-                               uint32_t *pan, float *g, float *u, float *h, int64_t hs) {
+                               uint32_t *pan, float *g, float *u, xrows h) {
     const int64_t KP = (D + 1) / 2, KP16 = (KP + 15) & ~(int64_t)15, n = tk->n;
     for (int64_t p = ua; p < ub; p++) {
         const int64_t r0 = p * PANEL, nrows = min64(PANEL, n - r0);
@@ -294,18 +297,30 @@ TARGET static void ffn_gate_up(const tmp_fp8_ffn_task *tk, xrows x, int64_t D, i
         panel_tokens(pan, KP, x, tk->tok, tk->ntok, tk->up.scale + (r0 / BLOCK) * tk->up.lds, u, PANEL, m0, m1, pf,
                      tk->gate.ldw);
         for (int64_t j = 0; j < tk->ntok; j++) {
-            for (int64_t i = 0; i < nrows; i++) h[j * hs + r0 + i] = ffn_act(act, g[j * PANEL + i]) * u[j * PANEL + i];
-            if (r0 + nrows == n && (n & 1)) h[j * hs + n] = 0.0f;
+            float *hf = (float *)xrow(h, j);
+            uint16_t *hb = (uint16_t *)hf;
+            for (int64_t i = 0; i < nrows; i++) {
+                const float v = ffn_act(act, g[j * PANEL + i]) * u[j * PANEL + i];
+                if (h.f32)
+                    hf[r0 + i] = v;
+                else
+                    hb[r0 + i] = bf16_bits(v);
+            }
+            if (r0 + nrows == n && (n & 1)) {
+                if (h.f32)
+                    hf[n] = 0.0f;
+                else
+                    hb[n] = 0;
+            }
         }
     }
 }
 
-/* Phase 2 of task tk, output panels [ua, ub) of D: out[tok[j], d] += weight[j] * (down h_j)[d] (fp32 h: FMAs);
- * y: [ntok, 32] scratch. */
-TARGET static void ffn_down(const tmp_fp8_ffn_task *tk, const float *h, int64_t hs, int64_t D, int64_t ua, int64_t ub,
-                            uint32_t *pan, float *y, float *out, int64_t ldo) {
+/* Phase 2 of task tk, output panels [ua, ub) of D: out[tok[j], d] += weight[j] * (down h_j)[d] (fp32 h: FMAs, bf16
+ * h: VDPBF16PS); y: [ntok, 32] scratch. */
+TARGET static void ffn_down(const tmp_fp8_ffn_task *tk, xrows hr, int64_t D, int64_t ua, int64_t ub, uint32_t *pan,
+                            float *y, float *out, int64_t ldo) {
     const int64_t KP = (tk->n + 1) / 2, KP16 = (KP + 15) & ~(int64_t)15;
-    const xrows hr = {h, hs, 1};
     for (int64_t p = ua; p < ub; p++) {
         const int64_t r0 = p * PANEL, nrows = min64(PANEL, D - r0);
         __mmask16 m0, m1;
@@ -329,7 +344,7 @@ TARGET static void ffn_down(const tmp_fp8_ffn_task *tk, const float *h, int64_t 
 static inline int64_t h_stride(int64_t n) { return ((n + 1) & ~(int64_t)1) + 16; }
 
 TARGET int tmp_fp8_ffn_gemm(const float *x, int64_t ldx, float *out, int64_t ldo, int64_t T, int64_t D,
-                            const tmp_fp8_ffn_task *tasks, int64_t ntasks, int act, int nthreads) {
+                            const tmp_fp8_ffn_task *tasks, int64_t ntasks, int act, int bf16_h, int nthreads) {
     if (!fp8_bf16_on()) return TMP_EUNSUPPORTED;
     if (act < TMP_ACT_SILU || act > TMP_ACT_RELU) return TMP_EINVAL;
     int64_t htotal = 0, nmax = 0, tmax = 0;
@@ -348,7 +363,8 @@ TARGET int tmp_fp8_ffn_gemm(const float *x, int64_t ldx, float *out, int64_t ldo
     const int64_t Dp = (D + 1) & ~(int64_t)1, ldc = Dp + 32;
     const int64_t KPmax = ((D > nmax ? D : nmax) + 1) / 2, KP16 = (KPmax + 15) & ~(int64_t)15;
     void *xc = grow(&xb_buf, &xb_len, (size_t)(T * ldc) * (f32 ? 4 : 2));
-    float *h = grow(&h_buf, &h_len, sizeof(float) * (size_t)htotal);
+    const size_t hsize = bf16_h ? sizeof(uint16_t) : sizeof(float); /* bytes of an h value */
+    char *h = grow(&h_buf, &h_len, hsize * (size_t)htotal);
     if (!xc || !h) return TMP_ENOMEM;
     const xrows rows = {xc, ldc, f32};
     int failed = 0;
@@ -367,9 +383,8 @@ TARGET int tmp_fp8_ffn_gemm(const float *x, int64_t ldx, float *out, int64_t ldo
             const tmp_fp8_ffn_task *tk = &tasks[q];
             if (tk->n <= 0 || tk->ntok <= 0) continue;
             const int64_t units = (tk->n + PANEL - 1) / PANEL;
-            if (pan)
-                ffn_gate_up(tk, rows, D, act, units * t / nth, units * (t + 1) / nth, pan, g, u, h + ho,
-                            h_stride(tk->n));
+            const xrows hr = {h + ho * hsize, h_stride(tk->n), !bf16_h};
+            if (pan) ffn_gate_up(tk, rows, D, act, units * t / nth, units * (t + 1) / nth, pan, g, u, hr);
             ho += tk->ntok * h_stride(tk->n);
         }
 #pragma omp barrier
@@ -378,7 +393,8 @@ TARGET int tmp_fp8_ffn_gemm(const float *x, int64_t ldx, float *out, int64_t ldo
         for (int64_t q = 0; q < ntasks; q++) { /* phase 2: every task's down, split by output panels */
             const tmp_fp8_ffn_task *tk = &tasks[q];
             if (tk->n <= 0 || tk->ntok <= 0) continue;
-            if (pan) ffn_down(tk, h + ho, h_stride(tk->n), D, units * t / nth, units * (t + 1) / nth, pan, g, out, ldo);
+            const xrows hr = {h + ho * hsize, h_stride(tk->n), !bf16_h};
+            if (pan) ffn_down(tk, hr, D, units * t / nth, units * (t + 1) / nth, pan, g, out, ldo);
             ho += tk->ntok * h_stride(tk->n);
         }
     }
