@@ -279,6 +279,14 @@ TARGET int tmp_fp8_gemm_nt(const float *x, int64_t ldx, int64_t N, const uint8_t
 
 /* ---- gated FFN tasks by the GEMM (prefill-sized tasks, checkpoint-layout downs) ---- */
 
+/* Row j's value i of h = v: fp32, or bf16 (rounded to nearest even, as torch rounds) where h is not f32. */
+static inline void h_store(xrows h, int64_t j, int64_t i, float v) {
+    if (h.f32)
+        ((float *)xrow(h, j))[i] = v;
+    else
+        ((uint16_t *)xrow(h, j))[i] = bf16_bits(v);
+}
+
 /* Phase 1 of task tk, neuron panels [ua, ub): h[j, i] = act(gate x_j)[i] * (up x_j)[i] (row stride hs values; the
  * column past an odd n zero, for the down's pairs): fp32, or bf16 (rounded to nearest even) where h.f32 is 0; g, u:
  * [ntok, 32] scratch. */
@@ -297,21 +305,9 @@ TARGET static void ffn_gate_up(const tmp_fp8_ffn_task *tk, xrows x, int64_t D, i
         panel_tokens(pan, KP, x, tk->tok, tk->ntok, tk->up.scale + (r0 / BLOCK) * tk->up.lds, u, PANEL, m0, m1, pf,
                      tk->gate.ldw);
         for (int64_t j = 0; j < tk->ntok; j++) {
-            float *hf = (float *)xrow(h, j);
-            uint16_t *hb = (uint16_t *)hf;
-            for (int64_t i = 0; i < nrows; i++) {
-                const float v = ffn_act(act, g[j * PANEL + i]) * u[j * PANEL + i];
-                if (h.f32)
-                    hf[r0 + i] = v;
-                else
-                    hb[r0 + i] = bf16_bits(v);
-            }
-            if (r0 + nrows == n && (n & 1)) {
-                if (h.f32)
-                    hf[n] = 0.0f;
-                else
-                    hb[n] = 0;
-            }
+            for (int64_t i = 0; i < nrows; i++)
+                h_store(h, j, r0 + i, ffn_act(act, g[j * PANEL + i]) * u[j * PANEL + i]);
+            if (r0 + nrows == n && (n & 1)) h_store(h, j, n, 0.0f);
         }
     }
 }
