@@ -21,7 +21,8 @@ With `--prefill 8,32,128,512`, prefill sizes instead, where the CPU has avx512bf
 (`fp8.gemm_nt`, bf16-valued x) against the path it replaced (the streamed kernel up to NT_MAX_TOKENS tokens,
 dequantized rows + torch's fp32 GEMM beyond) and torch's bf16 GEMM (`F.linear`, the bf16 model's prefill) on the
 attention (2048 x 2048), gate/up (1024 x 2048) and down (2048 x 1024) shapes, GMAC/s; then one routed MoE layer
-of that many tokens, fp8 `ffn_routed` against the AVX512 library's bf16 `kernels.moe` (the bf16 model's).
+of that many tokens, fp8 `ffn_routed` (h rounded to bf16, as a bf16-mode model runs it) against the AVX512 library's
+bf16 `kernels.moe` (the bf16 model's).
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ def prefill(tokens: list[int], rounds: int, gen: torch.Generator) -> None:
         ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(n)])  # [T, K]
         wts = torch.rand(n, K, generator=gen)
         cases = {
-            "fp8 ffn_routed": partial(fp8.ffn_routed, x, table, ids, wts, "silu", torch.zeros_like(x)),
+            "fp8 ffn_routed": partial(fp8.ffn_routed, x, table, ids, wts, "silu", torch.zeros_like(x), True),
             "bf16 kernels.moe": partial(kernels.moe, xb, wts, ids, experts, "silu", work),
         }
         times = interleaved(cases, rounds)
