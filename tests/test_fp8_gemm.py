@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_fp8_kernels import TORCH_ACTS as ACTS
+from test_fp8_kernels import ffn_task
 
 from tilemem.kernels import fp8
 
@@ -130,15 +132,6 @@ def test_matmul_nt_dispatch(monkeypatch) -> None:
 
 
 # ---- prefill-sized FFN tasks ----
-
-ACTS = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu, "relu": torch.nn.functional.relu}
-
-
-def ffn_task(n: int, d: int, tok: list[int], down_t: bool, seed: int) -> fp8.FfnTask:
-    g = torch.Generator().manual_seed(seed + 100)
-    down = random_weight(n, d, seed + 2) if down_t else random_weight(d, n, seed + 2)
-    weights = fp8.FfnWeights(random_weight(n, d, seed), random_weight(n, d, seed + 1), down, down_t)
-    return fp8.FfnTask(weights, torch.tensor(tok, dtype=torch.int32), torch.rand(len(tok), generator=g) + 0.5)
 
 
 def ffn_reference64(x: torch.Tensor, tasks: list[fp8.FfnTask], act: str) -> torch.Tensor:
