@@ -9,20 +9,24 @@ from tilemem.kernels import fp8 as fp8_kernels
 from tilemem.kernels import x12_tiles as x12_kernels
 from tilemem.placement.formats import tile_format
 from tilemem.placement.tiles import unit_bytes
-from tilemem.runtime.accumulator import partial_ffn
 from tilemem.runtime.tile_format import Fp8Tile, X12Tile
 from tilemem.tools.probe import _TileTask, packed_tiles, store_format, tile_blocks
 
 
 def reference(task: _TileTask, block) -> torch.Tensor:
-    """scale x FFN of the task's tokens over `block`, in fp32 from the tile's dequantized weights."""
+    """scale x FFN of the task's tokens over `block`, in fp32 from the tile's dequantized weights; an FP8 tile's
+    hidden activations rounded to the activations' dtype (bf16 here) as its fused kernel rounds them in a bf16
+    model (`bf16_h`), an x12 tile's kept fp32 as the x12 tile kernel keeps them."""
     if isinstance(block, X12Tile):
         dense = block.dense().float()  # [3, n, D]
     else:  # FP8: each 128 x 128 block of the [n, D] rows times its scale
         n, d = block.data.shape[1:]
         scale = block.scale.repeat_interleave(128, 1)[:, :n].repeat_interleave(128, 2)[:, :, :d]  # [3, n, D]
         dense = block.data.float() * scale
-    return partial_ffn(task.x.float(), dense, torch.nn.functional.silu) * task.scale[:, None]
+    x = task.x.float()
+    h = torch.nn.functional.silu(x @ dense[0].T) * (x @ dense[1].T)  # [N, n]
+    h = h if isinstance(block, X12Tile) else h.to(task.x.dtype).float()
+    return h @ dense[2] * task.scale[:, None]  # dense[2]: down^T [n, D]
 
 
 @pytest.mark.parametrize("fmt,kernel", [("x12", x12_kernels), ("fp8_e4m3", fp8_kernels)])
