@@ -116,11 +116,24 @@ INLINE void unpack_block(const int TY, const uint8_t *const blk[RP], int64_t b, 
                                                                            _mm256_slli_epi32(corr, 7)));
 }
 
-/* Panel rows r0 .. r0 + RP of W (R rows of ldw bytes) into rows (past R: the last row again, unused); returns how
- * many are real. */
-INLINE int panel_rows(const uint8_t *w, int64_t ldw, int64_t R, int64_t r0, const uint8_t *rows[RP]) {
+INLINE void unpack_q8_0(const uint8_t *const blk[RP], int64_t b, const q8_panel *P); /* below, with Q8_0 */
+
+/* Panel p of W (rows p * RP .. p * RP + RP of R rows of ldw bytes, nb blocks of TY each; past R the last row
+ * again, unused) unpacked into P block by block; returns how many rows are real. */
+INLINE int unpack_panel(const int TY, const uint8_t *w, int64_t ldw, int64_t R, int64_t nb, int64_t p,
+                        const q8_panel *P) {
+    const int64_t r0 = p * RP, BB = bb_of(TY);
     const int nr = (int)gmin64(RP, R - r0);
+    const uint8_t *rows[RP];
     for (int r = 0; r < RP; r++) rows[r] = w + (r0 + (r < nr ? r : nr - 1)) * ldw;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk[RP];
+        for (int r = 0; r < RP; r++) blk[r] = rows[r] + b * BB;
+        if (TY == T_Q8_0)
+            unpack_q8_0(blk, b, P);
+        else
+            unpack_block(TY, blk, b, P);
+    }
     return nr;
 }
 
@@ -217,16 +230,9 @@ INLINE void panel_tokens(const int TY, const int NT, const q8_panel *P, int64_t 
 INLINE void panels(const int TY, const uint8_t *w, int64_t ldw, int64_t R, int64_t nb, int64_t p0, int64_t p1,
                    const q8_panel *P, const uint8_t *xq, int64_t ldq, const int16_t *xs, int64_t lds, const float *xd,
                    int64_t ldd, int64_t N, float *y, int64_t ldy) {
-    const int64_t BB = bb_of(TY);
     for (int64_t p = p0; p < p1; p++) {
         const int64_t r0 = p * RP;
-        const uint8_t *rows[RP];
-        const int nr = panel_rows(w, ldw, R, r0, rows);
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *blk[RP];
-            for (int r = 0; r < RP; r++) blk[r] = rows[r] + b * BB;
-            unpack_block(TY, blk, b, P);
-        }
+        const int nr = unpack_panel(TY, w, ldw, R, nb, p, P);
         int64_t n0 = 0;
         for (; n0 + TQ <= N; n0 += TQ) panel_tokens(TY, TQ, P, nb, xq, ldq, xs, lds, xd, ldd, n0, y, ldy, r0, nr);
         switch (N - n0) {
@@ -341,13 +347,7 @@ INLINE void panels_q8_0(const int VNNI, const uint8_t *w, int64_t ldw, int64_t R
     const int T = VNNI ? TQ8 : TQ;
     for (int64_t p = p0; p < p1; p++) {
         const int64_t r0 = p * RP;
-        const uint8_t *rows[RP];
-        const int nr = panel_rows(w, ldw, R, r0, rows);
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *blk[RP];
-            for (int r = 0; r < RP; r++) blk[r] = rows[r] + b * 34;
-            unpack_q8_0(blk, b, P);
-        }
+        const int nr = unpack_panel(T_Q8_0, w, ldw, R, nb, p, P);
         int64_t n0 = 0;
         for (; n0 + T <= N; n0 += T) {
             if (VNNI) TOKENS_Q8_0(1, TQ8);
