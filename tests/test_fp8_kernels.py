@@ -221,6 +221,46 @@ def test_bf16_path_matches_reference(paths) -> None:
             assert not torch.equal(got[0], got[1]), f"{rows}x{cols}: the same sums, did the bf16 path run?"
 
 
+
+def bf16_valued(n: int, cols: int, seed: int) -> torch.Tensor:
+    """fp32 [n, cols] of bf16 numbers (a bf16 model's activations), magnitudes spread over decades."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, cols, generator=g) * torch.rand(n, cols, generator=g).pow(4)).bfloat16().float()
+
+
+def test_bf16_valued_x_rows_match_reference(paths) -> None:
+    """1-7 tokens of bf16-valued x (fp8_bf16_rowsx: one VDPBF16PS a token per 32 weights, each column block's sum
+    times its scale) against a float64 reference, the widths and tails of the 1-token test; the same x with the
+    path off (the FMA path) gives other sums (the path ran) within TOL too."""
+    for rows, cols in ((7, 40), (131, 257), (300, 200), (129, 2048), (5, 31), (256, 1000)):
+        data, scale = random_weight(rows, cols, seed=rows + cols)
+        w = reference64(data, scale)
+        for n in range(1, 8):
+            x = bf16_valued(n, cols, seed=n * cols)
+            want = x.double() @ w.T
+            got = {}
+            for on in (0, 1):
+                assert paths(on) == bool(on)
+                got[on] = fp8.matmul_nt(x, data, scale)
+                err = ((got[on].double() - want).abs().max() / want.abs().max()).item()
+                assert err < TOL, f"{rows}x{cols}, {n} tokens, bf16 path {on}: {err:.2e}"
+            if cols >= 200:
+                assert not torch.equal(got[0], got[1]), f"{rows}x{cols}, {n} tokens: did the bf16-x path run?"
+
+
+def test_bf16_valued_x_rows_wrong_column_block_scale_is_caught(paths) -> None:
+    """The bf16-x path applies each 128-column block's scale to that block's sums: the neighbouring column
+    block's scales (rolled along the columns) give a large error, at 1 and 4 tokens."""
+    data, scale = random_weight(200, 300, seed=9)
+    w = reference64(data, scale)
+    wrong = scale.roll(1, dims=1)
+    for n in (1, 4):
+        x = bf16_valued(n, 300, seed=n)
+        want = x.double() @ w.T
+        got = fp8.matmul_nt(x, data, wrong).double()
+        assert ((got - want).abs().max() / want.abs().max()).item() > 1e-2
+
+
 # ---- fused expert FFNs ----
 
 TORCH_ACTS = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu, "relu": torch.nn.functional.relu}

@@ -25,4 +25,19 @@ TARGET static inline __m512i decode32_bf16(__m256i raw, __m512i sub) {
     return _mm512_ternarylogic_epi32(r, v, _mm512_set1_epi16((short)0x8000), 0xF8); /* r | (v & 0x8000) */
 }
 
+/* Whether every value of x [N, C] is a bf16 number: low 16 bits zero, and not a denormal (VDPBF16PS reads those
+ * as zero). */
+static inline int bf16_valued(const float *x, int64_t ldx, int64_t N, int64_t C) {
+    for (int64_t n = 0; n < N; n++) {
+        const uint32_t *row = (const uint32_t *)(x + n * ldx);
+        uint32_t low = 0;
+        for (int64_t c = 0; c < C; c++) {
+            const uint32_t b = row[c];
+            low |= (b & 0xFFFFu) | (uint32_t)(!(b & 0x7F800000u) && (b & 0x7FFFFFFFu));
+        }
+        if (low) return 0;
+    }
+    return 1;
+}
+
 #endif

@@ -97,10 +97,17 @@ static void gate_up(const tmp_fp8_ffn_task *tk, const float *x, int64_t ldx, int
         const int nt = (int)min64(MAXT, tk->ntok - n0);
         for (int64_t r = i0; r < i1;) { /* one 128-row block (one scale row) at a time */
             const int64_t blk = r / BLOCK, end = min64(i1, (blk + 1) * BLOCK);
-            fill_xs(xg, Cp, x, ldx, tk->tok + n0, NULL, nt, D, tk->gate.scale + blk * tk->gate.lds);
-            fill_xs(xu, Cp, x, ldx, tk->tok + n0, NULL, nt, D, tk->up.scale + blk * tk->up.lds);
-            nt_rows(nt, tk->gate.w + r * tk->gate.ldw, tk->gate.ldw, end - r, xg, Cp, D, gb, BLOCK);
-            nt_rows(nt, tk->up.w + r * tk->up.ldw, tk->up.ldw, end - r, xu, Cp, D, ub, BLOCK);
+            const float *xr[MAXT]; /* bf16-valued x: no xs (rows_direct) */
+            for (int j = 0; j < nt; j++) xr[j] = x + (int64_t)tk->tok[n0 + j] * ldx;
+            if (!rows_direct(tk->gate.w + r * tk->gate.ldw, tk->gate.ldw, end - r, nt, xr, D,
+                             tk->gate.scale + blk * tk->gate.lds, NULL, gb, BLOCK) ||
+                !rows_direct(tk->up.w + r * tk->up.ldw, tk->up.ldw, end - r, nt, xr, D, tk->up.scale + blk * tk->up.lds,
+                             NULL, ub, BLOCK)) {
+                fill_xs(xg, Cp, x, ldx, tk->tok + n0, NULL, nt, D, tk->gate.scale + blk * tk->gate.lds);
+                fill_xs(xu, Cp, x, ldx, tk->tok + n0, NULL, nt, D, tk->up.scale + blk * tk->up.lds);
+                nt_rows(nt, tk->gate.w + r * tk->gate.ldw, tk->gate.ldw, end - r, xg, Cp, D, gb, BLOCK);
+                nt_rows(nt, tk->up.w + r * tk->up.ldw, tk->up.ldw, end - r, xu, Cp, D, ub, BLOCK);
+            }
             for (int j = 0; j < nt; j++)
                 for (int64_t k = 0; k < end - r; k++)
                     h[(n0 + j) * tk->n + r + k] = rnd(ffn_act(act, gb[j * BLOCK + k]) * ub[j * BLOCK + k], bf16_h);
@@ -120,8 +127,13 @@ static void down_rows(const tmp_fp8_ffn_task *tk, const float *h, int64_t d0, in
         const int nt = (int)min64(MAXT, tk->ntok - n0);
         for (int64_t d = d0; d < d1;) {
             const int64_t blk = d / BLOCK, end = min64(d1, (blk + 1) * BLOCK);
-            fill_xs(xs, Cp, h + n0 * n, n, NULL, tk->weight + n0, nt, n, tk->down.scale + blk * tk->down.lds);
-            nt_rows(nt, tk->down.w + d * tk->down.ldw, tk->down.ldw, end - d, xs, Cp, n, yb, BLOCK);
+            const float *hr[MAXT]; /* bf16-valued h (bf16_h): no xs, the routing weights after the sums */
+            for (int j = 0; j < nt; j++) hr[j] = h + (n0 + j) * n;
+            if (!rows_direct(tk->down.w + d * tk->down.ldw, tk->down.ldw, end - d, nt, hr, n,
+                             tk->down.scale + blk * tk->down.lds, tk->weight + n0, yb, BLOCK)) {
+                fill_xs(xs, Cp, h + n0 * n, n, NULL, tk->weight + n0, nt, n, tk->down.scale + blk * tk->down.lds);
+                nt_rows(nt, tk->down.w + d * tk->down.ldw, tk->down.ldw, end - d, xs, Cp, n, yb, BLOCK);
+            }
             for (int j = 0; j < nt; j++) {
                 float *o = out + (int64_t)tk->tok[n0 + j] * ldo + d;
                 for (int64_t k = 0; k < end - d; k++) o[k] += yb[j * BLOCK + k];

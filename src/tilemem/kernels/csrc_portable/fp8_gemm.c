@@ -187,21 +187,6 @@ static inline void panel_masks(int64_t nrows, __mmask16 *m0, __mmask16 *m1) {
     *m1 = nrows >= 32 ? 0xFFFF : nrows <= 16 ? 0 : (__mmask16)((1u << (nrows - 16)) - 1);
 }
 
-/* Whether every value of x [N, C] is a bf16 number: low 16 bits zero, and not a denormal (VDPBF16PS reads those
- * as zero). */
-static int bf16_valued(const float *x, int64_t ldx, int64_t N, int64_t C) {
-    for (int64_t n = 0; n < N; n++) {
-        const uint32_t *row = (const uint32_t *)(x + n * ldx);
-        uint32_t low = 0;
-        for (int64_t c = 0; c < C; c++) {
-            const uint32_t b = row[c];
-            low |= (b & 0xFFFFu) | (uint32_t)(!(b & 0x7F800000u) && (b & 0x7FFFFFFFu));
-        }
-        if (low) return 0;
-    }
-    return 1;
-}
-
 /* A row of C floats into Cp (even, >= C) values at o, zero from C on: bf16 (its high halves: x is bf16-valued) or,
  * f32, fp32. */
 TARGET static void copy_row(const float *xr, int64_t C, int64_t Cp, int f32, void *o) {
