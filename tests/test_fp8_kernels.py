@@ -221,7 +221,6 @@ def test_bf16_path_matches_reference(paths) -> None:
             assert not torch.equal(got[0], got[1]), f"{rows}x{cols}: the same sums, did the bf16 path run?"
 
 
-
 def bf16_valued(n: int, cols: int, seed: int) -> torch.Tensor:
     """fp32 [n, cols] of bf16 numbers (a bf16 model's activations), magnitudes spread over decades."""
     g = torch.Generator().manual_seed(seed)

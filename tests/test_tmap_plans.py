@@ -259,3 +259,81 @@ def test_validation_agreement_follows_the_recommendation():
     rows = tuple(tie)
     rep = ValidationReport("m", "hw", 2, rows, (a,), 0.05, 1.0, 1.0, (0.5, 0.6))
     assert rep.passed and "agree" in rep.table() and rep.validation().budget_fractions == (0.35,)
+
+
+def test_median_profile_takes_each_figure_from_its_rounds():
+    """`HardwareProfile.median`: every float figure (scalars, kernels, disk, fetch) the median of the rounds, kernel
+    figures matched by (device, dtype, batch) wherever they sit in each round's list, a figure only some rounds have
+    the median of those; the rest from the first round, and the round count in meta."""
+    from dataclasses import replace
+
+    from tilemem.tmap.hardware import FetchFigure, KernelFigure
+
+    base = measured_like_hw()
+    rounds = []
+    for i, bw in enumerate((30.0, 10.0, 20.0)):
+        kernels = [replace(k, bandwidth_gbps=k.bandwidth_gbps * bw / 10, task_overhead_us=float(i)) for k in
+                   base.kernels]  # fmt: skip
+        if i == 2:  # another order, and a figure the other rounds lack
+            kernels = kernels[::-1] + [KernelFigure("cpu", "x12", 1, 7.0, 9.0, 3.0)]
+        rounds.append(
+            replace(
+                base, name=f"r{i}", dram_bandwidth_gbps=bw, layer_overhead_us=100.0 * (i + 1), kernels=tuple(kernels),
+                fetch=(FetchFigure(1 << 20, 4, 50.0 + i, 700.0 - 100 * i),), meta={"round": i},
+            )
+        )  # fmt: skip
+    m = HardwareProfile.median(rounds)
+    assert m.name == "r0" and m.meta == {"round": 0, "probe_rounds": 3}
+    assert m.dram_bandwidth_gbps == 20.0 and m.layer_overhead_us == 200.0
+    assert m.step_overhead_us == base.step_overhead_us and m.cpu_threads == base.cpu_threads
+    got = {(k.dtype, k.batch): k for k in m.kernels}
+    for k in base.kernels:  # medians of x3, x1, x2 of the base figure; overheads 0, 1, 2
+        assert got[(k.dtype, k.batch)].bandwidth_gbps == pytest.approx(2 * k.bandwidth_gbps)
+        assert got[(k.dtype, k.batch)].task_overhead_us == 1.0
+    assert got[("x12", 1)].bandwidth_gbps == 7.0
+    assert m.fetch == (FetchFigure(1 << 20, 4, 51.0, 600.0),)
+    assert {(d.request_bytes, d.queue_depth) for d in m.disk} == {(d.request_bytes, d.queue_depth) for d in base.disk}
+    assert HardwareProfile.median(rounds[:1]) is rounds[0]
+    with pytest.raises(ValueError, match="at least one"):
+        HardwareProfile.median([])
+
+
+def test_validate_probes_before_every_bench_round(make_ckpt, tmp_path, monkeypatch):
+    """Without --hardware, `tmap validate` runs a probe before each of the bench's rounds (run_bench's before_round
+    hook, called once per repeat) and predicts from the median of those profiles, which it saves."""
+    from tilemem.bench import runner
+    from tilemem.tools import probe as probe_mod
+    from tilemem.tools import validate as validate_mod
+
+    path = make_ckpt("olmoe", "bf16")
+    order = []
+    rounds = [measured_like_hw(), measured_like_hw(), measured_like_hw()]
+    rounds = [
+        r.__class__(**{**r.__dict__, "dram_bandwidth_gbps": bw})
+        for r, bw in zip(rounds, (9.0, 30.0, 12.0), strict=True)
+    ]
+
+    def fake_probe(config, log=print):
+        order.append("probe")
+        return rounds[len([o for o in order if o == "probe"]) - 1]
+
+    def fake_bench(spec, progress=True, before_round=None):
+        rows = []
+        for rep in range(spec.repeats):
+            before_round(rep)
+            order.append("round")
+            for b in spec.budgets:
+                for p in spec.policies:
+                    rows.append(dict(workload="mixed", budget=b, policy=p, decode_tok_s=10.0 + rep, hit_rate=0.5,
+                                     p50_ms=100.0, prompt_tokens=8, plan_checksum="x"))  # fmt: skip
+        return {"rows": rows}
+
+    monkeypatch.setattr(probe_mod, "probe", fake_probe)
+    monkeypatch.setattr(runner, "run_bench", fake_bench)
+    rep = validate_mod.validate(
+        path, budgets=("35%",), policies=("kt_expert",), repeats=3, out=tmp_path / "v", log=lambda _s: None
+    )
+    assert order == ["probe", "round"] * 3
+    saved = HardwareProfile.load(tmp_path / "v" / "hardware.json")
+    assert saved.dram_bandwidth_gbps == 12.0 and saved.meta["probe_rounds"] == 3
+    assert len(rep.rows) == 1 and rep.rows[0].runs == 3 and rep.rows[0].measured == 11.0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import os
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,8 +144,9 @@ def run_once(llm: LLM, prompt: list[int], decode: int) -> dict:
     )
 
 
-def run_bench(spec: BenchSpec, progress: bool = True) -> dict:
-    """Run the matrix; write evidence.json, report.md and plots into spec.out; return the evidence."""
+def run_bench(spec: BenchSpec, progress: bool = True, before_round: Callable[[int], None] | None = None) -> dict:
+    """Run the matrix; write evidence.json, report.md and plots into spec.out; return the evidence.
+    `before_round(rep)`, if given, runs before each round of the repeats (`tmap validate` probes there)."""
     from tilemem.bench.report import write_report
     from tilemem.tools.profiler import profile_checkpoint
     from tilemem.workloads.workload import load_workload
@@ -180,6 +182,8 @@ def run_bench(spec: BenchSpec, progress: bool = True) -> dict:
     total = spec.repeats * len(plans) * len(spec.async_modes)
     bar = tqdm(total=total, desc="bench", disable=not progress)
     for rep in range(spec.repeats):
+        if before_round is not None:
+            before_round(rep)
         for (wl, b, p), plan in plans.items():
             for asyn in spec.async_modes:
                 drop_page_cache()

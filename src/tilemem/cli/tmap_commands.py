@@ -68,8 +68,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     v.add_argument("--policies", default="kt_expert,tilepo_coarse,tilepo_fine")
     v.add_argument("--workloads", default="mixed")
-    v.add_argument("--repeats", type=int, default=3, help="runs per cell; spreads need >= 3")
-    v.add_argument("--decode-tokens", type=int, default=16)
+    v.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="rounds of runs (a probe before each, unless --hardware); with 3 of 16 tokens, one slow run of a "
+        "cell moved its median by up to 40%%",
+    )
+    v.add_argument("--decode-tokens", type=int, default=32, help="tokens decoded per run (16: the noisier)")
     v.add_argument("--prompt-tokens", type=int, default=64)
     v.add_argument("--threads", type=int, default=2)
     v.add_argument(

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import bisect
 import math
+import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -332,6 +334,50 @@ class HardwareProfile:
                 f"or name a reference profile ({names})."
             )
         return cls.from_dict(read_json(p, "hardware profile", HardwareError), f"hardware profile '{p}'")
+
+    @classmethod
+    def median(cls, profiles: list[HardwareProfile]) -> HardwareProfile:
+        """One profile of several rounds of the same probe: every measured figure the median of its rounds (the
+        kernel, disk and fetch figures matched by device/dtype/batch, request/depth, tile/depth; a figure
+        missing from some round: the median of the rounds that have it); the rest from the first round, with
+        `meta["probe_rounds"]`. Rounds taken at different moments of a machine whose bandwidth drifts give
+        figures of its typical state, as interleaved benchmark rounds do."""
+        if not profiles:
+            raise ValueError("HardwareProfile.median needs at least one profile")
+        first = profiles[0]
+        if len(profiles) == 1:
+            return first
+
+        def mid(values: list[float]) -> float:
+            return statistics.median(values)
+
+        def merged(figs: list[Any], key: Callable[[Any], tuple]) -> tuple:
+            groups: dict[tuple, list[Any]] = {}
+            for f in figs:
+                groups.setdefault(key(f), []).append(f)
+            out = []
+            for group in groups.values():
+                numbers = {
+                    f.name: mid([getattr(g, f.name) for g in group])
+                    for f in fields(group[0])
+                    if isinstance(getattr(group[0], f.name), float)
+                }
+                out.append(replace(group[0], **numbers))
+            return tuple(out)
+
+        scalars = {
+            f.name: mid([getattr(p, f.name) for p in profiles])
+            for f in fields(cls)
+            if isinstance(getattr(first, f.name), float)
+        }
+        return replace(
+            first,
+            **scalars,
+            kernels=merged([k for p in profiles for k in p.kernels], lambda k: (k.device, k.dtype, k.batch)),
+            disk=merged([d for p in profiles for d in p.disk], lambda d: (d.request_bytes, d.queue_depth)),
+            fetch=merged([f for p in profiles for f in p.fetch], lambda f: (f.tile_bytes, f.io_depth)),
+            meta={**first.meta, "probe_rounds": len(profiles)},
+        )
 
     def with_validation(self, v: Validation) -> HardwareProfile:
         """A copy with `v` recorded (replacing an earlier one of the same model)."""

@@ -2,8 +2,11 @@
 
 The runs are real `tilemem bench` runs (`bench.runner.run_bench`: cold tile cache, O_DIRECT disk
 tier, interleaved repeats). Each (budget, policy) cell's plan is rebuilt exactly as the bench built it
-(its checksum is compared) and predicted from the hardware profile, which is measured just before
-the runs unless one is given. Reported: predicted vs measured (median, with the measured spread)
+(its checksum is compared) and predicted from the hardware profile, which is measured among the runs
+unless one is given: a probe before each round of the repeats, each figure the median of the rounds
+(this machine's memory bandwidth drifts by tens of percent within minutes: a profile of one moment
+predicted the runs of another up to 25% above or below them, where the median of rounds taken among
+the runs follows their typical state). Reported: predicted vs measured (median, with the measured spread)
 decode tok/s per cell, the median absolute error, and per budget whether the predicted best policy
 is the measured best or within the measured spread; the predicted best is what `tmap predict` would
 recommend (kt_expert when the fastest is predicted less than `min_gain` faster). Acceptance: median
@@ -147,9 +150,9 @@ def validate(
     budgets: tuple[str, ...] = ("10%", "25%", "35%", "50%", "70%"),
     policies: tuple[str, ...] = ("kt_expert", "tilepo_coarse", "tilepo_fine"),
     workloads: tuple[str, ...] = ("mixed",),
-    repeats: int = 1,
+    repeats: int = 5,
     prompt_tokens: int = 64,
-    decode_tokens: int = 16,
+    decode_tokens: int = 32,
     threads: int = 2,
     tile: int = 128,
     out: str | Path = "tmap_validate",
@@ -171,10 +174,11 @@ def validate(
     ckpt = Checkpoint.open(model)
     topo = Topology.from_config(ckpt.config)
     store_dir = Path(store) if store else default_store_dir(ckpt, tile)
+    probe_round = None
+    rounds: list[HardwareProfile] = []
     if hardware is None:
         from tilemem.tools.probe import ProbeConfig, probe
 
-        log("probing this machine first (pass --hardware hw.json to reuse a profile) ...")
         # the model's own weight format first: the engine overheads are timed on a model in it
         dtypes = (topo.dtype, *(d for d in ProbeConfig.dtypes if d != topo.dtype))
         moe = next(lt for lt in topo.layers if lt.is_moe)  # and its experts' shape: tasks like the ones predicted
@@ -182,8 +186,17 @@ def validate(
             threads=threads, hidden=topo.hidden_size, disk_dir=str(store_dir.parent), dtypes=dtypes,
             expert_width=moe.expert_intermediate, top_k=moe.top_k, tile=tile,
         )  # fmt: skip
-        hardware = probe(config, log=log)
-        hardware.save(Path(out) / "hardware.json")
+
+        def probe_round(rep: int) -> None:
+            """A probe before each round of the bench: this machine's bandwidth drifts by tens of percent within
+            minutes, so the figures are the median of probes taken among the runs they predict (A B A B)."""
+            if rep == 0:
+                log(f"probing this machine before each of the {repeats} bench rounds (pass --hardware hw.json to "
+                    "reuse a profile); round 1:")  # fmt: skip
+            else:
+                log(f"probe round {rep + 1} of {repeats} ...")
+            rounds.append(probe(config, log=log if rep == 0 else lambda _line: None))
+
     spec = BenchSpec(
         model=str(ckpt.path),
         out=str(out),
@@ -199,7 +212,15 @@ def validate(
         store=store,
     )
     log(f"running {len(workloads) * len(budgets) * len(policies) * repeats} bench runs ...")
-    evidence = run_bench(spec, progress=False)
+    evidence = run_bench(spec, progress=False, before_round=probe_round)
+    if hardware is None:
+        hardware = HardwareProfile.median(rounds)
+        hardware.save(Path(out) / "hardware.json")
+        if len(rounds) > 1:
+            log(f"hardware profile: the median of {len(rounds)} probe rounds; batch-1 kernels "
+                + ", ".join(f"{k.dtype} {k.bandwidth_gbps:.1f} GB/s" for k in hardware.kernels if k.batch == 1)
+                + f"; engine overhead {hardware.step_overhead_us:.0f} us/step, {hardware.layer_overhead_us:.0f} "
+                "us/layer")  # fmt: skip
     rows = []
     agreements = []
     for wl in workloads:
