@@ -30,7 +30,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decode import bytes_per_token, dram_read_bandwidth, prompt_batch, warm_page_cache, warmup_batch  # noqa: E402
+from decode import (  # noqa: E402
+    bytes_per_token,
+    dram_read_bandwidth,
+    prompt_batch,
+    stored_bytes_saved,
+    warm_page_cache,
+    warmup_batch,
+)
 
 from tilemem.bench.runner import drop_page_cache  # noqa: E402
 
@@ -65,7 +72,8 @@ def run_case(args: argparse.Namespace) -> dict:
         "load_s": load_s,
         "cold": cold,
         "disk_bytes_per_token": disk / max(1, args.batch * args.decode),  # prefill's reads included
-        "bytes_per_token": bytes_per_token(path),
+        # as stored: a bf16 model's x12 experts, attention and LM head (an FP8 model's bf16 LM head too) count 12 bits
+        "bytes_per_token": bytes_per_token(path) - (stored_bytes_saved(llm) if args.case == "resident" else 0),
     }
     out["bw"] = dram_read_bandwidth(args.threads, gib=0.25, repeats=5)
     return out

@@ -136,6 +136,30 @@ def test_fp8_weights_stay_fp8(fp8_ckpt):
         assert tuple(s.shape) == (math.ceil(w.shape[0] / 128), math.ceil(w.shape[1] / 128))
 
 
+@pytest.mark.parametrize("family", ["olmoe", "deepseek_v3"])
+def test_fp8_models_bf16_lm_head_is_stored_as_x12(family, fp8_ckpt):
+    """An FP8 checkpoint's bf16 LM head goes to x12 as a bf16 model's does (where the AVX512 kernels run):
+    12 bits a weight, the same greedy tokens and log-probabilities as kept bf16 (`weight_codec="none"`); the FP8
+    weights stay FP8."""
+    from tilemem import kernels
+    from tilemem.engine.llm import LLM
+    from tilemem.engine.sampling import SamplingParams
+
+    if not kernels.available():
+        pytest.skip("x12 needs the AVX512-BF16 kernels")
+    path, _ = fp8_ckpt(family)
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=2)
+    prompts = ["The capital of France", "x " * 20]
+    plain = LLM(path, dtype="bf16", weight_codec="none")
+    packed = LLM(path, dtype="bf16")  # weight_codec="x12"
+    assert plain.model.lm_head.x12 is None and packed.model.lm_head.x12 is not None
+    assert packed.model.lm_head.x12.nbytes < 0.8 * packed.model.lm_head.weight.numel() * 2
+    assert packed.model.model.layers[1].mlp.experts[0].gate_proj.weight.dtype == FP8
+    want, got = plain.generate(prompts, params), packed.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [o.logprobs for o in got] == [o.logprobs for o in want]
+
+
 def test_fp8_dequantize_at_load_says_so(fp8_ckpt, caplog):
     path, ref = fp8_ckpt("qwen3_moe")
     with caplog.at_level("WARNING"):

@@ -147,6 +147,11 @@ class ResidentExperts:
             self.stacks[layer] = (gate_up, down_t)
         return self.stacks[layer]
 
+    def fp8_experts(self) -> bool:
+        """Whether the routed experts are FP8 weights (an FP8 checkpoint's: its LM head stays bf16)."""
+        layers = sorted(self.blocks)
+        return bool(layers) and self.blocks[layers[0]].experts[0].gate_proj.weight.dtype == torch.float8_e4m3fn
+
     def table(self, layer: int) -> kernels.ExpertTable | None:
         """The layer's expert pointer table for the native kernel, or None where it cannot run."""
         if layer not in self.tables:

@@ -174,7 +174,7 @@ class MoECausalLM(nn.Module):
     def prepare_weights(self, codec: str = "x12", progress: bool = True) -> None:
         """Store the weights a decode step streams in `codec` now: "x12" (12 bits per weight, losslessly;
         see `kernels.X12Matrix`) for the resident experts and, where the experts are, the attention
-        projections and the LM head; "none" keeps bf16 as loaded. Only bf16 weights mapped from the
+        projections and the LM head (an FP8 model's bf16 LM head too); "none" keeps bf16 as loaded. Only bf16 weights mapped from the
         checkpoint on the CPU with the native kernels change (their file pages are let go); nothing
         changes for a tiered executor, which reads its experts from the tile store."""
         self._native = None  # the fused decode layers point at the weights: decided again
@@ -182,7 +182,9 @@ class MoECausalLM(nn.Module):
         if not isinstance(executor, ResidentExperts):
             return
         executor.compress = codec == "x12"
-        if executor.compress_all(progress) and codec == "x12":
+        # bf16 experts encoded (their Linears with them), or FP8 experts beside bf16 Linears: an FP8 checkpoint's
+        # LM head is bf16, 17% of an OLMoE FP8 decode token's bytes (x12: 13%); Linear.compress takes bf16 only
+        if (executor.compress_all(progress) or executor.fp8_experts()) and codec == "x12":
             for m in self._x12_linears():
                 m.compress()
 
