@@ -174,9 +174,9 @@ class MoECausalLM(nn.Module):
     def prepare_weights(self, codec: str = "x12", progress: bool = True) -> None:
         """Store the weights a decode step streams in `codec` now: "x12" (12 bits per weight, losslessly;
         see `kernels.X12Matrix`) for the resident experts and, where the experts are, the attention
-        projections and the LM head (an FP8 model's bf16 LM head too); "none" keeps bf16 as loaded. Only bf16
-        weights mapped from the checkpoint on the CPU with the native kernels change (their file pages are let go); nothing
-        changes for a tiered executor, which reads its experts from the tile store."""
+        projections and the LM head (an FP8 model's bf16 LM head too); "none" keeps bf16 as loaded. Only
+        bf16 weights mapped from the checkpoint on the CPU with the native kernels change (their file pages
+        are let go); nothing changes for a tiered executor, which reads its experts from the tile store."""
         self._native = None  # the fused decode layers point at the weights: decided again
         executor = next((b.executor for b in self.moe_blocks().values()), None)
         if not isinstance(executor, ResidentExperts):
