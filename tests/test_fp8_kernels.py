@@ -181,6 +181,18 @@ def reference64(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return data.double() * per_element
 
 
+def on_both_paths(paths, x, data, scale, w, what: str) -> dict[int, torch.Tensor]:
+    """matmul_nt of x with the AVX512-BF16 path off (0) and on (1), each within TOL of the float64 x @ w.T."""
+    want = x.double() @ w.T
+    got = {}
+    for on in (0, 1):
+        assert paths(on) == bool(on)
+        got[on] = fp8.matmul_nt(x, data, scale)
+        err = ((got[on].double() - want).abs().max() / want.abs().max()).item()
+        assert err < TOL, f"{what}, bf16 path {on}: {err:.2e}"
+    return got
+
+
 def test_bf16_path_decodes_every_byte(paths) -> None:
     """Each of the 256 bytes (NaN ones as the AVX2 path reads them: 480), at every position of a 32-column step
     and of the masked tail: one-hot rows of W times x = 1 give W's values, bit for bit, on both paths."""
@@ -210,13 +222,7 @@ def test_bf16_path_matches_reference(paths) -> None:
         flat[:6] = torch.tensor([0x00, 0x80, 0x7E, 0xFE, 0x01, 0x87], dtype=torch.uint8)  # 0, -0, +-448, subnormals
         w = reference64(data, scale)
         x = torch.randn(1, cols, generator=g) * torch.rand(1, cols, generator=g).pow(4)  # magnitudes spread
-        want = x.double() @ w.T
-        got = {}
-        for on in (0, 1):
-            assert paths(on) == bool(on)
-            got[on] = fp8.matmul_nt(x, data, scale)
-            err = ((got[on].double() - want).abs().max() / want.abs().max()).item()
-            assert err < TOL, f"{rows}x{cols}, bf16 path {on}: {err:.2e}"
+        got = on_both_paths(paths, x, data, scale, w, f"{rows}x{cols}")
         if cols >= 200:
             assert not torch.equal(got[0], got[1]), f"{rows}x{cols}: the same sums, did the bf16 path run?"
 
@@ -236,13 +242,7 @@ def test_bf16_valued_x_rows_match_reference(paths) -> None:
         w = reference64(data, scale)
         for n in range(1, 8):
             x = bf16_valued(n, cols, seed=n * cols)
-            want = x.double() @ w.T
-            got = {}
-            for on in (0, 1):
-                assert paths(on) == bool(on)
-                got[on] = fp8.matmul_nt(x, data, scale)
-                err = ((got[on].double() - want).abs().max() / want.abs().max()).item()
-                assert err < TOL, f"{rows}x{cols}, {n} tokens, bf16 path {on}: {err:.2e}"
+            got = on_both_paths(paths, x, data, scale, w, f"{rows}x{cols}, {n} tokens")
             if cols >= 200:
                 assert not torch.equal(got[0], got[1]), f"{rows}x{cols}, {n} tokens: did the bf16-x path run?"
 
