@@ -247,6 +247,49 @@ def test_bf16_valued_x_rows_match_reference(paths) -> None:
                 assert not torch.equal(got[0], got[1]), f"{rows}x{cols}, {n} tokens: did the bf16-x path run?"
 
 
+@pytest.fixture
+def lut():
+    """Turns the byte-table decode of the bf16-x rows (AVX512-VBMI) on (1) or off (0); skipped where the CPU has
+    no avx512vbmi; back on after."""
+    lib = fp8.lib()
+    if not lib.tmp_fp8_lut_path(1):
+        pytest.skip("the CPU has no avx512vbmi")
+    try:
+        yield lambda on: bool(lib.tmp_fp8_lut_path(on))
+    finally:
+        lib.tmp_fp8_lut_path(1)
+
+
+def test_lut_decode_gives_the_integer_decodes_bits(paths, lut) -> None:
+    """The byte tables decode every e4m3 byte (subnormals, zeros, both signs, the NaN bytes read as 480) to the
+    integer decode's bf16 value, at every position of a 64-byte step and of the masked tails, and sum in the same
+    order: 1-8 tokens of bf16-valued x give the same bits either way, within TOL of float64."""
+    every = torch.arange(256, dtype=torch.uint8)
+    for cols in (40, 100, 257, 2048):
+        data = torch.zeros(256, cols, dtype=torch.uint8)
+        data[torch.arange(256), torch.arange(256) % cols] = every
+        data = data.view(torch.float8_e4m3fn)
+        scale = torch.full((2, -(-cols // 128)), 0.75)
+        want = data.float().sum(dim=1) * 0.75
+        want[0x7F], want[0xFF] = 480.0 * 0.75, -480.0 * 0.75
+        for on in (0, 1):
+            assert lut(on) == bool(on)
+            assert torch.equal(fp8.matmul_nt(torch.ones(1, cols), data, scale)[0], want), f"{cols} cols, lut {on}"
+    for rows, cols in ((131, 257), (300, 200), (129, 2048), (5, 31), (64, 1000)):
+        data, scale = random_weight(rows, cols, seed=rows * cols)
+        data.view(torch.uint8).view(-1)[:8] = torch.tensor(
+            [0, 0x80, 0x7E, 0xFE, 1, 0x87, 0x08, 0x88], dtype=torch.uint8
+        )
+        w = reference64(data, scale)
+        for n in (1, 2, 3, 4, 7):
+            x = bf16_valued(n, cols, seed=n + cols)
+            got = {}
+            for on in (0, 1):
+                lut(on)
+                got[on] = on_both_paths(paths, x, data, scale, w, f"{rows}x{cols}, {n} tokens, lut {on}")[1]
+            assert torch.equal(got[0], got[1]), f"{rows}x{cols}, {n} tokens"
+
+
 def test_bf16_valued_x_rows_wrong_column_block_scale_is_caught(paths) -> None:
     """The bf16-x path applies each 128-column block's scale to that block's sums: the neighbouring column
     block's scales (rolled along the columns) give a large error, at 1 and 4 tokens."""

@@ -75,7 +75,7 @@ def lib() -> ctypes.CDLL | None:
     out.tmp_fp8_gemm_nt.argtypes = [*matmul[:-1], _int, _int]
     ffn = [_vp, _i64, _vp, _i64, _i64, _i64, _vp, _i64, _int, _int, _int]
     out.tmp_fp8_ffn_tasks.argtypes = out.tmp_fp8_ffn_gemm.argtypes = ffn
-    out.tmp_fp8_bf16_path.argtypes = [_int]
+    out.tmp_fp8_bf16_path.argtypes = out.tmp_fp8_lut_path.argtypes = [_int]
     out.tmp_fp8_ffn_task_size.restype = _i64
     if out.tmp_fp8_ffn_task_size() != 8 * _TASK_WORDS:
         log.warning("fp8 kernels unavailable, using torch: tmp_fp8_ffn_task is not %d int64 words", _TASK_WORDS)

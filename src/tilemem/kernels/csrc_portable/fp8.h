@@ -33,6 +33,10 @@ TMP_API int tmp_fp8_matmul_nn(const float *x, int64_t ldx, int64_t N, const uint
  * 1 on where the CPU has avx512bf16 (the default, unless TILEMEM_FP8_BF16=0); returns whether it is on. */
 TMP_API int tmp_fp8_bf16_path(int set);
 
+/* Within that path, rows of bf16-valued x decode e4m3 by byte tables (AVX512-VBMI) instead of integer ops: set < 0
+ * asks, 0 off, 1 on where the CPU has avx512vbmi (the default, unless TILEMEM_FP8_LUT=0); returns whether it is on. */
+TMP_API int tmp_fp8_lut_path(int set);
+
 /* y [N, R] = x [N, C] @ W^T (x, y: fp32) with exact products on AVX512-BF16 CPUs (fp8_gemm.c), for prefill:
  * VDPBF16PS where every value of x is a bf16 number, else (with fp32_x) fp32 FMAs. TMP_EUNSUPPORTED, nothing
  * written, where the AVX512-BF16 path is off (tmp_fp8_bf16_path), or x is not bf16-valued and fp32_x is 0. */
