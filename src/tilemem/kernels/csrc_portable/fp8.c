@@ -68,11 +68,14 @@ int tmp_fp8_matmul_nt(const float *x, int64_t ldx, int64_t N, const uint8_t *w, 
         }
         for (int64_t n0 = 0; xs != NULL && n0 < N; n0 += MAXT) {
             const int nt = (int)min64(MAXT, N - n0);
+            const float *xr[MAXT];
+            for (int n = 0; n < nt; n++) xr[n] = x + (n0 + n) * ldx;
+            const int direct = ra < rb && x_direct(nt, xr, C); /* bf16-valued x, taken once for all row blocks */
             for (int64_t r = ra; r < rb;) { /* one 128-row block (one scale row) at a time */
                 const int64_t blk = r / BLOCK, end = min64(rb, (blk + 1) * BLOCK);
-                const float *xr[MAXT];
-                for (int n = 0; n < nt; n++) xr[n] = x + (n0 + n) * ldx;
-                if (!rows_direct(w + r * ldw, ldw, end - r, nt, xr, C, scale + blk * lds, NULL, y + n0 * ldy + r, ldy)) {
+                if (direct) {
+                    fp8_bf16_rows_prepped(w + r * ldw, ldw, end - r, scale + blk * lds, NULL, y + n0 * ldy + r, ldy);
+                } else {
                     fill_xs_nt(xs, Cp, x + n0 * ldx, ldx, nt, C, scale + blk * lds);
                     nt_rows(nt, w + r * ldw, ldw, end - r, xs, Cp, C, y + n0 * ldy + r, ldy);
                 }

@@ -17,16 +17,16 @@
  * (1 thread) with 2.5e-6 relative error against 2e-7: not taken.
  *
  * A bf16-valued x (a bf16 model's activations and, with bf16_h, its FFN's h: every decode step there) needs no
- * parts and no xs (fp8_bf16_rowsx, 1-8 tokens): x's own bf16 bits, one VDPBF16PS per token and 32 weights (exact
- * products), each 128-column block's fp32 sums times the block's scale, a routing weight on the row's sum (as
- * fp8_gemm.c does it). Zen 4, 2 threads, matmul_nt from DRAM, 1 token (/tmp A/B of bf16-valued and other x in
+ * parts and no xs (fp8_bf16_xprep once a call, then fp8_bf16_rows_prepped a row block, 1-8 tokens): x's own bf16
+ * bits, one VDPBF16PS per token and 32 weights (exact products), each 128-column block's fp32 sums times the
+ * block's scale, a routing weight on the row's sum (as fp8_gemm.c does it). Zen 4, 2 threads, matmul_nt from DRAM, 1 token (/tmp A/B of bf16-valued and other x in
  * one process, median of 6): 20.9 -> 27.4 GB/s; 4 tokens 9.0 -> 10.4 (compute: VDPBF16PS on zmm issues every
  * other cycle there). With three parts the 1-token rows were compute bound too, not bandwidth bound. At 3+ tokens
  * a row's compute and its DRAM reads add up rather than overlap: a prefetch 2 KB ahead (OLMoE expert FFNs of 3 / 4 /
  * 6 tokens, 2 threads, A/B in one process: 20.6 / 18.0 / 12.5 -> 22.6 / 21.2 / 16.3 G weights/s; 1-2 tokens and
  * 256-8192 B: no gain). Where the CPU has AVX512-VBMI those rows decode e4m3 by byte tables (decode64_lut: 6
  * instructions per 64 weights against 12; the same bits and sums): one thread from L2, 1 / 2 / 4 tokens 22.7 / 17.0 /
- * 13.1 -> 31.7 / 22.0 / 15.6 G weights/s (a C loop over fp8_bf16_rowsx); from DRAM at the time 1 token unchanged
+ * 13.1 -> 31.7 / 22.0 / 15.6 G weights/s (a C loop over the rows); from DRAM at the time 1 token unchanged
  * (the reads bound it), 4 tokens +8%.
  */
 #include "fp8.h"
@@ -340,29 +340,41 @@ TARGET int fp8_bf16_rows1(const uint8_t *w, int64_t ldw, int64_t nrows, const fl
     return 1;
 }
 
-TARGET int fp8_bf16_rowsx(const uint8_t *w, int64_t ldw, int64_t nrows, int nt, const float *const *xr, int64_t C,
-                          const float *sr, const float *mul, float *y, int64_t ldy) {
-    const int64_t Cp32 = (C + 63) & ~(int64_t)63, Cb = (C + 127) / 128; /* x rows zero to a multiple of 64 */
+/* fp8_bf16_xprep's x: its rows' bf16 bits in scratch (row stride prep_ld, zero from C to a multiple of 64). */
+static __thread int prep_nt;
+static __thread int64_t prep_C, prep_ld;
+
+TARGET int fp8_bf16_xprep(int nt, const float *const *xr, int64_t C) {
+    const int64_t Cp64 = (C + 63) & ~(int64_t)63, Cb = (C + 127) / 128;
+    prep_nt = 0;
     if (nt < 1 || nt > MAXT) return 0;
     for (int n = 0; n < nt; n++)
         if (!bf16_valued(xr[n], C, 1, C)) return 0;
-    if (!grow_scratch(nt * Cp32 + 2 * Cb + 32)) return 0;
-    uint16_t *xb = scratch; /* x_n's high halves (their bf16 bits) at n * Cp32, zero to Cp32 */
+    if (!grow_scratch(nt * Cp64 + 2 * Cb + 32)) return 0; /* then the scale row's Cb floats */
     for (int n = 0; n < nt; n++)
-        for (int64_t c = 0; c < Cp32; c += 16) {
+        for (int64_t c = 0; c < Cp64; c += 16) {
             const __mmask16 m = C - c >= 16 ? 0xFFFF : C > c ? (__mmask16)((1u << (C - c)) - 1) : 0;
             const __m512i v = _mm512_srli_epi32(_mm512_castps_si512(_mm512_maskz_loadu_ps(m, xr[n] + c)), 16);
-            _mm256_store_si256((__m256i *)(xb + n * Cp32 + c), _mm512_cvtepi32_epi16(v));
+            _mm256_store_si256((__m256i *)(scratch + n * Cp64 + c), _mm512_cvtepi32_epi16(v));
         }
-    float *sc = (float *)(scratch + nt * Cp32); /* a multiple of 32 uint16: 64-byte aligned */
+    prep_nt = nt, prep_C = C, prep_ld = Cp64;
+    return 1;
+}
+
+TARGET void fp8_bf16_rows_prepped(const uint8_t *w, int64_t ldw, int64_t nrows, const float *sr, const float *mul,
+                                  float *y, int64_t ldy) {
+    const int nt = prep_nt;
+    const int64_t C = prep_C, ld = prep_ld, Cb = (C + 127) / 128;
+    const uint16_t *xb = scratch;
+    float *sc = (float *)(scratch + nt * ld); /* a multiple of 64 uint16: 64-byte aligned */
     for (int64_t cb = 0; cb < Cb; cb++) sc[cb] = sr[cb] * 256.0f;
     if (lut_on()) {
-        rows_lut(nt, w, ldw, nrows, xb, Cp32, C, sc, y, ldy);
+        rows_lut(nt, w, ldw, nrows, xb, ld, C, sc, y, ldy);
     } else {
         const __m512i sub = _mm512_load_si512((const __m512i *)SUBNORMAL);
 #define ROWS(NT)                                                                                                   \
     case NT:                                                                                                       \
-        for (int64_t i = 0; i < nrows; i++) rowN_bf16x(NT, w + i * ldw, xb, Cp32, C, sc, y + i, ldy, sub);          \
+        for (int64_t i = 0; i < nrows; i++) rowN_bf16x(NT, w + i * ldw, xb, ld, C, sc, y + i, ldy, sub);            \
         break;
         switch (nt) {
             ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
@@ -372,5 +384,4 @@ TARGET int fp8_bf16_rowsx(const uint8_t *w, int64_t ldw, int64_t nrows, int nt, 
     if (mul)
         for (int n = 0; n < nt; n++)
             for (int64_t i = 0; i < nrows; i++) y[n * ldy + i] *= mul[n];
-    return 1;
 }

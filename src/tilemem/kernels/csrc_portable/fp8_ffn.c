@@ -95,14 +95,17 @@ static void gate_up(const tmp_fp8_ffn_task *tk, const float *x, int64_t ldx, int
     float *gb = gu, *ub = gu + MAXT * BLOCK; /* [nt][BLOCK] gate and up outputs of one row block */
     for (int64_t n0 = 0; n0 < tk->ntok; n0 += MAXT) {
         const int nt = (int)min64(MAXT, tk->ntok - n0);
+        const float *xr[MAXT]; /* bf16-valued x: no xs, taken once for all row blocks (x_direct) */
+        for (int j = 0; j < nt; j++) xr[j] = x + (int64_t)tk->tok[n0 + j] * ldx;
+        const int direct = i0 < i1 && x_direct(nt, xr, D);
         for (int64_t r = i0; r < i1;) { /* one 128-row block (one scale row) at a time */
             const int64_t blk = r / BLOCK, end = min64(i1, (blk + 1) * BLOCK);
-            const float *xr[MAXT]; /* bf16-valued x: no xs (rows_direct) */
-            for (int j = 0; j < nt; j++) xr[j] = x + (int64_t)tk->tok[n0 + j] * ldx;
-            if (!rows_direct(tk->gate.w + r * tk->gate.ldw, tk->gate.ldw, end - r, nt, xr, D,
-                             tk->gate.scale + blk * tk->gate.lds, NULL, gb, BLOCK) ||
-                !rows_direct(tk->up.w + r * tk->up.ldw, tk->up.ldw, end - r, nt, xr, D, tk->up.scale + blk * tk->up.lds,
-                             NULL, ub, BLOCK)) {
+            if (direct) {
+                fp8_bf16_rows_prepped(tk->gate.w + r * tk->gate.ldw, tk->gate.ldw, end - r,
+                                      tk->gate.scale + blk * tk->gate.lds, NULL, gb, BLOCK);
+                fp8_bf16_rows_prepped(tk->up.w + r * tk->up.ldw, tk->up.ldw, end - r, tk->up.scale + blk * tk->up.lds,
+                                      NULL, ub, BLOCK);
+            } else {
                 fill_xs(xg, Cp, x, ldx, tk->tok + n0, NULL, nt, D, tk->gate.scale + blk * tk->gate.lds);
                 fill_xs(xu, Cp, x, ldx, tk->tok + n0, NULL, nt, D, tk->up.scale + blk * tk->up.lds);
                 nt_rows(nt, tk->gate.w + r * tk->gate.ldw, tk->gate.ldw, end - r, xg, Cp, D, gb, BLOCK);
@@ -125,12 +128,15 @@ static void down_rows(const tmp_fp8_ffn_task *tk, const float *h, int64_t d0, in
     const int64_t n = tk->n, Cp = (n + 15) & ~(int64_t)15;
     for (int64_t n0 = 0; n0 < tk->ntok; n0 += MAXT) {
         const int nt = (int)min64(MAXT, tk->ntok - n0);
+        const float *hr[MAXT]; /* bf16-valued h (bf16_h): no xs, the routing weights after the sums */
+        for (int j = 0; j < nt; j++) hr[j] = h + (n0 + j) * n;
+        const int direct = d0 < d1 && x_direct(nt, hr, n);
         for (int64_t d = d0; d < d1;) {
             const int64_t blk = d / BLOCK, end = min64(d1, (blk + 1) * BLOCK);
-            const float *hr[MAXT]; /* bf16-valued h (bf16_h): no xs, the routing weights after the sums */
-            for (int j = 0; j < nt; j++) hr[j] = h + (n0 + j) * n;
-            if (!rows_direct(tk->down.w + d * tk->down.ldw, tk->down.ldw, end - d, nt, hr, n,
-                             tk->down.scale + blk * tk->down.lds, tk->weight + n0, yb, BLOCK)) {
+            if (direct) {
+                fp8_bf16_rows_prepped(tk->down.w + d * tk->down.ldw, tk->down.ldw, end - d,
+                                      tk->down.scale + blk * tk->down.lds, tk->weight + n0, yb, BLOCK);
+            } else {
                 fill_xs(xs, Cp, h + n0 * n, n, NULL, tk->weight + n0, nt, n, tk->down.scale + blk * tk->down.lds);
                 nt_rows(nt, tk->down.w + d * tk->down.ldw, tk->down.ldw, end - d, xs, Cp, n, yb, BLOCK);
             }

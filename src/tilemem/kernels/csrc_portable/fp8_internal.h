@@ -62,19 +62,19 @@ INLINE float decode1(uint8_t b) {
  * nrows rows of one 128-row block (y[i], i < nrows; xs as nt_tile's); 0 if it could not allocate. */
 int fp8_bf16_on(void);
 int fp8_bf16_rows1(const uint8_t *w, int64_t ldw, int64_t nrows, const float *xs, int64_t Cp, int64_t C, float *y);
-/* Rows [0, nrows) of one 128-row block for nt <= MAXT tokens of bf16-valued x (fp8_bf16.h's bf16_valued; row n
- * at xr[n]) without xs: y[n * ldy + i] = mul[n] * sum over column blocks cb of sr[cb] * (sum_{c in cb} x_n[c] *
- * W[i, c]) (mul NULL: 1), a chunk of 32 weights decoded once for all tokens, a VDPBF16PS per token (xs's three bf16
- * parts: three). 0 if some x_n is not bf16-valued or scratch could not be allocated (the caller then takes xs's
- * path). */
-int fp8_bf16_rowsx(const uint8_t *w, int64_t ldw, int64_t nrows, int nt, const float *const *xr, int64_t C,
-                   const float *sr, const float *mul, float *y, int64_t ldy);
+/* The rows of bf16-valued x (fp8_bf16.h's bf16_valued) without xs, in two steps: fp8_bf16_xprep takes nt <= MAXT
+ * rows of x (row n at xr[n], C columns) into this thread's scratch once (0: some row is not bf16-valued, or no
+ * memory: take xs's path); then each fp8_bf16_rows_prepped call computes rows [0, nrows) of one 128-row block of W:
+ * y[n * ldy + i] = mul[n] * sum over column blocks cb of sr[cb] * (sum_{c in cb} x_n[c] * W[i, c]) (mul NULL: 1),
+ * a chunk of weights decoded once for all tokens, a VDPBF16PS per token (xs's three bf16 parts: three). The thread
+ * must not call the 1-token xs path (fp8_bf16_rows1) in between: it shares the scratch. */
+int fp8_bf16_xprep(int nt, const float *const *xr, int64_t C);
+void fp8_bf16_rows_prepped(const uint8_t *w, int64_t ldw, int64_t nrows, const float *sr, const float *mul, float *y,
+                           int64_t ldy);
 
-/* fp8_bf16_rowsx where the CPU has avx512bf16 (and TILEMEM_FP8_BF16 is not 0); 0: not done, fill xs and take
- * nt_rows. */
-static inline int rows_direct(const uint8_t *w, int64_t ldw, int64_t nrows, int nt, const float *const *xr, int64_t C,
-                              const float *sr, const float *mul, float *y, int64_t ldy) {
-    return fp8_bf16_on() && fp8_bf16_rowsx(w, ldw, nrows, nt, xr, C, sr, mul, y, ldy);
+/* fp8_bf16_xprep where the CPU has avx512bf16 (and TILEMEM_FP8_BF16 is not 0). */
+static inline int x_direct(int nt, const float *const *xr, int64_t C) {
+    return fp8_bf16_on() && fp8_bf16_xprep(nt, xr, C);
 }
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
