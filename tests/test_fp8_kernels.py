@@ -234,7 +234,7 @@ def bf16_valued(n: int, cols: int, seed: int) -> torch.Tensor:
 
 
 def test_bf16_valued_x_rows_match_reference(paths) -> None:
-    """1-7 tokens of bf16-valued x (fp8_bf16_rowsx: one VDPBF16PS a token per 32 weights, each column block's sum
+    """1-7 tokens of bf16-valued x (fp8_bf16_rows_prepped: one VDPBF16PS a token per 32 weights, each column block's sum
     times its scale) against a float64 reference, the widths and tails of the 1-token test; the same x with the
     path off (the FMA path) gives other sums (the path ran) within TOL too."""
     for rows, cols in ((7, 40), (131, 257), (300, 200), (129, 2048), (5, 31), (256, 1000)):
