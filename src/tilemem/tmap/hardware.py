@@ -348,9 +348,6 @@ class HardwareProfile:
         if len(profiles) == 1:
             return first
 
-        def mid(values: list[float]) -> float:
-            return statistics.median(values)
-
         def merged(figs: list[Any], key: Callable[[Any], tuple]) -> tuple:
             groups: dict[tuple, list[Any]] = {}
             for f in figs:
@@ -358,7 +355,7 @@ class HardwareProfile:
             out = []
             for group in groups.values():
                 numbers = {
-                    f.name: mid([getattr(g, f.name) for g in group])
+                    f.name: statistics.median(getattr(g, f.name) for g in group)
                     for f in fields(group[0])
                     if isinstance(getattr(group[0], f.name), float)
                 }
@@ -366,7 +363,7 @@ class HardwareProfile:
             return tuple(out)
 
         scalars = {
-            f.name: mid([getattr(p, f.name) for p in profiles])
+            f.name: statistics.median(getattr(p, f.name) for p in profiles)
             for f in fields(cls)
             if isinstance(getattr(first, f.name), float)
         }

@@ -39,8 +39,21 @@
 #define PARTS 3 /* bf16 parts of xs multiplied (3: exact products; 2 drops the lowest 8 bits of xs) */
 #endif
 
-/* -1: not decided yet; 0: off; 1: on (the CPU has avx512bf16 and TILEMEM_FP8_BF16 is not 0). */
-static int bf16_state = -1;
+/* A path's switch (state): -1 not decided yet, 0 off, 1 on where supported() and the environment variable env is not
+ * "0"; set >= 0 sets it (on only where supported). */
+static int path_on(int *state, const char *env, int (*supported)(void)) {
+    int s = __atomic_load_n(state, __ATOMIC_RELAXED);
+    if (s < 0) {
+        const char *v = getenv(env);
+        s = supported() && !(v && v[0] == '0' && v[1] == 0);
+        __atomic_store_n(state, s, __ATOMIC_RELAXED);
+    }
+    return s;
+}
+
+static void path_set(int *state, int set, int (*supported)(void)) {
+    if (set >= 0) __atomic_store_n(state, set && supported(), __ATOMIC_RELAXED);
+}
 
 static int bf16_supported(void) {
     __builtin_cpu_init();
@@ -48,18 +61,12 @@ static int bf16_supported(void) {
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
 }
 
-int fp8_bf16_on(void) {
-    int s = __atomic_load_n(&bf16_state, __ATOMIC_RELAXED);
-    if (s < 0) {
-        const char *env = getenv("TILEMEM_FP8_BF16");
-        s = bf16_supported() && !(env && env[0] == '0' && env[1] == 0);
-        __atomic_store_n(&bf16_state, s, __ATOMIC_RELAXED);
-    }
-    return s;
-}
+static int bf16_state = -1; /* the AVX512-BF16 path (TILEMEM_FP8_BF16) */
+
+int fp8_bf16_on(void) { return path_on(&bf16_state, "TILEMEM_FP8_BF16", bf16_supported); }
 
 int tmp_fp8_bf16_path(int set) {
-    if (set >= 0) __atomic_store_n(&bf16_state, set && bf16_supported(), __ATOMIC_RELAXED);
+    path_set(&bf16_state, set, bf16_supported);
     return fp8_bf16_on();
 }
 
@@ -113,31 +120,53 @@ TARGET static inline void row1(const uint8_t *w, const uint16_t *xb, int64_t C, 
     y[0] = _mm512_reduce_add_ps(s);
 }
 
+#define PF_AHEAD 2048 /* bytes of W prefetched ahead at 3+ tokens */
+#define MAXU 4          /* accumulators a token (rows_u) */
+#define ALWAYS __attribute__((always_inline))
+
+/* Accumulators a token of a row of NT tokens: 4 independent chains at 1 token, 8 at 2-8 tokens. */
+static inline int rows_u(const int NT) { return NT >= 8 ? 1 : NT >= 4 ? 2 : 4; }
+
+/* The block's accumulators zeroed; at 3+ tokens and a whole block, W prefetched 2 KB ahead (a row at D = 2048: 3-6
+ * tokens 10-30% faster from DRAM, 1-2 unchanged). */
+TARGET static inline ALWAYS void block_start(const int NT, __m512 a[MAXU][MAXT], const uint8_t *wc, int whole) {
+#pragma GCC unroll 4
+    for (int u = 0; u < rows_u(NT); u++)
+#pragma GCC unroll 8
+        for (int n = 0; n < NT; n++) a[u][n] = _mm512_setzero_ps();
+    if (NT >= 3 && whole) {
+        _mm_prefetch((const char *)(wc + PF_AHEAD), _MM_HINT_T0);
+        _mm_prefetch((const char *)(wc + PF_AHEAD + 64), _MM_HINT_T0);
+    }
+}
+
+/* tot[n] += (the block's accumulators of token n, summed) * the block's scale s. */
+TARGET static inline ALWAYS void block_end(const int NT, __m512 a[MAXU][MAXT], float s, __m512 *tot) {
+    const __m512 sv = _mm512_set1_ps(s);
+#pragma GCC unroll 8
+    for (int n = 0; n < NT; n++) {
+        __m512 b = a[0][n];
+#pragma GCC unroll 4
+        for (int u = 1; u < rows_u(NT); u++) b = _mm512_add_ps(b, a[u][n]);
+        tot[n] = _mm512_fmadd_ps(b, sv, tot[n]);
+    }
+}
+
 /* y[n * ldy] = sum over 128-column blocks cb of sc[cb] * (sum_{c in cb} x_n[c] * w[c]) for one row and NT tokens,
  * x_n in bf16 (xb + n * ldxb, zero from C on): a 32-weight chunk decoded once, one VDPBF16PS per token (exact
- * products), each block's fp32 sums times its scale (as fp8_gemm.c sums a block). U accumulators a token (the
- * chunks of a block round robin: 4 independent chains at 1 token, 8 at 2-8 tokens), one total a token. */
-#define PF_AHEAD 2048 /* bytes of W prefetched ahead by rowN_bf16x at 3+ tokens */
-
+ * products), each block's fp32 sums times its scale (as fp8_gemm.c sums a block). rows_u accumulators a token (the
+ * chunks of a block round robin), one total a token. */
 TARGET static inline void rowN_bf16x(const int NT, const uint8_t *w, const uint16_t *xb, int64_t ldxb, int64_t C,
                                      const float *sc, float *y, int64_t ldy, __m512i sub) {
-    enum { MAXU = 4 };
-    const int U = NT >= 8 ? 1 : NT >= 4 ? 2 : 4;
+    const int U = rows_u(NT);
     __m512 tot[MAXT];
 #pragma GCC unroll 8
     for (int n = 0; n < NT; n++) tot[n] = _mm512_setzero_ps();
     for (int64_t c = 0; c < C; c += 128) {
         __m512 a[MAXU][MAXT];
-#pragma GCC unroll 4
-        for (int u = 0; u < U; u++)
-#pragma GCC unroll 8
-            for (int n = 0; n < NT; n++) a[u][n] = _mm512_setzero_ps();
         const int64_t end = C - c < 128 ? C - c : 128;
+        block_start(NT, a, w + c, end == 128);
         if (end == 128) {
-            if (NT >= 3) { /* 2 KB ahead (a row at D = 2048): 3-6 tokens 10-30% faster from DRAM, 1-2 unchanged */
-                _mm_prefetch((const char *)(w + c + PF_AHEAD), _MM_HINT_T0);
-                _mm_prefetch((const char *)(w + c + PF_AHEAD + 64), _MM_HINT_T0);
-            }
 #pragma GCC unroll 4
             for (int q = 0; q < 4; q++) {
                 const __m512i wb = decode32_bf16(_mm256_loadu_si256((const __m256i *)(w + c + 32 * q)), sub);
@@ -155,14 +184,7 @@ TARGET static inline void rowN_bf16x(const int NT, const uint8_t *w, const uint1
                     a[0][n] = _mm512_dpbf16_ps(a[0][n], (__m512bh)wb, (__m512bh)_mm512_load_si512(xb + n * ldxb + c + q));
             }
         }
-        const __m512 s = _mm512_set1_ps(sc[c >> 7]);
-#pragma GCC unroll 8
-        for (int n = 0; n < NT; n++) {
-            __m512 b = a[0][n];
-#pragma GCC unroll 4
-            for (int u = 1; u < U; u++) b = _mm512_add_ps(b, a[u][n]);
-            tot[n] = _mm512_fmadd_ps(b, s, tot[n]);
-        }
+        block_end(NT, a, sc[c >> 7], tot);
     }
 #pragma GCC unroll 8
     for (int n = 0; n < NT; n++) y[n * ldy] = _mm512_reduce_add_ps(tot[n]);
@@ -225,22 +247,14 @@ TARGET_VBMI static inline void decode64_lut(__m512i raw, const lut_regs *t, __m5
 /* rowN_bf16x with decode64_lut: xb rows zero up to a multiple of 64 columns. */
 TARGET_VBMI static inline void rowN_lut(const int NT, const uint8_t *w, const uint16_t *xb, int64_t ldxb, int64_t C,
                                         const float *sc, float *y, int64_t ldy, const lut_regs *t) {
-    enum { MAXU = 4 };
-    const int U = NT >= 8 ? 1 : NT >= 4 ? 2 : 4;
+    const int U = rows_u(NT);
     __m512 tot[MAXT];
 #pragma GCC unroll 8
     for (int n = 0; n < NT; n++) tot[n] = _mm512_setzero_ps();
     for (int64_t c = 0; c < C; c += 128) {
         __m512 a[MAXU][MAXT];
-#pragma GCC unroll 4
-        for (int u = 0; u < U; u++)
-#pragma GCC unroll 8
-            for (int n = 0; n < NT; n++) a[u][n] = _mm512_setzero_ps();
         const int64_t end = C - c < 128 ? C - c : 128;
-        if (NT >= 3 && end == 128) { /* as rowN_bf16x */
-            _mm_prefetch((const char *)(w + c + PF_AHEAD), _MM_HINT_T0);
-            _mm_prefetch((const char *)(w + c + PF_AHEAD + 64), _MM_HINT_T0);
-        }
+        block_start(NT, a, w + c, end == 128);
         if (end == 128) { /* rowN_bf16x's accumulators: the block's 32-column chunks round robin (the same sums) */
 #pragma GCC unroll 2
             for (int h = 0; h < 2; h++) {
@@ -267,38 +281,23 @@ TARGET_VBMI static inline void rowN_lut(const int NT, const uint8_t *w, const ui
                 }
             }
         }
-        const __m512 s = _mm512_set1_ps(sc[c >> 7]);
-#pragma GCC unroll 8
-        for (int n = 0; n < NT; n++) {
-            __m512 b = a[0][n];
-#pragma GCC unroll 4
-            for (int u = 1; u < U; u++) b = _mm512_add_ps(b, a[u][n]);
-            tot[n] = _mm512_fmadd_ps(b, s, tot[n]);
-        }
+        block_end(NT, a, sc[c >> 7], tot);
     }
 #pragma GCC unroll 8
     for (int n = 0; n < NT; n++) y[n * ldy] = _mm512_reduce_add_ps(tot[n]);
 }
 
-/* -1: not decided; 0: off; 1: on (the CPU has avx512vbmi and TILEMEM_FP8_LUT is not 0). */
-static int lut_state = -1;
-
-static int lut_on(void) {
-    int s = __atomic_load_n(&lut_state, __ATOMIC_RELAXED);
-    if (s < 0) {
-        const char *env = getenv("TILEMEM_FP8_LUT");
-        __builtin_cpu_init();
-        s = __builtin_cpu_supports("avx512vbmi") && !(env && env[0] == '0' && env[1] == 0);
-        __atomic_store_n(&lut_state, s, __ATOMIC_RELAXED);
-    }
-    return s;
+static int vbmi_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vbmi");
 }
 
+static int lut_state = -1; /* the byte-table decode (TILEMEM_FP8_LUT) */
+
+static int lut_on(void) { return path_on(&lut_state, "TILEMEM_FP8_LUT", vbmi_supported); }
+
 int tmp_fp8_lut_path(int set) {
-    if (set >= 0) {
-        __builtin_cpu_init();
-        __atomic_store_n(&lut_state, set && __builtin_cpu_supports("avx512vbmi"), __ATOMIC_RELAXED);
-    }
+    path_set(&lut_state, set, vbmi_supported);
     return lut_on();
 }
 
